@@ -1,0 +1,571 @@
+"""discover_groups: the model config proposes, the traced graph confirms, the result is a PruningSpace."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from hf_oto.errors import DiscoveryError
+from hf_oto.groups import trace as tr
+from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec
+
+# Config fields that may hold an FFN width. Which one sets which FFN is confirmed by a probe.
+FFN_WIDTH_FIELDS = (
+    "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "decoder_ffn_dim",
+)
+RULE_HELP = (
+    "If this architecture needs a hand-written rule, register one with "
+    "hf_oto.register_rule(model_type, fn), where fn(model) returns the GroupSets of the modules the "
+    "trace could not map (see hf_oto/groups/discover.py)."
+)
+
+_RULES: dict[str, Callable[[nn.Module], list[GroupSet]]] = {}
+
+
+def register_rule(model_type: str, fn: Callable[[nn.Module], list[GroupSet]]) -> None:
+    """Register ``fn(model) -> list[GroupSet]`` for ``model_type``; it replaces automatic discovery."""
+    _RULES[model_type] = fn
+
+
+@dataclass
+class _Site:
+    kind: str  # "attention" | "ffn"
+    layer: int
+    prefix: str
+    # role -> list of (weight op, channel lists per unit)
+    units: dict
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def discover_groups(model: nn.Module) -> PruningSpace:
+    """Find the prunable structures of a Hugging Face model (optionally wrapped by peft).
+
+    The config gives head counts, kv heads and widths; a ``torch.export`` trace of a meta-device twin
+    shows which weights produce and consume each head and channel. Disagreements raise
+    :class:`~hf_oto.errors.DiscoveryError` naming the module.
+    """
+    base = unwrap_peft(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise DiscoveryError(f"{type(model).__name__} has no Hugging Face config; hf_oto needs a transformers model")
+    cfg = config.to_dict()
+    if "hf_oto" in cfg:
+        raise DiscoveryError(
+            "this model was already pruned by hf_oto (its config has an 'hf_oto' entry); "
+            "prune the original model instead, or load the pruned one as a new starting point after "
+            "removing that entry on purpose"
+        )
+    model_type = cfg.get("model_type", "?")
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int):
+        raise DiscoveryError(f"config of model_type {model_type!r} has no num_hidden_layers")
+    layers_path = _find_layers(base, num_layers)
+    twin = _meta_twin(base, config)
+    _check_shapes(base, twin)
+    trace = tr.trace_model(twin, causal=_is_causal(base))
+
+    if model_type in _RULES:
+        sets = _RULES[model_type](base)
+    else:
+        sites = _attention_sites(trace, layers_path, config) + _ffn_sites(trace, layers_path)
+        if not sites:
+            raise DiscoveryError(
+                f"found no attention heads or FFN channels in {type(base).__name__} (model_type "
+                f"{model_type!r}). {RULE_HELP}"
+            )
+        twin_shapes = {n: tuple(p.shape) for n, p in twin.named_parameters()}
+        sets = []
+        for site in sites:
+            sets.extend(_site_sets(site, twin_shapes))
+        _mark_expressible(sets, base, config, twin_shapes)
+    sets.sort(key=lambda s: (s.layer, 0 if s.block == "attention" else 1, s.prefix, s.kind))
+
+    renamed = _map_to_model(model, base, sets)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    total = sum(p.numel() for n, p in base.named_parameters() if not _is_adapter_param(n))
+    return PruningSpace(
+        model_type=model_type,
+        sets=renamed,
+        param_shapes=shapes,
+        config=cfg,
+        layers_path=layers_path,
+        num_layers=num_layers,
+        total_params=total,
+    )
+
+
+# Model plumbing ------------------------------------------------------------------------------
+def _find_layers(base: nn.Module, num_layers: int) -> str:
+    for name, mod in base.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers:
+            return name
+    raise DiscoveryError(
+        f"no module list of {num_layers} layers (config.num_hidden_layers) in {type(base).__name__}. {RULE_HELP}"
+    )
+
+
+def _is_causal(base: nn.Module) -> bool:
+    import inspect
+
+    return "use_cache" in inspect.signature(base.forward).parameters
+
+
+def _meta_twin(base: nn.Module, config, **overrides) -> nn.Module:
+    cfg = copy.deepcopy(config)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cls = type(base)
+    impl = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    with torch.device("meta"):
+        try:
+            twin = cls._from_config(cfg, attn_implementation=impl)
+        except (ValueError, ImportError):
+            twin = cls._from_config(cfg, attn_implementation="eager")
+    return twin.eval()
+
+
+def _check_shapes(base: nn.Module, twin: nn.Module) -> None:
+    expected = dict(twin.named_parameters())
+    for name, p in base.named_parameters():
+        if name in expected and tuple(p.shape) != tuple(expected[name].shape):
+            raise DiscoveryError(
+                f"parameter {name} has shape {tuple(p.shape)} but the config implies "
+                f"{tuple(expected[name].shape)}: the config's dimensions disagree with the weights"
+            )
+
+
+def _layer_of(param: str, layers_path: str) -> int | None:
+    head = layers_path + "."
+    if not param.startswith(head):
+        return None
+    return int(param[len(head):].split(".", 1)[0])
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    out = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        out.append(items[0])
+    return ".".join(out)
+
+
+# Attention -----------------------------------------------------------------------------------
+def _head_sets(frontier, seq: int) -> list[list[int]] | None:
+    """Channel lists per head from labelled frontier tensors; None if heads are not split yet."""
+    per_head: list[set[int]] | None = None
+    for _, labels in frontier:
+        if labels.numel() == 0:  # an empty pass-through slice (e.g. rotary over the whole head)
+            continue
+        if labels.dim() < 3:
+            return None
+        middle = [d for d in range(1, labels.dim() - 1) if labels.shape[d] != seq]
+        if len(middle) != 1:
+            return None
+        moved = labels.movedim(middle[0], 0).reshape(labels.shape[middle[0]], -1)
+        heads: list[tuple[int, ...]] = []
+        for row in moved:
+            key = tuple(sorted(set(row.tolist())))
+            if not heads or heads[-1] != key:  # repeat_kv repeats a kv head consecutively
+                heads.append(key)
+        uniq = []
+        for h in heads:
+            if h not in uniq:
+                uniq.append(h)
+        if per_head is None:
+            per_head = [set(h) for h in uniq]
+        elif len(per_head) != len(uniq):
+            return None
+        else:
+            for s, h in zip(per_head, uniq):
+                s.update(h)
+    if per_head is None:
+        return None
+    return [sorted(s) for s in per_head]
+
+
+def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_Site]:
+    sites = []
+    for site in trace.attention:
+        if len(site.consumers) != 1:
+            continue
+        o = site.consumers[0]
+        layer = _layer_of(o.param, layers_path)
+        if layer is None:
+            continue
+        prefix = _common_prefix([w.param for ps in site.producers.values() for w in ps] + [o.param])
+        roles: dict[str, list] = {}
+        reason = ""
+        for role, producers in site.producers.items():
+            if len(producers) != 1:
+                raise DiscoveryError(
+                    f"{prefix}: the attention {role} input comes from {len(producers)} weights "
+                    f"({[p.param for p in producers]}), expected one. {RULE_HELP}"
+                )
+            prod = producers[0]
+            entry_node, entry_pos = site.entries[role]
+            ancestors = _ancestors(entry_node.args[entry_pos], trace)
+            entry_arg = entry_node.args[entry_pos]
+            frontier = [
+                (u, lab) for u, n, lab in tr.propagate_labels(prod.node, tr.output_labels(prod))
+                if (u in ancestors and u is not entry_node) or (u is entry_node and n is entry_arg)
+            ]
+            heads = _head_sets(frontier, trace.seq_len)
+            if heads is None:
+                ops = sorted({str(u.target) for u, _ in frontier})
+                reason = (
+                    f"{prod.module}: {', '.join(ops)} mixes channels of several heads before they are "
+                    "split, so a head cannot be removed without changing the others"
+                )
+                heads = []
+            roles[role] = (prod, heads)
+        if reason:
+            sites.append(_Site("attention", layer, prefix, {"reason": reason, "o": o, "roles": roles}))
+            continue
+        q_heads, k_heads, v_heads = (roles[r][1] for r in ("q", "k", "v"))
+        n_q, n_kv = len(q_heads), len(k_heads)
+        if n_kv != len(v_heads) or n_q % max(n_kv, 1):
+            raise DiscoveryError(f"{prefix}: {n_q} query heads, {n_kv} key and {len(v_heads)} value heads")
+        head_dim = len(q_heads[0])
+        expect_q = getattr(config, "num_attention_heads", n_q)
+        expect_kv = getattr(config, "num_key_value_heads", None) or n_kv
+        if (n_q, n_kv) != (expect_q, expect_kv):
+            raise DiscoveryError(
+                f"{prefix}: the config says {expect_q} query / {expect_kv} kv heads, the traced graph "
+                f"shows {n_q} / {n_kv}. {RULE_HELP}"
+            )
+        cols = _o_columns(site, o, n_q, head_dim)
+        if cols is None:
+            reason = f"{o.module}: the attention output is transformed before {o.module} reads it"
+        sites.append(
+            _Site("attention", layer, prefix,
+                  {"reason": reason, "o": o, "roles": roles, "o_cols": cols, "head_dim": head_dim})
+        )
+    return sites
+
+
+def _ancestors(start, trace: tr.Trace) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n in trace.by_node:
+            continue
+        if n.op == "call_function":
+            for a in n.args:
+                if isinstance(a, fx.Node):
+                    stack.append(a)
+                elif isinstance(a, (list, tuple)):
+                    stack.extend(x for x in a if isinstance(x, fx.Node))
+    return seen
+
+
+def _o_columns(site: tr.AttentionSite, o: tr.WeightOp, n_q: int, head_dim: int) -> list[list[int]] | None:
+    shape = tuple(site.node.meta["val"].shape)  # (batch, heads, seq, head_dim)
+    if len(shape) != 4 or shape[1] != n_q or shape[3] != head_dim:
+        return None
+    lab = torch.arange(n_q * head_dim).view(1, n_q, 1, head_dim).expand(shape).contiguous()
+    frontier = tr.propagate_labels(site.node, lab, stop={o.node})
+    at_o = [lab for u, _, lab in frontier if u is o.node]
+    if len(at_o) != 1 or len(frontier) != 1:
+        return None
+    cols = at_o[0].reshape(-1, at_o[0].shape[-1])[0]
+    return [torch.nonzero(cols // head_dim == h).flatten().tolist() for h in range(n_q)]
+
+
+# FFN -----------------------------------------------------------------------------------------
+def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_Site]:
+    attention_ops = set()
+    for site in trace.attention:
+        for ps in site.producers.values():
+            attention_ops.update(p.node for p in ps)
+    by_consumer: dict[fx.Node, list] = {}
+    for w in trace.weight_ops:
+        if w.node in attention_ops or _layer_of(w.param, layers_path) is None:
+            continue
+        frontier = tr.propagate_labels(w.node, tr.output_labels(w))
+        if not frontier:
+            continue
+        width = frontier[0][2].shape[-1]
+        consumer = _elementwise_consumer([u for u, _, _ in frontier], trace, width)
+        if consumer is None:
+            continue
+        by_consumer.setdefault(consumer.node, []).append((w, frontier))
+    sites = []
+    for node, producers in by_consumer.items():
+        down = trace.by_node[node]
+        layer = _layer_of(down.param, layers_path)
+        width = node.args[[i for i, a in enumerate(node.args) if a is down.data_input][0]].meta["val"].shape[-1]
+        rows: dict[tr.WeightOp, list[set[int]]] = {}
+        for w, frontier in producers:
+            acc = rows.setdefault(w, [set() for _ in range(width)])
+            for _, _, lab in frontier:
+                if lab.shape[-1] != width:
+                    break
+                flat = lab.reshape(-1, width)
+                if not bool((flat == flat[0]).all()):
+                    break
+                for p, r in enumerate(flat[0].tolist()):
+                    acc[p].add(r)
+        prefix = _common_prefix([w.param for w, _ in producers] + [down.param])
+        expert = down.expert_dim is not None
+        sites.append(_Site("ffn", layer, prefix, {"down": down, "rows": rows, "width": width, "experts": expert}))
+    return sites
+
+
+def _elementwise_consumer(starts, trace: tr.Trace, width: int):
+    """The single weight op reached from ``starts`` through element-wise ops only, else None."""
+    found, seen, stack = set(), set(), list(starts)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in trace.by_node:
+            found.add(trace.by_node[n])
+            continue
+        if n.op == "call_function" and n.target in tr.IGNORED:
+            continue
+        if n.op != "call_function" or (n.target not in tr.ELEMENTWISE_OPS and n.target not in tr.SHAPE_OPS):
+            return None
+        val = n.meta.get("val")
+        if val is None or not hasattr(val, "shape") or val.shape[-1] != width:
+            return None
+        stack.extend(n.users)
+    return next(iter(found)) if len(found) == 1 else None
+
+
+# Group sets ----------------------------------------------------------------------------------
+def _slices_for(op: tr.WeightOp, side: str, per_group: list[list[int]], expert: int | None) -> list[SliceSpec]:
+    idx = torch.tensor(per_group, dtype=torch.long)
+    if side == "out":
+        out = [SliceSpec(op.param, op.out_dim, idx, expert)]
+        if op.bias is not None:
+            out.append(SliceSpec(op.bias, 0 if expert is None else 1, idx, expert))
+        return out
+    return [SliceSpec(op.param, op.in_dim, idx, expert)]
+
+
+def _numel(slices: list[SliceSpec], shapes) -> int:
+    return sum(s.index.shape[1] * s.per_index_numel(shapes[s.param]) for s in slices)
+
+
+def _site_sets(site: _Site, shapes) -> list[GroupSet]:
+    return _attention_sets(site, shapes) if site.kind == "attention" else _ffn_sets(site, shapes)
+
+
+def _merge(slices: list[SliceSpec]) -> list[SliceSpec]:
+    """Merge slices on the same (param, dim, expert) into one wider slice."""
+    merged: dict[tuple, SliceSpec] = {}
+    for s in slices:
+        key = (s.param, s.dim, s.expert)
+        if key in merged:
+            both = torch.cat([merged[key].index, s.index], dim=1)
+            merged[key] = SliceSpec(s.param, s.dim, torch.sort(both, dim=1).values, s.expert)
+        else:
+            merged[key] = s
+    return list(merged.values())
+
+
+def _attention_sets(site: _Site, shapes) -> list[GroupSet]:
+    u = site.units
+    o, roles, reason = u["o"], u["roles"], u["reason"]
+    if reason:
+        fake = [SliceSpec(o.param, o.in_dim, torch.arange(shapes[o.param][o.in_dim]).view(1, -1))]
+        return [GroupSet(site.prefix, "attention_head", site.layer, "attention", fake,
+                         _numel(fake, shapes), prunable=False, reason=reason)]
+    (qp, q_heads), (kp, k_heads), (vp, v_heads) = (roles[r] for r in ("q", "k", "v"))
+    cols = u["o_cols"]
+    n_q, n_kv = len(q_heads), len(k_heads)
+    rep = n_q // n_kv
+    meta = {"num_heads": n_q, "num_kv_heads": n_kv, "head_dim": u["head_dim"],
+            "producers": sorted({qp.param, kp.param, vp.param}), "consumer": o.param}
+
+    def q_of(heads):
+        return [[c for h in hs for c in q_heads[h]] for hs in heads]
+
+    def o_of(heads):
+        return [[c for h in hs for c in cols[h]] for hs in heads]
+
+    if rep == 1:
+        heads = [[h] for h in range(n_q)]
+        sl = (_slices_for(qp, "out", q_of(heads), None) + _slices_for(kp, "out", [k_heads[h] for h in range(n_q)], None)
+              + _slices_for(vp, "out", [v_heads[h] for h in range(n_q)], None) + _slices_for(o, "in", o_of(heads), None))
+        sl = _merge(sl)
+        return [GroupSet(site.prefix, "attention_head", site.layer, "attention", sl, _numel(sl, shapes), meta=meta)]
+    kv_heads = [list(range(g * rep, (g + 1) * rep)) for g in range(n_kv)]
+    sl = (_slices_for(qp, "out", q_of(kv_heads), None) + _slices_for(kp, "out", k_heads, None)
+          + _slices_for(vp, "out", v_heads, None) + _slices_for(o, "in", o_of(kv_heads), None))
+    sl = _merge(sl)
+    sets = [GroupSet(site.prefix, "kv_group", site.layer, "attention", sl, _numel(sl, shapes), meta=meta)]
+    slots = [[g * rep + j for g in range(n_kv)] for j in range(rep)]
+    sq = _merge(_slices_for(qp, "out", q_of(slots), None) + _slices_for(o, "in", o_of(slots), None))
+    sets.append(GroupSet(site.prefix, "query_head", site.layer, "attention", sq, _numel(sq, shapes), meta=meta))
+    return sets
+
+
+def _ffn_sets(site: _Site, shapes) -> list[GroupSet]:
+    u = site.units
+    down, rows, width = u["down"], u["rows"], u["width"]
+    experts = range(shapes[down.param][0]) if u["experts"] else [None]
+    meta = {"width": width, "producers": sorted(w.param for w in rows), "consumer": down.param}
+    sets = []
+    for e in experts:
+        sl = []
+        for w, acc in rows.items():
+            per = [sorted(a) for a in acc]
+            if len({len(p) for p in per}) != 1 or not per[0]:
+                raise DiscoveryError(f"{site.prefix}: could not map every channel of {w.param} to {down.param}")
+            sl += _slices_for(w, "out", per, e)
+        sl += _slices_for(down, "in", [[p] for p in range(width)], e)
+        sl = _merge(sl)
+        kind = "ffn_channel" if e is None else "expert_channel"
+        prefix = site.prefix if e is None else f"{site.prefix}.{e}"
+        sets.append(GroupSet(prefix, kind, site.layer, "mlp", sl, _numel(sl, shapes), meta=dict(meta, expert=e)))
+    return sets
+
+
+# Can the stock config express a smaller structure? ---------------------------------------------
+def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> None:
+    """Probe 1-layer meta models with changed config fields; record which field sets which width."""
+    layer0 = [s for s in sets if s.layer == min(x.layer for x in sets)]
+    probes = {}
+    for s in layer0:
+        if s.kind in ("ffn_channel", "expert_channel") and "field" not in s.meta:
+            field = _probe_ffn_field(base, config, s, probes)
+            for t in sets:
+                if t.kind == s.kind and _rel(t.meta["consumer"]) == _rel(s.meta["consumer"]):
+                    t.meta["field"] = field
+    attention_ok = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
+    for s in sets:
+        if s.block == "attention" and s.prunable and not attention_ok:
+            s.prunable = False
+            s.reason = (
+                "the stock config cannot express fewer heads (it derives head_dim from "
+                "hidden_size / num_attention_heads)"
+            )
+        if s.block == "mlp" and s.meta.get("field") is None:
+            s.prunable = False
+            s.reason = "no config field sets this FFN width, so a smaller one cannot be saved"
+
+
+def _rel(param: str) -> str:
+    parts = param.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[i + 1:])
+    return param
+
+
+def _probe_model(base, config, **fields):
+    try:
+        return {n: tuple(p.shape) for n, p in _meta_twin(base, config, num_hidden_layers=1, **fields).named_parameters()}
+    except Exception:  # noqa: BLE001 - a field value the architecture rejects simply does not express it
+        return None
+
+
+def _layer0_name(param: str) -> str:
+    parts = param.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            parts[i] = "0"
+            break
+    return ".".join(parts)
+
+
+def _probe_ffn_field(base, config, s: GroupSet, probes) -> str | None:
+    consumer = _layer0_name(s.meta["consumer"])
+    width = s.meta["width"]
+    for field in FFN_WIDTH_FIELDS:
+        if not hasattr(config, field):
+            continue
+        current = getattr(config, field)
+        if current is not None and current != width:
+            continue
+        shapes = _probe_model(base, config, **{field: width - 1})
+        if shapes is None or consumer not in shapes:
+            continue
+        dim = s.slices[-1].dim if s.slices[-1].param == s.meta["consumer"] else None
+        new = shapes[consumer]
+        if dim is not None and new[dim] == width - 1:
+            return field
+    return None
+
+
+def _probe_heads(base, config, attn_sets: list[GroupSet]) -> bool:
+    if not attn_sets:
+        return True
+    meta = attn_sets[0].meta
+    n_q, n_kv, hd = meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
+    rep = n_q // n_kv
+    if n_kv > 1:
+        new_q, new_kv = n_q - rep, n_kv - 1
+    elif n_q > 1:
+        new_q, new_kv = n_q - 1, 1
+    else:
+        return False
+    fields = {"num_attention_heads": new_q, "head_dim": hd}
+    if hasattr(config, "num_key_value_heads") and config.num_key_value_heads is not None:
+        fields["num_key_value_heads"] = new_kv
+    shapes = _probe_model(base, config, **fields)
+    if shapes is None:
+        return False
+    o = _layer0_name(meta["consumer"])
+    o_set = attn_sets[0]
+    in_dim = [s.dim for s in o_set.slices if s.param == meta["consumer"]][0]
+    return o in shapes and shapes[o][in_dim] == new_q * hd
+
+
+# Names in the user's model (peft wrappers, LoRA factors) --------------------------------------
+def _is_adapter_param(name: str) -> bool:
+    """LoRA factors live in peft's lora_* sub-modules; they are not part of the base model's size."""
+    return ".lora_" in name
+
+
+def _map_to_model(model: nn.Module, base: nn.Module, sets: list[GroupSet]) -> list[GroupSet]:
+    """Rename twin parameter names to the user's model, and add LoRA factor slices."""
+    if model is base and not any(hasattr(m, "base_layer") for m in base.modules()):
+        return sets
+    full_name = {id(p): n for n, p in model.named_parameters()}
+    for s in sets:
+        new_slices = []
+        for sl in s.slices:
+            mod_path, _, attr = sl.param.rpartition(".")
+            mod = base.get_submodule(mod_path)
+            wrapped = getattr(mod, "base_layer", None)
+            target = wrapped if isinstance(wrapped, nn.Module) else mod
+            name = full_name[id(getattr(target, attr))]
+            new_slices.append(SliceSpec(name, sl.dim, sl.index, sl.expert))
+            if wrapped is None or attr != "weight":
+                continue
+            out_dim = 1 if _is_conv1d(wrapped) else 0
+            side = "out" if sl.dim == out_dim else "in"
+            for adapter, lora_a in getattr(mod, "lora_A", {}).items():
+                lora_b = mod.lora_B[adapter]
+                if side == "in":
+                    new_slices.append(SliceSpec(full_name[id(lora_a.weight)], 1, sl.index))
+                else:
+                    new_slices.append(SliceSpec(full_name[id(lora_b.weight)], 0, sl.index))
+                    mag = getattr(mod, "lora_magnitude_vector", None)
+                    if mag is not None and adapter in mag:
+                        new_slices.append(SliceSpec(full_name[id(mag[adapter].weight)], 0, sl.index))
+        s.slices = new_slices
+    return sets
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    # transformers' Conv1D stores its weight as (in, out); nn.Linear as (out, in).
+    return not isinstance(mod, nn.Linear) and hasattr(mod, "nf")

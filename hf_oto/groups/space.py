@@ -1,0 +1,225 @@
+"""The pruning space: every later step (optimizer, sub-network, export) speaks in these groups.
+
+A :class:`GroupSet` holds all groups of one kind inside one module (for example every FFN channel of
+layer 3) as index tensors, so a 70B model's millions of channels cost a few tensors, not millions of
+Python objects. :class:`Group` is a light view of one member, with a stable human-readable name.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel")
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """Group ``i`` of a set owns ``param[expert?][..., index[i], ...]`` along ``dim``.
+
+    ``expert`` selects one entry of a leading expert dimension first (3-D MoE weights); ``dim`` then
+    counts in the full parameter's dimensions.
+    """
+
+    param: str
+    dim: int
+    index: torch.Tensor  # (num_groups, width), int64
+    expert: int | None = None
+
+    def per_index_numel(self, shape: Sequence[int]) -> int:
+        numel = 1
+        for d, size in enumerate(shape):
+            if d != self.dim and not (self.expert is not None and d == 0):
+                numel *= size
+        return numel
+
+
+@dataclass
+class GroupSet:
+    """All groups of one kind owned by one module (e.g. the kv groups of one attention block)."""
+
+    prefix: str  # module path, e.g. "model.layers.3.self_attn"
+    kind: str
+    layer: int
+    block: str  # "attention" or "mlp": what disappears when every group of the block is gone
+    slices: list[SliceSpec]
+    params_per_group: int
+    prunable: bool = True
+    reason: str = ""
+    # Extra facts the sub-network step needs (config field names, head counts).
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown group kind {self.kind!r}; expected one of {KINDS}")
+        counts = {s.index.shape[0] for s in self.slices}
+        if len(counts) != 1:
+            raise ValueError(f"{self.prefix}.{self.kind}: slices disagree on the number of groups {counts}")
+
+    @property
+    def count(self) -> int:
+        return self.slices[0].index.shape[0]
+
+    def name(self, i: int) -> str:
+        return f"{self.prefix}.{self.kind}.{i}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prunable structure: the slices of several tensors that live or die together."""
+
+    name: str
+    kind: str
+    layer: int
+    num_params: int
+    prunable: bool
+    reason: str
+    slices: tuple[tuple[str, int, tuple[int, ...]], ...]  # (param, dim, indices); expert folded into param
+
+
+@dataclass
+class PruningSpace(Sequence[Group]):
+    """The ordered list of groups of a model, built by :func:`hf_oto.discover_groups`."""
+
+    model_type: str
+    sets: list[GroupSet]
+    param_shapes: dict[str, tuple[int, ...]]
+    config: dict[str, Any]  # the source config, as a dict
+    layers_path: str  # module path of the decoder layer list, e.g. "model.layers"
+    num_layers: int
+    total_params: int  # every parameter of the source model (adapters excluded)
+
+    def __post_init__(self) -> None:
+        self._offsets = [0]
+        for s in self.sets:
+            self._offsets.append(self._offsets[-1] + s.count)
+
+    # Sequence protocol over individual groups -------------------------------------------------
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        lo, hi = 0, len(self.sets)
+        while hi - lo > 1:  # binary search over set offsets
+            mid = (lo + hi) // 2
+            if self._offsets[mid] <= i:
+                lo = mid
+            else:
+                hi = mid
+        gs, j = self.sets[lo], i - self._offsets[lo]
+        return self._group(gs, j)
+
+    def __iter__(self) -> Iterator[Group]:
+        for gs in self.sets:
+            for j in range(gs.count):
+                yield self._group(gs, j)
+
+    def _group(self, gs: GroupSet, j: int) -> Group:
+        slices = tuple(
+            (s.param if s.expert is None else f"{s.param}[{s.expert}]", s.dim, tuple(s.index[j].tolist()))
+            for s in gs.slices
+        )
+        return Group(gs.name(j), gs.kind, gs.layer, gs.params_per_group, gs.prunable, gs.reason, slices)
+
+    # Queries ---------------------------------------------------------------------------------
+    def set_offset(self, set_index: int) -> int:
+        """Position of the first group of ``sets[set_index]`` in the flat group order."""
+        return self._offsets[set_index]
+
+    def index_of(self, name: str) -> int:
+        """Flat position of the group called ``name``."""
+        prefix, _, number = name.rpartition(".")
+        head, _, kind = prefix.rpartition(".")
+        for k, gs in enumerate(self.sets):
+            if gs.prefix == head and gs.kind == kind:
+                j = int(number)
+                if 0 <= j < gs.count:
+                    return self._offsets[k] + j
+        raise KeyError(f"no group named {name!r}")
+
+    @property
+    def prunable_params(self) -> int:
+        """Parameters owned by prunable groups (overlapping query heads counted once per kv group)."""
+        return sum(gs.count * gs.params_per_group for gs in self.sets if gs.prunable and gs.kind != "query_head")
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per (layer, kind): counts, params per group, prunable and why not."""
+        return [
+            {
+                "layer": gs.layer,
+                "module": gs.prefix,
+                "kind": gs.kind,
+                "groups": gs.count,
+                "params_per_group": gs.params_per_group,
+                "prunable": gs.prunable,
+                "reason": gs.reason,
+            }
+            for gs in self.sets
+        ]
+
+    def to_json(self) -> str:
+        """The pruning space as JSON: model facts and the per-(layer, kind) summary."""
+        return json.dumps(
+            {
+                "model_type": self.model_type,
+                "num_layers": self.num_layers,
+                "total_params": self.total_params,
+                "prunable_params": self.prunable_params,
+                "num_groups": len(self),
+                "sets": self.summary(),
+            },
+            indent=2,
+        )
+
+
+# Operations on a model through the space ------------------------------------------------------
+def _select(param: torch.Tensor, spec: SliceSpec) -> tuple[torch.Tensor, int]:
+    if spec.expert is None:
+        return param, spec.dim
+    return param[spec.expert], spec.dim - 1
+
+
+@torch.no_grad()
+def zero_groups(model: nn.Module, space: PruningSpace, names: Sequence[str]) -> None:
+    """Set every slice of the named groups to exactly zero, in place (LoRA factors included)."""
+    params = dict(model.named_parameters())
+    for name in names:
+        i = space.index_of(name)
+        k = _set_index(space, i)
+        gs, j = space.sets[k], i - space.set_offset(k)
+        for spec in gs.slices:
+            t, dim = _select(params[spec.param], spec)
+            t.index_fill_(dim, spec.index[j].to(t.device), 0.0)
+
+
+def _set_index(space: PruningSpace, i: int) -> int:
+    return bisect.bisect_right(space._offsets, i) - 1
+
+
+@torch.no_grad()
+def group_is_zero(model: nn.Module, space: PruningSpace) -> torch.Tensor:
+    """Boolean vector over all groups: True where every slice of the group is exactly zero."""
+    params = dict(model.named_parameters())
+    flags = []
+    for gs in space.sets:
+        zero = torch.ones(gs.count, dtype=torch.bool)
+        for spec in gs.slices:
+            t, dim = _select(params[spec.param], spec)
+            moved = t.detach().movedim(dim, 0)
+            picked = moved.index_select(0, spec.index.flatten().to(t.device))
+            picked = picked.reshape(gs.count, -1)
+            zero &= (picked == 0).all(dim=1).cpu()
+        flags.append(zero)
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
