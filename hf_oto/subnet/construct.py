@@ -1,0 +1,252 @@
+"""construct_subnet: slice zeroed groups out of the parameters and the config."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hf_oto.errors import ConstructionError
+from hf_oto.groups.discover import unwrap_peft
+from hf_oto.groups.space import GroupSet, PruningSpace, group_is_zero
+from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
+
+Layout = Literal["auto", "uniform"]
+EXPERT_MULTIPLE = 8
+
+
+def construct_subnet(model: nn.Module, space: PruningSpace, *, layout: Layout = "auto") -> nn.Module:
+    """Return a new, physically smaller model without the groups whose weights are all zero.
+
+    The result computes exactly what the zeroed ``model`` computes. ``layout="uniform"`` keeps the
+    same counts in every layer (zero groups are kept where a layer would otherwise be smaller), so
+    the config is the architecture's stock config. ``"auto"`` keeps per-layer sizes when they differ
+    (the config then lists them, and exports ship remote code). ``model`` is not modified.
+    """
+    if layout not in ("auto", "uniform"):
+        raise ConstructionError(f"layout must be 'auto' or 'uniform', got {layout!r}")
+    base = unwrap_peft(model)
+    if base is not model:
+        raise ConstructionError(
+            "construct_subnet takes a plain transformers model; merge LoRA adapters first "
+            "(model.merge_and_unload()) or prune the adapters with hf_oto's trainer export"
+        )
+    zero = group_is_zero(model, space)
+    removed = _removed_groups(space, zero)
+    _pad_ragged(space, removed, layout)
+    overrides = _layer_overrides(space, removed)
+
+    config = copy.deepcopy(base.config)
+    uniform = all(o == overrides[0] for o in overrides)
+    if uniform:
+        for key, value in overrides[0].items():
+            setattr(config, key, value)
+        setattr(config, LAYERS_KEY, None)
+    else:
+        setattr(config, LAYERS_KEY, {
+            "path": space.layers_path,
+            "layers": overrides,
+            "base_class": type(base).__name__,
+        })
+    state = _sliced_state(base, space, removed)
+    new = _build(base, config, state)
+
+    before = space.total_params
+    after = sum(p.numel() for p in new.parameters())
+    new.hf_oto_manifest = _manifest(space, removed, before, after, uniform)
+    return new
+
+
+# Which groups go -------------------------------------------------------------------------------
+def _removed_groups(space: PruningSpace, zero: torch.Tensor) -> list[set[int]]:
+    removed = []
+    for k, gs in enumerate(space.sets):
+        if not gs.prunable:
+            removed.append(set())
+            continue
+        off = space.set_offset(k)
+        removed.append({j for j in range(gs.count) if bool(zero[off + j])})
+    return removed
+
+
+def _keep_at_least_one(gs: GroupSet, gone: set[int]) -> None:
+    # Removing the whole block needs a replacement module; for now one zero group stays (exact).
+    if len(gone) == gs.count:
+        gone.discard(min(gone))
+
+
+def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) -> None:
+    """Re-admit zero groups where a config cannot express different sizes."""
+    for gs, gone in zip(space.sets, removed):
+        _keep_at_least_one(gs, gone)
+    # Experts of one layer share one width.
+    by_layer_experts: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for k, gs in enumerate(space.sets):
+        if gs.kind == "expert_channel":
+            by_layer_experts[(gs.layer, gs.meta["consumer"])].append(k)
+    for ks in by_layer_experts.values():
+        # grouped-mm kernels need 16-byte aligned strides: expert widths go up to a multiple of 8.
+        width = max(space.sets[k].count - len(removed[k]) for k in ks)
+        width = min(-(-width // EXPERT_MULTIPLE) * EXPERT_MULTIPLE, space.sets[ks[0]].count)
+        for k in ks:
+            _readmit(space.sets[k], removed[k], width)
+    if layout != "uniform":
+        return
+    by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for k, gs in enumerate(space.sets):
+        by_kind[(gs.kind, _rel(gs.prefix))].append(k)
+    for ks in by_kind.values():
+        width = max(space.sets[k].count - len(removed[k]) for k in ks)
+        for k in ks:
+            _readmit(space.sets[k], removed[k], width)
+
+
+def _readmit(gs: GroupSet, gone: set[int], keep: int) -> None:
+    while gs.count - len(gone) < keep:
+        gone.discard(min(gone))
+
+
+def _rel(prefix: str) -> str:
+    parts = prefix.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[i + 1:])
+    return prefix
+
+
+def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[str, Any]]:
+    overrides: list[dict[str, Any]] = [{} for _ in range(space.num_layers)]
+    attn: dict[tuple[int, str], dict[str, int]] = defaultdict(dict)
+    for gs, gone in zip(space.sets, removed):
+        kept = gs.count - len(gone)
+        if gs.block == "attention" and gs.prunable:
+            attn[(gs.layer, gs.prefix)][gs.kind] = kept
+            attn[(gs.layer, gs.prefix)]["head_dim"] = gs.meta["head_dim"]
+            attn[(gs.layer, gs.prefix)]["kv"] = gs.meta["num_kv_heads"]
+            attn[(gs.layer, gs.prefix)]["q"] = gs.meta["num_heads"]
+        elif gs.block == "mlp" and gs.prunable:
+            field = gs.meta["field"]
+            overrides[gs.layer][field] = max(overrides[gs.layer].get(field, 0), kept)
+    for (layer, _), c in attn.items():
+        if "attention_head" in c:
+            heads, kv = c["attention_head"], c["attention_head"]
+        else:
+            kv = c.get("kv_group", c["kv"])
+            heads = kv * c.get("query_head", c["q"] // c["kv"])
+        overrides[layer]["num_attention_heads"] = heads
+        overrides[layer]["head_dim"] = c["head_dim"]
+        if "num_key_value_heads" in space.config:
+            overrides[layer]["num_key_value_heads"] = kv
+    return overrides
+
+
+# Slicing the weights ----------------------------------------------------------------------------
+def _kept_indices(space: PruningSpace, removed: list[set[int]]):
+    """(param, dim, expert) -> sorted kept indices, for every sliced tensor."""
+    gone: dict[tuple[str, int, int | None], set[int]] = defaultdict(set)
+    for gs, rm in zip(space.sets, removed):
+        for spec in gs.slices:
+            key = (spec.param, spec.dim, spec.expert)
+            gone[key]  # noqa: B018 - register the key even when nothing is removed
+            for j in rm:
+                gone[key].update(spec.index[j].tolist())
+    kept = {}
+    for (param, dim, expert), rm in gone.items():
+        size = space.param_shapes[param][dim]
+        kept[(param, dim, expert)] = torch.tensor([i for i in range(size) if i not in rm], dtype=torch.long)
+    return kept
+
+
+@torch.no_grad()
+def _sliced_state(base: nn.Module, space: PruningSpace, removed: list[set[int]]) -> dict[str, torch.Tensor]:
+    kept = _kept_indices(space, removed)
+    per_param: dict[str, list[tuple[int, int | None, torch.Tensor]]] = defaultdict(list)
+    for (param, dim, expert), idx in kept.items():
+        per_param[param].append((dim, expert, idx))
+    aliases = _aliases(base)
+    state = {}
+    for name, tensor in base.state_dict(keep_vars=False).items():
+        canonical = aliases.get(name, name)
+        t = tensor
+        for dim, expert, idx in sorted(per_param.get(canonical, []), key=lambda x: (x[1] is not None, x[0])):
+            if expert is None:
+                t = t.index_select(dim, idx.to(t.device))
+        experts = [(dim, e, idx) for dim, e, idx in per_param.get(canonical, []) if e is not None]
+        if experts:
+            dims = {d for d, _, _ in experts}
+            if len(dims) != 1 or len(experts) != t.shape[0]:
+                raise ConstructionError(f"{name}: expert slices must cover every expert along one dim")
+            dim = dims.pop()
+            by_e = sorted(experts, key=lambda x: x[1])
+            t = torch.stack([t[e].index_select(dim - 1, idx.to(t.device)) for _, e, idx in by_e])
+        state[name] = t.clone()
+    return state
+
+
+def _aliases(base: nn.Module) -> dict[str, str]:
+    """state_dict names of tied parameters -> the name named_parameters() reports."""
+    first: dict[int, str] = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    out = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        if first[id(p)] != name:
+            out[name] = first[id(p)]
+    return out
+
+
+def _build(base: nn.Module, config, state: dict[str, torch.Tensor]) -> nn.Module:
+    cls = type(base)
+    with torch.device("meta"):
+        new = cls(config)
+        build_layers(new, config)
+    result = new.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k not in _tied_names(new)]
+    source_buffers = dict(base.named_buffers())
+    for name, buf in list(new.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (rotary frequencies, position ids)
+            if name not in source_buffers or source_buffers[name].shape != buf.shape:
+                raise ConstructionError(f"buffer {name} of the pruned model could not be filled")
+            owner, _, attr = name.rpartition(".")
+            module = new.get_submodule(owner) if owner else new
+            module.register_buffer(attr, source_buffers[name].clone(), persistent=False)
+    if missing or result.unexpected_keys:
+        raise ConstructionError(
+            f"the pruned {cls.__name__} does not match the sliced weights: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        new.tie_weights()
+    new.eval() if not base.training else new.train()
+    return new.to(next(base.parameters()).dtype)
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    names = set()
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            names.add(name)
+        seen.setdefault(id(p), name)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names.update(tied if isinstance(tied, dict) else tied)
+    return names
+
+
+def _manifest(space: PruningSpace, removed: list[set[int]], before: int, after: int, uniform: bool) -> dict:
+    sets = []
+    for gs, rm in zip(space.sets, removed):
+        sets.append({
+            "module": gs.prefix, "kind": gs.kind, "layer": gs.layer, "groups": gs.count,
+            "kept": [j for j in range(gs.count) if j not in rm],
+        })
+    return {
+        "model_type": space.model_type,
+        "params_before": before,
+        "params_after": after,
+        "layout": "uniform" if uniform else "per-layer",
+        "sets": sets,
+    }
