@@ -46,5 +46,7 @@ def pruned_class(base_class_name: str) -> type:
             super().__init__(config, *args, **kwargs)
             build_layers(self, config)
 
-    HFOTOPruned.__name__ = HFOTOPruned.__qualname__ = f"HFOTOPruned{base_class_name}"
+    # Keep the stock name: transformers looks up checkpoint key renames (e.g. GPT-NeoX's embed_out)
+    # by class name.
+    HFOTOPruned.__name__ = HFOTOPruned.__qualname__ = base_class_name
     return HFOTOPruned

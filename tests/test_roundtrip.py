@@ -1,0 +1,150 @@
+"""discover -> zero -> construct -> save -> reload without hf_oto -> same logits, for every architecture."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import ARCHS, ENCODERS, logits, tiny_model
+
+from hf_oto import construct_subnet, discover_groups, group_is_zero, save_pruned, zero_groups
+
+TOL = 1e-5
+IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+RELOAD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_oto" or name.startswith("hf_oto."):
+                raise ImportError("hf_oto must not be needed to load an export")
+    sys.meta_path.insert(0, Block())
+    import torch, transformers
+    from safetensors.torch import save_file
+    jobs = json.loads(sys.argv[1])
+    ids = torch.tensor(jobs["ids"])
+    out = {}
+    for key, job in jobs["dirs"].items():
+        cls = getattr(transformers, job["auto"])
+        model = cls.from_pretrained(job["dir"], trust_remote_code=job["remote"]).eval()
+        with torch.no_grad():
+            out[key] = model(input_ids=ids)[0].float().contiguous()
+    assert "hf_oto" not in sys.modules
+    save_file(out, jobs["result"])
+    """
+)
+
+
+def _zero_random(model, space, seed: int, p: float = 0.4) -> list[str]:
+    rng = random.Random(seed)
+    names = [g.name for g in space if g.prunable and rng.random() < p]
+    zero_groups(model, space, names)
+    return names
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Build, zero, construct and export every architecture in both layouts (done once)."""
+    root = tmp_path_factory.mktemp("exports")
+    cases = {}
+    for i, arch in enumerate(ARCHS):
+        model = tiny_model(arch, seed=i)
+        space = discover_groups(model)
+        _zero_random(model, space, seed=i)
+        full = logits(model, IDS)
+        for layout in ("auto", "uniform"):
+            sub = construct_subnet(model, space, layout=layout)
+            out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
+            cases[f"{arch}-{layout}"] = dict(model=model, sub=sub, full=full, dir=out)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def reloaded(exports, tmp_path_factory):
+    """Load every export in one fresh interpreter that cannot import hf_oto."""
+    result = tmp_path_factory.mktemp("reload") / "logits.safetensors"
+    jobs = {"ids": IDS.tolist(), "result": str(result), "dirs": {}}
+    for key, case in exports.items():
+        cfg = json.loads((case["dir"] / "config.json").read_text())
+        arch = key.rsplit("-", 1)[0]
+        auto = "AutoModel" if arch in ENCODERS else "AutoModelForCausalLM"
+        jobs["dirs"][key] = {"dir": str(case["dir"]), "auto": auto, "remote": "auto_map" in cfg}
+    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs)], check=True, cwd=result.parent)
+    return load_file(result)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("layout", ["auto", "uniform"])
+def test_subnet_matches_zeroed_model(exports, arch, layout):
+    case = exports[f"{arch}-{layout}"]
+    sub_logits = logits(case["sub"], IDS)
+    assert sub_logits.shape == case["full"].shape
+    assert (sub_logits - case["full"]).abs().max().item() <= TOL
+    man = case["sub"].hf_oto_manifest
+    assert man["params_after"] < man["params_before"]
+    assert man["params_after"] == sum(p.numel() for p in case["sub"].parameters())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("layout", ["auto", "uniform"])
+def test_export_reloads_without_hf_oto(exports, reloaded, arch, layout):
+    key = f"{arch}-{layout}"
+    diff = (reloaded[key] - logits(exports[key]["sub"], IDS)).abs().max().item()
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_uniform_export_is_stock_config(exports, arch):
+    folder = exports[f"{arch}-uniform"]["dir"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in cfg and not cfg.get("hf_oto_layers")
+    assert not (folder / "modeling_hfoto.py").exists()
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    manifest = json.loads((folder / "pruning_manifest.json").read_text())
+    assert manifest["source"] == f"tiny-{arch}" and manifest["layout"] == "uniform"
+    assert "How to load" in (folder / "README.md").read_text()
+
+
+def test_per_layer_export_ships_remote_code(exports):
+    """Random pruning gives layers of different sizes somewhere; those repos carry remote code."""
+    per_layer = [k for k, c in exports.items() if c["sub"].hf_oto_manifest["layout"] == "per-layer"]
+    assert per_layer
+    for key in per_layer:
+        folder = exports[key]["dir"]
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["auto_map"] and cfg["hf_oto_layers"]["layers"]
+        code = (folder / "modeling_hfoto.py").read_text()
+        assert "import hf_oto" not in code and "from hf_oto" not in code
+
+
+def test_source_model_is_not_modified():
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    _zero_random(model, space, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg_before = model.config.to_dict()
+    sub = construct_subnet(model, space, layout="uniform")
+    save_pruned(sub, model_dir := __import__("tempfile").mkdtemp() + "/out")
+    assert model.config.to_dict() == cfg_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert "auto_map" not in sub.config.to_dict() and model_dir
+
+
+def test_zero_groups_marks_exactly_those_groups():
+    model = tiny_model("qwen2")
+    space = discover_groups(model)
+    names = _zero_random(model, space, seed=5)
+    zero = group_is_zero(model, space)
+    flagged = {space[i].name for i in torch.nonzero(zero).flatten().tolist()}
+    assert set(names) <= flagged
+    # Query-head slots overlap kv groups, so zeroing kv groups can zero a slot too; nothing else.
+    extra = {n for n in flagged - set(names) if ".query_head." not in n}
+    assert not extra

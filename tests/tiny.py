@@ -1,0 +1,50 @@
+"""Tiny random models of every supported architecture, built in-process from configs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ARCHS = {
+    "llama": dict(num_key_value_heads=2),
+    "mistral": dict(num_key_value_heads=2),
+    "qwen2": dict(num_key_value_heads=2),
+    "qwen3": dict(num_key_value_heads=2, head_dim=8),
+    "gemma": dict(num_key_value_heads=1, head_dim=8),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8),
+    "phi3": dict(num_key_value_heads=2),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=48),
+    "gpt_neox": dict(),
+    "opt": dict(ffn_dim=48, word_embed_proj_dim=32),
+    "mixtral": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24),
+    "bert": dict(),
+}
+ENCODERS = {"bert"}
+
+
+def tiny_config(arch: str, **overrides):
+    kw = dict(COMMON)
+    kw.update(ARCHS[arch])
+    kw.update(overrides)
+    return AutoConfig.for_model(arch, **kw)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    cls = AutoModel if arch in ENCODERS else AutoModelForCausalLM
+    model = cls.from_config(cfg).eval()
+    # Random init leaves biases and norms at 0/1; perturb them so every slice matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids)[0].float()
