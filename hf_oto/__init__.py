@@ -17,5 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConstructionError", "DiscoveryError", "ExportError", "Group", "GroupSet", "HFOTOError",
-    "PruningSpace", "construct_subnet", "discover_groups", "save_pruned", "group_is_zero", "register_rule", "zero_groups",
+    "PruningSpace", "construct_subnet", "discover_groups", "group_is_zero", "register_rule",
+    "save_pruned", "zero_groups",
 ]

@@ -70,7 +70,14 @@ def discover_groups(model: nn.Module) -> PruningSpace:
     if not isinstance(num_layers, int):
         raise DiscoveryError(f"config of model_type {model_type!r} has no num_hidden_layers")
     layers_path = _find_layers(base, num_layers)
-    twin = _meta_twin(base, config)
+    # Identical decoder layers are traced once: the twin holds the shortest prefix of layers that
+    # contains one layer of every distinct structure; the others copy their representative's groups.
+    signatures = [_signature(layer) for layer in base.get_submodule(layers_path)]
+    representative: dict[tuple, int] = {}
+    for i, sig in enumerate(signatures):
+        representative.setdefault(sig, i)
+    traced_layers = max(representative.values()) + 1
+    twin = _meta_twin(base, config, **_truncated(config, num_layers, traced_layers))
     _check_shapes(base, twin)
     trace = tr.trace_model(twin, causal=_is_causal(base))
 
@@ -88,6 +95,8 @@ def discover_groups(model: nn.Module) -> PruningSpace:
         for site in sites:
             sets.extend(_site_sets(site, twin_shapes))
         _mark_expressible(sets, base, config, twin_shapes)
+        sets += _replicate(sets, layers_path, range(traced_layers, num_layers),
+                           [representative[signatures[i]] for i in range(num_layers)])
     sets.sort(key=lambda s: (s.layer, 0 if s.block == "attention" else 1, s.prefix, s.kind))
 
     renamed = _map_to_model(model, base, sets)
@@ -114,6 +123,47 @@ def _find_layers(base: nn.Module, num_layers: int) -> str:
     )
 
 
+def _signature(layer: nn.Module) -> tuple:
+    """Structure of a decoder layer: module classes and parameter shapes, by relative name."""
+    mods = tuple((n, type(m).__name__) for n, m in layer.named_modules())
+    params = tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
+    return mods, params
+
+
+def _truncated(config, num_layers: int, keep: int) -> dict:
+    """Config overrides for a twin with only the first ``keep`` decoder layers."""
+    if keep == num_layers:
+        return {}
+    out = {"num_hidden_layers": keep}
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == num_layers:  # per-layer settings, e.g. layer_types
+            out[key] = value[:keep]
+    return out
+
+
+def _replicate(sets: list[GroupSet], layers_path: str, layers, rep_of: list[int]) -> list[GroupSet]:
+    """Copies of each representative layer's group sets for the layers that were not traced."""
+    by_layer: dict[int, list[GroupSet]] = {}
+    for s in sets:
+        by_layer.setdefault(s.layer, []).append(s)
+    out = []
+    for i in layers:
+        src = rep_of[i]
+        old, new = f"{layers_path}.{src}.", f"{layers_path}.{i}."
+
+        def move(name: str, old=old, new=new) -> str:
+            return new + name[len(old):] if name.startswith(old) else name
+
+        for s in by_layer.get(src, []):
+            meta = {k: move(v) if isinstance(v, str) else [move(x) for x in v] if isinstance(v, list) else v
+                    for k, v in s.meta.items()}
+            slices = [SliceSpec(move(sl.param), sl.dim, sl.index, sl.expert) for sl in s.slices]
+            out.append(GroupSet(move(s.prefix + "."), s.kind, i, s.block, slices, s.params_per_group,
+                                s.prunable, s.reason, meta))
+            out[-1].prefix = out[-1].prefix.rstrip(".")
+    return out
+
+
 def _is_causal(base: nn.Module) -> bool:
     import inspect
 
@@ -137,6 +187,8 @@ def _meta_twin(base: nn.Module, config, **overrides) -> nn.Module:
 def _check_shapes(base: nn.Module, twin: nn.Module) -> None:
     expected = dict(twin.named_parameters())
     for name, p in base.named_parameters():
+        if name not in expected:
+            continue  # adapter factors, or a layer the twin does not hold (its structure equals a traced one)
         if name in expected and tuple(p.shape) != tuple(expected[name].shape):
             raise DiscoveryError(
                 f"parameter {name} has shape {tuple(p.shape)} but the config implies "
@@ -154,7 +206,7 @@ def _layer_of(param: str, layers_path: str) -> int | None:
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     out = []
-    for items in zip(*parts):
+    for items in zip(*parts, strict=False):  # stops at the shortest name
         if len(set(items)) != 1:
             break
         out.append(items[0])
@@ -188,7 +240,7 @@ def _head_sets(frontier, seq: int) -> list[list[int]] | None:
         elif len(per_head) != len(uniq):
             return None
         else:
-            for s, h in zip(per_head, uniq):
+            for s, h in zip(per_head, uniq, strict=True):
                 s.update(h)
     if per_head is None:
         return None
@@ -402,8 +454,10 @@ def _attention_sets(site: _Site, shapes) -> list[GroupSet]:
 
     if rep == 1:
         heads = [[h] for h in range(n_q)]
-        sl = (_slices_for(qp, "out", q_of(heads), None) + _slices_for(kp, "out", [k_heads[h] for h in range(n_q)], None)
-              + _slices_for(vp, "out", [v_heads[h] for h in range(n_q)], None) + _slices_for(o, "in", o_of(heads), None))
+        sl = (_slices_for(qp, "out", q_of(heads), None)
+              + _slices_for(kp, "out", [k_heads[h] for h in range(n_q)], None)
+              + _slices_for(vp, "out", [v_heads[h] for h in range(n_q)], None)
+              + _slices_for(o, "in", o_of(heads), None))
         sl = _merge(sl)
         return [GroupSet(site.prefix, "attention_head", site.layer, "attention", sl, _numel(sl, shapes), meta=meta)]
     kv_heads = [list(range(g * rep, (g + 1) * rep)) for g in range(n_kv)]
@@ -472,7 +526,8 @@ def _rel(param: str) -> str:
 
 def _probe_model(base, config, **fields):
     try:
-        return {n: tuple(p.shape) for n, p in _meta_twin(base, config, num_hidden_layers=1, **fields).named_parameters()}
+        twin = _meta_twin(base, config, num_hidden_layers=1, **fields)
+        return {n: tuple(p.shape) for n, p in twin.named_parameters()}
     except Exception:  # noqa: BLE001 - a field value the architecture rejects simply does not express it
         return None
 

@@ -80,7 +80,7 @@ def _keep_at_least_one(gs: GroupSet, gone: set[int]) -> None:
 
 def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) -> None:
     """Re-admit zero groups where a config cannot express different sizes."""
-    for gs, gone in zip(space.sets, removed):
+    for gs, gone in zip(space.sets, removed, strict=True):
         _keep_at_least_one(gs, gone)
     # Experts of one layer share one width.
     by_layer_experts: dict[tuple[int, str], list[int]] = defaultdict(list)
@@ -120,7 +120,7 @@ def _rel(prefix: str) -> str:
 def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[str, Any]]:
     overrides: list[dict[str, Any]] = [{} for _ in range(space.num_layers)]
     attn: dict[tuple[int, str], dict[str, int]] = defaultdict(dict)
-    for gs, gone in zip(space.sets, removed):
+    for gs, gone in zip(space.sets, removed, strict=True):
         kept = gs.count - len(gone)
         if gs.block == "attention" and gs.prunable:
             attn[(gs.layer, gs.prefix)][gs.kind] = kept
@@ -147,7 +147,7 @@ def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[
 def _kept_indices(space: PruningSpace, removed: list[set[int]]):
     """(param, dim, expert) -> sorted kept indices, for every sliced tensor."""
     gone: dict[tuple[str, int, int | None], set[int]] = defaultdict(set)
-    for gs, rm in zip(space.sets, removed):
+    for gs, rm in zip(space.sets, removed, strict=True):
         for spec in gs.slices:
             key = (spec.param, spec.dim, spec.expert)
             gone[key]  # noqa: B018 - register the key even when nothing is removed
@@ -238,7 +238,7 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 def _manifest(space: PruningSpace, removed: list[set[int]], before: int, after: int, uniform: bool) -> dict:
     sets = []
-    for gs, rm in zip(space.sets, removed):
+    for gs, rm in zip(space.sets, removed, strict=True):
         sets.append({
             "module": gs.prefix, "kind": gs.kind, "layer": gs.layer, "groups": gs.count,
             "kept": [j for j in range(gs.count) if j not in rm],

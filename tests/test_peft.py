@@ -1,0 +1,53 @@
+"""LoRA (peft) models: groups own the matching rows/columns of the adapter factors."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_model
+
+from hf_oto import discover_groups, group_is_zero, zero_groups
+
+
+def _lora_model():
+    model = tiny_model("llama")
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():  # peft starts B at zero; make every factor non-zero
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    return peft_model
+
+
+def test_names_match_the_plain_model():
+    plain = discover_groups(tiny_model("llama"))
+    lora = discover_groups(_lora_model())
+    assert [g.name for g in plain] == [g.name for g in lora]
+    assert plain.total_params == lora.total_params
+
+
+def test_groups_own_lora_factors():
+    model = _lora_model()
+    space = discover_groups(model)
+    kv = space[space.index_of("model.layers.1.self_attn.kv_group.0")]
+    params = {p for p, _, _ in kv.slices}
+    assert any("q_proj.lora_B" in p for p in params) and any("o_proj.lora_A" in p for p in params)
+    assert any("q_proj.base_layer.weight" in p for p in params)
+    ffn = space[space.index_of("model.layers.0.mlp.ffn_channel.5")]
+    ffn_params = {p for p, _, _ in ffn.slices}
+    assert any("up_proj.lora_B" in p for p in ffn_params) and any("down_proj.lora_A" in p for p in ffn_params)
+
+
+def test_zeroing_a_group_zeroes_its_adapter_slices_and_nothing_else():
+    model = _lora_model()
+    space = discover_groups(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    name = "model.layers.0.mlp.ffn_channel.5"
+    zero_groups(model, space, [name])
+    assert bool(group_is_zero(model, space)[space.index_of(name)])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    owned = {p for p, _, _ in space[space.index_of(name)].slices}
+    assert changed and changed <= owned
+    lora_b = dict(model.named_parameters())[[p for p in owned if "up_proj.lora_B" in p][0]]
+    assert torch.all(lora_b[5] == 0) and torch.any(lora_b[4] != 0)
