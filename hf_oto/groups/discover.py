@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from hf_oto.errors import DiscoveryError
 from hf_oto.groups import trace as tr
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec
+from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_relative
 
 # Config fields that may hold an FFN width. Which one sets which FFN is confirmed by a probe.
 FFN_WIDTH_FIELDS = (
@@ -501,7 +501,7 @@ def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> 
         if s.kind in ("ffn_channel", "expert_channel") and "field" not in s.meta:
             field = _probe_ffn_field(base, config, s, probes)
             for t in sets:
-                if t.kind == s.kind and _rel(t.meta["consumer"]) == _rel(s.meta["consumer"]):
+                if t.kind == s.kind and layer_relative(t.meta["consumer"]) == layer_relative(s.meta["consumer"]):
                     t.meta["field"] = field
     attention_ok = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
     for s in sets:
@@ -514,14 +514,6 @@ def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> 
         if s.block == "mlp" and s.meta.get("field") is None:
             s.prunable = False
             s.reason = "no config field sets this FFN width, so a smaller one cannot be saved"
-
-
-def _rel(param: str) -> str:
-    parts = param.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[i + 1:])
-    return param
 
 
 def _probe_model(base, config, **fields):

@@ -184,6 +184,15 @@ class PruningSpace(Sequence[Group]):
         )
 
 
+def layer_relative(name: str) -> str:
+    """A module or parameter path after its layer index ("model.layers.3.mlp.up" -> "mlp.up")."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[i + 1:])
+    return name
+
+
 # Operations on a model through the space ------------------------------------------------------
 def _select(param: torch.Tensor, spec: SliceSpec) -> tuple[torch.Tensor, int]:
     if spec.expert is None:

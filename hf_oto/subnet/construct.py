@@ -11,7 +11,7 @@ from torch import nn
 
 from hf_oto.errors import ConstructionError
 from hf_oto.groups.discover import unwrap_peft
-from hf_oto.groups.space import GroupSet, PruningSpace, group_is_zero
+from hf_oto.groups.space import GroupSet, PruningSpace, group_is_zero, layer_relative
 from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
 
 Layout = Literal["auto", "uniform"]
@@ -97,7 +97,7 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) ->
         return
     by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        by_kind[(gs.kind, _rel(gs.prefix))].append(k)
+        by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
     for ks in by_kind.values():
         width = max(space.sets[k].count - len(removed[k]) for k in ks)
         for k in ks:
@@ -107,14 +107,6 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) ->
 def _readmit(gs: GroupSet, gone: set[int], keep: int) -> None:
     while gs.count - len(gone) < keep:
         gone.discard(min(gone))
-
-
-def _rel(prefix: str) -> str:
-    parts = prefix.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[i + 1:])
-    return prefix
 
 
 def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[str, Any]]:
