@@ -141,3 +141,28 @@ def test_cli_reports_errors_cleanly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hf_oto.cli", "inspect", str(tmp_path / "missing")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(60)} | {"[UNK]": 60}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_export_with_tokenizer_and_shards_reloads(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    zero_groups(model, space, [g.name for g in space if g.kind == "ffn_channel" and g.name.endswith("7")])
+    sub = construct_subnet(model, space, layout="uniform")
+    out = save_pruned(sub, tmp_path / "out", tokenizer=_tiny_tokenizer(), max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("*.safetensors"))) > 1
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok("w3 w5 w7")["input_ids"]])
+    reloaded = LlamaForCausalLM.from_pretrained(out).eval()
+    assert (logits(reloaded, ids) - logits(sub, ids)).abs().max() <= 1e-5

@@ -36,6 +36,7 @@ def save_pruned(
     next to ``out_dir`` and renamed into place, so a failure leaves no half-written export.
     """
     out = Path(out_dir)
+    source = source or getattr(model.config, "_name_or_path", None) or None
     manifest = getattr(model, "hf_oto_manifest", None)
     if manifest is None:
         raise ExportError("save_pruned takes the model returned by construct_subnet (it has no hf_oto_manifest)")
