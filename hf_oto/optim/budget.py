@@ -1,0 +1,163 @@
+"""Which groups to prune: a greedy fill of a parameter budget under the pruning space's constraints.
+
+Items are single attention groups or chunks of FFN channels (so FFN widths move in multiples of
+``ffn_multiple``); with ``layout="uniform"`` an item is "the next-lowest group of this kind in every
+layer", so all layers end with the same counts and the export is a stock config. Items are taken
+in ascending saliency while the exact pruned parameter count stays within the tolerance.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from hf_oto.groups.space import GroupSet, PruningSpace, layer_relative
+
+Layout = Literal["global", "uniform"]
+FFN_KINDS = ("ffn_channel", "expert_channel")
+
+
+@dataclass
+class Item:
+    score: float
+    members: list[tuple[int, list[int]]]  # (set index, group indices within the set)
+    chain: tuple  # items of one chain must be taken in order
+    order: int
+
+
+@dataclass
+class Plan:
+    """Removal state per set, with exact parameter accounting (GQA kv groups and query slots overlap)."""
+
+    space: PruningSpace
+    removed: list[set[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.removed:
+            self.removed = [set() for _ in self.space.sets]
+        self._partner: dict[int, int] = {}
+        by_prefix: dict[str, dict[str, int]] = defaultdict(dict)
+        for k, gs in enumerate(self.space.sets):
+            by_prefix[gs.prefix][gs.kind] = k
+        for kinds in by_prefix.values():
+            if "kv_group" in kinds and "query_head" in kinds:
+                self._partner[kinds["kv_group"]] = kinds["query_head"]
+                self._partner[kinds["query_head"]] = kinds["kv_group"]
+
+    def _overlap(self, k: int) -> int:
+        """Params shared by one group of set k and one group of its partner (one query head)."""
+        gs = self.space.sets[k]
+        q = gs if gs.kind == "query_head" else self.space.sets[self._partner[k]]
+        return q.params_per_group // q.meta["num_kv_heads"]
+
+    def gain(self, k: int, count: int) -> int:
+        """Params removed by taking ``count`` more groups of set k now."""
+        gs = self.space.sets[k]
+        total = count * gs.params_per_group
+        if k in self._partner:
+            total -= count * len(self.removed[self._partner[k]]) * self._overlap(k)
+        return total
+
+    def pruned_params(self) -> int:
+        total = 0
+        for k, gs in enumerate(self.space.sets):
+            total += len(self.removed[k]) * gs.params_per_group
+            if gs.kind == "kv_group" and k in self._partner:
+                total -= len(self.removed[k]) * len(self.removed[self._partner[k]]) * self._overlap(k)
+        return total
+
+
+def _min_keep(gs: GroupSet, min_keep: int, multiple: int) -> int:
+    if gs.kind in FFN_KINDS:
+        return min(gs.count, max(min_keep, multiple))
+    return min(gs.count, min_keep)
+
+
+def _chunks(order: list[int], remaining: int, multiple: int, kind: str) -> list[list[int]]:
+    """Split groups (lowest score first) into removal steps that keep FFN widths on the multiple."""
+    if kind not in FFN_KINDS or multiple <= 1:
+        return [[j] for j in order]
+    out, pos, size = [], 0, remaining % multiple or multiple
+    while pos + size <= len(order):
+        out.append(order[pos:pos + size])
+        pos, size = pos + size, multiple
+    return out
+
+
+def build_items(
+    space: PruningSpace, scores: torch.Tensor, plan: Plan, *, layout: Layout, multiple: int, min_keep: int
+) -> list[Item]:
+    """Candidate removal steps, lowest saliency first within each chain."""
+    per_set: list[list[list[int]]] = []
+    for k, gs in enumerate(space.sets):
+        if not gs.prunable:
+            per_set.append([])
+            continue
+        off = space.set_offset(k)
+        alive = [j for j in range(gs.count) if j not in plan.removed[k]]
+        alive.sort(key=lambda j: (float(scores[off + j]), j))
+        removable = len(alive) - _min_keep(gs, min_keep, multiple)
+        alive = alive[:max(removable, 0)]
+        per_set.append(_chunks(alive, gs.count - len(plan.removed[k]), multiple, gs.kind))
+
+    def chunk_score(k: int, chunk: list[int]) -> float:
+        off = space.set_offset(k)
+        return float(scores[[off + j for j in chunk]].mean())
+
+    items: list[Item] = []
+    if layout == "global":
+        for k, chunks in enumerate(per_set):
+            for i, c in enumerate(chunks):
+                items.append(Item(chunk_score(k, c), [(k, c)], ("set", k), i))
+        return items
+    families: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for k, gs in enumerate(space.sets):
+        if gs.prunable:
+            families[(gs.kind, layer_relative(gs.prefix))].append(k)
+    for fam, ks in families.items():
+        steps = min(len(per_set[k]) for k in ks)
+        for i in range(steps):
+            members = [(k, per_set[k][i]) for k in ks]
+            if len({len(c) for _, c in members}) != 1:
+                break  # layers disagree on the chunk size: uniform counts cannot be kept past here
+            score = sum(chunk_score(k, c) for k, c in members) / len(members)
+            items.append(Item(score, members, ("family",) + fam, i))
+    return items
+
+
+def select(plan: Plan, items: list[Item], target: int, tolerance: float) -> int:
+    """Take items (lowest score first, chains in order) until ``target`` pruned params; returns count."""
+    hi = target * (1 + tolerance)
+    done_in_chain: dict[tuple, int] = defaultdict(int)
+    pending = sorted(items, key=lambda it: (it.score, it.order))
+    progress = True
+    while progress and plan.pruned_params() < target * (1 - tolerance):
+        progress = False
+        for it in list(pending):
+            if it.order != done_in_chain[it.chain]:
+                continue
+            gain = sum(plan.gain(k, len(c)) for k, c in it.members)
+            if plan.pruned_params() + gain > hi:
+                continue
+            for k, c in it.members:
+                plan.removed[k].update(c)
+            done_in_chain[it.chain] += 1
+            pending.remove(it)
+            progress = True
+            if plan.pruned_params() >= target * (1 - tolerance):
+                break
+    return plan.pruned_params()
+
+
+def max_prunable(space: PruningSpace, *, layout: Layout, multiple: int, min_keep: int) -> int:
+    """The most parameters the constraints allow to remove (to reject unreachable targets early)."""
+    plan = Plan(space)
+    scores = torch.zeros(len(space))
+    items = build_items(space, scores, plan, layout=layout, multiple=multiple, min_keep=min_keep)
+    for it in items:
+        for k, c in it.members:
+            plan.removed[k].update(c)
+    return plan.pruned_params()

@@ -1,0 +1,177 @@
+"""HESSO: schedule, exact zeros, budget, planted redundancy, bit-exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from hf_oto import construct_subnet, discover_groups, group_is_zero
+from hf_oto.optim import HESSO, SaliencyWeights
+
+IDS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _loss(model, ids=IDS):
+    out = model(input_ids=ids, labels=ids)
+    return out.loss
+
+
+def _train(model, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+
+
+def _hesso(model, space, **kw):
+    args = dict(base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2, pruning_steps=8,
+                pruning_periods=2)
+    args.update(kw)
+    return HESSO(model, space, **args)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(pruning_steps=2, pruning_periods=3), "at least pruning_periods"),
+    (dict(pruning_periods=0), "at least 1"),
+    (dict(target_sparsity=1.5), "target_sparsity"),
+    (dict(target_sparsity=0.999, layout="uniform"), "cannot be reached"),
+    (dict(layout="ragged"), "layout"),
+])
+def test_invalid_settings_are_rejected_up_front(bad, match):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=match):
+        _hesso(model, discover_groups(model), **bad)
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+def test_pruned_groups_are_exactly_zero_and_stay_zero(layout):
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    opt = _hesso(model, space, layout=layout)
+    _train(model, opt, 2 + 8)  # warm-up + both periods
+    zero = group_is_zero(model, space)
+    assert torch.equal(zero[opt.pruned], torch.ones(int(opt.pruned.sum()), dtype=torch.bool))
+    assert int(opt.pruned.sum()) > 0
+    # the optimizer moments of pruned slices are zero too, so nothing resurrects
+    params = dict(model.named_parameters())
+    for i in torch.nonzero(opt.pruned).flatten().tolist():
+        for name, dim, idx in space[i].slices:
+            for moment in ("exp_avg", "exp_avg_sq"):
+                v = opt.state[params[name]][moment]
+                assert torch.all(v.index_select(dim, torch.tensor(idx)) == 0), (space[i].name, moment)
+    _train(model, opt, 5)
+    assert bool(group_is_zero(model, space)[opt.pruned].all())
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_final_pruned_params_hit_the_target(layout, target):
+    model = tiny_model("llama", num_hidden_layers=3, intermediate_size=256)
+    space = discover_groups(model)
+    opt = _hesso(model, space, layout=layout, target_sparsity=target, ffn_multiple=1)
+    _train(model, opt, 10)
+    m = opt.metrics()
+    goal = opt.settings["target_params"]
+    assert abs(m["pruned_params"] - goal) <= 0.01 * goal
+    sub = construct_subnet(model, space, layout="uniform" if layout == "uniform" else "auto")
+    assert space.total_params - sub.hf_oto_manifest["params_after"] == m["pruned_params"]
+    if layout == "uniform":
+        assert sub.hf_oto_manifest["layout"] == "uniform"
+
+
+@pytest.mark.parametrize("layout", ["global", "uniform"])
+def test_ffn_widths_stay_on_the_multiple(layout):
+    model = tiny_model("llama", num_hidden_layers=3, intermediate_size=100)
+    space = discover_groups(model)
+    opt = _hesso(model, space, layout=layout, target_sparsity=0.5, ffn_multiple=16)
+    _train(model, opt, 10)
+    for k, gs in enumerate(space.sets):
+        if gs.kind == "ffn_channel":
+            off = space.set_offset(k)
+            kept = gs.count - int(opt.pruned[off:off + gs.count].sum())
+            assert kept % 16 == 0 or kept == gs.count, (gs.prefix, kept)
+
+
+def test_planted_redundant_channels_are_found():
+    """FFN channels made tiny and useless are exactly the ones HESSO removes at matching sparsity."""
+    model = tiny_model("llama", intermediate_size=64)
+    space = discover_groups(model)
+    planted = []
+    with torch.no_grad():
+        for k, gs in enumerate(space.sets):
+            if gs.kind != "ffn_channel":
+                continue
+            off = space.set_offset(k)
+            for j in range(0, gs.count, 2):  # every other channel is planted
+                planted.append(off + j)
+                for spec in gs.slices:
+                    p = dict(model.named_parameters())[spec.param]
+                    p.index_fill_(spec.dim, spec.index[j], 0.0)
+                    p.index_add_(spec.dim, spec.index[j],
+                                 torch.full_like(p.index_select(spec.dim, spec.index[j]), 1e-4))
+    planted_params = sum(space[i].num_params for i in planted)
+    opt = _hesso(model, space, target_params=planted_params, ffn_multiple=1, pruning_periods=1,
+                 weights=SaliencyWeights(1, 0, 0, 0))
+    _train(model, opt, 10)
+    assert set(torch.nonzero(opt.pruned).flatten().tolist()) == set(planted)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_is_bit_exact_mid_period(ema):
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    space = discover_groups(model)
+    kw = dict(saliency_ema=ema, ema_interval=2, pruning_steps=9, pruning_periods=3)
+    ref = copy.deepcopy(model)
+    ref_opt = _hesso(ref, space, **kw)
+    _train(ref, ref_opt, 14)
+
+    first = copy.deepcopy(model)
+    opt = _hesso(first, space, **kw)
+    _train(first, opt, 6)  # stops inside the second period
+    saved_model = copy.deepcopy(first.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    opt2 = _hesso(resumed, space, **kw)
+    opt2.load_state_dict(saved_opt)
+    _train(resumed, opt2, 8)
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert torch.equal(ref_opt.pruned, opt2.pruned)
+
+
+def test_resume_with_changed_settings_is_refused():
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    opt = _hesso(model, space)
+    _train(model, opt, 3)
+    other = _hesso(model, space, target_sparsity=0.4)
+    with pytest.raises(ValueError, match="changed pruning config"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_wraps_any_base_optimizer_with_param_groups_and_schedulers():
+    from transformers import get_linear_schedule_with_warmup
+
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = HESSO(model, space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.01, "momentum": 0.9},
+                param_groups=[{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                target_sparsity=0.3, start_pruning_step=1, pruning_steps=4, pruning_periods=2)
+    assert isinstance(opt.base, torch.optim.SGD) and opt.param_groups is opt.base.param_groups
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
+    for _ in range(6):
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+        sched.step()
+    assert opt.base.param_groups[0]["lr"] == sched.get_last_lr()[0]
+    assert "momentum_buffer" in opt.state[decay[0]]
+    assert opt.metrics()["pruned_param_fraction"] > 0
