@@ -99,6 +99,7 @@ class HESSO(torch.optim.Optimizer):
         self.redundant = torch.zeros(len(space), dtype=torch.bool)
         self.ema: torch.Tensor | None = None
         self._zero_index: dict | None = None
+        self._redundant_index: dict | None = None
 
     # Schedule ----------------------------------------------------------------------------------
     def _position(self, step: int) -> tuple[int, int] | None:
@@ -128,8 +129,13 @@ class HESSO(torch.optim.Optimizer):
         snapshot = None
         if self._wants_stats(step, pos):
             snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
-        with torch.enable_grad():
-            loss = self.base.step(closure) if closure is not None else self.base.step()
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        else:
+            loss = None
+        self._zero_pruned_grads()  # zero grads + zero moments => the base step leaves them at zero
+        self.base.step()
         if snapshot is not None:
             update = {n: self.model_params[n].detach() - snapshot.pop(n) for n in list(snapshot)}
             score = saliency(group_statistics(self.model_params, self.space, update), self.weights)
@@ -142,12 +148,13 @@ class HESSO(torch.optim.Optimizer):
         if pos is not None:
             period, t = pos
             factor = (self.period_length - t - 1) / (self.period_length - t)
-            self._scale(self.redundant, factor, include_state=False)
+            self._scale_redundant(factor)
             if t == self.period_length - 1:
                 self.pruned |= self.redundant
                 self.redundant.zero_()
-                self._zero_index = None
-        self._zero_pruned()
+                self._zero_index = self._redundant_index = None
+                self._zero_pruned(include_state=True)  # once: the moments of newly pruned groups
+        self._zero_pruned(include_state=False)
         self.step_count += 1
         return loss
 
@@ -174,6 +181,7 @@ class HESSO(torch.optim.Optimizer):
             for j in removed:
                 chosen[off + j] = True
         self.redundant = chosen & ~self.pruned
+        self._redundant_index = None
 
     # Projection --------------------------------------------------------------------------------
     def _indices(self, mask: torch.Tensor) -> dict[tuple[str, int, int | None], torch.Tensor]:
@@ -198,21 +206,39 @@ class HESSO(torch.optim.Optimizer):
                 view, d = (t[expert], dim - 1) if expert is not None else (t, dim)
                 fn(view, d, idx.to(t.device))
 
-    def _scale(self, mask: torch.Tensor, factor: float, include_state: bool) -> None:
-        if not bool(mask.any()):
+    def _scale_redundant(self, factor: float) -> None:
+        if not bool(self.redundant.any()):
             return
+        if self._redundant_index is None:
+            self._redundant_index = self._indices(self.redundant)
 
         def scale(view, d, idx):
             view.index_copy_(d, idx, view.index_select(d, idx) * factor)
 
-        self._apply(self._indices(mask), scale, include_state)
+        self._apply(self._redundant_index, scale, include_state=False)
 
-    def _zero_pruned(self) -> None:
+    def _pruned_index(self) -> dict | None:
         if not bool(self.pruned.any()):
-            return
+            return None
         if self._zero_index is None:
             self._zero_index = self._indices(self.pruned)
-        self._apply(self._zero_index, lambda view, d, idx: view.index_fill_(d, idx, 0.0), include_state=True)
+        return self._zero_index
+
+    def _zero_pruned(self, include_state: bool) -> None:
+        """Pruned slices back to exactly zero (parameters; optimizer moments too when asked)."""
+        index = self._pruned_index()
+        if index is not None:
+            self._apply(index, lambda view, d, idx: view.index_fill_(d, idx, 0.0), include_state)
+
+    def _zero_pruned_grads(self) -> None:
+        index = self._pruned_index()
+        if index is None:
+            return
+        for (name, dim, expert), idx in index.items():
+            g = self.model_params[name].grad
+            if g is not None:
+                view, d = (g[expert], dim - 1) if expert is not None else (g, dim)
+                view.index_fill_(d, idx.to(g.device), 0.0)
 
     # Reporting ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -270,4 +296,4 @@ class HESSO(torch.optim.Optimizer):
         self.pruned = h["pruned"].clone()
         self.redundant = h["redundant"].clone()
         self.ema = None if h["ema"] is None else h["ema"].clone()
-        self._zero_index = None
+        self._zero_index = self._redundant_index = None
