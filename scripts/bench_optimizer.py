@@ -1,8 +1,9 @@
 """HESSO's optimizer step time and memory over plain AdamW, measured in one run on CPU.
 
 Run: .venv/bin/python scripts/bench_optimizer.py [--steps 30]
-Model: a ~50M-parameter Llama config (GQA). Both optimizers run the same forward/backward, alternating step by
-step so machine drift hits both alike; only ``optimizer.step()`` is timed. Prints ratios (HESSO / AdamW) for warm-up steps and pruning steps.
+Model: a ~50M-parameter Llama config (GQA). Both optimizers run the same forward/backward,
+alternating step by step so machine drift hits both alike; only ``optimizer.step()`` is timed.
+Prints ratios (HESSO / AdamW) for warm-up steps and pruning steps.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from torch import nn
 
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
+from hf_oto.optim.cric import CRICConfig, CRICState, _unit
 from hf_oto.optim.saliency import SaliencyWeights, group_statistics, saliency
 
 
@@ -21,7 +22,9 @@ class HESSO(torch.optim.Optimizer):
     ``pruning_periods``; at the start of each period the not-yet-pruned groups are ranked by
     saliency and the period's share of the parameter budget is marked redundant; over the period
     those groups shrink linearly to exactly zero, and from then on they (and their optimizer state)
-    stay zero.
+    stay zero. With ``cric=CRICConfig(...)`` the corrective cycle runs first (from
+    ``start_pruning_step``) and the periods start when it ends; it needs the training loss, given by
+    ``step(closure)`` or by ``observe_loss(loss)`` before each ``step()``.
     """
 
     def __init__(
@@ -44,7 +47,10 @@ class HESSO(torch.optim.Optimizer):
         saliency_ema: float | None = None,
         ema_interval: int = 10,
         tolerance: float = 0.01,
+        cric: CRICConfig | None = None,
     ):
+        if cric is not None:
+            cric.validate()
         if pruning_periods < 1:
             raise ValueError(f"pruning_periods must be at least 1, got {pruning_periods}")
         if pruning_steps < pruning_periods:
@@ -100,12 +106,20 @@ class HESSO(torch.optim.Optimizer):
         self.ema: torch.Tensor | None = None
         self._zero_index: dict | None = None
         self._redundant_index: dict | None = None
+        self.cric = cric
+        self.cric_state = CRICState() if cric is not None else None
+        self.cric_rank: torch.Tensor | None = None
+        self.prune_start: int | None = None if cric is not None else start_pruning_step
+        self._loss: float | None = None
+        self._trial_index: dict | None = None
 
     # Schedule ----------------------------------------------------------------------------------
     def _position(self, step: int) -> tuple[int, int] | None:
         """(period, step within period) if ``step`` lies in a pruning period, else None."""
         s = self.settings
-        rel = step - s["start_pruning_step"]
+        if self.prune_start is None:
+            return None
+        rel = step - self.prune_start
         if rel < 0 or rel >= self.period_length * s["pruning_periods"]:
             return None
         return rel // self.period_length, rel % self.period_length
@@ -117,23 +131,34 @@ class HESSO(torch.optim.Optimizer):
         s = self.settings
         if s["saliency_ema"] is None:
             return False
+        start = self.prune_start if self.prune_start is not None else s["start_pruning_step"]
         begin = s["start_pruning_step"] - 10 * s["ema_interval"]
-        end = s["start_pruning_step"] + self.period_length * s["pruning_periods"]
+        end = start + self.period_length * s["pruning_periods"]
         return begin <= step < end and step % s["ema_interval"] == 0
 
     # Step --------------------------------------------------------------------------------------
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        """Give the current training loss to CRIC (call before ``step()`` when not using a closure)."""
+        self._loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+
+    def _cric_active(self, step: int) -> bool:
+        return (self.cric_state is not None and not self.cric_state.done
+                and step >= self.settings["start_pruning_step"])
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         step = self.step_count
-        pos = self._position(step)
-        snapshot = None
-        if self._wants_stats(step, pos):
-            snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
+        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        else:
-            loss = None
+            self._loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        cric_now = self._cric_active(step)
+        pos = None if cric_now else self._position(step)
+        cycle_start = cric_now and self.cric_state.t == 0
+        snapshot = None
+        if cycle_start or self._wants_stats(step, pos):
+            snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
         self._zero_pruned_grads()  # zero grads + zero moments => the base step leaves them at zero
         self.base.step()
         if snapshot is not None:
@@ -143,9 +168,17 @@ class HESSO(torch.optim.Optimizer):
             beta = self.settings["saliency_ema"]
             if beta is not None:
                 self.ema = score if self.ema is None else beta * self.ema + (1 - beta) * score
-            if pos is not None and pos[1] == 0:
-                self._mark_redundant(pos[0], self.ema if beta is not None else score)
-        if pos is not None:
+            ranked = self.ema if beta is not None else score
+            if cycle_start:
+                self._cric_cycle_start(ranked)
+            elif pos is not None and pos[1] == 0:
+                if self.cric_rank is not None:
+                    blend = self.cric.blend
+                    ranked = blend * _unit(ranked) + (1 - blend) * _unit(self.cric_rank)
+                self._mark_redundant(pos[0], ranked)
+        if cric_now:
+            self._cric_step(step)
+        elif pos is not None:
             period, t = pos
             factor = (self.period_length - t - 1) / (self.period_length - t)
             self._scale_redundant(factor)
@@ -157,6 +190,73 @@ class HESSO(torch.optim.Optimizer):
         self._zero_pruned(include_state=False)
         self.step_count += 1
         return loss
+
+    # CRIC ------------------------------------------------------------------------------------
+    def _need_loss(self) -> float:
+        if self._loss is None:
+            raise RuntimeError("CRIC needs the training loss: call step(closure) or observe_loss(loss) before step()")
+        value, self._loss = self._loss, None
+        return value
+
+    def _cric_cycle_start(self, score: torch.Tensor) -> None:
+        cs, s = self.cric_state, self.settings
+        if cs.sal_sum is None:
+            cs.sal_sum = torch.zeros_like(score)
+            cs.harm_sum = torch.zeros_like(score)
+            cs.harm_n = torch.zeros_like(score)
+        cs.sal_sum += _unit(score)
+        cs.sal_n += 1
+        plan = Plan(self.space)
+        items = build_items(self.space, cs.ranking(self.cric), plan, layout=s["layout"],
+                            multiple=s["ffn_multiple"], min_keep=s["min_keep"])
+        select(plan, items, s["target_params"], s["tolerance"])
+        candidates = torch.zeros(len(self.space), dtype=torch.bool)
+        for k, removed in enumerate(plan.removed):
+            off = self.space.set_offset(k)
+            candidates[[off + j for j in removed]] = True
+        cs.previous, cs.candidates = cs.candidates, candidates
+        cs.trial = cs.trial_subset(self.cric, candidates)
+        self._trial_index = self._indices(cs.trial)
+        cs.snapshot = {}
+        for (name, dim, expert), idx in self._trial_index.items():
+            t = self.model_params[name].detach()
+            view, d = (t[expert], dim - 1) if expert is not None else (t, dim)
+            cs.snapshot[f"{name}|{dim}|{expert}"] = view.index_select(d, idx).clone()
+        cs.losses = []
+
+    def _cric_step(self, step: int) -> None:
+        cs, length = self.cric_state, self.cric.sampling_steps
+        cs.losses.append(self._need_loss())
+        if self._trial_index is None:
+            self._trial_index = self._indices(cs.trial)
+        factor = (length - cs.t - 1) / (length - cs.t)
+        self._apply(self._trial_index,
+                    lambda view, d, idx: view.index_copy_(d, idx, view.index_select(d, idx) * factor), False)
+        if cs.t < length - 1:
+            cs.t += 1
+            return
+        third = max(len(cs.losses) // 3, 1)
+        head, tail = cs.losses[:third], cs.losses[-third:]
+        increase = (sum(tail) / len(tail)) / max(sum(head) / len(head), 1e-12) - 1.0
+        harm = min(max(increase / self.cric.harm_scale, 0.0), 1.0)  # 1 = this trial clearly hurt
+        cs.harm_sum[cs.trial] += harm
+        cs.harm_n[cs.trial] += 1
+        cs.harm_total += harm
+        cs.trials += 1
+        for key, values in cs.snapshot.items():  # restore the trial groups
+            name, dim, expert = key.split("|")
+            t = self.model_params[name].data
+            expert_i = None if expert == "None" else int(expert)
+            view, d = (t[expert_i], int(dim) - 1) if expert_i is not None else (t, int(dim))
+            view.index_copy_(d, self._trial_index[(name, int(dim), expert_i)], values)
+        cs.snapshot, cs.t, self._trial_index = {}, 0, None
+        cs.cycle += 1
+        stable = cs.previous is not None and int((cs.candidates ^ cs.previous).sum()) <= \
+            self.cric.tolerance * max(int(cs.candidates.sum()), 1)
+        if cs.cycle >= self.cric.max_cycles or (cs.cycle >= self.cric.min_cycles and stable):
+            cs.done = True
+            self.cric_rank = cs.ranking(self.cric)
+            self.prune_start = step + 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -275,7 +375,11 @@ class HESSO(torch.optim.Optimizer):
             "ema": None if self.ema is None else self.ema.clone(),
             "settings": dict(self.settings),
             "weights": vars(self.weights).copy(),
+            "cric_config": None if self.cric is None else vars(self.cric).copy(),
             "space": self._fingerprint(),
+            "prune_start": self.prune_start,
+            "cric": None if self.cric_state is None else self.cric_state.to_dict(),
+            "cric_rank": None if self.cric_rank is None else self.cric_rank.clone(),
         }
         return sd
 
@@ -286,7 +390,8 @@ class HESSO(torch.optim.Optimizer):
             raise ValueError("this optimizer state was not saved by HESSO (no 'hesso' entry)")
         if h["space"] != self._fingerprint():
             raise ValueError("the saved HESSO state belongs to a different pruning space (model or groups changed)")
-        if h["settings"] != self.settings or h["weights"] != vars(self.weights):
+        cric_cfg = None if self.cric is None else vars(self.cric).copy()
+        if h["settings"] != self.settings or h["weights"] != vars(self.weights) or h["cric_config"] != cric_cfg:
             changed = {k for k in self.settings if h["settings"].get(k) != self.settings[k]}
             raise ValueError(f"resuming with a changed pruning config is not supported (changed: {sorted(changed)})")
         self.base.load_state_dict(sd)
@@ -296,4 +401,10 @@ class HESSO(torch.optim.Optimizer):
         self.pruned = h["pruned"].clone()
         self.redundant = h["redundant"].clone()
         self.ema = None if h["ema"] is None else h["ema"].clone()
-        self._zero_index = self._redundant_index = None
+        self._zero_index = self._redundant_index = self._trial_index = None
+        self.prune_start = h["prune_start"]
+        if (h["cric"] is None) != (self.cric_state is None):
+            raise ValueError("resuming with a changed pruning config is not supported (CRIC on/off changed)")
+        if h["cric"] is not None:
+            self.cric_state = CRICState.from_dict(h["cric"])
+        self.cric_rank = None if h["cric_rank"] is None else h["cric_rank"].clone()

@@ -1,0 +1,55 @@
+"""Two-process data-parallel HESSO (gloo on CPU): both ranks end identical, with the same pruned set."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import tiny_model
+
+    from hf_oto import discover_groups
+    from hf_oto.optim import HESSO
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_model("llama")  # same seed on both ranks
+    space = discover_groups(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = HESSO(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2,
+                pruning_steps=6, pruning_periods=2)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(10):
+        ids = torch.randint(3, 64, (2, 10), generator=gen)
+        opt.zero_grad()
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["__pruned__"] = opt.pruned.to(torch.uint8)
+    save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_end_identical(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(2))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert int(a["__pruned__"].sum()) > 0
