@@ -175,3 +175,26 @@ def test_wraps_any_base_optimizer_with_param_groups_and_schedulers():
     assert opt.base.param_groups[0]["lr"] == sched.get_last_lr()[0]
     assert "momentum_buffer" in opt.state[decay[0]]
     assert opt.metrics()["pruned_param_fraction"] > 0
+
+
+class _Drifting(torch.optim.Optimizer):
+    """An optimizer that moves every weight each step, zero gradients or not."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(group["lr"])
+
+
+def test_pruned_groups_stay_zero_under_an_optimizer_that_moves_everything():
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    opt = HESSO(model, space, base_optimizer=_Drifting, target_sparsity=0.3, start_pruning_step=0,
+                pruning_steps=2, pruning_periods=1)
+    _train(model, opt, 8)
+    assert int(opt.pruned.sum()) > 0 and opt._always_rezero
+    assert bool(group_is_zero(model, space)[opt.pruned].all())

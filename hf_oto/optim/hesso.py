@@ -112,6 +112,11 @@ class HESSO(torch.optim.Optimizer):
         self.prune_start: int | None = None if cric is not None else start_pruning_step
         self._loss: float | None = None
         self._trial_index: dict | None = None
+        # Zero grads + zero moments keep pruned weights at zero under AdamW/SGD-like updates; that is
+        # verified (3 clean steps after each change) instead of assumed, and re-zeroing stays on
+        # every step for an optimizer that ever moves a pruned weight.
+        self._clean_steps = 0
+        self._always_rezero = False
 
     # Schedule ----------------------------------------------------------------------------------
     def _position(self, step: int) -> tuple[int, int] | None:
@@ -187,7 +192,8 @@ class HESSO(torch.optim.Optimizer):
                 self.redundant.zero_()
                 self._zero_index = self._redundant_index = None
                 self._zero_pruned(include_state=True)  # once: the moments of newly pruned groups
-        self._zero_pruned(include_state=False)
+                self._clean_steps = 0
+        self._keep_pruned_zero()
         self.step_count += 1
         return loss
 
@@ -330,6 +336,26 @@ class HESSO(torch.optim.Optimizer):
         if index is not None:
             self._apply(index, lambda view, d, idx: view.index_fill_(d, idx, 0.0), include_state)
 
+    def _keep_pruned_zero(self) -> None:
+        index = self._pruned_index()
+        if index is None:
+            return
+        if self._always_rezero:
+            self._zero_pruned(include_state=False)
+            return
+        if self._clean_steps >= 3:
+            return
+        clean = True
+        for (name, dim, expert), idx in index.items():
+            t = self.model_params[name].data
+            view, d = (t[expert], dim - 1) if expert is not None else (t, dim)
+            clean = clean and bool((view.index_select(d, idx.to(t.device)) == 0).all())
+        if clean:
+            self._clean_steps += 1
+        else:  # this optimizer moves zero weights with zero grads and moments: re-zero every step
+            self._always_rezero = True
+            self._zero_pruned(include_state=True)
+
     def _zero_pruned_grads(self) -> None:
         index = self._pruned_index()
         if index is None:
@@ -380,6 +406,8 @@ class HESSO(torch.optim.Optimizer):
             "prune_start": self.prune_start,
             "cric": None if self.cric_state is None else self.cric_state.to_dict(),
             "cric_rank": None if self.cric_rank is None else self.cric_rank.clone(),
+            "clean_steps": self._clean_steps,
+            "always_rezero": self._always_rezero,
         }
         return sd
 
@@ -403,6 +431,7 @@ class HESSO(torch.optim.Optimizer):
         self.ema = None if h["ema"] is None else h["ema"].clone()
         self._zero_index = self._redundant_index = self._trial_index = None
         self.prune_start = h["prune_start"]
+        self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]
         if (h["cric"] is None) != (self.cric_state is None):
             raise ValueError("resuming with a changed pruning config is not supported (CRIC on/off changed)")
         if h["cric"] is not None:
