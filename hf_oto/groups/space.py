@@ -111,14 +111,8 @@ class PruningSpace(Sequence[Group]):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        lo, hi = 0, len(self.sets)
-        while hi - lo > 1:  # binary search over set offsets
-            mid = (lo + hi) // 2
-            if self._offsets[mid] <= i:
-                lo = mid
-            else:
-                hi = mid
-        gs, j = self.sets[lo], i - self._offsets[lo]
+        k = self.set_of(i)
+        gs, j = self.sets[k], i - self._offsets[k]
         return self._group(gs, j)
 
     def __iter__(self) -> Iterator[Group]:
@@ -134,6 +128,10 @@ class PruningSpace(Sequence[Group]):
         return Group(gs.name(j), gs.kind, gs.layer, gs.params_per_group, gs.prunable, gs.reason, slices)
 
     # Queries ---------------------------------------------------------------------------------
+    def set_of(self, i: int) -> int:
+        """Index of the set that holds flat group ``i``."""
+        return bisect.bisect_right(self._offsets, i) - 1
+
     def set_offset(self, set_index: int) -> int:
         """Position of the first group of ``sets[set_index]`` in the flat group order."""
         return self._offsets[set_index]
@@ -206,15 +204,11 @@ def zero_groups(model: nn.Module, space: PruningSpace, names: Sequence[str]) -> 
     params = dict(model.named_parameters())
     for name in names:
         i = space.index_of(name)
-        k = _set_index(space, i)
+        k = space.set_of(i)
         gs, j = space.sets[k], i - space.set_offset(k)
         for spec in gs.slices:
             t, dim = _select(params[spec.param], spec)
             t.index_fill_(dim, spec.index[j].to(t.device), 0.0)
-
-
-def _set_index(space: PruningSpace, i: int) -> int:
-    return bisect.bisect_right(space._offsets, i) - 1
 
 
 @torch.no_grad()

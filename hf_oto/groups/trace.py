@@ -330,17 +330,3 @@ def output_labels(op: WeightOp) -> torch.Tensor:
     """Labels for a weight op's output: channel index along the last dimension."""
     shape = tuple(op.node.meta["val"].shape)
     return torch.arange(shape[-1]).expand(shape).contiguous()
-
-
-def reaches(src: fx.Node, dst: fx.Node, limit: int = 400) -> bool:
-    """True if ``dst`` is downstream of ``src`` (bounded search)."""
-    seen, queue = {src}, deque([src])
-    while queue and len(seen) < limit:
-        n = queue.popleft()
-        if n is dst:
-            return True
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                queue.append(u)
-    return False
