@@ -110,7 +110,7 @@ class HESSO(torch.optim.Optimizer):
         self.cric_state = CRICState() if cric is not None else None
         self.cric_rank: torch.Tensor | None = None
         self.prune_start: int | None = None if cric is not None else start_pruning_step
-        self._loss: float | None = None
+        self._loss: tuple[float, int] | None = None  # (sum, count) of observed losses
         self._trial_index: dict | None = None
         # Zero grads + zero moments keep pruned weights at zero under AdamW/SGD-like updates; that is
         # verified (3 clean steps after each change) instead of assumed, and re-zeroing stays on
@@ -143,8 +143,13 @@ class HESSO(torch.optim.Optimizer):
 
     # Step --------------------------------------------------------------------------------------
     def observe_loss(self, loss: float | torch.Tensor) -> None:
-        """Give the current training loss to CRIC (call before ``step()`` when not using a closure)."""
-        self._loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        """Give the training loss to CRIC before ``step()`` (when not using a closure).
+
+        Several calls before one step (gradient accumulation) are averaged.
+        """
+        value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        total, count = self._loss if self._loss is not None else (0.0, 0)
+        self._loss = (total + value, count + 1)
 
     def _cric_active(self, step: int) -> bool:
         return (self.cric_state is not None and not self.cric_state.done
@@ -157,7 +162,8 @@ class HESSO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-            self._loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+            self._loss = None
+            self.observe_loss(loss)
         cric_now = self._cric_active(step)
         pos = None if cric_now else self._position(step)
         cycle_start = cric_now and self.cric_state.t == 0
@@ -201,8 +207,8 @@ class HESSO(torch.optim.Optimizer):
     def _need_loss(self) -> float:
         if self._loss is None:
             raise RuntimeError("CRIC needs the training loss: call step(closure) or observe_loss(loss) before step()")
-        value, self._loss = self._loss, None
-        return value
+        (total, count), self._loss = self._loss, None
+        return total / count
 
     def _cric_cycle_start(self, score: torch.Tensor) -> None:
         cs, s = self.cric_state, self.settings

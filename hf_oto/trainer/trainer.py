@@ -1,0 +1,102 @@
+"""HFOTOTrainer: a transformers.Trainer that prunes with HESSO/CRIC while it fine-tunes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from hf_oto.export import save_pruned
+from hf_oto.groups import discover_groups, unwrap_peft
+from hf_oto.optim import HESSO, CRICConfig, SaliencyWeights
+from hf_oto.subnet import construct_subnet
+from hf_oto.trainer.args import HFOTOTrainingArguments
+
+
+class HFOTOTrainer(Trainer):
+    """Drop-in ``Trainer``: the optimizer it would build is wrapped by HESSO over the model's groups.
+
+    Use :class:`HFOTOTrainingArguments` for the pruning settings; call :meth:`save_pruned_model`
+    after ``train()`` to write the smaller model as a standard Hugging Face repo.
+    """
+
+    args: HFOTOTrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, HFOTOTrainingArguments):
+            raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
+        self.pruning_space = discover_groups(self.model)
+        if self.pruning_space.prunable_params == 0:
+            raise ValueError("this model has no prunable groups (hf-oto inspect shows why)")
+        self._total_steps: int | None = None
+
+    # Optimizer ---------------------------------------------------------------------------------
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self._total_steps = num_training_steps
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if isinstance(self.optimizer, HESSO):
+            return self.optimizer
+        base = super().create_optimizer(model)
+        a, total = self.args, self._total_steps or self.args.max_steps
+        if total is None or total <= 0:
+            raise ValueError("HFOTOTrainer needs the number of training steps (set max_steps or num_train_epochs)")
+        weights = [float(x) for x in a.saliency_weights.split(",")]
+        if len(weights) != 4:
+            raise ValueError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
+        cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
+                          min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
+        self.optimizer = HESSO(
+            self.model, self.pruning_space, base_optimizer=base,
+            target_sparsity=a.target_sparsity, target_params=a.target_params,
+            start_pruning_step=a.steps(a.start_pruning_step, total), pruning_steps=a.steps(a.pruning_steps, total),
+            pruning_periods=a.pruning_periods, layout=a.pruning_layout, ffn_multiple=a.ffn_multiple,
+            min_keep=a.min_keep, weights=SaliencyWeights(*weights), saliency_ema=a.saliency_ema, cric=cric,
+        )
+        return self.optimizer
+
+    @property
+    def hesso(self) -> HESSO | None:
+        """The HESSO optimizer under any accelerate wrapper, once training has created it."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, HESSO):
+            opt = getattr(opt, "optimizer", None)
+        return opt
+
+    # Training hooks ----------------------------------------------------------------------------
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.hesso is not None:
+            self.hesso.observe_loss(loss)
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.hesso is not None and "loss" in logs:
+            logs.update({f"pruning/{k}": v for k, v in self.hesso.metrics().items()})
+        super().log(logs, *args, **kwargs)
+
+    # Export ------------------------------------------------------------------------------------
+    def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool = False,
+                          eval_results: dict[str, Any] | None = None) -> Path:
+        """Build the sub-network of the trained (zeroed) model and save it as a standard HF repo.
+
+        LoRA adapters are merged into a copy first; the trained model object is left as it is.
+        """
+        target = out_dir or self.args.pruned_output_dir or str(Path(self.args.output_dir) / "pruned")
+        model = unwrap_peft(self.model)
+        if model is not self.model:  # peft: merge a copy
+            model = copy.deepcopy(self.model).merge_and_unload()
+        space = discover_groups(model) if model is not self.model else self.pruning_space
+        layout = "uniform" if self.args.pruning_layout == "uniform" else "auto"
+        small = construct_subnet(model, space, layout=layout)
+        extra = {"hesso": self.hesso.settings if self.hesso is not None else None,
+                 "eval": eval_results or {}}
+        if self.is_world_process_zero():
+            return save_pruned(small, target, tokenizer=self.processing_class, overwrite=overwrite,
+                               extra_manifest=extra)
+        return Path(target)

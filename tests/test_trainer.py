@@ -1,0 +1,106 @@
+"""HFOTOTrainer: prune while training, log metrics, resume exactly, export a loadable repo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import logits, tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=64, length=12):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, 64, (n, length), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-3,
+                report_to=[], use_cpu=True, logging_steps=4, save_strategy="no", seed=0, data_seed=0,
+                target_sparsity=0.5, start_pruning_step=0.25, pruning_steps=0.5, pruning_periods=3,
+                pruning_layout="uniform", dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return HFOTOTrainingArguments(**base)
+
+
+def test_prune_while_training_and_export(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
+    trainer.train()
+    m = trainer.hesso.metrics()
+    goal = trainer.hesso.settings["target_params"]
+    assert abs(m["pruned_params"] - goal) <= 0.05 * goal  # tiny model: coarse groups
+    logged = [h for h in trainer.state.log_history if "pruning/pruned_param_fraction" in h]
+    assert logged and logged[-1]["pruning/pruned_param_fraction"] > 0
+    out = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 64, (2, 9))
+    model.eval()
+    assert (logits(reloaded, ids) - logits(model, ids)).abs().max() <= 1e-5
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_resume_from_checkpoint_continues_the_schedule_exactly(tmp_path):
+    full = tiny_model("llama")
+    HFOTOTrainer(model=full, args=_args(tmp_path / "a"), train_dataset=Tokens()).train()
+
+    first = tiny_model("llama")
+    args = _args(tmp_path / "b", save_strategy="steps", save_steps=5)
+    HFOTOTrainer(model=first, args=args, train_dataset=Tokens()).train()
+    ckpt = tmp_path / "b" / "run" / "checkpoint-5"
+    assert ckpt.exists()
+
+    resumed = tiny_model("llama")
+    trainer = HFOTOTrainer(model=resumed, args=_args(tmp_path / "c"), train_dataset=Tokens())
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_resuming_with_a_changed_pruning_config_is_refused(tmp_path):
+    first = tiny_model("llama")
+    HFOTOTrainer(model=first, args=_args(tmp_path / "b", save_strategy="steps", save_steps=5),
+                 train_dataset=Tokens()).train()
+    changed = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path / "c", target_sparsity=0.3),
+                           train_dataset=Tokens())
+    with pytest.raises(ValueError, match="changed pruning config"):
+        changed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-5"))
+
+
+def test_unreachable_target_stops_before_training(tmp_path):
+    trainer = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, target_sparsity=0.99),
+                           train_dataset=Tokens())
+    with pytest.raises(ValueError, match="cannot be reached"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_lora_training_prunes_base_and_adapters_and_exports_merged(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama", intermediate_size=64)
+    frozen_before = base.model.layers[0].mlp.up_proj.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"]))
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
+    trainer.train()
+    hesso = trainer.hesso
+    assert int(hesso.pruned.sum()) > 0
+    # base weights are frozen (not in the base optimizer) yet projected: pruned rows are zero
+    up = model.base_model.model.model.layers[0].mlp.up_proj
+    assert not up.base_layer.weight.requires_grad
+    assert (up.base_layer.weight == 0).all(dim=1).any() and not torch.equal(up.base_layer.weight, frozen_before)
+    out = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    merged = __import__("copy").deepcopy(model).merge_and_unload().eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 64, (2, 9))
+    assert (logits(reloaded, ids) - logits(merged, ids)).abs().max() <= 1e-5
+    assert hasattr(model, "peft_config")  # the trained peft model itself was not merged
