@@ -1,4 +1,4 @@
-"""Command line: ``hf-oto inspect MODEL_DIR_OR_CONFIG [--json]``."""
+"""Command line: ``hf-oto inspect MODEL_DIR_OR_CONFIG [--json]`` and ``hf-oto prune CONFIG.yaml``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from hf_oto.main_job import run
+
+    run(args.config, args.overrides)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--demo", action="store_true", help="inspect a small built-in Llama config")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("prune", help="fine-tune and prune from a YAML config, export, verify the export")
+    p.add_argument("config", help="YAML file (see configs/quickstart.yaml)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs that override the YAML")
+    p.set_defaults(func=cmd_prune)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

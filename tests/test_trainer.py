@@ -75,12 +75,12 @@ def test_resuming_with_a_changed_pruning_config_is_refused(tmp_path):
         changed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-5"))
 
 
-def test_unreachable_target_stops_before_training(tmp_path):
-    trainer = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, target_sparsity=0.99),
-                           train_dataset=Tokens())
+def test_bad_pruning_settings_stop_when_the_trainer_is_built(tmp_path):
     with pytest.raises(ValueError, match="cannot be reached"):
-        trainer.train()
-    assert trainer.state.global_step == 0
+        HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, target_sparsity=0.99), train_dataset=Tokens())
+    with pytest.raises(ValueError, match="at least pruning_periods"):
+        HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, pruning_steps=2, pruning_periods=4),
+                     train_dataset=Tokens())
 
 
 def test_lora_training_prunes_base_and_adapters_and_exports_merged(tmp_path):

@@ -33,6 +33,9 @@ class HFOTOTrainer(Trainer):
         if self.pruning_space.prunable_params == 0:
             raise ValueError("this model has no prunable groups (hf-oto inspect shows why)")
         self._total_steps: int | None = None
+        if self.args.max_steps and self.args.max_steps > 0:  # check the pruning settings before any work
+            HESSO(self.model, self.pruning_space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
+                  **self._hesso_settings(self.args.max_steps))
 
     # Optimizer ---------------------------------------------------------------------------------
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
@@ -43,22 +46,25 @@ class HFOTOTrainer(Trainer):
         if isinstance(self.optimizer, HESSO):
             return self.optimizer
         base = super().create_optimizer(model)
-        a, total = self.args, self._total_steps or self.args.max_steps
+        total = self._total_steps or self.args.max_steps
         if total is None or total <= 0:
             raise ValueError("HFOTOTrainer needs the number of training steps (set max_steps or num_train_epochs)")
+        self.optimizer = HESSO(self.model, self.pruning_space, base_optimizer=base, **self._hesso_settings(total))
+        return self.optimizer
+
+    def _hesso_settings(self, total: int) -> dict[str, Any]:
+        a = self.args
         weights = [float(x) for x in a.saliency_weights.split(",")]
         if len(weights) != 4:
             raise ValueError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
         cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
                           min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
-        self.optimizer = HESSO(
-            self.model, self.pruning_space, base_optimizer=base,
+        return dict(
             target_sparsity=a.target_sparsity, target_params=a.target_params,
             start_pruning_step=a.steps(a.start_pruning_step, total), pruning_steps=a.steps(a.pruning_steps, total),
             pruning_periods=a.pruning_periods, layout=a.pruning_layout, ffn_multiple=a.ffn_multiple,
             min_keep=a.min_keep, weights=SaliencyWeights(*weights), saliency_ema=a.saliency_ema, cric=cric,
         )
-        return self.optimizer
 
     @property
     def hesso(self) -> HESSO | None:

@@ -1,0 +1,37 @@
+"""The main job end to end on a shrunken quickstart: YAML + overrides, train, prune, export, verify."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_oto.main_job import parse, run
+
+SMALL = ["--max_steps", "8", "--pruning_periods", "2", "--max_text_mb", "0.2", "--train_tokenizer_vocab", "512",
+         "--block_size", "32", "--logging_steps", "4", "--per_device_train_batch_size", "4",
+         "--init_config", "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+         "num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8, tie_word_embeddings: true}"]
+
+
+def test_quickstart_config_end_to_end(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    summary = run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "run"),
+                                                      "--pruned_output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "export reloaded without hf_oto" in printed and str(out) in printed
+    assert summary["params_after"] < summary["params_before"]
+    ppl = summary["ppl_trained_pruned"]
+    assert abs(summary["ppl_export_reloaded"] - ppl) <= 1e-3 * ppl
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    assert manifest["eval"]["eval_perplexity"] == pytest.approx(summary["ppl_trained_pruned"])
+    assert (out / "tokenizer.json").exists()
+
+
+def test_bad_config_input_fails_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        parse(str(tmp_path / "missing.yaml"), [])
+    with pytest.raises(SystemExit, match="needs a value"):
+        parse("configs/quickstart.yaml", ["--max_steps"])
+    with pytest.raises(SystemExit, match="error"):
+        parse("configs/quickstart.yaml", ["--no_such_option", "1"])
