@@ -221,6 +221,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     ppl_after = perplexity(model, eval_blocks)
     space, hesso = trainer.pruning_space, trainer.hesso
     out = trainer.save_pruned_model(overwrite=True, eval_results={"eval_perplexity": ppl_after})
+    if not trainer.is_world_process_zero():  # rank 0 writes, verifies and reports
+        return {"output": str(out)}
     ppl_export, params_after = verify_export(out, eval_blocks)
     manifest = json.loads((out / "pruning_manifest.json").read_text())
     kept: dict[str, tuple[int, int]] = {}
@@ -232,10 +234,9 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "prunable_removed": hesso.metrics()["pruned_param_fraction"], "ppl_initial": ppl_before,
         "ppl_trained_pruned": ppl_after, "ppl_export_reloaded": ppl_export, "kept": kept,
         "train_tokens": int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
-                            * max(1, targs.world_size) * targs.gradient_accumulation_steps),
+                            * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
     }
-    if trainer.is_world_process_zero():
-        print_summary(summary)
+    print_summary(summary)
     return summary
 
 

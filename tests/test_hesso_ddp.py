@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,14 +18,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool) -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny import tiny_model
 
     from hf_oto import discover_groups
-    from hf_oto.optim import HESSO
+    from hf_oto.optim import HESSO, CRICConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -32,13 +33,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     model = tiny_model("llama")  # same seed on both ranks
     space = discover_groups(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    cric = CRICConfig(sampling_steps=3, min_cycles=2, max_cycles=2) if use_cric else None
     opt = HESSO(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2,
-                pruning_steps=6, pruning_periods=2)
+                pruning_steps=6, pruning_periods=2, cric=cric)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-    for _ in range(10):
+    for _ in range(16):
         ids = torch.randint(3, 64, (2, 10), generator=gen)
         opt.zero_grad()
-        ddp(input_ids=ids, labels=ids).loss.backward()
+        loss = ddp(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.observe_loss(loss)  # each rank's local loss; CRIC averages it across ranks
         opt.step()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state["__pruned__"] = opt.pruned.to(torch.uint8)
@@ -46,8 +50,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_end_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("use_cric", [False, True])
+def test_two_ranks_end_identical(tmp_path, use_cric):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), use_cric), nprocs=2, join=True)
     a, b = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(2))
     assert a.keys() == b.keys()
     for k in a:

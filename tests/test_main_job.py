@@ -35,3 +35,25 @@ def test_bad_config_input_fails_before_any_work(tmp_path):
         parse("configs/quickstart.yaml", ["--max_steps"])
     with pytest.raises(SystemExit, match="error"):
         parse("configs/quickstart.yaml", ["--no_such_option", "1"])
+
+
+def _kept_counts(folder) -> list[tuple[str, str, int]]:
+    manifest = json.loads((folder / "pruning_manifest.json").read_text())
+    return [(s["module"], s["kind"], len(s["kept"])) for s in manifest["sets"]]
+
+
+def test_accelerate_two_processes_give_the_same_architecture(tmp_path):
+    import subprocess
+    import sys
+
+    one = tmp_path / "one"
+    run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "r1"), "--pruned_output_dir", str(one)])
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
+           "--main_process_port", "0", "scripts/prune_finetune.py", "configs/quickstart.yaml", *SMALL,
+           "--output_dir", str(tmp_path / "r2"), "--pruned_output_dir", str(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("export reloaded without hf_oto") == 1  # rank 0 reports once
+    assert _kept_counts(one) == _kept_counts(two)
+    assert "2,048" in proc.stdout  # 8 steps x 4 sequences x 32 tokens x 2 processes

@@ -208,7 +208,13 @@ class HESSO(torch.optim.Optimizer):
         if self._loss is None:
             raise RuntimeError("CRIC needs the training loss: call step(closure) or observe_loss(loss) before step()")
         (total, count), self._loss = self._loss, None
-        return total / count
+        value = total / count
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Data-parallel ranks see different batches: CRIC must judge the same (global) loss.
+            t = torch.tensor([value], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            value = float(t) / torch.distributed.get_world_size()
+        return value
 
     def _cric_cycle_start(self, score: torch.Tensor) -> None:
         cs, s = self.cric_state, self.settings
