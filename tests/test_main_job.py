@@ -57,3 +57,14 @@ def test_accelerate_two_processes_give_the_same_architecture(tmp_path):
     assert proc.stdout.count("export reloaded without hf_oto") == 1  # rank 0 reports once
     assert _kept_counts(one) == _kept_counts(two)
     assert "2,048" in proc.stdout  # 8 steps x 4 sequences x 32 tokens x 2 processes
+
+
+def test_local_text_files(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of a small local corpus, with words {i % 7} and {i % 5}."
+                                for i in range(400)))
+    summary = run("configs/quickstart.yaml", SMALL + [
+        "--text_source", "null", "--train_files", f"[{corpus}]",
+        "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")])
+    assert summary["params_after"] < summary["params_before"]
+    assert (tmp_path / "pruned" / "config.json").exists()

@@ -104,3 +104,11 @@ def test_lora_training_prunes_base_and_adapters_and_exports_merged(tmp_path):
     ids = torch.randint(3, 64, (2, 9))
     assert (logits(reloaded, ids) - logits(merged, ids)).abs().max() <= 1e-5
     assert hasattr(model, "peft_config")  # the trained peft model itself was not merged
+
+
+def test_lora_targets_missing_prunable_modules_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="target_modules"):
+        HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())

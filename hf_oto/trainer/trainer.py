@@ -32,6 +32,13 @@ class HFOTOTrainer(Trainer):
         self.pruning_space = discover_groups(self.model)
         if self.pruning_space.prunable_params == 0:
             raise ValueError("this model has no prunable groups (hf-oto inspect shows why)")
+        if unwrap_peft(self.model) is not self.model:
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if not any(sl.param in trainable for gs in self.pruning_space.sets if gs.prunable for sl in gs.slices):
+                raise ValueError(
+                    "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
+                    "projections), so training cannot inform pruning; add them to target_modules"
+                )
         self._total_steps: int | None = None
         if self.args.max_steps and self.args.max_steps > 0:  # check the pruning settings before any work
             HESSO(self.model, self.pruning_space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
