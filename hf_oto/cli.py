@@ -1,4 +1,4 @@
-"""Command line: ``hf-oto inspect MODEL_DIR_OR_CONFIG [--json]`` and ``hf-oto prune CONFIG.yaml``."""
+"""Command line: ``hf-oto inspect``, ``hf-oto prune`` and ``hf-oto push``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from hf_oto.hub import push_pruned
+
+    url = push_pruned(args.folder, args.repo_id, private=args.private)
+    print(f"uploaded {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML file (see configs/quickstart.yaml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs that override the YAML")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    p.add_argument("folder", help="folder written by save_pruned / hf-oto prune")
+    p.add_argument("repo_id", help="namespace/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.set_defaults(func=cmd_push)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

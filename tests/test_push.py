@@ -1,0 +1,63 @@
+"""push_pruned: exactly which files and metadata an upload would send (recorded, no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny import tiny_model
+
+from hf_oto import ExportError, construct_subnet, discover_groups, save_pruned, zero_groups
+from hf_oto.hub import push_pruned
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records what would go to the Hub."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kw):
+        self.calls.append(("create_repo", kw))
+
+    def upload_folder(self, **kw):
+        files = sorted(p.name for p in Path(kw["folder_path"]).iterdir() if not p.name.startswith("."))
+        self.calls.append(("upload_folder", dict(kw, files=files)))
+        return type("Info", (), {"commit_url": f"https://hub.example/{kw['repo_id']}/commit/1"})()
+
+
+@pytest.fixture
+def export(tmp_path):
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    zero_groups(model, space, [g.name for g in space if g.kind == "ffn_channel" and g.name.endswith("3")])
+    return save_pruned(construct_subnet(model, space, layout="uniform"), tmp_path / "out", source="org/base-model")
+
+
+def test_push_sends_the_export_and_card_metadata(export):
+    api = RecordingApi()
+    url = push_pruned(export, "me/pruned-llama", private=True, api=api)
+    assert url.endswith("/commit/1")
+    (name1, create), (name2, upload) = api.calls
+    assert name1 == "create_repo" and create == {"repo_id": "me/pruned-llama", "private": True, "exist_ok": True,
+                                                 "repo_type": "model"}
+    assert name2 == "upload_folder" and upload["repo_id"] == "me/pruned-llama"
+    assert upload["files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                               "pruning_manifest.json"]
+    assert "parameters" in upload["commit_message"]
+    card = (export / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "org/base-model" and "hf-oto" in meta["tags"]
+
+
+def test_push_refuses_bad_input_before_any_call(export, tmp_path):
+    api = RecordingApi()
+    with pytest.raises(ExportError, match="invalid repo id"):
+        push_pruned(export, "not a repo id!", api=api)
+    with pytest.raises(ExportError, match="not an hf-oto export"):
+        push_pruned(tmp_path, "me/x", api=api)
+    (export / "extra.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ExportError, match="pickle"):
+        push_pruned(export, "me/x", api=api)
+    assert api.calls == []
