@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from hf_oto.export.verify import NO_HF_OTO_PRELUDE
 from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
 
 
@@ -146,14 +147,9 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 8) -> float:
     return math.exp(total / max(count, 1))
 
 
-VERIFY = textwrap.dedent(
+VERIFY = NO_HF_OTO_PRELUDE + textwrap.dedent(
     """
-    import importlib.abc, math, sys, torch
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_oto" or name.startswith("hf_oto."):
-                raise ImportError("hf_oto is not needed to load the export")
-    sys.meta_path.insert(0, Block())
+    import math, torch
     from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[3] == "1").eval()

@@ -14,19 +14,14 @@ from safetensors.torch import load_file
 from tiny import ARCHS, ENCODERS, logits, tiny_model
 
 from hf_oto import construct_subnet, discover_groups, group_is_zero, save_pruned, zero_groups
+from hf_oto.export.verify import NO_HF_OTO_PRELUDE
 
 TOL = 1e-5
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
-RELOAD = textwrap.dedent(
+RELOAD = NO_HF_OTO_PRELUDE + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_oto" or name.startswith("hf_oto."):
-                raise ImportError("hf_oto must not be needed to load an export")
-    sys.meta_path.insert(0, Block())
-    import torch, transformers
+    import json, torch, transformers
     from safetensors.torch import save_file
     jobs = json.loads(sys.argv[1])
     ids = torch.tensor(jobs["ids"])
