@@ -496,10 +496,9 @@ def _ffn_sets(site: _Site, shapes) -> list[GroupSet]:
 def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> None:
     """Probe 1-layer meta models with changed config fields; record which field sets which width."""
     layer0 = [s for s in sets if s.layer == min(x.layer for x in sets)]
-    probes = {}
     for s in layer0:
         if s.kind in ("ffn_channel", "expert_channel") and "field" not in s.meta:
-            field = _probe_ffn_field(base, config, s, probes)
+            field = _probe_ffn_field(base, config, s)
             for t in sets:
                 if t.kind == s.kind and layer_relative(t.meta["consumer"]) == layer_relative(s.meta["consumer"]):
                     t.meta["field"] = field
@@ -533,7 +532,7 @@ def _layer0_name(param: str) -> str:
     return ".".join(parts)
 
 
-def _probe_ffn_field(base, config, s: GroupSet, probes) -> str | None:
+def _probe_ffn_field(base, config, s: GroupSet) -> str | None:
     consumer = _layer0_name(s.meta["consumer"])
     width = s.meta["width"]
     for field in FFN_WIDTH_FIELDS:

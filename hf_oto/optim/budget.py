@@ -47,6 +47,23 @@ class Plan:
                 self._partner[kinds["kv_group"]] = kinds["query_head"]
                 self._partner[kinds["query_head"]] = kinds["kv_group"]
 
+    @classmethod
+    def from_mask(cls, space: PruningSpace, mask: torch.Tensor) -> Plan:
+        """A plan whose removed groups are those set in ``mask`` (a flag per flat group)."""
+        plan = cls(space)
+        for k, gs in enumerate(space.sets):
+            off = space.set_offset(k)
+            plan.removed[k] = set(torch.nonzero(mask[off:off + gs.count]).flatten().tolist())
+        return plan
+
+    def mask(self) -> torch.Tensor:
+        """The removed groups as a flag per flat group."""
+        out = torch.zeros(len(self.space), dtype=torch.bool)
+        for k, removed in enumerate(self.removed):
+            off = self.space.set_offset(k)
+            out[[off + j for j in removed]] = True
+        return out
+
     def _overlap(self, k: int) -> int:
         """Params shared by one group of set k and one group of its partner (one query head)."""
         gs = self.space.sets[k]

@@ -228,12 +228,8 @@ class HESSO(torch.optim.Optimizer):
         items = build_items(self.space, cs.ranking(self.cric), plan, layout=s["layout"],
                             multiple=s["ffn_multiple"], min_keep=s["min_keep"])
         select(plan, items, s["target_params"], s["tolerance"])
-        candidates = torch.zeros(len(self.space), dtype=torch.bool)
-        for k, removed in enumerate(plan.removed):
-            off = self.space.set_offset(k)
-            candidates[[off + j for j in removed]] = True
-        cs.previous, cs.candidates = cs.candidates, candidates
-        cs.trial = cs.trial_subset(self.cric, candidates)
+        cs.previous, cs.candidates = cs.candidates, plan.mask()
+        cs.trial = cs.trial_subset(self.cric, cs.candidates)
         self._trial_index = self._indices(cs.trial)
         cs.snapshot = {}
         for (name, dim, expert), idx in self._trial_index.items():
@@ -247,9 +243,7 @@ class HESSO(torch.optim.Optimizer):
         cs.losses.append(self._need_loss())
         if self._trial_index is None:
             self._trial_index = self._indices(cs.trial)
-        factor = (length - cs.t - 1) / (length - cs.t)
-        self._apply(self._trial_index,
-                    lambda view, d, idx: view.index_copy_(d, idx, view.index_select(d, idx) * factor), False)
+        self._scale(self._trial_index, (length - cs.t - 1) / (length - cs.t))
         if cs.t < length - 1:
             cs.t += 1
             return
@@ -285,20 +279,11 @@ class HESSO(torch.optim.Optimizer):
     def _mark_redundant(self, period: int, score: torch.Tensor) -> None:
         s = self.settings
         target = s["target_params"] * (period + 1) // s["pruning_periods"]
-        plan = Plan(self.space)
-        taken = self.pruned | self.redundant
-        for k, gs in enumerate(self.space.sets):
-            off = self.space.set_offset(k)
-            plan.removed[k] = {j for j in range(gs.count) if bool(taken[off + j])}
+        plan = Plan.from_mask(self.space, self.pruned | self.redundant)
         items = build_items(self.space, score, plan, layout=s["layout"], multiple=s["ffn_multiple"],
                             min_keep=s["min_keep"])
         select(plan, items, target, s["tolerance"] if period == s["pruning_periods"] - 1 else 0.0)
-        chosen = torch.zeros_like(self.pruned)
-        for k, removed in enumerate(plan.removed):
-            off = self.space.set_offset(k)
-            for j in removed:
-                chosen[off + j] = True
-        self.redundant = chosen & ~self.pruned
+        self.redundant = plan.mask() & ~self.pruned
         self._redundant_index = None
 
     # Projection --------------------------------------------------------------------------------
@@ -329,11 +314,12 @@ class HESSO(torch.optim.Optimizer):
             return
         if self._redundant_index is None:
             self._redundant_index = self._indices(self.redundant)
+        self._scale(self._redundant_index, factor)
 
-        def scale(view, d, idx):
-            view.index_copy_(d, idx, view.index_select(d, idx) * factor)
-
-        self._apply(self._redundant_index, scale, include_state=False)
+    def _scale(self, index, factor: float) -> None:
+        """Multiply the indexed parameter slices by ``factor`` in place (optimizer state untouched)."""
+        self._apply(index, lambda view, d, idx: view.index_copy_(d, idx, view.index_select(d, idx) * factor),
+                    include_state=False)
 
     def _pruned_index(self) -> dict | None:
         if not bool(self.pruned.any()):
@@ -381,10 +367,7 @@ class HESSO(torch.optim.Optimizer):
     # Reporting ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         """Group sparsity, pruned parameter fraction, per-kind counts and redundant/important norms."""
-        plan = Plan(self.space)
-        for k, gs in enumerate(self.space.sets):
-            off = self.space.set_offset(k)
-            plan.removed[k] = {j for j in range(gs.count) if bool(self.pruned[off + j])}
+        plan = Plan.from_mask(self.space, self.pruned)
         out: dict[str, float] = {
             "group_sparsity": float(self.pruned.float().mean()) if len(self.space) else 0.0,
             "pruned_params": float(plan.pruned_params()),

@@ -212,7 +212,7 @@ def _build(base: nn.Module, config, state: dict[str, torch.Tensor]) -> nn.Module
         )
     if getattr(config, "tie_word_embeddings", False):
         new.tie_weights()
-    new.eval() if not base.training else new.train()
+    new.train(base.training)
     return new.to(next(base.parameters()).dtype)
 
 
