@@ -1,4 +1,4 @@
-"""Group discovery time and memory on the meta device for Llama-3 8B and 70B configs.
+"""Group discovery time and memory on the meta device for Llama-2-7B, Llama-3-8B and 70B configs.
 
 Run: .venv/bin/python scripts/bench_discovery.py [--sizes 8b 70b]
 Each size runs in a fresh subprocess so its peak resident memory is its own.
@@ -14,11 +14,24 @@ import sys
 import time
 
 CONFIGS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),  # Llama-2-7B (MHA)
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256),
 }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would carry a parent's peak over exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_one(size: str) -> dict:
@@ -27,7 +40,7 @@ def run_one(size: str) -> dict:
 
     from hf_oto import discover_groups
 
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_start = peak_rss_mb()
     cfg = LlamaConfig(**CONFIGS[size], rope_theta=500000.0)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -39,7 +52,7 @@ def run_one(size: str) -> dict:
         "params": space.total_params,
         "groups": len(space),
         "seconds": round(seconds, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_mb()),
         "rss_before_mb": round(rss_start),
     }
 

@@ -66,9 +66,18 @@ class HFOTOTrainer(Trainer):
             raise ValueError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
         cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
                           min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
+        start, length = a.steps(a.start_pruning_step, total), a.steps(a.pruning_steps, total)
+        cric_steps = a.cric_sampling_steps * a.cric_max_cycles if cric is not None else 0
+        if start + cric_steps + length > total:
+            raise ValueError(
+                f"the pruning schedule needs {start + cric_steps + length} optimizer steps (warm-up {start}"
+                + (f" + CRIC up to {cric_steps}" if cric_steps else "") + f" + pruning {length}) but training "
+                f"has {total}; shorten start_pruning_step/pruning_steps"
+                + ("/cric_max_cycles" if cric_steps else "") + " or train longer, so the target is reached"
+            )
         return dict(
             target_sparsity=a.target_sparsity, target_params=a.target_params,
-            start_pruning_step=a.steps(a.start_pruning_step, total), pruning_steps=a.steps(a.pruning_steps, total),
+            start_pruning_step=start, pruning_steps=length,
             pruning_periods=a.pruning_periods, layout=a.pruning_layout, ffn_multiple=a.ffn_multiple,
             min_keep=a.min_keep, weights=SaliencyWeights(*weights), saliency_ema=a.saliency_ema, cric=cric,
         )

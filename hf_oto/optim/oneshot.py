@@ -1,0 +1,163 @@
+"""One-shot structured pruning on the same groups and budget as HESSO (the benchmark's baselines).
+
+Three criteria, each a score per group (higher = keep):
+
+- ``"magnitude"``: the group's L2 norm over all of its slices.
+- ``"taylor"``: first-order Taylor importance on calibration batches (LLM-Pruner style): the sum
+  over the group's elements of ``|w * g|``, with ``g`` the gradient accumulated over the batches.
+- ``"wanda_sp"``: activation-weighted magnitude (Wanda-sp / FLAP style): for the group's input
+  columns of the consuming ``nn.Linear`` (``o_proj`` for heads, ``down_proj`` for FFN channels),
+  ``sum_j ||X_j||_2 * sum_i |W_ij|`` with ``X_j`` the calibration activations of input feature j.
+
+Scores are divided by the mean score of their kind, so heads and FFN channels compete on relative
+importance (as FLAP standardises attention and MLP separately). :func:`oneshot_prune` then takes
+the lowest groups with the same planner, layout rules and 1% tolerance that HESSO uses, and zeroes
+them, so :func:`hf_oto.construct_subnet` removes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hf_oto.groups.space import PruningSpace, zero_groups
+from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
+from hf_oto.optim.saliency import _gather, group_statistics
+
+Criterion = Literal["magnitude", "taylor", "wanda_sp"]
+CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp")
+
+
+def _per_kind_relative(space: PruningSpace, score: torch.Tensor) -> torch.Tensor:
+    out = score.clone()
+    kinds: dict[str, list[tuple[int, int]]] = {}
+    for k, gs in enumerate(space.sets):
+        kinds.setdefault(gs.kind, []).append((space.set_offset(k), gs.count))
+    for spans in kinds.values():
+        values = torch.cat([score[o:o + n] for o, n in spans])
+        mean = values.mean().clamp_min(1e-12)
+        for o, n in spans:
+            out[o:o + n] = score[o:o + n] / mean
+    return out
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], with_loss: bool):
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    out = model(input_ids=ids, labels=ids if with_loss else None)
+    return out.loss if with_loss else None
+
+
+def _taylor(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    names = {s.param for gs in space.sets for s in gs.slices}
+    saved = {n: (params[n].requires_grad, params[n].grad) for n in names}
+    for n in names:
+        params[n].requires_grad_(True)
+        params[n].grad = None
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            (_forward(model, b, with_loss=True) / len(batches)).backward()
+        scores = []
+        with torch.no_grad():
+            for gs in space.sets:
+                s = torch.zeros(gs.count)
+                for spec in gs.slices:
+                    p = params[spec.param]
+                    if p.grad is not None:
+                        s += (_gather(p.detach(), spec, gs.count) * _gather(p.grad, spec, gs.count)).abs().sum(1).cpu()
+                scores.append(s)
+    finally:
+        for n, (req, grad) in saved.items():
+            params[n].grad = grad
+            params[n].requires_grad_(req)
+        model.train(was_training)
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    modules = dict(model.named_modules())
+    consumers: dict[str, nn.Linear] = {}
+    for gs in space.sets:
+        if any(s.expert is not None for s in gs.slices):
+            raise ValueError("wanda_sp needs nn.Linear consumers; MoE expert weights are not supported (use taylor)")
+        for s in gs.slices:
+            owner = modules.get(s.param.rpartition(".")[0])
+            if isinstance(owner, nn.Linear) and s.param.endswith(".weight") and s.dim == 1:
+                consumers[s.param] = owner
+    sumsq: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sumsq[name] = sumsq.get(name, 0) + (x * x).sum(0)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in consumers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            _forward(model, b, with_loss=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    fallback = group_statistics(dict(model.named_parameters()), space)["sq"].sqrt()
+    scores = []
+    for k, gs in enumerate(space.sets):
+        s = torch.zeros(gs.count)
+        found = False
+        for spec in gs.slices:
+            if spec.param in consumers and spec.param in sumsq:
+                w = consumers[spec.param].weight.detach().float()
+                per_column = w.abs().sum(0) * sumsq[spec.param].sqrt().to(w.device)
+                s += per_column[spec.index.to(w.device)].sum(1).cpu()
+                found = True
+        if not found:  # no linear consumer traced for this set: fall back to magnitude
+            off = space.set_offset(k)
+            s = fallback[off:off + gs.count].clone()
+        scores.append(s)
+    return torch.cat(scores)
+
+
+def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion,
+                   batches: Iterable[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Importance per group (flat order of ``space``; higher = keep), relative within each kind."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    batches = list(batches or [])
+    if criterion != "magnitude" and not batches:
+        raise ValueError(f"criterion {criterion!r} needs calibration batches (dicts with input_ids)")
+    if criterion == "magnitude":
+        score = group_statistics(dict(model.named_parameters()), space)["sq"].sqrt()
+    elif criterion == "taylor":
+        score = _taylor(model, space, batches)
+    else:
+        score = _wanda_sp(model, space, batches)
+    return _per_kind_relative(space, score)
+
+
+def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *,
+                  target_sparsity: float | None = 0.5, target_params: int | None = None,
+                  layout: Layout = "uniform", ffn_multiple: int = 8, min_keep: int = 1,
+                  tolerance: float = 0.01) -> Plan:
+    """Zero the lowest-scoring groups (in place) until the parameter target is met; returns the plan."""
+    if target_params is None:
+        if target_sparsity is None or not 0.0 < target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        target_params = int(round(space.prunable_params * target_sparsity))
+    reachable = max_prunable(space, layout=layout, multiple=ffn_multiple, min_keep=min_keep)
+    if not 0 < target_params <= reachable:
+        raise ValueError(f"target of {target_params:,} pruned parameters cannot be reached (at most {reachable:,})")
+    plan = Plan(space)
+    items = build_items(space, scores, plan, layout=layout, multiple=ffn_multiple, min_keep=min_keep)
+    select(plan, items, target_params, tolerance)
+    zero_groups(model, space, [space[i].name for i in torch.nonzero(plan.mask()).flatten().tolist()])
+    return plan

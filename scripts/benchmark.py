@@ -1,0 +1,520 @@
+"""Pruned-model quality and speed: HESSO (with and without CRIC) against established methods.
+
+Run (CPU, default settings; results land in scripts/benchmark_results/):
+
+    .venv/bin/python scripts/benchmark.py
+
+1. Reference model: a small Llama (GQA) trained deterministically on the Python standard
+   library's sources with a BPE tokenizer trained on the same text and a held-out split; cached
+   under --cache so later runs reuse it. --model/--dataset/--train_files take any causal LM and text.
+2. For each target sparsity (fraction of attention+FFN parameters), every method ends at the same
+   parameter count (the shared planner, uniform layout, 1% tolerance) after the same number of
+   training tokens: HESSO and HESSO+CRIC prune while training (HFOTOTrainer); the one-shot
+   baselines (group L2 magnitude, first-order Taylor on calibration batches, Wanda-sp activation-
+   weighted magnitude) prune first, then train; Torch-Pruning runs where it can (its error or
+   timeout is recorded otherwise); the dense model gets the same training as a control.
+3. Speed, on a random-weight Llama of a few hundred million parameters: prefill and greedy-decode
+   tokens/s of its 50%-pruned export over the dense model, in one process; HESSO's optimizer step
+   over AdamW; group discovery on 7B and 70B configs (meta device).
+4. Writes results.md (table, machine, versions, command), results.json and perplexity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+
+REFERENCE = dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                 tie_word_embeddings=True)
+SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+             num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)
+QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
+METHODS = ("dense", "hesso", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
+LABELS = {"dense": "dense + same training (control)", "hesso": "HESSO", "hesso_cric": "HESSO + CRIC",
+          "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
+          "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "scripts" / "benchmark_results"))
+    p.add_argument("--cache", default=str(ROOT / "outputs" / "benchmark"), help="reference model cache")
+    p.add_argument("--model", help="local folder or Hub id of a causal LM (default: train the reference)")
+    p.add_argument("--dataset", help="Hub dataset with a 'text' column (default: Python stdlib sources)")
+    p.add_argument("--train_files", nargs="+", help="local .txt/.json/.jsonl files")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--ref_steps", type=int, default=1200, help="training steps of the reference model")
+    p.add_argument("--steps", type=int, default=300, help="training steps every method gets (same tokens)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the compared training runs")
+    p.add_argument("--calib_batches", type=int, default=8, help="calibration batches of Taylor/Wanda-sp")
+    p.add_argument("--max_text_mb", type=float, default=3.0)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
+    p.add_argument("--tp_timeout", type=int, default=120, help="seconds Torch-Pruning may take to build")
+    p.add_argument("--skip_speed", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.ref_steps, a.steps, a.batch, a.block, a.max_text_mb, a.vocab = 20, 30, 4, 32, 0.1, 300
+        a.calib_batches, a.tp_timeout = 2, 30
+    for s in a.sparsities:
+        if not 0.0 < s < 1.0:
+            p.error(f"sparsities must be in (0, 1), got {s}")
+    if a.steps < 30:
+        p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
+    return a
+
+
+# Data and reference model ---------------------------------------------------------------------
+def load_data(a: argparse.Namespace):
+    from hf_oto.main_job import DataArguments, load_texts, pack, train_tokenizer
+
+    d = DataArguments(dataset_name=a.dataset, train_files=a.train_files, max_text_mb=a.max_text_mb,
+                      text_source=None if (a.dataset or a.train_files) else "python-stdlib")
+    texts = load_texts(d)
+    if a.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+    else:
+        tokenizer = train_tokenizer(texts, a.vocab)
+    blocks = pack(texts, tokenizer, a.block)
+    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))]
+    n_eval = min(max(1, len(blocks) // 20), 200)
+    return tokenizer, blocks[n_eval:], blocks[:n_eval]
+
+
+def training_args(out: str, steps: int, a: argparse.Namespace, lr: float, **pruning):
+    from transformers import TrainingArguments
+
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    cls = HFOTOTrainingArguments if pruning else TrainingArguments
+    return cls(output_dir=out, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=lr,
+               lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.01,
+               save_strategy="no", report_to=[], seed=a.seed, data_seed=a.seed, logging_steps=10**6,
+               disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **pruning)
+
+
+def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: Path, **pruning):
+    """Train ``model`` for ``steps`` on ``blocks`` (HFOTOTrainer when pruning settings are given)."""
+    from transformers import Trainer
+
+    from hf_oto.main_job import Blocks
+    from hf_oto.trainer import HFOTOTrainer
+
+    args = training_args(str(workdir), steps, a, lr, **pruning)
+    cls = HFOTOTrainer if pruning else Trainer
+    trainer = cls(model=model, args=args, train_dataset=Blocks(blocks))
+    trainer.train()
+    return trainer
+
+
+def reference(a: argparse.Namespace, tokenizer, train_blocks) -> tuple[Path, dict[str, Any]]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if a.model:
+        return Path(a.model), {"source": a.model}
+    cfg = dict(REFERENCE, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    if a.quick:
+        cfg.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    key = json.dumps([cfg, a.ref_steps, a.batch, a.block, a.max_text_mb, a.vocab, a.seed, a.dataset,
+                      a.train_files, torch.__version__], sort_keys=True)
+    folder = Path(a.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    info = {"config": cfg, "steps": a.ref_steps, "cache": str(folder)}
+    if (folder / "config.json").exists():
+        print(f"reference model: reusing {folder}")
+        return folder, info
+    print(f"reference model: training {a.ref_steps} steps -> {folder}")
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        train(model, train_blocks, a.ref_steps, a, lr=2e-3, workdir=Path(tmp))
+    tmp_folder = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp_folder, ignore_errors=True)
+    model.save_pretrained(tmp_folder)
+    tokenizer.save_pretrained(tmp_folder)
+    tmp_folder.rename(folder)
+    return folder, info
+
+
+# Methods -------------------------------------------------------------------------------------
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_blocks, a: argparse.Namespace,
+               workdir: Path) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto import construct_subnet, discover_groups
+    from hf_oto.main_job import perplexity
+    from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    space = discover_groups(model)
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"method": method, "sparsity": sparsity}
+    if method == "dense":
+        train(model, train_blocks, a.steps, a, a.lr, workdir)
+        final = model
+    elif method in ("hesso", "hesso_cric"):
+        cric = method == "hesso_cric"
+        trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
+                        pruning_layout="uniform", start_pruning_step=0.05, pruning_steps=0.5, pruning_periods=5,
+                        ffn_multiple=8, saliency_ema=a.saliency_ema, use_cric=cric,
+                        cric_sampling_steps=max(2, a.steps // 20), cric_max_cycles=4)
+        final = construct_subnet(model, trainer.pruning_space, layout="uniform")
+        row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
+    elif method == "torch_pruning":
+        final = torch_pruning(model, space, sparsity, a, workdir)
+        if isinstance(final, str):
+            return dict(row, error=final, seconds=round(time.perf_counter() - t0, 1))
+        train(final, train_blocks, a.steps, a, a.lr, workdir)
+    else:
+        calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
+        scores = oneshot_scores(model, space, method, calib)
+        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8)
+        row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
+        final = construct_subnet(model, space, layout="uniform")
+        train(final, train_blocks, a.steps, a, a.lr, workdir)
+    row.update(params=count(final), seconds=round(time.perf_counter() - t0, 1))
+    row["eval_ppl"] = perplexity(final, eval_blocks)
+    kept = {}
+    if method != "dense" and hasattr(final, "config"):
+        c = final.config
+        kept = {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size}
+    row["kept"] = kept
+    return row
+
+
+TP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch_pruning as tp
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    ratio, out = float(sys.argv[2]), sys.argv[3]
+    num_heads = {}
+    for name, m in model.named_modules():
+        if name.endswith("self_attn"):
+            num_heads[m.q_proj] = model.config.num_attention_heads
+            num_heads[m.k_proj] = model.config.num_key_value_heads
+            num_heads[m.v_proj] = model.config.num_key_value_heads
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    # Torch-Pruning's documented LLM recipe, with the embedding and lm_head kept (attention + FFN only).
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=num_heads, prune_num_heads=True,
+        prune_head_dims=False, global_pruning=False, round_to=8,
+        ignored_layers=[model.lm_head, model.get_input_embeddings()],
+        forward_fn=lambda m, x: m(x).logits)
+    pruner.step()
+    attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    mlp = [m for n, m in model.named_modules() if n.endswith("mlp")]
+    shapes = {(a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim, f.gate_proj.out_features)
+              for a, f in zip(attn, mlp)}
+    if len(shapes) != 1 or model.lm_head.in_features != model.config.hidden_size:
+        raise SystemExit(f"pruned layers differ or the hidden size changed: {sorted(shapes)}")
+    heads, kv, ffn = shapes.pop()
+    model.config.update(dict(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn))
+    model.save_pretrained(out)
+    """
+)
+
+
+def torch_pruning(model, space, sparsity: float, a: argparse.Namespace, workdir: Path):
+    """Torch-Pruning in a subprocess with a time limit; returns the pruned model or an error string."""
+    try:
+        tp_version = version("torch-pruning")
+    except PackageNotFoundError:
+        return "torch-pruning is not installed (pip install -e .[bench])"
+    ref = workdir / "tp_ref"
+    model.save_pretrained(ref)
+    out = workdir / "tp_pruned"
+    try:
+        res = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(ref), str(sparsity), str(out)],
+                             capture_output=True, text=True, timeout=a.tp_timeout)
+    except subprocess.TimeoutExpired:
+        return (f"torch-pruning {tp_version}: building its dependency graph of this transformers "
+                f"{version('transformers')} Llama did not finish in {a.tp_timeout} s")
+    if res.returncode != 0:
+        last = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-1:]
+        return f"torch-pruning {tp_version} raised: {last[0][:200] if last else 'unknown error'}"
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out)
+
+
+# Speed ---------------------------------------------------------------------------------------
+def speed(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from hf_oto import construct_subnet, discover_groups, save_pruned
+    from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+
+    torch.manual_seed(a.seed)
+    cfg = LlamaConfig(**(QUICK_SPEED if a.quick else SPEED))
+    dense = LlamaForCausalLM(cfg).eval()
+    space = discover_groups(dense)
+    pruned = copy.deepcopy(dense)
+    oneshot_prune(pruned, space, oneshot_scores(pruned, space, "magnitude"), target_sparsity=0.5,
+                  layout="uniform", ffn_multiple=64 if not a.quick else 8)
+    small = construct_subnet(pruned, space, layout="uniform")
+    del pruned
+    save_pruned(small, workdir / "speed_export", overwrite=True)
+    del small
+    small = AutoModelForCausalLM.from_pretrained(workdir / "speed_export").eval()
+    prompt_len, new_tokens, reps = (256, 32, 3) if not a.quick else (16, 4, 1)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def prefill(m) -> float:
+        t = time.perf_counter()
+        m(input_ids=prompt, use_cache=False)
+        return prompt_len / (time.perf_counter() - t)
+
+    @torch.no_grad()
+    def decode(m) -> float:
+        short = prompt[:, :16]
+        t = time.perf_counter()
+        m.generate(short, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        m.generate(short, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return (new_tokens - 1) / max(time.perf_counter() - t - first, 1e-9)
+
+    prefill(dense), prefill(small), decode(dense), decode(small)  # warm-up
+    res: dict[str, list[float]] = {"prefill_dense": [], "prefill_pruned": [], "decode_dense": [], "decode_pruned": []}
+    for _ in range(reps):  # interleaved so machine drift hits both alike
+        res["prefill_dense"].append(prefill(dense))
+        res["prefill_pruned"].append(prefill(small))
+        res["decode_dense"].append(decode(dense))
+        res["decode_pruned"].append(decode(small))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    c = small.config
+    return {
+        "params_dense": count(dense), "params_pruned": count(small), "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens, **{k: round(v, 1) for k, v in med.items()},
+        "prefill_ratio": med["prefill_pruned"] / med["prefill_dense"],
+        "decode_ratio": med["decode_pruned"] / med["decode_dense"],
+        "kept": {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size},
+        "dense_shape": {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                        "ffn": cfg.intermediate_size},
+    }
+
+
+def optimizer_ratio(a: argparse.Namespace) -> dict[str, Any]:
+    from bench_optimizer import build, interleaved
+
+    from hf_oto import discover_groups
+    from hf_oto.optim import HESSO
+
+    steps = 4 if a.quick else 20
+    m_a, m_h = build(), build()
+    adamw = torch.optim.AdamW(m_a.parameters(), lr=1e-4)
+    opt = HESSO(m_h, discover_groups(m_h), base_kwargs={"lr": 1e-4}, target_sparsity=0.5,
+                start_pruning_step=steps, pruning_steps=steps, pruning_periods=2)
+    ids = torch.randint(0, 16000, (2, 64), generator=torch.Generator().manual_seed(0))
+    aw, hw = interleaved(((m_a, adamw), (m_h, opt)), ids, steps)
+    ap, hp = interleaved(((m_a, adamw), (m_h, opt)), ids, steps)
+    med = statistics.median
+    skip = steps // 4
+    return {"params": count(m_h), "warmup_ratio": med(hw[skip:]) / med(aw[skip:]),
+            "pruning_ratio": med(hp) / med(ap), "adamw_ms": med(aw[skip:] + ap) * 1e3}
+
+
+def discovery_times(a: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for size in (["8b"] if a.quick else ["7b", "70b"]):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_discovery.py"), "--one", size],
+                             capture_output=True, text=True, check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# Report --------------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "torch-pruning"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {platform.system()}"
+
+
+def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Path:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = res["rows"]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = ["# hf-oto benchmark results", "",
+             f"- command: `{command}`", f"- machine: {res['machine']}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
+             f"- wall time: {res['wall_minutes']:.1f} min; date: {res['date']}",
+             f"- reference: {json.dumps(res['reference'])}",
+             f"- every method: {a.steps} training steps x {a.batch} x {a.block} tokens "
+             f"({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
+             f"held-out perplexity on {res['eval_blocks']} blocks", "",
+             f"Reference model before any extra training: perplexity {res['ref_ppl']:.2f}, "
+             f"{res['ref_params']:,} parameters.", "",
+             "| target sparsity | method | params | kept (heads / kv / FFN per layer) | held-out perplexity "
+             "| minutes |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sparsity"], METHODS.index(r["method"]))):
+        sp = "-" if r["method"] == "dense" else f"{100 * r['sparsity']:.0f}%"
+        if "error" in r:
+            lines.append(f"| {sp} | {LABELS[r['method']]} | - | - | error: {r['error']} | {r['seconds'] / 60:.1f} |")
+            continue
+        k = r.get("kept") or {}
+        kept = f"{k['heads']} / {k['kv_heads']} / {k['ffn']}" if k else "all"
+        lines.append(f"| {sp} | {LABELS[r['method']]} | {r['params']:,} | {kept} | {r['eval_ppl']:.2f} | "
+                     f"{r['seconds'] / 60:.1f} |")
+    best = []
+    for s in a.sparsities:
+        cands = [r for r in rows if r["sparsity"] == s and r["method"] != "dense" and "eval_ppl" in r]
+        if cands:
+            b = min(cands, key=lambda r: r["eval_ppl"])
+            best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b['eval_ppl']:.2f})")
+    lines += ["", "Lowest perplexity per sparsity: " + "; ".join(best) + "."]
+    if dense:
+        lines.append(f"Dense control with the same training: perplexity {dense['eval_ppl']:.2f}.")
+    if res.get("speed"):
+        sp = res["speed"]
+        lines += ["", "## Speed (CPU, random weights, one process)", "",
+                  f"Dense {sp['params_dense']:,} parameters ({sp['dense_shape']}), 50%-pruned export "
+                  f"{sp['params_pruned']:,} ({sp['kept']}), reloaded with `from_pretrained`.", "",
+                  "| measure | dense | pruned 50% | ratio |", "|---|---|---|---|",
+                  f"| prefill tokens/s ({sp['prompt_tokens']} tokens) | {sp['prefill_dense']} | "
+                  f"{sp['prefill_pruned']} | {sp['prefill_ratio']:.2f}x |",
+                  f"| greedy decode tokens/s ({sp['new_tokens']} new) | {sp['decode_dense']} | {sp['decode_pruned']} | "
+                  f"{sp['decode_ratio']:.2f}x |"]
+    if res.get("optimizer"):
+        o = res["optimizer"]
+        lines += ["", f"HESSO optimizer step over AdamW ({o['params'] / 1e6:.1f}M-parameter Llama, AdamW "
+                  f"{o['adamw_ms']:.0f} ms): warm-up {o['warmup_ratio']:.2f}x, pruning periods "
+                  f"{o['pruning_ratio']:.2f}x."]
+    if res.get("discovery"):
+        lines += ["", "Group discovery on the meta device: " + "; ".join(
+            f"{d['size']} ({d['params'] / 1e9:.1f}B params, {d['groups']:,} groups): {d['seconds']} s, "
+            f"peak RSS {d['peak_rss_mb']} MB" for d in res["discovery"]) + "."]
+    lines += ["", "![perplexity against kept parameters](perplexity.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    plot(rows, res["ref_params"], out / "perplexity.png")
+    return out / "results.md"
+
+
+def plot(rows: list[dict[str, Any]], ref_params: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        pts = sorted((r["params"] / ref_params, r["eval_ppl"]) for r in rows
+                     if r["method"] == method and "eval_ppl" in r)
+        if not pts:
+            continue
+        if method == "dense":
+            ax.axhline(pts[0][1], color="grey", ls="--", label=LABELS[method])
+            continue
+        ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[method])
+    ax.set_xlabel("kept parameters (fraction of the reference model)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.main_job import perplexity
+
+    command = "python scripts/benchmark.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                               " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    started = time.time()
+    tokenizer, train_blocks, eval_blocks = load_data(a)
+    ref, info = reference(a, tokenizer, train_blocks)
+    ref_model = AutoModelForCausalLM.from_pretrained(ref)
+    res: dict[str, Any] = {"machine": machine(), "versions": versions(), "reference": info,
+                           "ref_ppl": perplexity(ref_model, eval_blocks), "ref_params": count(ref_model),
+                           "eval_blocks": len(eval_blocks), "rows": [], "date": time.strftime("%Y-%m-%d")}
+    del ref_model
+    jobs = [("dense", 0.0)] if "dense" in a.methods else []
+    jobs += [(m, s) for s in a.sparsities for m in a.methods if m != "dense"]
+    tp_error: str | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        bar = tqdm(jobs, desc="benchmark", unit="run")
+        for method, sparsity in bar:
+            bar.set_postfix_str(f"{method} {sparsity:.0%}")
+            if method == "torch_pruning" and tp_error and "did not finish" in tp_error:
+                res["rows"].append({"method": method, "sparsity": sparsity, "error": tp_error + " (first try)",
+                                    "seconds": 0.0})
+                continue
+            work = Path(tmp) / f"{method}-{sparsity}"
+            row = run_method(method, sparsity, ref, train_blocks, eval_blocks, a, work)
+            tp_error = row.get("error") if method == "torch_pruning" else tp_error
+            res["rows"].append(row)
+            shutil.rmtree(work, ignore_errors=True)
+            tqdm.write(f"{method:>14} {sparsity:.0%}: " + (f"ppl {row['eval_ppl']:.2f}, {row['params']:,} params"
+                                                         if "eval_ppl" in row else row["error"]))
+        if not a.skip_speed:
+            print("speed: prefill/decode of a 50%-pruned export; HESSO optimizer step; discovery")
+            res["speed"] = speed(a, Path(tmp))
+            res["optimizer"] = optimizer_ratio(a)
+            res["discovery"] = discovery_times(a)
+    res["wall_minutes"] = (time.time() - started) / 60
+    report = write_report(a, res, command)
+    print(report.read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""One-shot baselines (magnitude, Taylor, Wanda-sp) on planted problems, and their exact budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from hf_oto import construct_subnet, discover_groups, group_is_zero
+from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+
+PLANTED = list(range(8, 16))  # FFN channels 8..15 of every layer
+BATCHES = [{"input_ids": torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(i))}
+           for i in range(3)]
+
+
+def _ffn_target(space) -> int:
+    return sum(len(PLANTED) * gs.params_per_group for gs in space.sets if gs.kind == "ffn_channel")
+
+
+def _pruned_ffn(space, model) -> dict[int, list[int]]:
+    zero = group_is_zero(model, space)
+    out = {}
+    for k, gs in enumerate(space.sets):
+        if gs.kind == "ffn_channel":
+            off = space.set_offset(k)
+            out[gs.layer] = torch.nonzero(zero[off:off + gs.count]).flatten().tolist()
+    return out
+
+
+def _plant(model, how: str) -> None:
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            if how == "small":  # tiny weights everywhere in the channel
+                for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+                    w[PLANTED] *= 1e-3
+                mlp.down_proj.weight[:, PLANTED] *= 1e-3
+            elif how == "dead_input":  # no activation reaches down_proj, but its columns are large
+                mlp.gate_proj.weight[PLANTED] = 0.0
+                mlp.down_proj.weight[:, PLANTED] *= 50.0
+            elif how == "dead_output":  # down_proj ignores the channel: no effect on the loss
+                mlp.down_proj.weight[:, PLANTED] = 0.0
+                mlp.gate_proj.weight[PLANTED] *= 50.0
+
+
+@pytest.mark.parametrize("criterion, how", [("magnitude", "small"), ("wanda_sp", "dead_input"),
+                                            ("taylor", "dead_output")])
+def test_criterion_finds_planted_channels(criterion, how):
+    torch.manual_seed(0)
+    model = tiny_model("llama").eval()
+    _plant(model, how)
+    space = discover_groups(model)
+    scores = oneshot_scores(model, space, criterion, BATCHES)
+    oneshot_prune(model, space, scores, target_params=_ffn_target(space), layout="uniform", ffn_multiple=8,
+                  tolerance=0.0)
+    assert _pruned_ffn(space, model) == {0: PLANTED, 1: PLANTED}
+
+
+def test_magnitude_is_fooled_where_activations_decide():
+    """The planted channels of 'dead_input' have large weights: magnitude keeps them, Wanda-sp does not."""
+    torch.manual_seed(0)
+    model = tiny_model("llama").eval()
+    _plant(model, "dead_input")
+    space = discover_groups(model)
+    scores = oneshot_scores(model, space, "magnitude")
+    oneshot_prune(model, space, scores, target_params=_ffn_target(space), layout="uniform", ffn_multiple=8,
+                  tolerance=0.0)
+    assert _pruned_ffn(space, model)[0] != PLANTED
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "wanda_sp"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_budget_is_met_and_subnet_is_exact(criterion, sparsity):
+    torch.manual_seed(1)
+    model = tiny_model("llama", intermediate_size=96).eval()
+    space = discover_groups(model)
+    plan = oneshot_prune(model, space, oneshot_scores(model, space, criterion, BATCHES),
+                         target_sparsity=sparsity, layout="global", ffn_multiple=1)
+    target = space.prunable_params * sparsity
+    assert abs(plan.pruned_params() - target) <= 0.01 * target
+    small = construct_subnet(model, space)
+    removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in small.parameters())
+    assert removed == plan.pruned_params()
+    ids = BATCHES[0]["input_ids"]
+    assert (model(ids).logits - small(ids).logits).abs().max() <= 1e-5
+
+
+def test_bad_input():
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    with pytest.raises(ValueError, match="calibration batches"):
+        oneshot_scores(model, space, "taylor")
+    with pytest.raises(ValueError, match="criterion"):
+        oneshot_scores(model, space, "random")
+    with pytest.raises(ValueError, match="cannot be reached"):
+        oneshot_prune(model, space, torch.zeros(len(space)), target_sparsity=0.999)
