@@ -29,6 +29,16 @@ class ModelArguments:
         default=None, metadata={"help": "build a new model from these config fields (model_type required)"}
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the model's)"})
+    torch_dtype: str | None = field(default=None, metadata={"help": "load dtype, e.g. bfloat16 (GPU configs)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full model"})
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA targets (default: every attention and FFN projection)"}
+    )
+    merge_adapters: bool = field(
+        default=True, metadata={"help": "LoRA export: one merged model, or pruned base + pruned adapter folder"}
+    )
 
 
 @dataclass
@@ -95,10 +105,8 @@ def load_texts(d: DataArguments) -> list[str]:
     if d.train_files:
         ext = Path(d.train_files[0]).suffix.lstrip(".")
         ds = load_dataset("json" if ext in ("json", "jsonl") else "text", data_files=d.train_files, split="train")
-    elif d.dataset_name:
-        ds = load_dataset(d.dataset_name, d.dataset_config, split="train")
     else:
-        raise SystemExit("hf-oto: error: give dataset_name, train_files or text_source")
+        ds = load_dataset(d.dataset_name, d.dataset_config, split="train")
     return [t for t in ds["text"] if t]
 
 
@@ -136,15 +144,23 @@ class Blocks(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch: int = 8) -> float:
+def evaluate_lm(model, blocks: torch.Tensor, batch: int = 8) -> dict[str, float]:
+    """Held-out perplexity and next-token top-1 accuracy."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, correct, tokens = 0.0, 0, 0, 0
     for i in range(0, len(blocks), batch):
         b = blocks[i:i + batch].to(next(model.parameters()).device)
-        loss = model(input_ids=b, labels=b).loss
-        total += float(loss) * len(b)
+        out = model(input_ids=b, labels=b)
+        total += float(out.loss) * len(b)
         count += len(b)
-    return math.exp(total / max(count, 1))
+        correct += int((out.logits[:, :-1].argmax(-1) == b[:, 1:]).sum())
+        tokens += b[:, 1:].numel()
+    return {"perplexity": math.exp(total / max(count, 1)), "token_accuracy": correct / max(tokens, 1)}
+
+
+def perplexity(model, blocks: torch.Tensor, batch: int = 8) -> float:
+    """Held-out perplexity of ``model`` on packed ``blocks``."""
+    return evaluate_lm(model, blocks, batch)["perplexity"]
 
 
 VERIFY = NO_HF_OTO_PRELUDE + textwrap.dedent(
@@ -184,12 +200,75 @@ def verify_export(out: Path, blocks: torch.Tensor) -> tuple[float, int]:
 
 
 # The job ---------------------------------------------------------------------------------------
-def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _config(margs: ModelArguments, tokenizer=None, vocab: int = 0):
+    from transformers import AutoConfig
 
-    margs, dargs, targs = parse(config_path, overrides)
+    if margs.model_name_or_path:
+        return AutoConfig.from_pretrained(margs.model_name_or_path)
+    cfg = dict(margs.init_config)
+    if "model_type" not in cfg:
+        raise SystemExit("hf-oto: error: init_config needs a model_type")
+    if tokenizer is not None:
+        cfg.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    elif vocab:
+        cfg["vocab_size"] = vocab
+    return AutoConfig.for_model(**cfg)
+
+
+def _with_lora(model, margs: ModelArguments):
+    if not margs.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = margs.lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"]
+    cfg = LoraConfig(r=margs.lora_r, lora_alpha=margs.lora_alpha, lora_dropout=margs.lora_dropout,
+                     target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> None:
+    """Check model, LoRA and pruning settings on a meta-device copy, before any data work or download."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.trainer.trainer import check_pruning_setup
+
     if not (margs.model_name_or_path or margs.init_config):
         raise SystemExit("hf-oto: error: set model_name_or_path or init_config")
+    if not (dargs.text_source or dargs.train_files or dargs.dataset_name):
+        raise SystemExit("hf-oto: error: give dataset_name, train_files or text_source")
+    if dargs.text_source not in (None, "python-stdlib"):
+        raise SystemExit(f"hf-oto: error: unknown text_source {dargs.text_source!r} (known: python-stdlib)")
+    for f in dargs.train_files or []:
+        if not Path(f).is_file():
+            raise SystemExit(f"hf-oto: error: train file {f} not found")
+    config = _config(margs, vocab=dargs.train_tokenizer_vocab or 64)
+    with torch.device("meta"):
+        model = _with_lora(AutoModelForCausalLM.from_config(config), margs)
+    try:
+        check_pruning_setup(model, targs)
+    except ValueError as exc:
+        raise SystemExit(f"hf-oto: error: {exc}") from exc
+
+
+def _source_license(name: str | None) -> str | None:
+    """The license on a Hub model's card (network only where the model itself came from the Hub)."""
+    if not name or Path(name).exists():
+        return None  # local folders: save_pruned reads their README itself
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(name).data.to_dict().get("license")
+    except Exception:
+        return None
+
+
+def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    margs, dargs, targs = parse(config_path, overrides)
+    preflight(margs, dargs, targs)
     torch.manual_seed(targs.seed)
     texts = load_texts(dargs)
     if dargs.train_tokenizer_vocab:
@@ -205,21 +284,27 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     eval_blocks, train_blocks = blocks[:n_eval], blocks[n_eval:]
 
     if margs.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path)
+        kw = {"dtype": getattr(torch, margs.torch_dtype)} if margs.torch_dtype else {}
+        model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kw)
     else:
-        cfg = dict(margs.init_config)
-        cfg.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+        model = AutoModelForCausalLM.from_config(_config(margs, tokenizer))
+    model = _with_lora(model, margs)
     ppl_before = perplexity(model, eval_blocks)
     trainer = HFOTOTrainer(model=model, args=targs, train_dataset=Blocks(train_blocks), processing_class=tokenizer)
     trainer.train()
-    ppl_after = perplexity(model, eval_blocks)
+    after = evaluate_lm(model, eval_blocks)
+    ppl_after = after["perplexity"]
     space, hesso = trainer.pruning_space, trainer.hesso
-    out = trainer.save_pruned_model(overwrite=True, eval_results={"eval_perplexity": ppl_after})
+    out = trainer.save_pruned_model(overwrite=True, merge_adapters=margs.merge_adapters,
+                                    license=_source_license(margs.model_name_or_path),
+                                    eval_results={"eval_perplexity": ppl_after,
+                                                  "eval_token_accuracy": after["token_accuracy"]})
     if not trainer.is_world_process_zero():  # rank 0 writes, verifies and reports
         return {"output": str(out)}
-    ppl_export, params_after = verify_export(out, eval_blocks)
+    if not margs.merge_adapters and margs.lora_r:
+        print(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
+    ppl_export, params_after = verify_export(out, eval_blocks) if margs.merge_adapters or not margs.lora_r \
+        else (float("nan"), sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()))
     manifest = json.loads((out / "pruning_manifest.json").read_text())
     kept: dict[str, tuple[int, int]] = {}
     for s in manifest["sets"]:
@@ -229,6 +314,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "output": str(out), "params_before": space.total_params, "params_after": params_after,
         "prunable_removed": hesso.metrics()["pruned_param_fraction"], "ppl_initial": ppl_before,
         "ppl_trained_pruned": ppl_after, "ppl_export_reloaded": ppl_export, "kept": kept,
+        "token_accuracy": after["token_accuracy"],
         "train_tokens": int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
                             * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
     }
@@ -244,6 +330,7 @@ def print_summary(s: dict[str, Any]) -> None:
         ("eval perplexity, initial model", f"{s['ppl_initial']:.2f}"),
         ("eval perplexity, trained + pruned", f"{s['ppl_trained_pruned']:.2f}"),
         ("eval perplexity, export reloaded without hf_oto", f"{s['ppl_export_reloaded']:.2f}"),
+        ("eval next-token accuracy, trained + pruned", f"{100 * s['token_accuracy']:.1f}%"),
         ("training tokens", f"{s['train_tokens']:,}"),
     ]
     rows += [(f"kept {kind}", f"{k} / {t}") for kind, (k, t) in sorted(s["kept"].items())]

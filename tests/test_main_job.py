@@ -37,6 +37,33 @@ def test_bad_config_input_fails_before_any_work(tmp_path):
         parse("configs/quickstart.yaml", ["--no_such_option", "1"])
 
 
+@pytest.mark.parametrize("override, match", [
+    (["--target_sparsity", "0.995"], "cannot be reached"),
+    (["--lora_r", "4", "--lora_target_modules", "[lm_head]"], "target_modules"),
+    (["--start_pruning_step", "200", "--pruning_steps", "200"], "pruning schedule needs"),
+    (["--text_source", "nothing"], "unknown text_source"),
+])
+def test_bad_settings_stop_before_any_data_work(tmp_path, monkeypatch, override, match):
+    import hf_oto.main_job as job
+
+    def no_data(*a, **k):
+        raise AssertionError("data was loaded before the settings were checked")
+
+    monkeypatch.setattr(job, "load_texts", no_data)
+    with pytest.raises(SystemExit, match=match):
+        run("configs/quickstart.yaml", override + ["--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_job_exports_pruned_base_and_adapter(tmp_path):
+    out = tmp_path / "pruned"
+    summary = run("configs/quickstart.yaml", SMALL + ["--lora_r", "4", "--merge_adapters", "false",
+                                                      "--output_dir", str(tmp_path / "run"),
+                                                      "--pruned_output_dir", str(out)])
+    assert summary["params_after"] < summary["params_before"]
+    assert (tmp_path / "pruned-adapter" / "adapter_config.json").exists()
+
+
 def _kept_counts(folder) -> list[tuple[str, str, int]]:
     manifest = json.loads((folder / "pruning_manifest.json").read_text())
     return [(s["module"], s["kind"], len(s["kept"])) for s in manifest["sets"]]

@@ -81,6 +81,12 @@ def test_bad_pruning_settings_stop_when_the_trainer_is_built(tmp_path):
     with pytest.raises(ValueError, match="at least pruning_periods"):
         HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, pruning_steps=2, pruning_periods=4),
                      train_dataset=Tokens())
+    with pytest.raises(ValueError, match="pruning schedule needs 15 optimizer steps"):  # 12 steps of training
+        HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, start_pruning_step=3, pruning_steps=12),
+                     train_dataset=Tokens())
+    with pytest.raises(ValueError, match="CRIC"):
+        HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, use_cric=True, cric_sampling_steps=5,
+                                                           cric_max_cycles=3), train_dataset=Tokens())
 
 
 def test_lora_training_prunes_base_and_adapters_and_exports_merged(tmp_path):
@@ -104,6 +110,22 @@ def test_lora_training_prunes_base_and_adapters_and_exports_merged(tmp_path):
     ids = torch.randint(3, 64, (2, 9))
     assert (logits(reloaded, ids) - logits(merged, ids)).abs().max() <= 1e-5
     assert hasattr(model, "peft_config")  # the trained peft model itself was not merged
+
+    # pruned base + pruned adapter: loads with PeftModel.from_pretrained and computes the same logits
+    from peft import PeftModel
+
+    base_dir = trainer.save_pruned_model(str(tmp_path / "base"), merge_adapters=False)
+    adapter_dir = tmp_path / "base-adapter"
+    assert (adapter_dir / "adapter_model.safetensors").exists() and (adapter_dir / "adapter_config.json").exists()
+    import json
+
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    small_base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    assert sum(p.numel() for p in small_base.parameters()) == sum(p.numel() for p in reloaded.parameters())
+    adapted = PeftModel.from_pretrained(small_base, str(adapter_dir)).eval()
+    model.eval()
+    assert (logits(adapted, ids) - logits(model, ids)).abs().max() <= 1e-5
+    assert (logits(adapted, ids) - logits(reloaded, ids)).abs().max() <= 1e-5
 
 
 def test_lora_targets_missing_prunable_modules_are_refused(tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from hf_oto.errors import ExportError
+from hf_oto.export.plot import plot_kept
 from hf_oto.subnet import remote_code
 
 REMOTE_MODULE = "modeling_hfoto"
@@ -27,11 +28,14 @@ def save_pruned(
     overwrite: bool = False,
     max_shard_size: str = "5GB",
     extra_manifest: dict[str, Any] | None = None,
+    license: str | None = None,
 ) -> Path:
     """Save a model built by :func:`hf_oto.construct_subnet` as a loadable Hugging Face repo.
 
     Writes config.json (every dimension explicit), safetensors weights, tokenizer files, the
-    generation config, ``pruning_manifest.json`` and a README model card. Layers of different sizes
+    generation config, ``pruning_manifest.json``, a README model card and ``pruning_plot.png``
+    (kept structures per layer). ``license`` defaults to the one in a local source folder's card.
+    ``extra_manifest`` may carry ``hesso`` (settings) and ``eval`` (metric -> value). Layers of different sizes
     get self-contained remote code (load with ``trust_remote_code=True``). The folder is written
     next to ``out_dir`` and renamed into place, so a failure leaves no half-written export.
     """
@@ -47,7 +51,8 @@ def save_pruned(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write(model, tmp, tokenizer, manifest, source, max_shard_size, extra_manifest or {})
+        license = license or source_license(source)
+        _write(model, tmp, tokenizer, manifest, source, max_shard_size, extra_manifest or {}, license)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "dir")
@@ -61,7 +66,19 @@ def save_pruned(
     return out
 
 
-def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra) -> None:
+def source_license(source: str | None) -> str | None:
+    """The license in the model card of a local source folder (no network), if any."""
+    if not source or not (Path(source) / "README.md").is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(Path(source) / "README.md").data.to_dict().get("license")
+    except Exception:  # a card without valid metadata carries no license
+        return None
+
+
+def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra, license) -> None:
     config = model.config
     per_layer = bool(getattr(config, remote_code.LAYERS_KEY, None))
     base_name = config.hf_oto_layers["base_class"] if per_layer else None
@@ -87,9 +104,10 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra)
         (tmp / f"{REMOTE_MODULE}.py").write_text(code)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    full = dict(manifest, source=source, **extra)
+    full = dict(manifest, source=source, license=license, **extra)
     (tmp / "pruning_manifest.json").write_text(json.dumps(full, indent=1))
     (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=_auto_class(model)))
+    plot_kept(full, tmp / "pruning_plot.png")
     _check_no_pickles(tmp)
 
 
@@ -115,6 +133,29 @@ def _check_no_pickles(folder: Path) -> None:
             raise ExportError(f"refusing to export a pickle: {f.name}")
 
 
+def _method(manifest: dict[str, Any]) -> str:
+    h = manifest.get("hesso")
+    if not h:
+        return "Groups that were exactly zero were removed (no HESSO settings recorded)."
+    cric = "with CRIC corrective cycles" if h.get("cric") else "without CRIC"
+    return (
+        f"HESSO {cric}, while fine-tuning: {h['target_params']:,} prunable parameters targeted, "
+        f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
+        f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}, "
+        f"saliency EMA {h.get('saliency_ema')}."
+    )
+
+
+def _evaluation(manifest: dict[str, Any]) -> str:
+    results = manifest.get("eval") or {}
+    if not results:
+        return "No evaluation set was given when this model was pruned."
+    rows = ["| metric | value |", "|---|---|"]
+    for k, v in results.items():
+        rows.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(rows)
+
+
 def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class: str) -> str:
     """Fill the model card template of ``model_cards/`` with the manifest's facts."""
     template = resources.files("hf_oto.model_cards").joinpath("pruned_model.md").read_text()
@@ -123,14 +164,29 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
     for s in manifest["sets"]:
         rows.append(f"| {s['layer']} | `{s['module']}` | {s['kind']} | {len(s['kept'])} / {s['groups']} |")
     load_kw = ", trust_remote_code=True" if trust_remote_code else ""
+    meta = ""
+    if manifest.get("source"):
+        meta += f"base_model: {manifest['source']}\n"
+    if manifest.get("license"):
+        meta += f"license: {manifest['license']}\n"
+    meta += "library_name: transformers\ntags:\n- hf-oto\n- pruned\n- structured-pruning\n"
+
+    def gflops(key: str) -> str:
+        v = manifest.get(key)
+        return f"{v / 1e9:.3f}" if v is not None else "n/a"
+
     return template.format(
+        metadata=meta,
         source=manifest.get("source") or "unknown",
-        base_model_line=f"base_model: {manifest['source']}\n" if manifest.get("source") else "",
         model_type=manifest["model_type"],
         params_before=f"{before:,}",
         params_after=f"{after:,}",
+        flops_before=gflops("flops_per_token_before"),
+        flops_after=gflops("flops_per_token_after"),
         kept_pct=f"{100.0 * after / max(before, 1):.1f}",
         layout=manifest["layout"],
+        method=_method(manifest),
+        evaluation=_evaluation(manifest),
         auto_class=repo_class,
         load_kwargs=load_kw,
         remote_note=(

@@ -57,7 +57,23 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *, layout: Layout = 
     before = space.total_params
     after = sum(p.numel() for p in new.parameters())
     new.hf_oto_manifest = _manifest(space, removed, before, after, uniform)
+    new.hf_oto_manifest["flops_per_token_before"] = linear_flops_per_token(base)
+    new.hf_oto_manifest["flops_per_token_after"] = linear_flops_per_token(new)
     return new
+
+
+def linear_flops_per_token(model: nn.Module) -> int:
+    """Forward FLOPs per token of the weight matmuls: 2 x every >=2-D weight except the input embedding.
+
+    A tied LM head counts once as a matmul. Attention-score FLOPs (which grow with context) are left out.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_w = getattr(emb, "weight", None)
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and p is not emb_w)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb_w is not None and out is not None and getattr(out, "weight", None) is emb_w:
+        total += emb_w.numel()
+    return 2 * total
 
 
 # Which groups go -------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 from transformers import Trainer
 
 from hf_oto.export import save_pruned
+from hf_oto.export.adapter import save_base_and_adapter
 from hf_oto.groups import discover_groups, unwrap_peft
+from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO, CRICConfig, SaliencyWeights
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
@@ -29,20 +31,8 @@ class HFOTOTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, HFOTOTrainingArguments):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
-        self.pruning_space = discover_groups(self.model)
-        if self.pruning_space.prunable_params == 0:
-            raise ValueError("this model has no prunable groups (hf-oto inspect shows why)")
-        if unwrap_peft(self.model) is not self.model:
-            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            if not any(sl.param in trainable for gs in self.pruning_space.sets if gs.prunable for sl in gs.slices):
-                raise ValueError(
-                    "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
-                    "projections), so training cannot inform pruning; add them to target_modules"
-                )
         self._total_steps: int | None = None
-        if self.args.max_steps and self.args.max_steps > 0:  # check the pruning settings before any work
-            HESSO(self.model, self.pruning_space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
-                  **self._hesso_settings(self.args.max_steps))
+        self.pruning_space = check_pruning_setup(self.model, self.args)
 
     # Optimizer ---------------------------------------------------------------------------------
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
@@ -60,27 +50,7 @@ class HFOTOTrainer(Trainer):
         return self.optimizer
 
     def _hesso_settings(self, total: int) -> dict[str, Any]:
-        a = self.args
-        weights = [float(x) for x in a.saliency_weights.split(",")]
-        if len(weights) != 4:
-            raise ValueError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
-        cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
-                          min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
-        start, length = a.steps(a.start_pruning_step, total), a.steps(a.pruning_steps, total)
-        cric_steps = a.cric_sampling_steps * a.cric_max_cycles if cric is not None else 0
-        if start + cric_steps + length > total:
-            raise ValueError(
-                f"the pruning schedule needs {start + cric_steps + length} optimizer steps (warm-up {start}"
-                + (f" + CRIC up to {cric_steps}" if cric_steps else "") + f" + pruning {length}) but training "
-                f"has {total}; shorten start_pruning_step/pruning_steps"
-                + ("/cric_max_cycles" if cric_steps else "") + " or train longer, so the target is reached"
-            )
-        return dict(
-            target_sparsity=a.target_sparsity, target_params=a.target_params,
-            start_pruning_step=start, pruning_steps=length,
-            pruning_periods=a.pruning_periods, layout=a.pruning_layout, ffn_multiple=a.ffn_multiple,
-            min_keep=a.min_keep, weights=SaliencyWeights(*weights), saliency_ema=a.saliency_ema, cric=cric,
-        )
+        return hesso_settings(self.args, total)
 
     @property
     def hesso(self) -> HESSO | None:
@@ -102,23 +72,85 @@ class HFOTOTrainer(Trainer):
             logs.update({f"pruning/{k}": v for k, v in self.hesso.metrics().items()})
         super().log(logs, *args, **kwargs)
 
-    # Export ------------------------------------------------------------------------------------
+    # Export ----------------------------------------------------------------------------------
+    def _manifest_extra(self, eval_results: dict[str, Any] | None) -> dict[str, Any]:
+        h = self.hesso
+        settings = None
+        if h is not None:
+            settings = dict(h.settings, weights=vars(h.weights), cric=None if h.cric is None else vars(h.cric))
+        return {"hesso": settings, "eval": eval_results or {}}
+
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool = False,
-                          eval_results: dict[str, Any] | None = None) -> Path:
+                          eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
+                          adapter_dir: str | None = None, license: str | None = None) -> Path:
         """Build the sub-network of the trained (zeroed) model and save it as a standard HF repo.
 
-        LoRA adapters are merged into a copy first; the trained model object is left as it is.
+        With a peft model, ``merge_adapters=True`` merges a copy of the adapters and writes one
+        merged model. ``merge_adapters=False`` writes the pruned *base* to ``out_dir`` and the
+        pruned adapter (its rows/columns sliced to match) to ``adapter_dir`` (default
+        ``<out_dir>-adapter``), which loads with ``PeftModel.from_pretrained(base, adapter_dir)``.
+        The trained model object is left as it is. Returns ``out_dir``.
         """
         target = out_dir or self.args.pruned_output_dir or str(Path(self.args.output_dir) / "pruned")
-        model = unwrap_peft(self.model)
-        if model is not self.model:  # peft: merge a copy
-            model = copy.deepcopy(self.model).merge_and_unload()
-        space = discover_groups(model) if model is not self.model else self.pruning_space
         layout = "uniform" if self.args.pruning_layout == "uniform" else "auto"
+        extra = self._manifest_extra(eval_results)
+        is_peft = unwrap_peft(self.model) is not self.model
+        if is_peft and not merge_adapters:
+            if self.is_world_process_zero():
+                save_base_and_adapter(self.model, target, adapter_dir or f"{target}-adapter", layout=layout,
+                                      tokenizer=self.processing_class, overwrite=overwrite, extra=extra,
+                                      license=license)
+            return Path(target)
+        model = copy.deepcopy(self.model).merge_and_unload() if is_peft else self.model
+        space = discover_groups(model) if is_peft else self.pruning_space
         small = construct_subnet(model, space, layout=layout)
-        extra = {"hesso": self.hesso.settings if self.hesso is not None else None,
-                 "eval": eval_results or {}}
         if self.is_world_process_zero():
             return save_pruned(small, target, tokenizer=self.processing_class, overwrite=overwrite,
-                               extra_manifest=extra)
+                               extra_manifest=extra, license=license)
         return Path(target)
+
+
+def hesso_settings(a: HFOTOTrainingArguments, total: int) -> dict[str, Any]:
+    """HESSO keyword arguments from the training arguments, for ``total`` optimizer steps."""
+    weights = [float(x) for x in a.saliency_weights.split(",")]
+    if len(weights) != 4:
+        raise ValueError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
+    cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
+                      min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
+    start, length = a.steps(a.start_pruning_step, total), a.steps(a.pruning_steps, total)
+    cric_steps = a.cric_sampling_steps * a.cric_max_cycles if cric is not None else 0
+    if start + cric_steps + length > total:
+        raise ValueError(
+            f"the pruning schedule needs {start + cric_steps + length} optimizer steps (warm-up {start}"
+            + (f" + CRIC up to {cric_steps}" if cric_steps else "") + f" + pruning {length}) but training "
+            f"has {total}; shorten start_pruning_step/pruning_steps"
+            + ("/cric_max_cycles" if cric_steps else "") + " or train longer, so the target is reached"
+        )
+    return dict(
+        target_sparsity=a.target_sparsity, target_params=a.target_params,
+        start_pruning_step=start, pruning_steps=length,
+        pruning_periods=a.pruning_periods, layout=a.pruning_layout, ffn_multiple=a.ffn_multiple,
+        min_keep=a.min_keep, weights=SaliencyWeights(*weights), saliency_ema=a.saliency_ema, cric=cric,
+    )
+
+
+def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
+    """Discover the groups and check every pruning setting before any training (works on meta models).
+
+    Raises ``ValueError`` for a model with no prunable groups, LoRA adapters that touch no prunable
+    module, a target the constraints cannot reach, or a schedule that does not fit in ``max_steps``.
+    """
+    space = discover_groups(model)
+    if space.prunable_params == 0:
+        raise ValueError("this model has no prunable groups (hf-oto inspect shows why)")
+    if unwrap_peft(model) is not model:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if not any(sl.param in trainable for gs in space.sets if gs.prunable for sl in gs.slices):
+            raise ValueError(
+                "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
+                "projections), so training cannot inform pruning; add them to target_modules"
+            )
+    if args.max_steps and args.max_steps > 0:
+        HESSO(model, space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
+              **hesso_settings(args, args.max_steps))
+    return space

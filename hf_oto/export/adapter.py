@@ -1,0 +1,100 @@
+"""Export a pruned LoRA model as a pruned base repo plus a pruned adapter folder (peft format)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_oto.errors import ExportError
+from hf_oto.export.save import save_pruned
+from hf_oto.groups import discover_groups
+from hf_oto.groups.space import PruningSpace
+from hf_oto.subnet import construct_subnet
+
+
+def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[str, int], torch.Tensor]:
+    """(param, dim) -> the indices that the sub-network kept along that dim (dense params only)."""
+    removed: dict[tuple[str, int], set[int]] = {}
+    for gs, entry in zip(space.sets, manifest["sets"], strict=True):
+        dropped = [j for j in range(gs.count) if j not in set(entry["kept"])]
+        for spec in gs.slices:
+            if spec.expert is not None:
+                continue
+            cell = removed.setdefault((spec.param, spec.dim), set())
+            for j in dropped:
+                cell.update(spec.index[j].tolist())
+    out = {}
+    for (param, dim), gone in removed.items():
+        size = space.param_shapes[param][dim]
+        out[(param, dim)] = torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
+    return out
+
+
+def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
+                          layout: str = "uniform", tokenizer: Any = None, overwrite: bool = False,
+                          extra: dict[str, Any] | None = None, license: str | None = None) -> tuple[Path, Path]:
+    """Write the pruned base model (``save_pruned``) and the matching pruned adapter.
+
+    Each LoRA ``B`` keeps the rows of its module's kept output features, each ``A`` the columns of
+    its kept input features (DoRA magnitudes follow the rows), so base + adapter computes what the
+    trained, zeroed peft model computed. ``peft_model`` is not modified.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter_out = Path(adapter_dir)
+    if adapter_out.exists() and any(adapter_out.iterdir()) and not overwrite:
+        raise ExportError(f"{adapter_out} is not empty; pass overwrite=True to replace it")
+    name = peft_model.active_adapter
+    config = copy.deepcopy(peft_model.peft_config[name])
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    base = copy.deepcopy(peft_model).unload()
+    space = discover_groups(base)
+    small = construct_subnet(base, space, layout=layout)
+    kept = kept_indices(space, small.hf_oto_manifest)
+    small_shapes = {n: p.shape for n, p in small.named_parameters()}
+    out_dim = 1 if getattr(config, "fan_in_fan_out", False) else 0
+
+    sliced = {}
+    prefix = "base_model.model."
+    for key, value in state.items():
+        module, _, leaf = key.removeprefix(prefix).rpartition(".lora_")
+        weight = f"{module}.weight"
+        if weight not in small_shapes:
+            raise ExportError(f"cannot map adapter tensor {key} to a base weight; use merge_adapters=True")
+        if leaf.startswith("A."):  # (r, in): keep the kept input columns
+            idx = kept.get((weight, 1 - out_dim))
+            value = value if idx is None else value.index_select(1, idx)
+        elif leaf.startswith("B.") or leaf.startswith("magnitude_vector"):  # rows follow kept outputs
+            idx = kept.get((weight, out_dim))
+            value = value if idx is None else value.index_select(0, idx)
+        elif leaf.startswith("embedding") or "lora_embedding" in key:
+            raise ExportError("LoRA on embeddings is not sliced by hf-oto; use merge_adapters=True")
+        sliced[key] = value.contiguous()
+
+    base_path = save_pruned(small, out_dir, tokenizer=tokenizer, overwrite=overwrite,
+                            extra_manifest=dict(extra or {}, adapter=str(adapter_out)), license=license)
+    adapted = get_peft_model(small, config, adapter_name=name)
+    adapted.peft_config[name].base_model_name_or_path = str(base_path)
+    result = set_peft_model_state_dict(adapted, sliced, adapter_name=name)
+    bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if bad:
+        raise ExportError(f"the sliced adapter did not load into the pruned base: {bad[:3]}")
+    adapter_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_out.name}.", dir=adapter_out.parent))
+    try:
+        adapted.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        written = tmp / name if name != "default" and (tmp / name).is_dir() else tmp
+        if adapter_out.exists():
+            shutil.rmtree(adapter_out)
+        os.replace(written, adapter_out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return base_path, adapter_out

@@ -1,0 +1,45 @@
+"""The model card: metadata carried from the source, FLOPs, evaluation, per-layer table and plot."""
+
+from __future__ import annotations
+
+import json
+
+from tiny import tiny_model
+
+from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
+
+
+def _small(source_dir):
+    model = tiny_model("llama", intermediate_size=64)
+    model.save_pretrained(source_dir)
+    (source_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a source model\n")
+    model.config._name_or_path = str(source_dir)
+    space = discover_groups(model)
+    zero_groups(model, space, [g.name for g in space if g.kind == "ffn_channel" and int(g.name.rsplit(".", 1)[1]) < 32])
+    return construct_subnet(model, space, layout="uniform")
+
+
+def test_card_states_source_license_flops_eval_and_plot(tmp_path):
+    small = _small(tmp_path / "source")
+    out = save_pruned(small, tmp_path / "out", extra_manifest={"eval": {"eval_perplexity": 12.5}})
+    card = (out / "README.md").read_text()
+    head = card.split("---")[1]
+    assert f"base_model: {tmp_path / 'source'}" in head and "license: apache-2.0" in head
+    m = json.loads((out / "pruning_manifest.json").read_text())
+    assert m["flops_per_token_after"] < m["flops_per_token_before"]
+    # 32 of 64 FFN channels gone in 2 layers: 3 matrices of 32 x hidden each -> 2 FLOPs per weight
+    assert m["flops_per_token_before"] - m["flops_per_token_after"] == 2 * 2 * 3 * 32 * small.config.hidden_size
+    assert f"{m['flops_per_token_before'] / 1e9:.3f}" in card
+    assert "| eval_perplexity | 12.5 |" in card
+    assert "pruning_plot.png" in card
+    png = (out / "pruning_plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert "| 0 | `model.layers.0.mlp` | ffn_channel | 32 / 64 |" in card
+
+
+def test_card_without_eval_or_license_says_so(tmp_path):
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    out = save_pruned(construct_subnet(model, space), tmp_path / "out")
+    card = (out / "README.md").read_text()
+    assert "No evaluation set was given" in card and "license:" not in card
