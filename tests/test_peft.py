@@ -51,3 +51,33 @@ def test_zeroing_a_group_zeroes_its_adapter_slices_and_nothing_else():
     assert changed and changed <= owned
     lora_b = dict(model.named_parameters())[[p for p in owned if "up_proj.lora_B" in p][0]]
     assert torch.all(lora_b[5] == 0) and torch.any(lora_b[4] != 0)
+
+
+def test_lora_saliency_uses_the_effective_weight():
+    """Statistics of a LoRA model equal those of its merged twin: magnitude, and the update's terms."""
+    import copy
+
+    from hf_oto.optim.saliency import group_statistics, lora_factors
+
+    model = _lora_model()
+    space = discover_groups(model)
+    params = dict(model.named_parameters())
+    merged = copy.deepcopy(model).merge_and_unload()
+    m_space = discover_groups(merged)
+    m_params = dict(merged.named_parameters())
+    lora = lora_factors(model)
+    assert len(lora) == 2 * 6  # six target modules in each of two layers
+
+    before = {n: p.detach().clone() for n, p in params.items() if "lora_" in n}
+    with torch.no_grad():  # one "optimizer step" on the adapters only
+        for n in before:
+            params[n].add_(0.01 * torch.randn_like(params[n]))
+    update = {n: params[n].detach() - before[n] for n in before}
+    stats = group_statistics(params, space, update, lora)
+
+    merged_after = copy.deepcopy(model).merge_and_unload()
+    m_update = {n: p.detach() - m_params[n].detach() for n, p in merged_after.named_parameters()}
+    expect = group_statistics(dict(merged_after.named_parameters()), m_space, m_update)
+    for key in ("sq", "xu", "uu", "size"):
+        torch.testing.assert_close(stats[key], expect[key], rtol=1e-4, atol=1e-5)
+    assert float(stats["uu"].sum()) > 0

@@ -11,7 +11,7 @@ from torch import nn
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
 from hf_oto.optim.cric import CRICConfig, CRICState, _unit
-from hf_oto.optim.saliency import SaliencyWeights, group_statistics, saliency
+from hf_oto.optim.saliency import SaliencyWeights, group_statistics, lora_factors, saliency
 
 
 class _Index(dict):
@@ -98,6 +98,7 @@ class HESSO(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"the pruning space names parameters the model does not have: {sorted(missing)[:3]}")
         self.space = space
+        self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.settings = dict(
             target_params=int(target_params), start_pruning_step=start_pruning_step,
             pruning_steps=pruning_steps, pruning_periods=pruning_periods, layout=layout,
@@ -180,7 +181,7 @@ class HESSO(torch.optim.Optimizer):
         self.base.step()
         if snapshot is not None:
             update = {n: self.model_params[n].detach() - snapshot.pop(n) for n in list(snapshot)}
-            score = saliency(group_statistics(self.model_params, self.space, update), self.weights)
+            score = saliency(group_statistics(self.model_params, self.space, update, self._lora), self.weights)
             del update
             beta = self.settings["saliency_ema"]
             if beta is not None:
@@ -280,7 +281,10 @@ class HESSO(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
     def _sliced_params(self) -> list[str]:
-        return sorted({s.param for gs in self.space.sets if gs.prunable for s in gs.slices})
+        """Parameters whose update saliency needs: the prunable slices' and every LoRA factor."""
+        names = {s.param for gs in self.space.sets if gs.prunable for s in gs.slices}
+        names.update(n for f in self._lora.values() for n in f.a + f.b)
+        return sorted(names)
 
     def _mark_redundant(self, period: int, score: torch.Tensor) -> None:
         s = self.settings

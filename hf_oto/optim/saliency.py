@@ -19,6 +19,54 @@ class SaliencyWeights:
     taylor_first_order: float = 0.25
 
 
+@dataclass(frozen=True)
+class LoraFactors:
+    """The LoRA factors on one base weight: W_eff = W + sum_i scaling_i * B_i @ A_i (transposed if set)."""
+
+    a: tuple[str, ...]
+    b: tuple[str, ...]
+    scaling: tuple[float, ...]
+    transpose: bool
+
+
+def lora_factors(model: torch.nn.Module) -> dict[str, LoraFactors]:
+    """Base weight name -> its active LoRA factors, for every peft LoRA layer of ``model`` (else empty)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed: no adapters to account for
+        return {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, LoraFactors] = {}
+    for mod in model.modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        base_w = getattr(mod.get_base_layer(), "weight", None)
+        active = [a for a in mod.active_adapters if a in mod.lora_A]
+        if base_w is None or id(base_w) not in names or not active:
+            continue
+        out[names[id(base_w)]] = LoraFactors(
+            a=tuple(names[id(mod.lora_A[a].weight)] for a in active),
+            b=tuple(names[id(mod.lora_B[a].weight)] for a in active),
+            scaling=tuple(float(mod.scaling[a]) for a in active),
+            transpose=bool(getattr(mod, "fan_in_fan_out", False)),
+        )
+    return out
+
+
+def _effective(params, f: LoraFactors, base: torch.Tensor, update=None) -> torch.Tensor:
+    """W + s*B@A, or with ``update`` the change of the effective weight over the last step."""
+    delta = torch.zeros_like(base, dtype=torch.float32)
+    for a, b, s in zip(f.a, f.b, f.scaling, strict=True):
+        A, B = params[a].detach().float(), params[b].detach().float()
+        if update is None:
+            d = B @ A
+        else:
+            A0, B0 = A - update[a].float(), B - update[b].float()
+            d = B @ A - B0 @ A0
+        delta += s * (d.t() if f.transpose else d)
+    return delta if update is not None else base.float() + delta
+
+
 def _gather(t: torch.Tensor, spec: SliceSpec, count: int) -> torch.Tensor:
     if spec.expert is not None:
         t, dim = t[spec.expert], spec.dim - 1
@@ -30,9 +78,17 @@ def _gather(t: torch.Tensor, spec: SliceSpec, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def group_statistics(
-    params: dict[str, torch.Tensor], space: PruningSpace, update: dict[str, torch.Tensor] | None = None
+    params: dict[str, torch.Tensor], space: PruningSpace, update: dict[str, torch.Tensor] | None = None,
+    lora: dict[str, LoraFactors] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-group sums: ||x||^2, x.g, x.u, ||u||^2 and group sizes (vectors over all groups)."""
+    """Per-group sums: ||x||^2, x.g, x.u, ||u||^2 and group sizes (vectors over all groups).
+
+    With ``lora`` (from :func:`lora_factors`), ``x`` and ``u`` are the *effective* weight
+    W + s*B@A and its change, so a frozen base weight is judged as the model uses it; the adapter
+    slices then contribute only their first-order Taylor term (the frozen base has no gradient).
+    """
+    lora = lora or {}
+    factor_names = {n for f in lora.values() for n in f.a + f.b}
     sq, xg, xu, uu, size = [], [], [], [], []
     for gs in space.sets:
         n = gs.count
@@ -43,13 +99,23 @@ def group_statistics(
         numel = 0
         for spec in gs.slices:
             p = params[spec.param]
-            x = _gather(p.detach(), spec, n)
+            if spec.param in factor_names:
+                if p.grad is not None:
+                    s_xg += (_gather(p.detach(), spec, n) * _gather(p.grad, spec, n)).sum(1).cpu()
+                continue
+            f = lora.get(spec.param)
+            x = _gather(_effective(params, f, p.detach()) if f else p.detach(), spec, n)
             numel += x.shape[1]
             s_sq += (x * x).sum(1).cpu()
             if p.grad is not None:
                 s_xg += (x * _gather(p.grad, spec, n)).sum(1).cpu()
-            if update is not None and spec.param in update:
-                u = _gather(update[spec.param], spec, n)
+            u_full = None
+            if f is not None and update is not None and all(k in update for k in f.a + f.b):
+                u_full = _effective(params, f, p.detach(), update)
+            elif update is not None and spec.param in update:
+                u_full = update[spec.param]
+            if u_full is not None:
+                u = _gather(u_full, spec, n)
                 s_xu += (x * u).sum(1).cpu()
                 s_uu += (u * u).sum(1).cpu()
         sq.append(s_sq)
