@@ -58,3 +58,24 @@ def test_two_ranks_end_identical(tmp_path, use_cric):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(a["__pruned__"].sum()) > 0
+
+
+def test_fsdp_sharded_parameters_are_refused_with_a_clear_message(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        from tiny import tiny_model
+
+        from hf_oto import discover_groups
+        from hf_oto.optim import HESSO
+
+        model = tiny_model("llama")
+        space = discover_groups(model)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match="FSDP-sharded parameters"):
+            HESSO(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, pruning_steps=4, pruning_periods=2)
+    finally:
+        dist.destroy_process_group()

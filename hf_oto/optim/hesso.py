@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
@@ -97,6 +98,13 @@ class HESSO(torch.optim.Optimizer):
         missing = {s.param for gs in space.sets for s in gs.slices} - set(self.model_params)
         if missing:
             raise ValueError(f"the pruning space names parameters the model does not have: {sorted(missing)[:3]}")
+        sharded = [n for n in {s.param for gs in space.sets for s in gs.slices}
+                   if isinstance(self.model_params[n].data, DTensor)]
+        if sharded:
+            raise ValueError(
+                f"FSDP-sharded parameters (e.g. {sharded[0]}) are not supported by HESSO yet: group norms and "
+                "zeroing would act on one rank's shard. Train with DDP (configs/accelerate/ddp_gpu.yaml)."
+            )
         self.space = space
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.settings = dict(

@@ -31,6 +31,9 @@ class HFOTOTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, HFOTOTrainingArguments):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError("HFOTOTrainer does not support FSDP yet (group norms would see one rank's shard); "
+                             "use DDP: configs/accelerate/ddp_gpu.yaml")
         self._total_steps: int | None = None
         self.pruning_space = check_pruning_setup(self.model, self.args)
 
