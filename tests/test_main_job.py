@@ -95,3 +95,10 @@ def test_local_text_files(tmp_path):
         "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")])
     assert summary["params_after"] < summary["params_before"]
     assert (tmp_path / "pruned" / "config.json").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/llama3_8b_lora.yaml", "configs/qwen2_5_0_5b_full.yaml"])
+def test_real_model_configs_parse(config):
+    """The GPU/Hub configs are not run here, but every key in them must be a valid argument."""
+    margs, dargs, targs = parse(config, ["--bf16", "false"])  # bf16 needs the GPU these configs are for
+    assert margs.model_name_or_path and dargs.dataset_name and targs.max_steps > 0
