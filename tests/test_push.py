@@ -44,7 +44,7 @@ def test_push_sends_the_export_and_card_metadata(export):
                                                  "repo_type": "model"}
     assert name2 == "upload_folder" and upload["repo_id"] == "me/pruned-llama"
     assert upload["files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors",
-                               "pruning_manifest.json"]
+                               "pruning_manifest.json", "pruning_plot.png"]
     assert "parameters" in upload["commit_message"]
     card = (export / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
