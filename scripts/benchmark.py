@@ -51,8 +51,9 @@ SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num
              num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)
 QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
-METHODS = ("dense", "hesso", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
-LABELS = {"dense": "dense + same training (control)", "hesso": "HESSO", "hesso_cric": "HESSO + CRIC",
+METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
+LABELS = {"dense": "dense + same training (control)", "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
+          "hesso_cric": "HESSO + CRIC",
           "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
           "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train"}
 
@@ -75,14 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
-    p.add_argument("--tp_timeout", type=int, default=120, help="seconds Torch-Pruning may take to build")
+    p.add_argument("--tp_timeout", type=int, default=600, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.quick:
         a.ref_steps, a.steps, a.batch, a.block, a.max_text_mb, a.vocab = 20, 30, 4, 32, 0.1, 300
-        a.calib_batches, a.tp_timeout = 2, 30
+        a.calib_batches, a.tp_timeout = 2, 120
     for s in a.sparsities:
         if not 0.0 < s < 1.0:
             p.error(f"sparsities must be in (0, 1), got {s}")
@@ -186,18 +187,25 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     if method == "dense":
         train(model, train_blocks, a.steps, a, a.lr, workdir)
         final = model
-    elif method in ("hesso", "hesso_cric"):
+    elif method in ("hesso", "hesso_ema", "hesso_cric"):
+        # HESSO: warm-up 5%, pruning over 50% of the steps in 5 periods, then training at the final size.
+        # With CRIC, its cycles (3 x 5% of the steps) come out of the pruning phase, so both variants
+        # reach the final size at the same step and train it equally long.
         cric = method == "hesso_cric"
+        sampling = max(2, a.steps // 20)
+        pruning = 0.5 - (3 * sampling / a.steps if cric else 0.0)
+        ema = 0.9 if method == "hesso_ema" else a.saliency_ema
         trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
-                        pruning_layout="uniform", start_pruning_step=0.05, pruning_steps=0.5, pruning_periods=5,
-                        ffn_multiple=8, saliency_ema=a.saliency_ema, use_cric=cric,
-                        cric_sampling_steps=max(2, a.steps // 20), cric_max_cycles=4)
+                        pruning_layout="uniform", start_pruning_step=0.05, pruning_steps=pruning, pruning_periods=5,
+                        ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
+                        cric_max_cycles=3)
         final = construct_subnet(model, trainer.pruning_space, layout="uniform")
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
     elif method == "torch_pruning":
-        final = torch_pruning(model, space, sparsity, a, workdir)
-        if isinstance(final, str):
-            return dict(row, error=final, seconds=round(time.perf_counter() - t0, 1))
+        result = torch_pruning(model, space, sparsity, a, workdir)
+        if isinstance(result, str):
+            return dict(row, error=result, seconds=round(time.perf_counter() - t0, 1))
+        final, row["torch_pruning"] = result
         train(final, train_blocks, a.steps, a, a.lr, workdir)
     else:
         calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
@@ -218,59 +226,85 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
 
 TP_SCRIPT = textwrap.dedent(
     """
-    import sys, torch, torch_pruning as tp
+    import copy, json, sys, time, torch, torch_pruning as tp
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-    ratio, out = float(sys.argv[2]), sys.argv[3]
-    num_heads = {}
-    for name, m in model.named_modules():
-        if name.endswith("self_attn"):
-            num_heads[m.q_proj] = model.config.num_attention_heads
-            num_heads[m.k_proj] = model.config.num_key_value_heads
-            num_heads[m.v_proj] = model.config.num_key_value_heads
+    target, out = int(sys.argv[2]), sys.argv[3]
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
-    # Torch-Pruning's documented LLM recipe, with the embedding and lm_head kept (attention + FFN only).
-    pruner = tp.pruner.MetaPruner(
-        model, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=num_heads, prune_num_heads=True,
-        prune_head_dims=False, global_pruning=False, round_to=8,
-        ignored_layers=[model.lm_head, model.get_input_embeddings()],
-        forward_fn=lambda m, x: m(x).logits)
-    pruner.step()
-    attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
-    mlp = [m for n, m in model.named_modules() if n.endswith("mlp")]
+
+    def prunable(m):  # attention + FFN weights and biases
+        return sum(p.numel() for n, p in m.named_parameters() if ".self_attn." in n or ".mlp." in n)
+
+    def prune(ratio):
+        m = copy.deepcopy(model)
+        num_heads = {}
+        for name, mod in m.named_modules():
+            if name.endswith("self_attn"):
+                num_heads[mod.q_proj] = m.config.num_attention_heads
+                num_heads[mod.k_proj] = m.config.num_key_value_heads
+                num_heads[mod.v_proj] = m.config.num_key_value_heads
+        # Torch-Pruning's documented LLM recipe, with the embedding and lm_head kept (attention + FFN only).
+        pruner = tp.pruner.MetaPruner(
+            m, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=num_heads, prune_num_heads=True,
+            prune_head_dims=False, global_pruning=False, round_to=8,
+            ignored_layers=[m.lm_head, m.get_input_embeddings()], forward_fn=lambda mm, x: mm(x).logits)
+        pruner.step()
+        return m
+
+    base = prunable(model)
+    ratio, best, tries = target / base, None, []
+    for _ in range(4):  # calibrate the ratio so the removed parameter count matches the target (1%)
+        t0 = time.perf_counter()
+        m = prune(min(ratio, 0.95))
+        removed = base - prunable(m)
+        tries.append([round(ratio, 4), removed, round(time.perf_counter() - t0, 1)])
+        if best is None or abs(removed - target) < abs(best[1] - target):
+            best = (m, removed, ratio)
+        if abs(removed - target) <= 0.01 * target or removed == 0:
+            break
+        ratio *= target / removed
+    m = best[0]
+    attn = [a for n, a in m.named_modules() if n.endswith("self_attn")]
+    mlp = [f for n, f in m.named_modules() if n.endswith("mlp")]
     shapes = {(a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim, f.gate_proj.out_features)
               for a, f in zip(attn, mlp)}
-    if len(shapes) != 1 or model.lm_head.in_features != model.config.hidden_size:
+    if len(shapes) != 1 or m.lm_head.in_features != m.config.hidden_size:
         raise SystemExit(f"pruned layers differ or the hidden size changed: {sorted(shapes)}")
     heads, kv, ffn = shapes.pop()
-    model.config.update(dict(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn))
-    model.save_pretrained(out)
+    m.config.update(dict(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn))
+    m.save_pretrained(out)
+    print(json.dumps({"tries": tries, "ratio": best[2]}))
     """
 )
 
 
 def torch_pruning(model, space, sparsity: float, a: argparse.Namespace, workdir: Path):
-    """Torch-Pruning in a subprocess with a time limit; returns the pruned model or an error string."""
+    """Torch-Pruning in a subprocess with a time limit; returns (pruned model, facts) or an error string.
+
+    Its single pruning ratio is calibrated (up to 4 tries) so that it removes the same number of
+    attention+FFN parameters as the other methods.
+    """
     try:
         tp_version = version("torch-pruning")
     except PackageNotFoundError:
         return "torch-pruning is not installed (pip install -e .[bench])"
     ref = workdir / "tp_ref"
     model.save_pretrained(ref)
+    target = int(round(space.prunable_params * sparsity))
     out = workdir / "tp_pruned"
     try:
-        res = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(ref), str(sparsity), str(out)],
+        res = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(ref), str(target), str(out)],
                              capture_output=True, text=True, timeout=a.tp_timeout)
     except subprocess.TimeoutExpired:
-        return (f"torch-pruning {tp_version}: building its dependency graph of this transformers "
-                f"{version('transformers')} Llama did not finish in {a.tp_timeout} s")
+        return (f"torch-pruning {tp_version}: pruning this transformers {version('transformers')} Llama did not "
+                f"finish in {a.tp_timeout} s")
     if res.returncode != 0:
         last = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-1:]
         return f"torch-pruning {tp_version} raised: {last[0][:200] if last else 'unknown error'}"
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(out)
+    return AutoModelForCausalLM.from_pretrained(out), json.loads(res.stdout.strip().splitlines()[-1])
 
 
 # Speed ---------------------------------------------------------------------------------------
@@ -416,7 +450,18 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
         if cands:
             b = min(cands, key=lambda r: r["eval_ppl"])
             best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b['eval_ppl']:.2f})")
-    lines += ["", "Lowest perplexity per sparsity: " + "; ".join(best) + "."]
+    spread = []
+    for s in a.sparsities:
+        sizes = [r["params"] for r in rows if r["sparsity"] == s and r["method"] != "dense" and "params" in r]
+        if sizes:
+            spread.append(f"{100 * s:.0f}%: {100 * (max(sizes) - min(sizes)) / min(sizes):.2f}%")
+    lines += ["", "Lowest perplexity per sparsity: " + "; ".join(best) + ".",
+              "Largest difference in final parameter count between methods: " + "; ".join(spread) + "."]
+    tp_rows = [r for r in rows if r.get("torch_pruning")]
+    if tp_rows:
+        lines.append("Torch-Pruning's ratio was calibrated to the same removed count; tries as [ratio, removed, "
+                     "seconds]: " + "; ".join(f"{100 * r['sparsity']:.0f}%: {r['torch_pruning']['tries']}"
+                                              for r in tp_rows) + ".")
     if dense:
         lines.append(f"Dense control with the same training: perplexity {dense['eval_ppl']:.2f}.")
     if res.get("speed"):
@@ -494,7 +539,7 @@ def main(argv: list[str] | None = None) -> Path:
         bar = tqdm(jobs, desc="benchmark", unit="run")
         for method, sparsity in bar:
             bar.set_postfix_str(f"{method} {sparsity:.0%}")
-            if method == "torch_pruning" and tp_error and "did not finish" in tp_error:
+            if method == "torch_pruning" and tp_error and "not installed" in tp_error:
                 res["rows"].append({"method": method, "sparsity": sparsity, "error": tp_error + " (first try)",
                                     "seconds": 0.0})
                 continue

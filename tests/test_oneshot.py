@@ -95,3 +95,29 @@ def test_bad_input():
         oneshot_scores(model, space, "random")
     with pytest.raises(ValueError, match="cannot be reached"):
         oneshot_prune(model, space, torch.zeros(len(space)), target_sparsity=0.999)
+
+
+def test_head_counts_the_config_refuses_are_never_chosen(tmp_path):
+    """Llama's config requires hidden_size % num_attention_heads == 0: 3 or 6 heads of 8 cannot be saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                                         vocab_size=64)).eval()
+    space = discover_groups(model)
+    valid = set(space.sets[0].meta["valid_counts"])
+    assert (3, 2) not in valid and (4, 2) in valid and (2, 2) in valid
+    seen = set()
+    for seed in range(6):
+        for sparsity in (0.2, 0.45, 0.7):
+            m = __import__("copy").deepcopy(model)
+            scores = torch.rand(len(space), generator=torch.Generator().manual_seed(seed))
+            oneshot_prune(m, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8)
+            small = construct_subnet(m, space, layout="uniform")
+            c = small.config
+            state = (c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads)
+            assert state in valid, state
+            seen.add(state)
+            small.config.validate()  # what save_pretrained and from_pretrained check
+    assert len(seen) > 1  # heads were really pruned in some runs

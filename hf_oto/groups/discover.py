@@ -503,7 +503,10 @@ def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> 
                 if t.kind == s.kind and layer_relative(t.meta["consumer"]) == layer_relative(s.meta["consumer"]):
                     t.meta["field"] = field
     attention_ok = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
+    valid = _valid_head_counts(config, [s for s in layer0 if s.block == "attention"])
     for s in sets:
+        if s.block == "attention" and valid is not None:
+            s.meta["valid_counts"] = valid
         if s.block == "attention" and s.prunable and not attention_ok:
             s.prunable = False
             s.reason = (
@@ -549,6 +552,35 @@ def _probe_ffn_field(base, config, s: GroupSet) -> str | None:
         if dim is not None and new[dim] == width - 1:
             return field
     return None
+
+
+def _valid_head_counts(config, attn_sets: list[GroupSet]) -> tuple[tuple[int, int], ...] | None:
+    """(kv heads, query heads per kv head) pairs the config accepts (its own validation decides).
+
+    Some configs check more than the shapes (Llama: ``hidden_size % num_attention_heads == 0``), so
+    a head count the model runs with may still be refused when the export is saved or loaded.
+    """
+    validate = getattr(config, "validate", None)
+    if not attn_sets or validate is None or not hasattr(config, "num_attention_heads"):
+        return None
+    meta = attn_sets[0].meta
+    n_q, n_kv = meta["num_heads"], meta["num_kv_heads"]
+    gqa = any(s.kind == "kv_group" for s in attn_sets)
+    pairs = [(kv, q) for kv in range(1, n_kv + 1) for q in range(1, n_q // n_kv + 1)] if gqa else \
+        [(h, 1) for h in range(1, n_q + 1)]
+    has_kv = getattr(config, "num_key_value_heads", None) is not None
+    ok = []
+    for kv, q in pairs:
+        cfg = copy.deepcopy(config)
+        try:
+            cfg.num_attention_heads = kv * q
+            if has_kv:
+                cfg.num_key_value_heads = kv if gqa else kv * q
+            cfg.validate()
+        except Exception:  # noqa: BLE001 - the config refuses this count
+            continue
+        ok.append((kv, q))
+    return tuple(ok)
 
 
 def _probe_heads(base, config, attn_sets: list[GroupSet]) -> bool:

@@ -146,27 +146,87 @@ def build_items(
 
 
 def select(plan: Plan, items: list[Item], target: int, tolerance: float) -> int:
-    """Take items (lowest score first, chains in order) until ``target`` pruned params; returns count."""
-    hi = target * (1 + tolerance)
-    done_in_chain: dict[tuple, int] = defaultdict(int)
+    """Take items (lowest score first, chains in order) until ``target`` pruned params; returns count.
+
+    Head counts the config refuses (``valid_counts`` in the attention sets' meta, e.g. Llama needs
+    ``hidden_size % num_attention_heads == 0``) are repaired by re-admitting groups taken in this
+    call, and the rest of the budget is then filled without touching those attention sets.
+    """
+    locked = [set(r) for r in plan.removed]
     pending = sorted(items, key=lambda it: (it.score, it.order))
+    done: dict[tuple, int] = defaultdict(int)
+    taken: dict[tuple[int, int], float] = {}
+    _fill(plan, pending, done, taken, target, tolerance, frozenset())
+    repaired = repair_head_counts(plan, locked, taken)
+    if repaired:
+        _fill(plan, pending, done, taken, target, tolerance, repaired)
+    return plan.pruned_params()
+
+
+def _fill(plan: Plan, pending: list[Item], done: dict[tuple, int], taken: dict[tuple[int, int], float],
+          target: int, tolerance: float, skip: frozenset[int]) -> None:
+    hi = target * (1 + tolerance)
     progress = True
     while progress and plan.pruned_params() < target * (1 - tolerance):
         progress = False
         for it in list(pending):
-            if it.order != done_in_chain[it.chain]:
+            if it.order != done[it.chain] or any(k in skip for k, _ in it.members):
                 continue
             gain = sum(plan.gain(k, len(c)) for k, c in it.members)
             if plan.pruned_params() + gain > hi:
                 continue
             for k, c in it.members:
                 plan.removed[k].update(c)
-            done_in_chain[it.chain] += 1
+                taken.update({(k, j): it.score for j in c})
+            done[it.chain] += 1
             pending.remove(it)
             progress = True
             if plan.pruned_params() >= target * (1 - tolerance):
                 break
-    return plan.pruned_params()
+
+
+def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int, int], float]) -> frozenset[int]:
+    """Move every attention block whose (kv, query-per-kv) counts the config refuses to the nearest
+    accepted counts above, by re-admitting the highest-scoring groups not in ``locked``.
+
+    Returns the set indices of the repaired blocks' sets (empty if nothing needed repair).
+    """
+    by_prefix: dict[str, dict[str, int]] = defaultdict(dict)
+    for k, gs in enumerate(plan.space.sets):
+        if gs.block == "attention" and gs.prunable and gs.meta.get("valid_counts") is not None:
+            by_prefix[gs.prefix][gs.kind] = k
+    repaired: set[int] = set()
+    sets = plan.space.sets
+
+    def kept(k: int | None, removed: list[set[int]]) -> int:
+        return 1 if k is None else sets[k].count - len(removed[k])
+
+    for kinds in by_prefix.values():
+        first = plan.space.sets[next(iter(kinds.values()))]
+        valid = set(map(tuple, first.meta["valid_counts"]))
+        if "kv_group" in kinds:
+            a, b = kinds["kv_group"], kinds.get("query_head")
+        else:
+            a, b = kinds.get("attention_head"), None
+        if a is None:
+            continue
+        state = (kept(a, plan.removed), kept(b, plan.removed))
+        if state in valid:
+            continue
+        top = (kept(a, locked), kept(b, locked))
+        options = [v for v in valid if state[0] <= v[0] <= top[0] and state[1] <= v[1] <= top[1]]
+        if not options:
+            raise ValueError(f"{first.prefix}: no head count the config accepts is reachable from {state}")
+        goal = min(options, key=lambda v: (v[0] * v[1], v))
+        for k, want in ((a, goal[0]), (b, goal[1])):
+            if k is None:
+                continue
+            free = sorted((j for j in plan.removed[k] if j not in locked[k]),
+                          key=lambda j, k=k: -taken.get((k, j), 0.0))
+            for j in free[:want - kept(k, plan.removed)]:
+                plan.removed[k].discard(j)
+            repaired.add(k)
+    return frozenset(repaired)
 
 
 def max_prunable(space: PruningSpace, *, layout: Layout, multiple: int, min_keep: int) -> int:
@@ -177,4 +237,5 @@ def max_prunable(space: PruningSpace, *, layout: Layout, multiple: int, min_keep
     for it in items:
         for k, c in it.members:
             plan.removed[k].update(c)
+    repair_head_counts(plan, [set() for _ in space.sets], {})
     return plan.pruned_params()

@@ -1,0 +1,26 @@
+"""scripts/benchmark.py end to end with tiny settings: table, JSON and plot from one command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+
+def test_benchmark_quick_writes_table_and_plot(tmp_path):
+    import benchmark
+
+    report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "hesso", "wanda_sp",
+                             "--skip_speed", "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    text = report.read_text()
+    assert "| 50% | HESSO |" in text and "| 50% | Wanda-sp" in text and "dense + same training" in text
+    rows = json.loads((tmp_path / "res" / "results.json").read_text())["rows"]
+    pruned = [r for r in rows if r["method"] != "dense"]
+    p0 = pruned[0]["params"]
+    assert all(abs(r["params"] - p0) <= 0.02 * p0 for r in pruned)  # same size, up to tiny-model granularity
+    assert all(r["eval_ppl"] > 1 for r in rows)
+    assert (tmp_path / "res" / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+    # the cached reference model is reused by a second run
+    assert len(list((tmp_path / "cache").iterdir())) == 1
