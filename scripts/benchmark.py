@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
-    p.add_argument("--tp_timeout", type=int, default=600, help="seconds Torch-Pruning may take (all tries)")
+    p.add_argument("--tp_timeout", type=int, default=900, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
     p.add_argument("--seed", type=int, default=0)
