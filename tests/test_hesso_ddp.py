@@ -60,22 +60,92 @@ def test_two_ranks_end_identical(tmp_path, use_cric):
     assert int(a["__pruned__"].sum()) > 0
 
 
-def test_fsdp_sharded_parameters_are_refused_with_a_clear_message(tmp_path):
+def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import tiny_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        from tiny import tiny_model
+    from hf_oto import discover_groups
+    from hf_oto.optim import HESSO
+    from hf_oto.optim.saliency import group_statistics
 
-        from hf_oto import discover_groups
-        from hf_oto.optim import HESSO
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = HESSO(model, space, **_fsdp_settings(use_cric))
+    for step in range(16):
+        ids = _fsdp_batch(step)[rank]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.observe_loss(loss)
+        opt.step()
+        opt.zero_grad()
+    assert opt._rows, "the parameters were not sharded"
+    sharded = group_statistics(dict(model.named_parameters()), space)["sq"]
+    from hf_oto import construct_subnet
+    from hf_oto.optim.shard import unsharded_copy
 
-        model = tiny_model("llama")
-        space = discover_groups(model)
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(ValueError, match="FSDP-sharded parameters"):
-            HESSO(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, pruning_steps=4, pruning_periods=2)
-    finally:
-        dist.destroy_process_group()
+    small = construct_subnet(unsharded_copy(model), space, layout="uniform")  # collective gather, then slice
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    whole = group_statistics(full, space)["sq"]
+    if rank == 0:
+        probe = _fsdp_batch(99)[0]
+        save_file({**{n: t.contiguous() for n, t in full.items()}, "_pruned": opt.pruned.to(torch.uint8),
+                   "_small_logits": small(input_ids=probe).logits.detach(),
+                   "_sq_sharded": sharded, "_sq_full": whole}, os.path.join(out_dir, "fsdp.safetensors"))
+    dist.destroy_process_group()
+
+
+def _fsdp_settings(use_cric: bool) -> dict:
+    from hf_oto.optim import CRICConfig
+
+    cric = CRICConfig(sampling_steps=3, min_cycles=2, max_cycles=2) if use_cric else None
+    return dict(base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2, pruning_steps=6,
+                pruning_periods=2, cric=cric)
+
+
+def _fsdp_batch(step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randint(3, 64, (2, 12), generator=gen) for _ in range(2)]
+
+
+@pytest.mark.parametrize("use_cric", [False, True])
+def test_fsdp2_two_ranks_match_one_process(tmp_path, use_cric):
+    """FSDP2 (fully_shard, gloo on CPU): per-group sums over shards equal the full sums, and two
+    sharded ranks prune exactly what one unsharded process does on the same global batches."""
+    from tiny import tiny_model
+
+    from hf_oto import discover_groups
+    from hf_oto.optim import HESSO
+
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path), use_cric), nprocs=2, join=True)
+    got = load_file(str(tmp_path / "fsdp.safetensors"))
+    torch.testing.assert_close(got.pop("_sq_sharded"), got.pop("_sq_full"), rtol=1e-5, atol=1e-6)
+
+    model = tiny_model("llama")
+    opt = HESSO(model, discover_groups(model), **_fsdp_settings(use_cric))
+    for step in range(16):
+        ids = torch.cat(_fsdp_batch(step))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.observe_loss(loss)
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(got.pop("_pruned").bool(), opt.pruned) and int(opt.pruned.sum()) > 0
+    from hf_oto import construct_subnet
+
+    small = construct_subnet(model.eval(), discover_groups(model), layout="uniform")
+    torch.testing.assert_close(got.pop("_small_logits"), small(input_ids=_fsdp_batch(99)[0]).logits.detach(),
+                               rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(got[name] == 0, p.detach() == 0) or name.endswith("norm.weight"), name

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
 from hf_oto.optim.cric import CRICConfig, CRICState, _unit
 from hf_oto.optim.saliency import SaliencyWeights, group_statistics, lora_factors, saliency
+from hf_oto.optim.shard import all_reduce_sum, is_sharded, local, row_range
 
 
 class _Index(dict):
@@ -98,13 +98,14 @@ class HESSO(torch.optim.Optimizer):
         missing = {s.param for gs in space.sets for s in gs.slices} - set(self.model_params)
         if missing:
             raise ValueError(f"the pruning space names parameters the model does not have: {sorted(missing)[:3]}")
-        sharded = [n for n in {s.param for gs in space.sets for s in gs.slices}
-                   if isinstance(self.model_params[n].data, DTensor)]
-        if sharded:
-            raise ValueError(
-                f"FSDP-sharded parameters (e.g. {sharded[0]}) are not supported by HESSO yet: group norms and "
-                "zeroing would act on one rank's shard. Train with DDP (configs/accelerate/ddp_gpu.yaml)."
-            )
+        self._rows: dict[str, tuple[int, int]] = {}  # FSDP2: (first row, rows) of each sharded param here
+        for gs in space.sets:
+            for spec in gs.slices:
+                p = self.model_params[spec.param]
+                if is_sharded(p):
+                    if spec.expert is not None:
+                        raise ValueError("MoE expert weights sharded by FSDP are not supported by HESSO")
+                    self._rows[spec.param] = row_range(p)
         self.space = space
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.settings = dict(
@@ -246,11 +247,11 @@ class HESSO(torch.optim.Optimizer):
         cs.previous, cs.candidates = cs.candidates, plan.mask()
         cs.trial = cs.trial_subset(self.cric, cs.candidates)
         self._trial_index = self._indices(cs.trial)
-        cs.snapshot = {}
-        for (name, dim, expert), idx in self._trial_index.items():
-            t = self.model_params[name].detach()
-            view, d = (t[expert], dim - 1) if expert is not None else (t, dim)
-            cs.snapshot[f"{name}|{dim}|{expert}"] = view.index_select(d, idx).clone()
+        cs.snapshot = {}  # only the trial slices (this rank's rows under FSDP)
+        for (name, dim, expert), m in self._masks(self._trial_index).items():
+            view = self._view(self.model_params[name].data, expert)
+            mask = self._local_mask(name, dim, m).expand_as(view)
+            cs.snapshot[f"{name}|{dim}|{expert}"] = view.masked_select(mask).clone()
         cs.losses = []
 
     def _cric_step(self, step: int) -> None:
@@ -270,12 +271,13 @@ class HESSO(torch.optim.Optimizer):
         cs.harm_n[cs.trial] += 1
         cs.harm_total += harm
         cs.trials += 1
+        masks = self._masks(self._trial_index)
         for key, values in cs.snapshot.items():  # restore the trial groups
             name, dim, expert = key.split("|")
-            t = self.model_params[name].data
             expert_i = None if expert == "None" else int(expert)
-            view, d = (t[expert_i], int(dim) - 1) if expert_i is not None else (t, int(dim))
-            view.index_copy_(d, self._trial_index[(name, int(dim), expert_i)], values)
+            view = self._view(self.model_params[name].data, expert_i)
+            mask = self._local_mask(name, int(dim), masks[(name, int(dim), expert_i)]).expand_as(view)
+            view.masked_scatter_(mask, values)
         cs.snapshot, cs.t, self._trial_index = {}, 0, None
         cs.cycle += 1
         stable = cs.previous is not None and int((cs.candidates ^ cs.previous).sum()) <= \
@@ -334,7 +336,25 @@ class HESSO(torch.optim.Optimizer):
 
     @staticmethod
     def _view(t: torch.Tensor, expert: int | None) -> torch.Tensor:
+        t = local(t)
         return t[expert] if expert is not None else t
+
+    def _local_mask(self, name: str, dim: int, m: torch.Tensor) -> torch.Tensor:
+        """The mask for this rank's rows of an FSDP-sharded parameter (unchanged otherwise)."""
+        if name in self._rows and dim == 0:
+            start, length = self._rows[name]
+            return m.narrow(0, start, length)
+        return m
+
+    def _pairs(self, index: _Index, tensor_of):
+        """(local view, local mask) for every slice key of ``index``; ``tensor_of(param)`` picks the tensor."""
+        for (name, dim, expert), m in self._masks(index).items():
+            t = tensor_of(self.model_params[name])
+            if t is not None:
+                yield self._view(t, expert), self._local_mask(name, dim, m)
+
+    def _reduce_device(self) -> torch.device:
+        return self.model_params[next(iter(self._rows))].device
 
     def _scale_redundant(self, factor: float) -> None:
         if not bool(self.redundant.any()):
@@ -345,8 +365,7 @@ class HESSO(torch.optim.Optimizer):
 
     def _scale(self, index: _Index, factor: float) -> None:
         """Multiply the indexed parameter slices by ``factor`` in place (optimizer state untouched)."""
-        for (name, _, expert), m in self._masks(index).items():
-            view = self._view(self.model_params[name].data, expert)
+        for view, m in self._pairs(index, lambda p: p.data):
             view.mul_(torch.where(m, torch.tensor(factor, dtype=view.dtype, device=view.device),
                                   torch.tensor(1.0, dtype=view.dtype, device=view.device)))
 
@@ -362,13 +381,13 @@ class HESSO(torch.optim.Optimizer):
         index = self._pruned_index()
         if index is None:
             return
-        for (name, _, expert), m in self._masks(index).items():
+        for (name, dim, expert), m in self._masks(index).items():
             p = self.model_params[name]
             targets = [p.data]
             if include_state:
                 targets += [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
             for t in targets:
-                self._view(t, expert).masked_fill_(m, 0.0)
+                self._view(t, expert).masked_fill_(self._local_mask(name, dim, m), 0.0)
 
     def _keep_pruned_zero(self) -> None:
         index = self._pruned_index()
@@ -380,9 +399,10 @@ class HESSO(torch.optim.Optimizer):
         if self._clean_steps >= 3:
             return
         clean = True
-        for (name, _, expert), m in self._masks(index).items():
-            view = self._view(self.model_params[name].data, expert)
+        for view, m in self._pairs(index, lambda p: p.data):
             clean = clean and not bool(view.masked_fill(~m, 0.0).any())
+        if self._rows:  # every rank must take the same decision
+            clean = float(all_reduce_sum(torch.tensor([float(not clean)]), self._reduce_device())) == 0.0
         if clean:
             self._clean_steps += 1
         else:  # this optimizer moves zero weights with zero grads and moments: re-zero every step
@@ -393,10 +413,9 @@ class HESSO(torch.optim.Optimizer):
         index = self._pruned_index()
         if index is None:
             return
-        for (name, _, expert), m in self._masks(index).items():
-            g = self.model_params[name].grad
-            if g is not None:  # a multiply by a 0/1 vector is the fastest in-place zeroing on CPU
-                self._view(g, expert).mul_((~m).to(g.dtype))
+        for view, m in self._pairs(index, lambda p: p.grad):
+            # a multiply by a 0/1 vector is the fastest in-place zeroing on CPU
+            view.mul_((~m).to(view.dtype))
 
     # Reporting ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_oto.groups.space import PruningSpace, SliceSpec
+from hf_oto.optim.shard import all_reduce_sum, gather_rows, is_sharded
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,14 @@ def _effective(params, f: LoraFactors, base: torch.Tensor, update=None) -> torch
 
 
 def _gather(t: torch.Tensor, spec: SliceSpec, count: int) -> torch.Tensor:
+    """The group rows of ``t`` as (count, -1); on an FSDP shard, the locally held part (zeros elsewhere)."""
     if spec.expert is not None:
+        if is_sharded(t):
+            raise ValueError("MoE expert weights sharded by FSDP are not supported by HESSO")
         t, dim = t[spec.expert], spec.dim - 1
     else:
         dim = spec.dim
-    picked = t.movedim(dim, 0).index_select(0, spec.index.flatten().to(t.device))
-    return picked.reshape(count, -1).float()
+    return gather_rows(t, dim, spec.index.flatten()).reshape(count, -1).float()
 
 
 @torch.no_grad()
@@ -89,16 +92,22 @@ def group_statistics(
     """
     lora = lora or {}
     factor_names = {n for f in lora.values() for n in f.a + f.b}
+    if lora and any(is_sharded(params[n]) for n in lora):
+        raise ValueError("LoRA adapters on FSDP-sharded weights are not supported by HESSO")
     sq, xg, xu, uu, size = [], [], [], [], []
+    # FSDP: a sharded parameter yields partial sums (its local rows); they are summed over ranks.
+    psq, pxg, pxu, puu = [], [], [], []
+    device = None
     for gs in space.sets:
         n = gs.count
-        s_sq = torch.zeros(n)
-        s_xg = torch.zeros(n)
-        s_xu = torch.zeros(n)
-        s_uu = torch.zeros(n)
+        full = [torch.zeros(n) for _ in range(4)]
+        part = [torch.zeros(n) for _ in range(4)]
         numel = 0
         for spec in gs.slices:
             p = params[spec.param]
+            if is_sharded(p):
+                device = device or p.device
+            s_sq, s_xg, s_xu, s_uu = part if is_sharded(p) else full
             if spec.param in factor_names:
                 if p.grad is not None:
                     s_xg += (_gather(p.detach(), spec, n) * _gather(p.grad, spec, n)).sum(1).cpu()
@@ -118,13 +127,25 @@ def group_statistics(
                 u = _gather(u_full, spec, n)
                 s_xu += (x * u).sum(1).cpu()
                 s_uu += (u * u).sum(1).cpu()
-        sq.append(s_sq)
-        xg.append(s_xg)
-        xu.append(s_xu)
-        uu.append(s_uu)
+            if is_sharded(p):  # the group's width counts the full tensor, not the local rows
+                numel += (_full_width(spec, p.shape) - x.shape[1])
+        for out, f in zip((sq, xg, xu, uu), full, strict=True):
+            out.append(f)
+        for out, f in zip((psq, pxg, pxu, puu), part, strict=True):
+            out.append(f)
         size.append(torch.full((n,), float(numel)))
     cat = torch.cat
-    return {"sq": cat(sq), "xg": cat(xg), "xu": cat(xu), "uu": cat(uu), "size": cat(size)}
+    stats = {"sq": cat(sq), "xg": cat(xg), "xu": cat(xu), "uu": cat(uu), "size": cat(size)}
+    if device is not None:
+        partial = all_reduce_sum(torch.stack([cat(psq), cat(pxg), cat(pxu), cat(puu)]), device)
+        for key, row in zip(("sq", "xg", "xu", "uu"), partial, strict=True):
+            stats[key] = stats[key] + row
+    return stats
+
+
+def _full_width(spec: SliceSpec, shape) -> int:
+    """Elements per group of a slice in the full (unsharded) tensor."""
+    return spec.index.shape[1] * spec.per_index_numel(shape)
 
 
 def saliency(stats: dict[str, torch.Tensor], weights: SaliencyWeights) -> torch.Tensor:

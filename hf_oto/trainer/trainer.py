@@ -32,8 +32,8 @@ class HFOTOTrainer(Trainer):
         if not isinstance(self.args, HFOTOTrainingArguments):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
         if getattr(self, "is_fsdp_enabled", False):
-            raise ValueError("HFOTOTrainer does not support FSDP yet (group norms would see one rank's shard); "
-                             "use DDP: configs/accelerate/ddp_gpu.yaml")
+            raise ValueError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
+                             "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
         self._total_steps: int | None = None
         self.pruning_space = check_pruning_setup(self.model, self.args)
 
