@@ -239,3 +239,20 @@ def max_prunable(space: PruningSpace, *, layout: Layout, multiple: int, min_keep
             plan.removed[k].update(c)
     repair_head_counts(plan, [set() for _ in space.sets], {})
     return plan.pruned_params()
+
+
+def resolve_target(space: PruningSpace, target_sparsity: float | None, target_params: int | None, *,
+                   layout: Layout, multiple: int, min_keep: int) -> int:
+    """The pruned-parameter target (from a fraction or a count), checked against the constraints."""
+    if target_params is None:
+        if target_sparsity is None or not 0.0 < target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        target_params = int(round(space.prunable_params * target_sparsity))
+    reachable = max_prunable(space, layout=layout, multiple=multiple, min_keep=min_keep)
+    if not 0 < target_params <= reachable:
+        raise ValueError(
+            f"target of {target_params:,} pruned parameters cannot be reached: the constraints "
+            f"(layout={layout!r}, ffn_multiple={multiple}, min_keep={min_keep}) allow at most "
+            f"{reachable:,} of {space.prunable_params:,} prunable parameters"
+        )
+    return int(target_params)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hf_oto.groups.space import PruningSpace
-from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
+from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
 from hf_oto.optim.cric import CRICConfig, CRICState, _unit
 from hf_oto.optim.saliency import SaliencyWeights, group_statistics, lora_factors, saliency
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, local, row_range
@@ -71,17 +71,8 @@ class HESSO(torch.optim.Optimizer):
             raise ValueError(f"layout must be 'global' or 'uniform', got {layout!r}")
         if saliency_ema is not None and not 0.0 <= saliency_ema < 1.0:
             raise ValueError(f"saliency_ema must be in [0, 1), got {saliency_ema}")
-        if target_params is None:
-            if target_sparsity is None or not 0.0 < target_sparsity < 1.0:
-                raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
-            target_params = int(round(space.prunable_params * target_sparsity))
-        reachable = max_prunable(space, layout=layout, multiple=ffn_multiple, min_keep=min_keep)
-        if not 0 < target_params <= reachable:
-            raise ValueError(
-                f"target of {target_params:,} pruned parameters cannot be reached: the constraints "
-                f"(layout={layout!r}, ffn_multiple={ffn_multiple}, min_keep={min_keep}) allow at most "
-                f"{reachable:,} of {space.prunable_params:,} prunable parameters"
-            )
+        target_params = resolve_target(space, target_sparsity, target_params, layout=layout,
+                                       multiple=ffn_multiple, min_keep=min_keep)
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             base = base_optimizer

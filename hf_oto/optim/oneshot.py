@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hf_oto.groups.space import PruningSpace, zero_groups
-from hf_oto.optim.budget import Layout, Plan, build_items, max_prunable, select
+from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
 from hf_oto.optim.saliency import _gather, group_statistics
 
 Criterion = Literal["magnitude", "taylor", "wanda_sp"]
@@ -149,13 +149,8 @@ def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *
                   layout: Layout = "uniform", ffn_multiple: int = 8, min_keep: int = 1,
                   tolerance: float = 0.01) -> Plan:
     """Zero the lowest-scoring groups (in place) until the parameter target is met; returns the plan."""
-    if target_params is None:
-        if target_sparsity is None or not 0.0 < target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
-        target_params = int(round(space.prunable_params * target_sparsity))
-    reachable = max_prunable(space, layout=layout, multiple=ffn_multiple, min_keep=min_keep)
-    if not 0 < target_params <= reachable:
-        raise ValueError(f"target of {target_params:,} pruned parameters cannot be reached (at most {reachable:,})")
+    target_params = resolve_target(space, target_sparsity, target_params, layout=layout, multiple=ffn_multiple,
+                                   min_keep=min_keep)
     plan = Plan(space)
     items = build_items(space, scores, plan, layout=layout, multiple=ffn_multiple, min_keep=min_keep)
     select(plan, items, target_params, tolerance)
