@@ -1,6 +1,6 @@
 """Group discovery time and memory on the meta device for Llama-2-7B, Llama-3-8B and 70B configs.
 
-Run: .venv/bin/python scripts/bench_discovery.py [--sizes 8b 70b]
+Run: .venv/bin/python scripts/bench_discovery.py [--sizes 7b 8b 70b]
 Each size runs in a fresh subprocess so its peak resident memory is its own.
 """
 
@@ -59,7 +59,7 @@ def run_one(size: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", nargs="+", default=["8b", "70b"], choices=sorted(CONFIGS))
+    parser.add_argument("--sizes", nargs="+", default=["7b", "8b", "70b"], choices=sorted(CONFIGS))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
