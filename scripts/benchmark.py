@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
+    p.add_argument("--hesso_start", type=float, default=0.05, help="HESSO warm-up (fraction of --steps)")
+    p.add_argument("--hesso_pruning", type=float, default=0.5, help="HESSO pruning phase (fraction of --steps)")
     p.add_argument("--tp_timeout", type=int, default=900, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
@@ -188,15 +190,17 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         train(model, train_blocks, a.steps, a, a.lr, workdir)
         final = model
     elif method in ("hesso", "hesso_ema", "hesso_cric"):
-        # HESSO: warm-up 5%, pruning over 50% of the steps in 5 periods, then training at the final size.
+        # HESSO: warm-up 5%, pruning over 50% of the steps in 5 periods (--hesso_start/--hesso_pruning),
+        # then training at the final size.
         # With CRIC, its cycles (3 x 5% of the steps) come out of the pruning phase, so both variants
         # reach the final size at the same step and train it equally long.
         cric = method == "hesso_cric"
         sampling = max(2, a.steps // 20)
-        pruning = 0.5 - (3 * sampling / a.steps if cric else 0.0)
+        pruning = a.hesso_pruning - (3 * sampling / a.steps if cric else 0.0)
         ema = 0.9 if method == "hesso_ema" else a.saliency_ema
         trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
-                        pruning_layout="uniform", start_pruning_step=0.05, pruning_steps=pruning, pruning_periods=5,
+                        pruning_layout="uniform", start_pruning_step=a.hesso_start, pruning_steps=pruning,
+                        pruning_periods=5,
                         ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3)
         final = construct_subnet(model, trainer.pruning_space, layout="uniform")
@@ -429,6 +433,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"- reference: {json.dumps(res['reference'])}",
              f"- every method: {a.steps} training steps x {a.batch} x {a.block} tokens "
              f"({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
+             f"HESSO warm-up {a.hesso_start:.0%}, pruning phase {a.hesso_pruning:.0%} of the steps; "
              f"held-out perplexity on {res['eval_blocks']} blocks", "",
              f"Reference model before any extra training: perplexity {res['ref_ppl']:.2f}, "
              f"{res['ref_params']:,} parameters.", "",
