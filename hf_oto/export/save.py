@@ -142,7 +142,7 @@ def _method(manifest: dict[str, Any]) -> str:
         f"HESSO {cric}, while fine-tuning: {h['target_params']:,} prunable parameters targeted, "
         f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
         f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}, "
-        f"saliency EMA {h.get('saliency_ema')}."
+        + (f"saliency EMA {h['saliency_ema']}." if h.get("saliency_ema") is not None else "one-batch saliency.")
     )
 
 
@@ -154,6 +154,16 @@ def _evaluation(manifest: dict[str, Any]) -> str:
     for k, v in results.items():
         rows.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     return "\n".join(rows)
+
+
+def format_flops(v: float | None) -> str:
+    """FLOPs with a unit that keeps 3 significant digits (M, G or T)."""
+    if v is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if v >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.3g}"
 
 
 def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class: str) -> str:
@@ -172,12 +182,12 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
     meta += "library_name: transformers\ntags:\n- hf-oto\n- pruned\n- structured-pruning\n"
 
     def gflops(key: str) -> str:
-        v = manifest.get(key)
-        return f"{v / 1e9:.3f}" if v is not None else "n/a"
+        return format_flops(manifest.get(key))
 
     return template.format(
         metadata=meta,
-        source=manifest.get("source") or "unknown",
+        source=(f"**{manifest['source']}**" if manifest.get("source")
+                else "a model built from a config (no base checkpoint)"),
         model_type=manifest["model_type"],
         params_before=f"{before:,}",
         params_after=f"{after:,}",
