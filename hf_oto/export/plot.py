@@ -38,9 +38,10 @@ def plot_kept(manifest: dict[str, Any], path: str | Path) -> Path:
         ax.bar(xs, ys, width=width, label=LABELS[kind])
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction kept")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)  # room above the bars for the legend
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_xticks(layers)
-    ax.legend(fontsize=8, ncols=min(len(kinds), 3), loc="lower right")
+    ax.legend(fontsize=8, ncols=min(len(kinds), 3), loc="upper center", frameon=False)
     ax.set_title(f"{manifest['model_type']}: {manifest['params_after']:,} of {manifest['params_before']:,} "
                  "parameters kept", fontsize=10)
     fig.tight_layout()
