@@ -214,7 +214,11 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     else:
         calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
         scores = oneshot_scores(model, space, method, calib)
-        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8)
+        # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
+        target = space.prunable_params * sparsity
+        tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
+        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8,
+                             tolerance=tolerance)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
         final = construct_subnet(model, space, layout="uniform")
         train(final, train_blocks, a.steps, a, a.lr, workdir)
