@@ -303,9 +303,11 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         return {"output": str(out)}
     if not margs.merge_adapters and margs.lora_r:
         print(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
-    ppl_export, params_after = verify_export(out, eval_blocks) if margs.merge_adapters or not margs.lora_r \
-        else (float("nan"), sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()))
     manifest = json.loads((out / "pruning_manifest.json").read_text())
+    if margs.merge_adapters or not margs.lora_r:
+        ppl_export, params_after = verify_export(out, eval_blocks)
+    else:  # the base alone is not the trained model: nothing to compare its perplexity with
+        ppl_export, params_after = float("nan"), manifest["params_after"]
     kept: dict[str, tuple[int, int]] = {}
     for s in manifest["sets"]:
         k, t = kept.get(s["kind"], (0, 0))

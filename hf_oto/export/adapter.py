@@ -23,7 +23,8 @@ def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[st
     """(param, dim) -> the indices that the sub-network kept along that dim (dense params only)."""
     removed: dict[tuple[str, int], set[int]] = {}
     for gs, entry in zip(space.sets, manifest["sets"], strict=True):
-        dropped = [j for j in range(gs.count) if j not in set(entry["kept"])]
+        kept = set(entry["kept"])
+        dropped = [j for j in range(gs.count) if j not in kept]
         for spec in gs.slices:
             if spec.expert is not None:
                 continue

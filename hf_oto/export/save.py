@@ -181,9 +181,6 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         meta += f"license: {manifest['license']}\n"
     meta += "library_name: transformers\ntags:\n- hf-oto\n- pruned\n- structured-pruning\n"
 
-    def gflops(key: str) -> str:
-        return format_flops(manifest.get(key))
-
     return template.format(
         metadata=meta,
         source=(f"**{manifest['source']}**" if manifest.get("source")
@@ -191,8 +188,8 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         model_type=manifest["model_type"],
         params_before=f"{before:,}",
         params_after=f"{after:,}",
-        flops_before=gflops("flops_per_token_before"),
-        flops_after=gflops("flops_per_token_after"),
+        flops_before=format_flops(manifest.get("flops_per_token_before")),
+        flops_after=format_flops(manifest.get("flops_per_token_after")),
         kept_pct=f"{100.0 * after / max(before, 1):.1f}",
         layout=manifest["layout"],
         method=_method(manifest),

@@ -337,12 +337,12 @@ class HESSO(torch.optim.Optimizer):
             return m.narrow(0, start, length)
         return m
 
-    def _pairs(self, index: _Index, tensor_of):
-        """(local view, local mask) for every slice key of ``index``; ``tensor_of(param)`` picks the tensor."""
+    def _pairs(self, index: _Index, tensors_of):
+        """(local view, local mask) for every slice key of ``index`` and every tensor ``tensors_of(param)``."""
         for (name, dim, expert), m in self._masks(index).items():
-            t = tensor_of(self.model_params[name])
-            if t is not None:
-                yield self._view(t, expert), self._local_mask(name, dim, m)
+            local_mask = self._local_mask(name, dim, m)
+            for t in tensors_of(self.model_params[name]):
+                yield self._view(t, expert), local_mask
 
     def _reduce_device(self) -> torch.device:
         return self.model_params[next(iter(self._rows))].device
@@ -356,7 +356,7 @@ class HESSO(torch.optim.Optimizer):
 
     def _scale(self, index: _Index, factor: float) -> None:
         """Multiply the indexed parameter slices by ``factor`` in place (optimizer state untouched)."""
-        for view, m in self._pairs(index, lambda p: p.data):
+        for view, m in self._pairs(index, lambda p: [p.data]):
             view.mul_(torch.where(m, torch.tensor(factor, dtype=view.dtype, device=view.device),
                                   torch.tensor(1.0, dtype=view.dtype, device=view.device)))
 
@@ -372,13 +372,12 @@ class HESSO(torch.optim.Optimizer):
         index = self._pruned_index()
         if index is None:
             return
-        for (name, dim, expert), m in self._masks(index).items():
-            p = self.model_params[name]
-            targets = [p.data]
-            if include_state:
-                targets += [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-            for t in targets:
-                self._view(t, expert).masked_fill_(self._local_mask(name, dim, m), 0.0)
+        def targets(p: torch.Tensor) -> list[torch.Tensor]:
+            moments = [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+            return [p.data] + (moments if include_state else [])
+
+        for view, m in self._pairs(index, targets):
+            view.masked_fill_(m, 0.0)
 
     def _keep_pruned_zero(self) -> None:
         index = self._pruned_index()
@@ -390,7 +389,7 @@ class HESSO(torch.optim.Optimizer):
         if self._clean_steps >= 3:
             return
         clean = True
-        for view, m in self._pairs(index, lambda p: p.data):
+        for view, m in self._pairs(index, lambda p: [p.data]):
             clean = clean and not bool(view.masked_fill(~m, 0.0).any())
         if self._rows:  # every rank must take the same decision
             clean = float(all_reduce_sum(torch.tensor([float(not clean)]), self._reduce_device())) == 0.0
@@ -404,7 +403,7 @@ class HESSO(torch.optim.Optimizer):
         index = self._pruned_index()
         if index is None:
             return
-        for view, m in self._pairs(index, lambda p: p.grad):
+        for view, m in self._pairs(index, lambda p: [] if p.grad is None else [p.grad]):
             # a multiply by a 0/1 vector is the fastest in-place zeroing on CPU
             view.mul_((~m).to(view.dtype))
 

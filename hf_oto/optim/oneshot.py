@@ -109,7 +109,7 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
         for h in handles:
             h.remove()
         model.train(was_training)
-    fallback = group_statistics(dict(model.named_parameters()), space)["sq"].sqrt()
+    fallback: torch.Tensor | None = None
     scores = []
     for k, gs in enumerate(space.sets):
         s = torch.zeros(gs.count)
@@ -121,6 +121,8 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
                 s += per_column[spec.index.to(w.device)].sum(1).cpu()
                 found = True
         if not found:  # no linear consumer traced for this set: fall back to magnitude
+            if fallback is None:
+                fallback = group_statistics(dict(model.named_parameters()), space)["sq"].sqrt()
             off = space.set_offset(k)
             s = fallback[off:off + gs.count].clone()
         scores.append(s)

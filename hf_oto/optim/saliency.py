@@ -129,10 +129,8 @@ def group_statistics(
                 s_uu += (u * u).sum(1).cpu()
             if is_sharded(p):  # the group's width counts the full tensor, not the local rows
                 numel += (_full_width(spec, p.shape) - x.shape[1])
-        for out, f in zip((sq, xg, xu, uu), full, strict=True):
-            out.append(f)
-        for out, f in zip((psq, pxg, pxu, puu), part, strict=True):
-            out.append(f)
+        for out, acc in zip((sq, xg, xu, uu, psq, pxg, pxu, puu), full + part, strict=True):
+            out.append(acc)
         size.append(torch.full((n,), float(numel)))
     cat = torch.cat
     stats = {"sq": cat(sq), "xg": cat(xg), "xu": cat(xu), "uu": cat(uu), "size": cat(size)}

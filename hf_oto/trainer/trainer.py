@@ -49,11 +49,8 @@ class HFOTOTrainer(Trainer):
         total = self._total_steps or self.args.max_steps
         if total is None or total <= 0:
             raise ValueError("HFOTOTrainer needs the number of training steps (set max_steps or num_train_epochs)")
-        self.optimizer = HESSO(self.model, self.pruning_space, base_optimizer=base, **self._hesso_settings(total))
+        self.optimizer = HESSO(self.model, self.pruning_space, base_optimizer=base, **hesso_settings(self.args, total))
         return self.optimizer
-
-    def _hesso_settings(self, total: int) -> dict[str, Any]:
-        return hesso_settings(self.args, total)
 
     @property
     def hesso(self) -> HESSO | None:
