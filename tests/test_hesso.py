@@ -198,3 +198,47 @@ def test_pruned_groups_stay_zero_under_an_optimizer_that_moves_everything():
     _train(model, opt, 8)
     assert int(opt.pruned.sum()) > 0 and opt._always_rezero
     assert bool(group_is_zero(model, space)[opt.pruned].all())
+
+
+def _pruned_slices(model, space, opt, of):
+    params = dict(model.named_parameters())
+    for i in torch.nonzero(opt.pruned).flatten().tolist():
+        for name, dim, idx in space[i].slices:
+            t = of(params[name])
+            if t is not None:
+                yield space[i].name, t.index_select(dim, torch.as_tensor(idx).flatten())
+
+
+def test_steady_state_trusts_zero_gradients_only_after_checking_them():
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    opt = _hesso(model, space, pruning_steps=4, pruning_periods=1)
+    _train(model, opt, 2 + 4 + 3)  # warm-up, the period, then the checks after the change
+    assert int(opt.pruned.sum()) > 0 and opt._clean_steps == 3 and not opt._always_rezero
+    # what the checks trusted: the gradients of pruned groups really are exactly zero ...
+    opt.zero_grad()
+    _loss(model).backward()
+    for name, g in _pruned_slices(model, space, opt, lambda p: p.grad):
+        assert torch.all(g == 0), name
+    opt.step()
+    _train(model, opt, 4)  # ... so the unguarded steps keep weights and moments at zero
+    assert bool(group_is_zero(model, space)[opt.pruned].all())
+    for name, m in _pruned_slices(model, space, opt, lambda p: opt.state[p].get("exp_avg")):
+        assert torch.all(m == 0), name
+
+
+def test_a_block_whose_pruned_groups_get_gradients_is_caught_and_guarded():
+    # gpt2's MLP has no gate: a zeroed channel outputs sigmoid(0) = 0.5, so its zero columns of
+    # c_proj get a gradient and AdamW would move them off zero
+    model = tiny_model("gpt2", activation_function="sigmoid")
+    space = discover_groups(model)
+    opt = _hesso(model, space, target_sparsity=0.3, pruning_steps=4, pruning_periods=1)
+    _train(model, opt, 2 + 4)
+    assert int(opt.pruned.sum()) > 0 and not opt._always_rezero
+    opt.zero_grad()
+    _loss(model).backward()
+    assert any(bool(g.any()) for _, g in _pruned_slices(model, space, opt, lambda p: p.grad))
+    opt.step()
+    assert opt._always_rezero
+    _train(model, opt, 5)
+    assert bool(group_is_zero(model, space)[opt.pruned].all())

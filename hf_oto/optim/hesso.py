@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from hf_oto.groups.space import PruningSpace
+from hf_oto.optim import slices
 from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
 from hf_oto.optim.cric import CRICConfig, CRICState, _unit
 from hf_oto.optim.saliency import SaliencyWeights, group_statistics, lora_factors, saliency
-from hf_oto.optim.shard import all_reduce_sum, is_sharded, local, row_range
-
-
-class _Index(dict):
-    """(param, dim, expert) -> sorted unique indices along dim, with lazily built broadcast masks."""
-
-    masks: dict | None = None
+from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
 
 
 class HESSO(torch.optim.Optimizer):
@@ -111,17 +105,16 @@ class HESSO(torch.optim.Optimizer):
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
         self.redundant = torch.zeros(len(space), dtype=torch.bool)
         self.ema: torch.Tensor | None = None
-        self._zero_index: dict | None = None
-        self._redundant_index: dict | None = None
+        self._zero_index: list[slices.Target] | None = None
+        self._redundant_index: list[slices.Target] | None = None
         self.cric = cric
         self.cric_state = CRICState() if cric is not None else None
         self.cric_rank: torch.Tensor | None = None
         self.prune_start: int | None = None if cric is not None else start_pruning_step
         self._loss: tuple[float, int] | None = None  # (sum, count) of observed losses
-        self._trial_index: dict | None = None
-        # Zero grads + zero moments keep pruned weights at zero under AdamW/SGD-like updates; that is
-        # verified (3 clean steps after each change) instead of assumed, and re-zeroing stays on
-        # every step for an optimizer that ever moves a pruned weight.
+        self._trial_index: list[slices.Target] | None = None
+        # Pruned slices get zero gradients, so with zero moments the base step keeps them at zero; that is
+        # verified for a few steps after each change instead of assumed (see _guard_before).
         self._clean_steps = 0
         self._always_rezero = False
 
@@ -177,8 +170,9 @@ class HESSO(torch.optim.Optimizer):
         snapshot = None
         if cycle_start or self._wants_stats(step, pos):
             snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
-        self._zero_pruned_grads()  # zero grads + zero moments => the base step leaves them at zero
+        guard = self._guard_before()
         self.base.step()
+        self._guard_after(guard)
         if snapshot is not None:
             update = {n: self.model_params[n].detach() - snapshot.pop(n) for n in list(snapshot)}
             score = saliency(group_statistics(self.model_params, self.space, update, self._lora), self.weights)
@@ -201,12 +195,12 @@ class HESSO(torch.optim.Optimizer):
             factor = (self.period_length - t - 1) / (self.period_length - t)
             self._scale_redundant(factor)
             if t == self.period_length - 1:
+                # exact zeros, moments included, for the newly pruned groups (older ones already are)
+                self._zero(self._redundant_index, include_state=True)
                 self.pruned |= self.redundant
                 self.redundant.zero_()
                 self._zero_index = self._redundant_index = None
-                self._zero_pruned(include_state=True)  # once: the moments of newly pruned groups
                 self._clean_steps = 0
-        self._keep_pruned_zero()
         self.step_count += 1
         return loss
 
@@ -237,19 +231,16 @@ class HESSO(torch.optim.Optimizer):
         select(plan, items, s["target_params"], s["tolerance"])
         cs.previous, cs.candidates = cs.candidates, plan.mask()
         cs.trial = cs.trial_subset(self.cric, cs.candidates)
-        self._trial_index = self._indices(cs.trial)
-        cs.snapshot = {}  # only the trial slices (this rank's rows under FSDP)
-        for (name, dim, expert), m in self._masks(self._trial_index).items():
-            view = self._view(self.model_params[name].data, expert)
-            mask = self._local_mask(name, dim, m).expand_as(view)
-            cs.snapshot[f"{name}|{dim}|{expert}"] = view.masked_select(mask).clone()
+        self._trial_index = self._targets(cs.trial)
+        # only the trial slices (this rank's rows under FSDP)
+        cs.snapshot = {tgt.key: slices.gather(v, tgt) for v, tgt in self._each(self._trial_index, lambda p: [p.data])}
         cs.losses = []
 
     def _cric_step(self, step: int) -> None:
         cs, length = self.cric_state, self.cric.sampling_steps
         cs.losses.append(self._need_loss())
         if self._trial_index is None:
-            self._trial_index = self._indices(cs.trial)
+            self._trial_index = self._targets(cs.trial)
         self._scale(self._trial_index, (length - cs.t - 1) / (length - cs.t))
         if cs.t < length - 1:
             cs.t += 1
@@ -262,13 +253,8 @@ class HESSO(torch.optim.Optimizer):
         cs.harm_n[cs.trial] += 1
         cs.harm_total += harm
         cs.trials += 1
-        masks = self._masks(self._trial_index)
-        for key, values in cs.snapshot.items():  # restore the trial groups
-            name, dim, expert = key.split("|")
-            expert_i = None if expert == "None" else int(expert)
-            view = self._view(self.model_params[name].data, expert_i)
-            mask = self._local_mask(name, int(dim), masks[(name, int(dim), expert_i)]).expand_as(view)
-            view.masked_scatter_(mask, values)
+        for v, tgt in self._each(self._trial_index, lambda p: [p.data]):  # restore the trial groups
+            slices.scatter_(v, tgt, cs.snapshot[tgt.key])
         cs.snapshot, cs.t, self._trial_index = {}, 0, None
         cs.cycle += 1
         stable = cs.previous is not None and int((cs.candidates ^ cs.previous).sum()) <= \
@@ -298,51 +284,14 @@ class HESSO(torch.optim.Optimizer):
         self._redundant_index = None
 
     # Projection --------------------------------------------------------------------------------
-    # Slices are addressed by (param, dim, expert) -> indices along dim. Scaling and zeroing use a
-    # broadcast mask along dim instead of index_select/index_copy: a streaming pass over the tensor
-    # is ~30x faster on CPU than gathering strided columns, and the masks are O(sum of widths).
-    def _indices(self, mask: torch.Tensor) -> _Index:
-        out: dict[tuple[str, int, int | None], list[torch.Tensor]] = defaultdict(list)
-        for k, gs in enumerate(self.space.sets):
-            off = self.space.set_offset(k)
-            sel = torch.nonzero(mask[off:off + gs.count]).flatten()
-            if len(sel) == 0:
-                continue
-            for spec in gs.slices:
-                out[(spec.param, spec.dim, spec.expert)].append(spec.index[sel].flatten())
-        return _Index({key: torch.unique(torch.cat(v)) for key, v in out.items()})
+    def _targets(self, groups: torch.Tensor) -> list[slices.Target]:
+        return slices.build_targets(self.space, groups, self.model_params, self._rows)
 
-    def _masks(self, index: _Index) -> dict[tuple[str, int, int | None], torch.Tensor]:
-        """Boolean masks, shaped to broadcast over the (expert) view, that mark the indexed slices."""
-        if index.masks is None:
-            index.masks = {}
-            for (name, dim, expert), idx in index.items():
-                p = self.model_params[name]
-                shape = p.shape[1:] if expert is not None else p.shape
-                d = dim - 1 if expert is not None else dim
-                m = torch.zeros(shape[d], dtype=torch.bool, device=p.device)
-                m[idx.to(p.device)] = True
-                index.masks[(name, dim, expert)] = m.view([-1 if i == d else 1 for i in range(len(shape))])
-        return index.masks
-
-    @staticmethod
-    def _view(t: torch.Tensor, expert: int | None) -> torch.Tensor:
-        t = local(t)
-        return t[expert] if expert is not None else t
-
-    def _local_mask(self, name: str, dim: int, m: torch.Tensor) -> torch.Tensor:
-        """The mask for this rank's rows of an FSDP-sharded parameter (unchanged otherwise)."""
-        if name in self._rows and dim == 0:
-            start, length = self._rows[name]
-            return m.narrow(0, start, length)
-        return m
-
-    def _pairs(self, index: _Index, tensors_of):
-        """(local view, local mask) for every slice key of ``index`` and every tensor ``tensors_of(param)``."""
-        for (name, dim, expert), m in self._masks(index).items():
-            local_mask = self._local_mask(name, dim, m)
-            for t in tensors_of(self.model_params[name]):
-                yield self._view(t, expert), local_mask
+    def _each(self, targets: list[slices.Target] | None, tensors_of):
+        """(view, target) for every target and every tensor ``tensors_of(param)`` of its parameter."""
+        for tgt in targets or ():
+            for t in tensors_of(self.model_params[tgt.name]):
+                yield slices.view(t, tgt), tgt
 
     def _reduce_device(self) -> torch.device:
         return self.model_params[next(iter(self._rows))].device
@@ -351,61 +300,66 @@ class HESSO(torch.optim.Optimizer):
         if not bool(self.redundant.any()):
             return
         if self._redundant_index is None:
-            self._redundant_index = self._indices(self.redundant)
+            self._redundant_index = self._targets(self.redundant)
         self._scale(self._redundant_index, factor)
 
-    def _scale(self, index: _Index, factor: float) -> None:
-        """Multiply the indexed parameter slices by ``factor`` in place (optimizer state untouched)."""
-        for view, m in self._pairs(index, lambda p: [p.data]):
-            view.mul_(torch.where(m, torch.tensor(factor, dtype=view.dtype, device=view.device),
-                                  torch.tensor(1.0, dtype=view.dtype, device=view.device)))
+    def _scale(self, targets: list[slices.Target], factor: float) -> None:
+        """Multiply the targeted parameter slices by ``factor`` in place (optimizer state untouched)."""
+        for v, tgt in self._each(targets, lambda p: [p.data]):
+            slices.scale_(v, tgt, factor)
 
-    def _pruned_index(self) -> _Index | None:
+    def _pruned_index(self) -> list[slices.Target] | None:
         if not bool(self.pruned.any()):
             return None
         if self._zero_index is None:
-            self._zero_index = self._indices(self.pruned)
+            self._zero_index = self._targets(self.pruned)
         return self._zero_index
 
-    def _zero_pruned(self, include_state: bool) -> None:
-        """Pruned slices back to exactly zero (parameters; optimizer moments too when asked)."""
-        index = self._pruned_index()
-        if index is None:
-            return
-        def targets(p: torch.Tensor) -> list[torch.Tensor]:
-            moments = [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-            return [p.data] + (moments if include_state else [])
+    def _moments(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
 
-        for view, m in self._pairs(index, targets):
-            view.masked_fill_(m, 0.0)
+    def _zero(self, targets: list[slices.Target] | None, include_state: bool) -> None:
+        """Targeted slices to exactly zero: parameters, and optimizer moments too when asked."""
+        for v, tgt in self._each(targets, lambda p: [p.data] + (self._moments(p) if include_state else [])):
+            slices.zero_(v, tgt)
 
-    def _keep_pruned_zero(self) -> None:
-        index = self._pruned_index()
-        if index is None:
-            return
-        if self._always_rezero:
-            self._zero_pruned(include_state=False)
-            return
-        if self._clean_steps >= 3:
-            return
+    # A pruned group's gradient is exactly zero when all of its slices are: its channel's output is
+    # zero (a zero row feeding a gate or a zero value head) and its consumers read it through zero
+    # columns. With zero moments the base step then leaves it at zero, so steady-state steps do no
+    # extra work. That is checked, not assumed: for a few steps after each change HESSO verifies
+    # that the gradients and the stepped weights of pruned slices are zero (an activation with
+    # f(0) != 0, or an optimizer that moves zero weights, fails it) and from the first failure on it
+    # zeroes their gradients before and their weights after every step.
+    _CHECK_STEPS = 3
+
+    def _guard_before(self) -> tuple[list[slices.Target], bool] | None:
+        """Before the base step: (pruned targets, whether their grads were zero) when guarding."""
+        targets = self._pruned_index()
+        if targets is None or (self._clean_steps >= self._CHECK_STEPS and not self._always_rezero):
+            return None
         clean = True
-        for view, m in self._pairs(index, lambda p: [p.data]):
-            clean = clean and not bool(view.masked_fill(~m, 0.0).any())
+        for g, tgt in self._each(targets, lambda p: [] if p.grad is None else [p.grad]):
+            if not self._always_rezero:
+                clean = clean and slices.is_zero(g, tgt)
+            slices.zero_(g, tgt)
+        return targets, clean
+
+    def _guard_after(self, guard: tuple[list[slices.Target], bool] | None) -> None:
+        if guard is None:
+            return
+        targets, clean = guard
+        if self._always_rezero:
+            self._zero(targets, include_state=False)
+            return
+        for v, tgt in self._each(targets, lambda p: [p.data]):
+            clean = clean and slices.is_zero(v, tgt)
         if self._rows:  # every rank must take the same decision
             clean = float(all_reduce_sum(torch.tensor([float(not clean)]), self._reduce_device())) == 0.0
         if clean:
             self._clean_steps += 1
-        else:  # this optimizer moves zero weights with zero grads and moments: re-zero every step
+        else:
             self._always_rezero = True
-            self._zero_pruned(include_state=True)
-
-    def _zero_pruned_grads(self) -> None:
-        index = self._pruned_index()
-        if index is None:
-            return
-        for view, m in self._pairs(index, lambda p: [] if p.grad is None else [p.grad]):
-            # a multiply by a 0/1 vector is the fastest in-place zeroing on CPU
-            view.mul_((~m).to(view.dtype))
+            self._zero(targets, include_state=True)
 
     # Reporting ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
