@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_oto.groups.space import PruningSpace, SliceSpec
-from hf_oto.optim.shard import all_reduce_sum, gather_rows, is_sharded
+from hf_oto.optim.shard import all_reduce_sum, gather_rows, is_sharded, local, row_range
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,13 @@ def _gather(t: torch.Tensor, spec: SliceSpec, count: int) -> torch.Tensor:
     return gather_rows(t, dim, spec.index.flatten()).reshape(count, -1).float()
 
 
+def _per_index(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum(x * y) over every dim but ``dim``: one float32 value per index along ``dim``."""
+    prod = x.float() * y.float()
+    others = [d for d in range(prod.dim()) if d != dim]
+    return prod.sum(others) if others else prod
+
+
 @torch.no_grad()
 def group_statistics(
     params: dict[str, torch.Tensor], space: PruningSpace, update: dict[str, torch.Tensor] | None = None,
@@ -89,48 +96,75 @@ def group_statistics(
     With ``lora`` (from :func:`lora_factors`), ``x`` and ``u`` are the *effective* weight
     W + s*B@A and its change, so a frozen base weight is judged as the model uses it; the adapter
     slices then contribute only their first-order Taylor term (the frozen base has no gradient).
+
+    Each parameter is read once: its products are reduced to one value per index along the sliced
+    dim, and groups sum the values of their indices (no strided gathers, and a LoRA effective weight
+    is built once however many sets slice it).
     """
     lora = lora or {}
     factor_names = {n for f in lora.values() for n in f.a + f.b}
     if lora and any(is_sharded(params[n]) for n in lora):
         raise ValueError("LoRA adapters on FSDP-sharded weights are not supported by HESSO")
+    keys: dict[str, set[tuple[int, int | None]]] = {}
+    for gs in space.sets:
+        for spec in gs.slices:
+            keys.setdefault(spec.param, set()).add((spec.dim, spec.expert))
+    # (param, dim, expert) -> {"sq"|"xg"|"xu"|"uu": per-index sums over the full index range}
+    per_key: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}
+    device = None
+    for name in sorted(keys):
+        p = params[name]
+        if is_sharded(p):
+            device = device or p.device
+        grad = None if p.grad is None else local(p.grad)
+        if name in factor_names:
+            x, u = local(p.detach()), None
+        else:
+            f = lora.get(name)
+            x = _effective(params, f, p.detach()) if f else local(p.detach())
+            u = None
+            if f is not None and update is not None and all(k in update for k in f.a + f.b):
+                u = _effective(params, f, p.detach(), update)
+            elif update is not None and name in update:
+                u = local(update[name])
+        for dim, expert in keys[name]:
+            ex, eg, eu = (t if expert is None or t is None else t[expert] for t in (x, grad, u))
+            d = dim - 1 if expert is not None else dim
+            out: dict[str, torch.Tensor] = {}
+            if eg is not None:
+                out["xg"] = _per_index(ex, eg, d)
+            if name not in factor_names:
+                out["sq"] = _per_index(ex, ex, d)
+                if eu is not None:
+                    out["xu"] = _per_index(ex, eu, d)
+                    out["uu"] = _per_index(eu, eu, d)
+            if is_sharded(p) and d == 0:  # this rank's rows, placed in the full index range
+                start, length = row_range(p)
+                for k, v in out.items():
+                    full = v.new_zeros(p.shape[0])
+                    full[start:start + length] = v
+                    out[k] = full
+            per_key[(name, dim, expert)] = {k: v.cpu() for k, v in out.items()}
+        del x, u, grad
+
     sq, xg, xu, uu, size = [], [], [], [], []
     # FSDP: a sharded parameter yields partial sums (its local rows); they are summed over ranks.
     psq, pxg, pxu, puu = [], [], [], []
-    device = None
     for gs in space.sets:
         n = gs.count
-        full = [torch.zeros(n) for _ in range(4)]
-        part = [torch.zeros(n) for _ in range(4)]
+        full = dict(zip(("sq", "xg", "xu", "uu"), (torch.zeros(n) for _ in range(4)), strict=True))
+        part = dict(zip(("sq", "xg", "xu", "uu"), (torch.zeros(n) for _ in range(4)), strict=True))
         numel = 0
         for spec in gs.slices:
             p = params[spec.param]
-            if is_sharded(p):
-                device = device or p.device
-            s_sq, s_xg, s_xu, s_uu = part if is_sharded(p) else full
-            if spec.param in factor_names:
-                if p.grad is not None:
-                    s_xg += (_gather(p.detach(), spec, n) * _gather(p.grad, spec, n)).sum(1).cpu()
-                continue
-            f = lora.get(spec.param)
-            x = _gather(_effective(params, f, p.detach()) if f else p.detach(), spec, n)
-            numel += x.shape[1]
-            s_sq += (x * x).sum(1).cpu()
-            if p.grad is not None:
-                s_xg += (x * _gather(p.grad, spec, n)).sum(1).cpu()
-            u_full = None
-            if f is not None and update is not None and all(k in update for k in f.a + f.b):
-                u_full = _effective(params, f, p.detach(), update)
-            elif update is not None and spec.param in update:
-                u_full = update[spec.param]
-            if u_full is not None:
-                u = _gather(u_full, spec, n)
-                s_xu += (x * u).sum(1).cpu()
-                s_uu += (u * u).sum(1).cpu()
-            if is_sharded(p):  # the group's width counts the full tensor, not the local rows
-                numel += (_full_width(spec, p.shape) - x.shape[1])
-        for out, acc in zip((sq, xg, xu, uu, psq, pxg, pxu, puu), full + part, strict=True):
-            out.append(acc)
+            acc = part if is_sharded(p) else full
+            if spec.param not in factor_names:
+                numel += _full_width(spec, p.shape)
+            for k, v in per_key[(spec.param, spec.dim, spec.expert)].items():
+                acc[k] += v[spec.index].sum(1)
+        for out_list, acc, k in zip((sq, xg, xu, uu, psq, pxg, pxu, puu),
+                                    [full] * 4 + [part] * 4, ("sq", "xg", "xu", "uu") * 2, strict=True):
+            out_list.append(acc[k])
         size.append(torch.full((n,), float(numel)))
     cat = torch.cat
     stats = {"sq": cat(sq), "xg": cat(xg), "xu": cat(xu), "uu": cat(uu), "size": cat(size)}
