@@ -174,7 +174,8 @@ class HESSO(torch.optim.Optimizer):
         self.base.step()
         self._guard_after(guard)
         if snapshot is not None:
-            update = {n: self.model_params[n].detach() - snapshot.pop(n) for n in list(snapshot)}
+            # the update reuses the snapshot's memory: no second copy of the prunable weights
+            update = {n: snapshot.pop(n).neg_().add_(self.model_params[n].detach()) for n in list(snapshot)}
             score = saliency(group_statistics(self.model_params, self.space, update, self._lora), self.weights)
             del update
             beta = self.settings["saliency_ema"]
