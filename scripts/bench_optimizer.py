@@ -82,8 +82,7 @@ def mirror_zeros(model: torch.nn.Module, opt: torch.optim.Optimizer, space: Prun
     params = dict(model.named_parameters())
     for tgt in slices.build_targets(space, groups, params, {}):
         p = params[tgt.name]
-        moments = [v for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-        for t in [p.data, *moments]:
+        for t in [p.data, *slices.moments(opt.state, p)]:
             slices.zero_(slices.view(t, tgt), tgt)
 
 

@@ -316,12 +316,12 @@ class HESSO(torch.optim.Optimizer):
             self._zero_index = self._targets(self.pruned)
         return self._zero_index
 
-    def _moments(self, p: torch.Tensor) -> list[torch.Tensor]:
-        return [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-
     def _zero(self, targets: list[slices.Target] | None, include_state: bool) -> None:
         """Targeted slices to exactly zero: parameters, and optimizer moments too when asked."""
-        for v, tgt in self._each(targets, lambda p: [p.data] + (self._moments(p) if include_state else [])):
+        def tensors(p: torch.Tensor) -> list[torch.Tensor]:
+            return [p.data] + (slices.moments(self.state, p) if include_state else [])
+
+        for v, tgt in self._each(targets, tensors):
             slices.zero_(v, tgt)
 
     # A pruned group's gradient is exactly zero when all of its slices are: its channel's output is

@@ -25,7 +25,7 @@ from torch import nn
 
 from hf_oto.groups.space import PruningSpace, zero_groups
 from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
-from hf_oto.optim.saliency import _gather, group_statistics
+from hf_oto.optim.saliency import group_statistics, slice_sums
 
 Criterion = Literal["magnitude", "taylor", "wanda_sp"]
 CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp")
@@ -70,7 +70,7 @@ def _taylor(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch
                 for spec in gs.slices:
                     p = params[spec.param]
                     if p.grad is not None:
-                        s += (_gather(p.detach(), spec, gs.count) * _gather(p.grad, spec, gs.count)).abs().sum(1).cpu()
+                        s += slice_sums((p.detach() * p.grad).abs(), spec).cpu()
                 scores.append(s)
     finally:
         for n, (req, grad) in saved.items():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_oto.groups.space import PruningSpace, SliceSpec
-from hf_oto.optim.shard import all_reduce_sum, gather_rows, is_sharded, local, row_range
+from hf_oto.optim.shard import all_reduce_sum, is_sharded, local, row_range
 
 
 @dataclass(frozen=True)
@@ -68,22 +68,25 @@ def _effective(params, f: LoraFactors, base: torch.Tensor, update=None) -> torch
     return delta if update is not None else base.float() + delta
 
 
-def _gather(t: torch.Tensor, spec: SliceSpec, count: int) -> torch.Tensor:
-    """The group rows of ``t`` as (count, -1); on an FSDP shard, the locally held part (zeros elsewhere)."""
-    if spec.expert is not None:
-        if is_sharded(t):
-            raise ValueError("MoE expert weights sharded by FSDP are not supported by HESSO")
-        t, dim = t[spec.expert], spec.dim - 1
-    else:
-        dim = spec.dim
-    return gather_rows(t, dim, spec.index.flatten()).reshape(count, -1).float()
+def _index_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values`` summed over every dim but ``dim``: one float32 value per index along ``dim``."""
+    values = values.float()
+    others = [d for d in range(values.dim()) if d != dim]
+    return values.sum(others) if others else values
 
 
 def _per_index(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum(x * y) over every dim but ``dim``: one float32 value per index along ``dim``."""
-    prod = x.float() * y.float()
-    others = [d for d in range(prod.dim()) if d != dim]
-    return prod.sum(others) if others else prod
+    """sum(x * y) over every dim but ``dim``."""
+    return _index_sums(x.float() * y.float(), dim)
+
+
+def slice_sums(values: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+    """Per-group sums of ``values`` (shaped like ``spec``'s parameter) over the spec's slices, shape (count,)."""
+    if spec.expert is not None:
+        values, dim = values[spec.expert], spec.dim - 1
+    else:
+        dim = spec.dim
+    return _index_sums(values, dim)[spec.index.to(values.device)].sum(1)
 
 
 @torch.no_grad()
@@ -147,31 +150,30 @@ def group_statistics(
             per_key[(name, dim, expert)] = {k: v.cpu() for k, v in out.items()}
         del x, u, grad
 
-    sq, xg, xu, uu, size = [], [], [], [], []
+    keys4 = ("sq", "xg", "xu", "uu")
     # FSDP: a sharded parameter yields partial sums (its local rows); they are summed over ranks.
-    psq, pxg, pxu, puu = [], [], [], []
+    full: list[dict[str, torch.Tensor]] = []
+    part: list[dict[str, torch.Tensor]] = []
+    size = []
     for gs in space.sets:
         n = gs.count
-        full = dict(zip(("sq", "xg", "xu", "uu"), (torch.zeros(n) for _ in range(4)), strict=True))
-        part = dict(zip(("sq", "xg", "xu", "uu"), (torch.zeros(n) for _ in range(4)), strict=True))
+        full.append({k: torch.zeros(n) for k in keys4})
+        part.append({k: torch.zeros(n) for k in keys4})
         numel = 0
         for spec in gs.slices:
             p = params[spec.param]
-            acc = part if is_sharded(p) else full
+            acc = part[-1] if is_sharded(p) else full[-1]
             if spec.param not in factor_names:
                 numel += _full_width(spec, p.shape)
             for k, v in per_key[(spec.param, spec.dim, spec.expert)].items():
                 acc[k] += v[spec.index].sum(1)
-        for out_list, acc, k in zip((sq, xg, xu, uu, psq, pxg, pxu, puu),
-                                    [full] * 4 + [part] * 4, ("sq", "xg", "xu", "uu") * 2, strict=True):
-            out_list.append(acc[k])
         size.append(torch.full((n,), float(numel)))
-    cat = torch.cat
-    stats = {"sq": cat(sq), "xg": cat(xg), "xu": cat(xu), "uu": cat(uu), "size": cat(size)}
+    stats = {k: torch.cat([f[k] for f in full]) for k in keys4}
+    stats["size"] = torch.cat(size)
     if device is not None:
-        partial = all_reduce_sum(torch.stack([cat(psq), cat(pxg), cat(pxu), cat(puu)]), device)
-        for key, row in zip(("sq", "xg", "xu", "uu"), partial, strict=True):
-            stats[key] = stats[key] + row
+        partial = all_reduce_sum(torch.stack([torch.cat([q[k] for q in part]) for k in keys4]), device)
+        for k, row in zip(keys4, partial, strict=True):
+            stats[k] = stats[k] + row
     return stats
 
 

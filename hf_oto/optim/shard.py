@@ -1,8 +1,8 @@
 """FSDP2 support: where a row-sharded parameter's local shard sits in the full tensor.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) stores each parameter as a DTensor sharded on dim 0
-over a 1-D mesh, torch.chunk style. HESSO works on local shards: masks along dim 0 are narrowed to
-the local rows, other dims are whole, and per-group partial sums are all-reduced across ranks.
+over a 1-D mesh, torch.chunk style. HESSO works on local shards: slice indices along dim 0 are narrowed
+to the local rows, other dims are whole, and per-group partial sums are all-reduced across ranks.
 """
 
 from __future__ import annotations
@@ -45,19 +45,6 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = t.to(device)
     torch.distributed.all_reduce(out)
     return out.to(t.device)
-
-
-def gather_rows(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``t.movedim(dim, 0)[index]`` over this rank's shard: rows held elsewhere come back as zeros."""
-    x = local(t)
-    if not isinstance(t, DTensor) or dim != 0:
-        return x.movedim(dim, 0).index_select(0, index.to(x.device))
-    start, length = row_range(t)
-    idx = index.to(x.device) - start
-    ok = (idx >= 0) & (idx < length)
-    out = x.new_zeros((idx.numel(),) + tuple(x.shape[1:]))
-    out[ok] = x.index_select(0, idx[ok])
-    return out
 
 
 def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -78,6 +78,11 @@ def scale_(v: torch.Tensor, target: Target, factor: float) -> None:
                            torch.tensor(1.0, dtype=v.dtype, device=v.device)))
 
 
+def moments(state: dict, p: torch.Tensor) -> list[torch.Tensor]:
+    """The optimizer state tensors of ``p`` shaped like it (Adam's moments, SGD's momentum, ...)."""
+    return [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+
+
 def zero_(v: torch.Tensor, target: Target) -> None:
     """Set the target's slices of ``v`` to exactly +0 (NaN and inf included)."""
     v.index_fill_(target.dim, target.index, 0.0)
