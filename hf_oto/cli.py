@@ -1,12 +1,16 @@
-"""Command line: ``hf-oto inspect``, ``hf-oto prune`` and ``hf-oto push``."""
+"""Command line: ``hf-oto inspect``, ``hf-oto prune`` and ``hf-oto push``.
+
+User errors print one line and exit with code 2; ``--debug`` (or ``HF_OTO_DEBUG=1``) shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from hf_oto.errors import HFOTOError
+from hf_oto.errors import ConfigError, HFOTOError
 
 
 def _load_meta_model(target: str):
@@ -14,11 +18,19 @@ def _load_meta_model(target: str):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from hf_oto.preflight import check_model_folder
+
     path = Path(target)
     if not path.exists():
-        raise HFOTOError(f"{target} does not exist (give a local model folder or a config.json)")
-    config = AutoConfig.from_pretrained(path if path.is_dir() else path.parent if path.name == "config.json"
-                                        else path)
+        raise ConfigError(f"{target} does not exist (give a local model folder or a config.json)")
+    if path.is_file() and path.name != "config.json":
+        raise ConfigError(f"{target} is not a model folder or a config.json")
+    folder = path if path.is_dir() else path.parent
+    check_model_folder(folder, weights=False)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"could not read the config in {folder}: {str(exc).strip().splitlines()[0]}") from None
     with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(config)
@@ -64,10 +76,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.config is None and not args.overrides:
+        raise ConfigError("give a YAML config: hf-oto prune CONFIG.yaml [--key value ...] (--help lists the keys)")
+    if args.config in (None, "-h", "--help") or any(o in ("-h", "--help") for o in args.overrides):
+        from hf_oto.job_args import help_text
+
+        print(PRUNE_USAGE + help_text())
+        return 0
     from hf_oto.main_job import run
 
     run(args.config, args.overrides)
     return 0
+
+
+PRUNE_USAGE = """usage: hf-oto prune CONFIG.yaml [--key value ...]
+
+Fine-tune and prune from a YAML file of settings; any setting can also be given (or overridden) as
+--key value, where the value is read as YAML (numbers, true/false, [lists], null). The settings:
+"""
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -79,15 +105,18 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (or HF_OTO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the prunable groups of a model (no weights are loaded)")
     p.add_argument("model", nargs="?", help="local model folder or config.json")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--demo", action="store_true", help="inspect a small built-in Llama config")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("prune", help="fine-tune and prune from a YAML config, export, verify the export")
-    p.add_argument("config", help="YAML file (see configs/quickstart.yaml)")
+    p = sub.add_parser("prune", help="fine-tune and prune from a YAML config, export, verify the export",
+                       add_help=False, usage="hf-oto prune CONFIG.yaml [--key value ...] (--help lists the keys)")
+    p.add_argument("config", nargs="?", help="YAML file (see configs/quickstart.yaml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs that override the YAML")
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
@@ -95,12 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("repo_id", help="namespace/name on the Hub")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.set_defaults(func=cmd_push)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command == "prune":  # e.g. `hf-oto prune --help`: the job's own settings
+        args.overrides = unknown + list(args.overrides or [])
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    debug = args.debug or os.environ.get("HF_OTO_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except HFOTOError as exc:
-        print(f"hf-oto: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"hf-oto: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hf-oto: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Exceptions raised by hf_oto. Each one carries a message meant for the user."""
+"""Exceptions raised by hf_oto. Each one carries a message meant for the user.
+
+The command line prints an :class:`HFOTOError` as one line (exit code 2) and never a traceback;
+set ``HF_OTO_DEBUG=1`` or pass ``--debug`` to see the traceback.
+"""
 
 
 class HFOTOError(Exception):
@@ -15,3 +19,15 @@ class ConstructionError(HFOTOError):
 
 class ExportError(HFOTOError):
     """A pruned model could not be written as a Hugging Face repo."""
+
+
+class ConfigError(HFOTOError, ValueError):
+    """A setting is invalid or cannot work (a YAML value, a pruning setting, a path)."""
+
+
+class DataError(HFOTOError):
+    """The training data cannot be used (missing file or column, no text, too little text)."""
+
+
+class ResumeError(ConfigError):
+    """A checkpoint cannot be resumed (missing, or saved with other pruning settings)."""

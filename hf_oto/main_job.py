@@ -1,146 +1,34 @@
 """The main job: fine-tune and prune a causal LM from a YAML config, export it, verify the export.
 
-Used by ``hf-oto prune CONFIG.yaml [--key value ...]`` and ``scripts/prune_finetune.py``.
+Used by ``hf-oto prune CONFIG.yaml [--key value ...]`` and ``scripts/prune_finetune.py``. Every
+check that needs no data and no weights runs first (:func:`preflight`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import sysconfig
-import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from hf_oto.export.verify import NO_HF_OTO_PRELUDE
+from hf_oto.data import (
+    Blocks,
+    DataArguments,
+    check_data_args,
+    load_documents,
+    split_blocks,
+    tokenize_blocks,
+    train_tokenizer,
+)
+from hf_oto.errors import ConfigError, ExportError
+from hf_oto.export.verify import verify_export
+from hf_oto.job_args import ModelArguments, parse
+from hf_oto.preflight import check_model_folder, check_output_folders, local_or_hub, resolve_resume
 from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
 
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local folder"})
-    init_config: dict[str, Any] | None = field(
-        default=None, metadata={"help": "build a new model from these config fields (model_type required)"}
-    )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the model's)"})
-    torch_dtype: str | None = field(default=None, metadata={"help": "load dtype, e.g. bfloat16 (GPU configs)"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full model"})
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "LoRA targets (default: every attention and FFN projection)"}
-    )
-    merge_adapters: bool = field(
-        default=True, metadata={"help": "LoRA export: one merged model, or pruned base + pruned adapter folder"}
-    )
-
-
-@dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with a 'text' column"})
-    dataset_config: str | None = None
-    train_files: list[str] | None = field(default=None, metadata={"help": "local .txt/.json/.jsonl files"})
-    text_source: str | None = field(
-        default=None, metadata={"help": "'python-stdlib': the interpreter's own library sources (offline)"}
-    )
-    max_text_mb: float = field(default=4.0, metadata={"help": "cap on raw text read from text_source"})
-    train_tokenizer_vocab: int = field(default=0, metadata={"help": "train a BPE tokenizer of this size"})
-    block_size: int = 128
-    eval_fraction: float = 0.05
-    max_eval_blocks: int = 200
-
-
-def parse(config_path: str, overrides: list[str]) -> tuple[ModelArguments, DataArguments, HFOTOTrainingArguments]:
-    """YAML file plus ``--key value`` overrides -> the three argument dataclasses (errors up front)."""
-    from transformers import HfArgumentParser
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise SystemExit(f"hf-oto: error: config file {config_path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
-    it = iter(overrides)
-    for token in it:
-        if not token.startswith("--"):
-            raise SystemExit(f"hf-oto: error: expected --key value, got {token!r}")
-        key = token[2:].replace("-", "_")
-        raw = next(it, None)
-        if raw is None:
-            raise SystemExit(f"hf-oto: error: {token} needs a value")
-        values[key] = yaml.safe_load(raw)
-    parser = HfArgumentParser((ModelArguments, DataArguments, HFOTOTrainingArguments))
-    try:
-        return parser.parse_dict(values, allow_extra_keys=False)
-    except ValueError as exc:
-        raise SystemExit(f"hf-oto: error: {exc}") from exc
-
-
-# Data ------------------------------------------------------------------------------------------
-def stdlib_text(max_mb: float) -> list[str]:
-    """Python source files of the running interpreter's standard library, sorted, up to ``max_mb``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, size = [], 0
-    for f in sorted(root.glob("*.py")):
-        try:
-            t = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(t)
-        size += len(t)
-        if size >= max_mb * 2**20:
-            break
-    return texts
-
-
-def load_texts(d: DataArguments) -> list[str]:
-    if d.text_source == "python-stdlib":
-        return stdlib_text(d.max_text_mb)
-    from datasets import load_dataset
-
-    if d.train_files:
-        ext = Path(d.train_files[0]).suffix.lstrip(".")
-        ds = load_dataset("json" if ext in ("json", "jsonl") else "text", data_files=d.train_files, split="train")
-    else:
-        ds = load_dataset(d.dataset_name, d.dataset_config, split="train")
-    return [t for t in ds["text"] if t]
-
-
-def train_tokenizer(texts: list[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def pack(texts: list[str], tokenizer, block: int) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    n = len(ids) // block
-    return torch.tensor(ids[: n * block]).view(n, block)
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+__all__ = ["DataArguments", "ModelArguments", "evaluate_lm", "parse", "perplexity", "preflight", "run"]
 
 
 @torch.no_grad()
@@ -163,57 +51,28 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 8) -> float:
     return evaluate_lm(model, blocks, batch)["perplexity"]
 
 
-VERIFY = NO_HF_OTO_PRELUDE + textwrap.dedent(
-    """
-    import math, torch
-    from transformers import AutoModelForCausalLM
-    from safetensors.torch import load_file
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[3] == "1").eval()
-    blocks = load_file(sys.argv[2])["blocks"]
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(blocks), 8):
-            b = blocks[i:i + 8]
-            total += float(model(input_ids=b, labels=b).loss) * len(b)
-    print(math.exp(total / len(blocks)), sum(p.numel() for p in model.parameters()))
-    """
-)
-
-
-def verify_export(out: Path, blocks: torch.Tensor) -> tuple[float, int]:
-    """Perplexity and size of the export, loaded by a Python process that cannot import hf_oto."""
-    from safetensors.torch import save_file
-
-    out = out.resolve()
-    probe = out.parent / f".{out.name}.eval.safetensors"
-    save_file({"blocks": blocks.contiguous()}, probe)
-    try:
-        remote = "auto_map" in json.loads((out / "config.json").read_text())
-        res = subprocess.run([sys.executable, "-c", VERIFY, str(out), str(probe), "1" if remote else "0"],
-                             capture_output=True, text=True, cwd=out.parent)
-    finally:
-        probe.unlink(missing_ok=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"the export at {out} did not reload without hf_oto:\n{res.stderr[-3000:]}")
-    ppl, n = res.stdout.strip().splitlines()[-1].split()
-    return float(ppl), int(n)
-
-
-# The job ---------------------------------------------------------------------------------------
+# Settings and checks ---------------------------------------------------------------------------
 def _config(margs: ModelArguments, tokenizer=None, vocab: int = 0):
     from transformers import AutoConfig
 
     if margs.model_name_or_path:
-        return AutoConfig.from_pretrained(margs.model_name_or_path)
+        try:
+            return AutoConfig.from_pretrained(margs.model_name_or_path)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"could not load the config of {margs.model_name_or_path}: {first}") from None
     cfg = dict(margs.init_config)
     if "model_type" not in cfg:
-        raise SystemExit("hf-oto: error: init_config needs a model_type")
+        raise ConfigError("init_config needs a model_type")
     if tokenizer is not None:
         cfg.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
     elif vocab:
         cfg["vocab_size"] = vocab
-    return AutoConfig.for_model(**cfg)
+    try:
+        return AutoConfig.for_model(**cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"init_config: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _with_lora(model, margs: ModelArguments):
@@ -225,31 +84,49 @@ def _with_lora(model, margs: ModelArguments):
                                             "down_proj"]
     cfg = LoraConfig(r=margs.lora_r, lora_alpha=margs.lora_alpha, lora_dropout=margs.lora_dropout,
                      target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA: {str(exc).strip().splitlines()[0]}") from None
 
 
-def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> None:
-    """Check model, LoRA and pruning settings on a meta-device copy, before any data work or download."""
+def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> dict[str, Any]:
+    """Every check that needs no data and no weights: sources, outputs, resume, and the pruning settings.
+
+    The model is built on the meta device, so this costs seconds even for large models. Returns the
+    source folder (None for Hub ids and init_config), the export folder and the checkpoint to resume.
+    """
     from transformers import AutoModelForCausalLM
 
     from hf_oto.trainer.trainer import check_pruning_setup
 
     if not (margs.model_name_or_path or margs.init_config):
-        raise SystemExit("hf-oto: error: set model_name_or_path or init_config")
-    if not (dargs.text_source or dargs.train_files or dargs.dataset_name):
-        raise SystemExit("hf-oto: error: give dataset_name, train_files or text_source")
-    if dargs.text_source not in (None, "python-stdlib"):
-        raise SystemExit(f"hf-oto: error: unknown text_source {dargs.text_source!r} (known: python-stdlib)")
-    for f in dargs.train_files or []:
-        if not Path(f).is_file():
-            raise SystemExit(f"hf-oto: error: train file {f} not found")
+        raise ConfigError("set model_name_or_path or init_config")
+    if margs.model_name_or_path and margs.init_config:
+        raise ConfigError("set model_name_or_path or init_config, not both")
+    if margs.torch_dtype and not isinstance(getattr(torch, margs.torch_dtype, None), torch.dtype):
+        raise ConfigError(f"torch_dtype {margs.torch_dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
+    source = local_or_hub(margs.model_name_or_path, "model folder") if margs.model_name_or_path else None
+    if source is not None:
+        check_model_folder(source)
+    if margs.tokenizer_name:
+        local_or_hub(margs.tokenizer_name, "tokenizer folder")
+    elif not dargs.train_tokenizer_vocab and not margs.model_name_or_path:
+        raise ConfigError("a model built from init_config needs tokenizer_name or train_tokenizer_vocab")
+    check_data_args(dargs)
+    adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None
+    pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)
+    resume = resolve_resume(targs)
     config = _config(margs, vocab=dargs.train_tokenizer_vocab or 64)
     with torch.device("meta"):
-        model = _with_lora(AutoModelForCausalLM.from_config(config), margs)
-    try:
-        check_pruning_setup(model, targs)
-    except ValueError as exc:
-        raise SystemExit(f"hf-oto: error: {exc}") from exc
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError as exc:
+            raise ConfigError(f"{config.model_type} has no causal-LM head in transformers: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+        model = _with_lora(model, margs)
+    check_pruning_setup(model, targs)
+    return {"source": source, "pruned": pruned, "resume": resume}
 
 
 def _source_license(name: str | None) -> str | None:
@@ -264,41 +141,56 @@ def _source_license(name: str | None) -> str | None:
         return None
 
 
+def _load_tokenizer(margs: ModelArguments):
+    from transformers import AutoTokenizer
+
+    name = margs.tokenizer_name or margs.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"could not load the tokenizer of {name}: {str(exc).strip().splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {name} has no eos token to end documents with")
+    return tokenizer
+
+
+def _load_model(margs: ModelArguments, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if not margs.model_name_or_path:
+        return AutoModelForCausalLM.from_config(_config(margs, tokenizer))
+    kw = {"dtype": getattr(torch, margs.torch_dtype)} if margs.torch_dtype else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kw)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"could not load {margs.model_name_or_path}: {str(exc).strip().splitlines()[0]}") from None
+
+
+# The job ---------------------------------------------------------------------------------------
 def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Parse, check, load data, train and prune, export, verify the export, print a summary."""
+    from transformers import default_data_collator
 
     margs, dargs, targs = parse(config_path, overrides)
-    preflight(margs, dargs, targs)
+    checked = preflight(margs, dargs, targs)
     torch.manual_seed(targs.seed)
-    texts = load_texts(dargs)
-    if dargs.train_tokenizer_vocab:
-        tokenizer = train_tokenizer(texts, dargs.train_tokenizer_vocab)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(margs.tokenizer_name or margs.model_name_or_path)
-        if tokenizer.eos_token_id is None:
-            raise SystemExit("hf-oto: error: the tokenizer has no eos token to separate documents")
-    blocks = pack(texts, tokenizer, dargs.block_size)
-    gen = torch.Generator().manual_seed(targs.seed)
-    blocks = blocks[torch.randperm(len(blocks), generator=gen)]
-    n_eval = min(max(1, int(len(blocks) * dargs.eval_fraction)), dargs.max_eval_blocks)
-    eval_blocks, train_blocks = blocks[:n_eval], blocks[n_eval:]
+    tokenizer = None if dargs.train_tokenizer_vocab else _load_tokenizer(margs)
+    docs = load_documents(dargs)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(docs["text"], dargs.train_tokenizer_vocab)
+    blocks = tokenize_blocks(docs, tokenizer, dargs.block_size, dargs.preprocessing_num_workers)
+    train_blocks, eval_blocks = split_blocks(blocks, dargs, targs.seed)
 
-    if margs.model_name_or_path:
-        kw = {"dtype": getattr(torch, margs.torch_dtype)} if margs.torch_dtype else {}
-        model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kw)
-    else:
-        model = AutoModelForCausalLM.from_config(_config(margs, tokenizer))
-    model = _with_lora(model, margs)
+    model = _with_lora(_load_model(margs, tokenizer), margs)
     ppl_before = perplexity(model, eval_blocks)
-    trainer = HFOTOTrainer(model=model, args=targs, train_dataset=Blocks(train_blocks), processing_class=tokenizer)
-    trainer.train()
+    trainer = HFOTOTrainer(model=model, args=targs, train_dataset=Blocks(train_blocks), processing_class=tokenizer,
+                           data_collator=default_data_collator)  # equal-length blocks: no padding needed
+    trainer.train(resume_from_checkpoint=checked["resume"])
     after = evaluate_lm(model, eval_blocks)
     ppl_after = after["perplexity"]
     space, hesso = trainer.pruning_space, trainer.hesso
-    out = trainer.save_pruned_model(overwrite=True, merge_adapters=margs.merge_adapters,
-                                    license=_source_license(margs.model_name_or_path),
-                                    eval_results={"eval_perplexity": ppl_after,
-                                                  "eval_token_accuracy": after["token_accuracy"]})
+    out = _save(trainer, checked["pruned"], margs, {"eval_perplexity": ppl_after,
+                                                    "eval_token_accuracy": after["token_accuracy"]})
     if not trainer.is_world_process_zero():  # rank 0 writes, verifies and reports
         return {"output": str(out)}
     if not margs.merge_adapters and margs.lora_r:
@@ -322,6 +214,22 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     }
     print_summary(summary)
     return summary
+
+
+def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, eval_results: dict[str, float]) -> Path:
+    """Export; if the target filled up during training, write beside it rather than lose the trained model."""
+    kw = dict(merge_adapters=margs.merge_adapters, license=_source_license(margs.model_name_or_path),
+              eval_results=eval_results)
+    try:
+        return trainer.save_pruned_model(str(target), **kw)
+    except ExportError as exc:
+        if not (target.is_dir() and any(target.iterdir())):
+            raise
+        import time
+
+        fallback = target.with_name(f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"hf-oto: warning: {exc}; writing the pruned model to {fallback} instead")
+        return trainer.save_pruned_model(str(fallback), **kw)
 
 
 def print_summary(s: dict[str, Any]) -> None:

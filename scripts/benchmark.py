@@ -96,21 +96,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Data and reference model ---------------------------------------------------------------------
 def load_data(a: argparse.Namespace):
-    from hf_oto.main_job import DataArguments, load_texts, pack, train_tokenizer
+    from hf_oto.data import DataArguments, load_documents, split_blocks, tokenize_blocks, train_tokenizer
 
     d = DataArguments(dataset_name=a.dataset, train_files=a.train_files, max_text_mb=a.max_text_mb,
                       text_source=None if (a.dataset or a.train_files) else "python-stdlib")
-    texts = load_texts(d)
+    docs = load_documents(d)
     if a.model:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(a.model)
     else:
-        tokenizer = train_tokenizer(texts, a.vocab)
-    blocks = pack(texts, tokenizer, a.block)
-    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))]
-    n_eval = min(max(1, len(blocks) // 20), 200)
-    return tokenizer, blocks[n_eval:], blocks[:n_eval]
+        tokenizer = train_tokenizer(docs["text"], a.vocab)
+    d.block_size, d.eval_fraction = a.block, 0.05
+    train_blocks, eval_blocks = split_blocks(tokenize_blocks(docs, tokenizer, a.block), d, a.seed)
+    return tokenizer, train_blocks, eval_blocks
 
 
 def training_args(out: str, steps: int, a: argparse.Namespace, lr: float, **pruning):
@@ -129,7 +128,7 @@ def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: 
     """Train ``model`` for ``steps`` on ``blocks`` (HFOTOTrainer when pruning settings are given)."""
     from transformers import Trainer
 
-    from hf_oto.main_job import Blocks
+    from hf_oto.data import Blocks
     from hf_oto.trainer import HFOTOTrainer
 
     args = training_args(str(workdir), steps, a, lr, **pruning)

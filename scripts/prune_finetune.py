@@ -6,9 +6,7 @@ Works under ``accelerate launch`` too.
 
 import sys
 
-from hf_oto.main_job import run
+from hf_oto.cli import main
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    run(sys.argv[1], sys.argv[2:])
+    sys.exit(main(["prune", *sys.argv[1:]]))

@@ -9,10 +9,10 @@ from tiny import tiny_model
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
 
 
-def _small(source_dir):
+def _small(source_dir, card_meta="license: apache-2.0\n"):
     model = tiny_model("llama", intermediate_size=64)
     model.save_pretrained(source_dir)
-    (source_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a source model\n")
+    (source_dir / "README.md").write_text(f"---\n{card_meta}---\n# a source model\n")
     model.config._name_or_path = str(source_dir)
     space = discover_groups(model)
     zero_groups(model, space, [g.name for g in space if g.kind == "ffn_channel" and int(g.name.rsplit(".", 1)[1]) < 32])
@@ -24,7 +24,8 @@ def test_card_states_source_license_flops_eval_and_plot(tmp_path):
     out = save_pruned(small, tmp_path / "out", extra_manifest={"eval": {"eval_perplexity": 12.5}})
     card = (out / "README.md").read_text()
     head = card.split("---")[1]
-    assert f"base_model: {tmp_path / 'source'}" in head and "license: apache-2.0" in head
+    assert "license: apache-2.0" in head
+    assert "base_model" not in head  # a local path is no Hub id (the Hub refuses it), and its card names none
     m = json.loads((out / "pruning_manifest.json").read_text())
     assert m["flops_per_token_after"] < m["flops_per_token_before"]
     # 32 of 64 FFN channels gone in 2 layers: 3 matrices of 32 x hidden each -> 2 FLOPs per weight
@@ -46,3 +47,18 @@ def test_card_without_eval_or_license_says_so(tmp_path):
     out = save_pruned(construct_subnet(model, space), tmp_path / "out")
     card = (out / "README.md").read_text()
     assert "No evaluation set was given" in card and "license:" not in card
+
+
+def test_card_base_model_is_a_hub_id_never_a_local_path(tmp_path):
+    """A local source's own card names its Hub base model: that id, not the folder, goes into the card."""
+    small = _small(tmp_path / "source", card_meta="license: mit\nbase_model: org/original-model\n")
+    out = save_pruned(small, tmp_path / "out")
+    head = (out / "README.md").read_text().split("---")[1]
+    assert "base_model: org/original-model" in head and str(tmp_path) not in head
+    from hf_oto.export.save import hub_base_model
+
+    assert hub_base_model("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert hub_base_model(str(tmp_path / "source")) == "org/original-model"
+    (tmp_path / "no-card").mkdir()
+    assert hub_base_model(str(tmp_path / "no-card")) is None  # a local folder whose card names no Hub base
+    assert hub_base_model("./not/a hub id") is None

@@ -41,14 +41,20 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path):
     assert target.read_text() == "keep me"
 
 
-def test_non_empty_out_dir_needs_overwrite(tmp_path):
+def test_non_empty_out_dir_needs_overwrite_and_only_an_export_is_replaced(tmp_path):
     (tmp_path / "old.txt").write_text("keep me")
     with pytest.raises(ExportError, match="overwrite"):
         save_pruned(_pruned(), tmp_path)
+    with pytest.raises(ExportError, match="not an earlier hf-oto export"):
+        save_pruned(_pruned(), tmp_path, overwrite=True)  # a user's folder is never replaced
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
-    save_pruned(_pruned(), tmp_path, overwrite=True)
-    assert not (tmp_path / "old.txt").exists() and (tmp_path / "config.json").exists()
-    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
+    out = tmp_path / "export"
+    save_pruned(_pruned(), out)
+    (out / "stale.txt").write_text("from the earlier export")
+    save_pruned(_pruned(), out, overwrite=True)  # an earlier export is
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert (tmp_path / "old.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 def test_already_pruned_model_is_refused(tmp_path):

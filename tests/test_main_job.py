@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hf_oto.errors import ConfigError
 from hf_oto.main_job import parse, run
 
 SMALL = ["--max_steps", "8", "--pruning_periods", "2", "--max_text_mb", "0.2", "--train_tokenizer_vocab", "512",
@@ -29,11 +30,11 @@ def test_quickstart_config_end_to_end(tmp_path, capsys):
 
 
 def test_bad_config_input_fails_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         parse(str(tmp_path / "missing.yaml"), [])
-    with pytest.raises(SystemExit, match="needs a value"):
+    with pytest.raises(ConfigError, match="needs a value"):
         parse("configs/quickstart.yaml", ["--max_steps"])
-    with pytest.raises(SystemExit, match="error"):
+    with pytest.raises(ConfigError, match="unknown setting .no_such_option."):
         parse("configs/quickstart.yaml", ["--no_such_option", "1"])
 
 
@@ -49,8 +50,8 @@ def test_bad_settings_stop_before_any_data_work(tmp_path, monkeypatch, override,
     def no_data(*a, **k):
         raise AssertionError("data was loaded before the settings were checked")
 
-    monkeypatch.setattr(job, "load_texts", no_data)
-    with pytest.raises(SystemExit, match=match):
+    monkeypatch.setattr(job, "load_documents", no_data)
+    with pytest.raises(ConfigError, match=match):
         run("configs/quickstart.yaml", override + ["--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 

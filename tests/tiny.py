@@ -22,6 +22,14 @@ ARCHS = {
     "qwen2_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                       shared_expert_intermediate_size=24),
     "bert": dict(),
+    # Found by an architecture sweep: heads unprunable (norm over all heads, constant-index k/v), FFN prunable.
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=48),
+    "falcon_mqa": dict(model_type="falcon", multi_query=True, ffn_hidden_size=48),
+    "olmo2": dict(num_key_value_heads=2),
+    "olmoe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    # relu^2 (aten.square) FFNs
+    "arcee": dict(num_key_value_heads=2),
+    "nemotron": dict(num_key_value_heads=2, head_dim=8),
 }
 ENCODERS = {"bert"}
 
@@ -30,7 +38,7 @@ def tiny_config(arch: str, **overrides):
     kw = dict(COMMON)
     kw.update(ARCHS[arch])
     kw.update(overrides)
-    return AutoConfig.for_model(arch, **kw)
+    return AutoConfig.for_model(kw.pop("model_type", arch), **kw)
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides):

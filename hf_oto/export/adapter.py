@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ExportError
+from hf_oto.export.atomic import check_target, discard, publish, staging_dir
 from hf_oto.export.save import save_pruned
 from hf_oto.groups import discover_groups
 from hf_oto.groups.space import PruningSpace
 from hf_oto.subnet import construct_subnet
+
+ADAPTER_MARKER = "hf_oto_adapter.json"
 
 
 def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[str, int], torch.Tensor]:
@@ -40,24 +43,28 @@ def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[st
 
 def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
                           layout: str = "uniform", tokenizer: Any = None, overwrite: bool = False,
-                          extra: dict[str, Any] | None = None, license: str | None = None) -> tuple[Path, Path]:
+                          extra: dict[str, Any] | None = None, license: str | None = None,
+                          prepare: Callable[[nn.Module], None] | None = None) -> tuple[Path, Path]:
     """Write the pruned base model (``save_pruned``) and the matching pruned adapter.
 
     Each LoRA ``B`` keeps the rows of its module's kept output features, each ``A`` the columns of
     its kept input features (DoRA magnitudes follow the rows), so base + adapter computes what the
-    trained, zeroed peft model computed. ``peft_model`` is not modified.
+    trained, zeroed peft model computed. ``prepare(small)`` may adjust the pruned base before it is
+    saved (the trainer restores ``use_cache``). ``peft_model`` is not modified.
     """
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     adapter_out = Path(adapter_dir)
-    if adapter_out.exists() and any(adapter_out.iterdir()) and not overwrite:
-        raise ExportError(f"{adapter_out} is not empty; pass overwrite=True to replace it")
+    check_target(adapter_out, overwrite=overwrite, marker=ADAPTER_MARKER)
+    check_target(Path(out_dir), overwrite=overwrite, marker="pruning_manifest.json")
     name = peft_model.active_adapter
     config = copy.deepcopy(peft_model.peft_config[name])
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     base = copy.deepcopy(peft_model).unload()
     space = discover_groups(base)
     small = construct_subnet(base, space, layout=layout)
+    if prepare is not None:
+        prepare(small)
     kept = kept_indices(space, small.hf_oto_manifest)
     small_shapes = {n: p.shape for n, p in small.named_parameters()}
     out_dim = 1 if getattr(config, "fan_in_fan_out", False) else 0
@@ -87,15 +94,15 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
     bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
     if bad:
         raise ExportError(f"the sliced adapter did not load into the pruned base: {bad[:3]}")
-    adapter_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_out.name}.", dir=adapter_out.parent))
+    tmp = staging_dir(adapter_out)
     try:
         adapted.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
-        written = tmp / name if name != "default" and (tmp / name).is_dir() else tmp
-        if adapter_out.exists():
-            shutil.rmtree(adapter_out)
-        os.replace(written, adapter_out)
+        if name != "default" and (tmp / name).is_dir():  # peft writes named adapters into a sub-folder
+            for f in (tmp / name).iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / name).rmdir()
+        (tmp / ADAPTER_MARKER).write_text(json.dumps({"base_model": str(base_path), "adapter_name": name}, indent=1))
+        publish(tmp, adapter_out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        discard(tmp)
     return base_path, adapter_out

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,13 @@ from typing import Any
 from torch import nn
 
 from hf_oto.errors import ExportError
+from hf_oto.export.atomic import check_target, discard, publish, staging_dir
 from hf_oto.export.plot import plot_kept
+from hf_oto.export.verify import PICKLE_SUFFIXES
 from hf_oto.subnet import remote_code
 
 REMOTE_MODULE = "modeling_hfoto"
+MANIFEST = "pruning_manifest.json"
 
 
 def save_pruned(
@@ -38,44 +39,62 @@ def save_pruned(
     ``extra_manifest`` may carry ``hesso`` (settings) and ``eval`` (metric -> value). Layers of different sizes
     get self-contained remote code (load with ``trust_remote_code=True``). The folder is written
     next to ``out_dir`` and renamed into place, so a failure leaves no half-written export.
+    ``overwrite=True`` replaces an earlier hf-oto export at ``out_dir``, never another non-empty folder.
+    The card's ``base_model`` is ``source`` when that is a Hub id, or the ``base_model`` of a local
+    source folder's own card; a local path never goes into it (the Hub refuses those).
     """
     out = Path(out_dir)
     source = source or getattr(model.config, "_name_or_path", None) or None
     manifest = getattr(model, "hf_oto_manifest", None)
     if manifest is None:
         raise ExportError("save_pruned takes the model returned by construct_subnet (it has no hf_oto_manifest)")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    check_target(out, overwrite=overwrite, marker=MANIFEST)
+    tmp = staging_dir(out)
     try:
         license = license or source_license(source)
         _write(model, tmp, tokenizer, manifest, source, max_shard_size, extra_manifest or {}, license)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "dir")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        return publish(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+        discard(tmp)
+
+
+def _local_card(source: str | None) -> dict[str, Any]:
+    """The metadata of a local source folder's model card (no network); empty when there is none."""
+    if not source or not (Path(source) / "README.md").is_file():
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(Path(source) / "README.md").data.to_dict()
+    except Exception:  # a card without valid metadata carries nothing
+        return {}
 
 
 def source_license(source: str | None) -> str | None:
     """The license in the model card of a local source folder (no network), if any."""
-    if not source or not (Path(source) / "README.md").is_file():
-        return None
-    try:
-        from huggingface_hub import ModelCard
+    return _local_card(source).get("license")
 
-        return ModelCard.load(Path(source) / "README.md").data.to_dict().get("license")
-    except Exception:  # a card without valid metadata carries no license
-        return None
+
+def is_hub_id(name: Any) -> bool:
+    """Whether ``name`` is a valid Hub repo id and not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or not name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_base_model(source: str | None) -> str | None:
+    """The Hub id to name as ``base_model``: the source itself, or the base_model of a local source's card."""
+    if is_hub_id(source):
+        return source
+    base = _local_card(source).get("base_model")
+    base = base[0] if isinstance(base, list) and len(base) == 1 else base
+    return base if is_hub_id(base) else None
 
 
 def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra, license) -> None:
@@ -104,8 +123,8 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
         (tmp / f"{REMOTE_MODULE}.py").write_text(code)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    full = dict(manifest, source=source, license=license, **extra)
-    (tmp / "pruning_manifest.json").write_text(json.dumps(full, indent=1))
+    full = dict(manifest, source=source, base_model=hub_base_model(source), license=license, **extra)
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
     (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=_auto_class(model)))
     plot_kept(full, tmp / "pruning_plot.png")
     _check_no_pickles(tmp)
@@ -129,7 +148,7 @@ def _auto_class(model: nn.Module) -> str:
 
 def _check_no_pickles(folder: Path) -> None:
     for f in folder.rglob("*"):
-        if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle"):
+        if f.suffix in PICKLE_SUFFIXES:
             raise ExportError(f"refusing to export a pickle: {f.name}")
 
 
@@ -175,8 +194,8 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         rows.append(f"| {s['layer']} | `{s['module']}` | {s['kind']} | {len(s['kept'])} / {s['groups']} |")
     load_kw = ", trust_remote_code=True" if trust_remote_code else ""
     meta = ""
-    if manifest.get("source"):
-        meta += f"base_model: {manifest['source']}\n"
+    if manifest.get("base_model"):
+        meta += f"base_model: {manifest['base_model']}\n"
     if manifest.get("license"):
         meta += f"license: {manifest['license']}\n"
     meta += "library_name: transformers\ntags:\n- hf-oto\n- pruned\n- structured-pruning\n"

@@ -94,6 +94,7 @@ def discover_groups(model: nn.Module) -> PruningSpace:
         sets = []
         for site in sites:
             sets.extend(_site_sets(site, twin_shapes))
+        sets += _unrecognised_mlps(trace, layers_path, sets, range(traced_layers), twin_shapes)
         _mark_expressible(sets, base, config, twin_shapes)
         sets += _replicate(sets, layers_path, range(traced_layers, num_layers),
                            [representative[signatures[i]] for i in range(num_layers)])
@@ -287,16 +288,16 @@ def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_Site]:
             continue
         q_heads, k_heads, v_heads = (roles[r][1] for r in ("q", "k", "v"))
         n_q, n_kv = len(q_heads), len(k_heads)
-        if n_kv != len(v_heads) or n_q % max(n_kv, 1):
-            raise DiscoveryError(f"{prefix}: {n_q} query heads, {n_kv} key and {len(v_heads)} value heads")
-        head_dim = len(q_heads[0])
-        expect_q = getattr(config, "num_attention_heads", n_q)
-        expect_kv = getattr(config, "num_key_value_heads", None) or n_kv
-        if (n_q, n_kv) != (expect_q, expect_kv):
-            raise DiscoveryError(
-                f"{prefix}: the config says {expect_q} query / {expect_kv} kv heads, the traced graph "
-                f"shows {n_q} / {n_kv}. {RULE_HELP}"
+        if n_kv != len(v_heads) or n_q % max(n_kv, 1) or len({len(h) for h in q_heads + k_heads}) != 1:
+            reason = (
+                f"{prefix}: the traced graph splits q/k/v into {n_q}/{n_kv}/{len(v_heads)} heads that do not "
+                "form equal query groups per kv head (k and v are selected in a way the label propagation "
+                "does not follow), so heads cannot be removed safely"
             )
+            sites.append(_Site("attention", layer, prefix, {"reason": reason, "o": o, "roles": roles}))
+            continue
+        head_dim = len(q_heads[0])
+        _check_head_config(prefix, config, n_q, n_kv)
         cols = _o_columns(site, o, n_q, head_dim)
         if cols is None:
             reason = f"{o.module}: the attention output is transformed before {o.module} reads it"
@@ -305,6 +306,22 @@ def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_Site]:
                   {"reason": reason, "o": o, "roles": roles, "o_cols": cols, "head_dim": head_dim})
         )
     return sites
+
+
+def _check_head_config(prefix: str, config, n_q: int, n_kv: int) -> None:
+    """The config's head counts must be what the model built from it computes."""
+    wrong = []
+    expect_q = getattr(config, "num_attention_heads", n_q)
+    if expect_q != n_q:
+        wrong.append(f"num_attention_heads={expect_q} (the model computes {n_q} query heads)")
+    expect_kv = getattr(config, "num_key_value_heads", None) or n_kv
+    if expect_kv != n_kv:
+        wrong.append(f"num_key_value_heads={expect_kv} (the model computes {n_kv} kv heads)")
+    if wrong:
+        raise DiscoveryError(
+            f"{prefix}: the config says {' and '.join(wrong)}: the config contradicts the model's own code, "
+            "which does not read that field as a head count. Fix or remove the field in config.json."
+        )
 
 
 def _ancestors(start, trace: tr.Trace) -> set:
@@ -352,17 +369,24 @@ def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_Site]:
         if not frontier:
             continue
         width = frontier[0][2].shape[-1]
-        consumer = _elementwise_consumer([u for u, _, _ in frontier], trace, width)
-        if consumer is None:
+        found, blocker, visited = _walk_elementwise([u for u, _, _ in frontier], trace, width)
+        if blocker is not None or len(found) != 1:
             continue
-        by_consumer.setdefault(consumer.node, []).append((w, frontier))
+        by_consumer.setdefault(next(iter(found)).node, []).append((w, frontier, visited))
     sites = []
     for node, producers in by_consumer.items():
         down = trace.by_node[node]
         layer = _layer_of(down.param, layers_path)
         width = node.args[[i for i, a in enumerate(node.args) if a is down.data_input][0]].meta["val"].shape[-1]
+        prefix = _common_prefix([w.param for w, _, _ in producers] + [down.param])
+        foreign = _foreign_input(producers, width)
+        if foreign is not None:
+            reason = (f"FFN not recognised: {down.module} also reads {foreign}, which hf-oto does not treat as "
+                      "element-wise, so its channels cannot be mapped")
+            sites.append(_Site("ffn", layer, prefix, {"down": down, "width": width, "reason": reason}))
+            continue
         rows: dict[tr.WeightOp, list[set[int]]] = {}
-        for w, frontier in producers:
+        for w, frontier, _ in producers:
             acc = rows.setdefault(w, [set() for _ in range(width)])
             for _, _, lab in frontier:
                 if lab.shape[-1] != width:
@@ -372,14 +396,29 @@ def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_Site]:
                     break
                 for p, r in enumerate(flat[0].tolist()):
                     acc[p].add(r)
-        prefix = _common_prefix([w.param for w, _ in producers] + [down.param])
         expert = down.expert_dim is not None
         sites.append(_Site("ffn", layer, prefix, {"down": down, "rows": rows, "width": width, "experts": expert}))
     return sites
 
 
-def _elementwise_consumer(starts, trace: tr.Trace, width: int):
-    """The single weight op reached from ``starts`` through element-wise ops only, else None."""
+def _foreign_input(producers, width: int) -> str | None:
+    """A channel-wide tensor entering the element-wise region from outside the recognised producers."""
+    inside = {w.node for w, _, _ in producers} | {n for _, fr, _ in producers for _, n, _ in fr}
+    region = set().union(*(visited for _, _, visited in producers))
+    inside |= region
+    for node in region:
+        for arg in node.args:
+            if not isinstance(arg, fx.Node) or arg in inside:
+                continue
+            val = arg.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[-1] == width:
+                return f"{arg.target}" if arg.op == "call_function" else f"{arg.name} ({arg.op})"
+    return None
+
+
+def _walk_elementwise(starts, trace: tr.Trace, width: int) -> tuple[set, str | None, set]:
+    """From ``starts`` through element-wise ops: the weight ops reached, the first op that is not
+    element-wise (None if every path ends at a weight op), and the element-wise nodes visited."""
     found, seen, stack = set(), set(), list(starts)
     while stack:
         n = stack.pop()
@@ -392,12 +431,50 @@ def _elementwise_consumer(starts, trace: tr.Trace, width: int):
         if n.op == "call_function" and n.target in tr.IGNORED:
             continue
         if n.op != "call_function" or (n.target not in tr.ELEMENTWISE_OPS and n.target not in tr.SHAPE_OPS):
-            return None
+            return found, str(n.target) if n.op == "call_function" else f"the model output ({n.name})", seen
         val = n.meta.get("val")
         if val is None or not hasattr(val, "shape") or val.shape[-1] != width:
-            return None
+            return found, f"{n.target} (which changes the channel dimension)", seen
         stack.extend(n.users)
-    return next(iter(found)) if len(found) == 1 else None
+    return found, None, seen - {w.node for w in found}
+
+
+def _unrecognised_mlps(trace: tr.Trace, layers_path: str, sets: list[GroupSet], layers: range,
+                       shapes) -> list[GroupSet]:
+    """An unprunable FFN record, with its reason, for each traced layer whose MLP was not recognised."""
+    claimed = {sl.param for gs in sets for sl in gs.slices}
+    for site in trace.attention:
+        claimed.update(p.param for ps in site.producers.values() for p in ps)
+        claimed.update(c.param for c in site.consumers)
+    with_mlp = {gs.layer for gs in sets if gs.block == "mlp"}
+    by_layer: dict[int, list[tr.WeightOp]] = {}
+    for w in trace.weight_ops:
+        layer = _layer_of(w.param, layers_path)
+        if layer in layers and layer not in with_mlp and w.param not in claimed:
+            by_layer.setdefault(layer, []).append(w)
+    out = []
+    for layer, ops in sorted(by_layer.items()):
+        reasons = []
+        for w in ops:
+            frontier = tr.propagate_labels(w.node, tr.output_labels(w))
+            if not frontier:
+                continue
+            found, blocker, _ = _walk_elementwise([u for u, _, _ in frontier], trace, frontier[0][2].shape[-1])
+            if blocker is not None:
+                reasons.append(f"{w.module} reaches the next weight through {blocker}, which hf-oto does not treat "
+                               "as element-wise")
+            elif len(found) > 1:
+                reasons.append(f"{w.module} feeds {len(found)} weights, not one down projection")
+        if not reasons:
+            continue
+        first = ops[0]
+        width = shapes[first.param][first.out_dim]
+        fake = [SliceSpec(first.param, first.out_dim, torch.arange(width).view(1, -1))]
+        prefix = _common_prefix([w.module for w in ops]) if len(ops) > 1 else first.module
+        reason = f"FFN not recognised: {reasons[0]}, so its channels cannot be mapped"
+        out.append(GroupSet(prefix, "ffn_channel", layer, "mlp", fake, _numel(fake, shapes), prunable=False,
+                            reason=reason))
+    return out
 
 
 # Group sets ----------------------------------------------------------------------------------
@@ -473,6 +550,11 @@ def _attention_sets(site: _Site, shapes) -> list[GroupSet]:
 
 def _ffn_sets(site: _Site, shapes) -> list[GroupSet]:
     u = site.units
+    if u.get("reason"):
+        down = u["down"]
+        fake = [SliceSpec(down.param, down.in_dim, torch.arange(u["width"]).view(1, -1))]
+        return [GroupSet(site.prefix, "ffn_channel", site.layer, "mlp", fake, _numel(fake, shapes), prunable=False,
+                         reason=u["reason"])]
     down, rows, width = u["down"], u["rows"], u["width"]
     experts = range(shapes[down.param][0]) if u["experts"] else [None]
     meta = {"width": width, "producers": sorted(w.param for w in rows), "consumer": down.param}
@@ -497,23 +579,21 @@ def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> 
     """Probe 1-layer meta models with changed config fields; record which field sets which width."""
     layer0 = [s for s in sets if s.layer == min(x.layer for x in sets)]
     for s in layer0:
-        if s.kind in ("ffn_channel", "expert_channel") and "field" not in s.meta:
+        if s.kind in ("ffn_channel", "expert_channel") and s.prunable and "field" not in s.meta:
             field = _probe_ffn_field(base, config, s)
             for t in sets:
-                if t.kind == s.kind and layer_relative(t.meta["consumer"]) == layer_relative(s.meta["consumer"]):
+                if t.kind == s.kind and t.prunable and \
+                        layer_relative(t.meta["consumer"]) == layer_relative(s.meta["consumer"]):
                     t.meta["field"] = field
-    attention_ok = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
-    valid = _valid_head_counts(config, [s for s in layer0 if s.block == "attention"])
+    heads_reason = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
+    valid = _valid_head_counts(config, [s for s in layer0 if s.block == "attention" and s.prunable])
     for s in sets:
-        if s.block == "attention" and valid is not None:
+        if s.block == "attention" and valid is not None and s.prunable:
             s.meta["valid_counts"] = valid
-        if s.block == "attention" and s.prunable and not attention_ok:
+        if s.block == "attention" and s.prunable and heads_reason:
             s.prunable = False
-            s.reason = (
-                "the stock config cannot express fewer heads (it derives head_dim from "
-                "hidden_size / num_attention_heads)"
-            )
-        if s.block == "mlp" and s.meta.get("field") is None:
+            s.reason = heads_reason
+        if s.block == "mlp" and s.prunable and s.meta.get("field") is None:
             s.prunable = False
             s.reason = "no config field sets this FFN width, so a smaller one cannot be saved"
 
@@ -561,6 +641,7 @@ def _valid_head_counts(config, attn_sets: list[GroupSet]) -> tuple[tuple[int, in
     a head count the model runs with may still be refused when the export is saved or loaded.
     """
     validate = getattr(config, "validate", None)
+    attn_sets = [s for s in attn_sets if "num_heads" in s.meta]  # placeholders of unprunable heads carry none
     if not attn_sets or validate is None or not hasattr(config, "num_attention_heads"):
         return None
     meta = attn_sets[0].meta
@@ -583,28 +664,44 @@ def _valid_head_counts(config, attn_sets: list[GroupSet]) -> tuple[tuple[int, in
     return tuple(ok)
 
 
-def _probe_heads(base, config, attn_sets: list[GroupSet]) -> bool:
+def _probe_heads(base, config, attn_sets: list[GroupSet]) -> str:
+    """Why the stock config cannot express fewer heads ("" when it can), from a 1-layer meta probe."""
     if not attn_sets:
-        return True
+        return ""
     meta = attn_sets[0].meta
     n_q, n_kv, hd = meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
     rep = n_q // n_kv
-    if n_kv > 1:
-        new_q, new_kv = n_q - rep, n_kv - 1
-    elif n_q > 1:
-        new_q, new_kv = n_q - 1, 1
-    else:
-        return False
-    fields = {"num_attention_heads": new_q, "head_dim": hd}
-    if hasattr(config, "num_key_value_heads") and config.num_key_value_heads is not None:
-        fields["num_key_value_heads"] = new_kv
-    shapes = _probe_model(base, config, **fields)
+    # Fewer heads, same head size: one kv group less (GQA) or one head less (MHA), then smaller counts
+    # in case the model itself refuses a count (e.g. hidden_size % heads).
+    candidates = [(kv * rep, kv) for kv in range(n_kv - 1, 0, -1)] if n_kv > 1 else \
+        [(q, 1) for q in range(n_q - 1, 0, -1)]
+    if not candidates:
+        return "a single head cannot be removed"
+    has_kv = getattr(config, "num_key_value_heads", None) is not None
+    shapes = None
+    for new_q, new_kv in candidates:
+        fields = {"num_attention_heads": new_q}
+        if has_kv:
+            fields["num_key_value_heads"] = new_kv
+        # A config without a settable head_dim (it derives one) is probed without it.
+        shapes = _probe_model(base, config, **fields, head_dim=hd) or _probe_model(base, config, **fields)
+        if shapes is not None:
+            break
     if shapes is None:
-        return False
+        return f"the stock config refuses every smaller head count with head_dim={hd}, so fewer heads cannot be saved"
     o = _layer0_name(meta["consumer"])
-    o_set = attn_sets[0]
-    in_dim = [s.dim for s in o_set.slices if s.param == meta["consumer"]][0]
-    return o in shapes and shapes[o][in_dim] == new_q * hd
+    in_dim = [s.dim for s in attn_sets[0].slices if s.param == meta["consumer"]][0]
+    if o in shapes and shapes[o][in_dim] == new_q * hd:
+        return ""
+    full = _probe_model(base, config) or {}
+    producers_shrank = any(shapes.get(n) != full.get(n) for n in map(_layer0_name, meta["producers"]))
+    module = o.rsplit(".", 1)[0]
+    if not producers_shrank:
+        return ("the stock config derives head_dim from hidden_size / num_attention_heads, so fewer heads of the "
+                "same size cannot be saved")
+    width = shapes.get(o, (None, None))[in_dim]
+    return (f"{module}'s input width stays {width} in the stock code when num_attention_heads changes (it is set by "
+            f"another field, not num_attention_heads x head_dim), so fewer heads cannot be saved")
 
 
 # Names in the user's model (peft wrappers, LoRA factors) --------------------------------------

@@ -40,13 +40,21 @@ IDENTITY_OPS = {
     aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.dropout.default,
     aten.contiguous.default, aten.lift_fresh_copy.default,
 }
-# Element-wise ops allowed between an FFN's producers and its consumer.
+# Element-wise ops allowed between an FFN's producers and its consumer: every activation in
+# transformers.activations traces to these (tests/test_discovery_archs.py audits that), except PReLU,
+# whose weight may hold one value per channel.
 ELEMENTWISE_OPS = IDENTITY_OPS | {
-    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor,
-    aten.div.Tensor, aten.silu.default, aten.gelu.default, aten.tanh.default, aten.sigmoid.default,
-    aten.relu.default, aten.neg.default, aten.erf.default, aten.exp.default, aten.pow.Tensor_Scalar,
-    aten.pow.Tensor_Tensor, aten.rsub.Scalar, aten.clamp.default, aten.minimum.default,
-    aten.maximum.default, aten.where.self, aten.abs.default, aten.sqrt.default,
+    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+    aten.div.Tensor, aten.div.Scalar, aten.rsub.Scalar, aten.neg.default, aten.abs.default, aten.sign.default,
+    aten.silu.default, aten.gelu.default, aten.tanh.default, aten.sigmoid.default, aten.relu.default,
+    aten.erf.default, aten.erfc.default, aten.exp.default, aten.expm1.default, aten.log.default,
+    aten.log1p.default, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default, aten.square.default,
+    aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar, aten.sin.default, aten.cos.default,
+    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.clip.default,
+    aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.elu.default, aten.selu.default, aten.celu.default, aten.mish.default, aten.softplus.default,
+    aten.minimum.default, aten.maximum.default, aten.min.other, aten.max.other, aten.where.self,
+    aten.gt.Scalar, aten.ge.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.eq.Scalar,
 }
 SCALAR_ARITH = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor}
 IGNORED = {aten._assert_tensor_metadata.default}

@@ -7,24 +7,43 @@ from pathlib import Path
 from typing import Any
 
 from hf_oto.errors import ExportError
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 
 
 def check_export(folder: str | Path) -> dict[str, Any]:
-    """The export's manifest, after checking that ``folder`` is a complete hf-oto export."""
+    """The export's manifest, after checking that ``folder`` is a complete, loadable hf-oto export.
+
+    Checks, without any network: the required files; every safetensors file parses and is whole
+    (and the shard index names only present files); ``config.json`` loads with ``AutoConfig``; the
+    manifest is valid JSON with the fields a push reports; no pickle files.
+    """
     path = Path(folder)
     if not path.is_dir():
         raise ExportError(f"{folder} is not a folder")
     for required in ("config.json", "pruning_manifest.json", "README.md"):
         if not (path / required).is_file():
             raise ExportError(f"{folder} is not an hf-oto export: {required} is missing")
-    if not list(path.glob("*.safetensors")):
-        raise ExportError(f"{folder} has no safetensors weights")
     pickles = [p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise ExportError(f"refusing to upload pickle files: {pickles}")
-    return json.loads((path / "pruning_manifest.json").read_text())
+    if not check_weights(path):
+        raise ExportError(f"{folder} has no safetensors weights")
+    try:
+        manifest = json.loads((path / "pruning_manifest.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path / 'pruning_manifest.json'} is corrupt: {exc}") from None
+    missing = [k for k in ("model_type", "params_before", "params_after") if not isinstance(manifest, dict)
+               or k not in manifest]
+    if missing:
+        raise ExportError(f"{path / 'pruning_manifest.json'} lacks {', '.join(missing)}: not an hf-oto manifest")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any reason the config does not load stops the push
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path / 'config.json'} does not load with AutoConfig: {first}") from None
+    return manifest
 
 
 def push_pruned(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from hf_oto.errors import ConfigError
 from hf_oto.groups.space import GroupSet, PruningSpace, layer_relative
 
 Layout = Literal["global", "uniform"]
@@ -217,7 +218,7 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
         top = (kept(a, locked), kept(b, locked))
         options = [v for v in valid if state[0] <= v[0] <= top[0] and state[1] <= v[1] <= top[1]]
         if not options:
-            raise ValueError(f"{first.prefix}: no head count the config accepts is reachable from {state}")
+            raise ConfigError(f"{first.prefix}: no head count the config accepts is reachable from {state}")
         goal = min(options, key=lambda v: (v[0] * v[1], v))
         for k, want in ((a, goal[0]), (b, goal[1])):
             if k is None:
@@ -247,11 +248,11 @@ def resolve_target(space: PruningSpace, target_sparsity: float | None, target_pa
     """The pruned-parameter target (from a fraction or a count), checked against the constraints."""
     if target_params is None:
         if target_sparsity is None or not 0.0 < target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+            raise ConfigError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
         target_params = int(round(space.prunable_params * target_sparsity))
     reachable = max_prunable(space, layout=layout, multiple=multiple, min_keep=min_keep)
     if not 0 < target_params <= reachable:
-        raise ValueError(
+        raise ConfigError(
             f"target of {target_params:,} pruned parameters cannot be reached: the constraints "
             f"(layout={layout!r}, ffn_multiple={multiple}, min_keep={min_keep}) allow at most "
             f"{reachable:,} of {space.prunable_params:,} prunable parameters"

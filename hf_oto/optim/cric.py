@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hf_oto.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class CRICConfig:
@@ -36,15 +38,15 @@ class CRICConfig:
 
     def validate(self) -> None:
         if self.sampling_steps < 2:
-            raise ValueError(f"CRIC sampling_steps must be >= 2, got {self.sampling_steps}")
+            raise ConfigError(f"CRIC sampling_steps must be >= 2, got {self.sampling_steps}")
         if not 1 <= self.min_cycles <= self.max_cycles:
-            raise ValueError(f"CRIC needs 1 <= min_cycles <= max_cycles, got {self.min_cycles}, {self.max_cycles}")
+            raise ConfigError(f"CRIC needs 1 <= min_cycles <= max_cycles, got {self.min_cycles}, {self.max_cycles}")
         if not self.trial_sparsities or not all(0 < t <= 1 for t in self.trial_sparsities):
-            raise ValueError(f"CRIC trial_sparsities must lie in (0, 1], got {self.trial_sparsities}")
+            raise ConfigError(f"CRIC trial_sparsities must lie in (0, 1], got {self.trial_sparsities}")
         if self.harm_scale <= 0:
-            raise ValueError(f"CRIC harm_scale must be > 0, got {self.harm_scale}")
+            raise ConfigError(f"CRIC harm_scale must be > 0, got {self.harm_scale}")
         if not 0 <= self.blend <= 1:
-            raise ValueError(f"CRIC blend must be in [0, 1], got {self.blend}")
+            raise ConfigError(f"CRIC blend must be in [0, 1], got {self.blend}")
 
 
 def _copy(value):

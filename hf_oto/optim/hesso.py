@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_oto.errors import ConfigError, ResumeError
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import slices
 from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
@@ -53,18 +54,18 @@ class HESSO(torch.optim.Optimizer):
         if cric is not None:
             cric.validate()
         if pruning_periods < 1:
-            raise ValueError(f"pruning_periods must be at least 1, got {pruning_periods}")
+            raise ConfigError(f"pruning_periods must be at least 1, got {pruning_periods}")
         if pruning_steps < pruning_periods:
-            raise ValueError(
+            raise ConfigError(
                 f"pruning_steps ({pruning_steps}) must be at least pruning_periods ({pruning_periods}): "
                 "each period needs a step"
             )
         if start_pruning_step < 0:
-            raise ValueError(f"start_pruning_step must be >= 0, got {start_pruning_step}")
+            raise ConfigError(f"start_pruning_step must be >= 0, got {start_pruning_step}")
         if layout not in ("global", "uniform"):
-            raise ValueError(f"layout must be 'global' or 'uniform', got {layout!r}")
+            raise ConfigError(f"layout must be 'global' or 'uniform', got {layout!r}")
         if saliency_ema is not None and not 0.0 <= saliency_ema < 1.0:
-            raise ValueError(f"saliency_ema must be in [0, 1), got {saliency_ema}")
+            raise ConfigError(f"saliency_ema must be in [0, 1), got {saliency_ema}")
         target_params = resolve_target(space, target_sparsity, target_params, layout=layout,
                                        multiple=ffn_multiple, min_keep=min_keep)
 
@@ -408,13 +409,13 @@ class HESSO(torch.optim.Optimizer):
         sd = dict(state_dict)
         h = sd.pop("hesso", None)
         if h is None:
-            raise ValueError("this optimizer state was not saved by HESSO (no 'hesso' entry)")
+            raise ResumeError("this optimizer state was not saved by HESSO (no 'hesso' entry)")
         if h["space"] != self._fingerprint():
-            raise ValueError("the saved HESSO state belongs to a different pruning space (model or groups changed)")
+            raise ResumeError("the saved HESSO state belongs to a different pruning space (model or groups changed)")
         cric_cfg = None if self.cric is None else vars(self.cric).copy()
         if h["settings"] != self.settings or h["weights"] != vars(self.weights) or h["cric_config"] != cric_cfg:
             changed = {k for k in self.settings if h["settings"].get(k) != self.settings[k]}
-            raise ValueError(f"resuming with a changed pruning config is not supported (changed: {sorted(changed)})")
+            raise ResumeError(f"resuming with a changed pruning config is not supported (changed: {sorted(changed)})")
         self.base.load_state_dict(sd)
         self.state = self.base.state
         self.param_groups = self.base.param_groups
@@ -426,7 +427,7 @@ class HESSO(torch.optim.Optimizer):
         self.prune_start = h["prune_start"]
         self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]
         if (h["cric"] is None) != (self.cric_state is None):
-            raise ValueError("resuming with a changed pruning config is not supported (CRIC on/off changed)")
+            raise ResumeError("resuming with a changed pruning config is not supported (CRIC on/off changed)")
         if h["cric"] is not None:
             self.cric_state = CRICState.from_dict(h["cric"])
         self.cric_rank = None if h["cric_rank"] is None else h["cric_rank"].clone()

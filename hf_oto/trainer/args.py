@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
+
+# Settings that are about where the pruned model goes, not how pruning runs (free to change on resume).
+_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir")
 
 
 @dataclass
@@ -33,8 +38,23 @@ class HFOTOTrainingArguments(TrainingArguments):
     use_cric: bool = field(default=False, metadata={"help": "run CRIC corrective cycles before the periods"})
     cric_sampling_steps: int = field(default=20, metadata={"help": "steps per CRIC cycle"})
     cric_max_cycles: int = field(default=6, metadata={"help": "most CRIC cycles"})
-    pruned_output_dir: str | None = field(default=None, metadata={"help": "where save_pruned_model writes"})
+    pruned_output_dir: str | None = field(
+        default=None, metadata={"help": "where save_pruned_model writes (default: <output_dir>/pruned)"}
+    )
+    overwrite_pruned_output_dir: bool = field(
+        default=False, metadata={"help": "replace an earlier hf-oto export in pruned_output_dir"}
+    )
 
     def steps(self, value: float, total: int) -> int:
         """A schedule value as optimizer steps (fractions of ``total`` below 1)."""
         return int(round(value * total)) if value < 1 else int(value)
+
+    def pruned_dir(self) -> str:
+        """Where the pruned model is written: ``pruned_output_dir``, else ``<output_dir>/pruned``."""
+        return self.pruned_output_dir or os.path.join(self.output_dir, "pruned")
+
+    def pruning_settings(self) -> dict[str, Any]:
+        """The pruning fields (those added to TrainingArguments), as recorded in checkpoints."""
+        base = {f.name for f in fields(TrainingArguments)}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in base and f.name not in _OUTPUT_FIELDS}

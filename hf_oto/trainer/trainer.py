@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
+from hf_oto.errors import ConfigError
 from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
 from hf_oto.groups import discover_groups, unwrap_peft
@@ -16,6 +19,8 @@ from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO, CRICConfig, SaliencyWeights
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
+
+CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 
 
 class HFOTOTrainer(Trainer):
@@ -27,17 +32,30 @@ class HFOTOTrainer(Trainer):
 
     args: HFOTOTrainingArguments
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        # Trainer turns the KV cache off for training; exports get the model's own setting back.
+        config = getattr(model, "config", None)
+        self._source_use_cache = getattr(config, "use_cache", None)
+        gen = getattr(model, "generation_config", None)
+        self._source_gen_use_cache = getattr(gen, "use_cache", None)
+        if kwargs.get("data_collator") is None and not rest and _cannot_pad(kwargs.get("processing_class")):
+            kwargs["data_collator"] = _stack_equal_length  # Trainer's padding collator would fail on the first batch
+        super().__init__(model, args, *rest, **kwargs)
         if not isinstance(self.args, HFOTOTrainingArguments):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
         if getattr(self, "is_fsdp_enabled", False):
-            raise ValueError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
-                             "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
+            raise ConfigError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
+                              "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
         self._total_steps: int | None = None
         self.pruning_space = check_pruning_setup(self.model, self.args)
+        self.add_callback(_RecordPruningSettings())
 
     # Optimizer ---------------------------------------------------------------------------------
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        self._total_steps = values[-1]  # optimizer steps, from max_steps or from epochs x batches
+        return values
+
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self._total_steps = num_training_steps
         super().create_optimizer_and_scheduler(num_training_steps)
@@ -45,11 +63,13 @@ class HFOTOTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if isinstance(self.optimizer, HESSO):
             return self.optimizer
-        base = super().create_optimizer(model)
         total = self._total_steps or self.args.max_steps
         if total is None or total <= 0:
-            raise ValueError("HFOTOTrainer needs the number of training steps (set max_steps or num_train_epochs)")
-        self.optimizer = HESSO(self.model, self.pruning_space, base_optimizer=base, **hesso_settings(self.args, total))
+            raise ConfigError("HFOTOTrainer needs the number of training steps (set max_steps, or num_train_epochs "
+                              "with a training set that has a length)")
+        settings = hesso_settings(self.args, total)  # checked before the base optimizer is built
+        base = super().create_optimizer(model)
+        self.optimizer = HESSO(self.model, self.pruning_space, base_optimizer=base, **settings)
         return self.optimizer
 
     @property
@@ -80,7 +100,7 @@ class HFOTOTrainer(Trainer):
             settings = dict(h.settings, weights=vars(h.weights), cric=None if h.cric is None else vars(h.cric))
         return {"hesso": settings, "eval": eval_results or {}}
 
-    def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool = False,
+    def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,
                           eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
                           adapter_dir: str | None = None, license: str | None = None) -> Path:
         """Build the sub-network of the trained (zeroed) model and save it as a standard HF repo.
@@ -89,9 +109,13 @@ class HFOTOTrainer(Trainer):
         merged model. ``merge_adapters=False`` writes the pruned *base* to ``out_dir`` and the
         pruned adapter (its rows/columns sliced to match) to ``adapter_dir`` (default
         ``<out_dir>-adapter``), which loads with ``PeftModel.from_pretrained(base, adapter_dir)``.
-        The trained model object is left as it is. Returns ``out_dir``.
+        ``out_dir`` defaults to ``args.pruned_dir()`` and ``overwrite`` to ``args.overwrite_pruned_output_dir``;
+        it replaces only an earlier hf-oto export. The export gets the model's own ``use_cache`` back
+        (Trainer turns it off for training). The trained model object is left as it is. Returns ``out_dir``.
         """
-        target = out_dir or self.args.pruned_output_dir or str(Path(self.args.output_dir) / "pruned")
+        target = out_dir or self.args.pruned_dir()
+        if overwrite is None:
+            overwrite = self.args.overwrite_pruned_output_dir
         layout = "uniform" if self.args.pruning_layout == "uniform" else "auto"
         extra = self._manifest_extra(eval_results)
         is_peft = unwrap_peft(self.model) is not self.model
@@ -99,28 +123,77 @@ class HFOTOTrainer(Trainer):
             if self.is_world_process_zero():
                 save_base_and_adapter(self.model, target, adapter_dir or f"{target}-adapter", layout=layout,
                                       tokenizer=self.processing_class, overwrite=overwrite, extra=extra,
-                                      license=license)
+                                      license=license, prepare=self._restore_use_cache)
             return Path(target)
         model = copy.deepcopy(self.model).merge_and_unload() if is_peft else self.model
         space = discover_groups(model) if is_peft else self.pruning_space
         small = construct_subnet(model, space, layout=layout)
+        self._restore_use_cache(small)
         if self.is_world_process_zero():
             return save_pruned(small, target, tokenizer=self.processing_class, overwrite=overwrite,
                                extra_manifest=extra, license=license)
         return Path(target)
+
+    def _restore_use_cache(self, model: torch.nn.Module) -> None:
+        if self._source_use_cache is not None:
+            model.config.use_cache = self._source_use_cache
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.use_cache = True if self._source_gen_use_cache is None else self._source_gen_use_cache
+
+
+class _RecordPruningSettings(TrainerCallback):
+    """Writes the pruning settings into every checkpoint, so a resume with other settings is refused up front."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and isinstance(args, HFOTOTrainingArguments):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                tmp = folder / f".{CHECKPOINT_SETTINGS}.tmp"
+                tmp.write_text(json.dumps(args.pruning_settings(), indent=1, sort_keys=True))
+                os.replace(tmp, folder / CHECKPOINT_SETTINGS)
+        return control
+
+
+def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> dict[str, tuple]:
+    """Pruning settings that differ from those ``checkpoint`` was saved with: name -> (saved, now)."""
+    path = Path(checkpoint) / CHECKPOINT_SETTINGS
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(args.pruning_settings()))
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+
+
+def _cannot_pad(tokenizer) -> bool:
+    """A tokenizer without a pad token (Llama, Mistral): Trainer's default padding collator refuses it."""
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer.pad_token is None
+
+
+def _stack_equal_length(features: list[dict[str, Any]]) -> dict[str, Any]:
+    from transformers import default_data_collator
+
+    lengths = {len(f["input_ids"]) for f in features if "input_ids" in f}
+    if len(lengths) > 1:
+        raise ConfigError("training examples have different lengths and the tokenizer has no pad token: set "
+                          "tokenizer.pad_token (e.g. to the eos token), pass a data_collator, or pack the text "
+                          "into equal blocks")
+    return default_data_collator(features)
 
 
 def hesso_settings(a: HFOTOTrainingArguments, total: int) -> dict[str, Any]:
     """HESSO keyword arguments from the training arguments, for ``total`` optimizer steps."""
     weights = [float(x) for x in a.saliency_weights.split(",")]
     if len(weights) != 4:
-        raise ValueError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
+        raise ConfigError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
     cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
                       min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
     start, length = a.steps(a.start_pruning_step, total), a.steps(a.pruning_steps, total)
     cric_steps = a.cric_sampling_steps * a.cric_max_cycles if cric is not None else 0
     if start + cric_steps + length > total:
-        raise ValueError(
+        raise ConfigError(
             f"the pruning schedule needs {start + cric_steps + length} optimizer steps (warm-up {start}"
             + (f" + CRIC up to {cric_steps}" if cric_steps else "") + f" + pruning {length}) but training "
             f"has {total}; shorten start_pruning_step/pruning_steps"
@@ -137,16 +210,17 @@ def hesso_settings(a: HFOTOTrainingArguments, total: int) -> dict[str, Any]:
 def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
     """Discover the groups and check every pruning setting before any training (works on meta models).
 
-    Raises ``ValueError`` for a model with no prunable groups, LoRA adapters that touch no prunable
-    module, a target the constraints cannot reach, or a schedule that does not fit in ``max_steps``.
+    Raises :class:`~hf_oto.errors.ConfigError` (a ``ValueError``) for a model with no prunable
+    groups, LoRA adapters that touch no prunable module, a target the constraints cannot reach,
+    or a schedule that does not fit in ``max_steps``.
     """
     space = discover_groups(model)
     if space.prunable_params == 0:
-        raise ValueError("this model has no prunable groups (hf-oto inspect shows why)")
+        raise ConfigError("this model has no prunable groups (hf-oto inspect shows why)")
     if unwrap_peft(model) is not model:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if not any(sl.param in trainable for gs in space.sets if gs.prunable for sl in gs.slices):
-            raise ValueError(
+            raise ConfigError(
                 "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
                 "projections), so training cannot inform pruning; add them to target_modules"
             )

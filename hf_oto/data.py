@@ -1,0 +1,232 @@
+"""Training text for the main job: load documents, tokenize with ``datasets``, pack into equal blocks.
+
+Documents are packed, not lines: a text file is one document whose line breaks are kept (as
+run_clm's ``keep_linebreaks``), a JSON/JSONL row or a Hub dataset row is one document unless
+``rows_are_documents`` is false (datasets such as wikitext store one line per row). Every document
+gets the tokenizer's own leading special tokens and ends with EOS; the token stream is cut into
+blocks of ``block_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_oto.errors import ConfigError, DataError
+
+TEXT_SOURCES = ("python-stdlib",)
+JSON_SUFFIXES = (".json", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+@dataclass
+class DataArguments:
+    """Where the training text comes from and how it becomes blocks of tokens."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (downloads; needs network)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "the Hub dataset's configuration name"})
+    train_files: list[str] | None = field(
+        default=None, metadata={"help": "local .txt/.md (one document per file) or .json/.jsonl files"}
+    )
+    text_column: str = field(default="text", metadata={"help": "column of JSON files and Hub datasets with the text"})
+    rows_are_documents: bool = field(
+        default=True,
+        metadata={"help": "each JSON/dataset row is a document ending in EOS; false joins rows as they are "
+                          "(datasets with one line per row, e.g. wikitext)"},
+    )
+    text_source: str | None = field(
+        default=None, metadata={"help": "'python-stdlib': the interpreter's own library sources (offline)"}
+    )
+    max_text_mb: float = field(default=4.0, metadata={"help": "cap on raw text read from text_source"})
+    train_tokenizer_vocab: int = field(default=0, metadata={"help": "train a BPE tokenizer of this size"})
+    block_size: int = field(default=128, metadata={"help": "tokens per training block"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of blocks held out for evaluation"})
+    max_eval_blocks: int = field(default=200, metadata={"help": "cap on held-out blocks"})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "processes for tokenization (datasets.map num_proc)"}
+    )
+
+
+# Checks before any data is read ------------------------------------------------------------------
+def check_data_args(d: DataArguments) -> None:
+    """Refuse data settings that cannot work, reading at most the first record of each file."""
+    sources = [s for s in ("dataset_name", "train_files", "text_source") if getattr(d, s)]
+    if not sources:
+        raise ConfigError("give dataset_name, train_files or text_source")
+    if len(sources) > 1:
+        raise ConfigError(f"give one of dataset_name, train_files and text_source, not {' and '.join(sources)}")
+    if d.text_source is not None and d.text_source not in TEXT_SOURCES:
+        raise ConfigError(f"unknown text_source {d.text_source!r} (known: {', '.join(TEXT_SOURCES)})")
+    if d.block_size < 2:
+        raise ConfigError(f"block_size must be at least 2, got {d.block_size}")
+    if not 0.0 < d.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    suffixes = set()
+    for name in d.train_files or []:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"train file {name} not found" + (" (it is a folder)" if path.is_dir() else ""))
+        suffix = path.suffix.lower()
+        if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES:
+            raise ConfigError(f"train file {name}: unknown type {suffix or '(no suffix)'!r}; use .txt, .md, .json "
+                              "or .jsonl")
+        suffixes.add("json" if suffix in JSON_SUFFIXES else "text")
+        if not _has_text(path):
+            raise DataError(f"train file {name} is empty or holds only whitespace")
+        if suffix in JSON_SUFFIXES:
+            _check_json_column(path, d.text_column)
+    if len(suffixes) > 1:
+        raise ConfigError("train_files mixes text and JSON files; give one kind")
+
+
+def _has_text(path: Path, chunk: int = 1 << 20) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def _check_json_column(path: Path, column: str) -> None:
+    """The first record of a JSON Lines file (or a one-line JSON array) must hold ``column``."""
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return  # pretty-printed JSON: datasets reads it, and load_documents checks the column
+    if isinstance(record, list):
+        record = record[0] if record else {}
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected JSON objects with a {column!r} field, got {type(record).__name__}")
+    if column not in record:
+        raise DataError(f"{path} has no {column!r} field (fields: {', '.join(sorted(record)) or 'none'}); "
+                        "set text_column")
+
+
+# Loading ---------------------------------------------------------------------------------------
+def stdlib_text(max_mb: float) -> list[str]:
+    """Python source files of the running interpreter's standard library, sorted, up to ``max_mb``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for f in sorted(root.glob("*.py")):
+        try:
+            t = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(t)
+        size += len(t)
+        if size >= max_mb * 2**20:
+            break
+    return texts
+
+
+def load_documents(d: DataArguments):
+    """A ``datasets.Dataset`` with ``text`` and the flags ``first``/``last`` (a document starts/ends here)."""
+    from datasets import Dataset, concatenate_datasets, load_dataset
+
+    if d.text_source == "python-stdlib":
+        texts = stdlib_text(d.max_text_mb)
+        return Dataset.from_dict({"text": texts, "first": [True] * len(texts), "last": [True] * len(texts)})
+    files = list(d.train_files or [])
+    if files and Path(files[0]).suffix.lower() in TEXT_SUFFIXES:
+        parts = []
+        for name in files:  # one document per file, its lines kept with their line breaks
+            lines = load_dataset("text", data_files=[name], split="train", keep_linebreaks=True)
+            n = len(lines)
+            parts.append(lines.map(lambda _, i, n=n: {"first": i == 0, "last": i == n - 1}, with_indices=True))
+        return concatenate_datasets(parts)
+    if files:
+        ds = load_dataset("json", data_files=files, split="train")
+        where = ", ".join(files)
+    else:
+        ds = load_dataset(d.dataset_name, d.dataset_config, split="train")
+        where = d.dataset_name
+    if d.text_column not in ds.column_names:
+        raise DataError(f"{where} has no {d.text_column!r} column (columns: {', '.join(ds.column_names)}); "
+                        "set text_column")
+    ds = ds.select_columns([d.text_column])
+    if d.text_column != "text":
+        ds = ds.rename_column(d.text_column, "text")
+    if d.rows_are_documents:
+        ds = ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True)
+        return ds.map(lambda b: {"first": [True] * len(b["text"]), "last": [True] * len(b["text"])}, batched=True)
+    n = len(ds)
+    return ds.map(lambda _, i: {"first": i == 0, "last": i == n - 1}, with_indices=True)
+
+
+# Tokenizing and packing ------------------------------------------------------------------------
+def train_tokenizer(texts, vocab: int):
+    """A byte-level BPE tokenizer of ``vocab`` tokens trained on ``texts`` (EOS doubles as pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def document_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. BOS), with EOS ending the suffix."""
+    probe = "a"
+    full = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), len(full))
+    prefix, suffix = list(full[:start]), list(full[start + len(plain):])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in suffix:
+        suffix.append(tokenizer.eos_token_id)
+    return prefix, suffix
+
+
+def tokenize_blocks(docs, tokenizer, block_size: int, num_proc: int | None = None) -> torch.Tensor:
+    """Tokenize ``docs`` (from :func:`load_documents`) in batches and cut the stream into blocks."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no eos token to end documents with; set tokenizer.eos_token")
+    prefix, suffix = document_affixes(tokenizer)
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [(prefix if first else []) + t + (suffix if last else [])
+                              for t, first, last in zip(ids, batch["first"], batch["last"], strict=True)]}
+
+    tokens = docs.map(encode, batched=True, num_proc=num_proc, remove_columns=docs.column_names,
+                      desc="tokenizing")
+    column = tokens.data.table.column("input_ids")  # map() wrote a fresh table: no indices mapping
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    n = len(flat) // block_size
+    return torch.from_numpy(flat[: n * block_size].copy()).view(n, block_size)
+
+
+def split_blocks(blocks: torch.Tensor, d: DataArguments, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle ``blocks`` with ``seed`` and hold out the evaluation share: (train, eval)."""
+    if len(blocks) < 2:
+        raise DataError(f"the training text gives {len(blocks)} block(s) of {d.block_size} tokens; at least 2 "
+                        "are needed (one to train, one to evaluate): give more text or a smaller block_size")
+    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]
+    n_eval = min(max(1, int(len(blocks) * d.eval_fraction)), d.max_eval_blocks)
+    return blocks[n_eval:], blocks[:n_eval]
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Equal-length token blocks as causal-LM examples (labels = inputs)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}

@@ -1,0 +1,92 @@
+"""Atomic folder writes that never touch a user's folder by surprise.
+
+A repo is written into a hidden staging folder beside its target and renamed into place. Staging
+folders carry a marker with the writer's host and process id, so a later write can remove the
+ones a killed process left behind, and nothing else. ``overwrite`` replaces only a folder that an
+earlier hf-oto export wrote (it holds ``marker``), never some other folder of the user's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+from hf_oto.errors import ExportError
+
+STAGING_TAG = ".hf-oto-staging-"
+STAGING_MARKER = ".hf-oto-staging.json"
+
+
+def check_target(out: Path, *, overwrite: bool, marker: str) -> None:
+    """Refuse a target that is a file, or a non-empty folder that ``overwrite`` may not replace."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out} is not empty; choose a new folder, or pass overwrite=True to replace an "
+                          "earlier hf-oto export there")
+    if not (out / marker).is_file():
+        raise ExportError(f"{out} is not empty and is not an earlier hf-oto export (no {marker}); "
+                          "hf-oto replaces only its own exports: choose another folder or empty this one")
+
+
+def staging_dir(out: Path) -> Path:
+    """A new, marked staging folder beside ``out`` (created with the user's umask)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    tmp = out.parent / f".{out.name}{STAGING_TAG}{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    (tmp / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Move the finished staging folder ``tmp`` to ``out``; an earlier folder there is replaced."""
+    if out.exists():
+        old = staging_dir(out)
+        os.replace(out, old / "replaced")
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    (out / STAGING_MARKER).unlink()
+    return out
+
+
+def discard(tmp: Path) -> None:
+    """Remove a staging folder after a failure."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove staging folders of ``out`` left by hf-oto processes on this host that no longer run."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for cand in out.parent.glob(f".{out.name}{STAGING_TAG}*"):
+        try:
+            info = json.loads((cand / STAGING_MARKER).read_text())
+            pid, owner = int(info["pid"]), info["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or being written right now: leave it
+        if owner == host and not _alive(pid):
+            shutil.rmtree(cand, ignore_errors=True)
+            removed.append(cand)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,263 @@
+"""The main job's settings: a YAML file plus ``--key value`` overrides, each value coerced to its field's type.
+
+Every problem is one :class:`~hf_oto.errors.ConfigError` naming the file, line or field, raised
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hf_oto.data import DataArguments
+from hf_oto.errors import ConfigError
+from hf_oto.trainer import HFOTOTrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from, and how to adapt it (LoRA)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local model folder"})
+    init_config: dict[str, Any] | None = field(
+        default=None, metadata={"help": "build a new model from these config fields (model_type required)"}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the model's)"})
+    torch_dtype: str | None = field(default=None, metadata={"help": "load dtype, e.g. bfloat16 (GPU configs)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full model"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA targets (default: every attention and FFN projection)"}
+    )
+    merge_adapters: bool = field(
+        default=True, metadata={"help": "LoRA export: one merged model, or pruned base + pruned adapter folder"}
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, HFOTOTrainingArguments)
+# Fields whose accepted values go beyond their declared type.
+EXTRA_TYPES: dict[str, Any] = {"resume_from_checkpoint": str | bool | None}
+
+
+def read_yaml(config_path: str) -> dict[str, Any]:
+    """The YAML file as a mapping; syntax errors name the file, line and column."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file {config_path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{config_path}:{mark.line + 1}:{mark.column + 1}" if mark else config_path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path} is not a text file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of settings (key: value), "
+                          f"got a {type(values).__name__}")
+    return values
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--key value`` pairs on top of ``values`` (each value read as YAML: numbers, lists, null)."""
+    out = dict(values)
+    it = iter(overrides)
+    for token in it:
+        if not token.startswith("--") or len(token) < 3:
+            raise ConfigError(f"expected --key value, got {token!r}")
+        key = token[2:].replace("-", "_")
+        raw = next(it, None)
+        if raw is None:
+            raise ConfigError(f"{token} needs a value")
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def field_types() -> dict[str, tuple[type, Any]]:
+    """Every setting's name -> (the dataclass that owns it, its resolved type)."""
+    out: dict[str, tuple[type, Any]] = {}
+    for cls in ARGUMENT_CLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                out[f.name] = (cls, EXTRA_TYPES.get(f.name, hints.get(f.name, Any)))
+    return out
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp``; a value that does not fit raises one ConfigError naming ``name``."""
+    try:
+        return _coerce(value, tp)
+    except _Mismatch as exc:
+        raise ConfigError(f"{name}: expected {exc.expected}, got {value!r}") from None
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        # A value that already has one of the types is kept; otherwise the first conversion that works.
+        for a in members:
+            if _is_instance(value, a):
+                return _coerce(value, a)
+        for a in members:
+            try:
+                return _coerce(value, a)
+            except _Mismatch:
+                continue
+        raise _Mismatch(" or ".join(_describe(a) for a in members) + (" or null" if type(None) in args else ""))
+    if value is None:
+        raise _Mismatch(_describe(tp))
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch("one of " + ", ".join(repr(a) for a in args))
+    if origin in (list, tuple, set) or tp in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [value]  # one value: a list of one
+        inner = args[0] if args else Any
+        return [_coerce(v, inner) for v in items]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise _Mismatch("a mapping") from None
+        if not isinstance(value, dict):
+            raise _Mismatch("a mapping")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise _Mismatch("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise _Mismatch("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        raise _Mismatch("a number")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        choices = [m.value for m in tp]
+        if isinstance(value, tp):
+            return value
+        if value in choices:
+            return value
+        raise _Mismatch("one of " + ", ".join(repr(c) for c in choices))
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch("a string")
+    return value
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    if tp in (int, float):
+        return isinstance(value, tp) and not isinstance(value, bool)
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def _describe(tp: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        text = " or ".join(dict.fromkeys(_describe(a) for a in members))
+        return text + (" or null" if len(members) < len(typing.get_args(tp)) else "")
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def parse(config_path: str, overrides: list[str]) -> tuple[ModelArguments, DataArguments, HFOTOTrainingArguments]:
+    """YAML file plus ``--key value`` overrides -> the three argument dataclasses (errors up front)."""
+    values = apply_overrides(read_yaml(config_path), overrides)
+    types_ = field_types()
+    unknown = [k for k in values if k not in types_]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), types_, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(hints)} "
+                          f"(in {config_path} or on the command line); `hf-oto prune --help` lists them")
+    per_class: dict[type, dict[str, Any]] = {cls: {} for cls in ARGUMENT_CLASSES}
+    for key, value in values.items():
+        cls, tp = types_[key]
+        per_class[cls][key] = coerce(key, value, tp)
+    built = []
+    for cls in ARGUMENT_CLASSES:
+        try:
+            built.append(cls(**per_class[cls]))
+        except (ValueError, TypeError) as exc:  # TrainingArguments checks combinations in __post_init__
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(first) from None
+    margs, dargs, targs = built
+    return margs, dargs, targs
+
+
+def help_text() -> str:
+    """Every setting with its type, default and help, grouped by owner (for ``hf-oto prune --help``)."""
+    lines = []
+    for cls in ARGUMENT_CLASSES:
+        lines.append(f"\n{cls.__name__}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                "(computed)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+            help_ = f.metadata.get("help", "")
+            lines.append(f"  --{f.name} ({_describe(EXTRA_TYPES.get(f.name, hints.get(f.name)))}, "
+                         f"default {default!r})" + (f"\n      {' '.join(help_.split())}" if help_ else ""))
+    return "\n".join(lines)

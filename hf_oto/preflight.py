@@ -1,0 +1,127 @@
+"""Checks the main job runs before it reads data or loads a model: sources, output folders, resume.
+
+Each failure is one :class:`~hf_oto.errors.HFOTOError` whose message names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hf_oto.errors import ConfigError, ExportError, ResumeError
+from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
+from hf_oto.trainer import HFOTOTrainingArguments
+from hf_oto.trainer.trainer import changed_pruning_settings
+
+
+def local_or_hub(name: str, what: str) -> Path | None:
+    """``name`` as a local folder (checked to exist), or None when it can only be a Hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"{what} {name} does not exist (and it is not a Hub id either)") from None
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"{what} {name} does not exist")
+    return None
+
+
+def check_model_folder(path: Path, *, weights: bool = True) -> None:
+    """A local model folder: a folder with a readable config.json and (optionally) whole weight files."""
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a model folder (give the folder that holds config.json)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{config} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"{config} has no model_type, so transformers cannot tell which architecture it is")
+    if not weights:
+        return
+    try:
+        files = check_weights(path)
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
+    if not files and not any(f.suffix in PICKLE_SUFFIXES for f in path.iterdir()):
+        raise ConfigError(f"{path} has no weights (no *.safetensors file)")
+
+
+def check_output_folders(targs: HFOTOTrainingArguments, *, source: Path | None,
+                         adapter_dir: str | None = None) -> Path:
+    """Refuse export targets that would destroy something; returns the pruned model's folder.
+
+    A target may not be a file, the source model's folder (or contain it, or lie inside it),
+    ``output_dir`` or a folder that contains it, or a checkpoint folder; a non-empty target needs
+    ``overwrite_pruned_output_dir`` and must hold an earlier hf-oto export.
+    """
+    out = Path(targs.output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {targs.output_dir} is a file")
+    if source is not None and out == source.resolve():
+        raise ConfigError(f"output_dir {targs.output_dir} is the source model's folder; choose another output_dir")
+    pruned = Path(targs.pruned_dir())
+    targets = [("pruned_output_dir", pruned)]
+    if adapter_dir:
+        targets.append(("the adapter folder", Path(adapter_dir)))
+    for what, target in targets:
+        t = target.resolve()
+        if t.exists() and not t.is_dir():
+            raise ConfigError(f"{what} {target} is a file; give a folder")
+        if source is not None:
+            src = source.resolve()
+            if t == src or src in t.parents or t in src.parents:
+                raise ConfigError(f"{what} {target} would overwrite the source model at {source}; choose another "
+                                  "folder")
+        if t == out or t in out.parents:
+            raise ConfigError(f"{what} {target} would replace output_dir {targs.output_dir} (the run's "
+                              "checkpoints); choose a folder outside it, or a new one inside it")
+        if out in t.parents and t.relative_to(out).parts[0].startswith("checkpoint-"):
+            raise ConfigError(f"{what} {target} lies inside a checkpoint folder, which Trainer may delete; "
+                              "choose another folder")
+        if t.is_dir() and any(t.iterdir()):
+            marker = "pruning_manifest.json" if what == "pruned_output_dir" else "hf_oto_adapter.json"
+            if not targs.overwrite_pruned_output_dir:
+                raise ConfigError(f"{what} {target} is not empty; choose a new folder, or set "
+                                  "overwrite_pruned_output_dir: true to replace the earlier export there")
+            if not (t / marker).is_file():
+                raise ConfigError(f"{what} {target} is not empty and holds no earlier hf-oto export (no {marker}); "
+                                  "hf-oto only replaces its own exports: choose another folder")
+    return pruned
+
+
+def resolve_resume(targs: HFOTOTrainingArguments) -> str | None:
+    """The checkpoint to resume from (``true``: the last one in output_dir), checked; None for a fresh run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = targs.resume_from_checkpoint
+    out = Path(targs.output_dir)
+    if value in (None, False) or str(value).lower() in ("", "false", "no", "none"):
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is not None and targs.save_strategy != "no":
+            raise ConfigError(f"output_dir {out} already holds checkpoints ({Path(last).name}) that this run would "
+                              "overwrite; resume with --resume_from_checkpoint true, or choose a new output_dir")
+        return None
+    if value is True or str(value).lower() in ("true", "yes", "last"):
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise ResumeError(f"resume_from_checkpoint is true, but output_dir {out} holds no checkpoint-N folder")
+        checkpoint = Path(last)
+    else:
+        checkpoint = Path(str(value))
+        if not checkpoint.is_dir():
+            raise ResumeError(f"checkpoint {value} does not exist")
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise ResumeError(f"{checkpoint} is not a Trainer checkpoint (no trainer_state.json)")
+    changed = changed_pruning_settings(checkpoint, targs)
+    if changed:
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ResumeError(f"{checkpoint} was trained with other pruning settings ({diff}); resume with the same "
+                          "settings, or start a new run in a new output_dir")
+    return str(checkpoint)
