@@ -134,3 +134,50 @@ def test_lora_targets_missing_prunable_modules_are_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="target_modules"):
         HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
+
+
+def test_training_by_epochs_sizes_the_schedule_from_the_data(tmp_path):
+    """transformers calls create_optimizer() directly: the step count comes from the epochs and the data."""
+    model = tiny_model("llama", intermediate_size=64)
+    args = _args(tmp_path, max_steps=-1, num_train_epochs=3)
+    trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens(n=32))
+    trainer.train()
+    assert trainer.state.global_step == 12  # 3 epochs x 32 examples / batch 8
+    settings = trainer.hesso.settings
+    assert (settings["start_pruning_step"], settings["pruning_steps"]) == (3, 6)  # 0.25 and 0.5 of 12 steps
+    assert trainer.hesso.metrics()["pruned_param_fraction"] > 0.4
+
+
+def test_tokenizer_without_pad_token_trains_on_equal_length_blocks(tmp_path):
+    from jobs import no_pad_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(no_pad_tokenizer(tmp_path / "tok"))
+    trainer = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, max_steps=4, pruning_periods=1),
+                           train_dataset=Tokens(), processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    ragged = [{"input_ids": torch.ones(3, dtype=torch.long)}, {"input_ids": torch.ones(5, dtype=torch.long)}]
+    from hf_oto.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no pad token"):
+        trainer.data_collator(ragged)
+
+
+def test_export_generates_with_the_kv_cache(tmp_path):
+    """Trainer turns use_cache off for training; the export gets the model's own setting back."""
+    import json
+
+    model = tiny_model("llama", intermediate_size=64)
+    assert model.config.use_cache is True
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
+    assert model.config.use_cache is False  # what Trainer does to the training model
+    trainer.train()
+    out = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen.get("use_cache", True) is True
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    result = reloaded.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False,
+                               return_dict_in_generate=True, pad_token_id=0)
+    assert result.past_key_values is not None and result.sequences.shape[1] == 6

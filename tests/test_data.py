@@ -1,0 +1,73 @@
+"""The data module: documents keep their line breaks, are packed (not lines), and columns are configurable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_oto.data import DataArguments, document_affixes, load_documents, split_blocks, tokenize_blocks, train_tokenizer
+from hf_oto.errors import DataError
+
+CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
+PROSE = "First paragraph, line one.\nLine two.\n\nSecond paragraph after a blank line.\n"
+
+
+def _stream(docs, tokenizer) -> str:
+    """Decode every token of every block back into text (nothing is dropped with block_size 1)."""
+    blocks = tokenize_blocks(docs, tokenizer, block_size=1)
+    return tokenizer.decode(blocks.flatten().tolist())
+
+
+def test_text_files_keep_line_breaks_and_are_packed_as_documents(tmp_path):
+    (tmp_path / "a.txt").write_text(CODE)
+    (tmp_path / "b.txt").write_text(PROSE)
+    docs = load_documents(DataArguments(train_files=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]))
+    tok = train_tokenizer([CODE, PROSE], 300)
+    eos = tok.eos_token
+    # exactly the files' text, blank lines included, one EOS after each file (not after each line)
+    assert _stream(docs, tok) == CODE + eos + PROSE + eos
+
+
+def test_json_rows_are_documents_and_the_text_column_is_configurable(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"content": t, "id": i}) for i, t in enumerate([CODE, "", PROSE])))
+    tok = train_tokenizer([CODE, PROSE], 300)
+    docs = load_documents(DataArguments(train_files=[str(rows)], text_column="content"))
+    assert _stream(docs, tok) == CODE + tok.eos_token + PROSE + tok.eos_token  # the empty row adds nothing
+    with pytest.raises(DataError, match="no 'text' column"):
+        load_documents(DataArguments(train_files=[str(rows)]))
+
+
+def test_rows_that_are_lines_are_joined_as_they_are(tmp_path):
+    rows = tmp_path / "lines.jsonl"
+    lines = ["= Title =\n", "\n", "Some text here .\n", "More text .\n"]
+    rows.write_text("\n".join(json.dumps({"text": t}) for t in lines))
+    tok = train_tokenizer(lines, 300)
+    docs = load_documents(DataArguments(train_files=[str(rows)], rows_are_documents=False))
+    assert _stream(docs, tok) == "".join(lines) + tok.eos_token
+
+
+def test_documents_get_the_tokenizers_own_leading_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "a": 3, "b": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    assert document_affixes(tok) == ([0], [1])  # BOS before each document, EOS after
+    from datasets import Dataset
+
+    docs = Dataset.from_dict({"text": ["a b", "b"], "first": [True, True], "last": [True, True]})
+    assert tokenize_blocks(docs, tok, 1).flatten().tolist() == [0, 3, 4, 1, 0, 4, 1]
+
+
+def test_too_little_text_is_one_clear_error():
+    d = DataArguments(text_source="python-stdlib", block_size=64)
+    with pytest.raises(DataError, match="at least 2 are needed"):
+        split_blocks(torch.zeros(1, 64, dtype=torch.long), d, seed=0)
+    train, held_out = split_blocks(torch.arange(40 * 64).view(40, 64), d, seed=0)
+    assert len(train) == 38 and len(held_out) == 2
