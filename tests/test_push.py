@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,48 @@ def test_push_refuses_bad_input_before_any_call(export, tmp_path):
     with pytest.raises(ExportError, match="pickle"):
         push_pruned(export, "me/x", api=api)
     assert api.calls == []
+
+
+def _copy(export, tmp_path, name):
+    import shutil
+
+    return Path(shutil.copytree(export, tmp_path / name))
+
+
+def test_push_refuses_broken_exports_before_any_call(export, tmp_path, capsys):
+    api = RecordingApi()
+    cut = _copy(export, tmp_path, "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ExportError, match="not a whole safetensors file: truncated"):
+        push_pruned(cut, "me/x", api=api)
+    garbage = _copy(export, tmp_path, "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ExportError, match="not a whole safetensors file"):
+        push_pruned(garbage, "me/x", api=api)
+    empty_config = _copy(export, tmp_path, "empty-config")
+    (empty_config / "config.json").write_text("{}")
+    with pytest.raises(ExportError, match="does not load with AutoConfig"):
+        push_pruned(empty_config, "me/x", api=api)
+    bad_manifest = _copy(export, tmp_path, "bad-manifest")
+    (bad_manifest / "pruning_manifest.json").write_text('{"params_before": 1,')
+    with pytest.raises(ExportError, match="pruning_manifest.json is corrupt"):
+        push_pruned(bad_manifest, "me/x", api=api)
+    assert api.calls == []
+    # through the CLI: one line, exit code 2, no traceback
+    from hf_oto.cli import main
+
+    capsys.readouterr()
+    assert main(["push", str(bad_manifest), "me/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pruning_manifest.json is corrupt" in err[0]
+
+
+def test_pushed_card_never_names_a_local_path(tmp_path):
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    zero_groups(model, space, [space[0].name])
+    out = save_pruned(construct_subnet(model, space, layout="uniform"), tmp_path / "out", source=str(tmp_path))
+    meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert "base_model" not in meta
+    assert json.loads((out / "pruning_manifest.json").read_text())["source"] == str(tmp_path)  # kept, for provenance

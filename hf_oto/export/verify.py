@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -24,13 +25,20 @@ class _BlockHFOTO(importlib.abc.MetaPathFinder):
         if name == "hf_oto" or name.startswith("hf_oto."):
             raise ImportError("hf_oto must not be needed to load an export")
 sys.meta_path.insert(0, _BlockHFOTO())
-def _exit_with_parent(parent=os.getppid()):
+def _exit_with_parent(parent=int(os.environ.get("HF_OTO_PARENT_PID") or os.getppid())):
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(3)
 threading.Thread(target=_exit_with_parent, daemon=True).start()
 """
-"""Code for a fresh Python process that must not import hf_oto; it also ends when its parent dies."""
+"""Code for a fresh Python process that must not import hf_oto. It also ends when its parent dies: the
+parent passes its pid in ``HF_OTO_PARENT_PID`` (see :func:`child_env`), so a parent killed before the
+child even started is noticed too."""
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a process that runs :data:`NO_HF_OTO_PRELUDE`."""
+    return dict(os.environ, HF_OTO_PARENT_PID=str(os.getpid()))
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -112,7 +120,7 @@ def verify_export(out: Path, blocks: torch.Tensor) -> tuple[float, int]:
         probe = Path(tmp) / "eval.safetensors"
         save_file({"blocks": blocks.contiguous()}, probe)
         res = subprocess.run([sys.executable, "-c", VERIFY, str(out), str(probe), "1" if remote else "0"],
-                             capture_output=True, text=True, cwd=tmp)
+                             capture_output=True, text=True, cwd=tmp, env=child_env())
     if res.returncode != 0:
         raise RuntimeError(f"the export at {out} did not reload without hf_oto:\n{res.stderr[-3000:]}")
     ppl, n = res.stdout.strip().splitlines()[-1].split()
