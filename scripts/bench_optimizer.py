@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_oto import discover_groups
 from hf_oto.groups.space import PruningSpace
-from hf_oto.optim import HESSO, slices
+from hf_oto.optim import HESSO, HESSOConfig, slices
 
 
 def build(seed: int = 0) -> LlamaForCausalLM:
@@ -100,8 +100,9 @@ def measure(steps: int = 60, periods: int = 3, sparsity: float = 0.5) -> dict[st
     m_a, m_h = build(), build()
     adamw = torch.optim.AdamW(m_a.parameters(), lr=1e-4)
     space = discover_groups(m_h)
-    opt = HESSO(m_h, space, base_kwargs={"lr": 1e-4}, target_sparsity=sparsity, start_pruning_step=steps,
-                pruning_steps=steps, pruning_periods=periods)
+    config = HESSOConfig(target_sparsity=sparsity, layout="global", start_pruning_step=steps, pruning_steps=steps,
+                         pruning_periods=periods)
+    opt = HESSO(m_h, space, torch.optim.AdamW, config, base_kwargs={"lr": 1e-4})
     base = _BaseTimer(opt)
     rows = []  # (phase, steady, adamw s, hesso s, hesso's base step s)
     for i in range(2 * steps):

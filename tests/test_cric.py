@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from tiny import make_hesso
 from torch import nn
 
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec
-from hf_oto.optim import HESSO, CRICConfig, SaliencyWeights
+from hf_oto.groups.space import FFNInfo, GroupSet, PruningSpace, SliceSpec
+from hf_oto.optim import CRICConfig, SaliencyWeights
 
 D_IN, HIDDEN, D_OUT = 8, 8, 4
 INDISPENSABLE = 0  # tiny weights on a large-scale input: low magnitude, real effect
@@ -46,7 +47,7 @@ def _toy():
 def _space(model: Toy) -> PruningSpace:
     idx = torch.arange(HIDDEN).view(-1, 1)
     gs = GroupSet("toy", "ffn_channel", 0, "mlp", [SliceSpec("fc1.weight", 0, idx), SliceSpec("fc2.weight", 1, idx)],
-                  D_IN + D_OUT, meta={})
+                  D_IN + D_OUT, info=FFNInfo(width=HIDDEN, producers=("fc1.weight",), consumer="fc2.weight"))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     return PruningSpace("toy", [gs], shapes, {}, "", 1, sum(p.numel() for p in model.parameters()))
 
@@ -63,7 +64,7 @@ def _batch(gen):
 
 def _hesso(model, cric):
     # SGD with lr 0: weights change only through HESSO/CRIC, so the loss isolates what the trials do.
-    return HESSO(model, _space(model), base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
+    return make_hesso(model, _space(model), base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
                  target_params=3 * (D_IN + D_OUT), start_pruning_step=2, pruning_steps=4, pruning_periods=1,
                  ffn_multiple=1, weights=SaliencyWeights(1, 0, 0, 0), cric=cric)
 
@@ -91,21 +92,21 @@ def test_single_shot_saliency_prunes_the_indispensable_channel():
 
 def test_cric_keeps_it_and_prunes_the_decoys():
     model, opt = _run(CRIC, 2 + 5 * 6 + 4)
-    assert opt.cric_state.done and opt.prune_start is not None
+    assert opt.cric.state.done and opt.prune_start is not None
     assert sorted(torch.nonzero(opt.pruned).flatten().tolist()) == DECOYS
     assert torch.all(model.fc1.weight[DECOYS] == 0) and model.fc1.weight[INDISPENSABLE, 0] != 0
-    assert opt.cric_state.harm_sum[INDISPENSABLE] > 0
+    assert opt.cric.state.harm_sum[INDISPENSABLE] > 0
 
 
 def test_cric_snapshots_only_the_trial_slices():
     _, opt = _run(CRIC, 2 + 1)  # inside the first cycle
-    snap = opt.cric_state.snapshot
-    assert snap and sum(v.numel() for v in snap.values()) == int(opt.cric_state.trial.sum()) * (D_IN + D_OUT)
+    snap = opt.cric.state.snapshot
+    assert snap and sum(v.numel() for v in snap.values()) == int(opt.cric.state.trial.sum()) * (D_IN + D_OUT)
 
 
 def test_cric_needs_the_loss():
     model = _toy()
-    opt = HESSO(model, _space(model), target_params=D_IN + D_OUT, start_pruning_step=0, pruning_steps=2,
+    opt = make_hesso(model, _space(model), target_params=D_IN + D_OUT, start_pruning_step=0, pruning_steps=2,
                 pruning_periods=1, ffn_multiple=1, cric=CRIC)
     nn.functional.mse_loss(model(torch.randn(4, D_IN)), torch.zeros(4, D_OUT)).backward()
     with pytest.raises(RuntimeError, match="observe_loss"):
@@ -123,12 +124,12 @@ def test_cric_resume_is_bit_exact_mid_cycle():
     _run(CRIC, 19, model=model, opt=opt2)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
-    assert torch.equal(ref_opt.cric_state.harm_sum, opt2.cric_state.harm_sum)
+    assert torch.equal(ref_opt.cric.state.harm_sum, opt2.cric.state.harm_sum)
     assert torch.equal(ref_opt.pruned, opt2.pruned)
 
 
 def test_invalid_cric_settings_are_rejected():
     model = _toy()
     with pytest.raises(ValueError, match="sampling_steps"):
-        HESSO(model, _space(model), target_params=12, pruning_steps=2, pruning_periods=1, ffn_multiple=1,
+        make_hesso(model, _space(model), target_params=12, pruning_steps=2, pruning_periods=1, ffn_multiple=1,
               cric=CRICConfig(sampling_steps=1))

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import make_hesso, tiny_model
 
 from hf_oto import construct_subnet, discover_groups, group_is_zero
-from hf_oto.optim import HESSO, SaliencyWeights
+from hf_oto.optim import SaliencyWeights
 
 IDS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
 
@@ -30,7 +30,7 @@ def _hesso(model, space, **kw):
     args = dict(base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2, pruning_steps=8,
                 pruning_periods=2)
     args.update(kw)
-    return HESSO(model, space, **args)
+    return make_hesso(model, space, **args)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -76,7 +76,7 @@ def test_final_pruned_params_hit_the_target(layout, target):
     m = opt.metrics()
     goal = opt.settings["target_params"]
     assert abs(m["pruned_params"] - goal) <= 0.01 * goal
-    sub = construct_subnet(model, space, layout="uniform" if layout == "uniform" else "auto")
+    sub = construct_subnet(model, space, layout=layout)
     assert space.total_params - sub.hf_oto_manifest["params_after"] == m["pruned_params"]
     if layout == "uniform":
         assert sub.hf_oto_manifest["layout"] == "uniform"
@@ -162,7 +162,7 @@ def test_wraps_any_base_optimizer_with_param_groups_and_schedulers():
     space = discover_groups(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = HESSO(model, space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.01, "momentum": 0.9},
+    opt = make_hesso(model, space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.01, "momentum": 0.9},
                 param_groups=[{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                 target_sparsity=0.3, start_pruning_step=1, pruning_steps=4, pruning_periods=2)
     assert isinstance(opt.base, torch.optim.SGD) and opt.param_groups is opt.base.param_groups
@@ -193,7 +193,7 @@ class _Drifting(torch.optim.Optimizer):
 def test_pruned_groups_stay_zero_under_an_optimizer_that_moves_everything():
     model = tiny_model("llama")
     space = discover_groups(model)
-    opt = HESSO(model, space, base_optimizer=_Drifting, target_sparsity=0.3, start_pruning_step=0,
+    opt = make_hesso(model, space, base_optimizer=_Drifting, target_sparsity=0.3, start_pruning_step=0,
                 pruning_steps=2, pruning_periods=1)
     _train(model, opt, 8)
     assert int(opt.pruned.sum()) > 0 and opt._always_rezero

@@ -22,10 +22,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool) -> N
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from tiny import tiny_model
+    from tiny import make_hesso, tiny_model
 
     from hf_oto import discover_groups
-    from hf_oto.optim import HESSO, CRICConfig
+    from hf_oto.optim import CRICConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool) -> N
     space = discover_groups(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     cric = CRICConfig(sampling_steps=3, min_cycles=2, max_cycles=2) if use_cric else None
-    opt = HESSO(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2,
+    opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2,
                 pruning_steps=6, pruning_periods=2, cric=cric)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for _ in range(16):
@@ -64,12 +64,11 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool)
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from tiny import tiny_model
+    from tiny import make_hesso, tiny_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from hf_oto import discover_groups
-    from hf_oto.optim import HESSO
     from hf_oto.optim.saliency import group_statistics
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -81,7 +80,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = HESSO(model, space, **_fsdp_settings(use_cric))
+    opt = make_hesso(model, space, **_fsdp_settings(use_cric))
     for step in range(16):
         ids = _fsdp_batch(step)[rank]
         loss = model(input_ids=ids, labels=ids).loss
@@ -122,17 +121,16 @@ def _fsdp_batch(step: int) -> list[torch.Tensor]:
 def test_fsdp2_two_ranks_match_one_process(tmp_path, use_cric):
     """FSDP2 (fully_shard, gloo on CPU): per-group sums over shards equal the full sums, and two
     sharded ranks prune exactly what one unsharded process does on the same global batches."""
-    from tiny import tiny_model
+    from tiny import make_hesso, tiny_model
 
     from hf_oto import discover_groups
-    from hf_oto.optim import HESSO
 
     mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path), use_cric), nprocs=2, join=True)
     got = load_file(str(tmp_path / "fsdp.safetensors"))
     torch.testing.assert_close(got.pop("_sq_sharded"), got.pop("_sq_full"), rtol=1e-5, atol=1e-6)
 
     model = tiny_model("llama")
-    opt = HESSO(model, discover_groups(model), **_fsdp_settings(use_cric))
+    opt = make_hesso(model, discover_groups(model), **_fsdp_settings(use_cric))
     for step in range(16):
         ids = torch.cat(_fsdp_batch(step))
         loss = model(input_ids=ids, labels=ids).loss

@@ -106,7 +106,7 @@ def test_head_counts_the_config_refuses_are_never_chosen(tmp_path):
                                          num_attention_heads=8, num_key_value_heads=4, head_dim=8,
                                          vocab_size=64)).eval()
     space = discover_groups(model)
-    valid = set(space.sets[0].meta["valid_counts"])
+    valid = set(space.sets[0].attention.valid_counts)
     assert (3, 2) not in valid and (4, 2) in valid and (2, 2) in valid
     seen = set()
     for seed in range(6):

@@ -54,7 +54,7 @@ def exports(tmp_path_factory):
         space = discover_groups(model)
         _zero_random(model, space, seed=i)
         full = logits(model, IDS)
-        for layout in ("auto", "uniform"):
+        for layout in ("global", "uniform"):
             sub = construct_subnet(model, space, layout=layout)
             out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
             cases[f"{arch}-{layout}"] = dict(model=model, sub=sub, full=full, dir=out)
@@ -76,7 +76,7 @@ def reloaded(exports, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("layout", ["auto", "uniform"])
+@pytest.mark.parametrize("layout", ["global", "uniform"])
 def test_subnet_matches_zeroed_model(exports, arch, layout):
     case = exports[f"{arch}-{layout}"]
     sub_logits = logits(case["sub"], IDS)
@@ -88,7 +88,7 @@ def test_subnet_matches_zeroed_model(exports, arch, layout):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("layout", ["auto", "uniform"])
+@pytest.mark.parametrize("layout", ["global", "uniform"])
 def test_export_reloads_without_hf_oto(exports, reloaded, arch, layout):
     key = f"{arch}-{layout}"
     diff = (reloaded[key] - logits(exports[key]["sub"], IDS)).abs().max().item()

@@ -56,3 +56,12 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids)[0].float()
+
+
+def make_hesso(model, space, base_optimizer=None, *, cric=None, base_kwargs=None, param_groups=None, **config):
+    """HESSO from flat keyword settings (the tests' shorthand); layout defaults to "global" here."""
+    from hf_oto.optim import HESSO, HESSOConfig
+
+    config.setdefault("layout", "global")
+    return HESSO(model, space, base_optimizer or torch.optim.AdamW, HESSOConfig(**config), cric=cric,
+                 base_kwargs=base_kwargs, param_groups=param_groups)

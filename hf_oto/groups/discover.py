@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from hf_oto.errors import DiscoveryError
 from hf_oto.groups import trace as tr
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_relative
+from hf_oto.groups.space import AttentionInfo, FFNInfo, GroupSet, PruningSpace, SliceSpec, layer_relative
 
 # Config fields that may hold an FFN width. Which one sets which FFN is confirmed by a probe.
 FFN_WIDTH_FIELDS = (
@@ -33,12 +34,29 @@ def register_rule(model_type: str, fn: Callable[[nn.Module], list[GroupSet]]) ->
 
 
 @dataclass
-class _Site:
-    kind: str  # "attention" | "ffn"
+class _AttentionSite:
+    """One attention block as the trace shows it, before it becomes group sets."""
+
     layer: int
     prefix: str
-    # role -> list of (weight op, channel lists per unit)
-    units: dict
+    o: tr.WeightOp  # the output projection
+    roles: dict[str, tuple[tr.WeightOp, list[list[int]]]]  # "q"/"k"/"v" -> (producer, channels per head)
+    reason: str = ""  # why its heads cannot be removed ("" when they can)
+    o_cols: list[list[int]] | None = None  # input columns of ``o`` per query head
+    head_dim: int = 0
+
+
+@dataclass
+class _FFNSite:
+    """One FFN (all experts of an MoE layer) as the trace shows it."""
+
+    layer: int
+    prefix: str
+    down: tr.WeightOp
+    width: int
+    rows: dict[tr.WeightOp, list[set[int]]] = field(default_factory=dict)  # producer -> its rows per channel
+    experts: bool = False
+    reason: str = ""
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -156,11 +174,10 @@ def _replicate(sets: list[GroupSet], layers_path: str, layers, rep_of: list[int]
             return new + name[len(old):] if name.startswith(old) else name
 
         for s in by_layer.get(src, []):
-            meta = {k: move(v) if isinstance(v, str) else [move(x) for x in v] if isinstance(v, list) else v
-                    for k, v in s.meta.items()}
+            info = None if s.info is None else s.info.renamed(move)
             slices = [SliceSpec(move(sl.param), sl.dim, sl.index, sl.expert) for sl in s.slices]
             out.append(GroupSet(move(s.prefix + "."), s.kind, i, s.block, slices, s.params_per_group,
-                                s.prunable, s.reason, meta))
+                                s.prunable, s.reason, info))
             out[-1].prefix = out[-1].prefix.rstrip(".")
     return out
 
@@ -248,7 +265,7 @@ def _head_sets(frontier, seq: int) -> list[list[int]] | None:
     return [sorted(s) for s in per_head]
 
 
-def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_Site]:
+def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_AttentionSite]:
     sites = []
     for site in trace.attention:
         if len(site.consumers) != 1:
@@ -284,7 +301,7 @@ def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_Site]:
                 heads = []
             roles[role] = (prod, heads)
         if reason:
-            sites.append(_Site("attention", layer, prefix, {"reason": reason, "o": o, "roles": roles}))
+            sites.append(_AttentionSite(layer, prefix, o, roles, reason))
             continue
         q_heads, k_heads, v_heads = (roles[r][1] for r in ("q", "k", "v"))
         n_q, n_kv = len(q_heads), len(k_heads)
@@ -294,17 +311,14 @@ def _attention_sites(trace: tr.Trace, layers_path: str, config) -> list[_Site]:
                 "form equal query groups per kv head (k and v are selected in a way the label propagation "
                 "does not follow), so heads cannot be removed safely"
             )
-            sites.append(_Site("attention", layer, prefix, {"reason": reason, "o": o, "roles": roles}))
+            sites.append(_AttentionSite(layer, prefix, o, roles, reason))
             continue
         head_dim = len(q_heads[0])
         _check_head_config(prefix, config, n_q, n_kv)
         cols = _o_columns(site, o, n_q, head_dim)
         if cols is None:
             reason = f"{o.module}: the attention output is transformed before {o.module} reads it"
-        sites.append(
-            _Site("attention", layer, prefix,
-                  {"reason": reason, "o": o, "roles": roles, "o_cols": cols, "head_dim": head_dim})
-        )
+        sites.append(_AttentionSite(layer, prefix, o, roles, reason, cols, head_dim))
     return sites
 
 
@@ -356,7 +370,7 @@ def _o_columns(site: tr.AttentionSite, o: tr.WeightOp, n_q: int, head_dim: int) 
 
 
 # FFN -----------------------------------------------------------------------------------------
-def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_Site]:
+def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_FFNSite]:
     attention_ops = set()
     for site in trace.attention:
         for ps in site.producers.values():
@@ -383,7 +397,7 @@ def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_Site]:
         if foreign is not None:
             reason = (f"FFN not recognised: {down.module} also reads {foreign}, which hf-oto does not treat as "
                       "element-wise, so its channels cannot be mapped")
-            sites.append(_Site("ffn", layer, prefix, {"down": down, "width": width, "reason": reason}))
+            sites.append(_FFNSite(layer, prefix, down, width, reason=reason))
             continue
         rows: dict[tr.WeightOp, list[set[int]]] = {}
         for w, frontier, _ in producers:
@@ -396,8 +410,7 @@ def _ffn_sites(trace: tr.Trace, layers_path: str) -> list[_Site]:
                     break
                 for p, r in enumerate(flat[0].tolist()):
                     acc[p].add(r)
-        expert = down.expert_dim is not None
-        sites.append(_Site("ffn", layer, prefix, {"down": down, "rows": rows, "width": width, "experts": expert}))
+        sites.append(_FFNSite(layer, prefix, down, width, rows, experts=down.expert_dim is not None))
     return sites
 
 
@@ -492,8 +505,8 @@ def _numel(slices: list[SliceSpec], shapes) -> int:
     return sum(s.index.shape[1] * s.per_index_numel(shapes[s.param]) for s in slices)
 
 
-def _site_sets(site: _Site, shapes) -> list[GroupSet]:
-    return _attention_sets(site, shapes) if site.kind == "attention" else _ffn_sets(site, shapes)
+def _site_sets(site: _AttentionSite | _FFNSite, shapes) -> list[GroupSet]:
+    return _attention_sets(site, shapes) if isinstance(site, _AttentionSite) else _ffn_sets(site, shapes)
 
 
 def _merge(slices: list[SliceSpec]) -> list[SliceSpec]:
@@ -509,19 +522,18 @@ def _merge(slices: list[SliceSpec]) -> list[SliceSpec]:
     return list(merged.values())
 
 
-def _attention_sets(site: _Site, shapes) -> list[GroupSet]:
-    u = site.units
-    o, roles, reason = u["o"], u["roles"], u["reason"]
+def _attention_sets(site: _AttentionSite, shapes) -> list[GroupSet]:
+    o, roles, reason = site.o, site.roles, site.reason
     if reason:
         fake = [SliceSpec(o.param, o.in_dim, torch.arange(shapes[o.param][o.in_dim]).view(1, -1))]
         return [GroupSet(site.prefix, "attention_head", site.layer, "attention", fake,
                          _numel(fake, shapes), prunable=False, reason=reason)]
     (qp, q_heads), (kp, k_heads), (vp, v_heads) = (roles[r] for r in ("q", "k", "v"))
-    cols = u["o_cols"]
+    cols = site.o_cols
     n_q, n_kv = len(q_heads), len(k_heads)
     rep = n_q // n_kv
-    meta = {"num_heads": n_q, "num_kv_heads": n_kv, "head_dim": u["head_dim"],
-            "producers": sorted({qp.param, kp.param, vp.param}), "consumer": o.param}
+    info = AttentionInfo(num_heads=n_q, num_kv_heads=n_kv, head_dim=site.head_dim,
+                         producers=tuple(sorted({qp.param, kp.param, vp.param})), consumer=o.param)
 
     def q_of(heads):
         return [[c for h in hs for c in q_heads[h]] for hs in heads]
@@ -536,28 +548,26 @@ def _attention_sets(site: _Site, shapes) -> list[GroupSet]:
               + _slices_for(vp, "out", [v_heads[h] for h in range(n_q)], None)
               + _slices_for(o, "in", o_of(heads), None))
         sl = _merge(sl)
-        return [GroupSet(site.prefix, "attention_head", site.layer, "attention", sl, _numel(sl, shapes), meta=meta)]
+        return [GroupSet(site.prefix, "attention_head", site.layer, "attention", sl, _numel(sl, shapes), info=info)]
     kv_heads = [list(range(g * rep, (g + 1) * rep)) for g in range(n_kv)]
     sl = (_slices_for(qp, "out", q_of(kv_heads), None) + _slices_for(kp, "out", k_heads, None)
           + _slices_for(vp, "out", v_heads, None) + _slices_for(o, "in", o_of(kv_heads), None))
     sl = _merge(sl)
-    sets = [GroupSet(site.prefix, "kv_group", site.layer, "attention", sl, _numel(sl, shapes), meta=meta)]
+    sets = [GroupSet(site.prefix, "kv_group", site.layer, "attention", sl, _numel(sl, shapes), info=info)]
     slots = [[g * rep + j for g in range(n_kv)] for j in range(rep)]
     sq = _merge(_slices_for(qp, "out", q_of(slots), None) + _slices_for(o, "in", o_of(slots), None))
-    sets.append(GroupSet(site.prefix, "query_head", site.layer, "attention", sq, _numel(sq, shapes), meta=meta))
+    sets.append(GroupSet(site.prefix, "query_head", site.layer, "attention", sq, _numel(sq, shapes), info=info))
     return sets
 
 
-def _ffn_sets(site: _Site, shapes) -> list[GroupSet]:
-    u = site.units
-    if u.get("reason"):
-        down = u["down"]
-        fake = [SliceSpec(down.param, down.in_dim, torch.arange(u["width"]).view(1, -1))]
+def _ffn_sets(site: _FFNSite, shapes) -> list[GroupSet]:
+    down, rows, width = site.down, site.rows, site.width
+    if site.reason:
+        fake = [SliceSpec(down.param, down.in_dim, torch.arange(width).view(1, -1))]
         return [GroupSet(site.prefix, "ffn_channel", site.layer, "mlp", fake, _numel(fake, shapes), prunable=False,
-                         reason=u["reason"])]
-    down, rows, width = u["down"], u["rows"], u["width"]
-    experts = range(shapes[down.param][0]) if u["experts"] else [None]
-    meta = {"width": width, "producers": sorted(w.param for w in rows), "consumer": down.param}
+                         reason=site.reason)]
+    experts = range(shapes[down.param][0]) if site.experts else [None]
+    producers = tuple(sorted(w.param for w in rows))
     sets = []
     for e in experts:
         sl = []
@@ -570,7 +580,8 @@ def _ffn_sets(site: _Site, shapes) -> list[GroupSet]:
         sl = _merge(sl)
         kind = "ffn_channel" if e is None else "expert_channel"
         prefix = site.prefix if e is None else f"{site.prefix}.{e}"
-        sets.append(GroupSet(prefix, kind, site.layer, "mlp", sl, _numel(sl, shapes), meta=dict(meta, expert=e)))
+        info = FFNInfo(width=width, producers=producers, consumer=down.param, expert=e)
+        sets.append(GroupSet(prefix, kind, site.layer, "mlp", sl, _numel(sl, shapes), info=info))
     return sets
 
 
@@ -578,22 +589,25 @@ def _ffn_sets(site: _Site, shapes) -> list[GroupSet]:
 def _mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> None:
     """Probe 1-layer meta models with changed config fields; record which field sets which width."""
     layer0 = [s for s in sets if s.layer == min(x.layer for x in sets)]
+    probed: set[tuple[str, str]] = set()
     for s in layer0:
-        if s.kind in ("ffn_channel", "expert_channel") and s.prunable and "field" not in s.meta:
-            field = _probe_ffn_field(base, config, s)
-            for t in sets:
-                if t.kind == s.kind and t.prunable and \
-                        layer_relative(t.meta["consumer"]) == layer_relative(s.meta["consumer"]):
-                    t.meta["field"] = field
+        if s.block != "mlp" or not s.prunable or (s.kind, layer_relative(s.ffn.consumer)) in probed:
+            continue
+        key = (s.kind, layer_relative(s.ffn.consumer))
+        probed.add(key)
+        field_name = _probe_ffn_field(base, config, s)
+        for t in sets:
+            if t.block == "mlp" and t.prunable and (t.kind, layer_relative(t.ffn.consumer)) == key:
+                t.info = dataclasses.replace(t.ffn, field=field_name)
     heads_reason = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
     valid = _valid_head_counts(config, [s for s in layer0 if s.block == "attention" and s.prunable])
     for s in sets:
         if s.block == "attention" and valid is not None and s.prunable:
-            s.meta["valid_counts"] = valid
+            s.info = dataclasses.replace(s.attention, valid_counts=valid)
         if s.block == "attention" and s.prunable and heads_reason:
             s.prunable = False
             s.reason = heads_reason
-        if s.block == "mlp" and s.prunable and s.meta.get("field") is None:
+        if s.block == "mlp" and s.prunable and s.ffn.field is None:
             s.prunable = False
             s.reason = "no config field sets this FFN width, so a smaller one cannot be saved"
 
@@ -616,21 +630,21 @@ def _layer0_name(param: str) -> str:
 
 
 def _probe_ffn_field(base, config, s: GroupSet) -> str | None:
-    consumer = _layer0_name(s.meta["consumer"])
-    width = s.meta["width"]
-    for field in FFN_WIDTH_FIELDS:
-        if not hasattr(config, field):
+    consumer = _layer0_name(s.ffn.consumer)
+    width = s.ffn.width
+    for name in FFN_WIDTH_FIELDS:
+        if not hasattr(config, name):
             continue
-        current = getattr(config, field)
+        current = getattr(config, name)
         if current is not None and current != width:
             continue
-        shapes = _probe_model(base, config, **{field: width - 1})
+        shapes = _probe_model(base, config, **{name: width - 1})
         if shapes is None or consumer not in shapes:
             continue
-        dim = s.slices[-1].dim if s.slices[-1].param == s.meta["consumer"] else None
+        dim = s.slices[-1].dim if s.slices[-1].param == s.ffn.consumer else None
         new = shapes[consumer]
         if dim is not None and new[dim] == width - 1:
-            return field
+            return name
     return None
 
 
@@ -641,11 +655,11 @@ def _valid_head_counts(config, attn_sets: list[GroupSet]) -> tuple[tuple[int, in
     a head count the model runs with may still be refused when the export is saved or loaded.
     """
     validate = getattr(config, "validate", None)
-    attn_sets = [s for s in attn_sets if "num_heads" in s.meta]  # placeholders of unprunable heads carry none
+    attn_sets = [s for s in attn_sets if s.info is not None]  # placeholders of unprunable heads carry none
     if not attn_sets or validate is None or not hasattr(config, "num_attention_heads"):
         return None
-    meta = attn_sets[0].meta
-    n_q, n_kv = meta["num_heads"], meta["num_kv_heads"]
+    info = attn_sets[0].attention
+    n_q, n_kv = info.num_heads, info.num_kv_heads
     gqa = any(s.kind == "kv_group" for s in attn_sets)
     pairs = [(kv, q) for kv in range(1, n_kv + 1) for q in range(1, n_q // n_kv + 1)] if gqa else \
         [(h, 1) for h in range(1, n_q + 1)]
@@ -668,8 +682,8 @@ def _probe_heads(base, config, attn_sets: list[GroupSet]) -> str:
     """Why the stock config cannot express fewer heads ("" when it can), from a 1-layer meta probe."""
     if not attn_sets:
         return ""
-    meta = attn_sets[0].meta
-    n_q, n_kv, hd = meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
+    info = attn_sets[0].attention
+    n_q, n_kv, hd = info.num_heads, info.num_kv_heads, info.head_dim
     rep = n_q // n_kv
     # Fewer heads, same head size: one kv group less (GQA) or one head less (MHA), then smaller counts
     # in case the model itself refuses a count (e.g. hidden_size % heads).
@@ -689,12 +703,12 @@ def _probe_heads(base, config, attn_sets: list[GroupSet]) -> str:
             break
     if shapes is None:
         return f"the stock config refuses every smaller head count with head_dim={hd}, so fewer heads cannot be saved"
-    o = _layer0_name(meta["consumer"])
-    in_dim = [s.dim for s in attn_sets[0].slices if s.param == meta["consumer"]][0]
+    o = _layer0_name(info.consumer)
+    in_dim = [s.dim for s in attn_sets[0].slices if s.param == info.consumer][0]
     if o in shapes and shapes[o][in_dim] == new_q * hd:
         return ""
     full = _probe_model(base, config) or {}
-    producers_shrank = any(shapes.get(n) != full.get(n) for n in map(_layer0_name, meta["producers"]))
+    producers_shrank = any(shapes.get(n) != full.get(n) for n in map(_layer0_name, info.producers))
     module = o.rsplit(".", 1)[0]
     if not producers_shrank:
         return ("the stock config derives head_dim from hidden_size / num_attention_heads, so fewer heads of the "

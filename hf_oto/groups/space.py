@@ -8,15 +8,50 @@ Python objects. :class:`Group` is a light view of one member, with a stable huma
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel")
+Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel"]
+KINDS: tuple[str, ...] = get_args(Kind)
+Block = Literal["attention", "mlp"]
+# How per-layer sizes may differ, one vocabulary for planner, sub-network and trainer: "uniform" keeps
+# equal counts in every layer (the stock config), "global" lets each layer keep its own.
+Layout = Literal["uniform", "global"]
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """Facts about one attention block that later steps need (read from the config and the trace)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    producers: tuple[str, ...]  # the q/k/v weights
+    consumer: str  # the output projection's weight
+    valid_counts: tuple[tuple[int, int], ...] | None = None  # (kv heads, queries per kv head) the config accepts
+
+    def renamed(self, move: Callable[[str], str]) -> AttentionInfo:
+        return dataclasses.replace(self, producers=tuple(map(move, self.producers)), consumer=move(self.consumer))
+
+
+@dataclass(frozen=True)
+class FFNInfo:
+    """Facts about one FFN (or one expert of an MoE layer)."""
+
+    width: int
+    producers: tuple[str, ...]  # weights whose output channels are the FFN channels
+    consumer: str  # the down projection's weight
+    expert: int | None = None
+    field: str | None = None  # the config field that sets this width (None: no field does)
+
+    def renamed(self, move: Callable[[str], str]) -> FFNInfo:
+        return dataclasses.replace(self, producers=tuple(map(move, self.producers)), consumer=move(self.consumer))
 
 
 @dataclass(frozen=True)
@@ -45,15 +80,16 @@ class GroupSet:
     """All groups of one kind owned by one module (e.g. the kv groups of one attention block)."""
 
     prefix: str  # module path, e.g. "model.layers.3.self_attn"
-    kind: str
+    kind: Kind
     layer: int
-    block: str  # "attention" or "mlp": what disappears when every group of the block is gone
+    block: Block  # what disappears when every group of the block is gone
     slices: list[SliceSpec]
     params_per_group: int
     prunable: bool = True
     reason: str = ""
-    # Extra facts the sub-network step needs (config field names, head counts).
-    meta: dict[str, Any] = field(default_factory=dict)
+    # Facts the planner and the sub-network step need (head counts, which config field sets a width);
+    # None for the placeholder record of a structure that is not prunable.
+    info: AttentionInfo | FFNInfo | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +101,20 @@ class GroupSet:
     @property
     def count(self) -> int:
         return self.slices[0].index.shape[0]
+
+    @property
+    def attention(self) -> AttentionInfo:
+        """The attention facts of a prunable attention set."""
+        if not isinstance(self.info, AttentionInfo):
+            raise TypeError(f"{self.prefix}.{self.kind} carries no attention facts")
+        return self.info
+
+    @property
+    def ffn(self) -> FFNInfo:
+        """The FFN facts of a prunable FFN or expert set."""
+        if not isinstance(self.info, FFNInfo):
+            raise TypeError(f"{self.prefix}.{self.kind} carries no FFN facts")
+        return self.info
 
     def name(self, i: int) -> str:
         return f"{self.prefix}.{self.kind}.{i}"

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import GroupSet, PruningSpace, layer_relative
+from hf_oto.groups.space import GroupSet, Layout, PruningSpace, layer_relative
 
-Layout = Literal["global", "uniform"]
 FFN_KINDS = ("ffn_channel", "expert_channel")
 
 
@@ -69,7 +67,7 @@ class Plan:
         """Params shared by one group of set k and one group of its partner (one query head)."""
         gs = self.space.sets[k]
         q = gs if gs.kind == "query_head" else self.space.sets[self._partner[k]]
-        return q.params_per_group // q.meta["num_kv_heads"]
+        return q.params_per_group // q.attention.num_kv_heads
 
     def gain(self, k: int, count: int) -> int:
         """Params removed by taking ``count`` more groups of set k now."""
@@ -195,7 +193,7 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
     """
     by_prefix: dict[str, dict[str, int]] = defaultdict(dict)
     for k, gs in enumerate(plan.space.sets):
-        if gs.block == "attention" and gs.prunable and gs.meta.get("valid_counts") is not None:
+        if gs.block == "attention" and gs.prunable and gs.attention.valid_counts is not None:
             by_prefix[gs.prefix][gs.kind] = k
     repaired: set[int] = set()
     sets = plan.space.sets
@@ -205,7 +203,7 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
 
     for kinds in by_prefix.values():
         first = plan.space.sets[next(iter(kinds.values()))]
-        valid = set(map(tuple, first.meta["valid_counts"]))
+        valid = set(map(tuple, first.attention.valid_counts))
         if "kv_group" in kinds:
             a, b = kinds["kv_group"], kinds.get("query_head")
         else:

@@ -14,11 +14,13 @@ harm: a structure whose removal hurts is kept even when single-shot saliency cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
-from hf_oto.errors import ConfigError
+from hf_oto.errors import ConfigError, ResumeError
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ def _copy(value):
     return value
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """``v`` scaled to unit L2 norm."""
     return v / v.norm().clamp_min(1e-12)
 
 
@@ -99,7 +102,7 @@ class CRICState:
         n_without = self.trials - self.harm_n
         without_g = (self.harm_total - self.harm_sum) / n_without.clamp_min(1)
         harm = torch.where(self.harm_n > 0, with_g - without_g, torch.zeros_like(with_g))
-        return _unit(sal) + config.loss_weight * harm.clamp(0.0, 1.0)
+        return unit(sal) + config.loss_weight * harm.clamp(0.0, 1.0)
 
     def trial_subset(self, config: CRICConfig, candidates: torch.Tensor) -> torch.Tensor:
         frac = config.trial_sparsities[self.cycle % len(config.trial_sparsities)]
@@ -112,3 +115,79 @@ class CRICState:
         out = torch.zeros_like(candidates)
         out[keep] = True
         return out
+
+
+class Actuator(Protocol):
+    """What CRIC needs from the optimizer: find, copy, restore and decay the slices of some groups."""
+
+    def targets(self, groups: torch.Tensor) -> list: ...
+
+    def snapshot(self, targets: list) -> dict[Any, torch.Tensor]: ...
+
+    def restore(self, targets: list, saved: dict[Any, torch.Tensor]) -> None: ...
+
+    def scale(self, targets: list, factor: float) -> None: ...
+
+
+class CRIC:
+    """CRIC's cycles, step by step: trial a candidate subset, watch the loss, restore, accumulate."""
+
+    def __init__(self, config: CRICConfig):
+        config.validate()
+        self.config = config
+        self.state = CRICState()
+        self.rank: torch.Tensor | None = None  # the final ranking, once the last cycle ended
+        self._trial: list | None = None  # targets of the current trial (rebuilt after a resume)
+
+    def start_cycle(self, score: torch.Tensor, candidates_of: Callable[[torch.Tensor], torch.Tensor],
+                    actuator: Actuator) -> None:
+        """Accumulate ``score``, pick this cycle's candidates and trial subset, snapshot the trial slices."""
+        cs = self.state
+        if cs.sal_sum is None:
+            cs.sal_sum = torch.zeros_like(score)
+            cs.harm_sum = torch.zeros_like(score)
+            cs.harm_n = torch.zeros_like(score)
+        cs.sal_sum += unit(score)
+        cs.sal_n += 1
+        cs.previous, cs.candidates = cs.candidates, candidates_of(cs.ranking(self.config))
+        cs.trial = cs.trial_subset(self.config, cs.candidates)
+        self._trial = actuator.targets(cs.trial)
+        cs.snapshot = actuator.snapshot(self._trial)  # only the trial slices (this rank's rows under FSDP)
+        cs.losses = []
+
+    def step(self, loss: float, actuator: Actuator) -> bool:
+        """One step of the current cycle; True when CRIC has just finished (its ranking is in ``rank``)."""
+        cs, length = self.state, self.config.sampling_steps
+        cs.losses.append(loss)
+        if self._trial is None:
+            self._trial = actuator.targets(cs.trial)
+        actuator.scale(self._trial, (length - cs.t - 1) / (length - cs.t))
+        if cs.t < length - 1:
+            cs.t += 1
+            return False
+        third = max(len(cs.losses) // 3, 1)
+        head, tail = cs.losses[:third], cs.losses[-third:]
+        increase = (sum(tail) / len(tail)) / max(sum(head) / len(head), 1e-12) - 1.0
+        harm = min(max(increase / self.config.harm_scale, 0.0), 1.0)  # 1 = this trial clearly hurt
+        cs.harm_sum[cs.trial] += harm
+        cs.harm_n[cs.trial] += 1
+        cs.harm_total += harm
+        cs.trials += 1
+        actuator.restore(self._trial, cs.snapshot)
+        cs.snapshot, cs.t, self._trial = {}, 0, None
+        cs.cycle += 1
+        stable = cs.previous is not None and int((cs.candidates ^ cs.previous).sum()) <= \
+            self.config.tolerance * max(int(cs.candidates.sum()), 1)
+        if cs.cycle >= self.config.max_cycles or (cs.cycle >= self.config.min_cycles and stable):
+            cs.done = True
+            self.rank = cs.ranking(self.config)
+            return True
+        return False
+
+    def load(self, state: dict | None, rank: torch.Tensor | None) -> None:
+        """Restore from a checkpoint's ``cric`` and ``cric_rank`` entries."""
+        if state is None:
+            raise ResumeError("resuming with a changed pruning config is not supported (CRIC on/off changed)")
+        self.state = CRICState.from_dict(state)
+        self.rank = None if rank is None else rank.clone()
+        self._trial = None

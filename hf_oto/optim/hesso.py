@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -10,64 +11,42 @@ from torch import nn
 from hf_oto.errors import ConfigError, ResumeError
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import slices
-from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
-from hf_oto.optim.cric import CRICConfig, CRICState, _unit
-from hf_oto.optim.saliency import SaliencyWeights, group_statistics, lora_factors, saliency
+from hf_oto.optim.budget import Plan, build_items, select
+from hf_oto.optim.config import HESSOConfig
+from hf_oto.optim.cric import CRIC, CRICConfig, unit
+from hf_oto.optim.saliency import group_statistics, lora_factors, saliency
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
 
 
 class HESSO(torch.optim.Optimizer):
     """Half-space style structured sparsity on the groups of a :class:`PruningSpace`.
 
-    The base optimizer (AdamW by default, or any ``torch.optim`` class or instance, with its own
-    param groups) takes every step. From ``start_pruning_step`` on, ``pruning_steps`` are split into
-    ``pruning_periods``; at the start of each period the not-yet-pruned groups are ranked by
-    saliency and the period's share of the parameter budget is marked redundant; over the period
-    those groups shrink linearly to exactly zero, and from then on they (and their optimizer state)
-    stay zero. With ``cric=CRICConfig(...)`` the corrective cycle runs first (from
-    ``start_pruning_step``) and the periods start when it ends; it needs the training loss, given by
-    ``step(closure)`` or by ``observe_loss(loss)`` before each ``step()``.
+    ``HESSO(model, space, base_optimizer, config, cric=CRICConfig(...))``. The base optimizer (AdamW
+    by default, or any ``torch.optim`` class or instance, with its own param groups) takes every
+    step. From ``config.start_pruning_step`` on, ``pruning_steps`` are split into ``pruning_periods``;
+    at the start of each period the not-yet-pruned groups are ranked by saliency and the period's
+    share of the parameter budget is marked redundant; over the period those groups shrink linearly
+    to exactly zero, and from then on they (and their optimizer state) stay zero. With ``cric`` the
+    corrective cycle runs first (from ``start_pruning_step``) and the periods start when it ends; it
+    needs the training loss, given by ``step(closure)`` or by ``observe_loss(loss)`` before each
+    ``step()``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         space: PruningSpace,
-        *,
         base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.AdamW,
+        config: HESSOConfig | None = None,
+        *,
+        cric: CRICConfig | None = None,
         base_kwargs: dict[str, Any] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
-        target_sparsity: float | None = 0.5,
-        target_params: int | None = None,
-        start_pruning_step: int = 0,
-        pruning_steps: int = 100,
-        pruning_periods: int = 10,
-        layout: Layout = "global",
-        ffn_multiple: int = 8,
-        min_keep: int = 1,
-        weights: SaliencyWeights | None = None,
-        saliency_ema: float | None = None,
-        ema_interval: int = 10,
-        tolerance: float = 0.01,
-        cric: CRICConfig | None = None,
     ):
-        if cric is not None:
-            cric.validate()
-        if pruning_periods < 1:
-            raise ConfigError(f"pruning_periods must be at least 1, got {pruning_periods}")
-        if pruning_steps < pruning_periods:
-            raise ConfigError(
-                f"pruning_steps ({pruning_steps}) must be at least pruning_periods ({pruning_periods}): "
-                "each period needs a step"
-            )
-        if start_pruning_step < 0:
-            raise ConfigError(f"start_pruning_step must be >= 0, got {start_pruning_step}")
-        if layout not in ("global", "uniform"):
-            raise ConfigError(f"layout must be 'global' or 'uniform', got {layout!r}")
-        if saliency_ema is not None and not 0.0 <= saliency_ema < 1.0:
-            raise ConfigError(f"saliency_ema must be in [0, 1), got {saliency_ema}")
-        target_params = resolve_target(space, target_sparsity, target_params, layout=layout,
-                                       multiple=ffn_multiple, min_keep=min_keep)
+        config = config or HESSOConfig()
+        if not isinstance(config, HESSOConfig):
+            raise ConfigError(f"config must be a HESSOConfig, got {type(config).__name__}")
+        self.target_params = config.validate(space, cric=cric)
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             base = base_optimizer
@@ -94,39 +73,47 @@ class HESSO(torch.optim.Optimizer):
                     self._rows[spec.param] = row_range(p)
         self.space = space
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
-        self.settings = dict(
-            target_params=int(target_params), start_pruning_step=start_pruning_step,
-            pruning_steps=pruning_steps, pruning_periods=pruning_periods, layout=layout,
-            ffn_multiple=ffn_multiple, min_keep=min_keep, saliency_ema=saliency_ema,
-            ema_interval=ema_interval, tolerance=tolerance,
-        )
-        self.weights = weights or SaliencyWeights()
-        self.period_length = pruning_steps // pruning_periods
+        self.config = config
+        self.weights = config.weights
+        self.period_length = config.pruning_steps // config.pruning_periods
         self.step_count = 0
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
         self.redundant = torch.zeros(len(space), dtype=torch.bool)
         self.ema: torch.Tensor | None = None
         self._zero_index: list[slices.Target] | None = None
         self._redundant_index: list[slices.Target] | None = None
-        self.cric = cric
-        self.cric_state = CRICState() if cric is not None else None
-        self.cric_rank: torch.Tensor | None = None
-        self.prune_start: int | None = None if cric is not None else start_pruning_step
+        self.cric_config = cric
+        self.cric = CRIC(cric) if cric is not None else None
+        self.prune_start: int | None = None if cric is not None else config.start_pruning_step
         self._loss: tuple[float, int] | None = None  # (sum, count) of observed losses
-        self._trial_index: list[slices.Target] | None = None
         # Pruned slices get zero gradients, so with zero moments the base step keeps them at zero; that is
         # verified for a few steps after each change instead of assumed (see _guard_before).
         self._clean_steps = 0
         self._always_rezero = False
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The resolved schedule and budget (what checkpoints compare on resume)."""
+        c = self.config
+        return dict(
+            target_params=int(self.target_params), start_pruning_step=c.start_pruning_step,
+            pruning_steps=c.pruning_steps, pruning_periods=c.pruning_periods, layout=c.layout,
+            ffn_multiple=c.ffn_multiple, min_keep=c.min_keep, saliency_ema=c.saliency_ema,
+            ema_interval=c.ema_interval, tolerance=c.tolerance,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the manifest and the model card record them: ``asdict`` of the configs."""
+        return dict(self.config.to_dict(), target_params=int(self.target_params),
+                    cric=None if self.cric_config is None else asdict(self.cric_config))
+
     # Schedule ----------------------------------------------------------------------------------
     def _position(self, step: int) -> tuple[int, int] | None:
         """(period, step within period) if ``step`` lies in a pruning period, else None."""
-        s = self.settings
         if self.prune_start is None:
             return None
         rel = step - self.prune_start
-        if rel < 0 or rel >= self.period_length * s["pruning_periods"]:
+        if rel < 0 or rel >= self.period_length * self.config.pruning_periods:
             return None
         return rel // self.period_length, rel % self.period_length
 
@@ -134,13 +121,13 @@ class HESSO(torch.optim.Optimizer):
         """Saliency is measured at each period start, and every ema_interval steps with an EMA."""
         if pos is not None and pos[1] == 0:
             return True
-        s = self.settings
-        if s["saliency_ema"] is None:
+        c = self.config
+        if c.saliency_ema is None:
             return False
-        start = self.prune_start if self.prune_start is not None else s["start_pruning_step"]
-        begin = s["start_pruning_step"] - 10 * s["ema_interval"]
-        end = start + self.period_length * s["pruning_periods"]
-        return begin <= step < end and step % s["ema_interval"] == 0
+        start = self.prune_start if self.prune_start is not None else c.start_pruning_step
+        begin = c.start_pruning_step - 10 * c.ema_interval
+        end = start + self.period_length * c.pruning_periods
+        return begin <= step < end and step % c.ema_interval == 0
 
     # Step --------------------------------------------------------------------------------------
     def observe_loss(self, loss: float | torch.Tensor) -> None:
@@ -153,8 +140,7 @@ class HESSO(torch.optim.Optimizer):
         self._loss = (total + value, count + 1)
 
     def _cric_active(self, step: int) -> bool:
-        return (self.cric_state is not None and not self.cric_state.done
-                and step >= self.settings["start_pruning_step"])
+        return self.cric is not None and not self.cric.state.done and step >= self.config.start_pruning_step
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -167,7 +153,7 @@ class HESSO(torch.optim.Optimizer):
             self.observe_loss(loss)
         cric_now = self._cric_active(step)
         pos = None if cric_now else self._position(step)
-        cycle_start = cric_now and self.cric_state.t == 0
+        cycle_start = cric_now and self.cric.state.t == 0
         snapshot = None
         if cycle_start or self._wants_stats(step, pos):
             snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
@@ -179,19 +165,20 @@ class HESSO(torch.optim.Optimizer):
             update = {n: snapshot.pop(n).neg_().add_(self.model_params[n].detach()) for n in list(snapshot)}
             score = saliency(group_statistics(self.model_params, self.space, update, self._lora), self.weights)
             del update
-            beta = self.settings["saliency_ema"]
+            beta = self.config.saliency_ema
             if beta is not None:
                 self.ema = score if self.ema is None else beta * self.ema + (1 - beta) * score
             ranked = self.ema if beta is not None else score
             if cycle_start:
-                self._cric_cycle_start(ranked)
+                self.cric.start_cycle(ranked, self._full_budget, self)
             elif pos is not None and pos[1] == 0:
-                if self.cric_rank is not None:
-                    blend = self.cric.blend
-                    ranked = blend * _unit(ranked) + (1 - blend) * _unit(self.cric_rank)
+                if self.cric is not None and self.cric.rank is not None:
+                    blend = self.cric_config.blend
+                    ranked = blend * unit(ranked) + (1 - blend) * unit(self.cric.rank)
                 self._mark_redundant(pos[0], ranked)
         if cric_now:
-            self._cric_step(step)
+            if self.cric.step(self._need_loss(), self):  # its last cycle ended: the periods start next step
+                self.prune_start = step + 1
         elif pos is not None:
             period, t = pos
             factor = (self.period_length - t - 1) / (self.period_length - t)
@@ -219,52 +206,27 @@ class HESSO(torch.optim.Optimizer):
             value = float(t) / torch.distributed.get_world_size()
         return value
 
-    def _cric_cycle_start(self, score: torch.Tensor) -> None:
-        cs, s = self.cric_state, self.settings
-        if cs.sal_sum is None:
-            cs.sal_sum = torch.zeros_like(score)
-            cs.harm_sum = torch.zeros_like(score)
-            cs.harm_n = torch.zeros_like(score)
-        cs.sal_sum += _unit(score)
-        cs.sal_n += 1
+    def _full_budget(self, score: torch.Tensor) -> torch.Tensor:
+        """The groups the whole budget would remove under ``score`` now (CRIC's candidates)."""
+        c = self.config
         plan = Plan(self.space)
-        items = build_items(self.space, cs.ranking(self.cric), plan, layout=s["layout"],
-                            multiple=s["ffn_multiple"], min_keep=s["min_keep"])
-        select(plan, items, s["target_params"], s["tolerance"])
-        cs.previous, cs.candidates = cs.candidates, plan.mask()
-        cs.trial = cs.trial_subset(self.cric, cs.candidates)
-        self._trial_index = self._targets(cs.trial)
-        # only the trial slices (this rank's rows under FSDP)
-        cs.snapshot = {tgt.key: slices.gather(v, tgt) for v, tgt in self._each(self._trial_index, lambda p: [p.data])}
-        cs.losses = []
+        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep)
+        select(plan, items, self.target_params, c.tolerance)
+        return plan.mask()
 
-    def _cric_step(self, step: int) -> None:
-        cs, length = self.cric_state, self.cric.sampling_steps
-        cs.losses.append(self._need_loss())
-        if self._trial_index is None:
-            self._trial_index = self._targets(cs.trial)
-        self._scale(self._trial_index, (length - cs.t - 1) / (length - cs.t))
-        if cs.t < length - 1:
-            cs.t += 1
-            return
-        third = max(len(cs.losses) // 3, 1)
-        head, tail = cs.losses[:third], cs.losses[-third:]
-        increase = (sum(tail) / len(tail)) / max(sum(head) / len(head), 1e-12) - 1.0
-        harm = min(max(increase / self.cric.harm_scale, 0.0), 1.0)  # 1 = this trial clearly hurt
-        cs.harm_sum[cs.trial] += harm
-        cs.harm_n[cs.trial] += 1
-        cs.harm_total += harm
-        cs.trials += 1
-        for v, tgt in self._each(self._trial_index, lambda p: [p.data]):  # restore the trial groups
-            slices.scatter_(v, tgt, cs.snapshot[tgt.key])
-        cs.snapshot, cs.t, self._trial_index = {}, 0, None
-        cs.cycle += 1
-        stable = cs.previous is not None and int((cs.candidates ^ cs.previous).sum()) <= \
-            self.cric.tolerance * max(int(cs.candidates.sum()), 1)
-        if cs.cycle >= self.cric.max_cycles or (cs.cycle >= self.cric.min_cycles and stable):
-            cs.done = True
-            self.cric_rank = cs.ranking(self.cric)
-            self.prune_start = step + 1
+    # CRIC's actuator: the trial slices, their snapshot and their decay --------------------------
+    def targets(self, groups: torch.Tensor) -> list[slices.Target]:
+        """Where the slices of the flagged groups live (this rank's rows under FSDP)."""
+        return slices.build_targets(self.space, groups, self.model_params, self._rows)
+
+    def snapshot(self, targets: list[slices.Target]) -> dict[Any, torch.Tensor]:
+        """A copy of only the targeted slices."""
+        return {tgt.key: slices.gather(v, tgt) for v, tgt in self._each(targets, lambda p: [p.data])}
+
+    def restore(self, targets: list[slices.Target], saved: dict[Any, torch.Tensor]) -> None:
+        """Write a :meth:`snapshot` back."""
+        for v, tgt in self._each(targets, lambda p: [p.data]):
+            slices.scatter_(v, tgt, saved[tgt.key])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -276,19 +238,15 @@ class HESSO(torch.optim.Optimizer):
         return sorted(names)
 
     def _mark_redundant(self, period: int, score: torch.Tensor) -> None:
-        s = self.settings
-        target = s["target_params"] * (period + 1) // s["pruning_periods"]
+        c = self.config
+        target = self.target_params * (period + 1) // c.pruning_periods
         plan = Plan.from_mask(self.space, self.pruned | self.redundant)
-        items = build_items(self.space, score, plan, layout=s["layout"], multiple=s["ffn_multiple"],
-                            min_keep=s["min_keep"])
-        select(plan, items, target, s["tolerance"] if period == s["pruning_periods"] - 1 else 0.0)
+        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep)
+        select(plan, items, target, c.tolerance if period == c.pruning_periods - 1 else 0.0)
         self.redundant = plan.mask() & ~self.pruned
         self._redundant_index = None
 
     # Projection --------------------------------------------------------------------------------
-    def _targets(self, groups: torch.Tensor) -> list[slices.Target]:
-        return slices.build_targets(self.space, groups, self.model_params, self._rows)
-
     def _each(self, targets: list[slices.Target] | None, tensors_of):
         """(view, target) for every target and every tensor ``tensors_of(param)`` of its parameter."""
         for tgt in targets or ():
@@ -302,10 +260,10 @@ class HESSO(torch.optim.Optimizer):
         if not bool(self.redundant.any()):
             return
         if self._redundant_index is None:
-            self._redundant_index = self._targets(self.redundant)
-        self._scale(self._redundant_index, factor)
+            self._redundant_index = self.targets(self.redundant)
+        self.scale(self._redundant_index, factor)
 
-    def _scale(self, targets: list[slices.Target], factor: float) -> None:
+    def scale(self, targets: list[slices.Target], factor: float) -> None:
         """Multiply the targeted parameter slices by ``factor`` in place (optimizer state untouched)."""
         for v, tgt in self._each(targets, lambda p: [p.data]):
             slices.scale_(v, tgt, factor)
@@ -314,7 +272,7 @@ class HESSO(torch.optim.Optimizer):
         if not bool(self.pruned.any()):
             return None
         if self._zero_index is None:
-            self._zero_index = self._targets(self.pruned)
+            self._zero_index = self.targets(self.pruned)
         return self._zero_index
 
     def _zero(self, targets: list[slices.Target] | None, include_state: bool) -> None:
@@ -395,11 +353,11 @@ class HESSO(torch.optim.Optimizer):
             "ema": None if self.ema is None else self.ema.clone(),
             "settings": dict(self.settings),
             "weights": vars(self.weights).copy(),
-            "cric_config": None if self.cric is None else vars(self.cric).copy(),
+            "cric_config": None if self.cric_config is None else vars(self.cric_config).copy(),
             "space": self._fingerprint(),
             "prune_start": self.prune_start,
-            "cric": None if self.cric_state is None else self.cric_state.to_dict(),
-            "cric_rank": None if self.cric_rank is None else self.cric_rank.clone(),
+            "cric": None if self.cric is None else self.cric.state.to_dict(),
+            "cric_rank": None if self.cric is None or self.cric.rank is None else self.cric.rank.clone(),
             "clean_steps": self._clean_steps,
             "always_rezero": self._always_rezero,
         }
@@ -412,10 +370,12 @@ class HESSO(torch.optim.Optimizer):
             raise ResumeError("this optimizer state was not saved by HESSO (no 'hesso' entry)")
         if h["space"] != self._fingerprint():
             raise ResumeError("the saved HESSO state belongs to a different pruning space (model or groups changed)")
-        cric_cfg = None if self.cric is None else vars(self.cric).copy()
-        if h["settings"] != self.settings or h["weights"] != vars(self.weights) or h["cric_config"] != cric_cfg:
-            changed = {k for k in self.settings if h["settings"].get(k) != self.settings[k]}
-            raise ResumeError(f"resuming with a changed pruning config is not supported (changed: {sorted(changed)})")
+        cric_cfg = None if self.cric_config is None else vars(self.cric_config).copy()
+        changed = sorted(k for k in self.settings if h["settings"].get(k) != self.settings[k])
+        changed += ["saliency weights"] if h["weights"] != vars(self.weights) else []
+        changed += ["CRIC settings"] if h["cric_config"] != cric_cfg else []
+        if changed:
+            raise ResumeError(f"resuming with a changed pruning config is not supported (changed: {changed})")
         self.base.load_state_dict(sd)
         self.state = self.base.state
         self.param_groups = self.base.param_groups
@@ -423,11 +383,8 @@ class HESSO(torch.optim.Optimizer):
         self.pruned = h["pruned"].clone()
         self.redundant = h["redundant"].clone()
         self.ema = None if h["ema"] is None else h["ema"].clone()
-        self._zero_index = self._redundant_index = self._trial_index = None
+        self._zero_index = self._redundant_index = None
         self.prune_start = h["prune_start"]
         self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]
-        if (h["cric"] is None) != (self.cric_state is None):
-            raise ResumeError("resuming with a changed pruning config is not supported (CRIC on/off changed)")
-        if h["cric"] is not None:
-            self.cric_state = CRICState.from_dict(h["cric"])
-        self.cric_rank = None if h["cric_rank"] is None else h["cric_rank"].clone()
+        if self.cric is not None:
+            self.cric.load(h["cric"], h["cric_rank"])

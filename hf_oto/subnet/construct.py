@@ -11,23 +11,26 @@ from torch import nn
 
 from hf_oto.errors import ConstructionError
 from hf_oto.groups.discover import unwrap_peft
-from hf_oto.groups.space import GroupSet, PruningSpace, group_is_zero, layer_relative
+from hf_oto.groups.space import GroupSet, Layout, PruningSpace, group_is_zero, layer_relative
 from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
 
-Layout = Literal["auto", "uniform"]
 EXPERT_MULTIPLE = 8
 
 
-def construct_subnet(model: nn.Module, space: PruningSpace, *, layout: Layout = "auto") -> nn.Module:
+def construct_subnet(model: nn.Module, space: PruningSpace, *,
+                     layout: Layout | Literal["auto"] = "global") -> nn.Module:
     """Return a new, physically smaller model without the groups whose weights are all zero.
 
     The result computes exactly what the zeroed ``model`` computes. ``layout="uniform"`` keeps the
     same counts in every layer (zero groups are kept where a layer would otherwise be smaller), so
-    the config is the architecture's stock config. ``"auto"`` keeps per-layer sizes when they differ
-    (the config then lists them, and exports ship remote code). ``model`` is not modified.
+    the config is the architecture's stock config. ``"global"`` keeps per-layer sizes when they differ
+    (the config then lists them, and exports ship remote code); ``"auto"`` is its older name.
+    ``model`` is not modified.
     """
-    if layout not in ("auto", "uniform"):
-        raise ConstructionError(f"layout must be 'auto' or 'uniform', got {layout!r}")
+    if layout == "auto":
+        layout = "global"
+    if layout not in ("global", "uniform"):
+        raise ConstructionError(f"layout must be 'uniform' or 'global', got {layout!r}")
     base = unwrap_peft(model)
     if base is not model:
         raise ConstructionError(
@@ -102,7 +105,7 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) ->
     by_layer_experts: dict[tuple[int, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
         if gs.kind == "expert_channel":
-            by_layer_experts[(gs.layer, gs.meta["consumer"])].append(k)
+            by_layer_experts[(gs.layer, gs.ffn.consumer)].append(k)
     for ks in by_layer_experts.values():
         # grouped-mm kernels need 16-byte aligned strides: expert widths go up to a multiple of 8.
         width = max(space.sets[k].count - len(removed[k]) for k in ks)
@@ -131,12 +134,13 @@ def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[
     for gs, gone in zip(space.sets, removed, strict=True):
         kept = gs.count - len(gone)
         if gs.block == "attention" and gs.prunable:
+            info = gs.attention
             attn[(gs.layer, gs.prefix)][gs.kind] = kept
-            attn[(gs.layer, gs.prefix)]["head_dim"] = gs.meta["head_dim"]
-            attn[(gs.layer, gs.prefix)]["kv"] = gs.meta["num_kv_heads"]
-            attn[(gs.layer, gs.prefix)]["q"] = gs.meta["num_heads"]
+            attn[(gs.layer, gs.prefix)]["head_dim"] = info.head_dim
+            attn[(gs.layer, gs.prefix)]["kv"] = info.num_kv_heads
+            attn[(gs.layer, gs.prefix)]["q"] = info.num_heads
         elif gs.block == "mlp" and gs.prunable:
-            field = gs.meta["field"]
+            field = gs.ffn.field
             overrides[gs.layer][field] = max(overrides[gs.layer].get(field, 0), kept)
     for (layer, _), c in attn.items():
         if "attention_head" in c:

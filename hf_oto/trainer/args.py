@@ -8,6 +8,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from hf_oto.errors import ConfigError
+from hf_oto.groups.space import Layout
+from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
+
 # Settings that are about where the pruned model goes, not how pruning runs (free to change on resume).
 _OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir")
 
@@ -21,7 +25,7 @@ class HFOTOTrainingArguments(TrainingArguments):
 
     target_sparsity: float = field(default=0.5, metadata={"help": "fraction of prunable parameters to remove"})
     target_params: int | None = field(default=None, metadata={"help": "remove this many parameters instead"})
-    pruning_layout: str = field(
+    pruning_layout: Layout = field(
         default="uniform",
         metadata={"help": "'uniform' (same counts in every layer: stock config) or 'global' (per-layer sizes)"},
     )
@@ -48,6 +52,27 @@ class HFOTOTrainingArguments(TrainingArguments):
     def steps(self, value: float, total: int) -> int:
         """A schedule value as optimizer steps (fractions of ``total`` below 1)."""
         return int(round(value * total)) if value < 1 else int(value)
+
+    def hesso_config(self, total_steps: int) -> HESSOConfig:
+        """The :class:`HESSOConfig` these arguments describe, for ``total_steps`` optimizer steps."""
+        try:
+            weights = SaliencyWeights(*(float(x) for x in self.saliency_weights.split(",")))
+        except (TypeError, ValueError):
+            raise ConfigError(f"saliency_weights needs 4 comma-separated numbers, got {self.saliency_weights!r}") \
+                from None
+        return HESSOConfig(
+            target_sparsity=self.target_sparsity, target_params=self.target_params, layout=self.pruning_layout,
+            start_pruning_step=self.steps(self.start_pruning_step, total_steps),
+            pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
+            ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
+        )
+
+    def cric_config(self) -> CRICConfig | None:
+        """The :class:`CRICConfig` these arguments describe (None without ``use_cric``)."""
+        if not self.use_cric:
+            return None
+        return CRICConfig(sampling_steps=self.cric_sampling_steps, max_cycles=self.cric_max_cycles,
+                          min_cycles=min(3, self.cric_max_cycles))
 
     def pruned_dir(self) -> str:
         """Where the pruned model is written: ``pruned_output_dir``, else ``<output_dir>/pruned``."""

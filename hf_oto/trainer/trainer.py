@@ -16,7 +16,7 @@ from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
 from hf_oto.groups import discover_groups, unwrap_peft
 from hf_oto.groups.space import PruningSpace
-from hf_oto.optim import HESSO, CRICConfig, SaliencyWeights
+from hf_oto.optim import HESSO
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 
@@ -67,9 +67,10 @@ class HFOTOTrainer(Trainer):
         if total is None or total <= 0:
             raise ConfigError("HFOTOTrainer needs the number of training steps (set max_steps, or num_train_epochs "
                               "with a training set that has a length)")
-        settings = hesso_settings(self.args, total)  # checked before the base optimizer is built
+        config, cric = self.args.hesso_config(total), self.args.cric_config()
+        config.validate(self.pruning_space, total_steps=total, cric=cric)  # before the base optimizer is built
         base = super().create_optimizer(model)
-        self.optimizer = HESSO(self.model, self.pruning_space, base_optimizer=base, **settings)
+        self.optimizer = HESSO(self.model, self.pruning_space, base, config, cric=cric)
         return self.optimizer
 
     @property
@@ -95,10 +96,7 @@ class HFOTOTrainer(Trainer):
     # Export ----------------------------------------------------------------------------------
     def _manifest_extra(self, eval_results: dict[str, Any] | None) -> dict[str, Any]:
         h = self.hesso
-        settings = None
-        if h is not None:
-            settings = dict(h.settings, weights=vars(h.weights), cric=None if h.cric is None else vars(h.cric))
-        return {"hesso": settings, "eval": eval_results or {}}
+        return {"hesso": None if h is None else h.record(), "eval": eval_results or {}}
 
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,
                           eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
@@ -116,7 +114,7 @@ class HFOTOTrainer(Trainer):
         target = out_dir or self.args.pruned_dir()
         if overwrite is None:
             overwrite = self.args.overwrite_pruned_output_dir
-        layout = "uniform" if self.args.pruning_layout == "uniform" else "auto"
+        layout = self.args.pruning_layout
         extra = self._manifest_extra(eval_results)
         is_peft = unwrap_peft(self.model) is not self.model
         if is_peft and not merge_adapters:
@@ -183,30 +181,6 @@ def _stack_equal_length(features: list[dict[str, Any]]) -> dict[str, Any]:
     return default_data_collator(features)
 
 
-def hesso_settings(a: HFOTOTrainingArguments, total: int) -> dict[str, Any]:
-    """HESSO keyword arguments from the training arguments, for ``total`` optimizer steps."""
-    weights = [float(x) for x in a.saliency_weights.split(",")]
-    if len(weights) != 4:
-        raise ConfigError(f"saliency_weights needs 4 comma-separated numbers, got {a.saliency_weights!r}")
-    cric = CRICConfig(sampling_steps=a.cric_sampling_steps, max_cycles=a.cric_max_cycles,
-                      min_cycles=min(3, a.cric_max_cycles)) if a.use_cric else None
-    start, length = a.steps(a.start_pruning_step, total), a.steps(a.pruning_steps, total)
-    cric_steps = a.cric_sampling_steps * a.cric_max_cycles if cric is not None else 0
-    if start + cric_steps + length > total:
-        raise ConfigError(
-            f"the pruning schedule needs {start + cric_steps + length} optimizer steps (warm-up {start}"
-            + (f" + CRIC up to {cric_steps}" if cric_steps else "") + f" + pruning {length}) but training "
-            f"has {total}; shorten start_pruning_step/pruning_steps"
-            + ("/cric_max_cycles" if cric_steps else "") + " or train longer, so the target is reached"
-        )
-    return dict(
-        target_sparsity=a.target_sparsity, target_params=a.target_params,
-        start_pruning_step=start, pruning_steps=length,
-        pruning_periods=a.pruning_periods, layout=a.pruning_layout, ffn_multiple=a.ffn_multiple,
-        min_keep=a.min_keep, weights=SaliencyWeights(*weights), saliency_ema=a.saliency_ema, cric=cric,
-    )
-
-
 def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
     """Discover the groups and check every pruning setting before any training (works on meta models).
 
@@ -224,7 +198,7 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
                 "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
                 "projections), so training cannot inform pruning; add them to target_modules"
             )
-    if args.max_steps and args.max_steps > 0:
-        HESSO(model, space, base_optimizer=torch.optim.SGD, base_kwargs={"lr": 0.0},
-              **hesso_settings(args, args.max_steps))
+    total = args.max_steps if args.max_steps and args.max_steps > 0 else None
+    # With epochs the step count is known once the data is: the schedule is checked again at train().
+    args.hesso_config(total or 10**9).validate(space, total_steps=total, cric=args.cric_config())
     return space

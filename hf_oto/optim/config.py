@@ -1,0 +1,87 @@
+"""HESSOConfig: every HESSO setting in one frozen, validated object (recorded with ``asdict``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hf_oto.errors import ConfigError
+from hf_oto.groups.space import Layout, PruningSpace
+from hf_oto.optim.budget import resolve_target
+from hf_oto.optim.cric import CRICConfig
+from hf_oto.optim.saliency import SaliencyWeights
+
+LAYOUTS: tuple[str, ...] = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class HESSOConfig:
+    """What HESSO removes, when, and how it ranks groups.
+
+    ``target_sparsity`` is the fraction of prunable parameters to remove (or give ``target_params``).
+    ``layout="uniform"`` keeps equal counts in every layer, so the export is the stock architecture
+    config; ``"global"`` allocates freely (per-layer sizes, exported with remote code). After
+    ``start_pruning_step`` warm-up steps, ``pruning_steps`` are split into ``pruning_periods``; each
+    period marks its share of the budget redundant and shrinks it linearly to exactly zero. Kept FFN
+    widths stay multiples of ``ffn_multiple`` and at least ``min_keep`` groups stay in every set.
+    ``saliency_ema`` (None: one batch) smooths the criteria, measured every ``ema_interval`` steps.
+    The target is met within ``tolerance`` (a fraction of it) where the group sizes allow.
+    """
+
+    target_sparsity: float | None = 0.5
+    target_params: int | None = None
+    layout: Layout = "uniform"
+    start_pruning_step: int = 0
+    pruning_steps: int = 100
+    pruning_periods: int = 10
+    ffn_multiple: int = 8
+    min_keep: int = 1
+    weights: SaliencyWeights = field(default_factory=SaliencyWeights)
+    saliency_ema: float | None = None
+    ema_interval: int = 10
+    tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.target_params is None and (self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0):
+            raise ConfigError(f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
+        if self.target_params is not None and self.target_params <= 0:
+            raise ConfigError(f"target_params must be positive, got {self.target_params}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.pruning_periods < 1:
+            raise ConfigError(f"pruning_periods must be at least 1, got {self.pruning_periods}")
+        if self.pruning_steps < self.pruning_periods:
+            raise ConfigError(f"pruning_steps ({self.pruning_steps}) must be at least pruning_periods "
+                              f"({self.pruning_periods}): each period needs a step")
+        if self.start_pruning_step < 0:
+            raise ConfigError(f"start_pruning_step must be >= 0, got {self.start_pruning_step}")
+        if self.ffn_multiple < 1 or self.min_keep < 0:
+            raise ConfigError(f"ffn_multiple must be >= 1 and min_keep >= 0, got {self.ffn_multiple}, {self.min_keep}")
+        if self.saliency_ema is not None and not 0.0 <= self.saliency_ema < 1.0:
+            raise ConfigError(f"saliency_ema must be in [0, 1), got {self.saliency_ema}")
+        if self.ema_interval < 1 or not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"ema_interval must be >= 1 and tolerance in [0, 1), got {self.ema_interval}, "
+                              f"{self.tolerance}")
+
+    def validate(self, space: PruningSpace, *, total_steps: int | None = None,
+                 cric: CRICConfig | None = None) -> int:
+        """The pruned-parameter target for ``space``, after checking that it can be reached and that the
+        schedule (warm-up, CRIC's cycles, pruning) fits in ``total_steps`` when that is given."""
+        if cric is not None:
+            cric.validate()
+        if total_steps is not None:
+            cric_steps = cric.sampling_steps * cric.max_cycles if cric is not None else 0
+            need = self.start_pruning_step + cric_steps + self.pruning_steps
+            if need > total_steps:
+                raise ConfigError(
+                    f"the pruning schedule needs {need} optimizer steps (warm-up {self.start_pruning_step}"
+                    + (f" + CRIC up to {cric_steps}" if cric_steps else "") + f" + pruning {self.pruning_steps}) "
+                    f"but training has {total_steps}; shorten start_pruning_step/pruning_steps"
+                    + ("/cric_max_cycles" if cric_steps else "") + " or train longer, so the target is reached"
+                )
+        return resolve_target(space, self.target_sparsity, self.target_params, layout=self.layout,
+                              multiple=self.ffn_multiple, min_keep=self.min_keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``asdict(self)``: what checkpoints, the manifest and the model card record."""
+        return asdict(self)
