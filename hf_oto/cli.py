@@ -18,7 +18,7 @@ def _load_meta_model(target: str):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from hf_oto.preflight import check_model_folder
+    from hf_oto.job.preflight import check_model_folder
 
     path = Path(target)
     if not path.exists():
@@ -79,7 +79,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.config is None and not args.overrides:
         raise ConfigError("give a YAML config: hf-oto prune CONFIG.yaml [--key value ...] (--help lists the keys)")
     if args.config in (None, "-h", "--help") or any(o in ("-h", "--help") for o in args.overrides):
-        from hf_oto.job_args import help_text
+        from hf_oto.job.args import help_text
 
         print(PRUNE_USAGE + help_text())
         return 0

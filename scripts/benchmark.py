@@ -177,7 +177,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     from transformers import AutoModelForCausalLM
 
     from hf_oto import construct_subnet, discover_groups
-    from hf_oto.main_job import perplexity
+    from hf_oto.metrics import perplexity
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> Path:
     a = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    from hf_oto.main_job import perplexity
+    from hf_oto.metrics import perplexity
 
     command = "python scripts/benchmark.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                " " + " ".join(argv if argv is not None else sys.argv[1:]))

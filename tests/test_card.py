@@ -30,7 +30,7 @@ def test_card_states_source_license_flops_eval_and_plot(tmp_path):
     assert m["flops_per_token_after"] < m["flops_per_token_before"]
     # 32 of 64 FFN channels gone in 2 layers: 3 matrices of 32 x hidden each -> 2 FLOPs per weight
     assert m["flops_per_token_before"] - m["flops_per_token_after"] == 2 * 2 * 3 * 32 * small.config.hidden_size
-    from hf_oto.export.save import format_flops
+    from hf_oto.export.card import format_flops
 
     assert f"| {format_flops(m['flops_per_token_before'])} | {format_flops(m['flops_per_token_after'])} |" in card
     assert format_flops(2.5e6) == "2.5 M" and format_flops(1.234e10) == "12.3 G"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny import make_hesso, tiny_model
 
-from hf_oto import construct_subnet, discover_groups, group_is_zero
+from hf_oto import construct_subnet, discover_groups
+from hf_oto.groups import group_is_zero
 from hf_oto.optim import SaliencyWeights
 
 IDS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from hf_oto import construct_subnet, discover_groups, group_is_zero
+from hf_oto import construct_subnet, discover_groups
+from hf_oto.groups import group_is_zero
 from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
 PLANTED = list(range(8, 16))  # FFN channels 8..15 of every layer

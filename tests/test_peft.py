@@ -6,7 +6,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
-from hf_oto import discover_groups, group_is_zero, zero_groups
+from hf_oto import discover_groups, zero_groups
+from hf_oto.groups import group_is_zero
 
 
 def _lora_model():

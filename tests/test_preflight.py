@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_oto.main_job as job
 from hf_oto.cli import main
 from hf_oto.errors import ConfigError
-from hf_oto.job_args import parse
+from hf_oto.job.args import parse
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def no_work(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("data, a tokenizer or a model was loaded before the input was checked")
 
-    for name in ("load_documents", "_load_model", "_load_tokenizer"):
+    for name in ("load_documents", "load_model", "load_tokenizer"):
         monkeypatch.setattr(job, name, forbidden)
 
 

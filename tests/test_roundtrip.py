@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from tiny import ARCHS, ENCODERS, logits, tiny_model
 
-from hf_oto import construct_subnet, discover_groups, group_is_zero, save_pruned, zero_groups
+from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
 from hf_oto.export.verify import NO_HF_OTO_PRELUDE
+from hf_oto.groups import group_is_zero
 
 TOL = 1e-5
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from hf_oto.errors import ExportError
 from hf_oto.export.atomic import check_target, discard, publish, staging_dir
+from hf_oto.export.card import render_card
 from hf_oto.export.plot import plot_kept
 from hf_oto.export.verify import PICKLE_SUFFIXES
 from hf_oto.subnet import remote_code
@@ -70,8 +70,16 @@ def _local_card(source: str | None) -> dict[str, Any]:
         return {}
 
 
-def source_license(source: str | None) -> str | None:
-    """The license in the model card of a local source folder (no network), if any."""
+def source_license(source: str | None, *, allow_network: bool = False) -> str | None:
+    """The license on the source model's card: a local folder's README, or (only with ``allow_network``,
+    when the model itself came from the Hub) the Hub card of a Hub id."""
+    if is_hub_id(source) and allow_network:
+        try:
+            from huggingface_hub import ModelCard
+
+            return ModelCard.load(source).data.to_dict().get("license")
+        except Exception:  # noqa: BLE001 - no card, no network: the export simply names no license
+            return None
     return _local_card(source).get("license")
 
 
@@ -150,77 +158,3 @@ def _check_no_pickles(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.suffix in PICKLE_SUFFIXES:
             raise ExportError(f"refusing to export a pickle: {f.name}")
-
-
-def _method(manifest: dict[str, Any]) -> str:
-    h = manifest.get("hesso")
-    if not h:
-        return "Groups that were exactly zero were removed (no HESSO settings recorded)."
-    cric = "with CRIC corrective cycles" if h.get("cric") else "without CRIC"
-    return (
-        f"HESSO {cric}, while fine-tuning: {h['target_params']:,} prunable parameters targeted, "
-        f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
-        f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}, "
-        + (f"saliency EMA {h['saliency_ema']}." if h.get("saliency_ema") is not None else "one-batch saliency.")
-    )
-
-
-def _evaluation(manifest: dict[str, Any]) -> str:
-    results = manifest.get("eval") or {}
-    if not results:
-        return "No evaluation set was given when this model was pruned."
-    rows = ["| metric | value |", "|---|---|"]
-    for k, v in results.items():
-        rows.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    return "\n".join(rows)
-
-
-def format_flops(v: float | None) -> str:
-    """FLOPs with a unit that keeps 3 significant digits (M, G or T)."""
-    if v is None:
-        return "n/a"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if v >= scale:
-            return f"{v / scale:.3g} {unit}"
-    return f"{v:.3g}"
-
-
-def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class: str) -> str:
-    """Fill the model card template of ``model_cards/`` with the manifest's facts."""
-    template = resources.files("hf_oto.model_cards").joinpath("pruned_model.md").read_text()
-    before, after = manifest["params_before"], manifest["params_after"]
-    rows = []
-    for s in manifest["sets"]:
-        rows.append(f"| {s['layer']} | `{s['module']}` | {s['kind']} | {len(s['kept'])} / {s['groups']} |")
-    load_kw = ", trust_remote_code=True" if trust_remote_code else ""
-    meta = ""
-    if manifest.get("base_model"):
-        meta += f"base_model: {manifest['base_model']}\n"
-    if manifest.get("license"):
-        meta += f"license: {manifest['license']}\n"
-    meta += "library_name: transformers\ntags:\n- hf-oto\n- pruned\n- structured-pruning\n"
-
-    return template.format(
-        metadata=meta,
-        source=(f"**{manifest['source']}**" if manifest.get("source")
-                else "a model built from a config (no base checkpoint)"),
-        model_type=manifest["model_type"],
-        params_before=f"{before:,}",
-        params_after=f"{after:,}",
-        flops_before=format_flops(manifest.get("flops_per_token_before")),
-        flops_after=format_flops(manifest.get("flops_per_token_after")),
-        kept_pct=f"{100.0 * after / max(before, 1):.1f}",
-        layout=manifest["layout"],
-        method=_method(manifest),
-        evaluation=_evaluation(manifest),
-        auto_class=repo_class,
-        load_kwargs=load_kw,
-        remote_note=(
-            "Its layers differ in size, so the repo ships `modeling_hfoto.py` (it only imports "
-            "transformers); load it with `trust_remote_code=True`."
-            if trust_remote_code
-            else "Every layer keeps the same counts, so `config.json` is the stock architecture config: "
-            "it loads with plain transformers and no custom code."
-        ),
-        table="\n".join(rows),
-    )

@@ -7,11 +7,56 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from hf_oto.data import DataArguments, check_data_args
 from hf_oto.errors import ConfigError, ExportError, ResumeError
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
+from hf_oto.job.args import ModelArguments
+from hf_oto.job.build import model_config, with_lora
 from hf_oto.trainer import HFOTOTrainingArguments
 from hf_oto.trainer.trainer import changed_pruning_settings
+
+
+def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> dict[str, Any]:
+    """Every check that needs no data and no weights: sources, outputs, resume, and the pruning settings.
+
+    The model is built on the meta device, so this costs seconds even for large models. Returns the
+    source folder (None for Hub ids and init_config), the export folder and the checkpoint to resume.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.trainer.trainer import check_pruning_setup
+
+    if not (margs.model_name_or_path or margs.init_config):
+        raise ConfigError("set model_name_or_path or init_config")
+    if margs.model_name_or_path and margs.init_config:
+        raise ConfigError("set model_name_or_path or init_config, not both")
+    if margs.torch_dtype and not isinstance(getattr(torch, margs.torch_dtype, None), torch.dtype):
+        raise ConfigError(f"torch_dtype {margs.torch_dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
+    source = local_or_hub(margs.model_name_or_path, "model folder") if margs.model_name_or_path else None
+    if source is not None:
+        check_model_folder(source)
+    if margs.tokenizer_name:
+        local_or_hub(margs.tokenizer_name, "tokenizer folder")
+    elif not dargs.train_tokenizer_vocab and not margs.model_name_or_path:
+        raise ConfigError("a model built from init_config needs tokenizer_name or train_tokenizer_vocab")
+    check_data_args(dargs)
+    adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None
+    pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)
+    resume = resolve_resume(targs)
+    config = model_config(margs, vocab=dargs.train_tokenizer_vocab or 64)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError as exc:
+            raise ConfigError(f"{config.model_type} has no causal-LM head in transformers: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+        model = with_lora(model, margs)
+    check_pruning_setup(model, targs)
+    return {"source": source, "pruned": pruned, "resume": resume}
 
 
 def local_or_hub(name: str, what: str) -> Path | None:

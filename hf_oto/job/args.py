@@ -36,7 +36,7 @@ class ModelArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "LoRA targets (default: every attention and FFN projection)"}
+        default=None, metadata={"help": "LoRA targets (default: peft's all-linear, every linear layer but the head)"}
     )
     merge_adapters: bool = field(
         default=True, metadata={"help": "LoRA export: one merged model, or pruned base + pruned adapter folder"}

@@ -1,0 +1,88 @@
+"""The export's model card: ``huggingface_hub.ModelCard`` from a Jinja template the package owns.
+
+Metadata (license, base_model, tags, evaluation results as ``EvalResult`` so the Hub shows them)
+goes through ``ModelCardData``; the body is ``templates/pruned_model.md``. Values are inserted by
+Jinja, so braces or other template syntax in a value are printed as they are.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+TEMPLATE = "pruned_model.md"
+EVAL_DATASET = "held-out split of the training text"
+
+
+def format_flops(v: float | None) -> str:
+    """FLOPs with a unit that keeps 3 significant digits (M, G or T)."""
+    if v is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if v >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.3g}"
+
+
+def method_text(manifest: dict[str, Any]) -> str:
+    """One paragraph on how the model was pruned, from the recorded HESSO settings."""
+    h = manifest.get("hesso")
+    if not h:
+        return "Groups that were exactly zero were removed (no HESSO settings recorded)."
+    cric = "with CRIC corrective cycles" if h.get("cric") else "without CRIC"
+    return (
+        f"HESSO {cric}, while fine-tuning: {h['target_params']:,} prunable parameters targeted, "
+        f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
+        f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}, "
+        + (f"saliency EMA {h['saliency_ema']}." if h.get("saliency_ema") is not None else "one-batch saliency.")
+    )
+
+
+def _eval_results(manifest: dict[str, Any], model_name: str) -> list:
+    from huggingface_hub import EvalResult
+
+    dataset = manifest.get("eval_dataset") or EVAL_DATASET
+    out = []
+    for name, value in (manifest.get("eval") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metric = name.removeprefix("eval_")
+            out.append(EvalResult(task_type="text-generation", dataset_type=dataset.replace(" ", "-"),
+                                  dataset_name=dataset, metric_type=metric, metric_name=metric,
+                                  metric_value=float(value)))
+    return out
+
+
+def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class: str) -> str:
+    """The README.md of an export: metadata header plus the filled-in template."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    before, after = manifest["params_before"], manifest["params_after"]
+    model_name = f"{manifest['model_type']}-hf-oto-pruned"
+    data = ModelCardData(
+        base_model=manifest.get("base_model"), license=manifest.get("license"), library_name="transformers",
+        tags=["hf-oto", "pruned", "structured-pruning"], model_name=model_name,
+        eval_results=_eval_results(manifest, model_name) or None,
+    )
+    evaluation = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (manifest.get("eval") or {}).items()]
+    template = resources.files("hf_oto.export").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    card = ModelCard.from_template(
+        data, template_str=template,
+        source=(f"**{manifest['source']}**" if manifest.get("source")
+                else "a model built from a config (no base checkpoint)"),
+        model_type=manifest["model_type"],
+        params_before=f"{before:,}", params_after=f"{after:,}",
+        flops_before=format_flops(manifest.get("flops_per_token_before")),
+        flops_after=format_flops(manifest.get("flops_per_token_after")),
+        kept_pct=f"{100.0 * after / max(before, 1):.1f}", layout=manifest["layout"],
+        method=method_text(manifest), evaluation=evaluation, auto_class=repo_class,
+        load_kwargs=", trust_remote_code=True" if trust_remote_code else "",
+        remote_note=(
+            "Its layers differ in size, so the repo ships `modeling_hfoto.py` (it only imports "
+            "transformers); load it with `trust_remote_code=True`."
+            if trust_remote_code
+            else "Every layer keeps the same counts, so `config.json` is the stock architecture config: "
+            "it loads with plain transformers and no custom code."
+        ),
+        sets=manifest["sets"],
+    )
+    return str(card)
