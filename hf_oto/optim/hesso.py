@@ -14,7 +14,8 @@ from hf_oto.optim import slices
 from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
-from hf_oto.optim.saliency import group_statistics, lora_factors, saliency
+from hf_oto.optim.importance import Evidence, HESSOSaliency, Importance
+from hf_oto.optim.saliency import group_statistics, lora_factors
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
 
 
@@ -75,6 +76,7 @@ class HESSO(torch.optim.Optimizer):
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.config = config
         self.weights = config.weights
+        self.importance: Importance = HESSOSaliency(config.weights)
         self.period_length = config.pruning_steps // config.pruning_periods
         self.step_count = 0
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
@@ -163,7 +165,7 @@ class HESSO(torch.optim.Optimizer):
         if snapshot is not None:
             # the update reuses the snapshot's memory: no second copy of the prunable weights
             update = {n: snapshot.pop(n).neg_().add_(self.model_params[n].detach()) for n in list(snapshot)}
-            score = saliency(group_statistics(self.model_params, self.space, update, self._lora), self.weights)
+            score = self.importance(self.space, Evidence(self.model_params, update=update, lora=self._lora))
             del update
             beta = self.config.saliency_ema
             if beta is not None:

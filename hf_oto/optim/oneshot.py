@@ -18,13 +18,16 @@ them, so :func:`hf_oto.construct_subnet` removes them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from hf_oto.groups.space import PruningSpace, zero_groups
-from hf_oto.optim.budget import Layout, Plan, build_items, resolve_target, select
+from hf_oto.errors import ConfigError
+from hf_oto.groups.space import Layout, PruningSpace, zero_groups
+from hf_oto.optim.budget import Plan, build_items, resolve_target, select
+from hf_oto.optim.importance import Evidence, Importance, Magnitude
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
 Criterion = Literal["magnitude", "taylor", "wanda_sp"]
@@ -86,7 +89,7 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
     consumers: dict[str, nn.Linear] = {}
     for gs in space.sets:
         if any(s.expert is not None for s in gs.slices):
-            raise ValueError("wanda_sp needs nn.Linear consumers; MoE expert weights are not supported (use taylor)")
+            raise ConfigError("wanda_sp needs nn.Linear consumers; MoE expert weights are not supported (use taylor)")
         for s in gs.slices:
             owner = modules.get(s.param.rpartition(".")[0])
             if isinstance(owner, nn.Linear) and s.param.endswith(".weight") and s.dim == 1:
@@ -129,21 +132,44 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
     return torch.cat(scores)
 
 
-def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion,
+@dataclass(frozen=True)
+class Taylor:
+    """First-order Taylor importance on calibration batches (LLM-Pruner style): sum of ``|w * g|``."""
+
+    needs_batches: ClassVar[bool] = True
+
+    def __call__(self, space: PruningSpace, evidence: Evidence) -> torch.Tensor:
+        return _taylor(evidence.model, space, evidence.batches)
+
+
+@dataclass(frozen=True)
+class WandaSP:
+    """Activation-weighted magnitude of the consuming linear's input columns (Wanda-sp / FLAP style)."""
+
+    needs_batches: ClassVar[bool] = True
+
+    def __call__(self, space: PruningSpace, evidence: Evidence) -> torch.Tensor:
+        return _wanda_sp(evidence.model, space, evidence.batches)
+
+
+BY_NAME: dict[str, Importance] = {"magnitude": Magnitude(), "taylor": Taylor(), "wanda_sp": WandaSP()}
+
+
+def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion | Importance,
                    batches: Iterable[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
-    """Importance per group (flat order of ``space``; higher = keep), relative within each kind."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    """Importance per group (flat order of ``space``; higher = keep), relative within each kind.
+
+    ``criterion`` is a name of :data:`CRITERIA` or any :class:`~hf_oto.optim.importance.Importance`
+    (HESSO's own saliency included).
+    """
+    if isinstance(criterion, str):
+        if criterion not in BY_NAME:
+            raise ConfigError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        criterion = BY_NAME[criterion]
     batches = list(batches or [])
-    if criterion != "magnitude" and not batches:
-        raise ValueError(f"criterion {criterion!r} needs calibration batches (dicts with input_ids)")
-    if criterion == "magnitude":
-        score = group_statistics(dict(model.named_parameters()), space)["sq"].sqrt()
-    elif criterion == "taylor":
-        score = _taylor(model, space, batches)
-    else:
-        score = _wanda_sp(model, space, batches)
-    return _per_kind_relative(space, score)
+    if criterion.needs_batches and not batches:
+        raise ConfigError(f"criterion {type(criterion).__name__} needs calibration batches (dicts with input_ids)")
+    return _per_kind_relative(space, criterion(space, Evidence.of(model, batches)))
 
 
 def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *,
