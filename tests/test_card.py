@@ -62,3 +62,26 @@ def test_card_base_model_is_a_hub_id_never_a_local_path(tmp_path):
     (tmp_path / "no-card").mkdir()
     assert hub_base_model(str(tmp_path / "no-card")) is None  # a local folder whose card names no Hub base
     assert hub_base_model("./not/a hub id") is None
+
+
+def test_template_values_with_braces_are_printed_as_they_are():
+    from hf_oto.export.card import render_card
+
+    sets = [{"layer": 0, "module": "m.{x}", "kind": "ffn_channel", "kept": [0], "groups": 2}]
+    manifest = {"params_before": 10, "params_after": 5, "model_type": "llama", "layout": "uniform",
+                "source": "org/{weird}-{{ model_type }}", "sets": sets, "eval": {"eval_loss_{a}": 1.5},
+                "license": "mit"}
+    card = render_card(manifest, trust_remote_code=False, repo_class="AutoModelForCausalLM")
+    assert "**org/{weird}-{{ model_type }}**" in card  # not formatted, not re-rendered
+    assert "| 0 | `m.{x}` | ffn_channel | 1 / 2 |" in card and "| eval_loss_{a} | 1.5 |" in card
+
+
+def test_eval_results_reach_the_hub_metadata(tmp_path):
+    from huggingface_hub import ModelCard
+
+    small = _small(tmp_path / "source")
+    out = save_pruned(small, tmp_path / "out", extra_manifest={"eval": {"eval_perplexity": 12.5,
+                                                                        "eval_token_accuracy": 0.25}})
+    data = ModelCard.load(out / "README.md").data
+    metrics = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert metrics == {"perplexity": 12.5, "token_accuracy": 0.25}

@@ -122,3 +122,28 @@ def test_head_counts_the_config_refuses_are_never_chosen(tmp_path):
             seen.add(state)
             small.config.validate()  # what save_pretrained and from_pretrained check
     assert len(seen) > 1  # heads were really pruned in some runs
+
+
+def test_any_importance_plugs_into_the_one_shot_planner():
+    """HESSO's saliency and a user's own criterion use the same protocol as the built-in criteria."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from hf_oto.optim.importance import HESSOSaliency
+
+    model = tiny_model("llama", intermediate_size=64)
+    space = discover_groups(model)
+    assert oneshot_scores(model, space, HESSOSaliency()).shape == (len(space),)
+
+    @dataclass(frozen=True)
+    class LastChannelsFirst:  # a planted criterion: later FFN channels are worth less
+        needs_batches: ClassVar[bool] = False
+
+        def __call__(self, space, evidence):
+            return torch.cat([torch.arange(gs.count, 0, -1).float() for gs in space.sets])
+
+    oneshot_prune(model, space, oneshot_scores(model, space, LastChannelsFirst()), target_params=_ffn_target(space),
+                  layout="uniform", ffn_multiple=8, min_keep=1)
+    zero = group_is_zero(model, space)
+    ffn = [g.name for g, z in zip(space, zero.tolist(), strict=True) if z and g.kind == "ffn_channel"]
+    assert ffn and all(int(n.rsplit(".", 1)[1]) >= 32 for n in ffn)
