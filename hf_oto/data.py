@@ -196,8 +196,15 @@ def tokenize_blocks(docs, tokenizer, block_size: int, num_proc: int | None = Non
         raise ConfigError("the tokenizer has no eos token to end documents with; set tokenizer.eos_token")
     prefix, suffix = document_affixes(tokenizer)
 
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+
+    def token_ids(texts: list[str]) -> list[list[int]]:
+        if backend is not None:  # the Rust tokenizer directly: the same ids without building BatchEncodings
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        ids = token_ids(batch["text"])
         return {"input_ids": [(prefix if first else []) + t + (suffix if last else [])
                               for t, first, last in zip(ids, batch["first"], batch["last"], strict=True)]}
 
