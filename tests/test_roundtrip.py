@@ -144,3 +144,28 @@ def test_zero_groups_marks_exactly_those_groups():
     # Query-head slots overlap kv groups, so zeroing kv groups can zero a slot too; nothing else.
     extra = {n for n in flagged - set(names) if ".query_head." not in n}
     assert not extra
+
+
+def test_exports_carry_the_fields_older_readers_need(exports, tmp_path):
+    """transformers 4.x and converters read a top-level rope_theta and know PreTrainedTokenizerFast."""
+    for key, case in exports.items():
+        cfg = json.loads((case["dir"] / "config.json").read_text())
+        rope = cfg.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            assert cfg["rope_theta"] == rope["rope_theta"], key
+    from test_inputs import _tiny_tokenizer
+
+    model = tiny_model("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 64})
+    space = discover_groups(model)
+    out = save_pruned(construct_subnet(model, space, layout="uniform"), tmp_path / "out", tokenizer=_tiny_tokenizer())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"]["rope_type"] == "llama3"
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.rope_parameters["rope_theta"] == 500000.0
+    assert (logits(reloaded, IDS) - logits(model, IDS)).abs().max().item() <= TOL
+    assert AutoTokenizer.from_pretrained(out)("w3 w5")["input_ids"] == _tiny_tokenizer()("w3 w5")["input_ids"]

@@ -131,11 +131,35 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
         (tmp / f"{REMOTE_MODULE}.py").write_text(code)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    add_compat_fields(tmp)
     full = dict(manifest, source=source, base_model=hub_base_model(source), license=license, **extra)
     (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
     (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=_auto_class(model)))
     plot_kept(full, tmp / "pruning_plot.png")
     _check_no_pickles(tmp)
+
+
+def add_compat_fields(folder: Path) -> None:
+    """Fields that older readers need, written beside transformers 5's own (which ignores them).
+
+    transformers 4.x (which optimum-onnx pins) and converters read a top-level ``rope_theta`` and
+    ``rope_scaling``, not ``rope_parameters``; without them they silently fall back to theta 10000.
+    They also know ``PreTrainedTokenizerFast`` but not transformers 5's ``TokenizersBackend``.
+    """
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file() and (folder / "tokenizer.json").is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tok_path.write_text(json.dumps(tok, indent=2) + "\n")
 
 
 def _auto_class(model: nn.Module) -> str:
