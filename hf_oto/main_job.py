@@ -16,7 +16,7 @@ import torch
 
 from hf_oto.data import Blocks, load_documents, split_blocks, tokenize_blocks, train_tokenizer
 from hf_oto.errors import ExportError
-from hf_oto.export.save import source_license
+from hf_oto.export.save import MANIFEST, source_license
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, parse
 from hf_oto.job.build import load_model, load_tokenizer, with_lora
@@ -91,7 +91,7 @@ def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, eval_resul
 
 
 def _manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / "pruning_manifest.json").read_text())
+    return json.loads((out / MANIFEST).read_text())
 
 
 def _kept(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:

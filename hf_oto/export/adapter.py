@@ -14,7 +14,7 @@ from torch import nn
 
 from hf_oto.errors import ExportError
 from hf_oto.export.atomic import check_target, discard, publish, staging_dir
-from hf_oto.export.save import save_pruned
+from hf_oto.export.save import MANIFEST, save_pruned
 from hf_oto.groups import discover_groups
 from hf_oto.groups.space import PruningSpace
 from hf_oto.subnet import construct_subnet
@@ -56,7 +56,7 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
 
     adapter_out = Path(adapter_dir)
     check_target(adapter_out, overwrite=overwrite, marker=ADAPTER_MARKER)
-    check_target(Path(out_dir), overwrite=overwrite, marker="pruning_manifest.json")
+    check_target(Path(out_dir), overwrite=overwrite, marker=MANIFEST)
     name = peft_model.active_adapter
     config = copy.deepcopy(peft_model.peft_config[name])
     state = get_peft_model_state_dict(peft_model, adapter_name=name)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_oto.errors import ExportError
+from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 
 
@@ -20,7 +21,7 @@ def check_export(folder: str | Path) -> dict[str, Any]:
     path = Path(folder)
     if not path.is_dir():
         raise ExportError(f"{folder} is not a folder")
-    for required in ("config.json", "pruning_manifest.json", "README.md"):
+    for required in ("config.json", MANIFEST, "README.md"):
         if not (path / required).is_file():
             raise ExportError(f"{folder} is not an hf-oto export: {required} is missing")
     pickles = [p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES]
@@ -29,13 +30,13 @@ def check_export(folder: str | Path) -> dict[str, Any]:
     if not check_weights(path):
         raise ExportError(f"{folder} has no safetensors weights")
     try:
-        manifest = json.loads((path / "pruning_manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path / 'pruning_manifest.json'} is corrupt: {exc}") from None
+        raise ExportError(f"{path / MANIFEST} is corrupt: {exc}") from None
     missing = [k for k in ("model_type", "params_before", "params_after") if not isinstance(manifest, dict)
                or k not in manifest]
     if missing:
-        raise ExportError(f"{path / 'pruning_manifest.json'} lacks {', '.join(missing)}: not an hf-oto manifest")
+        raise ExportError(f"{path / MANIFEST} lacks {', '.join(missing)}: not an hf-oto manifest")
     try:
         from transformers import AutoConfig
 

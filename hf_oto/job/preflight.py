@@ -13,6 +13,8 @@ import torch
 
 from hf_oto.data import DataArguments, check_data_args
 from hf_oto.errors import ConfigError, ExportError, ResumeError
+from hf_oto.export.adapter import ADAPTER_MARKER
+from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 from hf_oto.job.args import ModelArguments
 from hf_oto.job.build import model_config, with_lora
@@ -131,7 +133,7 @@ def check_output_folders(targs: HFOTOTrainingArguments, *, source: Path | None,
             raise ConfigError(f"{what} {target} lies inside a checkpoint folder, which Trainer may delete; "
                               "choose another folder")
         if t.is_dir() and any(t.iterdir()):
-            marker = "pruning_manifest.json" if what == "pruned_output_dir" else "hf_oto_adapter.json"
+            marker = MANIFEST if what == "pruned_output_dir" else ADAPTER_MARKER
             if not targs.overwrite_pruned_output_dir:
                 raise ConfigError(f"{what} {target} is not empty; choose a new folder, or set "
                                   "overwrite_pruned_output_dir: true to replace the earlier export there")

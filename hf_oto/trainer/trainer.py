@@ -199,6 +199,8 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
                 "projections), so training cannot inform pruning; add them to target_modules"
             )
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
-    # With epochs the step count is known once the data is: the schedule is checked again at train().
-    args.hesso_config(total or 10**9).validate(space, total_steps=total, cric=args.cric_config())
+    if total is not None:
+        args.hesso_config(total).validate(space, total_steps=total, cric=args.cric_config())
+    else:  # epochs: the step count is known once the data is, so train() checks the schedule; the target now
+        args.hesso_config(max(args.pruning_periods, 1) * 1000).validate(space, cric=args.cric_config())
     return space
