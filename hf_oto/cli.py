@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from hf_oto.errors import ConfigError, HFOTOError
+from hf_oto.errors import ConfigError, HFOTOError, first_line
 
 
 def _load_meta_model(target: str):
@@ -30,7 +30,7 @@ def _load_meta_model(target: str):
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"could not read the config in {folder}: {str(exc).strip().splitlines()[0]}") from None
+        raise ConfigError(f"could not read the config in {folder}: {first_line(exc)}") from None
     with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(config)

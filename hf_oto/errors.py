@@ -31,3 +31,9 @@ class DataError(HFOTOError):
 
 class ResumeError(ConfigError):
     """A checkpoint cannot be resumed (missing, or saved with other pruning settings)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

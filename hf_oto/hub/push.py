@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hf_oto.errors import ExportError
+from hf_oto.errors import ExportError, first_line
 from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 
@@ -42,8 +42,7 @@ def check_export(folder: str | Path) -> dict[str, Any]:
 
         AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any reason the config does not load stops the push
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{path / 'config.json'} does not load with AutoConfig: {first}") from None
+        raise ExportError(f"{path / 'config.json'} does not load with AutoConfig: {first_line(exc)}") from None
     return manifest
 
 

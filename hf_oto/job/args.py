@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from hf_oto.data import DataArguments
-from hf_oto.errors import ConfigError
+from hf_oto.errors import ConfigError, first_line
 from hf_oto.trainer import HFOTOTrainingArguments
 
 
@@ -58,7 +58,7 @@ def read_yaml(config_path: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{config_path}:{mark.line + 1}:{mark.column + 1}" if mark else config_path
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{config_path} is not a text file") from None
@@ -240,8 +240,7 @@ def parse(config_path: str, overrides: list[str]) -> tuple[ModelArguments, DataA
         try:
             built.append(cls(**per_class[cls]))
         except (ValueError, TypeError) as exc:  # TrainingArguments checks combinations in __post_init__
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(first) from None
+            raise ConfigError(first_line(exc)) from None
     margs, dargs, targs = built
     return margs, dargs, targs
 

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_oto.errors import ConfigError
+from hf_oto.errors import ConfigError, first_line
 from hf_oto.job.args import ModelArguments
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_config(margs: ModelArguments, tokenizer=None, vocab: int = 0):
@@ -21,7 +16,7 @@ def model_config(margs: ModelArguments, tokenizer=None, vocab: int = 0):
         try:
             return AutoConfig.from_pretrained(margs.model_name_or_path)
         except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"could not load the config of {margs.model_name_or_path}: {_first_line(exc)}") from None
+            raise ConfigError(f"could not load the config of {margs.model_name_or_path}: {first_line(exc)}") from None
     cfg = dict(margs.init_config)
     if "model_type" not in cfg:
         raise ConfigError("init_config needs a model_type")
@@ -33,7 +28,7 @@ def model_config(margs: ModelArguments, tokenizer=None, vocab: int = 0):
     try:
         return AutoConfig.for_model(**cfg)
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"init_config: {_first_line(exc)}") from None
+        raise ConfigError(f"init_config: {first_line(exc)}") from None
 
 
 def with_lora(model, margs: ModelArguments):
@@ -48,7 +43,7 @@ def with_lora(model, margs: ModelArguments):
     try:
         return get_peft_model(model, cfg)
     except ValueError as exc:
-        raise ConfigError(f"LoRA: {_first_line(exc)}") from None
+        raise ConfigError(f"LoRA: {first_line(exc)}") from None
 
 
 def load_tokenizer(margs: ModelArguments):
@@ -59,7 +54,7 @@ def load_tokenizer(margs: ModelArguments):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"could not load the tokenizer of {name}: {_first_line(exc)}") from None
+        raise ConfigError(f"could not load the tokenizer of {name}: {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {name} has no eos token to end documents with")
     return tokenizer
@@ -75,4 +70,4 @@ def load_model(margs: ModelArguments, tokenizer):
     try:
         return AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kw)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"could not load {margs.model_name_or_path}: {_first_line(exc)}") from None
+        raise ConfigError(f"could not load {margs.model_name_or_path}: {first_line(exc)}") from None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hf_oto.data import DataArguments, check_data_args
-from hf_oto.errors import ConfigError, ExportError, ResumeError
+from hf_oto.errors import ConfigError, ExportError, ResumeError, first_line
 from hf_oto.export.adapter import ADAPTER_MARKER
 from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
@@ -55,7 +55,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
             model = AutoModelForCausalLM.from_config(config)
         except ValueError as exc:
             raise ConfigError(f"{config.model_type} has no causal-LM head in transformers: "
-                              f"{str(exc).strip().splitlines()[0]}") from None
+                              f"{first_line(exc)}") from None
         model = with_lora(model, margs)
     check_pruning_setup(model, targs)
     return {"source": source, "pruned": pruned, "resume": resume}
