@@ -18,6 +18,7 @@ from hf_oto.export.verify import NO_HF_OTO_PRELUDE
 from hf_oto.groups import group_is_zero
 
 TOL = 1e-5
+LAYOUTS = ("global", "per_layer_ffn", "uniform")
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 RELOAD = NO_HF_OTO_PRELUDE + textwrap.dedent(
@@ -47,7 +48,7 @@ def _zero_random(model, space, seed: int, p: float = 0.4) -> list[str]:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Build, zero, construct and export every architecture in both layouts (done once)."""
+    """Build, zero, construct and export every architecture in every layout (done once)."""
     root = tmp_path_factory.mktemp("exports")
     cases = {}
     for i, arch in enumerate(ARCHS):
@@ -55,7 +56,7 @@ def exports(tmp_path_factory):
         space = discover_groups(model)
         _zero_random(model, space, seed=i)
         full = logits(model, IDS)
-        for layout in ("global", "uniform"):
+        for layout in LAYOUTS:
             sub = construct_subnet(model, space, layout=layout)
             out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
             cases[f"{arch}-{layout}"] = dict(model=model, sub=sub, full=full, dir=out)
@@ -77,7 +78,7 @@ def reloaded(exports, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_subnet_matches_zeroed_model(exports, arch, layout):
     case = exports[f"{arch}-{layout}"]
     sub_logits = logits(case["sub"], IDS)
@@ -89,7 +90,7 @@ def test_subnet_matches_zeroed_model(exports, arch, layout):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("layout", ["global", "uniform"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_export_reloads_without_hf_oto(exports, reloaded, arch, layout):
     key = f"{arch}-{layout}"
     diff = (reloaded[key] - logits(exports[key]["sub"], IDS)).abs().max().item()
@@ -109,15 +110,65 @@ def test_uniform_export_is_stock_config(exports, arch):
 
 
 def test_per_layer_export_ships_remote_code(exports):
-    """Random pruning gives layers of different sizes somewhere; those repos carry remote code."""
+    """Random pruning gives layers of different sizes somewhere; those repos carry remote code and a
+    config that names no stock architecture and lists every layer."""
     per_layer = [k for k, c in exports.items() if c["sub"].hf_oto_manifest["layout"] == "per-layer"]
     assert per_layer
     for key in per_layer:
         folder = exports[key]["dir"]
         cfg = json.loads((folder / "config.json").read_text())
-        assert cfg["auto_map"] and cfg["hf_oto_layers"]["layers"]
+        form = json.loads((folder / "pruning_manifest.json").read_text())["export_format"]
         code = (folder / "modeling_hfoto.py").read_text()
         assert "import hf_oto" not in code and "from hf_oto" not in code
+        stock = exports[key]["model"].config.architectures or [type(exports[key]["model"]).__name__]
+        assert cfg["architectures"] != stock and cfg["auto_map"], key
+        if form == "decilm":
+            assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
+            assert len(cfg["block_configs"]) == cfg["num_hidden_layers"]
+        else:
+            assert form == "remote_code"
+            layers = cfg["hf_oto_layers"]["layers"]
+            assert layers and all(layers), key  # every layer listed, with every per-layer field
+            assert len(cfg.get("per_layer_config", layers)) == len(layers)
+
+
+def test_llama_layouts_pick_their_export_format(exports):
+    """Llama with attention uniform and FFN per layer is DeciLM; with per-layer query heads it is not."""
+    forms = {layout: json.loads((exports[f"llama-{layout}"]["dir"] / "pruning_manifest.json").read_text())
+             ["export_format"] for layout in LAYOUTS}
+    assert forms == {"uniform": "stock", "per_layer_ffn": "decilm", "global": "remote_code"}
+    cfg = json.loads((exports["llama-per_layer_ffn"]["dir"] / "config.json").read_text())
+    sub = exports["llama-per_layer_ffn"]["sub"]
+    widths = [layer.mlp.gate_proj.out_features for layer in sub.model.layers]
+    kv = [layer.self_attn.k_proj.out_features // cfg["head_dim"] for layer in sub.model.layers]
+    assert len(set(widths)) > 1
+    assert [b["ffn"]["intermediate_size"] for b in cfg["block_configs"]] == widths
+    assert [cfg["num_attention_heads"] // b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == kv
+    assert cfg["intermediate_size"] == max(widths)
+
+
+def test_per_layer_config_is_what_transformers_reads(exports):
+    """Where transformers' own config class takes per_layer_config (FFN widths per layer), the export
+    writes it and transformers' parser sees each layer's real widths."""
+    from transformers import AutoConfig
+
+    folder = exports["qwen2-per_layer_ffn"]["dir"]
+    raw = json.loads((folder / "config.json").read_text())
+    assert "per_layer_config" in raw
+    cfg = AutoConfig.from_pretrained(folder)  # the stock Qwen2Config parses it itself
+    assert cfg.is_heterogeneous
+    for i, layer in enumerate(exports["qwen2-per_layer_ffn"]["sub"].model.layers):
+        assert cfg.per_layer_config[i].intermediate_size == layer.mlp.gate_proj.out_features
+
+
+def test_unexpressible_decilm_request_is_refused_before_writing(exports, tmp_path):
+    from hf_oto.errors import ExportError
+
+    with pytest.raises(ExportError, match="query heads differ"):
+        save_pruned(exports["llama-global"]["sub"], tmp_path / "x", export_format="decilm")
+    with pytest.raises(ExportError, match="same sizes in every layer"):
+        save_pruned(exports["llama-uniform"]["sub"], tmp_path / "y", export_format="decilm")
+    assert not list(tmp_path.iterdir())
 
 
 def test_source_model_is_not_modified():

@@ -76,13 +76,22 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         kept_pct=f"{100.0 * after / max(before, 1):.1f}", layout=manifest["layout"],
         method=method_text(manifest), evaluation=evaluation, auto_class=repo_class,
         load_kwargs=", trust_remote_code=True" if trust_remote_code else "",
-        remote_note=(
-            "Its layers differ in size, so the repo ships `modeling_hfoto.py` (it only imports "
-            "transformers); load it with `trust_remote_code=True`."
-            if trust_remote_code
-            else "Every layer keeps the same counts, so `config.json` is the stock architecture config: "
-            "it loads with plain transformers and no custom code."
-        ),
+        remote_note=_format_note(manifest.get("export_format", "remote_code" if trust_remote_code else "stock")),
         sets=manifest["sets"],
     )
     return str(card)
+
+
+def _format_note(form: str) -> str:
+    from hf_oto.export.formats import LOADS_IN
+
+    if form == "stock":
+        return ("Every layer keeps the same counts, so `config.json` is the stock architecture config: "
+                f"it loads with plain transformers and no custom code. Runs in: {LOADS_IN['stock']}.")
+    if form == "decilm":
+        return ("Its layers differ in FFN width and kv heads, so `config.json` is a DeciLM/Nemotron-NAS config "
+                "(`block_configs`) and the repo ships `modeling_hfoto.py` (it only imports transformers) for "
+                f"transformers; load it with `trust_remote_code=True`. Runs in: {LOADS_IN['decilm']}.")
+    return ("Its layers differ in size, so the repo ships `modeling_hfoto.py` (it only imports "
+            "transformers); load it with `trust_remote_code=True`. `config.json` lists each layer in "
+            f"`per_layer_config`. Runs in: {LOADS_IN['remote_code']}.")

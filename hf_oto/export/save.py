@@ -12,11 +12,10 @@ from torch import nn
 from hf_oto.errors import ExportError
 from hf_oto.export.atomic import check_target, discard, publish, staging_dir
 from hf_oto.export.card import render_card
+from hf_oto.export.formats import REMOTE_MODULE, ExportFormat, remote_code_text, resolve_format, rewrite_config
 from hf_oto.export.plot import plot_kept
 from hf_oto.export.verify import PICKLE_SUFFIXES
-from hf_oto.subnet import remote_code
 
-REMOTE_MODULE = "modeling_hfoto"
 MANIFEST = "pruning_manifest.json"
 
 
@@ -30,6 +29,7 @@ def save_pruned(
     max_shard_size: str = "5GB",
     extra_manifest: dict[str, Any] | None = None,
     license: str | None = None,
+    export_format: ExportFormat = "auto",
 ) -> Path:
     """Save a model built by :func:`hf_oto.construct_subnet` as a loadable Hugging Face repo.
 
@@ -37,7 +37,10 @@ def save_pruned(
     generation config, ``pruning_manifest.json``, a README model card and ``pruning_plot.png``
     (kept structures per layer). ``license`` defaults to the one in a local source folder's card.
     ``extra_manifest`` may carry ``hesso`` (settings) and ``eval`` (metric -> value). Layers of different sizes
-    get self-contained remote code (load with ``trust_remote_code=True``). The folder is written
+    get self-contained remote code (load with ``trust_remote_code=True``); ``export_format`` picks how
+    such a config is written (see :mod:`hf_oto.export.formats`): ``"auto"`` writes Llama models whose
+    layers differ only in FFN width and kv heads as DeciLM (vLLM and llama.cpp run it) and the rest
+    as ``"remote_code"``; a form the model cannot take is refused before anything is written. The folder is written
     next to ``out_dir`` and renamed into place, so a failure leaves no half-written export.
     ``overwrite=True`` replaces an earlier hf-oto export at ``out_dir``, never another non-empty folder.
     The card's ``base_model`` is ``source`` when that is a Hub id, or the ``base_model`` of a local
@@ -48,11 +51,13 @@ def save_pruned(
     manifest = getattr(model, "hf_oto_manifest", None)
     if manifest is None:
         raise ExportError("save_pruned takes the model returned by construct_subnet (it has no hf_oto_manifest)")
+    form = resolve_format(model.config, export_format)
     check_target(out, overwrite=overwrite, marker=MANIFEST)
     tmp = staging_dir(out)
     try:
         license = license or source_license(source)
-        _write(model, tmp, tokenizer, manifest, source, max_shard_size, extra_manifest or {}, license)
+        _write(model, tmp, tokenizer, dict(manifest, export_format=form), source, max_shard_size,
+               extra_manifest or {}, license)
         return publish(tmp, out)
     finally:
         discard(tmp)
@@ -107,13 +112,12 @@ def hub_base_model(source: str | None) -> str | None:
 
 def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra, license) -> None:
     config = model.config
-    per_layer = bool(getattr(config, remote_code.LAYERS_KEY, None))
+    form = manifest["export_format"]
+    per_layer = form != "stock"
     base_name = config.hf_oto_layers["base_class"] if per_layer else None
     had_auto_map = "auto_map" in config.__dict__
     saved_auto_map = getattr(config, "auto_map", None)
     config.hf_oto = {"source": source, "layout": manifest["layout"]}
-    if per_layer:
-        config.auto_map = {_auto_class(model): f"{REMOTE_MODULE}.HFOTOPrunedModel"}
     try:
         # Remote code gets no checkpoint-key conversions when loaded, so per-layer exports keep the
         # model's own parameter names; stock exports keep transformers' original key format.
@@ -126,9 +130,9 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
         elif "auto_map" in config.__dict__:
             del config.auto_map
     if per_layer:
-        code = Path(remote_code.__file__).read_text()
-        code += f'\n\nHFOTOPrunedModel = pruned_class("{base_name}")\n'
-        (tmp / f"{REMOTE_MODULE}.py").write_text(code)
+        auto_class = _auto_class(model)
+        rewrite_config(tmp, config, form, auto_class)
+        (tmp / f"{REMOTE_MODULE}.py").write_text(remote_code_text(base_name, form, auto_class))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     add_compat_fields(tmp)

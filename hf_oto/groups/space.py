@@ -21,8 +21,16 @@ Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "exper
 KINDS: tuple[str, ...] = get_args(Kind)
 Block = Literal["attention", "mlp"]
 # How per-layer sizes may differ, one vocabulary for planner, sub-network and trainer: "uniform" keeps
-# equal counts in every layer (the stock config), "global" lets each layer keep its own.
-Layout = Literal["uniform", "global"]
+# equal counts in every layer (the stock config), "per_layer_ffn" keeps attention uniform and lets each
+# layer keep its own FFN width (the DeciLM/Nemotron-NAS form vLLM and llama.cpp load), "global" lets
+# each layer keep its own counts of everything.
+Layout = Literal["uniform", "per_layer_ffn", "global"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+
+def kept_uniform(layout: str, block: str) -> bool:
+    """Whether ``layout`` keeps the same count in every layer for groups of this block."""
+    return layout == "uniform" or (layout == "per_layer_ffn" and block == "attention")
 
 
 @dataclass(frozen=True)

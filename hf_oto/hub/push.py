@@ -40,7 +40,13 @@ def check_export(folder: str | Path) -> dict[str, Any]:
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(path, trust_remote_code=False)
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map") or {}
+        if "AutoConfig" in auto_map:  # the export's own config class: check it is there, never run it here
+            module = auto_map["AutoConfig"].split(".")[0] + ".py"
+            if not (path / module).is_file():
+                raise ExportError(f"{module} (named by auto_map) is missing")
+        else:
+            AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any reason the config does not load stops the push
         raise ExportError(f"{path / 'config.json'} does not load with AutoConfig: {first_line(exc)}") from None
     return manifest

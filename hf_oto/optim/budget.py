@@ -2,7 +2,8 @@
 
 Items are single attention groups or chunks of FFN channels (so FFN widths move in multiples of
 ``ffn_multiple``); with ``layout="uniform"`` an item is "the next-lowest group of this kind in every
-layer", so all layers end with the same counts and the export is a stock config. Items are taken
+layer", so all layers end with the same counts and the export is a stock config
+(``"per_layer_ffn"`` does that for attention groups only). Items are taken
 in ascending saliency while the exact pruned parameter count stays within the tolerance.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import GroupSet, Layout, PruningSpace, layer_relative
+from hf_oto.groups.space import GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
 
 FFN_KINDS = ("ffn_channel", "expert_channel")
 
@@ -125,15 +126,15 @@ def build_items(
         return sum(values[off + j] for j in chunk) / len(chunk)
 
     items: list[Item] = []
-    if layout == "global":
-        for k, chunks in enumerate(per_set):
-            for i, c in enumerate(chunks):
-                items.append(Item(chunk_score(k, c), [(k, c)], ("set", k), i))
-        return items
     families: dict[tuple[str, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        if gs.prunable:
+        if not gs.prunable:
+            continue
+        if kept_uniform(layout, gs.block):
             families[(gs.kind, layer_relative(gs.prefix))].append(k)
+        else:
+            for i, c in enumerate(per_set[k]):
+                items.append(Item(chunk_score(k, c), [(k, c)], ("set", k), i))
     for fam, ks in families.items():
         steps = min(len(per_set[k]) for k in ks)
         for i in range(steps):

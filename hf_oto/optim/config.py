@@ -6,12 +6,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import Layout, PruningSpace
+from hf_oto.groups.space import LAYOUTS, Layout, PruningSpace
 from hf_oto.optim.budget import resolve_target
 from hf_oto.optim.cric import CRICConfig
 from hf_oto.optim.saliency import SaliencyWeights
-
-LAYOUTS: tuple[str, ...] = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,9 @@ class HESSOConfig:
 
     ``target_sparsity`` is the fraction of prunable parameters to remove (or give ``target_params``).
     ``layout="uniform"`` keeps equal counts in every layer, so the export is the stock architecture
-    config; ``"global"`` allocates freely (per-layer sizes, exported with remote code). After
+    config; ``"per_layer_ffn"`` keeps attention uniform and lets FFN widths differ per layer (exported
+    as DeciLM for Llama models, which vLLM and llama.cpp load); ``"global"`` allocates freely (per-layer
+    sizes of everything, exported with remote code). After
     ``start_pruning_step`` warm-up steps, ``pruning_steps`` are split into ``pruning_periods``; each
     period marks its share of the budget redundant and shrinks it linearly to exactly zero. Kept FFN
     widths stay multiples of ``ffn_multiple`` and at least ``min_keep`` groups stay in every set.

@@ -11,7 +11,15 @@ from torch import nn
 
 from hf_oto.errors import ConstructionError
 from hf_oto.groups.discover import unwrap_peft
-from hf_oto.groups.space import GroupSet, Layout, PruningSpace, group_is_zero, layer_relative
+from hf_oto.groups.space import (
+    LAYOUTS,
+    GroupSet,
+    Layout,
+    PruningSpace,
+    group_is_zero,
+    kept_uniform,
+    layer_relative,
+)
 from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
 
 EXPERT_MULTIPLE = 8
@@ -25,12 +33,13 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     same counts in every layer (zero groups are kept where a layer would otherwise be smaller), so
     the config is the architecture's stock config. ``"global"`` keeps per-layer sizes when they differ
     (the config then lists them, and exports ship remote code); ``"auto"`` is its older name.
+    ``"per_layer_ffn"`` keeps attention uniform and FFN widths per layer.
     ``model`` is not modified.
     """
     if layout == "auto":
         layout = "global"
-    if layout not in ("global", "uniform"):
-        raise ConstructionError(f"layout must be 'uniform' or 'global', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ConstructionError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     base = unwrap_peft(model)
     if base is not model:
         raise ConstructionError(
@@ -112,11 +121,10 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) ->
         width = min(-(-width // EXPERT_MULTIPLE) * EXPERT_MULTIPLE, space.sets[ks[0]].count)
         for k in ks:
             _readmit(space.sets[k], removed[k], width)
-    if layout != "uniform":
-        return
     by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
+        if kept_uniform(layout, gs.block):
+            by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
     for ks in by_kind.values():
         width = max(space.sets[k].count - len(removed[k]) for k in ks)
         for k in ks:

@@ -1,0 +1,161 @@
+"""How a per-layer export describes its layers, so that tools that never saw hf_oto read it right.
+
+Three forms, chosen by :func:`resolve_format`:
+
+- ``stock``: every layer has the same size; config.json is the architecture's own config.
+- ``decilm``: Llama models whose layers differ only in FFN width and kv-head count (query heads the
+  same everywhere) are written as DeciLM/Nemotron-NAS (``block_configs``), which vLLM's
+  ``DeciLMForCausalLM`` and llama.cpp's ``deci`` architecture run; transformers loads it through
+  the shipped remote code.
+- ``remote_code``: anything else with per-layer sizes. The config names no stock architecture
+  (``architectures`` is ``HFOTOPruned<Class>``), its top-level widths are the largest layer's, and
+  the layers are listed in ``hf_oto_layers`` (what the shipped code builds from) and, where this
+  transformers' config class accepts it, in transformers' own ``per_layer_config``, so stock classes
+  can take over as they learn it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from hf_oto.errors import ExportError
+from hf_oto.subnet import remote_code
+
+ExportFormat = Literal["auto", "remote_code", "decilm"]
+EXPORT_FORMATS: tuple[str, ...] = ("auto", "remote_code", "decilm")
+Resolved = Literal["stock", "remote_code", "decilm"]
+REMOTE_MODULE = "modeling_hfoto"
+
+# What each form loads in, as measured by scripts/check_serving.py (see its results table).
+LOADS_IN: dict[str, str] = {
+    "stock": "transformers, vLLM, llama.cpp (GGUF) and ONNX Runtime, no custom code",
+    "decilm": "vLLM (DeciLMForCausalLM) and llama.cpp (`hf-oto export-gguf`); transformers with trust_remote_code",
+    "remote_code": "transformers with trust_remote_code; llama.cpp via `hf-oto export-gguf` for Llama models",
+}
+
+
+def per_layer(config) -> bool:
+    return bool(getattr(config, remote_code.LAYERS_KEY, None))
+
+
+def full_layers(config) -> list[dict[str, Any]]:
+    """Every layer's value of every per-layer field (a layer without overrides has the top-level value)."""
+    layers = remote_code.layer_overrides(config)
+    keys = sorted({k for o in layers for k in o})
+    return [{k: o.get(k, getattr(config, k, None)) for k in keys} for o in layers]
+
+
+def decilm_problem(config) -> str | None:
+    """Why this per-layer config cannot be written as DeciLM (None when it can)."""
+    if getattr(config, "model_type", None) != "llama":
+        return f"DeciLM is a Llama layout and this model is {getattr(config, 'model_type', '?')!r}"
+    layers = full_layers(config)
+    extra = sorted({k for o in layers for k in o} - {"num_attention_heads", "num_key_value_heads",
+                                                        "intermediate_size", "head_dim"})
+    if extra:
+        return f"DeciLM cannot express per-layer {', '.join(extra)}"
+    heads = {o.get("num_attention_heads", config.num_attention_heads) for o in layers}
+    if len(heads) > 1:
+        return (f"query heads differ across layers ({', '.join(map(str, sorted(heads)))}) and DeciLM shares one "
+                "count; prune with pruning_layout: per_layer_ffn (or uniform) for a DeciLM export")
+    if len({o.get("head_dim", config.head_dim) for o in layers}) > 1:
+        return "head_dim differs across layers"
+    q = heads.pop()
+    bad = [i for i, o in enumerate(layers) if q % o.get("num_key_value_heads", config.num_key_value_heads)]
+    if bad:
+        return f"layer {bad[0]}'s kv heads do not divide the {q} query heads"
+    return None
+
+
+def resolve_format(config, requested: str = "auto") -> Resolved:
+    """The form this model is written in; a ``requested`` form it cannot take is refused in one line."""
+    if requested not in EXPORT_FORMATS:
+        raise ExportError(f"export_format must be one of {EXPORT_FORMATS}, got {requested!r}")
+    if not per_layer(config):
+        if requested == "decilm":
+            raise ExportError("export_format 'decilm' is for per-layer exports; this model has the same "
+                              "sizes in every layer and exports as its stock config, which loads everywhere")
+        return "stock"
+    if requested == "remote_code":
+        return "remote_code"
+    problem = decilm_problem(config)
+    if requested == "decilm" and problem:
+        raise ExportError(f"export_format 'decilm' cannot express this model: {problem}")
+    return "remote_code" if problem else "decilm"
+
+
+def remote_code_text(base_class: str, form: Resolved, auto_class: str) -> str:
+    """The modeling file shipped with a per-layer export."""
+    code = Path(remote_code.__file__).read_text()
+    extra = "config_class=DeciLMConfig" if form == "decilm" else ""
+    code += f'\n\nHFOTOPrunedModel = pruned_class("{base_class}"{", " + extra if extra else ""})\n'
+    base_model = _base_model_class(base_class)
+    if base_model and auto_class != "AutoModel":
+        code += f'HFOTOPrunedBaseModel = pruned_class("{base_model}"{", " + extra if extra else ""})\n'
+    return code
+
+
+def rewrite_config(folder: Path, config, form: Resolved, auto_class: str) -> None:
+    """Turn the saved config.json of a per-layer export into its honest ``form``."""
+    if form == "stock":
+        return
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    layers = full_layers(config)
+    canon = {k: getattr(config, "attribute_map", {}).get(k, k) for o in layers for k in o}
+    base_class = data[remote_code.LAYERS_KEY]["base_class"]
+    base_model = _base_model_class(base_class)
+    auto_map = {auto_class: f"{REMOTE_MODULE}.HFOTOPrunedModel"}
+    if base_model and auto_class != "AutoModel":  # vLLM's Transformers backend asks for AutoModel
+        auto_map["AutoModel"] = f"{REMOTE_MODULE}.HFOTOPrunedBaseModel"
+    for key in set(canon.values()):  # the top level is the largest layer, never the pre-pruning size
+        values = [v for o in layers for k, v in o.items() if canon[k] == key]
+        if None not in values:  # (a layer that reads its width from the top level keeps it)
+            data[key] = max(values)
+    if form == "decilm":
+        heads = data["num_attention_heads"]
+        data.pop(remote_code.LAYERS_KEY)
+        data.update(
+            model_type=remote_code.DeciLMConfig.model_type,
+            architectures=["DeciLMForCausalLM"],
+            auto_map={"AutoConfig": f"{REMOTE_MODULE}.DeciLMConfig", **auto_map},
+            block_configs=[{
+                "attention": {"n_heads_in_group": heads // o["num_key_value_heads"], "no_op": False,
+                              "replace_with_linear": False},
+                "ffn": {"intermediate_size": o["intermediate_size"], "no_op": False, "replace_with_linear": False},
+            } for o in layers],
+        )
+    else:
+        data[remote_code.LAYERS_KEY]["layers"] = layers
+        data.update(architectures=[f"HFOTOPruned{base_class}"], auto_map=auto_map)
+        described = {str(i): {canon[k]: v for k, v in o.items() if v is not None} for i, o in enumerate(layers)}
+        if _parses(type(config), dict(data, per_layer_config=described)):
+            data["per_layer_config"] = described
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _parses(config_class, data: dict) -> bool:
+    """Whether this transformers' own config class loads ``per_layer_config`` as written. Some refuse
+    it (Llama's config checks its head count against the width before it knows the count is per layer);
+    then the export leaves it out rather than ship a config.json that does not load."""
+    try:
+        config = config_class.from_dict(data)
+    except Exception:  # noqa: BLE001 - any refusal means: do not write it
+        return False
+    return bool(getattr(config, "is_heterogeneous", False))
+
+
+def _base_model_class(cls_name: str) -> str | None:
+    """The bare model class (e.g. LlamaModel for LlamaForCausalLM), from transformers' own mappings."""
+    from transformers.models.auto import modeling_auto as ma
+
+    model_type = next((t for t, n in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == cls_name), None)
+    name = ma.MODEL_MAPPING_NAMES.get(model_type) if model_type else None
+    return name if isinstance(name, str) else None
+
+
+def check_export_format(value: str) -> None:
+    if value not in EXPORT_FORMATS:
+        raise ExportError(f"export_format must be one of {EXPORT_FORMATS}, got {value!r}")
