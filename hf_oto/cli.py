@@ -1,4 +1,4 @@
-"""Command line: ``hf-oto inspect``, ``hf-oto prune`` and ``hf-oto push``.
+"""Command line: ``hf-oto inspect``, ``hf-oto prune``, ``hf-oto push`` and ``hf-oto export-gguf``.
 
 User errors print one line and exit with code 2; ``--debug`` (or ``HF_OTO_DEBUG=1``) shows the traceback.
 """
@@ -104,6 +104,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from hf_oto.export.gguf import export_gguf
+
+    out = export_gguf(args.folder, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it with llama.cpp, e.g. llama-cli -m {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("repo_id", help="namespace/name on the Hub")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.set_defaults(func=cmd_push)
+    p = sub.add_parser("export-gguf", help="write an export of a Llama-family model as a GGUF file for llama.cpp")
+    p.add_argument("folder", help="folder written by save_pruned / hf-oto prune")
+    p.add_argument("--out", help="the .gguf file to write (default: <folder>-<dtype>.gguf beside the folder)")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="matrix precision (norms stay f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export_gguf)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command == "prune":  # e.g. `hf-oto prune --help`: the job's own settings
