@@ -192,3 +192,13 @@ def test_quickstart_settings_are_typed():
     margs, dargs, targs = parse(QUICKSTART, [])
     assert json.loads(json.dumps(targs.pruning_settings())) == targs.pruning_settings()
     assert isinstance(targs.learning_rate, float) and isinstance(dargs.block_size, int)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--export_format", "decilm"], "export_format 'decilm' needs pruning_layout: per_layer_ffn (got 'uniform')"),
+    (["--export_format", "decilm", "--pruning_layout", "global"], "needs pruning_layout: per_layer_ffn"),
+    (["--export_format", "gguf"], "export_format: expected one of"),
+    (["--pruning_layout", "ffn"], "pruning_layout: expected one of"),
+])
+def test_export_format_the_model_cannot_take_is_refused_up_front(tmp_path, capsys, no_work, extra, message):
+    assert message in _refused(capsys, _prune(tmp_path, *extra))

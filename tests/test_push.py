@@ -107,3 +107,18 @@ def test_pushed_card_never_names_a_local_path(tmp_path):
     meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert "base_model" not in meta
     assert json.loads((out / "pruning_manifest.json").read_text())["source"] == str(tmp_path)  # kept, for provenance
+
+
+def test_push_checks_a_decilm_export_without_running_its_code(tmp_path):
+    """A DeciLM export's config class is its own remote code: push checks the file is there, never runs it."""
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    zero_groups(model, space, [g.name for g in space if g.kind == "ffn_channel" and g.layer == 0])
+    out = save_pruned(construct_subnet(model, space, layout="per_layer_ffn"), tmp_path / "deci")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "nemotron-nas"
+    api = RecordingApi()
+    push_pruned(out, "me/deci", api=api)
+    assert "modeling_hfoto.py" in api.calls[1][1]["files"]
+    (out / "modeling_hfoto.py").unlink()
+    with pytest.raises(ExportError, match="modeling_hfoto.py"):
+        push_pruned(out, "me/deci", api=RecordingApi())

@@ -154,8 +154,3 @@ def _base_model_class(cls_name: str) -> str | None:
     model_type = next((t for t, n in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == cls_name), None)
     name = ma.MODEL_MAPPING_NAMES.get(model_type) if model_type else None
     return name if isinstance(name, str) else None
-
-
-def check_export_format(value: str) -> None:
-    if value not in EXPORT_FORMATS:
-        raise ExportError(f"export_format must be one of {EXPORT_FORMATS}, got {value!r}")

@@ -84,6 +84,7 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
         raise ExportError("the gguf package is missing: pip install gguf") from None
 
     arch = "llama" if shape.uniform else "deci"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -253,9 +254,10 @@ def _pre_name(pre: dict | None) -> str:
 
 
 def _special_tokens(folder: Path) -> tuple[dict[str, int], bool, bool]:
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    # Not AutoTokenizer: it reads config.json, which in a DeciLM export names remote code.
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
     special = {name: getattr(tok, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")}
     special = {k: v for k, v in special.items() if isinstance(v, int)}
     full, plain = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]

@@ -9,11 +9,12 @@ from typing import Any
 from transformers import TrainingArguments
 
 from hf_oto.errors import ConfigError
+from hf_oto.export.formats import ExportFormat
 from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
 
 # Settings that are about where the pruned model goes, not how pruning runs (free to change on resume).
-_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir")
+_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format")
 
 
 @dataclass
@@ -27,7 +28,14 @@ class HFOTOTrainingArguments(TrainingArguments):
     target_params: int | None = field(default=None, metadata={"help": "remove this many parameters instead"})
     pruning_layout: Layout = field(
         default="uniform",
-        metadata={"help": "'uniform' (same counts in every layer: stock config) or 'global' (per-layer sizes)"},
+        metadata={"help": "'uniform' (same counts in every layer: stock config, loads everywhere), "
+                          "'per_layer_ffn' (attention uniform, FFN widths per layer: DeciLM for Llama) or "
+                          "'global' (per-layer sizes of everything: remote code)"},
+    )
+    export_format: ExportFormat = field(
+        default="auto",
+        metadata={"help": "how a per-layer export is written: 'auto' (DeciLM where expressible, else "
+                          "remote code), 'decilm' or 'remote_code'"},
     )
     start_pruning_step: float = field(default=0.1, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.5, metadata={"help": "length of the pruning phase (fraction or steps)"})

