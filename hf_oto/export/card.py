@@ -86,12 +86,12 @@ def _format_note(form: str) -> str:
     from hf_oto.export.formats import LOADS_IN
 
     if form == "stock":
-        return ("Every layer keeps the same counts, so `config.json` is the stock architecture config: "
-                f"it loads with plain transformers and no custom code. Runs in: {LOADS_IN['stock']}.")
+        return ("Every layer keeps the same counts, so `config.json` is the stock architecture config. "
+                f"It runs in {LOADS_IN['stock']}.")
     if form == "decilm":
-        return ("Its layers differ in FFN width and kv heads, so `config.json` is a DeciLM/Nemotron-NAS config "
+        return ("Its layers differ in FFN width, so `config.json` is a DeciLM/Nemotron-NAS config "
                 "(`block_configs`) and the repo ships `modeling_hfoto.py` (it only imports transformers) for "
-                f"transformers; load it with `trust_remote_code=True`. Runs in: {LOADS_IN['decilm']}.")
+                f"transformers; load it with `trust_remote_code=True`. It runs in {LOADS_IN['decilm']}.")
     return ("Its layers differ in size, so the repo ships `modeling_hfoto.py` (it only imports "
             "transformers); load it with `trust_remote_code=True`. `config.json` lists each layer in "
-            f"`per_layer_config`. Runs in: {LOADS_IN['remote_code']}.")
+            f"`hf_oto_layers`. It runs in {LOADS_IN['remote_code']}.")

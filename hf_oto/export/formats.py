@@ -30,9 +30,11 @@ REMOTE_MODULE = "modeling_hfoto"
 
 # What each form loads in, as measured by scripts/check_serving.py (see its results table).
 LOADS_IN: dict[str, str] = {
-    "stock": "transformers, vLLM, llama.cpp (GGUF) and ONNX Runtime, no custom code",
-    "decilm": "vLLM (DeciLMForCausalLM) and llama.cpp (`hf-oto export-gguf`); transformers with trust_remote_code",
-    "remote_code": "transformers with trust_remote_code; llama.cpp via `hf-oto export-gguf` for Llama models",
+    "stock": "transformers, vLLM, llama.cpp (GGUF) and ONNX Runtime, with no custom code",
+    "decilm": "vLLM (its DeciLMForCausalLM), llama.cpp (`hf-oto export-gguf`) and transformers "
+              "(trust_remote_code); not ONNX Runtime (optimum has no DeciLM export)",
+    "remote_code": "transformers (trust_remote_code) and, for Llama models, llama.cpp (`hf-oto export-gguf`); "
+                   "not vLLM or ONNX Runtime, which size attention and caches from one head count",
 }
 
 
