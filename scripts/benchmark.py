@@ -51,9 +51,13 @@ SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num
              num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)
 QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
-METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
+METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_pp", "hesso_pp_kd", "magnitude", "taylor",
+           "wanda_sp", "torch_pruning")
+DEFAULT_METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
 LABELS = {"dense": "dense + same training (control)", "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
-          "hesso_cric": "HESSO + CRIC",
+          "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model, weight 0.5)",
+          "hesso_pp": "HESSO, removals ranked per parameter freed",
+          "hesso_pp_kd": "HESSO, per-parameter ranking + distillation",
           "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
           "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train"}
 
@@ -66,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", help="Hub dataset with a 'text' column (default: Python stdlib sources)")
     p.add_argument("--train_files", nargs="+", help="local .txt/.json/.jsonl files")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--ref_steps", type=int, default=1200, help="training steps of the reference model")
     p.add_argument("--steps", type=int, default=300, help="training steps every method gets (same tokens)")
     p.add_argument("--batch", type=int, default=8)
@@ -188,7 +192,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     if method == "dense":
         train(model, train_blocks, a.steps, a, a.lr, workdir)
         final = model
-    elif method in ("hesso", "hesso_ema", "hesso_cric"):
+    elif method.startswith("hesso"):
         # HESSO: warm-up 5%, pruning over 50% of the steps in 5 periods (--hesso_start/--hesso_pruning),
         # then training at the final size.
         # With CRIC, its cycles (3 x 5% of the steps) come out of the pruning phase, so both variants
@@ -201,7 +205,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         pruning_layout="uniform", start_pruning_step=a.hesso_start, pruning_steps=pruning,
                         pruning_periods=5,
                         ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
-                        cric_max_cycles=3)
+                        cric_max_cycles=3, distill=method.endswith("_kd"),
+                        pruning_selection="per_param" if "_pp" in method else "saliency")
         final = construct_subnet(model, trainer.pruning_space, layout="uniform")
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
     elif method == "torch_pruning":

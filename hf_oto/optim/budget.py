@@ -18,6 +18,10 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups.space import GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
 
 FFN_KINDS = ("ffn_channel", "expert_channel")
+# How removals are ranked: by the removed groups' mean saliency ("saliency", lowest first), or by
+# saliency per parameter freed ("per_param": the greedy rule of a knapsack that frees the budget at
+# the least total saliency, so a head that frees 40x an FFN channel's parameters may cost 40x more).
+SELECTIONS: tuple[str, ...] = ("saliency", "per_param")
 
 
 @dataclass
@@ -105,9 +109,10 @@ def _chunks(order: list[int], remaining: int, multiple: int, kind: str) -> list[
 
 
 def build_items(
-    space: PruningSpace, scores: torch.Tensor, plan: Plan, *, layout: Layout, multiple: int, min_keep: int
+    space: PruningSpace, scores: torch.Tensor, plan: Plan, *, layout: Layout, multiple: int, min_keep: int,
+    selection: str = "saliency",
 ) -> list[Item]:
-    """Candidate removal steps, lowest saliency first within each chain."""
+    """Candidate removal steps, lowest saliency first within each chain, ranked by ``selection``."""
     values = scores.tolist()  # Python floats: indexing a tensor element by element is ~100x slower
     per_set: list[list[list[int]]] = []
     for k, gs in enumerate(space.sets):
@@ -121,9 +126,12 @@ def build_items(
         alive = alive[:max(removable, 0)]
         per_set.append(_chunks(alive, gs.count - len(plan.removed[k]), multiple, gs.kind))
 
+    per_param = selection == "per_param"
+
     def chunk_score(k: int, chunk: list[int]) -> float:
         off = space.set_offset(k)
-        return sum(values[off + j] for j in chunk) / len(chunk)
+        total = sum(values[off + j] for j in chunk)
+        return total / (len(chunk) * (space.sets[k].params_per_group if per_param else 1))
 
     items: list[Item] = []
     families: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -141,7 +149,7 @@ def build_items(
             members = [(k, per_set[k][i]) for k in ks]
             if len({len(c) for _, c in members}) != 1:
                 break  # layers disagree on the chunk size: uniform counts cannot be kept past here
-            score = sum(chunk_score(k, c) for k, c in members) / len(members)
+            score = sum(chunk_score(k, c) for k, c in members) / len(members)  # members free equal params
             items.append(Item(score, members, ("family",) + fam, i))
     return items
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from hf_oto.errors import ConfigError
 from hf_oto.groups.space import LAYOUTS, Layout, PruningSpace
-from hf_oto.optim.budget import resolve_target
+from hf_oto.optim.budget import SELECTIONS, resolve_target
 from hf_oto.optim.cric import CRICConfig
 from hf_oto.optim.saliency import SaliencyWeights
 
@@ -26,6 +26,8 @@ class HESSOConfig:
     widths stay multiples of ``ffn_multiple`` and at least ``min_keep`` groups stay in every set.
     ``saliency_ema`` (None: one batch) smooths the criteria, measured every ``ema_interval`` steps.
     The target is met within ``tolerance`` (a fraction of it) where the group sizes allow.
+    ``selection`` ranks removals by mean saliency (``"saliency"``) or by saliency per parameter
+    freed (``"per_param"``, the knapsack's greedy rule).
     """
 
     target_sparsity: float | None = 0.5
@@ -40,8 +42,11 @@ class HESSOConfig:
     saliency_ema: float | None = None
     ema_interval: int = 10
     tolerance: float = 0.01
+    selection: str = "saliency"
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.target_params is None and (self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0):
             raise ConfigError(f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
         if self.target_params is not None and self.target_params <= 0:

@@ -102,6 +102,8 @@ class HESSO(torch.optim.Optimizer):
             pruning_steps=c.pruning_steps, pruning_periods=c.pruning_periods, layout=c.layout,
             ffn_multiple=c.ffn_multiple, min_keep=c.min_keep, saliency_ema=c.saliency_ema,
             ema_interval=c.ema_interval, tolerance=c.tolerance,
+            # (recorded only when not the default, so checkpoints from before the option still resume)
+            **({"selection": c.selection} if c.selection != "saliency" else {}),
         )
 
     def record(self) -> dict[str, Any]:
@@ -212,7 +214,8 @@ class HESSO(torch.optim.Optimizer):
         """The groups the whole budget would remove under ``score`` now (CRIC's candidates)."""
         c = self.config
         plan = Plan(self.space)
-        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep)
+        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
+                            selection=c.selection)
         select(plan, items, self.target_params, c.tolerance)
         return plan.mask()
 
@@ -243,7 +246,8 @@ class HESSO(torch.optim.Optimizer):
         c = self.config
         target = self.target_params * (period + 1) // c.pruning_periods
         plan = Plan.from_mask(self.space, self.pruned | self.redundant)
-        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep)
+        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
+                            selection=c.selection)
         select(plan, items, target, c.tolerance if period == c.pruning_periods - 1 else 0.0)
         self.redundant = plan.mask() & ~self.pruned
         self._redundant_index = None

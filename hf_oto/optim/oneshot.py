@@ -175,12 +175,13 @@ def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion |
 def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *,
                   target_sparsity: float | None = 0.5, target_params: int | None = None,
                   layout: Layout = "uniform", ffn_multiple: int = 8, min_keep: int = 1,
-                  tolerance: float = 0.01) -> Plan:
+                  tolerance: float = 0.01, selection: str = "saliency") -> Plan:
     """Zero the lowest-scoring groups (in place) until the parameter target is met; returns the plan."""
     target_params = resolve_target(space, target_sparsity, target_params, layout=layout, multiple=ffn_multiple,
                                    min_keep=min_keep)
     plan = Plan(space)
-    items = build_items(space, scores, plan, layout=layout, multiple=ffn_multiple, min_keep=min_keep)
+    items = build_items(space, scores, plan, layout=layout, multiple=ffn_multiple, min_keep=min_keep,
+                        selection=selection)
     select(plan, items, target_params, tolerance)
     zero_groups(model, space, [space[i].name for i in torch.nonzero(plan.mask()).flatten().tolist()])
     return plan

@@ -12,9 +12,11 @@ from hf_oto.errors import ConfigError
 from hf_oto.export.formats import ExportFormat
 from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
+from hf_oto.trainer.distill import DistillConfig
 
-# Settings that are about where the pruned model goes, not how pruning runs (free to change on resume).
-_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format")
+# Settings that are about where the pruned model goes or where the teacher runs, not how pruning
+# runs (free to change on resume).
+_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device")
 
 
 @dataclass
@@ -37,6 +39,10 @@ class HFOTOTrainingArguments(TrainingArguments):
         metadata={"help": "how a per-layer export is written: 'auto' (DeciLM where expressible, else "
                           "remote code), 'decilm' or 'remote_code'"},
     )
+    pruning_selection: str = field(
+        default="saliency",
+        metadata={"help": "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param')"},
+    )
     start_pruning_step: float = field(default=0.1, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.5, metadata={"help": "length of the pruning phase (fraction or steps)"})
     pruning_periods: int = field(default=5, metadata={"help": "number of pruning periods"})
@@ -50,6 +56,15 @@ class HFOTOTrainingArguments(TrainingArguments):
     use_cric: bool = field(default=False, metadata={"help": "run CRIC corrective cycles before the periods"})
     cric_sampling_steps: int = field(default=20, metadata={"help": "steps per CRIC cycle"})
     cric_max_cycles: int = field(default=6, metadata={"help": "most CRIC cycles"})
+    distill: bool = field(
+        default=False, metadata={"help": "learn from the dense starting model's logits (KL) while pruning"})
+    distill_weight: float = field(
+        default=0.5, metadata={"help": "share of the distillation term: (1-w)*LM loss + w*T^2*KL"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL term"})
+    distill_hidden_weight: float = field(
+        default=0.0, metadata={"help": "weight of a per-layer hidden-state term (relative squared error)"})
+    distill_teacher_device: str = field(
+        default="same", metadata={"help": "'same' (the student's device) or 'cpu' (saves accelerator memory)"})
     pruned_output_dir: str | None = field(
         default=None, metadata={"help": "where save_pruned_model writes (default: <output_dir>/pruned)"}
     )
@@ -73,6 +88,7 @@ class HFOTOTrainingArguments(TrainingArguments):
             start_pruning_step=self.steps(self.start_pruning_step, total_steps),
             pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
+            selection=self.pruning_selection,
         )
 
     def cric_config(self) -> CRICConfig | None:
@@ -81,6 +97,13 @@ class HFOTOTrainingArguments(TrainingArguments):
             return None
         return CRICConfig(sampling_steps=self.cric_sampling_steps, max_cycles=self.cric_max_cycles,
                           min_cycles=min(3, self.cric_max_cycles))
+
+    def distill_config(self) -> DistillConfig | None:
+        """The :class:`DistillConfig` these arguments describe (None without ``distill``)."""
+        if not self.distill:
+            return None
+        return DistillConfig(weight=self.distill_weight, temperature=self.distill_temperature,
+                             hidden_weight=self.distill_hidden_weight, teacher_device=self.distill_teacher_device)
 
     def pruned_dir(self) -> str:
         """Where the pruned model is written: ``pruned_output_dir``, else ``<output_dir>/pruned``."""

@@ -1,0 +1,76 @@
+"""Distillation while pruning: a frozen dense teacher, its KL term, and what it must never do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import Tokens, _args
+from tiny import logits, tiny_model
+
+from hf_oto.errors import ConfigError
+from hf_oto.trainer import HFOTOTrainer
+from hf_oto.trainer.distill import kl_sum, token_mask
+
+
+def test_teacher_gets_no_gradient_and_does_not_change(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path, distill=True, distill_hidden_weight=0.1),
+                           train_dataset=Tokens())
+    teacher = trainer.teacher
+    assert teacher is not model and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    trainer.train()
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, start[name]), name  # the dense starting model, unchanged
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the student did train
+    assert trainer.hesso.metrics()["pruned_params"] > 0
+    logged = [h for h in trainer.state.log_history if "distill/kl" in h]
+    assert logged and logged[-1]["distill/kl"] > 0 and logged[-1]["distill/hidden"] > 0
+    assert logged[-1]["distill/teacher_mib"] == pytest.approx(trainer.teacher_bytes / 2**20)
+    assert trainer.teacher_bytes >= sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_kl_term_is_zero_for_an_identical_student_and_positive_otherwise(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2)
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path, distill=True, distill_weight=1.0), train_dataset=Tokens())
+    batch = {k: torch.stack([Tokens()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+    model.train()
+    assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    assert trainer.compute_loss(model, dict(batch)).item() > 1e-4
+
+
+def test_kl_counts_only_labelled_positions():
+    student, teacher = torch.randn(1, 5, 7), torch.randn(1, 5, 7)
+    labels = torch.tensor([[1, 2, -100, -100, 3]])  # positions 0 and 3 predict labelled tokens
+    mask = token_mask({"input_ids": labels.clamp_min(0)}, labels)
+    assert mask.tolist() == [[True, False, False, True]]
+    by_hand = sum(torch.nn.functional.kl_div(student[0, i].log_softmax(-1), teacher[0, i].log_softmax(-1),
+                                             log_target=True, reduction="sum") for i in (0, 3))
+    assert kl_sum(student, teacher, mask, 1.0).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_lora_teacher_is_the_plain_base_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    ids = torch.randint(3, 64, (2, 9))
+    expected = logits(base, ids)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj",
+                                                                             "up_proj", "down_proj"]))
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path, distill=True, distill_teacher_device="cpu"),
+                           train_dataset=Tokens())
+    assert not any("lora" in n for n, _ in trainer.teacher.named_parameters())
+    assert (logits(trainer.teacher, ids) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"distill_weight": 1.5}, "distill_weight must be in [0, 1]"),
+    ({"distill_temperature": 0.0}, "distill_temperature must be positive"),
+    ({"distill_teacher_device": "gpu"}, "distill_teacher_device must be one of"),
+])
+def test_bad_distill_settings_stop_before_training(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, distill=True, **setting), train_dataset=Tokens())
