@@ -1,6 +1,6 @@
 """Do hf-oto exports run in the serving stacks users deploy with? Measured, not assumed.
 
-    python scripts/check_serving.py                 # everything (first run: ~30-40 min on 2 cores)
+    python scripts/check_serving.py                 # everything (first run ~30 min on 2 cores, then ~7)
     python scripts/check_serving.py --stacks llamacpp --no-speed
 
 1. Builds its own virtualenvs under --work/venvs, one per stack, because each pins its own
