@@ -52,12 +52,15 @@ SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num
 QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
 METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_pp", "hesso_pp_kd", "magnitude", "taylor",
-           "wanda_sp", "torch_pruning")
+           "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd", "torch_pruning")
 DEFAULT_METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
 LABELS = {"dense": "dense + same training (control)", "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
           "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model, weight 0.5)",
           "hesso_pp": "HESSO, removals ranked per parameter freed",
           "hesso_pp_kd": "HESSO, per-parameter ranking + distillation",
+          "magnitude_kd": "L2 magnitude, one-shot + train with distillation",
+          "taylor_kd": "Taylor, one-shot + train with distillation",
+          "wanda_sp_kd": "Wanda-sp, one-shot + train with distillation",
           "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
           "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train"}
 
@@ -128,16 +131,23 @@ def training_args(out: str, steps: int, a: argparse.Namespace, lr: float, **prun
                disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **pruning)
 
 
-def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: Path, **pruning):
-    """Train ``model`` for ``steps`` on ``blocks`` (HFOTOTrainer when pruning settings are given)."""
+def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: Path, teacher=None, **pruning):
+    """Train ``model`` for ``steps`` on ``blocks`` (HFOTOTrainer when pruning settings are given; with
+    ``teacher``, a Trainer that distils from it with the same settings HFOTOTrainer's ``distill`` uses)."""
     from transformers import Trainer
 
     from hf_oto.data import Blocks
     from hf_oto.trainer import HFOTOTrainer
+    from hf_oto.trainer.distill import DistillConfig, DistillMixin
+
+    class DistillTrainer(DistillMixin, Trainer):
+        pass
 
     args = training_args(str(workdir), steps, a, lr, **pruning)
-    cls = HFOTOTrainer if pruning else Trainer
+    cls = HFOTOTrainer if pruning else DistillTrainer if teacher is not None else Trainer
     trainer = cls(model=model, args=args, train_dataset=Blocks(blocks))
+    if teacher is not None:
+        trainer.setup_distillation(DistillConfig(), teacher)
     trainer.train()
     return trainer
 
@@ -216,8 +226,10 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         final, row["torch_pruning"] = result
         train(final, train_blocks, a.steps, a, a.lr, workdir)
     else:
+        criterion = method.removesuffix("_kd")
+        teacher = AutoModelForCausalLM.from_pretrained(ref) if method.endswith("_kd") else None
         calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
-        scores = oneshot_scores(model, space, method, calib)
+        scores = oneshot_scores(model, space, criterion, calib)
         # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
         target = space.prunable_params * sparsity
         tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
@@ -225,7 +237,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                              tolerance=tolerance)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
         final = construct_subnet(model, space, layout="uniform")
-        train(final, train_blocks, a.steps, a, a.lr, workdir)
+        train(final, train_blocks, a.steps, a, a.lr, workdir, teacher=teacher)
     row.update(params=count(final), seconds=round(time.perf_counter() - t0, 1))
     row["eval_ppl"] = perplexity(final, eval_blocks)
     kept = {}

@@ -13,9 +13,11 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
     report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "hesso", "wanda_sp",
-                             "--skip_speed", "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+                             "hesso_kd", "magnitude_kd", "--skip_speed", "--out", str(tmp_path / "res"),
+                             "--cache", str(tmp_path / "cache")])
     text = report.read_text()
     assert "| 50% | HESSO |" in text and "| 50% | Wanda-sp" in text and "dense + same training" in text
+    assert "| 50% | HESSO + distillation" in text and "| 50% | L2 magnitude, one-shot + train with distillation" in text
     rows = json.loads((tmp_path / "res" / "results.json").read_text())["rows"]
     pruned = [r for r in rows if r["method"] != "dense"]
     p0 = pruned[0]["params"]

@@ -13,6 +13,7 @@ over the tokens that carry a label, normalised the way Trainer normalises the la
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,3 +93,85 @@ def hidden_sum(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: t
         s, t = s[:, :-1][mask].float(), t[:, :-1][mask].float()
         total = total + ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)).sum()
     return total / len(student)
+
+
+class DistillMixin:
+    """Adds distillation to a ``transformers.Trainer`` subclass: ``class T(DistillMixin, Trainer)``.
+
+    Call :meth:`setup_distillation` once the model is in place (``HFOTOTrainer`` does, from its
+    ``distill*`` arguments). Without a config the Trainer's own loss is untouched.
+    """
+
+    distill_config: DistillConfig | None = None
+    teacher: nn.Module | None = None
+
+    def setup_distillation(self, config: DistillConfig | None, model: nn.Module) -> None:
+        """Freeze a copy of ``model`` as the teacher (on the student's device, or the CPU)."""
+        self.distill_config = config
+        self.teacher = None
+        self._distill_stats = _fresh_stats()
+        if config is not None:
+            device = self.args.device if config.teacher_device == "same" else torch.device("cpu")
+            self.teacher = make_teacher(model, device)
+
+    @property
+    def teacher_bytes(self) -> int:
+        """Memory held by the teacher's parameters and buffers (0 without one)."""
+        if self.teacher is None:
+            return 0
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, mixed with the distillation terms while training."""
+        d = self.distill_config
+        if d is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")
+        hidden = d.hidden_weight > 0
+        inputs = dict(inputs, output_hidden_states=True) if hidden else inputs
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        start = time.perf_counter()
+        t_logits, t_states = teacher_outputs(self.teacher, inputs, hidden)
+        self._distill_stats["teacher_s"] += time.perf_counter() - start
+        mask = token_mask(inputs, labels)
+        norm = self._distill_normaliser(mask, num_items_in_batch)
+        kl = kl_sum(outputs["logits"], t_logits, mask, d.temperature) * norm
+        loss = (1 - d.weight) * loss + d.weight * d.temperature ** 2 * kl
+        self._distill_stats["kl"] += float(kl.detach())
+        if hidden:
+            h = hidden_sum(list(outputs["hidden_states"][1:]), t_states, mask) * norm
+            loss = loss + d.hidden_weight * h
+            self._distill_stats["hidden"] += float(h.detach())
+        self._distill_stats["steps"] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _distill_normaliser(self, mask: torch.Tensor, num_items_in_batch) -> float | torch.Tensor:
+        """Turn a sum over tokens into what Trainer does with the language-model loss: a mean over this
+        micro-batch, or (when the model normalises by ``num_items_in_batch``) a share of the whole batch."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                self.compute_loss_func is not None
+        if not scaled or num_items_in_batch is None:
+            return 1.0 / max(int(mask.sum()), 1)
+        norm = 1.0 / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            norm = norm * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return norm
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        stats = getattr(self, "_distill_stats", None)
+        if self.teacher is not None and "loss" in logs and stats and stats["steps"]:
+            n = stats["steps"]
+            logs.update({"distill/kl": stats["kl"] / n, "distill/teacher_s_per_step": stats["teacher_s"] / n,
+                         "distill/teacher_mib": self.teacher_bytes / 2**20})
+            if self.distill_config.hidden_weight > 0:
+                logs["distill/hidden"] = stats["hidden"] / n
+            self._distill_stats = _fresh_stats()
+        super().log(logs, *args, **kwargs)
+
+
+def _fresh_stats() -> dict[str, float]:
+    return {"kl": 0.0, "hidden": 0.0, "teacher_s": 0.0, "steps": 0}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
-from hf_oto.trainer.distill import hidden_sum, kl_sum, make_teacher, teacher_outputs, token_mask
+from hf_oto.trainer.distill import DistillMixin
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 
 
-class HFOTOTrainer(Trainer):
+class HFOTOTrainer(DistillMixin, Trainer):
     """Drop-in ``Trainer``: the optimizer it would build is wrapped by HESSO over the model's groups.
 
     Use :class:`HFOTOTrainingArguments` for the pruning settings; call :meth:`save_pruned_model`
@@ -52,20 +51,7 @@ class HFOTOTrainer(Trainer):
         self._total_steps: int | None = None
         self.pruning_space = check_pruning_setup(self.model, self.args)
         self.add_callback(_RecordPruningSettings())
-        self.distill_config = self.args.distill_config()
-        self.teacher: torch.nn.Module | None = None
-        if self.distill_config is not None:
-            device = self.args.device if self.distill_config.teacher_device == "same" else torch.device("cpu")
-            self.teacher = make_teacher(self.model, device)
-        self._distill_stats = {"kl": 0.0, "hidden": 0.0, "teacher_s": 0.0, "steps": 0}
-
-    @property
-    def teacher_bytes(self) -> int:
-        """Memory held by the distillation teacher's parameters and buffers (0 without one)."""
-        if self.teacher is None:
-            return 0
-        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        self.setup_distillation(self.args.distill_config(), self.model)
 
     # Optimizer ---------------------------------------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
@@ -105,56 +91,9 @@ class HFOTOTrainer(Trainer):
             self.hesso.observe_loss(loss)
         return loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Trainer's loss, mixed with the distillation terms when ``distill`` is on."""
-        d = self.distill_config
-        if d is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        labels = inputs.get("labels")
-        hidden = d.hidden_weight > 0
-        inputs = dict(inputs, output_hidden_states=True) if hidden else inputs
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        start = time.perf_counter()
-        t_logits, t_states = teacher_outputs(self.teacher, inputs, hidden)
-        self._distill_stats["teacher_s"] += time.perf_counter() - start
-        mask = token_mask(inputs, labels)
-        norm = self._distill_normaliser(mask, num_items_in_batch)
-        kl = kl_sum(outputs.logits, t_logits, mask, d.temperature) * norm
-        loss = (1 - d.weight) * loss + d.weight * d.temperature ** 2 * kl
-        self._distill_stats["kl"] += float(kl.detach())
-        if hidden:
-            h = hidden_sum(list(outputs.hidden_states[1:]), t_states, mask) * norm
-            loss = loss + d.hidden_weight * h
-            self._distill_stats["hidden"] += float(h.detach())
-        self._distill_stats["steps"] += 1
-        return (loss, outputs) if return_outputs else loss
-
-    def _distill_normaliser(self, mask: torch.Tensor, num_items_in_batch) -> float | torch.Tensor:
-        """Turn a sum over tokens into what Trainer does with the language-model loss: a mean over this
-        micro-batch, or (when the model normalises by ``num_items_in_batch``) a share of the whole batch."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
-                self.compute_loss_func is not None
-        if not scaled or num_items_in_batch is None:
-            return 1.0 / max(int(mask.sum()), 1)
-        norm = 1.0 / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-            norm = norm * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
-        return norm
-
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.hesso is not None and "loss" in logs:
             logs.update({f"pruning/{k}": v for k, v in self.hesso.metrics().items()})
-        stats = self._distill_stats
-        if self.teacher is not None and "loss" in logs and stats["steps"]:
-            n = stats["steps"]
-            logs.update({"distill/kl": stats["kl"] / n, "distill/teacher_s_per_step": stats["teacher_s"] / n,
-                         "distill/teacher_mib": self.teacher_bytes / 2**20})
-            if self.distill_config.hidden_weight > 0:
-                logs["distill/hidden"] = stats["hidden"] / n
-            self._distill_stats = {"kl": 0.0, "hidden": 0.0, "teacher_s": 0.0, "steps": 0}
         super().log(logs, *args, **kwargs)
 
     # Export ----------------------------------------------------------------------------------
