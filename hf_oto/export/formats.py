@@ -49,10 +49,22 @@ def full_layers(config) -> list[dict[str, Any]]:
     return [{k: o.get(k, getattr(config, k, None)) for k in keys} for o in layers]
 
 
+def decilm_setup_problem(model_type: str, layout: str) -> str | None:
+    """Why pruning a ``model_type`` model with ``layout`` cannot end in a DeciLM export (None when it
+    can), as a predicate of "DeciLM" (or of "export_format 'decilm'")."""
+    if model_type != "llama":
+        return f"is a Llama layout and this model is {model_type!r}"
+    if layout != "per_layer_ffn":
+        return (f"needs pruning_layout: per_layer_ffn (got {layout!r}): 'uniform' exports a stock config and "
+                "'global' may give layers different query heads")
+    return None
+
+
 def decilm_problem(config) -> str | None:
     """Why this per-layer config cannot be written as DeciLM (None when it can)."""
-    if getattr(config, "model_type", None) != "llama":
-        return f"DeciLM is a Llama layout and this model is {getattr(config, 'model_type', '?')!r}"
+    problem = decilm_setup_problem(getattr(config, "model_type", "?"), "per_layer_ffn")
+    if problem:
+        return f"DeciLM {problem}"
     layers = full_layers(config)
     extra = sorted({k for o in layers for k in o} - {"num_attention_heads", "num_key_value_heads",
                                                         "intermediate_size", "head_dim"})
@@ -89,14 +101,22 @@ def resolve_format(config, requested: str = "auto") -> Resolved:
 
 
 def remote_code_text(base_class: str, form: Resolved, auto_class: str) -> str:
-    """The modeling file shipped with a per-layer export."""
-    code = Path(remote_code.__file__).read_text()
-    extra = "config_class=DeciLMConfig" if form == "decilm" else ""
-    code += f'\n\nHFOTOPrunedModel = pruned_class("{base_class}"{", " + extra if extra else ""})\n'
-    base_model = _base_model_class(base_class)
-    if base_model and auto_class != "AutoModel":
-        code += f'HFOTOPrunedBaseModel = pruned_class("{base_model}"{", " + extra if extra else ""})\n'
+    """The modeling file shipped with a per-layer export: one class per ``auto_map`` entry."""
+    code = Path(remote_code.__file__).read_text() + "\n\n"
+    extra = ", config_class=DeciLMConfig" if form == "decilm" else ""
+    for name, cls in _classes(base_class, auto_class).values():
+        code += f'{name} = pruned_class("{cls}"{extra})\n'
     return code
+
+
+def _classes(base_class: str, auto_class: str) -> dict[str, tuple[str, str]]:
+    """Auto class -> (name in the shipped module, transformers class it extends). A head model also
+    gets its bare model under ``AutoModel``, which vLLM's Transformers backend asks for."""
+    out = {auto_class: ("HFOTOPrunedModel", base_class)}
+    bare = _base_model_class(base_class)
+    if bare and auto_class != "AutoModel":
+        out["AutoModel"] = ("HFOTOPrunedBaseModel", bare)
+    return out
 
 
 def rewrite_config(folder: Path, config, form: Resolved, auto_class: str) -> None:
@@ -108,10 +128,7 @@ def rewrite_config(folder: Path, config, form: Resolved, auto_class: str) -> Non
     layers = full_layers(config)
     canon = {k: getattr(config, "attribute_map", {}).get(k, k) for o in layers for k in o}
     base_class = data[remote_code.LAYERS_KEY]["base_class"]
-    base_model = _base_model_class(base_class)
-    auto_map = {auto_class: f"{REMOTE_MODULE}.HFOTOPrunedModel"}
-    if base_model and auto_class != "AutoModel":  # vLLM's Transformers backend asks for AutoModel
-        auto_map["AutoModel"] = f"{REMOTE_MODULE}.HFOTOPrunedBaseModel"
+    auto_map = {auto: f"{REMOTE_MODULE}.{name}" for auto, (name, _) in _classes(base_class, auto_class).items()}
     for key in set(canon.values()):  # the top level is the largest layer, never the pre-pruning size
         values = [v for o in layers for k, v in o.items() if canon[k] == key]
         if None not in values:  # (a layer that reads its width from the top level keeps it)

@@ -69,10 +69,10 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
     if not (src / "config.json").is_file():
         raise ExportError(f"{src} has no config.json: not a model folder")
     out = Path(out_file) if out_file else src.parent / f"{src.name}-{dtype}.gguf"
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give a file name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     config = json.loads((src / "config.json").read_text())
     shape = read_shape(config)
     tensors = _load_tensors(src)

@@ -114,9 +114,7 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
     config = model.config
     form = manifest["export_format"]
     per_layer = form != "stock"
-    base_name = config.hf_oto_layers["base_class"] if per_layer else None
-    had_auto_map = "auto_map" in config.__dict__
-    saved_auto_map = getattr(config, "auto_map", None)
+    auto_class = _auto_class(model)
     config.hf_oto = {"source": source, "layout": manifest["layout"]}
     try:
         # Remote code gets no checkpoint-key conversions when loaded, so per-layer exports keep the
@@ -125,20 +123,16 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
                               save_original_format=not per_layer)
     finally:  # the caller's model object keeps its config as it was
         del config.hf_oto
-        if had_auto_map:
-            config.auto_map = saved_auto_map
-        elif "auto_map" in config.__dict__:
-            del config.auto_map
-    if per_layer:
-        auto_class = _auto_class(model)
+    if per_layer:  # the saved config.json becomes the format's own (auto_map included), not the model's
         rewrite_config(tmp, config, form, auto_class)
+        base_name = config.hf_oto_layers["base_class"]
         (tmp / f"{REMOTE_MODULE}.py").write_text(remote_code_text(base_name, form, auto_class))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     add_compat_fields(tmp)
     full = dict(manifest, source=source, base_model=hub_base_model(source), license=license, **extra)
     (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
-    (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=_auto_class(model)))
+    (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=auto_class))
     plot_kept(full, tmp / "pruning_plot.png")
     _check_no_pickles(tmp)
 

@@ -210,12 +210,17 @@ class HESSO(torch.optim.Optimizer):
             value = float(t) / torch.distributed.get_world_size()
         return value
 
+    def _items(self, score: torch.Tensor, plan: Plan) -> list:
+        """The planner's candidate removals under ``score``, with this run's layout and selection rules."""
+        c = self.config
+        return build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
+                           selection=c.selection)
+
     def _full_budget(self, score: torch.Tensor) -> torch.Tensor:
         """The groups the whole budget would remove under ``score`` now (CRIC's candidates)."""
         c = self.config
         plan = Plan(self.space)
-        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
-                            selection=c.selection)
+        items = self._items(score, plan)
         select(plan, items, self.target_params, c.tolerance)
         return plan.mask()
 
@@ -246,8 +251,7 @@ class HESSO(torch.optim.Optimizer):
         c = self.config
         target = self.target_params * (period + 1) // c.pruning_periods
         plan = Plan.from_mask(self.space, self.pruned | self.redundant)
-        items = build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
-                            selection=c.selection)
+        items = self._items(score, plan)
         select(plan, items, target, c.tolerance if period == c.pruning_periods - 1 else 0.0)
         self.redundant = plan.mask() & ~self.pruned
         self._redundant_index = None

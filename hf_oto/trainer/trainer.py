@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 from hf_oto.errors import ConfigError
 from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
-from hf_oto.export.formats import EXPORT_FORMATS
+from hf_oto.export.formats import EXPORT_FORMATS, decilm_setup_problem
 from hf_oto.groups import discover_groups, unwrap_peft
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO
@@ -189,13 +189,9 @@ def check_format_and_layout(export_format: str, layout: str, model_type: str) ->
     """Refuse, before training, an export format the pruned model could not be written in."""
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(f"export_format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-    if export_format != "decilm":
-        return
-    if model_type != "llama":
-        raise ConfigError(f"export_format 'decilm' is a Llama layout and this model is {model_type!r}")
-    if layout != "per_layer_ffn":
-        raise ConfigError(f"export_format 'decilm' needs pruning_layout: per_layer_ffn (got {layout!r}): "
-                          "'uniform' exports a stock config and 'global' may give layers different query heads")
+    problem = decilm_setup_problem(model_type, layout) if export_format == "decilm" else None
+    if problem:
+        raise ConfigError(f"export_format 'decilm' {problem}")
 
 
 def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
