@@ -98,6 +98,9 @@ class GroupSet:
     # Facts the planner and the sub-network step need (head counts, which config field sets a width);
     # None for the placeholder record of a structure that is not prunable.
     info: AttentionInfo | FFNInfo | None = None
+    # FFN channels leave in aligned blocks of this many (j // align): set where the consumer's input is
+    # quantized in groups of that width (QFA), so a removed block is a whole quantization group.
+    align: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

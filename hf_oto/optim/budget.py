@@ -93,8 +93,18 @@ class Plan:
 
 def _min_keep(gs: GroupSet, min_keep: int, multiple: int) -> int:
     if gs.kind in FFN_KINDS:
-        return min(gs.count, max(min_keep, multiple))
+        keep = max(min_keep, multiple)
+        return min(gs.count, -(-keep // gs.align) * gs.align)
     return min(gs.count, min_keep)
+
+
+def _blocks(gs: GroupSet, alive: list[int], removable: int, values: list[float], off: int) -> list[list[int]]:
+    """Whole aligned blocks of ``gs.align`` alive channels, lowest mean score first, at most ``removable``."""
+    a, live = gs.align, set(alive)
+    blocks = [list(range(b * a, (b + 1) * a)) for b in range(gs.count // a)
+              if all(j in live for j in range(b * a, (b + 1) * a))]
+    blocks.sort(key=lambda c: (sum(values[off + j] for j in c), c[0]))
+    return blocks[:max(removable, 0) // a]
 
 
 def _chunks(order: list[int], remaining: int, multiple: int, kind: str) -> list[list[int]]:
@@ -123,6 +133,9 @@ def build_items(
         alive = [j for j in range(gs.count) if j not in plan.removed[k]]
         alive.sort(key=lambda j: (values[off + j], j))
         removable = len(alive) - _min_keep(gs, min_keep, multiple)
+        if gs.align > 1 and gs.kind in FFN_KINDS:
+            per_set.append(_blocks(gs, alive, removable, values, off))
+            continue
         alive = alive[:max(removable, 0)]
         per_set.append(_chunks(alive, gs.count - len(plan.removed[k]), multiple, gs.kind))
 

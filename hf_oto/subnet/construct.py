@@ -74,6 +74,18 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     return new
 
 
+def kept_indices(model: nn.Module, space: PruningSpace, *,
+                 layout: Layout = "global") -> dict[str, dict[int, torch.Tensor]]:
+    """param -> dim -> the indices :func:`construct_subnet` keeps there (sorted; non-expert slices)."""
+    removed = _removed_groups(space, group_is_zero(model, space))
+    _pad_ragged(space, removed, layout)
+    out: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for (param, dim, expert), idx in _kept_indices(space, removed).items():
+        if expert is None:
+            out[param][dim] = idx
+    return dict(out)
+
+
 def linear_flops_per_token(model: nn.Module) -> int:
     """Forward FLOPs per token of the weight matmuls: 2 x every >=2-D weight except the input embedding.
 

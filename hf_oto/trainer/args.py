@@ -12,11 +12,13 @@ from hf_oto.errors import ConfigError
 from hf_oto.export.formats import ExportFormat
 from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
+from hf_oto.quant.config import QFAConfig
 from hf_oto.trainer.distill import DistillConfig
 
 # Settings that are about where the pruned model goes or where the teacher runs, not how pruning
 # runs (free to change on resume).
-_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device")
+_OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device",
+                  "qfa_run_dir")
 
 
 @dataclass
@@ -26,7 +28,8 @@ class HFOTOTrainingArguments(TrainingArguments):
     Schedule values below 1 are fractions of the total optimizer steps; values of 1 or more are steps.
     """
 
-    target_sparsity: float = field(default=0.5, metadata={"help": "fraction of prunable parameters to remove"})
+    target_sparsity: float = field(
+        default=0.5, metadata={"help": "fraction of prunable parameters to remove (0 with qfa: quantize only)"})
     target_params: int | None = field(default=None, metadata={"help": "remove this many parameters instead"})
     pruning_layout: Layout = field(
         default="uniform",
@@ -65,6 +68,22 @@ class HFOTOTrainingArguments(TrainingArguments):
         default=0.0, metadata={"help": "weight of a per-layer hidden-state term (relative squared error)"})
     distill_teacher_device: str = field(
         default="same", metadata={"help": "'same' (the student's device) or 'cpu' (saves accelerator memory)"})
+    qfa: bool = field(default=False, metadata={"help": "quantization-aware once-for-all training (LLM-QFA)"})
+    qfa_bits: list[int] = field(default_factory=lambda: [2, 3, 4], metadata={"help": "bit-widths to serve"})
+    qfa_group_size: int = field(default=32, metadata={"help": "input columns per quantization scale"})
+    qfa_symmetric: bool = field(default=True, metadata={"help": "symmetric quantization (the only form offered)"})
+    qfa_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "linears to quantize (default: every linear in the decoder layers)"})
+    qfa_quantizer: str = field(default="gptq", metadata={"help": "'gptq' (calibrated) or 'rtn' (fast)"})
+    qfa_calibration_batches: int = field(default=8, metadata={"help": "training batches GPTQ calibrates on"})
+    qfa_schedule: str = field(
+        default="uniform", metadata={"help": "per-layer width sampling: 'uniform' or 'triangular' (balanced)"})
+    qfa_period: int | None = field(default=None, metadata={"help": "triangular wave period in steps (None: the run)"})
+    qfa_seed: int = field(default=0, metadata={"help": "seed of the width sampling"})
+    qfa_rank: int = field(default=8, metadata={"help": "rank of each width's adapter"})
+    qfa_alpha: float = field(default=16.0, metadata={"help": "adapter scaling numerator (alpha / rank)"})
+    qfa_run_dir: str | None = field(
+        default=None, metadata={"help": "where the QFA run is saved for qfa-search (default: <output_dir>/qfa_run)"})
     pruned_output_dir: str | None = field(
         default=None, metadata={"help": "where save_pruned_model writes (default: <output_dir>/pruned)"}
     )
@@ -104,6 +123,25 @@ class HFOTOTrainingArguments(TrainingArguments):
             return None
         return DistillConfig(weight=self.distill_weight, temperature=self.distill_temperature,
                              hidden_weight=self.distill_hidden_weight, teacher_device=self.distill_teacher_device)
+
+    def qfa_config(self) -> QFAConfig | None:
+        """The :class:`QFAConfig` these arguments describe (None without ``qfa``)."""
+        if not self.qfa:
+            return None
+        return QFAConfig(bits=tuple(self.qfa_bits), group_size=self.qfa_group_size, symmetric=self.qfa_symmetric,
+                         target_modules=None if self.qfa_target_modules is None else tuple(self.qfa_target_modules),
+                         quantizer=self.qfa_quantizer, calibration_batches=self.qfa_calibration_batches,
+                         schedule=self.qfa_schedule, period=self.qfa_period, seed=self.qfa_seed,
+                         rank=self.qfa_rank, alpha=self.qfa_alpha)
+
+    @property
+    def prunes(self) -> bool:
+        """False only for a quantize-only QFA run (``qfa`` with ``target_sparsity: 0``)."""
+        return not (self.qfa and self.target_params is None and not self.target_sparsity)
+
+    def qfa_dir(self) -> str:
+        """Where the QFA run is saved: ``qfa_run_dir``, else ``<output_dir>/qfa_run``."""
+        return self.qfa_run_dir or os.path.join(self.output_dir, "qfa_run")
 
     def pruned_dir(self) -> str:
         """Where the pruned model is written: ``pruned_output_dir``, else ``<output_dir>/pruned``."""

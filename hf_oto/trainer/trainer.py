@@ -21,15 +21,18 @@ from hf_oto.optim import HESSO
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.distill import DistillMixin
+from hf_oto.trainer.qfa import QFAMixin, check_qfa_setup
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 
 
-class HFOTOTrainer(DistillMixin, Trainer):
+class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
     """Drop-in ``Trainer``: the optimizer it would build is wrapped by HESSO over the model's groups.
 
     Use :class:`HFOTOTrainingArguments` for the pruning settings; call :meth:`save_pruned_model`
-    after ``train()`` to write the smaller model as a standard Hugging Face repo.
+    after ``train()`` to write the smaller model as a standard Hugging Face repo. With ``qfa=True``
+    the targeted linears of the model are replaced (in place, as peft does) by quantized layers with
+    one adapter per bit-width, and :meth:`save_qfa_run` saves the run for ``hf-oto qfa-search``.
     """
 
     args: HFOTOTrainingArguments
@@ -49,9 +52,15 @@ class HFOTOTrainer(DistillMixin, Trainer):
             raise ConfigError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
                               "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
         self._total_steps: int | None = None
-        self.pruning_space = check_pruning_setup(self.model, self.args)
+        self.pruning_space = check_pruning_setup(self.model, self.args) if self.args.prunes else None
+        self.hesso_space = self.pruning_space  # what HESSO prunes: with QFA, the QFA layers' gates and adapters
+        if self.args.qfa:
+            self.hesso_space = check_qfa_setup(self.model, self.args, self.pruning_space)
+            if self.hesso_space is not None:
+                check_schedule(self.args, self.hesso_space)
         self.add_callback(_RecordPruningSettings())
         self.setup_distillation(self.args.distill_config(), self.model)
+        self.setup_qfa(self.hesso_space)
 
     # Optimizer ---------------------------------------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
@@ -70,10 +79,13 @@ class HFOTOTrainer(DistillMixin, Trainer):
         if total is None or total <= 0:
             raise ConfigError("HFOTOTrainer needs the number of training steps (set max_steps, or num_train_epochs "
                               "with a training set that has a length)")
+        self._qfa_start(total)
+        if self.hesso_space is None:  # a quantize-only QFA run
+            return super().create_optimizer(model)
         config, cric = self.args.hesso_config(total), self.args.cric_config()
-        config.validate(self.pruning_space, total_steps=total, cric=cric)  # before the base optimizer is built
+        config.validate(self.hesso_space, total_steps=total, cric=cric)  # before the base optimizer is built
         base = super().create_optimizer(model)
-        self.optimizer = HESSO(self.model, self.pruning_space, base, config, cric=cric)
+        self.optimizer = HESSO(self.model, self.hesso_space, base, config, cric=cric)
         return self.optimizer
 
     @property
@@ -86,6 +98,7 @@ class HFOTOTrainer(DistillMixin, Trainer):
 
     # Training hooks ----------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):
+        self._qfa_sample()  # the step's per-layer widths (the same for every micro-batch of the step)
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.hesso is not None:
             self.hesso.observe_loss(loss)
@@ -94,6 +107,8 @@ class HFOTOTrainer(DistillMixin, Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.hesso is not None and "loss" in logs:
             logs.update({f"pruning/{k}": v for k, v in self.hesso.metrics().items()})
+        if "loss" in logs:
+            logs.update(self._qfa_logs())
         super().log(logs, *args, **kwargs)
 
     # Export ----------------------------------------------------------------------------------
@@ -114,6 +129,9 @@ class HFOTOTrainer(DistillMixin, Trainer):
         it replaces only an earlier hf-oto export. The export gets the model's own ``use_cache`` back
         (Trainer turns it off for training). The trained model object is left as it is. Returns ``out_dir``.
         """
+        if self.qfa_config is not None:
+            raise ConfigError("a QFA run is exported per bit configuration: save_qfa_run(), then hf-oto qfa-search "
+                              "RUN_DIR --budget BITS --out DIR (or hf_oto.export.quantized.save_quantized)")
         target = out_dir or self.args.pruned_dir()
         if overwrite is None:
             overwrite = self.args.overwrite_pruned_output_dir
@@ -213,9 +231,14 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
                 "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
                 "projections), so training cannot inform pruning; add them to target_modules"
             )
+    check_schedule(args, space)
+    return space
+
+
+def check_schedule(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
+    """Check that the target can be reached in ``space`` and (with max_steps) that the schedule fits."""
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
     if total is not None:
         args.hesso_config(total).validate(space, total_steps=total, cric=args.cric_config())
     else:  # epochs: the step count is known once the data is, so train() checks the schedule; the target now
         args.hesso_config(max(args.pruning_periods, 1) * 1000).validate(space, cric=args.cric_config())
-    return space

@@ -1,0 +1,99 @@
+"""Group-wise symmetric integer quantization of a weight: round-to-nearest and GPTQ.
+
+A weight ``W`` (out x in) is split along its input columns into groups of ``group_size``; each
+(row, group) has one scale ``s`` and every weight is stored as an integer code ``q`` in
+``[-2^(b-1), 2^(b-1) - 1]``, so ``W ~ q * s``. This is the layout compressed-tensors' symmetric
+"group" strategy stores, so codes and scales go into an export unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Scale candidates, as fractions of the scale that maps the group's largest |w| onto the code range;
+# each (row, group) keeps the one with the least squared error (a clipping search).
+_SHRINK = torch.linspace(1.0, 0.55, 10).tolist()
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """(lowest, highest) signed code of a ``bits``-wide symmetric quantizer."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes (int8, out x in) and per-group scales (float32, out x in/group_size)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.group_size)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``codes * scale`` with each scale repeated over its group of input columns."""
+    return codes.to(scales.dtype) * scales.repeat_interleave(group_size, dim=1)
+
+
+def _best_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row scale for one group of columns ``w`` (out x g) that minimises the squared error."""
+    lo, hi = code_range(bits)
+    amax = w.abs().amax(dim=1).clamp_min(1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / hi
+    for f in [*_SHRINK, None]:
+        s = amax / hi if f is None else amax * f / (hi + 0.5)
+        q = torch.clamp(torch.round(w / s[:, None]), lo, hi)
+        err = ((q * s[:, None] - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Round-to-nearest with a per-(row, group) clipping search."""
+    w = weight.detach().float()
+    out, n = w.shape
+    lo, hi = code_range(bits)
+    scales = torch.stack([_best_scale(w[:, g:g + group_size], bits) for g in range(0, n, group_size)], dim=1)
+    codes = torch.clamp(torch.round(w / scales.repeat_interleave(group_size, dim=1)), lo, hi)
+    return QuantizedWeight(codes.to(torch.int8), scales, bits, group_size)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *,
+         damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar et al., 2022): quantize columns in order and spread each column's error over the
+    columns not yet quantized, weighted by the inverse of ``hessian`` (``X^T X`` of the layer's inputs).
+    Each group's scale is chosen when the group is reached, from its error-corrected weights."""
+    w = weight.detach().float().clone()
+    out, n = w.shape
+    lo, hi = code_range(bits)
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(n) * damp * torch.diag(h).mean()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(out, n, dtype=torch.int8)
+    scales = torch.zeros(out, n // group_size)
+    block = max(group_size, block // group_size * group_size)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                scales[:, col // group_size] = _best_scale(w1[:, i:i + group_size], bits)
+            s = scales[:, col // group_size]
+            q = torch.clamp(torch.round(w1[:, i] / s), lo, hi)
+            codes[:, col] = q.to(torch.int8)
+            e = (w1[:, i] - q * s) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return QuantizedWeight(codes, scales, bits, group_size)

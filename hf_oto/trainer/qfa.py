@@ -1,0 +1,122 @@
+"""QFA in the Trainer: quantize before training, sample a per-layer width each step, save the run."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from hf_oto.errors import ConfigError
+from hf_oto.groups import unwrap_peft
+from hf_oto.groups.space import PruningSpace
+from hf_oto.quant.config import QFAConfig
+from hf_oto.quant.prepare import QFAMemory, check_targets, decoder_layers, prepare_qfa, set_bits
+from hf_oto.quant.pruning import enable_gates, qfa_space, zero_removed_columns
+from hf_oto.quant.run import save_qfa_run
+from hf_oto.quant.sampler import BitSampler
+
+EVAL_BLOCKS_SAVED = 64  # held-out blocks stored with the run for qfa-search
+
+
+def check_qfa_setup(model: torch.nn.Module, args, space: PruningSpace | None) -> PruningSpace | None:
+    """Check the QFA settings against the model before any quantization; returns HESSO's space.
+
+    Refuses peft models (QFA brings its own adapters), layouts other than uniform when pruning,
+    a group size that does not divide a target's input width, targets that match nothing, and
+    groups whose input columns cannot be whole quantization groups.
+    """
+    config = args.qfa_config()
+    if unwrap_peft(model) is not model:
+        raise ConfigError("qfa trains its own adapters (one per bit-width); start from the plain model, without "
+                          "LoRA (lora_r: 0)")
+    targets = check_targets(model, config)
+    if space is None:
+        return None
+    if args.pruning_layout != "uniform":
+        raise ConfigError("qfa with pruning needs pruning_layout: uniform (the quantized export is the stock "
+                          "architecture config)")
+    return qfa_space(space, {n: tuple(m.weight.shape) for n, _, m in targets}, config, args.ffn_multiple)
+
+
+class QFAMixin:
+    """Trainer methods for QFA; ``setup_qfa`` after ``Trainer.__init__`` turns it on."""
+
+    qfa_config: QFAConfig | None = None
+    qfa_memory: QFAMemory | None = None
+    _qfa_sampler: BitSampler | None = None
+    _qfa_bits: tuple[int, ...] | None = None
+
+    def setup_qfa(self, hesso_space: PruningSpace | None) -> None:
+        config = self.args.qfa_config()
+        self.qfa_config = config
+        if config is None:
+            return
+        calibration = None
+        if config.quantizer == "gptq":
+            calibration = list(itertools.islice(self._calibration_batches(), config.calibration_batches))
+        self.qfa_memory = prepare_qfa(self.model, config, calibration)
+        if hesso_space is not None:
+            enable_gates(self.model, hesso_space)
+        self.add_callback(_QFAStepEnd(self))
+        if self.is_world_process_zero():
+            print(f"hf-oto: {self.qfa_memory.table()}")
+
+    def _calibration_batches(self):
+        if self.train_dataset is None:
+            raise ConfigError("qfa with quantizer 'gptq' needs a training set to calibrate on (or qfa_quantizer: rtn)")
+        loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                                             collate_fn=self.data_collator, shuffle=False)
+        device = next(self.model.parameters()).device
+        for batch in loader:
+            yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def _qfa_start(self, total_steps: int) -> None:
+        if self.qfa_config is not None:
+            layers = len(decoder_layers(self.model)[1])
+            self._qfa_sampler = BitSampler(self.qfa_config, layers, self.qfa_config.period or total_steps)
+
+    def _qfa_sample(self) -> None:
+        if self._qfa_sampler is not None:
+            self._qfa_bits = self._qfa_sampler.sample(self.state.global_step)
+            set_bits(self.model, self._qfa_bits)
+
+    def _qfa_logs(self) -> dict[str, float]:
+        if self._qfa_bits is None:
+            return {}
+        return {"qfa/mean_bits": sum(self._qfa_bits) / len(self._qfa_bits)}
+
+    def evaluate(self, *args, **kwargs):
+        if self.qfa_config is not None:  # evaluation reports the widest configuration
+            set_bits(self.model, self.qfa_config.bits[-1])
+        return super().evaluate(*args, **kwargs)
+
+    def save_qfa_run(self, out_dir: str | None = None, *, overwrite: bool = False,
+                     extra: dict[str, Any] | None = None) -> Path:
+        """Save the trained QFA model for ``hf-oto qfa-search`` (rank 0 writes). Returns the folder."""
+        if self.qfa_config is None:
+            raise ConfigError("save_qfa_run needs a QFA run (qfa: true)")
+        target = out_dir or self.args.qfa_dir()
+        if self.is_world_process_zero():
+            blocks = None
+            if self.eval_dataset is not None and len(self.eval_dataset) > 0:
+                n = min(len(self.eval_dataset), EVAL_BLOCKS_SAVED)
+                rows = [self.eval_dataset[i]["input_ids"] for i in range(n)]
+                blocks = torch.stack([torch.as_tensor(r) for r in rows])
+            save_qfa_run(self.model, self.qfa_config, target, pruned=self.hesso is not None, eval_blocks=blocks,
+                         tokenizer=self.processing_class, overwrite=overwrite, extra=extra)
+        return Path(target)
+
+
+class _QFAStepEnd(TrainerCallback):
+    """After each optimizer step: keep removed blocks' adapter columns at zero."""
+
+    def __init__(self, trainer: QFAMixin):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if getattr(self.trainer, "hesso", None) is not None:
+            zero_removed_columns(self.trainer.model)
+        return control
