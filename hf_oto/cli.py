@@ -1,4 +1,4 @@
-"""Command line: ``hf-oto inspect``, ``hf-oto prune``, ``hf-oto push`` and ``hf-oto export-gguf``.
+"""Command line: ``hf-oto inspect``, ``prune``, ``push``, ``export-gguf`` and ``qfa-search``.
 
 User errors print one line and exit with code 2; ``--debug`` (or ``HF_OTO_DEBUG=1``) shows the traceback.
 """
@@ -112,6 +112,41 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qfa_search(args: argparse.Namespace) -> int:
+    from hf_oto.quant.search import parse_budget
+
+    average_bits, max_bytes = parse_budget(args.budget)  # a bad budget is refused before anything loads
+    if args.out:
+        from hf_oto.export.atomic import check_target
+        from hf_oto.export.quantized import QFA_MANIFEST
+
+        check_target(Path(args.out), overwrite=args.overwrite, marker=QFA_MANIFEST)
+    from hf_oto.export.quantized import save_quantized
+    from hf_oto.quant.run import load_qfa_run
+    from hf_oto.quant.search import qfa_search
+
+    model, _, info, blocks, tokenizer = load_qfa_run(args.run_dir)
+    if blocks is None:
+        raise ConfigError(f"{args.run_dir} holds no evaluation blocks (eval_blocks.safetensors) to search on")
+    space = None
+    if info.get("pruned"):
+        from hf_oto.groups import discover_groups
+        from hf_oto.quant.run import base_model_for_space
+
+        space = discover_groups(base_model_for_space(info))
+    result = qfa_search(model, blocks, average_bits=average_bits, max_bytes=max_bytes, samples=args.samples,
+                        refine=args.refine, seed=args.seed)
+    print(result.table())
+    print(f"chosen bits per layer: {list(result.best.bits)} ({result.evaluated} configurations evaluated)")
+    if args.out:
+        out = save_quantized(model, result.best.bits, args.out, space=space, tokenizer=tokenizer,
+                             overwrite=args.overwrite,
+                             extra_manifest={"search": {"budget": args.budget, "eval_loss": result.best.loss,
+                                                        "evaluated": result.evaluated}})
+        print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained (compressed-tensors installed)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="matrix precision (norms stay f32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export_gguf)
+    p = sub.add_parser("qfa-search", help="pick per-layer bit-widths of a QFA run for a budget, and export them")
+    p.add_argument("run_dir", help="folder saved by a QFA run (<output_dir>/qfa_run)")
+    p.add_argument("--budget", required=True, help="average bits (e.g. 2.5) or a size of the weights (e.g. 300MB)")
+    p.add_argument("--out", help="export the chosen configuration to this folder (compressed-tensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier hf-oto quantized export at --out")
+    p.add_argument("--samples", type=int, default=32, help="random configurations for the sensitivity estimate")
+    p.add_argument("--refine", type=int, default=16, help="candidates evaluated in the narrowed space")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's draws")
+    p.set_defaults(func=cmd_qfa_search)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command == "prune":  # e.g. `hf-oto prune --help`: the job's own settings

@@ -53,6 +53,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=checked["resume"])
     after = trainer.evaluate()
     results = {"eval_perplexity": after["eval_perplexity"], "eval_token_accuracy": after["eval_token_accuracy"]}
+    if targs.qfa:
+        return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results)
     out = _save(trainer, checked["pruned"], margs, results)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return {"output": str(out)}
@@ -73,6 +75,33 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     }
     print_summary(summary)
     return summary
+
+
+def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, before: dict[str, float],
+                results: dict[str, float]) -> dict[str, Any]:
+    """Save the QFA run for qfa-search, and report held-out perplexity at every uniform width."""
+    from hf_oto.quant.search import eval_loss
+
+    out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir,
+                               extra={"eval": results})
+    if not trainer.is_world_process_zero():
+        return {"output": str(out)}
+    config = trainer.qfa_config
+    blocks = eval_blocks[:64]
+    ppl = {b: float(torch.exp(torch.tensor(eval_loss(trainer.model, b, blocks)))) for b in config.bits}
+    rows = [("QFA base in memory", trainer.qfa_memory.table().removeprefix("QFA base: ")),
+            ("eval perplexity, quantized at start (widest)", f"{before['initial_perplexity']:.2f}")]
+    rows += [(f"eval perplexity, trained, uniform {b}-bit", f"{v:.2f}") for b, v in ppl.items()]
+    if trainer.hesso is not None:
+        rows.append(("prunable parameters removed", f"{100 * trainer.hesso.metrics()['pruned_param_fraction']:.1f}%"))
+    rows.append(("QFA run (for qfa-search)", str(out)))
+    width = max(len(r[0]) for r in rows)
+    print("\n" + "=" * (width + 40))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print("=" * (width + 40))
+    print(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
+    return {"output": str(out), "ppl_uniform": ppl, "ppl_initial": before["initial_perplexity"]}
 
 
 def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, eval_results: dict[str, float]) -> Path:

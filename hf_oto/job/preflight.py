@@ -18,6 +18,7 @@ from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 from hf_oto.job.args import ModelArguments
 from hf_oto.job.build import model_config, with_lora
+from hf_oto.quant.run import RUN_FILE
 from hf_oto.trainer import HFOTOTrainingArguments
 from hf_oto.trainer.trainer import changed_pruning_settings
 
@@ -30,7 +31,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     """
     from transformers import AutoModelForCausalLM
 
-    from hf_oto.trainer.trainer import check_pruning_setup
+    from hf_oto.trainer.trainer import check_setup
 
     if not (margs.model_name_or_path or margs.init_config):
         raise ConfigError("set model_name_or_path or init_config")
@@ -57,7 +58,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
             raise ConfigError(f"{config.model_type} has no causal-LM head in transformers: "
                               f"{first_line(exc)}") from None
         model = with_lora(model, margs)
-    check_pruning_setup(model, targs)
+    check_setup(model, targs)
     return {"source": source, "pruned": pruned, "resume": resume}
 
 
@@ -113,8 +114,8 @@ def check_output_folders(targs: HFOTOTrainingArguments, *, source: Path | None,
         raise ConfigError(f"output_dir {targs.output_dir} is a file")
     if source is not None and out == source.resolve():
         raise ConfigError(f"output_dir {targs.output_dir} is the source model's folder; choose another output_dir")
-    pruned = Path(targs.pruned_dir())
-    targets = [("pruned_output_dir", pruned)]
+    pruned = Path(targs.qfa_dir() if targs.qfa else targs.pruned_dir())
+    targets = [("qfa_run_dir" if targs.qfa else "pruned_output_dir", pruned)]
     if adapter_dir:
         targets.append(("the adapter folder", Path(adapter_dir)))
     for what, target in targets:
@@ -133,7 +134,7 @@ def check_output_folders(targs: HFOTOTrainingArguments, *, source: Path | None,
             raise ConfigError(f"{what} {target} lies inside a checkpoint folder, which Trainer may delete; "
                               "choose another folder")
         if t.is_dir() and any(t.iterdir()):
-            marker = MANIFEST if what == "pruned_output_dir" else ADAPTER_MARKER
+            marker = {"pruned_output_dir": MANIFEST, "qfa_run_dir": RUN_FILE}.get(what, ADAPTER_MARKER)
             if not targs.overwrite_pruned_output_dir:
                 raise ConfigError(f"{what} {target} is not empty; choose a new folder, or set "
                                   "overwrite_pruned_output_dir: true to replace the earlier export there")

@@ -78,11 +78,12 @@ def load_qfa_run(run_dir: str | os.PathLike):
         setattr(model.get_submodule(parent), attr, layer)
     model.to_empty(device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k in dict(model.named_parameters()) or k in _persistent(model)]
+    model.tie_weights()  # tied weights were saved once
+    present = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    missing = [k for k in missing if k in present]
     if missing or unexpected:
         raise ExportError(f"{run}: the saved state does not match the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
-    model.tie_weights()
     _reset_nonpersistent(model, model_config, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -98,10 +99,6 @@ def load_qfa_run(run_dir: str | os.PathLike):
     return model, config, info, blocks, tokenizer
 
 
-def _persistent(model: nn.Module) -> set[str]:
-    return set(model.state_dict().keys())
-
-
 def _reset_nonpersistent(model: nn.Module, config, dtype) -> None:
     """Buffers not saved in a state dict (rotary frequencies) are rebuilt from a fresh model."""
     from transformers import AutoModelForCausalLM
@@ -115,3 +112,12 @@ def _reset_nonpersistent(model: nn.Module, config, dtype) -> None:
             fresh = dict(AutoModelForCausalLM.from_config(config, dtype=dtype).named_buffers())
         parent, _, attr = name.rpartition(".")
         model.get_submodule(parent).register_buffer(attr, fresh[name].clone(), persistent=False)
+
+
+def base_model_for_space(info: dict[str, Any]) -> nn.Module:
+    """The run's base architecture on the meta device (pruning groups are discovered on it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(info["base_config"])
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base))

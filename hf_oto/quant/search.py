@@ -154,7 +154,7 @@ def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | 
     else:
         limit = max_bytes
     smallest = costs.bytes([widths[0]] * n)
-    if limit < smallest:
+    if limit < smallest or (average_bits is not None and average_bits < widths[0]):
         raise ConfigError(f"the budget ({_describe(average_bits, max_bytes)}) is below the smallest configuration "
                           f"({costs.average_bits([widths[0]] * n):.2f} bits, {smallest / 2**20:.2f} MiB)")
     g = torch.Generator().manual_seed(seed)

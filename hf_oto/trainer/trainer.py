@@ -52,12 +52,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
             raise ConfigError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
                               "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
         self._total_steps: int | None = None
-        self.pruning_space = check_pruning_setup(self.model, self.args) if self.args.prunes else None
-        self.hesso_space = self.pruning_space  # what HESSO prunes: with QFA, the QFA layers' gates and adapters
-        if self.args.qfa:
-            self.hesso_space = check_qfa_setup(self.model, self.args, self.pruning_space)
-            if self.hesso_space is not None:
-                check_schedule(self.args, self.hesso_space)
+        # hesso_space is what HESSO prunes: with QFA, the QFA layers' gates and adapters
+        self.pruning_space, self.hesso_space = check_setup(self.model, self.args)
         self.add_callback(_RecordPruningSettings())
         self.setup_distillation(self.args.distill_config(), self.model)
         self.setup_qfa(self.hesso_space)
@@ -233,6 +229,21 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
             )
     check_schedule(args, space)
     return space
+
+
+def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[PruningSpace | None,
+                                                                              PruningSpace | None]:
+    """Every pruning and QFA check, before any training or quantization (works on meta models).
+
+    Returns the pruning space (None for a quantize-only QFA run) and the space HESSO works on.
+    """
+    space = check_pruning_setup(model, args) if args.prunes else None
+    if not args.qfa:
+        return space, space
+    hesso_space = check_qfa_setup(model, args, space)
+    if hesso_space is not None:
+        check_schedule(args, hesso_space)
+    return space, hesso_space
 
 
 def check_schedule(args: HFOTOTrainingArguments, space: PruningSpace) -> None:

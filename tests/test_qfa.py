@@ -1,0 +1,359 @@
+"""LLM-QFA: sampler, adapter isolation, exact folding, export equivalence, QFA+HESSO, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import Tokens, _args
+from tiny import logits, tiny_model
+
+from hf_oto.errors import ConfigError, ExportError
+from hf_oto.export.quantized import pack_int32, save_quantized
+from hf_oto.export.verify import NO_HF_OTO_PRELUDE, child_env
+from hf_oto.groups import group_is_zero
+from hf_oto.quant import BitSampler, QFAConfig, prepare_qfa, qfa_layers, qfa_search, set_bits
+from hf_oto.quant.quantize import code_range, gptq, rtn
+from hf_oto.quant.search import parse_budget
+from hf_oto.trainer import HFOTOTrainer
+
+IDS = torch.randint(3, 64, (2, 11), generator=torch.Generator().manual_seed(3))
+
+RELOAD = NO_HF_OTO_PRELUDE + textwrap.dedent(
+    """
+    import json, torch, transformers
+    from safetensors.torch import save_file
+    jobs = json.loads(sys.argv[1])
+    ids = torch.tensor(jobs["ids"])
+    out = {}
+    for key, folder in jobs["dirs"].items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            out[key] = model(input_ids=ids).logits.float().contiguous()
+        out[key + ".intermediate"] = torch.tensor(model.config.intermediate_size)
+    assert "hf_oto" not in sys.modules
+    save_file(out, jobs["result"])
+    """
+)
+
+
+def _reload_without_hf_oto(dirs: dict[str, str], tmp_path) -> dict[str, torch.Tensor]:
+    result = tmp_path / "reloaded.safetensors"
+    jobs = {"ids": IDS.tolist(), "result": str(result), "dirs": dirs}
+    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs)], check=True, env=child_env(), cwd=tmp_path)
+    return load_file(result)
+
+
+def _qfa_model(seed=0, **config):
+    model = tiny_model("llama", seed=seed, num_hidden_layers=3, intermediate_size=64)
+    config.setdefault("quantizer", "rtn")
+    config.setdefault("group_size", 16)
+    prepare_qfa(model, QFAConfig(**config))
+    return model
+
+
+def _randomise_adapters(model, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, m in qfa_layers(model):
+            for p in m.lora_B.values():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# Quantizers ----------------------------------------------------------------------------------------
+def test_codes_stay_in_range_and_rtn_error_falls_with_bits():
+    w = torch.randn(24, 64)
+    errors = []
+    for b in (2, 3, 4, 8):
+        q = rtn(w, b, 16)
+        lo, hi = code_range(b)
+        assert q.codes.dtype == torch.int8 and lo <= int(q.codes.min()) and int(q.codes.max()) <= hi
+        assert q.scales.shape == (24, 4)
+        errors.append(float((q.dequantize() - w).norm() / w.norm()))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.01
+
+
+def test_gptq_beats_round_to_nearest_on_the_layer_output():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) @ mix  # correlated inputs, where GPTQ's error feedback pays
+    w = torch.randn(32, 64, generator=g)
+    h = x.T @ x / x.shape[0]
+    for b in (2, 3, 4):
+        err_rtn = (x @ (rtn(w, b, 16).dequantize() - w).T).norm()
+        err_gptq = (x @ (gptq(w, h, b, 16).dequantize() - w).T).norm()
+        assert err_gptq < 0.9 * err_rtn, b
+
+
+def test_packing_matches_compressed_tensors():
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    for b in (2, 3, 4, 8):
+        codes = torch.randint(-(1 << (b - 1)), 1 << (b - 1), (5, 96), dtype=torch.int8)
+        assert torch.equal(pack_int32(codes, b), ct.pack_to_int32(codes, b)), b
+
+
+# Sampler -------------------------------------------------------------------------------------------
+def test_uniform_sampler_draws_every_width_equally_and_per_layer():
+    s = BitSampler(QFAConfig(bits=(2, 3, 4), seed=1), num_layers=6, period=100)
+    draws = [s.sample(t) for t in range(2000)]
+    counts = Counter(b for d in draws for b in d)
+    for b in (2, 3, 4):
+        assert abs(counts[b] / 12000 - 1 / 3) < 0.02
+    assert len(set(draws)) > 0.85 * 3**6  # nearly every per-layer mix appears (about 94% expected)
+    same = sum(d[0] == d[1] for d in draws) / len(draws)
+    assert abs(same - 1 / 3) < 0.03  # layers draw independently
+    assert s.sample(17) == BitSampler(QFAConfig(bits=(2, 3, 4), seed=1), 6, 100).sample(17)  # a function of step
+    assert s.sample(17) != BitSampler(QFAConfig(bits=(2, 3, 4), seed=2), 6, 100).sample(17)
+
+
+def test_triangular_sampler_sweeps_the_mean_width_low_high_low():
+    s = BitSampler(QFAConfig(bits=(2, 3, 4), schedule="triangular"), num_layers=400, period=40)
+    assert set(s.sample(0)) == {2}
+    assert set(s.sample(20)) == {4}
+    for t in (5, 10, 15, 25, 30, 35):
+        target = 2 + s.mean_index(t)
+        mean = sum(s.sample(t)) / 400
+        assert abs(mean - target) < 0.1, t
+    assert s.mean_index(10) == pytest.approx(1.0) and s.mean_index(30) == pytest.approx(1.0)
+
+
+# Exact folding -------------------------------------------------------------------------------------
+def test_adapters_fold_exactly_into_the_codes():
+    model = _qfa_model(bits=(2, 3, 4, 8))
+    _randomise_adapters(model)
+    shifted = 0
+    for _, _, m in qfa_layers(model):
+        for b in m.bits:
+            folded = m.folded(b)
+            assert torch.equal(folded.dequantize(), m.weight_for(b).detach())
+            shifted += int((folded.codes != m.codes(b)).sum())
+            lo, hi = code_range(b)
+            assert lo <= int(folded.codes.min()) and int(folded.codes.max()) <= hi
+    assert shifted > 0  # the adapters did move codes, so the equality above is not trivial
+
+
+def test_adapter_shift_is_a_per_group_zero_point_move():
+    model = _qfa_model()
+    _randomise_adapters(model)
+    m = qfa_layers(model)[0][2]
+    delta = m.folded(3).codes.float() - m.codes(3).float()
+    lo, hi = code_range(3)
+    free = (m.folded(3).codes > lo) & (m.folded(3).codes < hi)  # not clamped
+    groups = delta.reshape(delta.shape[0], -1, m.group_size)
+    free = free.reshape_as(groups)
+    for r in range(groups.shape[0]):
+        for g in range(groups.shape[1]):
+            vals = groups[r, g][free[r, g]].unique()
+            assert vals.numel() <= 1  # one integer shift per (row, group)
+
+
+# Training ------------------------------------------------------------------------------------------
+def _qfa_args(tmp_path, **kw):
+    base = dict(qfa=True, qfa_group_size=16, qfa_quantizer="rtn", target_sparsity=0, learning_rate=5e-3)
+    base.update(kw)
+    return _args(tmp_path, **base)
+
+
+def test_a_two_bit_step_moves_no_other_width(tmp_path, monkeypatch):
+    monkeypatch.setattr(BitSampler, "sample", lambda self, step: (2,) * self.num_layers)
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path, max_steps=3), train_dataset=Tokens())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".lora_A.2" in n or ".lora_B.2" in n for n in moved)
+    assert any(".lora_B.2" in n for n in moved)
+    opt = trainer.optimizer
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        if ".lora_A.3" in n or ".lora_B.4" in n:
+            assert p.grad is None and not opt.state.get(p)  # no gradient, no optimizer state
+    assert {h["qfa/mean_bits"] for h in trainer.state.log_history if "qfa/mean_bits" in h} <= {2.0}
+
+
+def test_sampled_widths_are_logged_and_every_adapter_trains(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path, max_steps=12), train_dataset=Tokens())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    logged = [h["qfa/mean_bits"] for h in trainer.state.log_history if "qfa/mean_bits" in h]
+    assert logged and all(2 <= v <= 4 for v in logged)
+    for b in (2, 3, 4):
+        assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if f".lora_B.{b}" in n)
+    frozen = [n for n, p in model.named_parameters() if ".lora_" not in n]
+    assert frozen and all(torch.equal(model.get_parameter(n), before[n]) for n in frozen)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    def run(folder, **kw):
+        model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+        trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path / folder, **kw), train_dataset=Tokens())
+        return model, trainer
+
+    full, t = run("a")
+    t.train()
+    _, t = run("b", save_strategy="steps", save_steps=5)
+    t.train()
+    resumed, t = run("c")
+    t.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-5"))
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+# Export --------------------------------------------------------------------------------------------
+def test_mixed_precision_export_reloads_without_hf_oto_with_identical_logits(tmp_path):
+    model = _qfa_model()
+    _randomise_adapters(model, std=0.1)
+    configs = {"mixed": [2, 4, 3], "uniform3": [3, 3, 3]}
+    expected, dirs = {}, {}
+    for key, bits in configs.items():
+        set_bits(model, bits)
+        expected[key] = logits(model, IDS)
+        dirs[key] = str(save_quantized(model, bits, tmp_path / key))
+    got = _reload_without_hf_oto(dirs, tmp_path)
+    for key in configs:
+        assert (got[key] - expected[key]).abs().max().item() <= 1e-5, key
+    cfg = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert sorted(g["weights"]["num_bits"] for g in cfg["config_groups"].values()) == [2, 3, 4]
+    manifest = json.loads((tmp_path / "mixed" / "qfa_manifest.json").read_text())
+    assert manifest["bits_per_layer"] == [2, 4, 3] and manifest["average_bits"] == pytest.approx(3.0)
+    assert "| 1 | 4 |" in (tmp_path / "mixed" / "README.md").read_text()
+    assert (tmp_path / "mixed" / "bits_per_layer.png").stat().st_size > 0
+
+
+def test_qfa_with_hesso_prunes_quantizes_and_exports_the_smaller_model(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    args = _qfa_args(tmp_path, qfa_group_size=8, target_sparsity=0.4, ffn_multiple=8)
+    trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens())
+    trainer.train()
+    zero = group_is_zero(trainer.model, trainer.hesso_space)
+    assert zero.any()
+    removed_rows = removed_cols = 0
+    for _, _, m in qfa_layers(model):
+        if m.gate_out is not None:
+            dead = m.gate_out == 0
+            removed_rows += int(dead.sum())
+            for b in m.bits:  # dequantized rows and adapter rows of removed groups: exactly zero
+                assert (m.weight_for(b)[dead] == 0).all() and (m.lora_B[str(b)][dead] == 0).all()
+            dead_in = m.gate_in == 0
+            removed_cols += int(dead_in.sum())
+            blocks = dead_in.reshape(-1, m.group_size).all(dim=1)
+            assert torch.equal(dead_in.reshape(-1, m.group_size).any(dim=1), blocks)  # whole groups only
+            for b in m.bits:
+                assert (m.weight_for(b)[:, dead_in] == 0).all() and (m.lora_A[str(b)][:, blocks] == 0).all()
+    assert removed_rows > 0 and removed_cols > 0
+    bits = [2, 4]
+    set_bits(model, bits)
+    expected = logits(model, IDS)
+    out = save_quantized(model, bits, tmp_path / "export", space=trainer.pruning_space)
+    got = _reload_without_hf_oto({"pruned": str(out)}, tmp_path)
+    assert int(got["pruned.intermediate"]) < 64
+    assert (got["pruned"] - expected).abs().max().item() <= 1e-5
+
+
+def test_search_keeps_the_sensitive_layer_wide(monkeypatch):
+    model = _qfa_model(bits=(2, 4))
+    # A planted loss: layer 1 at 2 bits costs far more than any other choice (a tiny random model's
+    # loss barely depends on its weights, so the evaluation is replaced by a known function).
+    penalty = {(0, 2): 0.10, (1, 2): 1.0, (2, 2): 0.05}
+    calls = []
+
+    def planted(_model, bits, _blocks, batch_size=8):
+        calls.append(tuple(bits))
+        return 3.0 + sum(penalty.get((i, b), 0.0) for i, b in enumerate(bits))
+
+    monkeypatch.setattr("hf_oto.quant.search.eval_loss", planted)
+    blocks = torch.randint(3, 64, (16, 12))
+    result = qfa_search(model, blocks, average_bits=2.7, samples=6, refine=4, progress=False)
+    assert len(set(calls)) == len(calls) == result.evaluated  # each configuration is evaluated once
+    assert result.best.bits[1] == 4 and result.best.average_bits <= 2.7 + 1e-9
+    assert sum(result.best.bits) == 2 * 2 + 4  # the budget allows one 4-bit layer, and it is spent
+    worst = min(range(3), key=lambda i: -result.sensitivity[i])
+    assert worst == 1
+    assert "uniform 2-bit" in result.table()
+
+
+# Bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, message", [
+    (dict(qfa_bits=[2, 5]), "bit-widths must be chosen from"),
+    (dict(qfa_group_size=24), "does not divide the input width"),
+    (dict(qfa_target_modules=["nonexistent_proj"]), "match no linear"),
+    (dict(qfa_symmetric=False), "asymmetric QFA is not offered"),
+    (dict(qfa_schedule="cosine"), "schedule must be one of"),
+    (dict(target_sparsity=0.5, pruning_layout="global"), "needs pruning_layout: uniform"),
+    (dict(target_sparsity=0.5, qfa_group_size=16), "not whole quantization groups"),
+])
+def test_bad_qfa_settings_are_refused_before_training(tmp_path, kw, message):
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    with pytest.raises(ConfigError, match=message):
+        HFOTOTrainer(model=model, args=_qfa_args(tmp_path, **kw), train_dataset=Tokens())
+    assert not any(type(m).__name__ == "QFALinear" for m in model.modules())  # nothing was quantized
+
+
+def test_qfa_refuses_lora_models(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama", num_hidden_layers=2),
+                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ConfigError, match="own adapters"):
+        HFOTOTrainer(model=model, args=_qfa_args(tmp_path), train_dataset=Tokens())
+
+
+def test_budget_parsing_and_a_budget_below_the_smallest_configuration():
+    assert parse_budget("2.5") == (2.5, None)
+    assert parse_budget("3MiB") == (None, 3 * 2**20)
+    with pytest.raises(ConfigError, match="budget must be"):
+        parse_budget("cheap")
+    model = _qfa_model()
+    blocks = torch.randint(3, 64, (4, 8))
+    with pytest.raises(ConfigError, match="below the smallest configuration"):
+        qfa_search(model, blocks, average_bits=1.5, progress=False)
+
+
+def test_export_refuses_a_width_the_model_was_not_quantized_at(tmp_path):
+    model = _qfa_model(bits=(2, 4))
+    with pytest.raises(ConfigError, match="no 3-bit codes"):
+        save_quantized(model, [2, 3, 4], tmp_path / "x")
+    with pytest.raises(ConfigError, match="one width per decoder layer"):
+        save_quantized(model, [2, 4], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError):
+        (tmp_path / "y").mkdir()
+        (tmp_path / "y" / "keep.txt").write_text("user file")
+        save_quantized(model, [2, 4, 4], tmp_path / "y", overwrite=True)
+    assert (tmp_path / "y" / "keep.txt").read_text() == "user file"
+
+
+# The user's path: one YAML through `hf-oto prune`, then `hf-oto qfa-search` -------------------------
+def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(tmp_path):
+    from jobs import ROOT, hfoto, no_pad_tokenizer, user_error, word_corpus
+
+    base = tmp_path / "base"
+    tiny_model("llama", num_hidden_layers=2, intermediate_size=64).save_pretrained(base)
+    no_pad_tokenizer(base)
+    corpus = word_corpus(tmp_path / "words.txt", 400)
+    job = ["prune", ROOT / "configs" / "qfa_quickstart.yaml", "--model_name_or_path", base, "--text_source", "null",
+           "--train_files", corpus, "--block_size", "16", "--max_steps", "8", "--per_device_train_batch_size", "4",
+           "--logging_steps", "4", "--qfa_group_size", "8", "--qfa_calibration_batches", "2",
+           "--target_sparsity", "0.25", "--pruning_layout", "uniform", "--start_pruning_step", "0.25",
+           "--pruning_steps", "0.5", "--pruning_periods", "2", "--ffn_multiple", "8", "--output_dir", tmp_path / "run"]
+    proc = hfoto(*job, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "uniform 2-bit" in proc.stdout and "qfa-search" in proc.stdout
+    run = tmp_path / "run" / "qfa_run"
+    assert "budget must be" in user_error(hfoto("qfa-search", run, "--budget", "lots", cwd=tmp_path))
+    proc = hfoto("qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--out",
+                 tmp_path / "export", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chosen" in proc.stdout and "uniform 4-bit" in proc.stdout
+    got = _reload_without_hf_oto({"x": str(tmp_path / "export")}, tmp_path)
+    assert int(got["x.intermediate"]) < 64  # pruned
+    manifest = json.loads((tmp_path / "export" / "qfa_manifest.json").read_text())
+    assert manifest["average_bits"] <= 3.0 + 1e-9
+    again = hfoto("qfa-search", run, "--budget", "3.0", "--out", tmp_path / "export", cwd=tmp_path)
+    assert "is not empty" in user_error(again)  # an existing export is not replaced without --overwrite
