@@ -87,12 +87,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hesso_pruning", type=float, default=0.5, help="HESSO pruning phase (fraction of --steps)")
     p.add_argument("--tp_timeout", type=int, default=900, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
+    p.add_argument("--section", choices=("all", "pruning", "qfa"), default="all",
+                   help="pruning methods, the QFA comparison, or both")
+    p.add_argument("--qfa_steps", type=int, default=300, help="QFA section: total steps of every trained row")
+    p.add_argument("--qfa_lr", type=float, default=1e-3, help="QFA section: adapters' learning rate")
+    p.add_argument("--qfa_group_size", type=int, default=32)
+    p.add_argument("--qfa_schedule", default="uniform", choices=("uniform", "triangular"))
+    p.add_argument("--qfa_samples", type=int, default=24, help="QFA search: random configurations")
+    p.add_argument("--qfa_refine", type=int, default=12, help="QFA search: candidates in the narrowed space")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.quick:
         a.ref_steps, a.steps, a.batch, a.block, a.max_text_mb, a.vocab = 20, 30, 4, 32, 0.1, 300
         a.calib_batches, a.tp_timeout = 2, 120
+        a.qfa_steps, a.qfa_group_size, a.qfa_samples, a.qfa_refine = 30, 16, 4, 2
     for s in a.sparsities:
         if not 0.0 < s < 1.0:
             p.error(f"sparsities must be in (0, 1), got {s}")
@@ -550,6 +559,8 @@ def main(argv: list[str] | None = None) -> Path:
     del ref_model
     jobs = [("dense", 0.0)] if "dense" in a.methods else []
     jobs += [(m, s) for s in a.sparsities for m in a.methods if m != "dense"]
+    if a.section == "qfa":
+        return _qfa_only(a, ref, train_blocks, eval_blocks, command)
     tp_error: str | None = None
     with tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="run")
@@ -566,6 +577,11 @@ def main(argv: list[str] | None = None) -> Path:
             shutil.rmtree(work, ignore_errors=True)
             tqdm.write(f"{method:>14} {sparsity:.0%}: " + (f"ppl {row['eval_ppl']:.2f}, {row['params']:,} params"
                                                          if "eval_ppl" in row else row["error"]))
+        if a.section == "all":
+            from bench_qfa import run_qfa_section, write_qfa_report
+
+            qfa = run_qfa_section(a, ref, train_blocks, eval_blocks, Path(tmp) / "qfa")
+            write_qfa_report(Path(a.out), qfa, command)
         if not a.skip_speed:
             print("speed: prefill/decode of a 50%-pruned export; HESSO optimizer step; discovery")
             res["speed"] = speed(a, Path(tmp))
@@ -573,6 +589,16 @@ def main(argv: list[str] | None = None) -> Path:
             res["discovery"] = discovery_times(a)
     res["wall_minutes"] = (time.time() - started) / 60
     report = write_report(a, res, command)
+    print(report.read_text())
+    return report
+
+
+def _qfa_only(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, command: str) -> Path:
+    from bench_qfa import run_qfa_section, write_qfa_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_qfa_section(a, ref, train_blocks, eval_blocks, Path(tmp))
+    report = write_qfa_report(Path(a.out), res, command)
     print(report.read_text())
     return report
 

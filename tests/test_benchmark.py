@@ -13,8 +13,8 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
     report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "hesso", "wanda_sp",
-                             "hesso_kd", "magnitude_kd", "--skip_speed", "--out", str(tmp_path / "res"),
-                             "--cache", str(tmp_path / "cache")])
+                             "hesso_kd", "magnitude_kd", "--skip_speed", "--section", "pruning",
+                             "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
     text = report.read_text()
     assert "| 50% | HESSO |" in text and "| 50% | Wanda-sp" in text and "dense + same training" in text
     assert "| 50% | HESSO + distillation" in text and "| 50% | L2 magnitude, one-shot + train with distillation" in text
@@ -26,3 +26,20 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     assert (tmp_path / "res" / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     # the cached reference model is reused by a second run
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
+    import benchmark
+
+    report = benchmark.main(["--quick", "--section", "qfa", "--out", str(tmp_path / "res"),
+                             "--cache", str(tmp_path / "cache")])
+    text = report.read_text()
+    for method in ("RTN base, no training", "GPTQ base, no training", "QA-LoRA, one run per width", "QFA, one run",
+                   "QFA + HESSO 50%"):
+        assert f"| {method}" in text, method
+    res = json.loads((tmp_path / "res" / "qfa.json").read_text())
+    searched = [r for r in res["rows"] if r["config"].startswith("searched")]
+    assert searched and all(r["avg_bits"] <= float(r["config"].split("<= ")[1].split()[0]) + 1e-9 for r in searched)
+    assert all(r["ppl"] > 1 for r in res["rows"])
+    assert res["qfa_hesso_export_mib"] > 0
+    assert (tmp_path / "res" / "qfa.png").read_bytes()[:4] == b"\x89PNG"

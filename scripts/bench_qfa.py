@@ -1,0 +1,201 @@
+"""The QFA section of scripts/benchmark.py (``--section qfa``): one QFA run against per-width runs.
+
+On the benchmark reference, held-out perplexity at 2, 3 and 4 bits (uniform) and at mixed budgets:
+1. the quantized base with no training (round-to-nearest and GPTQ);
+2. QA-LoRA-style training, one run per bit-width, each with an equal share of the total steps;
+3. one QFA run with all the steps (the same total tokens);
+4. QFA + HESSO at 50% pruning (the same steps).
+Mixed budgets are chosen by ``qfa_search`` on one half of the held-out blocks and reported on the
+other half, next to the uniform configurations of similar memory. Memory is the exported weights'
+size (packed codes, scales and the unquantized embeddings and norms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WIDTHS = (2, 3, 4)
+MIXED = (2.5, 3.0)
+
+
+def _qfa_model(ref: Path, quantizer: str, bits, calib, group_size: int):
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.quant import QFAConfig, prepare_qfa
+
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    prepare_qfa(model, QFAConfig(bits=tuple(bits), quantizer=quantizer, group_size=group_size), calib)
+    return model
+
+
+def _ppl(model, bits, blocks) -> float:
+    from hf_oto.quant.search import eval_loss
+
+    return math.exp(eval_loss(model, bits, blocks))
+
+
+def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workdir: Path, bits, **pruning):
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.data import Blocks
+    from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
+
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    pruning = pruning or {"target_sparsity": 0}
+    args = HFOTOTrainingArguments(
+        output_dir=str(workdir), max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=a.qfa_lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), save_strategy="no", report_to=[],
+        seed=a.seed, data_seed=a.seed, logging_steps=10**6, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, qfa=True, qfa_bits=list(bits), qfa_group_size=a.qfa_group_size,
+        qfa_quantizer="gptq", qfa_calibration_batches=a.calib_batches, qfa_schedule=a.qfa_schedule, **pruning)
+    trainer = HFOTOTrainer(model=model, args=args, train_dataset=Blocks(train_blocks))
+    t0 = time.perf_counter()
+    trainer.train()
+    return model, trainer, time.perf_counter() - t0
+
+
+def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
+    """Uniform widths and the searched mixed budgets of one QFA model, on the report half."""
+    from hf_oto.quant import qfa_search
+    from hf_oto.quant.search import _Costs
+
+    costs = _Costs(model)
+    widths = sorted(_widths(model))
+    n = len(_layers(model))
+    rows = []
+    for b in widths:
+        cfg = (b,) * n
+        rows.append({"config": f"uniform {b}-bit", "bits": list(cfg), "avg_bits": b,
+                     "mib": costs.bytes(cfg) / 2**20, "ppl": _ppl(model, cfg, report_blocks)})
+    if len(widths) > 1:
+        for budget in MIXED:
+            r = qfa_search(model, search_blocks, average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine,
+                           seed=a.seed, progress=False)
+            cfg = r.best.bits
+            rows.append({"config": f"searched, <= {budget} bits", "bits": list(cfg),
+                         "avg_bits": costs.average_bits(cfg), "mib": costs.bytes(cfg) / 2**20,
+                         "ppl": _ppl(model, cfg, report_blocks), "evaluated": r.evaluated})
+    return rows
+
+
+def _widths(model) -> tuple[int, ...]:
+    from hf_oto.quant import qfa_layers
+
+    return qfa_layers(model)[0][2].bits
+
+
+def _layers(model):
+    from hf_oto.quant.prepare import decoder_layers
+
+    return decoder_layers(model)[1]
+
+
+def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, workdir: Path) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.export.quantized import save_quantized
+
+    half = len(eval_blocks) // 2
+    search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
+    calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
+    steps = a.qfa_steps
+    res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
+                           "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
+                           "report_blocks": len(report_blocks), "rows": []}
+    fp = AutoModelForCausalLM.from_pretrained(ref)
+    with torch.no_grad():
+        losses = [fp(input_ids=report_blocks[i:i + 8], labels=report_blocks[i:i + 8]).loss.item() * len(
+            report_blocks[i:i + 8]) for i in range(0, len(report_blocks), 8)]
+    res["fp_ppl"] = math.exp(sum(losses) / len(report_blocks))
+    res["fp_mib"] = sum(p.numel() * p.element_size() for p in fp.parameters()) / 2**20
+    del fp
+
+    def add(method: str, rows: list[dict[str, Any]], seconds: float | None = None, **extra):
+        for r in rows:
+            res["rows"].append(dict(r, method=method, seconds=seconds, **extra))
+        print(f"qfa benchmark: {method}: " + ", ".join(f"{r['config']} {r['ppl']:.2f}" for r in rows))
+
+    for quantizer in ("rtn", "gptq"):
+        model = _qfa_model(ref, quantizer, WIDTHS, calib, a.qfa_group_size)
+        add(f"{quantizer.upper()} base, no training", _configs(model, search_blocks, report_blocks, a))
+        del model
+    share = max(1, steps // len(WIDTHS))
+    for b in WIDTHS:
+        model, _, secs = _train_qfa(ref, train_blocks, share, a, workdir / f"qalora{b}", (b,))
+        rows = _configs(model, search_blocks, report_blocks, a)
+        add(f"QA-LoRA, one run per width ({share} steps each)", rows, secs)
+        del model
+    model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", WIDTHS)
+    add(f"QFA, one run ({steps} steps)", _configs(model, search_blocks, report_blocks, a), secs)
+    res["qfa_memory"] = vars(trainer.qfa_memory)
+    del model, trainer
+    model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", WIDTHS,
+                                      target_sparsity=0.5, pruning_layout="uniform", start_pruning_step=0.05,
+                                      pruning_steps=0.5, pruning_periods=5, ffn_multiple=a.qfa_group_size)
+    rows = _configs(model, search_blocks, report_blocks, a)
+    pruned = trainer.hesso.metrics()["pruned_param_fraction"]
+    add(f"QFA + HESSO 50% ({steps} steps)", rows, secs, pruned_fraction=pruned)
+    cfg = next(r for r in rows if r["config"].startswith("searched, <= 3.0"))["bits"]
+    out = save_quantized(model, cfg, workdir / "qfa_hesso_export", space=trainer.pruning_space)
+    res["qfa_hesso_export_mib"] = (out / "model.safetensors").stat().st_size / 2**20
+    res["qfa_hesso_export_bits"] = cfg
+    return res
+
+
+def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qfa.json").write_text(json.dumps(res, indent=1))
+    lines = ["# QFA benchmark (quantization-aware once-for-all)", "", f"- command: `{command}`",
+             f"- every trained row: {res['steps']} steps in total x {res['batch']} x {res['block']} tokens "
+             f"(the per-width runs split them equally), adapters lr {res['lr']}, GPTQ base, group size "
+             f"{res['group_size']}, symmetric; sampling: {res['schedule']}",
+             f"- searched rows: chosen by `qfa_search` on {res['search_blocks']} held-out blocks, reported on "
+             f"the other {res['report_blocks']}; every perplexity here is on those {res['report_blocks']} blocks",
+             f"- fp32 reference: perplexity {res['fp_ppl']:.2f}, {res['fp_mib']:.2f} MiB", "",
+             "| method | configuration | avg bits | MiB | held-out perplexity | train minutes |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        minutes = "-" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f}"
+        lines.append(f"| {r['method']} | {r['config']} | {r['avg_bits']:.2f} | {r['mib']:.2f} | {r['ppl']:.2f} | "
+                     f"{minutes} |")
+    if "qfa_hesso_export_mib" in res:
+        lines += ["", f"QFA + HESSO export at the searched <= 3.0-bit configuration "
+                      f"{res['qfa_hesso_export_bits']}: {res['qfa_hesso_export_mib']:.2f} MiB on disk."]
+    m = res.get("qfa_memory")
+    if m:
+        lines += [f"QFA's frozen base in training: codes {m['codes'] / 2**20:.2f} MiB + scales "
+                  f"{m['scales'] / 2**20:.2f} MiB (one fp32 copy per width: {m['fp_per_width'] / 2**20:.2f} MiB); "
+                  f"adapters {m['adapters'] / 2**20:.2f} MiB."]
+    path = out / "qfa.md"
+    path.write_text("\n".join(lines) + "\n")
+    _plot(res, out / "qfa.png")
+    return path
+
+
+def _plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
+    for m in methods:
+        rows = sorted((r for r in res["rows"] if r["method"] == m), key=lambda r: r["avg_bits"])
+        ax.plot([r["avg_bits"] for r in rows], [r["ppl"] for r in rows], marker="o", label=m)
+    ax.axhline(res["fp_ppl"], color="grey", linestyle="--", label="fp32 reference")
+    ax.set_xlabel("average bits per quantized weight")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
