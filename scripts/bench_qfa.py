@@ -103,6 +103,7 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
 
     from hf_oto.export.quantized import save_quantized
 
+    started = time.time()
     half = len(eval_blocks) // 2
     search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
     calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
@@ -147,6 +148,7 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     out = save_quantized(model, cfg, workdir / "qfa_hesso_export", space=trainer.pruning_space)
     res["qfa_hesso_export_mib"] = (out / "model.safetensors").stat().st_size / 2**20
     res["qfa_hesso_export_bits"] = cfg
+    res["wall_minutes"] = (time.time() - started) / 60
     return res
 
 
@@ -159,7 +161,8 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
              f"{res['group_size']}, symmetric; sampling: {res['schedule']}",
              f"- searched rows: chosen by `qfa_search` on {res['search_blocks']} held-out blocks, reported on "
              f"the other {res['report_blocks']}; every perplexity here is on those {res['report_blocks']} blocks",
-             f"- fp32 reference: perplexity {res['fp_ppl']:.2f}, {res['fp_mib']:.2f} MiB", "",
+             f"- fp32 reference: perplexity {res['fp_ppl']:.2f}, {res['fp_mib']:.2f} MiB",
+             f"- wall time of this section: {res.get('wall_minutes', float('nan')):.1f} min", "",
              "| method | configuration | avg bits | MiB | held-out perplexity | train minutes |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:

@@ -98,7 +98,8 @@ def test_local_text_files(tmp_path):
     assert (tmp_path / "pruned" / "config.json").exists()
 
 
-@pytest.mark.parametrize("config", ["configs/llama3_8b_lora.yaml", "configs/qwen2_5_0_5b_full.yaml"])
+@pytest.mark.parametrize("config", ["configs/llama3_8b_lora.yaml", "configs/qwen2_5_0_5b_full.yaml",
+                                    "configs/llama3_8b_qfa.yaml"])
 def test_real_model_configs_parse(config):
     """The GPU/Hub configs are not run here, but every key in them must be a valid argument."""
     margs, dargs, targs = parse(config, ["--bf16", "false"])  # bf16 needs the GPU these configs are for

@@ -357,3 +357,33 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     assert manifest["average_bits"] <= 3.0 + 1e-9
     again = hfoto("qfa-search", run, "--budget", "3.0", "--out", tmp_path / "export", cwd=tmp_path)
     assert "is not empty" in user_error(again)  # an existing export is not replaced without --overwrite
+
+
+def test_qfa_under_accelerate_ddp_moves_only_sampled_adapters(tmp_path):
+    from jobs import ROOT, no_pad_tokenizer, word_corpus
+
+    base = tmp_path / "base"
+    tiny_model("llama", num_hidden_layers=2, intermediate_size=64).save_pretrained(base)
+    no_pad_tokenizer(base)
+    corpus = word_corpus(tmp_path / "words.txt", 400)
+    # A long triangular period keeps the first 8 steps' widths at (almost always) 2 bits; take a seed
+    # whose draws never reach 4 bits, so under DDP the 4-bit adapters must come out as they went in.
+    seed = next(s for s in range(100) if all(
+        set(BitSampler(QFAConfig(bits=(2, 4), schedule="triangular", seed=s), 2, 1000).sample(t)) == {2}
+        for t in range(8)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
+           str(ROOT / "scripts" / "prune_finetune.py"), str(ROOT / "configs" / "qfa_quickstart.yaml"),
+           "--model_name_or_path", str(base), "--text_source", "null", "--train_files", str(corpus),
+           "--block_size", "16", "--max_steps", "8", "--per_device_train_batch_size", "4", "--logging_steps", "4",
+           "--qfa_group_size", "16", "--qfa_quantizer", "rtn", "--qfa_bits", "[2, 4]",
+           "--qfa_schedule", "triangular", "--qfa_period", "1000", "--qfa_seed", str(seed),
+           "--output_dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("QFA run (for qfa-search)") == 1  # rank 0 saves and reports once
+    state = load_file(tmp_path / "run" / "qfa_run" / "qfa_state.safetensors")
+    four = [v for k, v in state.items() if k.endswith("lora_B.4")]
+    two = [v for k, v in state.items() if k.endswith("lora_B.2")]
+    assert four and all((v == 0).all() for v in four)  # never sampled: untouched (B starts at zero)
+    assert any((v != 0).any() for v in two)  # sampled: trained
