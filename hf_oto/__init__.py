@@ -1,4 +1,5 @@
-"""hf_oto: structured pruning of Hugging Face models with the Only-Train-Once family (HESSO, CRIC).
+"""hf_oto: structured pruning of Hugging Face models with the Only-Train-Once family (HESSO, CRIC),
+and quantization-aware once-for-all fine-tuning (LLM-QFA).
 
 What users import lives here (``from hf_oto import HFOTOTrainer, HESSOConfig, ...``). The heavy
 parts (torch, transformers) load on first use of a name (PEP 562), so ``import hf_oto`` and
@@ -34,18 +35,22 @@ _LAZY = {
     "SaliencyWeights": "hf_oto.optim",
     "oneshot_prune": "hf_oto.optim.oneshot",
     "oneshot_scores": "hf_oto.optim.oneshot",
+    "QFAConfig": "hf_oto.quant",
+    "qfa_search": "hf_oto.quant",
+    "load_qfa_run": "hf_oto.quant",
     "HFOTOTrainer": "hf_oto.trainer",
     "HFOTOTrainingArguments": "hf_oto.trainer",
     "construct_subnet": "hf_oto.subnet",
     "save_pruned": "hf_oto.export",
+    "save_quantized": "hf_oto.export.quantized",
     "push_pruned": "hf_oto.hub",
 }
 
 __all__ = [
     "CRICConfig", "ConfigError", "ConstructionError", "DataError", "DiscoveryError", "ExportError", "HESSO",
-    "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "PruningSpace", "ResumeError",
-    "SaliencyWeights", "__version__", "construct_subnet", "discover_groups", "oneshot_prune", "oneshot_scores",
-    "push_pruned", "save_pruned", "zero_groups",
+    "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "PruningSpace", "QFAConfig", "ResumeError",
+    "SaliencyWeights", "__version__", "construct_subnet", "discover_groups", "load_qfa_run", "oneshot_prune",
+    "oneshot_scores", "push_pruned", "qfa_search", "save_pruned", "save_quantized", "zero_groups",
 ]
 
 
@@ -64,9 +69,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from hf_oto.export import save_pruned
+    from hf_oto.export.quantized import save_quantized
     from hf_oto.groups import PruningSpace, discover_groups, zero_groups
     from hf_oto.hub import push_pruned
     from hf_oto.optim import HESSO, CRICConfig, HESSOConfig, SaliencyWeights
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+    from hf_oto.quant import QFAConfig, load_qfa_run, qfa_search
     from hf_oto.subnet import construct_subnet
     from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
