@@ -4,15 +4,19 @@ Run (CPU, default settings; results land in scripts/benchmark_results/):
 
     .venv/bin/python scripts/benchmark.py
 
-1. Reference model: a small Llama (GQA) trained deterministically on the Python standard
+1. Reference models: a small Llama with grouped-query attention and the same Llama with full
+   multi-head attention (--references), each trained deterministically on the Python standard
    library's sources with a BPE tokenizer trained on the same text and a held-out split; cached
-   under --cache so later runs reuse it. --model/--dataset/--train_files take any causal LM and text.
+   under --cache so later runs reuse them. --model/--dataset/--train_files take any causal LM and text.
 2. For each target sparsity (fraction of attention+FFN parameters), every method ends at the same
-   parameter count (the shared planner, uniform layout, 1% tolerance) after the same number of
-   training tokens: HESSO and HESSO+CRIC prune while training (HFOTOTrainer); the one-shot
-   baselines (group L2 magnitude, first-order Taylor on calibration batches, Wanda-sp activation-
-   weighted magnitude) prune first, then train; Torch-Pruning runs where it can (its error or
-   timeout is recorded otherwise); the dense model gets the same training as a control.
+   parameter count (the shared planner, uniform layout, 1% tolerance) after the same recovery
+   budget (--steps): HESSO and HESSO+CRIC prune while training (HFOTOTrainer), with and without
+   distillation from the dense reference; the one-shot baselines (group L2 magnitude, first-order
+   Taylor on calibration batches, Wanda-sp activation-weighted magnitude) prune first, then train
+   (Taylor and Wanda-sp also with distillation); Torch-Pruning runs where it can (its error or
+   timeout is recorded otherwise); the dense model gets the same training as a control; the limit
+   row trains the pruned shape from scratch on the reference's whole budget. --seeds runs at
+   --seeded_sparsity (and the control) give each cell a mean and a range.
 3. Speed, on a random-weight Llama of a few hundred million parameters: prefill and greedy-decode
    tokens/s of its 50%-pruned export over the dense model, in one process; HESSO's optimizer step
    over AdamW; group discovery on 7B and 70B configs (meta device).
@@ -51,10 +55,16 @@ SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num
              num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)
 QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
-METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_pp", "hesso_pp_kd", "magnitude", "taylor",
-           "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd", "torch_pruning")
-DEFAULT_METHODS = ("dense", "hesso", "hesso_ema", "hesso_cric", "magnitude", "taylor", "wanda_sp", "torch_pruning")
-LABELS = {"dense": "dense + same training (control)", "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
+METHODS = ("dense", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_pp", "hesso_pp_kd", "magnitude",
+           "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd", "torch_pruning")
+DEFAULT_METHODS = ("dense", "scratch", "hesso", "hesso_cric", "hesso_kd", "magnitude", "taylor", "wanda_sp",
+                   "taylor_kd", "wanda_sp_kd", "torch_pruning")
+# The references: the same small Llama with grouped-query (8 query heads over 2 kv heads) or full
+# multi-head attention (8 kv heads).
+REFERENCE_KV = {"gqa": 2, "mha": 8}
+LABELS = {"dense": "dense + same training (control)",
+          "scratch": "limit: the pruned shape trained from scratch on the reference's whole budget",
+          "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
           "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model, weight 0.5)",
           "hesso_pp": "HESSO, removals ranked per parameter freed",
           "hesso_pp_kd": "HESSO, per-parameter ranking + distillation",
@@ -73,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", help="Hub dataset with a 'text' column (default: Python stdlib sources)")
     p.add_argument("--train_files", nargs="+", help="local .txt/.json/.jsonl files")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method at --seeded_sparsity (1 elsewhere)")
+    p.add_argument("--seeded_sparsity", type=float, default=0.5)
+    p.add_argument("--references", nargs="+", default=["gqa", "mha"], choices=sorted(REFERENCE_KV),
+                   help="reference models (ignored with --model)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--ref_steps", type=int, default=1200, help="training steps of the reference model")
     p.add_argument("--steps", type=int, default=300, help="training steps every method gets (same tokens)")
@@ -161,7 +175,7 @@ def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: 
     return trainer
 
 
-def reference(a: argparse.Namespace, tokenizer, train_blocks) -> tuple[Path, dict[str, Any]]:
+def reference(a: argparse.Namespace, tokenizer, train_blocks, kind: str = "gqa") -> tuple[Path, dict[str, Any]]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if a.model:
@@ -170,6 +184,8 @@ def reference(a: argparse.Namespace, tokenizer, train_blocks) -> tuple[Path, dic
                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
     if a.quick:
         cfg.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    if kind != "gqa":  # the GQA key stays as it was, so its cached reference is reused
+        cfg["num_key_value_heads"] = min(REFERENCE_KV[kind], cfg["num_attention_heads"])
     key = json.dumps([cfg, a.ref_steps, a.batch, a.block, a.max_text_mb, a.vocab, a.seed, a.dataset,
                       a.train_files, torch.__version__], sort_keys=True)
     folder = Path(a.cache) / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -207,10 +223,19 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     model = AutoModelForCausalLM.from_pretrained(ref)
     space = discover_groups(model)
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"method": method, "sparsity": sparsity}
+    row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": a.seed}
     if method == "dense":
         train(model, train_blocks, a.steps, a, a.lr, workdir)
         final = model
+    elif method == "scratch":
+        # The shape the one-shot planner keeps at this sparsity (every method ends at this size), freshly
+        # initialised and trained like the reference for the reference's steps plus the recovery steps.
+        oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=sparsity,
+                      layout="uniform", ffn_multiple=8)
+        shape = construct_subnet(model, space, layout="uniform").config
+        torch.manual_seed(a.seed)
+        final = AutoModelForCausalLM.from_config(shape)
+        train(final, train_blocks, a.ref_steps + a.steps, a, 2e-3, workdir)
     elif method.startswith("hesso"):
         # HESSO: warm-up 5%, pruning over 50% of the steps in 5 periods (--hesso_start/--hesso_pruning),
         # then training at the final size.
@@ -437,54 +462,81 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {platform.system()}"
 
 
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (reference, sparsity, method): mean perplexity over seeds, its spread and count."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("reference", "model"), r["sparsity"], r["method"]), []).append(r)
+    out = []
+    for (kind, sparsity, method), rs in groups.items():
+        ok = [r for r in rs if "eval_ppl" in r]
+        entry: dict[str, Any] = {"reference": kind, "sparsity": sparsity, "method": method, "n": len(ok),
+                                 "seconds": sum(r.get("seconds", 0.0) for r in rs)}
+        if not ok:
+            entry["error"] = rs[0].get("error", "no result")
+        else:
+            ppl = [r["eval_ppl"] for r in ok]
+            entry.update(ppl=statistics.fmean(ppl), lo=min(ppl), hi=max(ppl),
+                         std=statistics.stdev(ppl) if len(ppl) > 1 else 0.0, params=ok[0]["params"],
+                         kept=ok[0].get("kept") or {})
+        out.append(entry)
+    return out
+
+
 def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Path:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = res["rows"]
-    dense = next((r for r in rows if r["method"] == "dense"), None)
+    agg = aggregate(rows)
+    res["aggregate"] = agg
     lines = ["# hf-oto benchmark results", "",
              f"- command: `{command}`", f"- machine: {res['machine']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"- wall time: {res['wall_minutes']:.1f} min; date: {res['date']}",
-             f"- reference: {json.dumps(res['reference'])}",
-             f"- every method: {a.steps} training steps x {a.batch} x {a.block} tokens "
-             f"({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
-             f"HESSO warm-up {a.hesso_start:.0%}, pruning phase {a.hesso_pruning:.0%} of the steps; "
-             f"held-out perplexity on {res['eval_blocks']} blocks", "",
-             f"Reference model before any extra training: perplexity {res['ref_ppl']:.2f}, "
-             f"{res['ref_params']:,} parameters.", "",
-             "| target sparsity | method | params | kept (heads / kv / FFN per layer) | held-out perplexity "
-             "| minutes |",
-             "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["sparsity"], METHODS.index(r["method"]))):
-        sp = "-" if r["method"] == "dense" else f"{100 * r['sparsity']:.0f}%"
-        if "error" in r:
-            lines.append(f"| {sp} | {LABELS[r['method']]} | - | - | error: {r['error']} | {r['seconds'] / 60:.1f} |")
-            continue
-        k = r.get("kept") or {}
-        kept = f"{k['heads']} / {k['kv_heads']} / {k['ffn']}" if k else "all"
-        lines.append(f"| {sp} | {LABELS[r['method']]} | {r['params']:,} | {kept} | {r['eval_ppl']:.2f} | "
-                     f"{r['seconds'] / 60:.1f} |")
-    best = []
-    for s in a.sparsities:
-        cands = [r for r in rows if r["sparsity"] == s and r["method"] != "dense" and "eval_ppl" in r]
-        if cands:
-            b = min(cands, key=lambda r: r["eval_ppl"])
-            best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b['eval_ppl']:.2f})")
-    spread = []
-    for s in a.sparsities:
-        sizes = [r["params"] for r in rows if r["sparsity"] == s and r["method"] != "dense" and "params" in r]
-        if sizes:
-            spread.append(f"{100 * s:.0f}%: {100 * (max(sizes) - min(sizes)) / min(sizes):.2f}%")
-    lines += ["", "Lowest perplexity per sparsity: " + "; ".join(best) + ".",
-              "Largest difference in final parameter count between methods: " + "; ".join(spread) + "."]
+             f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
+             f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
+             f"HESSO warm-up {a.hesso_start:.0%}, pruning phase {a.hesso_pruning:.0%} of the steps; distillation "
+             f"rows add a KL term to the dense reference (weight 0.5, T 1)",
+             f"- seeds: {a.seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
+             f"cells are mean perplexity, with the seeds' range [min-max] where there are several",
+             f"- held-out perplexity on {res['eval_blocks']} blocks"]
+    for kind, info in res["references"].items():
+        lines += ["", f"## Reference: {kind}", "",
+                  f"{json.dumps({k: v for k, v in info.items() if k not in ('ppl', 'params')})}", "",
+                  f"Before any extra training: perplexity {info['ppl']:.2f}, {info['params']:,} parameters."]
+        mine = [e for e in agg if e["reference"] == kind]
+        dense = next((e for e in mine if e["method"] == "dense" and "ppl" in e), None)
+        if dense:
+            change = 100 * (dense["ppl"] - info["ppl"]) / info["ppl"]
+            lines.append(f"Dense control with the recovery budget: {dense['ppl']:.2f} ({change:+.1f}% against the "
+                         "reference; the reference counts as converged when this is within 2%).")
+        lines += ["", "| sparsity | method | params | kept (heads / kv / FFN per layer) | perplexity | "
+                  "x dense control | runs | minutes |", "|---|---|---|---|---|---|---|---|"]
+        for e in sorted(mine, key=lambda e: (e["sparsity"], METHODS.index(e["method"]))):
+            sp = "-" if e["method"] == "dense" else f"{100 * e['sparsity']:.0f}%"
+            if "error" in e:
+                lines.append(f"| {sp} | {LABELS[e['method']]} | - | - | error: {e['error']} | - | 0 | "
+                             f"{e['seconds'] / 60:.1f} |")
+                continue
+            k = e["kept"]
+            kept = f"{k['heads']} / {k['kv_heads']} / {k['ffn']}" if k else "all"
+            cell = f"{e['ppl']:.2f}" + (f" [{e['lo']:.2f}-{e['hi']:.2f}]" if e["n"] > 1 else "")
+            ratio = f"{e['ppl'] / dense['ppl']:.3f}" if dense else "-"
+            lines.append(f"| {sp} | {LABELS[e['method']]} | {e['params']:,} | {kept} | {cell} | {ratio} | "
+                         f"{e['n']} | {e['seconds'] / 60:.1f} |")
+        best = []
+        for s in a.sparsities:
+            cands = [e for e in mine if e["sparsity"] == s and e["method"] not in ("dense", "scratch") and "ppl" in e]
+            if cands:
+                b = min(cands, key=lambda e: e["ppl"])
+                best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b['ppl']:.2f})")
+        if best:
+            lines += ["", "Lowest mean perplexity per sparsity: " + "; ".join(best) + "."]
     tp_rows = [r for r in rows if r.get("torch_pruning")]
     if tp_rows:
         lines.append("Torch-Pruning's ratio was calibrated to the same removed count; tries as [ratio, removed, "
-                     "seconds]: " + "; ".join(f"{100 * r['sparsity']:.0f}%: {r['torch_pruning']['tries']}"
-                                              for r in tp_rows) + ".")
-    if dense:
-        lines.append(f"Dense control with the same training: perplexity {dense['eval_ppl']:.2f}.")
+                     "seconds]: " + "; ".join(f"{r.get('reference', '')} {100 * r['sparsity']:.0f}%: "
+                                              f"{r['torch_pruning']['tries']}" for r in tp_rows) + ".")
     if res.get("speed"):
         sp = res["speed"]
         lines += ["", "## Speed (CPU, random weights, one process)", "",
@@ -511,31 +563,38 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     lines += ["", "![perplexity against kept parameters](perplexity.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
-    plot(rows, res["ref_params"], out / "perplexity.png")
+    plot(agg, res["references"], out / "perplexity.png")
     return out / "results.md"
 
 
-def plot(rows: list[dict[str, Any]], ref_params: int, path: Path) -> None:
+def plot(agg: list[dict[str, Any]], references: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
-        pts = sorted((r["params"] / ref_params, r["eval_ppl"]) for r in rows
-                     if r["method"] == method and "eval_ppl" in r)
-        if not pts:
-            continue
-        if method == "dense":
-            ax.axhline(pts[0][1], color="grey", ls="--", label=LABELS[method])
-            continue
-        ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[method])
-    ax.set_xlabel("kept parameters (fraction of the reference model)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    kinds = list(references)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        params = references[kind]["params"]
+        for method in METHODS:
+            pts = sorted((e["params"] / params, e["ppl"], e["lo"], e["hi"]) for e in agg
+                         if e["reference"] == kind and e["method"] == method and "ppl" in e)
+            if not pts:
+                continue
+            if method == "dense":
+                ax.axhline(pts[0][1], color="grey", ls="--", label=LABELS[method])
+                continue
+            x, y, lo, hi = zip(*pts, strict=True)
+            ax.errorbar(x, y, yerr=[[b - c for b, c in zip(y, lo, strict=True)],
+                                    [c - b for b, c in zip(y, hi, strict=True)]],
+                        marker="o", capsize=3, label=LABELS[method])
+        ax.set_title(f"reference: {kind}")
+        ax.set_xlabel("kept parameters (fraction of the reference model)")
+        ax.set_ylabel("held-out perplexity (mean over seeds; bars: range)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -551,36 +610,44 @@ def main(argv: list[str] | None = None) -> Path:
                                                " " + " ".join(argv if argv is not None else sys.argv[1:]))
     started = time.time()
     tokenizer, train_blocks, eval_blocks = load_data(a)
-    ref, info = reference(a, tokenizer, train_blocks)
-    ref_model = AutoModelForCausalLM.from_pretrained(ref)
-    res: dict[str, Any] = {"machine": machine(), "versions": versions(), "reference": info,
-                           "ref_ppl": perplexity(ref_model, eval_blocks), "ref_params": count(ref_model),
+    kinds = ["model"] if a.model else a.references
+    refs: dict[str, Path] = {}
+    res: dict[str, Any] = {"machine": machine(), "versions": versions(), "references": {},
                            "eval_blocks": len(eval_blocks), "rows": [], "date": time.strftime("%Y-%m-%d")}
-    del ref_model
-    jobs = [("dense", 0.0)] if "dense" in a.methods else []
-    jobs += [(m, s) for s in a.sparsities for m in a.methods if m != "dense"]
+    for kind in kinds:
+        refs[kind], info = reference(a, tokenizer, train_blocks, kind)
+        ref_model = AutoModelForCausalLM.from_pretrained(refs[kind])
+        res["references"][kind] = dict(info, ppl=perplexity(ref_model, eval_blocks), params=count(ref_model))
+        del ref_model
     if a.section == "qfa":
-        return _qfa_only(a, ref, train_blocks, eval_blocks, command)
+        return _qfa_only(a, refs[kinds[0]], train_blocks, eval_blocks, command)
+    jobs = []
+    for kind in kinds:
+        for s in [0.0] + list(a.sparsities):
+            seeds = a.seeds if s in (0.0, a.seeded_sparsity) else 1
+            jobs += [(kind, m, s, a.seed + k) for m in a.methods if (m == "dense") == (s == 0.0)
+                     for k in range(seeds)]
     tp_error: str | None = None
     with tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="run")
-        for method, sparsity in bar:
-            bar.set_postfix_str(f"{method} {sparsity:.0%}")
+        for kind, method, sparsity, seed in bar:
+            bar.set_postfix_str(f"{kind} {method} {sparsity:.0%} seed {seed}")
             if method == "torch_pruning" and tp_error and "not installed" in tp_error:
-                res["rows"].append({"method": method, "sparsity": sparsity, "error": tp_error + " (first try)",
-                                    "seconds": 0.0})
+                res["rows"].append({"reference": kind, "method": method, "sparsity": sparsity, "seed": seed,
+                                    "error": tp_error + " (first try)", "seconds": 0.0})
                 continue
-            work = Path(tmp) / f"{method}-{sparsity}"
-            row = run_method(method, sparsity, ref, train_blocks, eval_blocks, a, work)
+            work = Path(tmp) / f"{kind}-{method}-{sparsity}-{seed}"
+            row = run_method(method, sparsity, refs[kind], train_blocks, eval_blocks, _with_seed(a, seed), work)
+            row["reference"] = kind
             tp_error = row.get("error") if method == "torch_pruning" else tp_error
             res["rows"].append(row)
             shutil.rmtree(work, ignore_errors=True)
-            tqdm.write(f"{method:>14} {sparsity:.0%}: " + (f"ppl {row['eval_ppl']:.2f}, {row['params']:,} params"
-                                                         if "eval_ppl" in row else row["error"]))
+            tqdm.write(f"{kind} {method:>14} {sparsity:.0%} seed {seed}: " + (
+                f"ppl {row['eval_ppl']:.2f}, {row['params']:,} params" if "eval_ppl" in row else row["error"]))
         if a.section == "all":
             from bench_qfa import run_qfa_section, write_qfa_report
 
-            qfa = run_qfa_section(a, ref, train_blocks, eval_blocks, Path(tmp) / "qfa")
+            qfa = run_qfa_section(a, refs[kinds[0]], train_blocks, eval_blocks, Path(tmp) / "qfa")
             write_qfa_report(Path(a.out), qfa, command)
         if not a.skip_speed:
             print("speed: prefill/decode of a 50%-pruned export; HESSO optimizer step; discovery")
@@ -591,6 +658,12 @@ def main(argv: list[str] | None = None) -> Path:
     report = write_report(a, res, command)
     print(report.read_text())
     return report
+
+
+def _with_seed(a: argparse.Namespace, seed: int) -> argparse.Namespace:
+    out = copy.copy(a)
+    out.seed = seed
+    return out
 
 
 def _qfa_only(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, command: str) -> Path:

@@ -12,17 +12,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 def test_benchmark_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
-    report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "hesso", "wanda_sp",
-                             "hesso_kd", "magnitude_kd", "--skip_speed", "--section", "pruning",
-                             "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "scratch", "hesso", "wanda_sp",
+                             "hesso_kd", "magnitude_kd", "--seeds", "2", "--references", "gqa", "--skip_speed",
+                             "--section", "pruning", "--out", str(tmp_path / "res"),
+                             "--cache", str(tmp_path / "cache")])
     text = report.read_text()
     assert "| 50% | HESSO |" in text and "| 50% | Wanda-sp" in text and "dense + same training" in text
     assert "| 50% | HESSO + distillation" in text and "| 50% | L2 magnitude, one-shot + train with distillation" in text
-    rows = json.loads((tmp_path / "res" / "results.json").read_text())["rows"]
+    assert "| 50% | limit: the pruned shape trained from scratch" in text
+    assert "Dense control with the recovery budget" in text
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    rows = res["rows"]
     pruned = [r for r in rows if r["method"] != "dense"]
     p0 = pruned[0]["params"]
     assert all(abs(r["params"] - p0) <= 0.02 * p0 for r in pruned)  # same size, up to tiny-model granularity
     assert all(r["eval_ppl"] > 1 for r in rows)
+    assert sorted({r["seed"] for r in rows if r["method"] == "hesso"}) == [0, 1]  # two seeds, two runs
+    for e in res["aggregate"]:  # the table's mean and range are those of the seeds' runs
+        runs = [r["eval_ppl"] for r in rows if (r["method"], r["sparsity"]) == (e["method"], e["sparsity"])]
+        assert e["n"] == len(runs) == 2
+        assert abs(e["ppl"] - sum(runs) / 2) < 1e-9 and e["lo"] == min(runs) and e["hi"] == max(runs)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 50% | HESSO |"))
+    assert f"[{min(r['eval_ppl'] for r in rows if r['method'] == 'hesso'):.2f}-" in line
     assert (tmp_path / "res" / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     # the cached reference model is reused by a second run
     assert len(list((tmp_path / "cache").iterdir())) == 1
