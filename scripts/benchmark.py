@@ -624,9 +624,9 @@ def main(argv: list[str] | None = None) -> Path:
     jobs = []
     for kind in kinds:
         for s in [0.0] + list(a.sparsities):
-            seeds = a.seeds if s in (0.0, a.seeded_sparsity) else 1
+            seeded = s in (0.0, a.seeded_sparsity)
             jobs += [(kind, m, s, a.seed + k) for m in a.methods if (m == "dense") == (s == 0.0)
-                     for k in range(seeds)]
+                     for k in range(a.seeds if seeded and m != "scratch" else 1)]  # the limit row: one run
     tp_error: str | None = None
     with tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="run")
