@@ -88,11 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--references", nargs="+", default=["gqa", "mha"], choices=sorted(REFERENCE_KV),
                    help="reference models (ignored with --model)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    p.add_argument("--ref_steps", type=int, default=1200, help="training steps of the reference model")
+    p.add_argument("--ref_steps", type=int, default=3000,
+                   help="training steps of the reference model (3000: the dense control moves < 2%%)")
     p.add_argument("--steps", type=int, default=300, help="training steps every method gets (same tokens)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the compared training runs")
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="learning rate of the compared training runs (1e-3 re-heats a converged reference)")
     p.add_argument("--calib_batches", type=int, default=8, help="calibration batches of Taylor/Wanda-sp")
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
