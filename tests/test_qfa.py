@@ -225,6 +225,9 @@ def test_mixed_precision_export_reloads_without_hf_oto_with_identical_logits(tmp
     assert manifest["bits_per_layer"] == [2, 4, 3] and manifest["average_bits"] == pytest.approx(3.0)
     assert "| 1 | 4 |" in (tmp_path / "mixed" / "README.md").read_text()
     assert (tmp_path / "mixed" / "bits_per_layer.png").stat().st_size > 0
+    set_bits(model, 4)
+    save_quantized(model, [2, 2, 2], tmp_path / "other")
+    assert all(m.active_bits == 4 for _, _, m in qfa_layers(model))  # the model is left as it was
 
 
 def test_qfa_with_hesso_prunes_quantizes_and_exports_the_smaller_model(tmp_path):

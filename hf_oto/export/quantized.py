@@ -28,7 +28,7 @@ from hf_oto.export.atomic import check_target, discard, publish, staging_dir
 from hf_oto.export.save import add_compat_fields
 from hf_oto.export.verify import PICKLE_SUFFIXES
 from hf_oto.groups.space import PruningSpace
-from hf_oto.quant.prepare import qfa_layers, set_bits
+from hf_oto.quant.prepare import per_layer_bits, qfa_layers
 from hf_oto.quant.quantize import QuantizedWeight
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the version the 3-bit (dense cross-word) packing is validated with
@@ -111,9 +111,8 @@ def _quantization_config(names_by_bits: dict[int, list[str]], group_size: int, i
 
 
 def check_bits(model: nn.Module, bits: Sequence[int]) -> list[int]:
-    """The per-layer widths, checked against the model before anything is written."""
-    bits = [int(b) for b in bits]
-    set_bits(model, bits)  # refuses a wrong length or a width the layers were not quantized at
+    """The per-layer widths, checked against the model before anything is written (the model is not changed)."""
+    bits = per_layer_bits(model, bits)  # refuses a wrong length or a width the layers were not quantized at
     bad = [b for b in bits if not 1 <= b <= 8]
     if bad:
         raise ExportError(f"compressed-tensors pack-quantized stores 1 to 8 bits, not {bad[0]}")
@@ -137,12 +136,7 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
     bits = check_bits(model, bits)
     out = Path(out_dir)
     check_target(out, overwrite=overwrite, marker=QFA_MANIFEST)
-    was = {name: m.active_bits for name, _, m in qfa_layers(model)}
-    try:
-        dense, folded = _dense_copy(model, bits)
-    finally:
-        for name, _, m in qfa_layers(model):
-            m.active_bits = was[name]
+    dense, folded = _dense_copy(model, bits)
     if space is not None:
         kept = kept_indices(dense, space, layout="uniform")
         small = construct_subnet(dense, space, layout="uniform")

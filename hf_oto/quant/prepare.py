@@ -149,28 +149,24 @@ def prepare_qfa(model: nn.Module, config: QFAConfig,
     return memory(model)
 
 
-def set_bits(model: nn.Module, bits: Sequence[int] | int) -> None:
-    """Make every QFA layer of decoder layer ``i`` use ``bits[i]`` (or one width everywhere)."""
-    layers = qfa_layers(model)
+def per_layer_bits(model: nn.Module, bits: Sequence[int] | int) -> list[int]:
+    """``bits`` as one width per decoder layer, checked against the widths each layer was quantized at."""
     n = len(decoder_layers(model)[1])
-    per_layer = [bits] * n if isinstance(bits, int) else list(bits)
+    per_layer = [int(bits)] * n if isinstance(bits, int) else [int(b) for b in bits]
     if len(per_layer) != n:
         raise ConfigError(f"a bit configuration needs one width per decoder layer ({n}), got {len(per_layer)}")
-    for _, i, m in layers:
+    for _, i, m in qfa_layers(model):
         if per_layer[i] not in m.bits:
             raise ConfigError(f"layer {i} has no {per_layer[i]}-bit codes (widths: {list(m.bits)})")
+    return per_layer
+
+
+def set_bits(model: nn.Module, bits: Sequence[int] | int) -> None:
+    """Make every QFA layer of decoder layer ``i`` use ``bits[i]`` (or one width everywhere)."""
+    per_layer = per_layer_bits(model, bits)
+    for _, i, m in qfa_layers(model):
         m.active_bits = per_layer[i]
 
 
-def adapter_names(model: nn.Module, bits: Sequence[int]) -> dict[int, list[str]]:
-    """Parameter names of the width-``b`` adapters, for each ``b``."""
-    out: dict[int, list[str]] = {b: [] for b in bits}
-    for n, _ in model.named_parameters():
-        for b in bits:
-            if n.endswith(f".lora_A.{b}") or n.endswith(f".lora_B.{b}"):
-                out[b].append(n)
-    return out
-
-
-__all__ = ["QFALinear", "QFAMemory", "QuantizedWeight", "adapter_names", "check_targets", "decoder_layers",
-           "memory", "prepare_qfa", "qfa_layers", "set_bits", "target_linears"]
+__all__ = ["QFALinear", "QFAMemory", "QuantizedWeight", "check_targets", "decoder_layers", "memory",
+           "per_layer_bits", "prepare_qfa", "qfa_layers", "set_bits", "target_linears"]

@@ -95,13 +95,3 @@ def zero_removed_columns(model: nn.Module) -> None:
         if dead.any():
             for a in m.lora_A.values():
                 a[:, dead] = 0.0
-
-
-def removed_fraction(model: nn.Module) -> float:
-    """Share of the QFA layers' output channels whose gate is zero (a progress figure for the logs)."""
-    total = zero = 0
-    for _, _, m in qfa_layers(model):
-        if m.gate_out is not None:
-            total += m.gate_out.numel()
-            zero += int((m.gate_out == 0).sum())
-    return zero / total if total else 0.0
