@@ -29,7 +29,7 @@ from hf_oto.export.save import add_compat_fields
 from hf_oto.export.verify import PICKLE_SUFFIXES
 from hf_oto.groups.space import PruningSpace
 from hf_oto.quant.prepare import per_layer_bits, qfa_layers
-from hf_oto.quant.quantize import QuantizedWeight
+from hf_oto.quant.quantize import QuantizedWeight, whole_groups
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the version the 3-bit (dense cross-word) packing is validated with
 QFA_MANIFEST = "qfa_manifest.json"
@@ -87,12 +87,11 @@ def _slice(q: QuantizedWeight, kept: dict[int, torch.Tensor], name: str) -> Quan
         codes, scales = codes.index_select(0, kept[0]), scales.index_select(0, kept[0])
     if 1 in kept:
         cols = kept[1]
-        if cols.numel() % q.group_size:
-            raise ExportError(f"{name}: {cols.numel()} kept input columns are not whole groups of {q.group_size}")
-        runs = cols.reshape(-1, q.group_size)
-        if not ((runs[:, :1] % q.group_size == 0).all() and (runs == runs[:, :1] + torch.arange(q.group_size)).all()):
-            raise ExportError(f"{name}: the kept input columns split quantization groups")
-        codes, scales = codes.index_select(1, cols), scales.index_select(1, runs[:, 0] // q.group_size)
+        if not whole_groups(cols[None], q.group_size):
+            raise ExportError(f"{name}: the {cols.numel()} kept input columns are not whole quantization groups of "
+                              f"{q.group_size}")
+        groups = cols[::q.group_size] // q.group_size
+        codes, scales = codes.index_select(1, cols), scales.index_select(1, groups)
     return QuantizedWeight(codes.contiguous(), scales.contiguous(), q.bits, q.group_size)
 
 

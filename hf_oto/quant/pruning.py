@@ -20,6 +20,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups.space import PruningSpace, SliceSpec
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.prepare import qfa_layers
+from hf_oto.quant.quantize import whole_groups
 
 FFN_KINDS = ("ffn_channel", "expert_channel")
 
@@ -59,7 +60,7 @@ def qfa_space(space: PruningSpace, targets: dict[str, tuple[int, int]], config: 
                     raise ConfigError(f"{gs.prefix}: FFN width {gs.count} is not a multiple of {align} (the lcm "
                                       f"of qfa_group_size and ffn_multiple), so it cannot be pruned in whole "
                                       f"quantization groups")
-            elif not _whole_groups(sl.index, size):
+            elif not whole_groups(sl.index, size):
                 raise ConfigError(f"{gs.prefix}: a {gs.kind} owns {sl.index.shape[1]} input columns of {prefix}, "
                                   f"not whole quantization groups of {size}; with pruning, pick a "
                                   f"qfa_group_size that divides the head size")
@@ -74,15 +75,6 @@ def enable_gates(model: nn.Module, space: PruningSpace) -> None:
     for name, _, m in qfa_layers(model):
         if name in gated:
             m.enable_gates()
-
-
-def _whole_groups(index: torch.Tensor, size: int) -> bool:
-    """Whether every row of ``index`` is a union of aligned runs of ``size`` consecutive columns."""
-    if index.shape[1] % size:
-        return False
-    runs = index.reshape(index.shape[0], -1, size)
-    starts = runs[..., :1]
-    return bool(((starts % size) == 0).all() and (runs == starts + torch.arange(size)).all())
 
 
 @torch.no_grad()

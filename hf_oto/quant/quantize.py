@@ -35,6 +35,15 @@ class QuantizedWeight:
         return dequantize(self.codes, self.scales, self.group_size)
 
 
+def whole_groups(index: torch.Tensor, size: int) -> bool:
+    """Whether every row of ``index`` is a union of aligned runs of ``size`` consecutive columns."""
+    if index.shape[-1] % size:
+        return False
+    runs = index.reshape(index.shape[0], -1, size)
+    starts = runs[..., :1]
+    return bool(((starts % size) == 0).all() and (runs == starts + torch.arange(size)).all())
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``codes * scale`` with each scale repeated over its group of input columns."""
     return codes.to(scales.dtype) * scales.repeat_interleave(group_size, dim=1)
