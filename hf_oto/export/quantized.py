@@ -25,8 +25,7 @@ from torch import nn
 
 from hf_oto.errors import ExportError
 from hf_oto.export.atomic import check_target, discard, publish, staging_dir
-from hf_oto.export.save import add_compat_fields
-from hf_oto.export.verify import PICKLE_SUFFIXES
+from hf_oto.export.save import add_compat_fields, check_no_pickles, unique_state
 from hf_oto.groups.space import PruningSpace
 from hf_oto.quant.prepare import per_layer_bits, qfa_layers
 from hf_oto.quant.quantize import QuantizedWeight, whole_groups
@@ -160,8 +159,7 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
 
 def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[int], layer_of: dict[str, int],
            tmp: Path, tokenizer: Any, extra: dict[str, Any]) -> None:
-    keep = {n for n, _ in small.named_parameters()} | {n for n, _ in small.named_buffers()}
-    state = {k: v.detach().contiguous() for k, v in small.state_dict().items() if k in keep}
+    state = unique_state(small)
     dtype = next(iter(state.values())).dtype
     by_bits: dict[int, list[str]] = {}
     for name, q in quantized.items():
@@ -197,9 +195,7 @@ def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[i
     (tmp / QFA_MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / "README.md").write_text(_card(manifest))
     _plot_bits(bits, tmp / "bits_per_layer.png")
-    for f in tmp.rglob("*"):
-        if f.suffix in PICKLE_SUFFIXES:
-            raise ExportError(f"refusing to export a pickle: {f.name}")
+    check_no_pickles(tmp)
 
 
 def _card(m: dict[str, Any]) -> str:

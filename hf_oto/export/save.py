@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from hf_oto.errors import ExportError
@@ -134,7 +135,7 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
     (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
     (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=auto_class))
     plot_kept(full, tmp / "pruning_plot.png")
-    _check_no_pickles(tmp)
+    check_no_pickles(tmp)
 
 
 def add_compat_fields(folder: Path) -> None:
@@ -176,7 +177,13 @@ def _auto_class(model: nn.Module) -> str:
     return "AutoModel"
 
 
-def _check_no_pickles(folder: Path) -> None:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name ``named_parameters`` reports (on the CPU)."""
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+
+
+def check_no_pickles(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.suffix in PICKLE_SUFFIXES:
             raise ExportError(f"refusing to export a pickle: {f.name}")

@@ -18,6 +18,7 @@ from torch import nn
 
 from hf_oto.errors import ConfigError, ExportError
 from hf_oto.export.atomic import check_target, discard, publish, staging_dir
+from hf_oto.export.save import check_no_pickles, unique_state
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.layer import QFALinear
 from hf_oto.quant.prepare import qfa_layers, target_linears
@@ -32,8 +33,7 @@ def save_qfa_run(model: nn.Module, config: QFAConfig, out_dir: str | os.PathLike
     """Write the trained QFA model to ``out_dir`` (atomically; replaces only an earlier QFA run)."""
     out = Path(out_dir)
     check_target(out, overwrite=overwrite, marker=RUN_FILE)
-    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+    state = unique_state(model)
     tmp = staging_dir(out)
     try:
         save_file(state, str(tmp / "qfa_state.safetensors"), metadata={"format": "pt"})
@@ -45,6 +45,7 @@ def save_qfa_run(model: nn.Module, config: QFAConfig, out_dir: str | os.PathLike
                     gates=any(m.gate_out is not None for _, _, m in qfa_layers(model)),
                     torch_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=1, default=str))
+        check_no_pickles(tmp)
         return publish(tmp, out)
     finally:
         discard(tmp)
