@@ -21,7 +21,7 @@ from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, parse
 from hf_oto.job.build import load_model, load_tokenizer, with_lora
 from hf_oto.job.preflight import preflight
-from hf_oto.job.summary import print_summary
+from hf_oto.job.summary import print_summary, print_table
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
 from hf_oto.trainer import HFOTOTrainer
 
@@ -95,11 +95,7 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
     if trainer.hesso is not None:
         rows.append(("prunable parameters removed", f"{100 * trainer.hesso.metrics()['pruned_param_fraction']:.1f}%"))
     rows.append(("QFA run (for qfa-search)", str(out)))
-    width = max(len(r[0]) for r in rows)
-    print("\n" + "=" * (width + 40))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    print("=" * (width + 40))
+    print_table(rows)
     print(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
     return {"output": str(out), "ppl_uniform": ppl, "ppl_initial": before["initial_perplexity"]}
 

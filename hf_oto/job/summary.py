@@ -18,6 +18,11 @@ def print_summary(s: dict[str, Any]) -> None:
     ]
     rows += [(f"kept {kind}", f"{k} / {t}") for kind, (k, t) in sorted(s["kept"].items())]
     rows.append(("pruned model", s["output"]))
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    """Name/value rows between two rules, names padded to one width."""
     width = max(len(r[0]) for r in rows)
     print("\n" + "=" * (width + 40))
     for name, value in rows:
