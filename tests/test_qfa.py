@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer import Tokens, _args
-from tiny import logits, tiny_model
+from tiny import logits, reload_logits, tiny_model
 
 from hf_oto.errors import ConfigError, ExportError
 from hf_oto.export.quantized import pack_int32, save_quantized
-from hf_oto.export.verify import NO_HF_OTO_PRELUDE, child_env
 from hf_oto.groups import group_is_zero
 from hf_oto.quant import BitSampler, QFAConfig, prepare_qfa, qfa_layers, qfa_search, set_bits
 from hf_oto.quant.quantize import code_range, gptq, rtn
@@ -25,29 +24,13 @@ from hf_oto.trainer import HFOTOTrainer
 
 IDS = torch.randint(3, 64, (2, 11), generator=torch.Generator().manual_seed(3))
 
-RELOAD = NO_HF_OTO_PRELUDE + textwrap.dedent(
-    """
-    import json, torch, transformers
-    from safetensors.torch import save_file
-    jobs = json.loads(sys.argv[1])
-    ids = torch.tensor(jobs["ids"])
-    out = {}
-    for key, folder in jobs["dirs"].items():
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-        with torch.no_grad():
-            out[key] = model(input_ids=ids).logits.float().contiguous()
-        out[key + ".intermediate"] = torch.tensor(model.config.intermediate_size)
-    assert "hf_oto" not in sys.modules
-    save_file(out, jobs["result"])
-    """
-)
-
-
 def _reload_without_hf_oto(dirs: dict[str, str], tmp_path) -> dict[str, torch.Tensor]:
-    result = tmp_path / "reloaded.safetensors"
-    jobs = {"ids": IDS.tolist(), "result": str(result), "dirs": dirs}
-    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs)], check=True, env=child_env(), cwd=tmp_path)
-    return load_file(result)
+    """Logits of each export from a process that cannot import hf_oto, and its config's FFN width."""
+    out = reload_logits({k: {"dir": d} for k, d in dirs.items()}, IDS, tmp_path)
+    for key, folder in dirs.items():
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        out[key + ".intermediate"] = torch.tensor(cfg["intermediate_size"])
+    return out
 
 
 def _qfa_model(seed=0, **config):

@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny import ARCHS, ENCODERS, logits, tiny_model
+from tiny import ARCHS, ENCODERS, logits, reload_logits, tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
-from hf_oto.export.verify import NO_HF_OTO_PRELUDE
 from hf_oto.groups import group_is_zero
 
 TOL = 1e-5
 LAYOUTS = ("global", "per_layer_ffn", "uniform")
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-
-RELOAD = NO_HF_OTO_PRELUDE + textwrap.dedent(
-    """
-    import json, torch, transformers
-    from safetensors.torch import save_file
-    jobs = json.loads(sys.argv[1])
-    ids = torch.tensor(jobs["ids"])
-    out = {}
-    for key, job in jobs["dirs"].items():
-        cls = getattr(transformers, job["auto"])
-        model = cls.from_pretrained(job["dir"], trust_remote_code=job["remote"]).eval()
-        with torch.no_grad():
-            out[key] = model(input_ids=ids)[0].float().contiguous()
-    assert "hf_oto" not in sys.modules
-    save_file(out, jobs["result"])
-    """
-)
-
 
 def _zero_random(model, space, seed: int, p: float = 0.4) -> list[str]:
     rng = random.Random(seed)
@@ -66,15 +43,13 @@ def exports(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reloaded(exports, tmp_path_factory):
     """Load every export in one fresh interpreter that cannot import hf_oto."""
-    result = tmp_path_factory.mktemp("reload") / "logits.safetensors"
-    jobs = {"ids": IDS.tolist(), "result": str(result), "dirs": {}}
+    dirs = {}
     for key, case in exports.items():
         cfg = json.loads((case["dir"] / "config.json").read_text())
         arch = key.rsplit("-", 1)[0]
         auto = "AutoModel" if arch in ENCODERS else "AutoModelForCausalLM"
-        jobs["dirs"][key] = {"dir": str(case["dir"]), "auto": auto, "remote": "auto_map" in cfg}
-    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs)], check=True, cwd=result.parent)
-    return load_file(result)
+        dirs[key] = {"dir": str(case["dir"]), "auto": auto, "remote": "auto_map" in cfg}
+    return reload_logits(dirs, IDS, tmp_path_factory.mktemp("reload"))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

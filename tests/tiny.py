@@ -65,3 +65,38 @@ def make_hesso(model, space, base_optimizer=None, *, cric=None, base_kwargs=None
     config.setdefault("layout", "global")
     return HESSO(model, space, base_optimizer or torch.optim.AdamW, HESSOConfig(**config), cric=cric,
                  base_kwargs=base_kwargs, param_groups=param_groups)
+
+
+RELOAD = """
+import json, torch, transformers
+from safetensors.torch import save_file
+jobs = json.loads(sys.argv[1])
+ids = torch.tensor(jobs["ids"])
+out = {}
+for key, job in jobs["dirs"].items():
+    cls = getattr(transformers, job.get("auto", "AutoModelForCausalLM"))
+    model = cls.from_pretrained(job["dir"], trust_remote_code=job.get("remote", False)).eval()
+    with torch.no_grad():
+        out[key] = model(input_ids=ids)[0].float().contiguous()
+assert "hf_oto" not in sys.modules
+save_file(out, jobs["result"])
+"""
+
+
+def reload_logits(dirs: dict[str, dict], ids: torch.Tensor, workdir) -> dict[str, torch.Tensor]:
+    """Logits of every export in ``dirs`` (key -> {"dir", "auto", "remote"}), loaded in one fresh
+    interpreter that cannot import hf_oto."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from hf_oto.export.verify import NO_HF_OTO_PRELUDE, child_env
+
+    result = Path(workdir) / "reloaded.safetensors"
+    jobs = {"ids": ids.tolist(), "result": str(result), "dirs": dirs}
+    subprocess.run([sys.executable, "-c", NO_HF_OTO_PRELUDE + RELOAD, json.dumps(jobs)], check=True,
+                   env=child_env(), cwd=workdir)
+    return load_file(result)
