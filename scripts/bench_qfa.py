@@ -102,6 +102,7 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     from transformers import AutoModelForCausalLM
 
     from hf_oto.export.quantized import save_quantized
+    from hf_oto.metrics import perplexity
 
     started = time.time()
     half = len(eval_blocks) // 2
@@ -112,10 +113,7 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
                            "report_blocks": len(report_blocks), "rows": []}
     fp = AutoModelForCausalLM.from_pretrained(ref)
-    with torch.no_grad():
-        losses = [fp(input_ids=report_blocks[i:i + 8], labels=report_blocks[i:i + 8]).loss.item() * len(
-            report_blocks[i:i + 8]) for i in range(0, len(report_blocks), 8)]
-    res["fp_ppl"] = math.exp(sum(losses) / len(report_blocks))
+    res["fp_ppl"] = perplexity(fp, report_blocks)
     res["fp_mib"] = sum(p.numel() * p.element_size() for p in fp.parameters()) / 2**20
     del fp
 
