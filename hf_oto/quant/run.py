@@ -53,30 +53,26 @@ def save_qfa_run(model: nn.Module, config: QFAConfig, out_dir: str | os.PathLike
 
 def load_qfa_run(run_dir: str | os.PathLike):
     """(model, QFAConfig, info, eval blocks or None, tokenizer or None) from a run folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     run = Path(run_dir)
     if not (run / RUN_FILE).is_file():
         raise ConfigError(f"{run} is not a QFA run folder (no {RUN_FILE}); pass the run's output folder")
     info = json.loads((run / RUN_FILE).read_text())
     config = QFAConfig.from_dict(info["qfa"])
-    base = dict(info["base_config"])
-    model_config = AutoConfig.for_model(base.pop("model_type"), **base)
-    dtype = getattr(torch, info.get("torch_dtype", "float32"))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    model = base_model_for_space(info)
+    model_config, dtype = model.config, _dtype(info)
     state = load_file(str(run / "qfa_state.safetensors"))
-    for name, _, lin in target_linears(model, config):
-        out, inp = lin.weight.shape
-        shells = {b: QuantizedWeight(torch.zeros(out, inp, dtype=torch.int8),
-                                     torch.zeros(out, inp // config.group_size), b, config.group_size)
-                  for b in config.bits}
-        bias = None if lin.bias is None else torch.zeros(out)
-        layer = QFALinear(shells, bias, rank=config.rank, alpha=config.alpha)
-        if info.get("gates"):
-            layer.enable_gates()
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
+    with torch.device("meta"):  # shells: every tensor comes from the saved state below
+        for name, _, lin in target_linears(model, config):
+            out, inp = lin.weight.shape
+            shells = {b: QuantizedWeight(torch.zeros(out, inp, dtype=torch.int8),
+                                         torch.zeros(out, inp // config.group_size), b, config.group_size)
+                      for b in config.bits}
+            bias = None if lin.bias is None else torch.zeros(out)
+            layer = QFALinear(shells, bias, rank=config.rank, alpha=config.alpha)
+            if info.get("gates"):
+                layer.enable_gates()
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer)
     model.to_empty(device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()  # tied weights were saved once
@@ -115,10 +111,15 @@ def _reset_nonpersistent(model: nn.Module, config, dtype) -> None:
         model.get_submodule(parent).register_buffer(attr, fresh[name].clone(), persistent=False)
 
 
+def _dtype(info: dict[str, Any]) -> torch.dtype:
+    return getattr(torch, info.get("torch_dtype", "float32"))
+
+
 def base_model_for_space(info: dict[str, Any]) -> nn.Module:
-    """The run's base architecture on the meta device (pruning groups are discovered on it)."""
+    """The run's base architecture, in its dtype, on the meta device (pruning groups are discovered on it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base = dict(info["base_config"])
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
+                                                dtype=_dtype(info))
