@@ -55,9 +55,12 @@ SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num
              num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)
 QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
-METHODS = ("dense", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_pp", "hesso_pp_kd", "magnitude",
-           "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd", "torch_pruning")
-DEFAULT_METHODS = ("dense", "scratch", "hesso", "hesso_cric", "hesso_kd", "magnitude", "taylor", "wanda_sp",
+METHODS = ("dense", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_cric_kd", "hesso_pp",
+           "hesso_pp_kd", "magnitude", "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd",
+           "torch_pruning")
+# HESSO runs as HFOTOTrainer's defaults with distillation on (and once more with CRIC); the one-shot
+# baselines with and without the same distillation; HESSO without distillation is --methods hesso.
+DEFAULT_METHODS = ("dense", "scratch", "hesso_kd", "hesso_cric_kd", "magnitude", "taylor", "wanda_sp",
                    "taylor_kd", "wanda_sp_kd", "torch_pruning")
 # The references: the same small Llama with grouped-query (8 query heads over 2 kv heads) or full
 # multi-head attention (8 kv heads).
@@ -66,6 +69,7 @@ LABELS = {"dense": "dense + same training (control)",
           "scratch": "limit: the pruned shape trained from scratch on the reference's whole budget",
           "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
           "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model, weight 0.5)",
+          "hesso_cric_kd": "HESSO + CRIC + distillation",
           "hesso_pp": "HESSO, removals ranked per parameter freed",
           "hesso_pp_kd": "HESSO, per-parameter ranking + distillation",
           "magnitude_kd": "L2 magnitude, one-shot + train with distillation",
@@ -73,6 +77,15 @@ LABELS = {"dense": "dense + same training (control)",
           "wanda_sp_kd": "Wanda-sp, one-shot + train with distillation",
           "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
           "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train"}
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    """HFOTOTrainer's default pruning settings: the HESSO rows run with what a user gets."""
+    import dataclasses
+
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    return {f.name: f.default for f in dataclasses.fields(HFOTOTrainingArguments)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--ref_steps", type=int, default=3000,
                    help="training steps of the reference model (3000: the dense control moves < 2%%)")
-    p.add_argument("--steps", type=int, default=300, help="training steps every method gets (same tokens)")
+    p.add_argument("--steps", type=int, default=200, help="training steps every method gets (same tokens)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4,
@@ -99,8 +112,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
-    p.add_argument("--hesso_start", type=float, default=0.05, help="HESSO warm-up (fraction of --steps)")
-    p.add_argument("--hesso_pruning", type=float, default=0.5, help="HESSO pruning phase (fraction of --steps)")
+    d = _trainer_defaults()
+    p.add_argument("--hesso_criterion", default=d["pruning_criterion"], choices=("auto", "hesso", "taylor", "fisher"),
+                   help="HESSO rows' ranking criterion (default: HFOTOTrainer's pruning_criterion)")
+    p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("saliency", "per_param"),
+                   help="HESSO rows' ranking of removals (pruning_selection; *_pp methods use per_param)")
+    p.add_argument("--hesso_periods", type=int, default=d["pruning_periods"], help="HESSO pruning periods")
+    p.add_argument("--hesso_start", type=float, default=d["start_pruning_step"],
+                   help="HESSO warm-up (fraction of --steps; default: HFOTOTrainer's)")
+    p.add_argument("--hesso_pruning", type=float, default=d["pruning_steps"],
+                   help="HESSO pruning phase (fraction of --steps; default: HFOTOTrainer's)")
     p.add_argument("--tp_timeout", type=int, default=900, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
     p.add_argument("--section", choices=("all", "pruning", "qfa"), default="all",
@@ -173,6 +194,15 @@ def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: 
     trainer = cls(model=model, args=args, train_dataset=Blocks(blocks))
     if teacher is not None:
         trainer.setup_distillation(DistillConfig(), teacher)
+    trainer.step_losses = []  # each optimizer step's training loss (the CRIC noise analysis reads them)
+    step = trainer.training_step
+
+    def recorded(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        trainer.step_losses.append(float(loss))
+        return loss
+
+    trainer.training_step = recorded
     trainer.train()
     return trainer
 
@@ -227,7 +257,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": a.seed}
     if method == "dense":
-        train(model, train_blocks, a.steps, a, a.lr, workdir)
+        row["losses"] = train(model, train_blocks, a.steps, a, a.lr, workdir).step_losses
         final = model
     elif method == "scratch":
         # The shape the one-shot planner keeps at this sparsity (every method ends at this size), freshly
@@ -239,22 +269,26 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         final = AutoModelForCausalLM.from_config(shape)
         train(final, train_blocks, a.ref_steps + a.steps, a, 2e-3, workdir)
     elif method.startswith("hesso"):
-        # HESSO: warm-up 5%, pruning over 50% of the steps in 5 periods (--hesso_start/--hesso_pruning),
+        # HESSO with HFOTOTrainer's default schedule and criterion (--hesso_* override them),
         # then training at the final size.
         # With CRIC, its cycles (3 x 5% of the steps) come out of the pruning phase, so both variants
         # reach the final size at the same step and train it equally long.
-        cric = method == "hesso_cric"
+        cric = method.startswith("hesso_cric")
         sampling = max(2, a.steps // 20)
         pruning = a.hesso_pruning - (3 * sampling / a.steps if cric else 0.0)
         ema = 0.9 if method == "hesso_ema" else a.saliency_ema
         trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
                         pruning_layout="uniform", start_pruning_step=a.hesso_start, pruning_steps=pruning,
-                        pruning_periods=5,
+                        pruning_periods=a.hesso_periods, pruning_criterion=a.hesso_criterion,
                         ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3, distill=method.endswith("_kd"),
-                        pruning_selection="per_param" if "_pp" in method else "saliency")
+                        pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout="uniform")
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
+        row["pruned_groups"] = torch.nonzero(trainer.hesso.pruned).flatten().tolist()
+        if cric:  # each trial: [groups trialled, relative loss increase, harm]
+            row["cric"] = dict(trials=trainer.hesso.cric.state.log, sampling_steps=sampling,
+                               harm_scale=trainer.hesso.cric_config.harm_scale)
     elif method == "torch_pruning":
         result = torch_pruning(model, space, sparsity, a, workdir)
         if isinstance(result, str):
@@ -485,6 +519,48 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def window_increase(losses: list[float], length: int) -> list[float]:
+    """CRIC's trial statistic on every window of ``length`` steps: mean loss of the last third over
+    the first third, minus one (on a run without trials this is its noise and drift)."""
+    third = max(length // 3, 1)
+    out = []
+    for start in range(0, len(losses) - length + 1):
+        w = losses[start:start + length]
+        out.append(statistics.fmean(w[-third:]) / statistics.fmean(w[:third]) - 1.0)
+    return out
+
+
+def cric_analysis(rows: list[dict[str, Any]], kind: str, warmup: int) -> list[str]:
+    """What CRIC's trials measured against the noise of their statistic, what they cost, what changed."""
+    mine = [r for r in rows if r.get("reference", "model") == kind and "eval_ppl" in r]
+    cric = [r for r in mine if r["method"].startswith("hesso_cric") and r.get("cric")]
+    if not cric:
+        return []
+    length = cric[0]["cric"]["sampling_steps"]
+    trials = [t for r in cric for t in r["cric"]["trials"]]
+    inc = [t[1] for t in trials]
+    null = [v for r in mine if r["method"] == "dense" for v in window_increase(r["losses"][warmup:], length)]
+    lines = ["", f"CRIC ({len(trials)} trials of {length} steps over {len(cric)} runs; harm_scale "
+             f"{cric[0]['cric']['harm_scale']}):",
+             f"- the trials' loss increase (last third of the window over the first, minus one): mean "
+             f"{statistics.fmean(inc):+.3f}, range [{min(inc):+.3f}, {max(inc):+.3f}]; share judged harmful "
+             f"(harm > 0): {sum(t[2] > 0 for t in trials)}/{len(trials)}"]
+    if len(null) > 1:
+        lines.append(f"- the same statistic on the dense control's windows, with no trial: mean "
+                     f"{statistics.fmean(null):+.3f}, standard deviation {statistics.stdev(null):.3f}")
+    for r in cric:
+        base = r["method"].replace("_cric", "")
+        plain = next((p for p in mine if p["method"] == base and p["sparsity"] == r["sparsity"]
+                      and p["seed"] == r["seed"]), None)
+        if plain is None:
+            continue
+        a_set, b_set = set(plain["pruned_groups"]), set(r["pruned_groups"])
+        lines.append(f"- {100 * r['sparsity']:.0f}% seed {r['seed']}: perplexity {r['eval_ppl']:.2f} with CRIC "
+                     f"vs {plain['eval_ppl']:.2f} without ({100 * (r['eval_ppl'] / plain['eval_ppl'] - 1):+.1f}%); "
+                     f"{len(a_set ^ b_set) // 2} of {len(b_set)} removed groups differ")
+    return lines
+
+
 def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Path:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -497,7 +573,8 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"- wall time: {res['wall_minutes']:.1f} min; date: {res['date']}",
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
-             f"HESSO warm-up {a.hesso_start:.0%}, pruning phase {a.hesso_pruning:.0%} of the steps; distillation "
+             f"HESSO criterion {a.hesso_criterion!r}, selection {a.hesso_selection!r}, warm-up {a.hesso_start:.0%}, "
+             f"pruning phase {a.hesso_pruning:.0%} of the steps in {a.hesso_periods} periods; distillation "
              f"rows add a KL term to the dense reference (weight 0.5, T 1)",
              f"- seeds: {a.seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
              f"cells are mean perplexity, with the seeds' range [min-max] where there are several",
@@ -534,6 +611,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
                 best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b['ppl']:.2f})")
         if best:
             lines += ["", "Lowest mean perplexity per sparsity: " + "; ".join(best) + "."]
+        lines += cric_analysis(rows, kind, warmup=max(1, a.steps // 20))
     tp_rows = [r for r in rows if r.get("torch_pruning")]
     if tp_rows:
         lines.append("Torch-Pruning's ratio was calibrated to the same removed count; tries as [ratio, removed, "
@@ -628,7 +706,8 @@ def main(argv: list[str] | None = None) -> Path:
         for s in [0.0] + list(a.sparsities):
             seeded = s in (0.0, a.seeded_sparsity)
             jobs += [(kind, m, s, a.seed + k) for m in a.methods if (m == "dense") == (s == 0.0)
-                     for k in range(a.seeds if seeded and m != "scratch" else 1)]  # the limit row: one run
+                     and (m != "scratch" or s == a.seeded_sparsity)  # the limit row: one run, at 50%
+                     for k in range(a.seeds if seeded and m != "scratch" else 1)]
     tp_error: str | None = None
     with tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="run")

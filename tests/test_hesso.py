@@ -11,6 +11,8 @@ from tiny import make_hesso, tiny_model
 from hf_oto import construct_subnet, discover_groups
 from hf_oto.groups import group_is_zero
 from hf_oto.optim import SaliencyWeights
+from hf_oto.optim.budget import Plan, build_items, select
+from hf_oto.optim.importance import per_kind_relative
 
 IDS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
 
@@ -96,7 +98,8 @@ def test_ffn_widths_stay_on_the_multiple(layout):
             assert kept % 16 == 0 or kept == gs.count, (gs.prefix, kept)
 
 
-def test_planted_redundant_channels_are_found():
+@pytest.mark.parametrize("criterion", ["hesso", "taylor"])
+def test_planted_redundant_channels_are_found(criterion):
     """FFN channels made tiny and useless are exactly the ones HESSO removes at matching sparsity."""
     model = tiny_model("llama", intermediate_size=64)
     space = discover_groups(model)
@@ -115,24 +118,64 @@ def test_planted_redundant_channels_are_found():
                                  torch.full_like(p.index_select(spec.dim, spec.index[j]), 1e-4))
     planted_params = sum(space[i].num_params for i in planted)
     opt = _hesso(model, space, target_params=planted_params, ffn_multiple=1, pruning_periods=1,
-                 weights=SaliencyWeights(1, 0, 0, 0))
+                 weights=SaliencyWeights(1, 0, 0, 0), criterion=criterion)
     _train(model, opt, 10)
     assert set(torch.nonzero(opt.pruned).flatten().tolist()) == set(planted)
 
 
-@pytest.mark.parametrize("ema", [None, 0.9])
-def test_resume_is_bit_exact_mid_period(ema):
+@pytest.mark.parametrize("criterion", ["taylor", "fisher"])
+def test_accumulated_criteria_rank_on_first_order_terms_summed_over_the_steps(criterion):
+    """Each period ranks on evidence summed over its steps: "taylor" sums |w * g| over a group's
+    elements (then relative within each kind), "fisher" squares the group's w . g (raw, comparable
+    across kinds); the period's removals are the planner's choice on exactly those scores."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    selection = "per_param" if criterion == "fisher" else "saliency"
+    opt = _hesso(model, space, base_kwargs={"lr": 0.0}, criterion=criterion, selection=selection,
+                 start_pruning_step=3, pruning_steps=4, pruning_periods=2, target_sparsity=0.4)
+    params = dict(model.named_parameters())
+    expected = torch.zeros(len(space))
+    batches = torch.randint(3, 64, (4, 2, 12), generator=torch.Generator().manual_seed(1))
+    for t, ids in enumerate(batches):
+        if t == 3:  # the warm-up's evidence, before the period-start step adds its own
+            assert torch.allclose(opt.taylor, expected, rtol=1e-5)
+        opt.zero_grad()
+        _loss(model, ids).backward()
+        for k, gs in enumerate(space.sets):  # each group's terms, written out
+            off = space.set_offset(k)
+            for j in range(gs.count):
+                parts = [(params[s.param].detach() * params[s.param].grad).index_select(s.dim, s.index[j])
+                         for s in gs.slices]
+                if criterion == "taylor":
+                    expected[off + j] += sum(x.abs().sum() for x in parts)
+                else:
+                    expected[off + j] += sum(x.sum() for x in parts) ** 2
+        opt.step()
+    assert opt.taylor is None  # the period start consumed the evidence
+    scores = per_kind_relative(space, expected) if criterion == "taylor" else expected
+    plan = Plan(space)
+    c = opt.config
+    items = build_items(space, scores, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
+                        selection=selection)
+    select(plan, items, opt.target_params // 2, 0.0)
+    assert torch.equal(opt.redundant, plan.mask()) and bool(opt.redundant.any())
+
+
+@pytest.mark.parametrize("ema, criterion, stop", [(None, "hesso", 6), (0.9, "hesso", 6), (None, "taylor", 7)])
+def test_resume_is_bit_exact_mid_period(ema, criterion, stop):
     torch.manual_seed(0)
     model = tiny_model("qwen2")
     space = discover_groups(model)
-    kw = dict(saliency_ema=ema, ema_interval=2, pruning_steps=9, pruning_periods=3)
+    kw = dict(saliency_ema=ema, ema_interval=2, pruning_steps=9, pruning_periods=3, criterion=criterion)
     ref = copy.deepcopy(model)
     ref_opt = _hesso(ref, space, **kw)
     _train(ref, ref_opt, 14)
 
     first = copy.deepcopy(model)
     opt = _hesso(first, space, **kw)
-    _train(first, opt, 6)  # stops inside the second period
+    _train(first, opt, stop)  # stops inside the second period (with "taylor": mid-accumulation)
+    assert criterion != "taylor" or opt.taylor is not None
     saved_model = copy.deepcopy(first.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
 
@@ -140,7 +183,7 @@ def test_resume_is_bit_exact_mid_period(ema):
     resumed.load_state_dict(saved_model)
     opt2 = _hesso(resumed, space, **kw)
     opt2.load_state_dict(saved_opt)
-    _train(resumed, opt2, 8)
+    _train(resumed, opt2, 14 - stop)
     for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     assert torch.equal(ref_opt.pruned, opt2.pruned)

@@ -35,6 +35,7 @@ def test_prune_while_training_and_export(tmp_path):
     model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
     trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
     trainer.train()
+    assert trainer.hesso.config.criterion == "taylor"  # "auto" with full fine-tuning
     m = trainer.hesso.metrics()
     goal = trainer.hesso.settings["target_params"]
     assert abs(m["pruned_params"] - goal) <= 0.05 * goal  # tiny model: coarse groups
@@ -99,6 +100,7 @@ def test_lora_training_prunes_base_and_adapters_and_exports_merged(tmp_path):
     trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
     trainer.train()
     hesso = trainer.hesso
+    assert hesso.config.criterion == "hesso"  # "auto" with LoRA: the frozen base has no gradient
     assert int(hesso.pruned.sum()) > 0
     # base weights are frozen (not in the base optimizer) yet projected: pruned rows are zero
     up = model.base_model.model.model.layers[0].mlp.up_proj

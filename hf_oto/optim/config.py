@@ -11,6 +11,8 @@ from hf_oto.optim.budget import SELECTIONS, resolve_target
 from hf_oto.optim.cric import CRICConfig
 from hf_oto.optim.saliency import SaliencyWeights
 
+CRITERIA: tuple[str, ...] = ("hesso", "taylor", "fisher")
+
 
 @dataclass(frozen=True)
 class HESSOConfig:
@@ -27,7 +29,13 @@ class HESSOConfig:
     ``saliency_ema`` (None: one batch) smooths the criteria, measured every ``ema_interval`` steps.
     The target is met within ``tolerance`` (a fraction of it) where the group sizes allow.
     ``selection`` ranks removals by mean saliency (``"saliency"``) or by saliency per parameter
-    freed (``"per_param"``, the knapsack's greedy rule).
+    freed (``"per_param"``, the knapsack's greedy rule). ``criterion`` is HESSO's weighted saliency
+    (``"hesso"``, measured on one step's update at each period start) or ``"taylor"``: the
+    first-order Taylor importance ``sum |w * g|`` accumulated over every training step since the
+    previous period start (the warm-up for the first), relative within each kind of group; or
+    ``"fisher"``: the sum over the same steps of ``(w . g)^2`` per group, the empirical Fisher
+    estimate of the loss increase when the group is removed, which is comparable across kinds, so
+    it pairs with ``selection="per_param"`` (a knapsack over loss increase per parameter freed).
     """
 
     target_sparsity: float | None = 0.5
@@ -43,8 +51,11 @@ class HESSOConfig:
     ema_interval: int = 10
     tolerance: float = 0.01
     selection: str = "saliency"
+    criterion: str = "hesso"
 
     def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.target_params is None and (self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0):

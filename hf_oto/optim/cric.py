@@ -82,6 +82,8 @@ class CRICState:
     trial: torch.Tensor | None = None
     snapshot: dict[str, torch.Tensor] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    # one entry per finished trial: [groups trialled, relative loss increase (unclipped), harm]
+    log: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A copy of the state that shares no tensor with this object (for checkpoints)."""
@@ -173,6 +175,7 @@ class CRIC:
         cs.harm_n[cs.trial] += 1
         cs.harm_total += harm
         cs.trials += 1
+        cs.log.append([float(cs.trial.sum()), increase, harm])
         actuator.restore(self._trial, cs.snapshot)
         cs.snapshot, cs.t, self._trial = {}, 0, None
         cs.cycle += 1

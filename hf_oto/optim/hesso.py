@@ -14,7 +14,7 @@ from hf_oto.optim import slices
 from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
-from hf_oto.optim.importance import Evidence, HESSOSaliency, Importance
+from hf_oto.optim.importance import Evidence, HESSOSaliency, Importance, per_kind_relative
 from hf_oto.optim.saliency import group_statistics, lora_factors
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
 
@@ -82,6 +82,7 @@ class HESSO(torch.optim.Optimizer):
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
         self.redundant = torch.zeros(len(space), dtype=torch.bool)
         self.ema: torch.Tensor | None = None
+        self.taylor: torch.Tensor | None = None  # "taylor"/"fisher": evidence summed since the last period start
         self._zero_index: list[slices.Target] | None = None
         self._redundant_index: list[slices.Target] | None = None
         self.cric_config = cric
@@ -104,6 +105,7 @@ class HESSO(torch.optim.Optimizer):
             ema_interval=c.ema_interval, tolerance=c.tolerance,
             # (recorded only when not the default, so checkpoints from before the option still resume)
             **({"selection": c.selection} if c.selection != "saliency" else {}),
+            **({"criterion": c.criterion} if c.criterion != "hesso" else {}),
         )
 
     def record(self) -> dict[str, Any]:
@@ -158,13 +160,30 @@ class HESSO(torch.optim.Optimizer):
         cric_now = self._cric_active(step)
         pos = None if cric_now else self._position(step)
         cycle_start = cric_now and self.cric.state.t == 0
+        period_start = pos is not None and pos[1] == 0
+        taylor = self.config.criterion != "hesso"
+        if taylor and self._accumulating(step):
+            # this step's first-order terms (the global batch's gradients, before the step moves w):
+            # "taylor" sums |w * g| over the group's elements, "fisher" squares the group's w . g
+            st = group_statistics(self.model_params, self.space, grad_only=True)
+            term = st["ag"] if self.config.criterion == "taylor" else st["xg"].square()
+            self.taylor = term if self.taylor is None else self.taylor.add_(term)
         snapshot = None
-        if cycle_start or self._wants_stats(step, pos):
+        if not taylor and (cycle_start or self._wants_stats(step, pos)):
             snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
         guard = self._guard_before()
         self.base.step()
         self._guard_after(guard)
-        if snapshot is not None:
+        if taylor and (cycle_start or period_start):
+            ranked = self.taylor
+            if self.config.criterion == "taylor":
+                ranked = per_kind_relative(self.space, ranked, ~(self.pruned | self.redundant))
+            if cycle_start:
+                self.cric.start_cycle(ranked, self._full_budget, self)
+            else:
+                self._mark(pos[0], ranked)
+                self.taylor = None  # the next period ranks on its own steps' evidence
+        elif snapshot is not None:
             # the update reuses the snapshot's memory: no second copy of the prunable weights
             update = {n: snapshot.pop(n).neg_().add_(self.model_params[n].detach()) for n in list(snapshot)}
             score = self.importance(self.space, Evidence(self.model_params, update=update, lora=self._lora))
@@ -175,11 +194,8 @@ class HESSO(torch.optim.Optimizer):
             ranked = self.ema if beta is not None else score
             if cycle_start:
                 self.cric.start_cycle(ranked, self._full_budget, self)
-            elif pos is not None and pos[1] == 0:
-                if self.cric is not None and self.cric.rank is not None:
-                    blend = self.cric_config.blend
-                    ranked = blend * unit(ranked) + (1 - blend) * unit(self.cric.rank)
-                self._mark_redundant(pos[0], ranked)
+            elif period_start:
+                self._mark(pos[0], ranked)
         if cric_now:
             if self.cric.step(self._need_loss(), self):  # its last cycle ended: the periods start next step
                 self.prune_start = step + 1
@@ -196,6 +212,19 @@ class HESSO(torch.optim.Optimizer):
                 self._clean_steps = 0
         self.step_count += 1
         return loss
+
+    def _accumulating(self, step: int) -> bool:
+        """Whether the Taylor criterion still needs evidence: until the last period has started."""
+        if self.prune_start is None:
+            return True
+        return step <= self.prune_start + self.period_length * (self.config.pruning_periods - 1)
+
+    def _mark(self, period: int, ranked: torch.Tensor) -> None:
+        """Mark the period's share of the budget redundant under ``ranked`` (blended with CRIC's ranking)."""
+        if self.cric is not None and self.cric.rank is not None:
+            blend = self.cric_config.blend
+            ranked = blend * unit(ranked) + (1 - blend) * unit(self.cric.rank)
+        self._mark_redundant(period, ranked)
 
     # CRIC ------------------------------------------------------------------------------------
     def _need_loss(self) -> float:
@@ -361,6 +390,7 @@ class HESSO(torch.optim.Optimizer):
             "pruned": self.pruned.clone(),
             "redundant": self.redundant.clone(),
             "ema": None if self.ema is None else self.ema.clone(),
+            "taylor": None if self.taylor is None else self.taylor.clone(),
             "settings": dict(self.settings),
             "weights": vars(self.weights).copy(),
             "cric_config": None if self.cric_config is None else vars(self.cric_config).copy(),
@@ -393,6 +423,7 @@ class HESSO(torch.optim.Optimizer):
         self.pruned = h["pruned"].clone()
         self.redundant = h["redundant"].clone()
         self.ema = None if h["ema"] is None else h["ema"].clone()
+        self.taylor = None if h.get("taylor") is None else h["taylor"].clone()
         self._zero_index = self._redundant_index = None
         self.prune_start = h["prune_start"]
         self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]

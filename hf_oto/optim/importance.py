@@ -41,6 +41,24 @@ class Importance(Protocol):
     def __call__(self, space: PruningSpace, evidence: Evidence) -> torch.Tensor: ...
 
 
+def per_kind_relative(space: PruningSpace, score: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores divided by the mean score of their kind (over the ``alive`` groups when given), so heads
+    and FFN channels compete on relative importance."""
+    out = score.clone()
+    kinds: dict[str, list[tuple[int, int]]] = {}
+    for k, gs in enumerate(space.sets):
+        kinds.setdefault(gs.kind, []).append((space.set_offset(k), gs.count))
+    for spans in kinds.values():
+        values = torch.cat([score[o:o + n] for o, n in spans])
+        if alive is not None:
+            keep = torch.cat([alive[o:o + n] for o, n in spans])
+            values = values[keep] if bool(keep.any()) else values
+        mean = values.mean().clamp_min(1e-12)
+        for o, n in spans:
+            out[o:o + n] = score[o:o + n] / mean
+    return out
+
+
 @dataclass(frozen=True)
 class HESSOSaliency:
     """HESSO's weighted criteria: magnitude, average magnitude, cosine(parameter, update), |x . g|."""

@@ -27,24 +27,11 @@ from torch import nn
 from hf_oto.errors import ConfigError
 from hf_oto.groups.space import Layout, PruningSpace, zero_groups
 from hf_oto.optim.budget import Plan, build_items, resolve_target, select
-from hf_oto.optim.importance import Evidence, Importance, Magnitude
+from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
 Criterion = Literal["magnitude", "taylor", "wanda_sp"]
 CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp")
-
-
-def _per_kind_relative(space: PruningSpace, score: torch.Tensor) -> torch.Tensor:
-    out = score.clone()
-    kinds: dict[str, list[tuple[int, int]]] = {}
-    for k, gs in enumerate(space.sets):
-        kinds.setdefault(gs.kind, []).append((space.set_offset(k), gs.count))
-    for spans in kinds.values():
-        values = torch.cat([score[o:o + n] for o, n in spans])
-        mean = values.mean().clamp_min(1e-12)
-        for o, n in spans:
-            out[o:o + n] = score[o:o + n] / mean
-    return out
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], with_loss: bool):
@@ -169,7 +156,7 @@ def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion |
     batches = list(batches or [])
     if criterion.needs_batches and not batches:
         raise ConfigError(f"criterion {type(criterion).__name__} needs calibration batches (dicts with input_ids)")
-    return _per_kind_relative(space, criterion(space, Evidence.of(model, batches)))
+    return per_kind_relative(space, criterion(space, Evidence.of(model, batches)))
 
 
 def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *,

@@ -92,9 +92,12 @@ def slice_sums(values: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
 @torch.no_grad()
 def group_statistics(
     params: dict[str, torch.Tensor], space: PruningSpace, update: dict[str, torch.Tensor] | None = None,
-    lora: dict[str, LoraFactors] | None = None,
+    lora: dict[str, LoraFactors] | None = None, *, grad_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-group sums: ||x||^2, x.g, x.u, ||u||^2 and group sizes (vectors over all groups).
+    """Per-group sums: ||x||^2, x.g, |x*g| (elementwise), x.u, ||u||^2 and group sizes (vectors over all groups).
+
+    ``grad_only`` computes just the gradient terms (``xg``, ``ag``) on the parameters as stored (no
+    LoRA effective weights): the cheap per-step statistics of the accumulated Taylor criterion.
 
     With ``lora`` (from :func:`lora_factors`), ``x`` and ``u`` are the *effective* weight
     W + s*B@A and its change, so a frozen base weight is judged as the model uses it; the adapter
@@ -112,7 +115,7 @@ def group_statistics(
     for gs in space.sets:
         for spec in gs.slices:
             keys.setdefault(spec.param, set()).add((spec.dim, spec.expert))
-    # (param, dim, expert) -> {"sq"|"xg"|"xu"|"uu": per-index sums over the full index range}
+    # (param, dim, expert) -> {"sq"|"xg"|"ag"|"xu"|"uu": per-index sums over the full index range}
     per_key: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}
     device = None
     for name in sorted(keys):
@@ -120,7 +123,11 @@ def group_statistics(
         if is_sharded(p):
             device = device or p.device
         grad = None if p.grad is None else local(p.grad)
-        if name in factor_names:
+        if grad_only:
+            if grad is None:
+                continue
+            x, u = local(p.detach()), None
+        elif name in factor_names:
             x, u = local(p.detach()), None
         else:
             f = lora.get(name)
@@ -135,8 +142,11 @@ def group_statistics(
             d = dim - 1 if expert is not None else dim
             out: dict[str, torch.Tensor] = {}
             if eg is not None:
-                out["xg"] = _per_index(ex, eg, d)
-            if name not in factor_names:
+                prod = ex.float() * eg.float()
+                out["xg"] = _index_sums(prod, d)
+                out["ag"] = _index_sums(prod.abs_(), d)
+                del prod
+            if name not in factor_names and not grad_only:
                 out["sq"] = _per_index(ex, ex, d)
                 if eu is not None:
                     out["xu"] = _per_index(ex, eu, d)
@@ -150,7 +160,7 @@ def group_statistics(
             per_key[(name, dim, expert)] = {k: v.cpu() for k, v in out.items()}
         del x, u, grad
 
-    keys4 = ("sq", "xg", "xu", "uu")
+    keys4 = ("sq", "xg", "ag", "xu", "uu")
     # FSDP: a sharded parameter yields partial sums (its local rows); they are summed over ranks.
     full: list[dict[str, torch.Tensor]] = []
     part: list[dict[str, torch.Tensor]] = []
@@ -165,7 +175,7 @@ def group_statistics(
             acc = part[-1] if is_sharded(p) else full[-1]
             if spec.param not in factor_names:
                 numel += _full_width(spec, p.shape)
-            for k, v in per_key[(spec.param, spec.dim, spec.expert)].items():
+            for k, v in per_key.get((spec.param, spec.dim, spec.expert), {}).items():
                 acc[k] += v[spec.index].sum(1)
         size.append(torch.full((n,), float(numel)))
     stats = {k: torch.cat([f[k] for f in full]) for k in keys4}

@@ -46,8 +46,15 @@ class HFOTOTrainingArguments(TrainingArguments):
         default="saliency",
         metadata={"help": "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param')"},
     )
-    start_pruning_step: float = field(default=0.1, metadata={"help": "warm-up before pruning (fraction or steps)"})
-    pruning_steps: float = field(default=0.5, metadata={"help": "length of the pruning phase (fraction or steps)"})
+    pruning_criterion: str = field(
+        default="auto",
+        metadata={"help": "how groups are ranked: 'taylor' (first-order Taylor sum |w*g| accumulated over the "
+                          "steps before each period), 'fisher' (sum of (w.g)^2 per group; pair with "
+                          "pruning_selection per_param), 'hesso' (HESSO's weighted one-step saliency), or 'auto': "
+                          "taylor, and hesso with LoRA (frozen base weights have no gradient)"},
+    )
+    start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
+    pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
     pruning_periods: int = field(default=5, metadata={"help": "number of pruning periods"})
     ffn_multiple: int = field(default=8, metadata={"help": "kept FFN widths are multiples of this"})
     min_keep: int = field(default=1, metadata={"help": "groups kept at least in every set"})
@@ -95,8 +102,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         """A schedule value as optimizer steps (fractions of ``total`` below 1)."""
         return int(round(value * total)) if value < 1 else int(value)
 
-    def hesso_config(self, total_steps: int) -> HESSOConfig:
-        """The :class:`HESSOConfig` these arguments describe, for ``total_steps`` optimizer steps."""
+    def hesso_config(self, total_steps: int, *, lora: bool = False) -> HESSOConfig:
+        """The :class:`HESSOConfig` these arguments describe, for ``total_steps`` optimizer steps (``lora``:
+        the model trains LoRA adapters, which decides ``pruning_criterion="auto"``)."""
         try:
             weights = SaliencyWeights(*(float(x) for x in self.saliency_weights.split(",")))
         except (TypeError, ValueError):
@@ -107,8 +115,14 @@ class HFOTOTrainingArguments(TrainingArguments):
             start_pruning_step=self.steps(self.start_pruning_step, total_steps),
             pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
-            selection=self.pruning_selection,
+            selection=self.pruning_selection, criterion=self.resolved_criterion(lora),
         )
+
+    def resolved_criterion(self, lora: bool) -> str:
+        """``pruning_criterion`` with "auto" decided: accumulated Taylor, or HESSO's saliency under LoRA."""
+        if self.pruning_criterion != "auto":
+            return self.pruning_criterion
+        return "hesso" if lora else "taylor"
 
     def cric_config(self) -> CRICConfig | None:
         """The :class:`CRICConfig` these arguments describe (None without ``use_cric``)."""

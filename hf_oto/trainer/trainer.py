@@ -18,6 +18,7 @@ from hf_oto.export.formats import EXPORT_FORMATS, decilm_setup_problem
 from hf_oto.groups import discover_groups, unwrap_peft
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO
+from hf_oto.optim.saliency import lora_factors
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.distill import DistillMixin
@@ -78,7 +79,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         self._qfa_start(total)
         if self.hesso_space is None:  # a quantize-only QFA run
             return super().create_optimizer(model)
-        config, cric = self.args.hesso_config(total), self.args.cric_config()
+        config = self.args.hesso_config(total, lora=bool(lora_factors(self.model)))
+        cric = self.args.cric_config()
         config.validate(self.hesso_space, total_steps=total, cric=cric)  # before the base optimizer is built
         base = super().create_optimizer(model)
         self.optimizer = HESSO(self.model, self.hesso_space, base, config, cric=cric)
