@@ -275,7 +275,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         # reach the final size at the same step and train it equally long.
         cric = method.startswith("hesso_cric")
         sampling = max(2, a.steps // 20)
-        pruning = a.hesso_pruning - (3 * sampling / a.steps if cric else 0.0)
+        # (at least a step per period when the cycles would take the whole phase, as on --quick)
+        pruning = max(a.hesso_pruning - (3 * sampling / a.steps if cric else 0.0), a.hesso_periods / a.steps)
         ema = 0.9 if method == "hesso_ema" else a.saliency_ema
         trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
                         pruning_layout="uniform", start_pruning_step=a.hesso_start, pruning_steps=pruning,

@@ -13,7 +13,7 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
     report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "scratch", "hesso", "wanda_sp",
-                             "hesso_kd", "magnitude_kd", "--seeds", "2", "--references", "gqa", "--skip_speed",
+                             "hesso_kd", "hesso_cric_kd", "magnitude_kd", "--seeds", "2", "--references", "gqa", "--skip_speed",
                              "--section", "pruning", "--out", str(tmp_path / "res"),
                              "--cache", str(tmp_path / "cache")])
     text = report.read_text()
@@ -21,6 +21,9 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     assert "| 50% | HESSO + distillation" in text and "| 50% | L2 magnitude, one-shot + train with distillation" in text
     assert "| 50% | limit: the pruned shape trained from scratch" in text
     assert "Dense control with the recovery budget" in text
+    # CRIC's analysis: its trials' statistic, the same statistic's noise on the control, what changed
+    assert "CRIC (6 trials of 2 steps over 2 runs" in text and "with no trial: mean" in text
+    assert text.count("removed groups differ") == 2
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     rows = res["rows"]
     pruned = [r for r in rows if r["method"] != "dense"]
