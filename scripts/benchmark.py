@@ -280,7 +280,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         ema = 0.9 if method == "hesso_ema" else a.saliency_ema
         trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
                         pruning_layout="uniform", start_pruning_step=a.hesso_start, pruning_steps=pruning,
-                        pruning_periods=a.hesso_periods, pruning_criterion=a.hesso_criterion,
+                        pruning_periods=a.hesso_periods,
+                        pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
                         ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3, distill=method.endswith("_kd"),
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)

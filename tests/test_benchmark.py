@@ -13,8 +13,8 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
     report = benchmark.main(["--quick", "--sparsities", "0.5", "--methods", "dense", "scratch", "hesso", "wanda_sp",
-                             "hesso_kd", "hesso_cric_kd", "magnitude_kd", "--seeds", "2", "--references", "gqa", "--skip_speed",
-                             "--section", "pruning", "--out", str(tmp_path / "res"),
+                             "hesso_kd", "hesso_cric_kd", "magnitude_kd", "--seeds", "2", "--references", "gqa",
+                             "--skip_speed", "--section", "pruning", "--out", str(tmp_path / "res"),
                              "--cache", str(tmp_path / "cache")])
     text = report.read_text()
     assert "| 50% | HESSO |" in text and "| 50% | Wanda-sp" in text and "dense + same training" in text

@@ -42,6 +42,8 @@ def _hesso(model, space, **kw):
     (dict(target_sparsity=1.5), "target_sparsity"),
     (dict(target_sparsity=0.999, layout="uniform"), "cannot be reached"),
     (dict(layout="ragged"), "layout"),
+    (dict(criterion="gradient"), "criterion must be one of"),
+    (dict(criterion="taylor", saliency_ema=0.9), "saliency_ema smooths"),
 ])
 def test_invalid_settings_are_rejected_up_front(bad, match):
     model = tiny_model("llama")

@@ -56,6 +56,9 @@ class HESSOConfig:
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.criterion != "hesso" and self.saliency_ema is not None:
+            raise ConfigError(f"saliency_ema smooths the 'hesso' criterion; {self.criterion!r} already sums its "
+                              "evidence over each period (leave saliency_ema unset, or use criterion 'hesso')")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.target_params is None and (self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0):

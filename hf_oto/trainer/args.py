@@ -51,7 +51,7 @@ class HFOTOTrainingArguments(TrainingArguments):
         metadata={"help": "how groups are ranked: 'taylor' (first-order Taylor sum |w*g| accumulated over the "
                           "steps before each period), 'fisher' (sum of (w.g)^2 per group; pair with "
                           "pruning_selection per_param), 'hesso' (HESSO's weighted one-step saliency), or 'auto': "
-                          "taylor, and hesso with LoRA (frozen base weights have no gradient)"},
+                          "taylor, or hesso with LoRA (frozen base weights have no gradient) or with saliency_ema"},
     )
     start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
@@ -119,10 +119,11 @@ class HFOTOTrainingArguments(TrainingArguments):
         )
 
     def resolved_criterion(self, lora: bool) -> str:
-        """``pruning_criterion`` with "auto" decided: accumulated Taylor, or HESSO's saliency under LoRA."""
+        """``pruning_criterion`` with "auto" decided: accumulated Taylor, or HESSO's saliency under LoRA or
+        with ``saliency_ema`` (which smooths that saliency)."""
         if self.pruning_criterion != "auto":
             return self.pruning_criterion
-        return "hesso" if lora else "taylor"
+        return "hesso" if lora or self.saliency_ema is not None else "taylor"
 
     def cric_config(self) -> CRICConfig | None:
         """The :class:`CRICConfig` these arguments describe (None without ``use_cric``)."""
