@@ -10,13 +10,15 @@ Run (CPU, default settings; results land in scripts/benchmark_results/):
    under --cache so later runs reuse them. --model/--dataset/--train_files take any causal LM and text.
 2. For each target sparsity (fraction of attention+FFN parameters), every method ends at the same
    parameter count (the shared planner, uniform layout, 1% tolerance) after the same recovery
-   budget (--steps): HESSO and HESSO+CRIC prune while training (HFOTOTrainer), with and without
-   distillation from the dense reference; the one-shot baselines (group L2 magnitude, first-order
-   Taylor on calibration batches, Wanda-sp activation-weighted magnitude) prune first, then train
-   (Taylor and Wanda-sp also with distillation); Torch-Pruning runs where it can (its error or
-   timeout is recorded otherwise); the dense model gets the same training as a control; the limit
-   row trains the pruned shape from scratch on the reference's whole budget. --seeds runs at
-   --seeded_sparsity (and the control) give each cell a mean and a range.
+   budget (--steps): HESSO prunes while training (HFOTOTrainer with its default criterion and
+   schedule), with distillation from the dense reference, and once more with CRIC; the one-shot
+   baselines (group L2 magnitude, first-order Taylor on calibration batches, Wanda-sp
+   activation-weighted magnitude) prune first, then train (Taylor and Wanda-sp also with the same
+   distillation); Torch-Pruning runs where it can (its error or timeout is recorded otherwise); the
+   dense model gets the same training as a control; the limit row trains the pruned shape from
+   scratch on the reference's whole budget (once, at --seeded_sparsity). --seeds runs at
+   --seeded_sparsity (and the control) give each cell a mean and a range. The CRIC rows' trials
+   are reported against the noise of their statistic on the control's per-step losses.
 3. Speed, on a random-weight Llama of a few hundred million parameters: prefill and greedy-decode
    tokens/s of its 50%-pruned export over the dense model, in one process; HESSO's optimizer step
    over AdamW; group discovery on 7B and 70B configs (meta device).

@@ -75,7 +75,10 @@ def test_accelerate_two_processes_give_the_same_architecture(tmp_path):
     import sys
 
     one = tmp_path / "one"
-    run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "r1"), "--pruned_output_dir", str(one)])
+    # one process accumulating two batches per step sees the global batches of the two processes, so the
+    # gradient-based ranking has the same evidence
+    run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "r1"), "--pruned_output_dir", str(one),
+                                            "--gradient_accumulation_steps", "2"])
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
            "--main_process_port", "0", "scripts/prune_finetune.py", "configs/quickstart.yaml", *SMALL,
