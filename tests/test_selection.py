@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -74,3 +75,60 @@ def test_planner_choice_on_a_planted_case(selection):
 def test_selection_is_validated():
     with pytest.raises(ConfigError, match="selection must be one of"):
         HESSOConfig(selection="knapsack")
+
+
+def _mha_llama():
+    """8 heads of a 64-wide Llama: its config accepts 8, 4, 2 or 1 heads (hidden_size % heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=8, head_dim=8,
+                                         vocab_size=64)).eval()
+    return model, discover_groups(model)
+
+
+def test_head_items_step_between_counts_the_config_accepts():
+    from hf_oto.optim.budget import build_items
+
+    model, space = _mha_llama()
+    heads = [k for k, gs in enumerate(space.sets) if gs.kind == "attention_head"]
+    assert {v[0] for v in space.sets[heads[0]].attention.valid_counts} == {1, 2, 4, 8}
+    scores = torch.rand(len(space), generator=torch.Generator().manual_seed(0))
+    items = build_items(space, scores, Plan(space), layout="global", multiple=8, min_keep=1)
+    for k in heads:
+        off = space.set_offset(k)
+        chunks = [c for it in sorted(items, key=lambda it: it.order) for kk, c in it.members if kk == k]
+        assert [len(c) for c in chunks] == [4, 2, 1]  # 8 -> 4 -> 2 -> 1 heads, lowest scores first
+        order = sorted(range(8), key=lambda j, off=off: float(scores[off + j]))
+        assert sum(chunks, []) == order[:7]
+
+
+@pytest.mark.parametrize("periods", [2, 5])
+def test_period_by_period_marking_on_fixed_scores_is_the_one_shot_plan(periods):
+    """HESSO marks its budget in periods. On scores that do not change, the periods together must
+    remove what one planner call on the whole budget removes, and hit the target: a period's share
+    may be smaller than the coarsest item (half of the heads), which must not be skipped for it."""
+    from tiny import make_hesso
+
+    model, space = _mha_llama()
+    scores = torch.ones(len(space))
+    for k, gs in enumerate(space.sets):  # heads are the least important structures, FFN channels vary
+        off = space.set_offset(k)
+        low = 0.1 if gs.kind == "attention_head" else 0.5
+        scores[off:off + gs.count] = low + torch.rand(gs.count, generator=torch.Generator().manual_seed(k))
+    opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.6, start_pruning_step=2,
+                     pruning_steps=2 * periods, pruning_periods=periods, layout="uniform", ffn_multiple=8)
+    for period in range(periods):
+        opt._mark_redundant(period, scores)
+        opt.pruned |= opt.redundant
+    c = opt.config
+    plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=opt.target_params, layout="uniform",
+                         ffn_multiple=8, tolerance=c.tolerance)
+    assert torch.equal(opt.pruned, plan.mask())
+    removed = Plan.from_mask(space, opt.pruned)
+    ffn = next(gs for gs in space.sets if gs.kind == "ffn_channel")
+    step = 8 * ffn.params_per_group * 2  # the smallest uniform FFN step here is 6% of the budget
+    assert abs(removed.pruned_params() - opt.target_params) <= max(c.tolerance * opt.target_params, step)
+    assert all(len(removed.removed[k]) >= 4 for k, gs in enumerate(space.sets) if gs.kind == "attention_head")
+

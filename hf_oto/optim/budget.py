@@ -118,6 +118,35 @@ def _chunks(order: list[int], remaining: int, multiple: int, kind: str) -> list[
     return out
 
 
+def _head_steps(plan: Plan, k: int, order: list[int]) -> list[list[int]]:
+    """Split attention groups (lowest score first) into removals that each end on a head count the
+    config accepts (Llama refuses 7 of 8 heads when ``hidden_size % heads != 0``): one item takes
+    8 -> 4 heads at once instead of a head the repair would have to re-admit."""
+    gs = plan.space.sets[k]
+    valid = gs.attention.valid_counts if gs.info is not None else None
+    if not valid:
+        return [[j] for j in order]
+    kept = gs.count - len(plan.removed[k])
+    partner = plan._partner.get(k)
+    pos = 1 if gs.kind == "query_head" else 0
+    if gs.kind == "attention_head":
+        other = 1
+    elif partner is not None:
+        other = plan.space.sets[partner].count - len(plan.removed[partner])
+    else:
+        info = gs.attention
+        other = info.num_heads // info.num_kv_heads if pos == 0 else info.num_kv_heads
+    counts = sorted({v[pos] for v in valid if v[1 - pos] == other and v[pos] < kept}, reverse=True)
+    out, i = [], 0
+    for c in counts:
+        n = kept - c
+        if i + n > len(order):
+            break
+        out.append(order[i:i + n])
+        i, kept = i + n, c
+    return out
+
+
 def build_items(
     space: PruningSpace, scores: torch.Tensor, plan: Plan, *, layout: Layout, multiple: int, min_keep: int,
     selection: str = "saliency",
@@ -137,7 +166,10 @@ def build_items(
             per_set.append(_blocks(gs, alive, removable, values, off))
             continue
         alive = alive[:max(removable, 0)]
-        per_set.append(_chunks(alive, gs.count - len(plan.removed[k]), multiple, gs.kind))
+        if gs.block == "attention":
+            per_set.append(_head_steps(plan, k, alive))
+        else:
+            per_set.append(_chunks(alive, gs.count - len(plan.removed[k]), multiple, gs.kind))
 
     per_param = selection == "per_param"
 
@@ -167,8 +199,11 @@ def build_items(
     return items
 
 
-def select(plan: Plan, items: list[Item], target: int, tolerance: float) -> int:
+def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: int | None = None) -> int:
     """Take items (lowest score first, chains in order) until ``target`` pruned params; returns count.
+
+    No item is taken that would pass ``target * (1 + tolerance)``, or ``cap`` when given (an
+    intermediate target may then be overshot by a coarse item, such as half of the heads).
 
     Head counts the config refuses (``valid_counts`` in the attention sets' meta, e.g. Llama needs
     ``hidden_size % num_attention_heads == 0``) are repaired by re-admitting groups taken in this
@@ -178,16 +213,16 @@ def select(plan: Plan, items: list[Item], target: int, tolerance: float) -> int:
     pending = sorted(items, key=lambda it: (it.score, it.order))
     done: dict[tuple, int] = defaultdict(int)
     taken: dict[tuple[int, int], float] = {}
-    _fill(plan, pending, done, taken, target, tolerance, frozenset())
+    hi = target * (1 + tolerance) if cap is None else max(cap, target)
+    _fill(plan, pending, done, taken, target, tolerance, hi, frozenset())
     repaired = repair_head_counts(plan, locked, taken)
     if repaired:
-        _fill(plan, pending, done, taken, target, tolerance, repaired)
+        _fill(plan, pending, done, taken, target, tolerance, hi, repaired)
     return plan.pruned_params()
 
 
 def _fill(plan: Plan, pending: list[Item], done: dict[tuple, int], taken: dict[tuple[int, int], float],
-          target: int, tolerance: float, skip: frozenset[int]) -> None:
-    hi = target * (1 + tolerance)
+          target: int, tolerance: float, hi: float, skip: frozenset[int]) -> None:
     progress = True
     while progress and plan.pruned_params() < target * (1 - tolerance):
         progress = False

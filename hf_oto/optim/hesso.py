@@ -281,7 +281,10 @@ class HESSO(torch.optim.Optimizer):
         target = self.target_params * (period + 1) // c.pruning_periods
         plan = Plan.from_mask(self.space, self.pruned | self.redundant)
         items = self._items(score, plan)
-        select(plan, items, target, c.tolerance if period == c.pruning_periods - 1 else 0.0)
+        if period == c.pruning_periods - 1:
+            select(plan, items, target, c.tolerance)
+        else:  # a coarse item (half of the heads) may overshoot this period's share, never the budget
+            select(plan, items, target, 0.0, cap=self.target_params)
         self.redundant = plan.mask() & ~self.pruned
         self._redundant_index = None
 
