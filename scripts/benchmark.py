@@ -115,9 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
     d = _trainer_defaults()
-    p.add_argument("--hesso_criterion", default=d["pruning_criterion"], choices=("auto", "hesso", "taylor", "fisher"),
+    p.add_argument("--hesso_criterion", default=d["pruning_criterion"],
+                   choices=("auto", "hesso", "taylor", "fisher"),
                    help="HESSO rows' ranking criterion (default: HFOTOTrainer's pruning_criterion)")
-    p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("saliency", "per_param"),
+    p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("auto", "saliency", "per_param"),
                    help="HESSO rows' ranking of removals (pruning_selection; *_pp methods use per_param)")
     p.add_argument("--hesso_periods", type=int, default=d["pruning_periods"], help="HESSO pruning periods")
     p.add_argument("--hesso_start", type=float, default=d["start_pruning_step"],
@@ -134,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_schedule", default="uniform", choices=("uniform", "triangular"))
     p.add_argument("--qfa_samples", type=int, default=24, help="QFA search: random configurations")
     p.add_argument("--qfa_refine", type=int, default=12, help="QFA search: candidates in the narrowed space")
+    p.add_argument("--update", action="store_true",
+                   help="rerun only the selected methods/references/sparsities and replace their rows in "
+                        "the existing --out/results.json (same budget settings required); other rows are kept")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -146,7 +150,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"sparsities must be in (0, 1), got {s}")
     if a.steps < 30:
         p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
+    if a.update:
+        previous = Path(a.out) / "results.json"
+        if not previous.is_file():
+            p.error(f"--update needs an earlier run's {previous}")
+        old = json.loads(previous.read_text()).get("settings")
+        if old is not None and old != settings(a):
+            changed = sorted(k for k in settings(a) if old.get(k) != settings(a)[k])
+            p.error(f"--update: {previous} was measured with other settings ({', '.join(changed)})")
     return a
+
+
+def settings(a: argparse.Namespace) -> dict[str, Any]:
+    """What every row of one results file must share (an --update run must match them)."""
+    keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
+            "train_files", "model", "quick")
+    return {k: getattr(a, k) for k in keys}
+
+
+def hesso_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The HESSO rows' settings (each HESSO row records them; the report states them)."""
+    return {"criterion": a.hesso_criterion, "selection": a.hesso_selection, "periods": a.hesso_periods,
+            "warm-up": a.hesso_start, "pruning phase": a.hesso_pruning}
 
 
 # Data and reference model ---------------------------------------------------------------------
@@ -288,6 +313,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         cric_max_cycles=3, distill=method.endswith("_kd"),
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout="uniform")
+        row["hesso_settings"] = hesso_settings(a)
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
         row["pruned_groups"] = torch.nonzero(trainer.hesso.pruned).flatten().tolist()
         if cric:  # each trial: [groups trialled, relative loss increase, harm]
@@ -571,14 +597,18 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     rows = res["rows"]
     agg = aggregate(rows)
     res["aggregate"] = agg
-    lines = ["# hf-oto benchmark results", "",
-             f"- command: `{command}`", f"- machine: {res['machine']}",
+    runs = res.get("runs") or [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
+                                "rows": len(rows)}]
+    lines = ["# hf-oto benchmark results", ""]
+    lines += [f"- command: `{r['command']}` ({r['date']}, {r['wall_minutes']:.1f} min, {r['rows']} rows"
+              + (", replacing the earlier runs' rows of the same reference, method, sparsity and seed)" if i else ")")
+              for i, r in enumerate(runs)]
+    lines += [f"- machine: {res['machine']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
-             f"- wall time: {res['wall_minutes']:.1f} min; date: {res['date']}",
+             f"- wall time: {res['wall_minutes']:.1f} min in all; date: {res['date']}",
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
-             f"HESSO criterion {a.hesso_criterion!r}, selection {a.hesso_selection!r}, warm-up {a.hesso_start:.0%}, "
-             f"pruning phase {a.hesso_pruning:.0%} of the steps in {a.hesso_periods} periods; distillation "
+             f"HESSO {_hesso_line(rows, a)}; distillation "
              f"rows add a KL term to the dense reference (weight 0.5, T 1)",
              f"- seeds: {a.seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
              f"cells are mean perplexity, with the seeds' range [min-max] where there are several",
@@ -651,6 +681,17 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     return out / "results.md"
 
 
+def _hesso_line(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
+    """The HESSO rows' settings (rows measured before they were recorded count as this run's)."""
+    seen = {json.dumps(r.get("hesso_settings", hesso_settings(a)), sort_keys=True)
+            for r in rows if r["method"].startswith("hesso")} or {json.dumps(hesso_settings(a), sort_keys=True)}
+    if len(seen) > 1:
+        return "rows with different settings: " + " / ".join(sorted(seen))
+    h = json.loads(seen.pop())
+    return (f"criterion {h['criterion']!r}, selection {h['selection']!r}, warm-up {h['warm-up']:.0%}, pruning "
+            f"phase {h['pruning phase']:.0%} of the steps in {h['periods']} periods")
+
+
 def plot(agg: list[dict[str, Any]], references: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -697,7 +738,8 @@ def main(argv: list[str] | None = None) -> Path:
     kinds = ["model"] if a.model else a.references
     refs: dict[str, Path] = {}
     res: dict[str, Any] = {"machine": machine(), "versions": versions(), "references": {},
-                           "eval_blocks": len(eval_blocks), "rows": [], "date": time.strftime("%Y-%m-%d")}
+                           "eval_blocks": len(eval_blocks), "rows": [], "date": time.strftime("%Y-%m-%d"),
+                           "settings": settings(a)}
     for kind in kinds:
         refs[kind], info = reference(a, tokenizer, train_blocks, kind)
         ref_model = AutoModelForCausalLM.from_pretrained(refs[kind])
@@ -740,9 +782,34 @@ def main(argv: list[str] | None = None) -> Path:
             res["optimizer"] = optimizer_ratio(a)
             res["discovery"] = discovery_times(a)
     res["wall_minutes"] = (time.time() - started) / 60
+    res["runs"] = [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
+                    "rows": len(res["rows"])}]
+    if a.update:
+        res = _merged(json.loads((Path(a.out) / "results.json").read_text()), res)
     report = write_report(a, res, command)
     print(report.read_text())
     return report
+
+
+def _merged(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with the rows ``new`` measured replaced (same reference, method, sparsity, seed)."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r.get("reference", "model"), r["method"], r["sparsity"], r["seed"]
+
+    fresh = {key(r) for r in new["rows"]}
+    out = dict(previous)
+    out["rows"] = [r for r in previous["rows"] if key(r) not in fresh] + new["rows"]
+    out["references"] = {**previous["references"], **new["references"]}
+    out["runs"] = previous.get("runs") or [{"command": previous.get("command", "(earlier run)"),
+                                            "date": previous["date"], "wall_minutes": previous["wall_minutes"],
+                                            "rows": len(previous["rows"])}]
+    out["runs"] = out["runs"] + new["runs"]
+    out.update(machine=new["machine"], versions=new["versions"], settings=new["settings"], date=new["date"],
+               wall_minutes=sum(r["wall_minutes"] for r in out["runs"]))
+    for part in ("speed", "optimizer", "discovery"):
+        if new.get(part):
+            out[part] = new[part]
+    return out
 
 
 def _with_seed(a: argparse.Namespace, seed: int) -> argparse.Namespace:

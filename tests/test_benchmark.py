@@ -41,6 +41,21 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     # the cached reference model is reused by a second run
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
+    # --update reruns only what it names and keeps every other row; other budget settings are refused
+    common = ["--quick", "--sparsities", "0.5", "--seeds", "2", "--references", "gqa", "--skip_speed",
+              "--section", "pruning", "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")]
+    try:
+        benchmark.main(common + ["--update", "--methods", "magnitude_kd", "--steps", "40"])
+        raise AssertionError("an update with another recovery budget was accepted")
+    except SystemExit as e:
+        assert e.code == 2
+    text = benchmark.main(common + ["--update", "--methods", "magnitude_kd"]).read_text()
+    after = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert len(after["rows"]) == len(rows) and [r["command"] for r in after["runs"]][1].endswith("magnitude_kd")
+    assert {(r["method"], r["seed"]) for r in after["rows"]} == {(r["method"], r["seed"]) for r in rows}
+    assert [r["method"] for r in after["rows"][-2:]] == ["magnitude_kd", "magnitude_kd"]
+    assert "| 50% | HESSO + distillation" in text and text.count("- command:") == 2
+
 
 def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
     import benchmark
