@@ -35,7 +35,7 @@ def test_prune_while_training_and_export(tmp_path):
     model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
     trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
     trainer.train()
-    assert trainer.hesso.config.criterion == "taylor"  # "auto" with full fine-tuning
+    assert (trainer.hesso.config.criterion, trainer.hesso.config.selection) == ("fisher", "per_param")  # "auto"
     m = trainer.hesso.metrics()
     goal = trainer.hesso.settings["target_params"]
     assert abs(m["pruned_params"] - goal) <= 0.05 * goal  # tiny model: coarse groups

@@ -43,15 +43,18 @@ class HFOTOTrainingArguments(TrainingArguments):
                           "remote code), 'decilm' or 'remote_code'"},
     )
     pruning_selection: str = field(
-        default="saliency",
-        metadata={"help": "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param')"},
+        default="auto",
+        metadata={"help": "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param'); "
+                          "'auto': per_param with the fisher criterion (a loss increase on one scale for every "
+                          "kind), saliency otherwise"},
     )
     pruning_criterion: str = field(
         default="auto",
-        metadata={"help": "how groups are ranked: 'taylor' (first-order Taylor sum |w*g| accumulated over the "
-                          "steps before each period), 'fisher' (sum of (w.g)^2 per group; pair with "
-                          "pruning_selection per_param), 'hesso' (HESSO's weighted one-step saliency), or 'auto': "
-                          "taylor, or hesso with LoRA (frozen base weights have no gradient) or with saliency_ema"},
+        metadata={"help": "how groups are ranked: 'fisher' (sum over the steps before each period of (w.g)^2 per "
+                          "group: the loss increase its removal costs, on one scale for heads and channels), "
+                          "'taylor' (sum of |w*g|, relative within each kind), 'hesso' (HESSO's weighted one-step "
+                          "saliency), or 'auto': fisher, or hesso with LoRA (frozen base weights have no "
+                          "gradient) or with saliency_ema"},
     )
     start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
@@ -115,15 +118,22 @@ class HFOTOTrainingArguments(TrainingArguments):
             start_pruning_step=self.steps(self.start_pruning_step, total_steps),
             pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
-            selection=self.pruning_selection, criterion=self.resolved_criterion(lora),
+            selection=self.resolved_selection(lora), criterion=self.resolved_criterion(lora),
         )
 
+    def resolved_selection(self, lora: bool) -> str:
+        """``pruning_selection`` with "auto" decided: the knapsack's per-parameter rule where the
+        criterion prices removals on one scale for every kind, mean saliency otherwise."""
+        if self.pruning_selection != "auto":
+            return self.pruning_selection
+        return "per_param" if self.resolved_criterion(lora) == "fisher" else "saliency"
+
     def resolved_criterion(self, lora: bool) -> str:
-        """``pruning_criterion`` with "auto" decided: accumulated Taylor, or HESSO's saliency under LoRA or
-        with ``saliency_ema`` (which smooths that saliency)."""
+        """``pruning_criterion`` with "auto" decided: the accumulated Fisher estimate, or HESSO's saliency
+        under LoRA or with ``saliency_ema`` (which smooths that saliency)."""
         if self.pruning_criterion != "auto":
             return self.pruning_criterion
-        return "hesso" if lora or self.saliency_ema is not None else "taylor"
+        return "hesso" if lora or self.saliency_ema is not None else "fisher"
 
     def cric_config(self) -> CRICConfig | None:
         """The :class:`CRICConfig` these arguments describe (None without ``use_cric``)."""
