@@ -313,7 +313,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         cric_max_cycles=3, distill=method.endswith("_kd"),
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout="uniform")
-        row["hesso_settings"] = hesso_settings(a)
+        row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
+                                     selection=trainer.hesso.config.selection)  # "auto" resolved
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
         row["pruned_groups"] = torch.nonzero(trainer.hesso.pruned).flatten().tolist()
         if cric:  # each trial: [groups trialled, relative loss increase, harm]
@@ -682,14 +683,18 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
 
 
 def _hesso_line(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
-    """The HESSO rows' settings (rows measured before they were recorded count as this run's)."""
-    seen = {json.dumps(r.get("hesso_settings", hesso_settings(a)), sort_keys=True)
-            for r in rows if r["method"].startswith("hesso")} or {json.dumps(hesso_settings(a), sort_keys=True)}
-    if len(seen) > 1:
-        return "rows with different settings: " + " / ".join(sorted(seen))
-    h = json.loads(seen.pop())
-    return (f"criterion {h['criterion']!r}, selection {h['selection']!r}, warm-up {h['warm-up']:.0%}, pruning "
-            f"phase {h['pruning phase']:.0%} of the steps in {h['periods']} periods")
+    """The HESSO rows' settings, per method (rows measured before they were recorded count as this run's)."""
+    def text(h: dict[str, Any]) -> str:
+        return (f"criterion {h['criterion']!r}, selection {h['selection']!r}, warm-up {h['warm-up']:.0%}, pruning "
+                f"phase {h['pruning phase']:.0%} of the steps in {h['periods']} periods")
+
+    per_method: dict[str, set[str]] = {}
+    for r in rows:
+        if r["method"].startswith("hesso"):
+            per_method.setdefault(r["method"], set()).add(text(r.get("hesso_settings", hesso_settings(a))))
+    if not per_method:
+        return text(hesso_settings(a))
+    return "; ".join(f"{m}: {' / '.join(sorted(t))}" for m, t in per_method.items())
 
 
 def plot(agg: list[dict[str, Any]], references: dict[str, Any], path: Path) -> None:

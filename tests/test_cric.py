@@ -133,3 +133,11 @@ def test_invalid_cric_settings_are_rejected():
     with pytest.raises(ValueError, match="sampling_steps"):
         make_hesso(model, _space(model), target_params=12, pruning_steps=2, pruning_periods=1, ffn_multiple=1,
               cric=CRICConfig(sampling_steps=1))
+
+
+def test_cric_with_the_per_param_knapsack_is_refused():
+    """CRIC protects only what it trialled; the knapsack would then remove the untrialled groups."""
+    model = _toy()
+    with pytest.raises(ValueError, match="CRIC does not combine with selection 'per_param'"):
+        make_hesso(model, _space(model), target_params=12, pruning_steps=2, pruning_periods=1, ffn_multiple=1,
+                   selection="per_param", cric=CRIC)

@@ -183,3 +183,17 @@ def test_export_generates_with_the_kv_cache(tmp_path):
     result = reloaded.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False,
                                return_dict_in_generate=True, pad_token_id=0)
     assert result.past_key_values is not None and result.sequences.shape[1] == 6
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, ("fisher", "per_param")),
+    ({"use_cric": True}, ("taylor", "saliency")),  # CRIC does not combine with the knapsack
+    ({"saliency_ema": 0.9}, ("hesso", "saliency")),
+    ({"pruning_criterion": "taylor"}, ("taylor", "saliency")),
+    ({"pruning_criterion": "fisher", "pruning_selection": "saliency"}, ("fisher", "saliency")),
+])
+def test_auto_criterion_and_selection_resolve(tmp_path, kw, expected):
+    cfg = _args(tmp_path, **kw).hesso_config(100)
+    assert (cfg.criterion, cfg.selection) == expected
+    assert _args(tmp_path, **kw).hesso_config(100, lora=True).criterion == ("hesso" if "pruning_criterion" not in kw
+                                                                              else kw["pruning_criterion"])

@@ -46,15 +46,15 @@ class HFOTOTrainingArguments(TrainingArguments):
         default="auto",
         metadata={"help": "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param'); "
                           "'auto': per_param with the fisher criterion (a loss increase on one scale for every "
-                          "kind), saliency otherwise"},
+                          "kind) unless use_cric, saliency otherwise"},
     )
     pruning_criterion: str = field(
         default="auto",
         metadata={"help": "how groups are ranked: 'fisher' (sum over the steps before each period of (w.g)^2 per "
                           "group: the loss increase its removal costs, on one scale for heads and channels), "
                           "'taylor' (sum of |w*g|, relative within each kind), 'hesso' (HESSO's weighted one-step "
-                          "saliency), or 'auto': fisher, or hesso with LoRA (frozen base weights have no "
-                          "gradient) or with saliency_ema"},
+                          "saliency), or 'auto': fisher; hesso with LoRA (frozen base weights have no "
+                          "gradient) or with saliency_ema; taylor with use_cric"},
     )
     start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
@@ -126,14 +126,17 @@ class HFOTOTrainingArguments(TrainingArguments):
         criterion prices removals on one scale for every kind, mean saliency otherwise."""
         if self.pruning_selection != "auto":
             return self.pruning_selection
-        return "per_param" if self.resolved_criterion(lora) == "fisher" else "saliency"
+        return "per_param" if self.resolved_criterion(lora) == "fisher" and not self.use_cric else "saliency"
 
     def resolved_criterion(self, lora: bool) -> str:
-        """``pruning_criterion`` with "auto" decided: the accumulated Fisher estimate, or HESSO's saliency
-        under LoRA or with ``saliency_ema`` (which smooths that saliency)."""
+        """``pruning_criterion`` with "auto" decided: the accumulated Fisher estimate; HESSO's saliency
+        under LoRA or with ``saliency_ema`` (which smooths that saliency); accumulated Taylor with CRIC
+        (which does not combine with Fisher's knapsack)."""
         if self.pruning_criterion != "auto":
             return self.pruning_criterion
-        return "hesso" if lora or self.saliency_ema is not None else "fisher"
+        if lora or self.saliency_ema is not None:
+            return "hesso"
+        return "taylor" if self.use_cric else "fisher"
 
     def cric_config(self) -> CRICConfig | None:
         """The :class:`CRICConfig` these arguments describe (None without ``use_cric``)."""
