@@ -174,15 +174,11 @@ class HESSO(torch.optim.Optimizer):
         guard = self._guard_before()
         self.base.step()
         self._guard_after(guard)
+        ranked = None
         if taylor and (cycle_start or period_start):
             ranked = self.taylor
             if self.config.criterion == "taylor":
                 ranked = per_kind_relative(self.space, ranked, ~(self.pruned | self.redundant))
-            if cycle_start:
-                self.cric.start_cycle(ranked, self._full_budget, self)
-            else:
-                self._mark(pos[0], ranked)
-                self.taylor = None  # the next period ranks on its own steps' evidence
         elif snapshot is not None:
             # the update reuses the snapshot's memory: no second copy of the prunable weights
             update = {n: snapshot.pop(n).neg_().add_(self.model_params[n].detach()) for n in list(snapshot)}
@@ -192,10 +188,12 @@ class HESSO(torch.optim.Optimizer):
             if beta is not None:
                 self.ema = score if self.ema is None else beta * self.ema + (1 - beta) * score
             ranked = self.ema if beta is not None else score
-            if cycle_start:
-                self.cric.start_cycle(ranked, self._full_budget, self)
-            elif period_start:
-                self._mark(pos[0], ranked)
+        if ranked is not None and cycle_start:
+            self.cric.start_cycle(ranked, self._full_budget, self)
+        elif ranked is not None and period_start:
+            self._mark(pos[0], ranked)
+            if taylor:
+                self.taylor = None  # the next period ranks on its own steps' evidence
         if cric_now:
             if self.cric.step(self._need_loss(), self):  # its last cycle ended: the periods start next step
                 self.prune_start = step + 1

@@ -97,7 +97,8 @@ def group_statistics(
     """Per-group sums: ||x||^2, x.g, |x*g| (elementwise), x.u, ||u||^2 and group sizes (vectors over all groups).
 
     ``grad_only`` computes just the gradient terms (``xg``, ``ag``) on the parameters as stored (no
-    LoRA effective weights): the cheap per-step statistics of the accumulated Taylor criterion.
+    LoRA effective weights): the cheap per-step statistics of the accumulated criteria. ``ag`` is
+    computed only then (zeros otherwise).
 
     With ``lora`` (from :func:`lora_factors`), ``x`` and ``u`` are the *effective* weight
     W + s*B@A and its change, so a frozen base weight is judged as the model uses it; the adapter
@@ -144,7 +145,8 @@ def group_statistics(
             if eg is not None:
                 prod = ex.float() * eg.float()
                 out["xg"] = _index_sums(prod, d)
-                out["ag"] = _index_sums(prod.abs_(), d)
+                if grad_only:  # only the accumulated Taylor criterion reads it
+                    out["ag"] = _index_sums(prod.abs_(), d)
                 del prod
             if name not in factor_names and not grad_only:
                 out["sq"] = _per_index(ex, ex, d)
