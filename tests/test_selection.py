@@ -131,4 +131,3 @@ def test_period_by_period_marking_on_fixed_scores_is_the_one_shot_plan(periods):
     step = 8 * ffn.params_per_group * 2  # the smallest uniform FFN step here is 6% of the budget
     assert abs(removed.pruned_params() - opt.target_params) <= max(c.tolerance * opt.target_params, step)
     assert all(len(removed.removed[k]) >= 4 for k, gs in enumerate(space.sets) if gs.kind == "attention_head")
-

@@ -68,6 +68,10 @@ class Plan:
             out[[off + j for j in removed]] = True
         return out
 
+    def kept(self, k: int) -> int:
+        """Groups of set k that this plan keeps."""
+        return self.space.sets[k].count - len(self.removed[k])
+
     def _overlap(self, k: int) -> int:
         """Params shared by one group of set k and one group of its partner (one query head)."""
         gs = self.space.sets[k]
@@ -126,13 +130,13 @@ def _head_steps(plan: Plan, k: int, order: list[int]) -> list[list[int]]:
     valid = gs.attention.valid_counts if gs.info is not None else None
     if not valid:
         return [[j] for j in order]
-    kept = gs.count - len(plan.removed[k])
+    kept = plan.kept(k)
     partner = plan._partner.get(k)
     pos = 1 if gs.kind == "query_head" else 0
     if gs.kind == "attention_head":
         other = 1
     elif partner is not None:
-        other = plan.space.sets[partner].count - len(plan.removed[partner])
+        other = plan.kept(partner)
     else:
         info = gs.attention
         other = info.num_heads // info.num_kv_heads if pos == 0 else info.num_kv_heads
@@ -169,7 +173,7 @@ def build_items(
         if gs.block == "attention":
             per_set.append(_head_steps(plan, k, alive))
         else:
-            per_set.append(_chunks(alive, gs.count - len(plan.removed[k]), multiple, gs.kind))
+            per_set.append(_chunks(alive, plan.kept(k), multiple, gs.kind))
 
     per_param = selection == "per_param"
 
