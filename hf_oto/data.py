@@ -110,11 +110,20 @@ def _check_json_column(path: Path, column: str) -> None:
 
 
 # Loading ---------------------------------------------------------------------------------------
+def stdlib_files(root: Path) -> list[Path]:
+    """The standard library's ``.py`` files: the top-level modules (sorted), then the packages' files
+    (sorted by path), never ``site-packages``. The order is fixed, so a larger ``max_text_mb`` extends
+    a smaller one's corpus instead of changing it."""
+    packages = [f for f in root.rglob("*.py") if f.parent != root and "site-packages" not in f.relative_to(root).parts]
+    return sorted(root.glob("*.py")) + sorted(packages, key=lambda f: f.relative_to(root).as_posix())
+
+
 def stdlib_text(max_mb: float) -> list[str]:
-    """Python source files of the running interpreter's standard library, sorted, up to ``max_mb``."""
+    """Python source files of the running interpreter's standard library (:func:`stdlib_files`), up to
+    ``max_mb``."""
     root = Path(sysconfig.get_paths()["stdlib"])
     texts, size = [], 0
-    for f in sorted(root.glob("*.py")):
+    for f in stdlib_files(root):
         try:
             t = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):

@@ -71,3 +71,21 @@ def test_too_little_text_is_one_clear_error():
         split_blocks(torch.zeros(1, 64, dtype=torch.long), d, seed=0)
     train, held_out = split_blocks(torch.arange(40 * 64).view(40, 64), d, seed=0)
     assert len(train) == 38 and len(held_out) == 2
+
+
+def test_stdlib_corpus_lists_modules_then_packages_and_never_site_packages(tmp_path):
+    from hf_oto.data import stdlib_files
+
+    for rel in ("b.py", "a.py", "pkg/z.py", "pkg/sub/y.py", "apkg/x.py", "site-packages/lib/w.py", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    names = [f.relative_to(tmp_path).as_posix() for f in stdlib_files(tmp_path)]
+    assert names == ["a.py", "b.py", "apkg/x.py", "pkg/sub/y.py", "pkg/z.py"]
+
+
+def test_a_larger_stdlib_corpus_extends_the_smaller_one():
+    from hf_oto.data import stdlib_text
+
+    small, large = stdlib_text(0.5), stdlib_text(6.0)
+    assert len(large) > len(small) and large[:len(small)] == small
+    assert sum(map(len, large)) >= 6.0 * 2**20  # more than the top-level modules alone hold
