@@ -127,9 +127,10 @@ def test_planted_redundant_channels_are_found(criterion):
 
 @pytest.mark.parametrize("criterion", ["taylor", "fisher"])
 def test_accumulated_criteria_rank_on_first_order_terms_summed_over_the_steps(criterion):
-    """Each period ranks on evidence summed over its steps: "taylor" sums |w * g| over a group's
-    elements (then relative within each kind), "fisher" squares the group's w . g (raw, comparable
-    across kinds); the period's removals are the planner's choice on exactly those scores."""
+    """Each period ranks on summed first-order evidence: "taylor" sums |w * g| over a group's elements
+    over the period's own steps (then relative within each kind); "fisher" squares the group's w . g
+    and keeps summing from the first step (raw, comparable across kinds). Each period's removals are
+    the planner's choice on exactly those scores."""
     torch.manual_seed(0)
     model = tiny_model("llama")
     space = discover_groups(model)
@@ -137,11 +138,12 @@ def test_accumulated_criteria_rank_on_first_order_terms_summed_over_the_steps(cr
     opt = _hesso(model, space, base_kwargs={"lr": 0.0}, criterion=criterion, selection=selection,
                  start_pruning_step=3, pruning_steps=4, pruning_periods=2, target_sparsity=0.4)
     params = dict(model.named_parameters())
-    expected, fisher = torch.zeros(len(space)), torch.zeros(len(space))
-    batches = torch.randint(3, 64, (4, 2, 12), generator=torch.Generator().manual_seed(1))
+    c = opt.config
+    taylor, fisher = torch.zeros(len(space)), torch.zeros(len(space))
+    batches = torch.randint(3, 64, (6, 2, 12), generator=torch.Generator().manual_seed(1))
     for t, ids in enumerate(batches):
-        if t == 3:  # the warm-up's evidence, before the period-start step adds its own
-            assert torch.allclose(opt.taylor, expected if criterion == "taylor" else fisher, rtol=1e-5)
+        if t in (3, 5):  # the evidence so far, before the period-start step adds its own
+            assert torch.allclose(opt.taylor, taylor if criterion == "taylor" else fisher, rtol=1e-5)
         opt.zero_grad()
         _loss(model, ids).backward()
         for k, gs in enumerate(space.sets):  # each group's terms, written out
@@ -149,17 +151,27 @@ def test_accumulated_criteria_rank_on_first_order_terms_summed_over_the_steps(cr
             for j in range(gs.count):
                 parts = [(params[s.param].detach() * params[s.param].grad).index_select(s.dim, s.index[j])
                          for s in gs.slices]
-                expected[off + j] += sum(x.abs().sum() for x in parts)
+                taylor[off + j] += sum(x.abs().sum() for x in parts)
                 fisher[off + j] += sum(x.sum() for x in parts) ** 2
+        before = opt.pruned | opt.redundant
         opt.step()
-    assert opt.taylor is None  # the period start consumed the evidence
-    scores = per_kind_relative(space, expected) if criterion == "taylor" else fisher
-    plan = Plan(space)
-    c = opt.config
-    items = build_items(space, scores, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
-                        selection=selection)
-    select(plan, items, opt.target_params // 2, 0.0, cap=opt.target_params)
-    assert torch.equal(opt.redundant, plan.mask()) and bool(opt.redundant.any())
+        if t not in (3, 5):
+            continue
+        alive = ~before
+        scores = per_kind_relative(space, taylor, alive) if criterion == "taylor" else fisher
+        plan = Plan.from_mask(space, before)
+        items = build_items(space, scores, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
+                            selection=selection)
+        if t == 3:
+            select(plan, items, opt.target_params // 2, 0.0, cap=opt.target_params)
+        else:
+            select(plan, items, opt.target_params, c.tolerance)
+        assert torch.equal(opt.redundant, plan.mask() & ~opt.pruned) and bool(opt.redundant.any()), t
+        if criterion == "taylor":
+            assert opt.taylor is None  # the period start consumed the evidence
+            taylor.zero_()
+        else:
+            assert torch.allclose(opt.taylor, fisher, rtol=1e-5)  # kept: the next period adds to it
 
 
 @pytest.mark.parametrize("ema, criterion, stop", [(None, "hesso", 6), (0.9, "hesso", 6), (None, "taylor", 7)])

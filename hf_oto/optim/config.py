@@ -33,9 +33,10 @@ class HESSOConfig:
     (``"hesso"``, measured on one step's update at each period start) or ``"taylor"``: the
     first-order Taylor importance ``sum |w * g|`` accumulated over every training step since the
     previous period start (the warm-up for the first), relative within each kind of group; or
-    ``"fisher"``: the sum over the same steps of ``(w . g)^2`` per group, the empirical Fisher
-    estimate of the loss increase when the group is removed, which is comparable across kinds, so
-    it pairs with ``selection="per_param"`` (a knapsack over loss increase per parameter freed).
+    ``"fisher"``: the sum of ``(w . g)^2`` per group over every training step from the first (not
+    reset at period starts), the empirical Fisher estimate of the loss increase when the group is
+    removed, which is comparable across kinds, so it pairs with ``selection="per_param"`` (a
+    knapsack over loss increase per parameter freed).
     """
 
     target_sparsity: float | None = 0.5

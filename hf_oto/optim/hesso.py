@@ -192,8 +192,10 @@ class HESSO(torch.optim.Optimizer):
             self.cric.start_cycle(ranked, self._full_budget, self)
         elif ranked is not None and period_start:
             self._mark(pos[0], ranked)
-            if taylor:
-                self.taylor = None  # the next period ranks on its own steps' evidence
+            if self.config.criterion == "taylor":
+                # its per-kind means move with the alive set: each period ranks on its own steps.
+                # "fisher" keeps summing from the first step (less noise; measured in hesso_defaults.md)
+                self.taylor = None
         if cric_now:
             if self.cric.step(self._need_loss(), self):  # its last cycle ended: the periods start next step
                 self.prune_start = step + 1
