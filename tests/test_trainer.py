@@ -7,6 +7,7 @@ import torch
 from tiny import logits, tiny_model
 from transformers import AutoModelForCausalLM
 
+from hf_oto.errors import ConfigError
 from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
 
 
@@ -197,3 +198,12 @@ def test_auto_criterion_and_selection_resolve(tmp_path, kw, expected):
     assert (cfg.criterion, cfg.selection) == expected
     assert _args(tmp_path, **kw).hesso_config(100, lora=True).criterion == ("hesso" if "pruning_criterion" not in kw
                                                                               else kw["pruning_criterion"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"pruning_selection": "knapsack"}, r"pruning_selection must be one of \('auto', 'saliency', 'per_param'\)"),
+    ({"pruning_criterion": "gradient"}, r"pruning_criterion must be one of \('auto', 'hesso', 'taylor', 'fisher'\)"),
+])
+def test_unknown_criterion_or_selection_names_the_trainers_choices(tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        _args(tmp_path, **kw).hesso_config(100)

@@ -12,6 +12,8 @@ from hf_oto.errors import ConfigError
 from hf_oto.export.formats import ExportFormat
 from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
+from hf_oto.optim.budget import SELECTIONS
+from hf_oto.optim.config import CRITERIA
 from hf_oto.quant.config import QFAConfig
 from hf_oto.trainer.distill import DistillConfig
 
@@ -50,7 +52,7 @@ class HFOTOTrainingArguments(TrainingArguments):
     )
     pruning_criterion: str = field(
         default="auto",
-        metadata={"help": "how groups are ranked: 'fisher' (sum over the steps before each period of (w.g)^2 per "
+        metadata={"help": "how groups are ranked: 'fisher' (sum over every step up to each period start of (w.g)^2 per "
                           "group: the loss increase its removal costs, on one scale for heads and channels), "
                           "'taylor' (sum of |w*g|, relative within each kind), 'hesso' (HESSO's weighted one-step "
                           "saliency), or 'auto': fisher; hesso with LoRA (frozen base weights have no "
@@ -124,6 +126,9 @@ class HFOTOTrainingArguments(TrainingArguments):
     def resolved_selection(self, lora: bool) -> str:
         """``pruning_selection`` with "auto" decided: the knapsack's per-parameter rule where the
         criterion prices removals on one scale for every kind, mean saliency otherwise."""
+        if self.pruning_selection not in ("auto", *SELECTIONS):
+            raise ConfigError(f"pruning_selection must be one of {('auto', *SELECTIONS)}, "
+                              f"got {self.pruning_selection!r}")
         if self.pruning_selection != "auto":
             return self.pruning_selection
         return "per_param" if self.resolved_criterion(lora) == "fisher" and not self.use_cric else "saliency"
@@ -132,6 +137,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         """``pruning_criterion`` with "auto" decided: the accumulated Fisher estimate; HESSO's saliency
         under LoRA or with ``saliency_ema`` (which smooths that saliency); accumulated Taylor with CRIC
         (which does not combine with Fisher's knapsack)."""
+        if self.pruning_criterion not in ("auto", *CRITERIA):
+            raise ConfigError(f"pruning_criterion must be one of {('auto', *CRITERIA)}, "
+                              f"got {self.pruning_criterion!r}")
         if self.pruning_criterion != "auto":
             return self.pruning_criterion
         if lora or self.saliency_ema is not None:
