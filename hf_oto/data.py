@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,18 @@ def _check_json_column(path: Path, column: str) -> None:
 
 
 # Loading ---------------------------------------------------------------------------------------
-def stdlib_files(root: Path) -> list[Path]:
+def stdlib_files(root: Path) -> Iterator[Path]:
     """The standard library's ``.py`` files: the top-level modules (sorted), then the packages' files
-    (sorted by path), never ``site-packages``. The order is fixed, so a larger ``max_text_mb`` extends
-    a smaller one's corpus instead of changing it."""
-    packages = [f for f in root.rglob("*.py") if f.parent != root and "site-packages" not in f.relative_to(root).parts]
-    return sorted(root.glob("*.py")) + sorted(packages, key=lambda f: f.relative_to(root).as_posix())
+    (sorted by path), never ``site-packages`` (not even walked). The order is fixed, so a larger
+    ``max_text_mb`` extends a smaller one's corpus instead of changing it; lazily, so a small corpus
+    walks no package."""
+    yield from sorted(root.glob("*.py"))
+    # by "name/": the same order as sorting every file's relative path at once
+    packages = sorted((d for d in root.iterdir() if d.is_dir() and d.name != "site-packages"),
+                      key=lambda d: d.name + "/")
+    for d in packages:
+        files = (f for f in d.rglob("*.py") if "site-packages" not in f.relative_to(root).parts)
+        yield from sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
 def stdlib_text(max_mb: float) -> list[str]:

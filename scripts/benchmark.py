@@ -114,11 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
+    from hf_oto.optim.budget import SELECTIONS
+    from hf_oto.optim.config import CRITERIA
+
     d = _trainer_defaults()
-    p.add_argument("--hesso_criterion", default=d["pruning_criterion"],
-                   choices=("auto", "hesso", "taylor", "fisher"),
+    p.add_argument("--hesso_criterion", default=d["pruning_criterion"], choices=("auto", *CRITERIA),
                    help="HESSO rows' ranking criterion (default: HFOTOTrainer's pruning_criterion)")
-    p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("auto", "saliency", "per_param"),
+    p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("auto", *SELECTIONS),
                    help="HESSO rows' ranking of removals (pruning_selection; *_pp methods use per_param)")
     p.add_argument("--hesso_periods", type=int, default=d["pruning_periods"], help="HESSO pruning periods")
     p.add_argument("--hesso_start", type=float, default=d["start_pruning_step"],
