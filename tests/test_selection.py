@@ -131,3 +131,56 @@ def test_period_by_period_marking_on_fixed_scores_is_the_one_shot_plan(periods):
     step = 8 * ffn.params_per_group * 2  # the smallest uniform FFN step here is 6% of the budget
     assert abs(removed.pruned_params() - opt.target_params) <= max(c.tolerance * opt.target_params, step)
     assert all(len(removed.removed[k]) >= 4 for k, gs in enumerate(space.sets) if gs.kind == "attention_head")
+
+
+def _ffn_first_scores(space):
+    """FFN channels far cheaper than heads per parameter freed, so a greedy fill takes every FFN chunk
+    first; at 70% the FFN alone cannot reach the budget and the next head count (8 -> 4) overshoots it."""
+    scores = torch.ones(len(space))
+    for k, gs in enumerate(space.sets):
+        off = space.set_offset(k)
+        base = 0.01 if gs.kind == "ffn_channel" else 1.0
+        scores[off:off + gs.count] = base * (1 + torch.rand(gs.count, generator=torch.Generator().manual_seed(k)))
+    return scores
+
+
+@pytest.mark.parametrize("selection", ["saliency", "per_param"])
+def test_a_coarse_head_step_is_exchanged_for_ffn_chunks_when_the_fill_stalls_short(selection):
+    model, space = _mha_llama()
+    scores = _ffn_first_scores(space)
+    plan = oneshot_prune(model, space, scores, target_sparsity=0.7, layout="per_layer_ffn", ffn_multiple=8,
+                         tolerance=0.01, selection=selection)
+    target = round(0.7 * space.prunable_params)
+    ffn_only = sum(3 * 64 * 120 for gs in space.sets if gs.kind == "ffn_channel")  # every chunk but the last 8
+    assert ffn_only < 0.99 * target  # FFN alone falls short: the old greedy stopped here, at 56%
+    assert abs(plan.pruned_params() - target) <= 0.01 * target
+    heads = [len(r) for gs, r in zip(space.sets, plan.removed, strict=True) if gs.kind == "attention_head"]
+    assert heads == [4, 4]  # 8 -> 4 heads in every layer (attention stays uniform)
+    for k, gs in enumerate(space.sets):  # the FFN chunks given back for the heads were the highest-scoring
+        if gs.kind == "ffn_channel":
+            off = space.set_offset(k)
+            kept = [float(scores[off + j]) for j in range(gs.count) if j not in plan.removed[k]]
+            gone = [float(scores[off + j]) for j in plan.removed[k]]
+            assert max(gone) <= min(kept)
+
+
+@pytest.mark.parametrize("periods", [3, 5])
+def test_periods_leave_room_for_the_coarse_items_the_budget_needs(periods):
+    """An early period must not spend the FFN chunks that the final budget has to trade for half of the
+    heads: marked period by period, HESSO reaches the same plan, and the target, as one planner call."""
+    from tiny import make_hesso
+
+    model, space = _mha_llama()
+    scores = _ffn_first_scores(space)
+    opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.7, start_pruning_step=2,
+                     pruning_steps=2 * periods, pruning_periods=periods, layout="per_layer_ffn", ffn_multiple=8,
+                     selection="per_param")
+    for period in range(periods):
+        opt._mark_redundant(period, scores)
+        opt.pruned |= opt.redundant
+    plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=opt.target_params,
+                         layout="per_layer_ffn", ffn_multiple=8, tolerance=opt.config.tolerance,
+                         selection="per_param")
+    assert torch.equal(opt.pruned, plan.mask())
+    done = Plan.from_mask(space, opt.pruned).pruned_params()
+    assert abs(done - opt.target_params) <= opt.config.tolerance * opt.target_params

@@ -217,16 +217,28 @@ def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: in
     pending = sorted(items, key=lambda it: (it.score, it.order))
     done: dict[tuple, int] = defaultdict(int)
     taken: dict[tuple[int, int], float] = {}
+    took: list[Item] = []
     hi = target * (1 + tolerance) if cap is None else max(cap, target)
-    _fill(plan, pending, done, taken, target, tolerance, hi, frozenset())
+    _fill(plan, pending, done, taken, took, target, tolerance, hi, frozenset())
     repaired = repair_head_counts(plan, locked, taken)
     if repaired:
-        _fill(plan, pending, done, taken, target, tolerance, hi, repaired)
+        _fill(plan, pending, done, taken, took, target, tolerance, hi, repaired)
+    if plan.pruned_params() < target * (1 - tolerance):
+        _exchange(plan, pending, done, took, target * (1 - tolerance), hi, repaired)
     return plan.pruned_params()
 
 
+def _take(plan: Plan, it: Item, done: dict[tuple, int], taken: dict[tuple[int, int], float],
+          took: list[Item]) -> None:
+    for k, c in it.members:
+        plan.removed[k].update(c)
+        taken.update({(k, j): it.score for j in c})
+    done[it.chain] += 1
+    took.append(it)
+
+
 def _fill(plan: Plan, pending: list[Item], done: dict[tuple, int], taken: dict[tuple[int, int], float],
-          target: int, tolerance: float, hi: float, skip: frozenset[int]) -> None:
+          took: list[Item], target: int, tolerance: float, hi: float, skip: frozenset[int]) -> None:
     progress = True
     while progress and plan.pruned_params() < target * (1 - tolerance):
         progress = False
@@ -236,14 +248,41 @@ def _fill(plan: Plan, pending: list[Item], done: dict[tuple, int], taken: dict[t
             gain = sum(plan.gain(k, len(c)) for k, c in it.members)
             if plan.pruned_params() + gain > hi:
                 continue
-            for k, c in it.members:
-                plan.removed[k].update(c)
-                taken.update({(k, j): it.score for j in c})
-            done[it.chain] += 1
+            _take(plan, it, done, taken, took)
             pending.remove(it)
             progress = True
             if plan.pruned_params() >= target * (1 - tolerance):
                 break
+
+
+def _exchange(plan: Plan, pending: list[Item], done: dict[tuple, int], took: list[Item], lo: float,
+              hi: float, skip: frozenset[int]) -> None:
+    """The fill stalled short of the budget because every item left overshoots it (e.g. FFN widths
+    are at their minimum and the next head count is half of the heads). Take the cheapest such item
+    and give back items this call took, highest score first (each the last of its chain, so every
+    chain stays a lowest-first prefix and head counts stay accepted ones), until the count is within
+    [lo, hi]. Tries the coarse items in score order; leaves the plan as it was if none fits."""
+    for it in [p for p in pending if p.order == done[p.chain] and not any(k in skip for k, _ in p.members)]:
+        before = ([set(r) for r in plan.removed], dict(done), list(took))
+        _take(plan, it, done, {}, took)
+        for back in sorted(took[:-1], key=lambda t: -t.score):
+            if plan.pruned_params() <= hi:
+                break
+            if back.order != done[back.chain] - 1 or any(k in skip for k, _ in back.members):
+                continue
+            for k, c in back.members:
+                plan.removed[k].difference_update(c)
+            if plan.pruned_params() < lo:  # giving this one back would fall short: keep it
+                for k, c in back.members:
+                    plan.removed[k].update(c)
+                continue
+            done[back.chain] -= 1
+            took.remove(back)
+        if lo <= plan.pruned_params() <= hi:
+            return
+        plan.removed[:], took[:] = before[0], before[2]
+        done.clear()
+        done.update(before[1])
 
 
 def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int, int], float]) -> frozenset[int]:

@@ -283,7 +283,14 @@ class HESSO(torch.optim.Optimizer):
         items = self._items(score, plan)
         if period == c.pruning_periods - 1:
             select(plan, items, target, c.tolerance)
-        else:  # a coarse item (half of the heads) may overshoot this period's share, never the budget
+        else:
+            # This period's share comes out of what the whole budget would remove now, so an early
+            # period never takes what leaves the budget unreachable later (every FFN chunk when the
+            # rest only fits as half of the heads). A coarse item (half of the heads) may overshoot
+            # the share, never the budget.
+            full = Plan.from_mask(self.space, plan.mask())
+            select(full, self._items(score, full), self.target_params, c.tolerance)
+            items = [it for it in items if all(set(ch) <= full.removed[k] for k, ch in it.members)]
             select(plan, items, target, 0.0, cap=self.target_params)
         self.redundant = plan.mask() & ~self.pruned
         self._redundant_index = None
