@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib_batches", type=int, default=8, help="calibration batches of Taylor/Wanda-sp")
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layout", default="uniform", choices=("uniform", "per_layer_ffn"),
+                   help="pruned layout of every method: uniform (stock config) or per-layer FFN widths")
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
     from hf_oto.optim.budget import SELECTIONS
     from hf_oto.optim.config import CRITERIA
@@ -150,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in a.sparsities:
         if not 0.0 < s < 1.0:
             p.error(f"sparsities must be in (0, 1), got {s}")
+    if a.layout != "uniform" and {"scratch", "torch_pruning"} & set(a.methods):
+        p.error("--layout per_layer_ffn: the scratch and torch_pruning rows build uniform shapes only; "
+                "leave them out of --methods")
     if a.steps < 30:
         p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
     if a.update:
@@ -157,16 +162,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not previous.is_file():
             p.error(f"--update needs an earlier run's {previous}")
         old = json.loads(previous.read_text()).get("settings")
+        if old is not None:
+            old = {"layout": "uniform", **old}  # results from before --layout existed
         if old is not None and old != settings(a):
             changed = sorted(k for k in settings(a) if old.get(k) != settings(a)[k])
             p.error(f"--update: {previous} was measured with other settings ({', '.join(changed)})")
     return a
 
 
+def ffn_cell(ffn: int | list[int]) -> str:
+    """One FFN width, or the per-layer widths' range and mean."""
+    if isinstance(ffn, int):
+        return str(ffn)
+    return f"{min(ffn)}-{max(ffn)} (mean {sum(ffn) / len(ffn):.0f})"
+
+
 def settings(a: argparse.Namespace) -> dict[str, Any]:
     """What every row of one results file must share (an --update run must match them)."""
     keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
-            "train_files", "model", "quick")
+            "train_files", "model", "quick", "layout")
     return {k: getattr(a, k) for k in keys}
 
 
@@ -308,13 +322,13 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         pruning = max(a.hesso_pruning - (3 * sampling / a.steps if cric else 0.0), a.hesso_periods / a.steps)
         ema = 0.9 if method == "hesso_ema" else a.saliency_ema
         trainer = train(model, train_blocks, a.steps, a, a.lr, workdir, target_sparsity=sparsity,
-                        pruning_layout="uniform", start_pruning_step=a.hesso_start, pruning_steps=pruning,
+                        pruning_layout=a.layout, start_pruning_step=a.hesso_start, pruning_steps=pruning,
                         pruning_periods=a.hesso_periods,
                         pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
                         ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3, distill=method.endswith("_kd"),
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
-        final = construct_subnet(model, trainer.pruning_space, layout="uniform")
+        final = construct_subnet(model, trainer.pruning_space, layout=a.layout)
         row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
                                      selection=trainer.hesso.config.selection)  # "auto" resolved
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
@@ -336,19 +350,26 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
         target = space.prunable_params * sparsity
         tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
-        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8,
+        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout=a.layout, ffn_multiple=8,
                              tolerance=tolerance)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
-        final = construct_subnet(model, space, layout="uniform")
+        final = construct_subnet(model, space, layout=a.layout)
         train(final, train_blocks, a.steps, a, a.lr, workdir, teacher=teacher)
     row.update(params=count(final), seconds=round(time.perf_counter() - t0, 1))
     row["eval_ppl"] = perplexity(final, eval_blocks)
-    kept = {}
-    if method != "dense" and hasattr(final, "config"):
-        c = final.config
-        kept = {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size}
-    row["kept"] = kept
+    row["kept"] = kept_shape(final.config) if method != "dense" else {}
     return row
+
+
+def kept_shape(c) -> dict[str, Any]:
+    """Heads, kv heads and FFN width of a pruned config (FFN: one width per layer when they differ)."""
+    layers = (getattr(c, "hf_oto_layers", None) or {}).get("layers")
+    if not layers:
+        return {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size}
+    first = layers[0]
+    return {"heads": first.get("num_attention_heads", c.num_attention_heads),
+            "kv_heads": first.get("num_key_value_heads", c.num_key_value_heads),
+            "ffn": [o.get("intermediate_size", c.intermediate_size) for o in layers]}
 
 
 TP_SCRIPT = textwrap.dedent(
@@ -486,7 +507,7 @@ def speed(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "new_tokens": new_tokens, **{k: round(v, 1) for k, v in med.items()},
         "prefill_ratio": med["prefill_pruned"] / med["prefill_dense"],
         "decode_ratio": med["decode_pruned"] / med["decode_dense"],
-        "kept": {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size},
+        "kept": kept_shape(c),
         "dense_shape": {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                         "ffn": cfg.intermediate_size},
     }
@@ -610,7 +631,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"- wall time: {res['wall_minutes']:.1f} min in all; date: {res['date']}",
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
-             f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; uniform layout, FFN multiple 8; "
+             f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, FFN multiple 8; "
              f"HESSO {_hesso_line(rows, a)}; distillation "
              f"rows add a KL term to the dense reference (weight 0.5, T 1)",
              f"- seeds: {a.seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
@@ -635,7 +656,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
                              f"{e['seconds'] / 60:.1f} |")
                 continue
             k = e["kept"]
-            kept = f"{k['heads']} / {k['kv_heads']} / {k['ffn']}" if k else "all"
+            kept = f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}" if k else "all"
             cell = f"{e['ppl']:.2f}" + (f" [{e['lo']:.2f}-{e['hi']:.2f}]" if e["n"] > 1 else "")
             ratio = f"{e['ppl'] / dense['ppl']:.3f}" if dense else "-"
             lines.append(f"| {sp} | {LABELS[e['method']]} | {e['params']:,} | {kept} | {cell} | {ratio} | "

@@ -57,6 +57,29 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     assert "| 50% | HESSO + distillation" in text and text.count("- command:") == 2
 
 
+def test_benchmark_per_layer_ffn_layout_reaches_the_same_size_and_lists_the_widths(tmp_path):
+    """--layout per_layer_ffn: every method ends at the budget (HESSO too, where the FFN alone cannot
+    reach 70% and half of the heads must go), and the table gives the FFN widths' range."""
+    import benchmark
+
+    common = ["--quick", "--sparsities", "0.7", "--seeds", "1", "--references", "mha", "--skip_speed",
+              "--section", "pruning", "--layout", "per_layer_ffn", "--out", str(tmp_path / "res"),
+              "--cache", str(tmp_path / "cache")]
+    try:
+        benchmark.main(common + ["--methods", "scratch"])
+        raise AssertionError("a scratch row (uniform shapes only) was accepted with per_layer_ffn")
+    except SystemExit as e:
+        assert e.code == 2
+    text = benchmark.main(common + ["--methods", "hesso_kd", "taylor_kd"]).read_text()
+    rows = json.loads((tmp_path / "res" / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"hesso_kd", "taylor_kd"}
+    for r in rows:
+        assert abs(r["pruned_fraction"] - 0.7) <= 0.01  # HESSO stopped at 0.643 before the planner exchange
+    widths = [r["kept"]["ffn"] for r in rows if isinstance(r["kept"]["ffn"], list)]
+    assert widths and all(len(w) == 2 and min(w) >= 8 and w[0] != w[1] for w in widths)  # 2 layers, unequal
+    assert "(mean " in text and "per_layer_ffn layout" in text
+
+
 def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
