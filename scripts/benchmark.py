@@ -699,9 +699,15 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
             f"{d['size']} ({d['params'] / 1e9:.1f}B params, {d['groups']:,} groups): {d['seconds']} s, "
             f"peak RSS {d['peak_rss_mb']} MB" for d in res["discovery"]) + "."]
     lines += ["", "![perplexity against kept parameters](perplexity.png)", ""]
+    widths = any(isinstance(r.get("kept", {}).get("ffn"), list) for r in rows)
+    if widths:
+        lines += ["Kept FFN width per layer (first seed of each method):", "",
+                  "![kept FFN width per layer](ffn_widths.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     plot(agg, res["references"], out / "perplexity.png")
+    if widths:
+        plot_widths(rows, out / "ffn_widths.png")
     return out / "results.md"
 
 
@@ -750,6 +756,43 @@ def plot(agg: list[dict[str, Any]], references: dict[str, Any], path: Path) -> N
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_widths(rows: list[dict[str, Any]], path: Path) -> None:
+    """Kept FFN width per layer: one panel per reference and sparsity, one line per method (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first: dict[tuple[str, float, str], list[int]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        ffn = r.get("kept", {}).get("ffn")
+        if ffn is not None:
+            first.setdefault((r.get("reference", "model"), r["sparsity"], r["method"]), ffn)
+    kinds = sorted({k for k, _, _ in first})
+    sparsities = sorted({s for _, s, _ in first})
+    fig, axes = plt.subplots(len(kinds), len(sparsities), figsize=(4.5 * len(sparsities), 3.5 * len(kinds)),
+                             squeeze=False)
+    for i, kind in enumerate(kinds):
+        for j, sp in enumerate(sparsities):
+            ax = axes[i][j]
+            for method in METHODS:
+                ffn = first.get((kind, sp, method))
+                if ffn is None:
+                    continue
+                ffn = ffn if isinstance(ffn, list) else [ffn] * max(
+                    (len(v) for v in first.values() if isinstance(v, list)), default=1)
+                ax.plot(range(len(ffn)), ffn, marker="o", label=LABELS[method])
+                ax.set_xticks(range(len(ffn)))
+            ax.set_title(f"{kind}, {sp:.0%} pruned")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("kept FFN channels")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -77,7 +77,8 @@ def test_benchmark_per_layer_ffn_layout_reaches_the_same_size_and_lists_the_widt
         assert abs(r["pruned_fraction"] - 0.7) <= 0.01  # HESSO stopped at 0.643 before the planner exchange
     widths = [r["kept"]["ffn"] for r in rows if isinstance(r["kept"]["ffn"], list)]
     assert widths and all(len(w) == 2 and min(w) >= 8 and w[0] != w[1] for w in widths)  # 2 layers, unequal
-    assert "(mean " in text and "per_layer_ffn layout" in text
+    assert "(mean " in text and "per_layer_ffn layout" in text and "ffn_widths.png" in text
+    assert (tmp_path / "res" / "ffn_widths.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
