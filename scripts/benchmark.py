@@ -748,12 +748,23 @@ def plot(agg: list[dict[str, Any]], references: dict[str, Any], path: Path) -> N
             ax.errorbar(x, y, yerr=[[b - c for b, c in zip(y, lo, strict=True)],
                                     [c - b for b, c in zip(y, hi, strict=True)]],
                         marker="o", capsize=3, label=LABELS[method])
-        ax.set_title(f"reference: {kind}")
-        ax.set_xlabel("kept parameters (fraction of the reference model)")
-        ax.set_ylabel("held-out perplexity (mean over seeds; bars: range)")
+        _label(ax, f"reference: {kind}", "kept parameters (fraction of the reference model)",
+               "held-out perplexity (mean over seeds; bars: range)", 7)
         ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _label(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -786,14 +797,8 @@ def plot_widths(rows: list[dict[str, Any]], path: Path) -> None:
                     (len(v) for v in first.values() if isinstance(v, list)), default=1)
                 ax.plot(range(len(ffn)), ffn, marker="o", label=LABELS[method])
                 ax.set_xticks(range(len(ffn)))
-            ax.set_title(f"{kind}, {sp:.0%} pruned")
-            ax.set_xlabel("layer")
-            ax.set_ylabel("kept FFN channels")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            _label(ax, f"{kind}, {sp:.0%} pruned", "layer", "kept FFN channels", 6)
+    _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> Path:
