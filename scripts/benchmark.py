@@ -162,11 +162,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not previous.is_file():
             p.error(f"--update needs an earlier run's {previous}")
         old = json.loads(previous.read_text()).get("settings")
+        now = settings(a)
         if old is not None:
             old = {"layout": "uniform", **old}  # results from before --layout existed
-        if old is not None and old != settings(a):
-            changed = sorted(k for k in settings(a) if old.get(k) != settings(a)[k])
-            p.error(f"--update: {previous} was measured with other settings ({', '.join(changed)})")
+            changed = sorted(k for k in now if old.get(k) != now[k])
+            if changed:
+                p.error(f"--update: {previous} was measured with other settings ({', '.join(changed)})")
     return a
 
 
@@ -363,9 +364,11 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
 
 def kept_shape(c) -> dict[str, Any]:
     """Heads, kv heads and FFN width of a pruned config (FFN: one width per layer when they differ)."""
-    layers = (getattr(c, "hf_oto_layers", None) or {}).get("layers")
-    if not layers:
+    from hf_oto.export.formats import full_layers, per_layer
+
+    if not per_layer(c):
         return {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size}
+    layers = full_layers(c)
     first = layers[0]
     return {"heads": first.get("num_attention_heads", c.num_attention_heads),
             "kv_heads": first.get("num_key_value_heads", c.num_key_value_heads),
@@ -784,6 +787,7 @@ def plot_widths(rows: list[dict[str, Any]], path: Path) -> None:
             first.setdefault((r.get("reference", "model"), r["sparsity"], r["method"]), ffn)
     kinds = sorted({k for k, _, _ in first})
     sparsities = sorted({s for _, s, _ in first})
+    layers = max((len(v) for v in first.values() if isinstance(v, list)), default=1)
     fig, axes = plt.subplots(len(kinds), len(sparsities), figsize=(4.5 * len(sparsities), 3.5 * len(kinds)),
                              squeeze=False)
     for i, kind in enumerate(kinds):
@@ -793,8 +797,7 @@ def plot_widths(rows: list[dict[str, Any]], path: Path) -> None:
                 ffn = first.get((kind, sp, method))
                 if ffn is None:
                     continue
-                ffn = ffn if isinstance(ffn, list) else [ffn] * max(
-                    (len(v) for v in first.values() if isinstance(v, list)), default=1)
+                ffn = ffn if isinstance(ffn, list) else [ffn] * layers
                 ax.plot(range(len(ffn)), ffn, marker="o", label=LABELS[method])
                 ax.set_xticks(range(len(ffn)))
             _label(ax, f"{kind}, {sp:.0%} pruned", "layer", "kept FFN channels", 6)

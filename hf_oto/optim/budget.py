@@ -263,7 +263,7 @@ def _exchange(plan: Plan, pending: list[Item], done: dict[tuple, int], took: lis
     chain stays a lowest-first prefix and head counts stay accepted ones), until the count is within
     [lo, hi]. Tries the coarse items in score order; leaves the plan as it was if none fits."""
     for it in [p for p in pending if p.order == done[p.chain] and not any(k in skip for k, _ in p.members)]:
-        before = ([set(r) for r in plan.removed], dict(done), list(took))
+        removed_before, done_before, took_before = [set(r) for r in plan.removed], dict(done), list(took)
         _take(plan, it, done, {}, took)
         for back in sorted(took[:-1], key=lambda t: -t.score):
             if plan.pruned_params() <= hi:
@@ -280,9 +280,9 @@ def _exchange(plan: Plan, pending: list[Item], done: dict[tuple, int], took: lis
             took.remove(back)
         if lo <= plan.pruned_params() <= hi:
             return
-        plan.removed[:], took[:] = before[0], before[2]
+        plan.removed[:], took[:] = removed_before, took_before
         done.clear()
-        done.update(before[1])
+        done.update(done_before)
 
 
 def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int, int], float]) -> frozenset[int]:

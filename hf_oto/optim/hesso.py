@@ -245,10 +245,11 @@ class HESSO(torch.optim.Optimizer):
         return build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
                            selection=c.selection)
 
-    def _full_budget(self, score: torch.Tensor) -> torch.Tensor:
-        """The groups the whole budget would remove under ``score`` now (CRIC's candidates)."""
+    def _full_budget(self, score: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
+        """The groups the whole budget would remove under ``score`` now, on top of ``removed`` (a flag
+        per group; none by default: CRIC's candidates)."""
         c = self.config
-        plan = Plan(self.space)
+        plan = Plan(self.space) if removed is None else Plan.from_mask(self.space, removed)
         items = self._items(score, plan)
         select(plan, items, self.target_params, c.tolerance)
         return plan.mask()
@@ -288,8 +289,7 @@ class HESSO(torch.optim.Optimizer):
             # period never takes what leaves the budget unreachable later (every FFN chunk when the
             # rest only fits as half of the heads). A coarse item (half of the heads) may overshoot
             # the share, never the budget.
-            full = Plan.from_mask(self.space, plan.mask())
-            select(full, self._items(score, full), self.target_params, c.tolerance)
+            full = Plan.from_mask(self.space, self._full_budget(score, plan.mask()))
             items = [it for it in items if all(set(ch) <= full.removed[k] for k, ch in it.members)]
             select(plan, items, target, 0.0, cap=self.target_params)
         self.redundant = plan.mask() & ~self.pruned
