@@ -142,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update", action="store_true",
                    help="rerun only the selected methods/references/sparsities and replace their rows in "
                         "the existing --out/results.json (same budget settings required); other rows are kept")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite results.md and the plots from the existing --out/results.json (runs nothing)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -157,6 +159,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "leave them out of --methods")
     if a.steps < 30:
         p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
+    if a.report:
+        if a.update:
+            p.error("--report rewrites the existing results; it cannot be combined with --update")
+        stored = Path(a.out) / "results.json"
+        if not stored.is_file():
+            p.error(f"--report needs an earlier run's {stored}")
+        for k, v in {"layout": "uniform", **(json.loads(stored.read_text()).get("settings") or {})}.items():
+            setattr(a, k, v)  # the report states the budget the stored rows were measured with
+        return a
     if a.update:
         previous = Path(a.out) / "results.json"
         if not previous.is_file():
@@ -571,9 +582,32 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ppl = [r["eval_ppl"] for r in ok]
             entry.update(ppl=statistics.fmean(ppl), lo=min(ppl), hi=max(ppl),
                          std=statistics.stdev(ppl) if len(ppl) > 1 else 0.0, params=ok[0]["params"],
-                         kept=ok[0].get("kept") or {})
+                         params_range=(min(r["params"] for r in ok), max(r["params"] for r in ok)),
+                         kept=ok[0].get("kept") or {}, shapes=seed_shapes(ok))
         out.append(entry)
     return out
+
+
+def shape_cell(k: dict[str, Any]) -> str:
+    """Kept heads / kv heads / FFN width of one run ("all" for the dense control)."""
+    return f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}" if k else "all"
+
+
+def seed_shapes(rows: list[dict[str, Any]]) -> list[tuple[str, list[int]]]:
+    """The distinct kept shapes of a method's runs, each with the seeds that ended there."""
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        out.setdefault(shape_cell(r.get("kept") or {}), []).append(r["seed"])
+    return list(out.items())
+
+
+def kept_cell(e: dict[str, Any]) -> str:
+    """The table's kept column: one shape, or each seed's shape where the seeds ended differently."""
+    shapes = e.get("shapes") or [(shape_cell(e["kept"]), [])]
+    if len(shapes) == 1:
+        return shapes[0][0]
+    return "; ".join(f"{cell} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+                     for cell, seeds in shapes)
 
 
 def window_increase(losses: list[float], length: int) -> list[float]:
@@ -626,6 +660,9 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     res["aggregate"] = agg
     runs = res.get("runs") or [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
                                 "rows": len(rows)}]
+    # from the rows, not the arguments: an --update or --report run may name fewer of them
+    seeds = max((e["n"] for e in agg if e["sparsity"] in (0.0, a.seeded_sparsity)), default=a.seeds)
+    sparsities = sorted({e["sparsity"] for e in agg if e["method"] != "dense"})
     lines = ["# hf-oto benchmark results", ""]
     lines += [f"- command: `{r['command']}` ({r['date']}, {r['wall_minutes']:.1f} min, {r['rows']} rows"
               + (", replacing the earlier runs' rows of the same reference, method, sparsity and seed)" if i else ")")
@@ -637,7 +674,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, FFN multiple 8; "
              f"HESSO {_hesso_line(rows, a)}; distillation "
              f"rows add a KL term to the dense reference (weight 0.5, T 1)",
-             f"- seeds: {a.seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
+             f"- seeds: {seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
              f"cells are mean perplexity, with the seeds' range [min-max] where there are several",
              f"- held-out perplexity on {res['eval_blocks']} blocks"]
     for kind, info in res["references"].items():
@@ -658,14 +695,15 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
                 lines.append(f"| {sp} | {LABELS[e['method']]} | - | - | error: {e['error']} | - | 0 | "
                              f"{e['seconds'] / 60:.1f} |")
                 continue
-            k = e["kept"]
-            kept = f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}" if k else "all"
+            kept = kept_cell(e)
+            lo, hi = e.get("params_range", (e["params"], e["params"]))
+            params = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
             cell = f"{e['ppl']:.2f}" + (f" [{e['lo']:.2f}-{e['hi']:.2f}]" if e["n"] > 1 else "")
             ratio = f"{e['ppl'] / dense['ppl']:.3f}" if dense else "-"
-            lines.append(f"| {sp} | {LABELS[e['method']]} | {e['params']:,} | {kept} | {cell} | {ratio} | "
+            lines.append(f"| {sp} | {LABELS[e['method']]} | {params} | {kept} | {cell} | {ratio} | "
                          f"{e['n']} | {e['seconds'] / 60:.1f} |")
         best = []
-        for s in a.sparsities:
+        for s in sparsities:
             cands = [e for e in mine if e["sparsity"] == s and e["method"] not in ("dense", "scratch") and "ppl" in e]
             if cands:
                 b = min(cands, key=lambda e: e["ppl"])
@@ -812,6 +850,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     command = "python scripts/benchmark.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if a.report:
+        report = write_report(a, json.loads((Path(a.out) / "results.json").read_text()), command)
+        print(report.read_text())
+        return report
     started = time.time()
     tokenizer, train_blocks, eval_blocks = load_data(a)
     kinds = ["model"] if a.model else a.references

@@ -56,6 +56,31 @@ def test_benchmark_quick_writes_table_and_plot(tmp_path):
     assert [r["method"] for r in after["rows"][-2:]] == ["magnitude_kd", "magnitude_kd"]
     assert "| 50% | HESSO + distillation" in text and text.count("- command:") == 2
 
+    # --report rewrites the table from results.json alone: same rows, same text, no run, no new command
+    (tmp_path / "res" / "results.md").write_text("stale")
+    again = benchmark.main(["--report", "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "nothing")])
+    assert again.read_text() == text and not (tmp_path / "nothing").exists()
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == after["rows"]
+    try:
+        benchmark.main(["--report", "--out", str(tmp_path / "empty")])
+        raise AssertionError("--report without results.json was accepted")
+    except SystemExit as e:
+        assert e.code == 2
+
+
+def test_kept_column_lists_each_seeds_shape_when_they_differ():
+    import benchmark
+
+    a = {"heads": 4, "kv_heads": 1, "ffn": 352}
+    b = {"heads": 8, "kv_heads": 2, "ffn": 248}
+    rows = [{"method": "m", "sparsity": 0.5, "seed": s, "eval_ppl": 30.0 + s, "params": p, "kept": k}
+            for s, p, k in ((0, 100, a), (1, 104, b), (2, 104, b))]
+    (e,) = benchmark.aggregate(rows)
+    assert benchmark.kept_cell(e) == "4 / 1 / 352 (seed 0); 8 / 2 / 248 (seeds 1, 2)"
+    assert e["params_range"] == (100, 104)
+    (same,) = benchmark.aggregate(rows[1:])
+    assert benchmark.kept_cell(same) == "8 / 2 / 248"
+
 
 def test_benchmark_per_layer_ffn_layout_reaches_the_same_size_and_lists_the_widths(tmp_path):
     """--layout per_layer_ffn: every method ends at the budget (HESSO too, where the FFN alone cannot
