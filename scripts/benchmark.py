@@ -159,26 +159,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "leave them out of --methods")
     if a.steps < 30:
         p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
-    if a.report:
-        if a.update:
-            p.error("--report rewrites the existing results; it cannot be combined with --update")
+    if a.report and a.update:
+        p.error("--report rewrites the existing results; it cannot be combined with --update")
+    if a.report or a.update:
         stored = Path(a.out) / "results.json"
         if not stored.is_file():
-            p.error(f"--report needs an earlier run's {stored}")
-        for k, v in {"layout": "uniform", **(json.loads(stored.read_text()).get("settings") or {})}.items():
-            setattr(a, k, v)  # the report states the budget the stored rows were measured with
-        return a
-    if a.update:
-        previous = Path(a.out) / "results.json"
-        if not previous.is_file():
-            p.error(f"--update needs an earlier run's {previous}")
-        old = json.loads(previous.read_text()).get("settings")
-        now = settings(a)
-        if old is not None:
-            old = {"layout": "uniform", **old}  # results from before --layout existed
+            p.error(f"--{'report' if a.report else 'update'} needs an earlier run's {stored}")
+        old = json.loads(stored.read_text()).get("settings")
+        old = None if old is None else {"layout": "uniform", **old}  # results from before --layout existed
+        if a.report:
+            for k, v in (old or {}).items():
+                setattr(a, k, v)  # the report states the budget the stored rows were measured with
+        elif old is not None:
+            now = settings(a)
             changed = sorted(k for k in now if old.get(k) != now[k])
             if changed:
-                p.error(f"--update: {previous} was measured with other settings ({', '.join(changed)})")
+                p.error(f"--update: {stored} was measured with other settings ({', '.join(changed)})")
     return a
 
 
@@ -603,7 +599,7 @@ def seed_shapes(rows: list[dict[str, Any]]) -> list[tuple[str, list[int]]]:
 
 def kept_cell(e: dict[str, Any]) -> str:
     """The table's kept column: one shape, or each seed's shape where the seeds ended differently."""
-    shapes = e.get("shapes") or [(shape_cell(e["kept"]), [])]
+    shapes = e["shapes"]
     if len(shapes) == 1:
         return shapes[0][0]
     return "; ".join(f"{cell} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
@@ -696,7 +692,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
                              f"{e['seconds'] / 60:.1f} |")
                 continue
             kept = kept_cell(e)
-            lo, hi = e.get("params_range", (e["params"], e["params"]))
+            lo, hi = e["params_range"]
             params = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
             cell = f"{e['ppl']:.2f}" + (f" [{e['lo']:.2f}-{e['hi']:.2f}]" if e["n"] > 1 else "")
             ratio = f"{e['ppl'] / dense['ppl']:.3f}" if dense else "-"
