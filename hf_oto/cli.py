@@ -1,4 +1,4 @@
-"""Command line: ``hf-oto inspect``, ``prune``, ``push``, ``export-gguf`` and ``qfa-search``.
+"""Command line: ``hf-oto inspect``, ``prune``, ``push``, ``export-gguf``, ``qfa-search`` and ``env``.
 
 User errors print one line and exit with code 2; ``--debug`` (or ``HF_OTO_DEBUG=1``) shows the traceback.
 """
@@ -47,6 +47,12 @@ def demo_config_dir(out: Path) -> Path:
         num_attention_heads=8, num_key_value_heads=2, head_dim=64,
     ).save_pretrained(out)
     return out
+
+
+def _version() -> str:
+    from hf_oto.env import installed_version
+
+    return installed_version("hf-oto") or "unknown"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -147,10 +153,18 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from hf_oto.env import report
+
+    print(report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-oto", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (or HF_OTO_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"hf-oto {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the prunable groups of a model (no weights are loaded)")
     p.add_argument("model", nargs="?", help="local model folder or config.json")
@@ -182,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine", type=int, default=16, help="candidates evaluated in the narrowed space")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's draws")
     p.set_defaults(func=cmd_qfa_search)
+    p = sub.add_parser("env", help="print the versions that matter (for bug reports) and how they meet the lock")
+    p.set_defaults(func=cmd_env)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command == "prune":  # e.g. `hf-oto prune --help`: the job's own settings

@@ -4,3 +4,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message=".*must be `None` or an integer within the vocabulary.*")
+
+
+def pytest_report_header(config):
+    """The versions under test and whether they are the locked ones (README: "Locked installs")."""
+    from hf_oto.env import report
+
+    return ["hf-oto environment:", *report().splitlines()]
+
+
+def _devices():
+    import pytest
+    import torch
+
+    yield "cpu"
+    reason = "no CUDA device on this machine (the same test runs on one when present)"
+    yield pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=reason))
+
+
+def pytest_generate_tests(metafunc):
+    """``device``: every test that takes it runs on the CPU, and on CUDA whenever a GPU is present
+    (reported as skipped, with the reason, where there is none)."""
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", list(_devices()))

@@ -43,16 +43,23 @@ def test_relu_squared_ffns_are_prunable(arch):
     assert len(ffn) == 2 and all(s.prunable and s.kind == "ffn_channel" and s.count == 48 for s in ffn)
 
 
+# Falcon's output projection is Linear(hidden_size, hidden_size) whatever the head count, so its heads
+# cannot be saved smaller in the stock config. Which check says so first depends on the transformers
+# version: up to 5.23 Falcon split q/k/v by hand (with constant-index k/v the trace cannot follow); from
+# 5.25 it uses the shared attention code, the trace finds the kv groups, and the config check refuses.
+FALCON_WIDTH = "input width stays 32 in the stock code"
+
+
 @pytest.mark.parametrize("arch, ffn_kind, why", [
-    ("falcon", "ffn_channel", "mixes channels of several heads"),
-    ("falcon_mqa", "ffn_channel", "do not form equal query groups"),
-    ("olmo2", "ffn_channel", "mixes channels of several heads"),  # q/k norms span all heads
-    ("olmoe", "expert_channel", "mixes channels of several heads"),
+    ("falcon", "ffn_channel", ("mixes channels of several heads", FALCON_WIDTH)),
+    ("falcon_mqa", "ffn_channel", ("do not form equal query groups", FALCON_WIDTH)),
+    ("olmo2", "ffn_channel", ("mixes channels of several heads",)),  # q/k norms span all heads
+    ("olmoe", "expert_channel", ("mixes channels of several heads",)),
 ])
 def test_unprunable_heads_do_not_stop_the_ffn(arch, ffn_kind, why):
     space = discover_groups(tiny_model(arch))
     attn = [s for s in space.sets if s.block == "attention"]
-    assert attn and all(not s.prunable and why in s.reason for s in attn)
+    assert attn and all(not s.prunable and any(w in s.reason for w in why) for s in attn)
     ffn = [s for s in space.sets if s.block == "mlp"]
     assert ffn and all(s.prunable and s.kind == ffn_kind for s in ffn)
 

@@ -51,9 +51,10 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)
     resume = resolve_resume(targs)
     config = model_config(margs, vocab=dargs.train_tokenizer_vocab or 64)
+    dtype = {"dtype": getattr(torch, margs.torch_dtype)} if margs.torch_dtype else {}
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, **dtype)
         except ValueError as exc:
             raise ConfigError(f"{config.model_type} has no causal-LM head in transformers: "
                               f"{first_line(exc)}") from None

@@ -60,7 +60,7 @@ def _taylor(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch
                 for spec in gs.slices:
                     p = params[spec.param]
                     if p.grad is not None:
-                        s += slice_sums((p.detach() * p.grad).abs(), spec).cpu()
+                        s += slice_sums((p.detach().float() * p.grad.float()).abs(), spec).cpu()
                 scores.append(s)
     finally:
         for n, (req, grad) in saved.items():

@@ -41,7 +41,7 @@ def whole_groups(index: torch.Tensor, size: int) -> bool:
         return False
     runs = index.reshape(index.shape[0], -1, size)
     starts = runs[..., :1]
-    return bool(((starts % size) == 0).all() and (runs == starts + torch.arange(size)).all())
+    return bool(((starts % size) == 0).all() and (runs == starts + torch.arange(size, device=index.device)).all())
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -67,9 +67,8 @@ def _best_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
 def rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
     """Round-to-nearest with a per-(row, group) clipping search."""
     w = weight.detach().float()
-    out, n = w.shape
     lo, hi = code_range(bits)
-    scales = torch.stack([_best_scale(w[:, g:g + group_size], bits) for g in range(0, n, group_size)], dim=1)
+    scales = torch.stack([_best_scale(w[:, g:g + group_size], bits) for g in range(0, w.shape[1], group_size)], dim=1)
     codes = torch.clamp(torch.round(w / scales.repeat_interleave(group_size, dim=1)), lo, hi)
     return QuantizedWeight(codes.to(torch.int8), scales, bits, group_size)
 
@@ -78,22 +77,28 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
          damp: float = 0.01, block: int = 128) -> QuantizedWeight:
     """GPTQ (Frantar et al., 2022): quantize columns in order and spread each column's error over the
     columns not yet quantized, weighted by the inverse of ``hessian`` (``X^T X`` of the layer's inputs).
-    Each group's scale is chosen when the group is reached, from its error-corrected weights."""
-    w = weight.detach().float().clone()
+    Each group's scale is chosen when the group is reached, from its error-corrected weights.
+
+    Works on the weight's device, in float32 whatever the weight's dtype; codes and scales come back on
+    that device (int8 and float32), wherever ``hessian`` was accumulated.
+    """
+    device = weight.device
+    w = weight.detach().to(device=device, dtype=torch.float32, copy=True)
     out, n = w.shape
     lo, hi = code_range(bits)
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += torch.eye(n) * damp * torch.diag(h).mean()
+    h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    dead = torch.diag(h) == 0  # inputs that never fired: their weights cannot matter, give them a unit curvature
+    h = h + torch.diag(dead.to(h.dtype))
+    w = w * (~dead).to(w.dtype)[None, :]
+    h = h + torch.eye(n, device=device) * (damp * torch.diag(h).mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(out, n, dtype=torch.int8)
-    scales = torch.zeros(out, n // group_size)
+    codes = torch.zeros(out, n, dtype=torch.int8, device=device)
+    scales = torch.zeros(out, n // group_size, device=device)
     block = max(group_size, block // group_size * group_size)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros(out, i2 - i1, device=device)
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:

@@ -239,6 +239,8 @@ def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[P
 
     Returns the pruning space (None for a quantize-only QFA run) and the space HESSO works on.
     """
+    if not args.qfa:  # QFA trains only its own adapters, which it creates in float32
+        check_trainable_dtype(model)
     space = check_pruning_setup(model, args) if args.prunes else None
     if not args.qfa:
         return space, space
@@ -246,6 +248,17 @@ def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[P
     if hesso_space is not None:
         check_schedule(args, hesso_space)
     return space, hesso_space
+
+
+def check_trainable_dtype(model: torch.nn.Module) -> None:
+    """Refuse float16 weights that the optimizer would update: float16 cannot hold Adam's epsilon (1e-8)
+    or its small second moments, so the first step divides by zero and training turns to NaN (with or
+    without pruning). bfloat16 has float32's range and trains; LoRA adapters are float32 under peft."""
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise ConfigError(f"{len(half)} trainable parameters are float16 (e.g. {half[0]}), which AdamW turns to NaN "
+                          "in one step; load the model in float32 with fp16: true (mixed precision), in bfloat16, "
+                          "or train LoRA adapters (lora_r) on the float16 base")
 
 
 def check_schedule(args: HFOTOTrainingArguments, space: PruningSpace) -> None:

@@ -1,0 +1,84 @@
+"""The versions that change hf-oto's behaviour, against the tested lock (``hf-oto env``, bug reports)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+LOCK_FILE = Path(__file__).with_name("constraints.txt")
+
+# What a bug report needs, in this order; everything else in the lock is listed only when it differs.
+KEY_PACKAGES = ("hf-oto", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "safetensors",
+                "huggingface_hub", "tokenizers", "compressed-tensors", "gguf", "numpy")
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def locked_versions(path: Path = LOCK_FILE) -> dict[str, str]:
+    """``{package: version}`` of the lock file (``name==version`` lines)."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[_norm(name)] = version.strip()
+    return out
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _public(version: str | None) -> str | None:
+    """The version without its local label (``2.13.0+cpu`` -> ``2.13.0``), as ``==`` compares them."""
+    return None if version is None else version.split("+", 1)[0]
+
+
+def lock_differences(lock: dict[str, str] | None = None) -> dict[str, tuple[str, str | None]]:
+    """``{package: (locked, installed)}`` for every locked package whose installed version differs."""
+    lock = locked_versions() if lock is None else lock
+    out = {}
+    for name, want in lock.items():
+        have = installed_version(name)
+        if _public(have) != want:
+            out[name] = (want, have)
+    return out
+
+
+def accelerator() -> str:
+    """The device torch sees: CUDA device names, or 'cpu' (with bf16 support where the CPU has it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"cuda {torch.version.cuda}: {', '.join(names)}"
+    return "cpu (no CUDA device)"
+
+
+def report() -> str:
+    """A plain-text report: Python, platform, accelerator, the key packages and how they meet the lock."""
+    lock = locked_versions() if LOCK_FILE.exists() else {}
+    lines = [f"- python: {sys.version.split()[0]}", f"- platform: {platform.platform()}",
+             f"- accelerator: {accelerator()}"]
+    for name in KEY_PACKAGES:
+        have = installed_version(name)
+        want = lock.get(_norm(name))
+        mark = "" if want is None or _public(have) == want else f"  (locked: {want})"
+        lines.append(f"- {name}: {have or 'not installed'}{mark}")
+    others = {n: v for n, v in lock_differences(lock).items() if n not in {_norm(k) for k in KEY_PACKAGES}}
+    diffs = len(lock_differences(lock)) if lock else None
+    if diffs is None:
+        lines.append("- lock: no lock file found")
+    elif diffs == 0:
+        lines.append(f"- lock: every installed version is the locked one ({len(lock)} packages, {LOCK_FILE})")
+    else:
+        lines.append(f"- lock: {diffs} of {len(lock)} packages differ from {LOCK_FILE}")
+        lines += [f"  - {n}: {have or 'not installed'} (locked: {want})" for n, (want, have) in sorted(others.items())]
+    return "\n".join(lines)

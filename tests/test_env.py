@@ -1,0 +1,52 @@
+"""`hf-oto env` / `--version` and the lock file that scripts/setup.sh and CI install from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import tomllib
+from jobs import hfoto
+
+from hf_oto.env import KEY_PACKAGES, LOCK_FILE, lock_differences, locked_versions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_lock_pins_every_package_that_changes_behaviour():
+    lock = locked_versions()
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "safetensors",
+                 "huggingface-hub", "compressed-tensors", "gguf", "tokenizers", "numpy", "pytest", "ruff"):
+        assert name in lock, name
+    # Every runtime dependency of pyproject.toml is locked (its name, without the version range).
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = dep.split(";")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower().replace("_", "-")
+        assert name in lock, name
+
+
+def test_lock_differences_names_what_differs(tmp_path):
+    fake = tmp_path / "lock.txt"
+    fake.write_text("# comment\ntorch==0.0.1\nno-such-package-hf-oto==1.0 ; python_version >= '3.11'\n")
+    lock = locked_versions(fake)
+    assert lock == {"torch": "0.0.1", "no-such-package-hf-oto": "1.0"}
+    diffs = lock_differences(lock)
+    assert diffs["no-such-package-hf-oto"] == ("1.0", None) and diffs["torch"][0] == "0.0.1"
+
+
+def test_env_prints_the_key_versions_and_the_lock_state(tmp_path):
+    proc = hfoto("env", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in KEY_PACKAGES:
+        assert f"- {name}: " in proc.stdout
+    assert "accelerator: " in proc.stdout and str(LOCK_FILE) in proc.stdout
+    version = hfoto("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("hf-oto ")
+
+
+def test_the_installed_versions_are_the_locked_ones():
+    """scripts/setup.sh installs the lock; only HF_OTO_LATEST=1 (the documented switch) installs others."""
+    if os.environ.get("HF_OTO_LATEST", "0") != "0":
+        pytest.skip("HF_OTO_LATEST is set: the newest versions were installed on purpose")
+    assert lock_differences() == {}
