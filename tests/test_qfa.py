@@ -373,3 +373,58 @@ def test_qfa_under_accelerate_ddp_moves_only_sampled_adapters(tmp_path):
     two = [v for k, v in state.items() if k.endswith("lora_B.2")]
     assert four and all((v == 0).all() for v in four)  # never sampled: untouched (B starts at zero)
     assert any((v != 0).any() for v in two)  # sampled: trained
+
+
+def test_gptq_holds_one_decoder_layers_hessians_at_a_time(monkeypatch):
+    """Every Hessian alive while GPTQ quantizes a weight belongs to that weight's decoder layer."""
+    import gc
+    import weakref
+
+    import hf_oto.quant.prepare as prep
+
+    alive: list[tuple[int, weakref.ref]] = []
+    seen: list[set[int]] = []
+    real = prep.gptq
+
+    def watching(weight, hessian, bits, group_size):
+        layer = next(i for n, i, m in targets if m.weight is weight)
+        if not any(h() is hessian for _, h in alive):
+            alive.append((layer, weakref.ref(hessian)))
+        gc.collect()
+        seen.append({i for i, h in alive if h() is not None} | {layer})
+        return real(weight, hessian, bits, group_size)
+
+    model = tiny_model("llama", num_hidden_layers=3, intermediate_size=64)
+    config = QFAConfig(bits=(2, 4), quantizer="gptq", group_size=16)
+    targets = prep.check_targets(model, config)
+    monkeypatch.setattr(prep, "gptq", watching)
+    prepare_qfa(model, config, [{"input_ids": IDS}])
+    assert len(seen) == 2 * len(targets) and {i for s in seen for i in s} == {0, 1, 2}
+    assert all(len(s) == 1 for s in seen)
+
+
+def test_layer_by_layer_calibration_equals_one_pass_over_the_whole_model():
+    """The per-layer replay sees exactly the inputs a plain forward pass gives each target."""
+    from hf_oto.quant.prepare import check_targets, layer_hessians
+
+    model = tiny_model("gemma2", num_hidden_layers=3, sliding_window=4)  # sliding and full layers alternate
+    config = QFAConfig(bits=(4,), quantizer="gptq", group_size=16)
+    targets = check_targets(model, config)
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = x.T @ x / x.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, _, m in targets]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    got = {n: h for _, per_layer in layer_hessians(model, targets, [{"input_ids": ids}]) for n, h in per_layer.items()}
+    assert got.keys() == sums.keys()
+    for name in sums:
+        torch.testing.assert_close(got[name], sums[name], rtol=1e-5, atol=1e-6)

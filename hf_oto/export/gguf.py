@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from hf_oto.errors import ExportError
 
@@ -75,8 +76,8 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
         raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     config = json.loads((src / "config.json").read_text())
     shape = read_shape(config)
-    tensors = _load_tensors(src)
-    check_shapes(shape, tensors, _manifest(src))
+    tensors = _tensor_index(src)
+    check_shapes(shape, {n: t.shape for n, t in tensors.items()}, _manifest(src))
     vocab = read_vocab(src, shape.vocab)
     try:
         import gguf
@@ -90,11 +91,16 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
         writer = gguf.GGUFWriter(tmp, arch)
         _write_params(writer, gguf, config, shape, dtype)
         _write_vocab(writer, gguf, vocab)
-        for name, array in _gguf_tensors(gguf, arch, config, shape, tensors, dtype):
-            writer.add_tensor(name, array)
+        # Streamed: every tensor's name, shape and type go into the header first, then the tensors
+        # are read from safetensors, converted and written one at a time (peak: one tensor, not the model).
+        plan = list(_gguf_plan(gguf, arch, config, shape, dtype))
+        for name, dims, np_dtype, _ in plan:
+            writer.add_tensor_info(name, dims, np_dtype, int(np.prod(dims)) * np.dtype(np_dtype).itemsize)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for _, _, np_dtype, load in tqdm(plan, desc="GGUF: writing", unit="tensor", disable=len(plan) < 64):
+            writer.write_tensor_data(np.ascontiguousarray(load(tensors).astype(np_dtype)))
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -137,16 +143,32 @@ def read_shape(config: dict[str, Any]) -> Shape:
     return Shape(hidden, config["vocab_size"], head_dim, tuple(layers), bool(config.get("tie_word_embeddings")))
 
 
-def _load_tensors(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
+class _Lazy:
+    """One tensor of a safetensors file: its shape now, its values when asked."""
+
+    def __init__(self, file: Path, name: str, shape: tuple[int, ...]):
+        self.file, self.name, self.shape = file, name, shape
+
+    def load(self):
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_tensor(self.name)
+
+
+def _tensor_index(folder: Path) -> dict[str, _Lazy]:
+    """Every tensor of the folder's safetensors files, by name, read lazily (headers only here)."""
+    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ExportError(f"{folder} has no safetensors weights")
-    tensors: dict[str, Any] = {}
-    for f in files:
-        tensors.update(load_file(f))
-    return tensors
+    out: dict[str, _Lazy] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                out[name] = _Lazy(file, name, tuple(f.get_slice(name).get_shape()))
+    return out
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
@@ -172,8 +194,9 @@ def expected_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_shapes(shape: Shape, tensors: dict[str, Any], manifest: dict[str, Any] | None) -> None:
-    """Refuse (one line) unless the weights are exactly what the config and the manifest describe."""
+def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: dict[str, Any] | None) -> None:
+    """Refuse (one line) unless the weights (``{name: shape}``) are exactly what the config and the
+    manifest describe."""
     for i, layer in enumerate(shape.layers):
         if layer.kv_heads < 1 or layer.heads % layer.kv_heads:
             raise ExportError(f"layer {i}: {layer.heads} query heads do not split over {layer.kv_heads} kv heads")
@@ -185,8 +208,8 @@ def check_shapes(shape: Shape, tensors: dict[str, Any], manifest: dict[str, Any]
     if extra:
         raise ExportError(f"weights the llama/deci graph has no place for: {', '.join(extra[:3])}")
     for name, dims in want.items():
-        if tuple(tensors[name].shape) != dims:
-            raise ExportError(f"{name} is {tuple(tensors[name].shape)}, the config says {dims}")
+        if tuple(tensors[name]) != dims:
+            raise ExportError(f"{name} is {tuple(tensors[name])}, the config says {dims}")
     for s in (manifest or {}).get("sets", []):
         layer = shape.layers[s["layer"]] if 0 <= s.get("layer", -1) < len(shape.layers) else None
         kept = len(s["kept"])
@@ -339,17 +362,27 @@ def _unrotate(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(gguf, arch: str, config, shape: Shape, tensors: dict[str, Any], dtype: str):
+def _gguf_plan(gguf, arch: str, config, shape: Shape, dtype: str):
+    """(GGUF name, shape, numpy dtype, loader) of every tensor, in file order; a loader reads and
+    converts its tensor from the lazy index when called."""
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.DECI, len(shape.layers))
     rope = _rope(config)
     if rope["rope_type"] == "llama3":
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(rope, shape.head_dim)
-    for hf_name in expected_shapes(shape):
-        w = tensors[hf_name].float().numpy()
-        if ".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name:
-            layer = shape.layers[int(hf_name.split(".")[2])]
-            w = _unrotate(w, layer.heads if ".q_proj." in hf_name else layer.kv_heads)
+        factors = _llama3_factors(rope, shape.head_dim)
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, np.float32, \
+            lambda _tensors, f=factors: f
+    for hf_name, dims in expected_shapes(shape).items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         if name is None:
             raise ExportError(f"no GGUF name for {hf_name}")
-        yield name, (w.astype(np.float16) if dtype == "f16" and w.ndim == 2 else w.astype(np.float32))
+        heads = None
+        if ".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name:
+            layer = shape.layers[int(hf_name.split(".")[2])]
+            heads = layer.heads if ".q_proj." in hf_name else layer.kv_heads
+        np_dtype = np.float16 if dtype == "f16" and len(dims) == 2 else np.float32
+        yield name, dims, np_dtype, lambda tensors, n=hf_name, h=heads: _hf_to_gguf(tensors[n].load(), h)
+
+
+def _hf_to_gguf(t, heads: int | None) -> np.ndarray:
+    w = t.float().numpy()
+    return w if heads is None else _unrotate(w, heads)

@@ -65,19 +65,24 @@ def average_bits(model: nn.Module, bits: Sequence[int]) -> float:
     return weighted / total
 
 
-def _dense_copy(model: nn.Module, bits: Sequence[int]) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
-    """A plain copy of ``model`` whose QFA layers are ``nn.Linear`` holding the folded weights."""
+def _dense_copy(model: nn.Module, bits: Sequence[int], *,
+                weights: bool) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
+    """A plain copy of ``model`` whose QFA layers are ``nn.Linear`` holding the folded weights.
+
+    The QFA layers are never copied (their codes of every width would be): deepcopy's memo maps
+    each one to its new linear. With ``weights=False`` those linears' weights stay on the meta
+    device (the export writes the folded codes, not them), so no dense copy of them exists at all.
+    """
     folded = {name: m.folded(bits[i]) for name, i, m in qfa_layers(model)}
-    dense = copy.deepcopy(model)
-    for name, _, m in qfa_layers(dense):
+    memo: dict[int, Any] = {}
+    for name, _, m in qfa_layers(model):
         q = folded[name]
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        lin.weight = nn.Parameter(q.dequantize(), requires_grad=False)
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = nn.Parameter(q.dequantize() if weights else lin.weight, requires_grad=False)
         if m.bias is not None:
             lin.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
-        parent, _, attr = name.rpartition(".")
-        setattr(dense.get_submodule(parent), attr, lin)
-    return dense, folded
+        memo[id(m)] = lin
+    return copy.deepcopy(model, memo), folded
 
 
 def _slice(q: QuantizedWeight, kept: dict[int, torch.Tensor], name: str) -> QuantizedWeight:
@@ -134,7 +139,7 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
     bits = check_bits(model, bits)
     out = Path(out_dir)
     check_target(out, overwrite=overwrite, marker=QFA_MANIFEST)
-    dense, folded = _dense_copy(model, bits)
+    dense, folded = _dense_copy(model, bits, weights=space is not None)  # pruning slices the dense weights
     if space is not None:
         kept = kept_indices(dense, space, layout="uniform")
         small = construct_subnet(dense, space, layout="uniform")
@@ -146,7 +151,8 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
     params = dict(small.named_parameters())
     for name, q in quantized.items():
         w = params[f"{name}.weight"]
-        if w.shape != q.codes.shape or not torch.equal(q.dequantize().to(w.dtype), w.detach()):
+        same = w.is_meta or torch.equal(q.dequantize().to(w.dtype), w.detach())  # meta: the codes are the weight
+        if w.shape != q.codes.shape or not same:
             raise ExportError(f"{name}: the folded codes do not reproduce the sub-network's weight (internal error)")
     layer_of = {name: i for name, i, _ in qfa_layers(model)}
     tmp = staging_dir(out)
@@ -159,11 +165,10 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
 
 def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[int], layer_of: dict[str, int],
            tmp: Path, tokenizer: Any, extra: dict[str, Any]) -> None:
-    state = unique_state(small)
+    state = unique_state(small, skip={f"{name}.weight" for name in quantized})  # the codes replace them
     dtype = next(iter(state.values())).dtype
     by_bits: dict[int, list[str]] = {}
     for name, q in quantized.items():
-        del state[f"{name}.weight"]
         state[f"{name}.weight_packed"] = pack_int32(q.codes, q.bits)
         state[f"{name}.weight_scale"] = q.scales.to(dtype)
         state[f"{name}.weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)

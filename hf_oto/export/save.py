@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +178,10 @@ def _auto_class(model: nn.Module) -> str:
     return "AutoModel"
 
 
-def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tied tensor once, under the name ``named_parameters`` reports (on the CPU)."""
-    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+def unique_state(model: nn.Module, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name ``named_parameters`` reports (on the
+    CPU), without the names in ``skip``."""
+    keep = ({n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}) - set(skip)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
 
 

@@ -183,7 +183,8 @@ class _HessianSums:
             h.remove()
 
     def hessians(self) -> dict[str, torch.Tensor]:
-        return {n: s / max(self.tokens[n], 1) for n, s in self.sums.items()}
+        """The averaged sums, handed over (divided in place, not kept here)."""
+        return {n: self.sums.pop(n).div_(max(self.tokens[n], 1)) for n in list(self.sums)}
 
 
 def prepare_qfa(model: nn.Module, config: QFAConfig,
