@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from jobs import ROOT, SMALL
 
 from hf_oto.errors import ConfigError
 from hf_oto.main_job import parse, run
-
-SMALL = ["--max_steps", "8", "--pruning_periods", "2", "--max_text_mb", "0.2", "--train_tokenizer_vocab", "512",
-         "--block_size", "32", "--logging_steps", "4", "--per_device_train_batch_size", "4",
-         "--init_config", "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-         "num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8, tie_word_embeddings: true}"]
 
 
 def test_quickstart_config_end_to_end(tmp_path, capsys):
@@ -107,3 +103,43 @@ def test_real_model_configs_parse(config):
     """The GPU/Hub configs are not run here, but every key in them must be a valid argument."""
     margs, dargs, targs = parse(config, ["--bf16", "false"])  # bf16 needs the GPU these configs are for
     assert margs.model_name_or_path and dargs.dataset_name and targs.max_steps > 0
+
+
+FSDP_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: "no"
+rdzv_backend: static
+same_network: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+@pytest.mark.parametrize("case", ["fsdp_on_cpu", "processes_without_use_cpu"])
+def test_launches_that_would_not_train_as_asked_are_refused(tmp_path, case):
+    """accelerate runs FSDP only on GPUs: on CPU it would silently train unsharded (measured with accelerate
+    1.16: MULTI_CPU with use_cpu, else every process alone); both are refused in one line per rank."""
+    import subprocess
+    import sys
+
+    if case == "fsdp_on_cpu":
+        config = tmp_path / "fsdp_cpu.yaml"
+        config.write_text(FSDP_CPU)
+        extra, message = [], "runs FSDP only on GPUs"
+    else:
+        config = ROOT / "configs/accelerate/cpu_2proc.yaml"
+        extra, message = ["--use_cpu", "false"], "runs each one alone"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", "0",
+           str(ROOT / "scripts/prune_finetune.py"), str(ROOT / "configs/quickstart.yaml"), *SMALL, *extra,
+           "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hf-oto: error: ")]
+    assert len(errors) == 2 and all(message in ln for ln in errors), proc.stderr[-3000:]
+    # the launcher reports its failed children with a traceback of its own; none comes from hf_oto
+    assert "hf_oto" not in proc.stderr.replace("hf-oto: error", "") and not (tmp_path / "pruned").exists()

@@ -31,8 +31,9 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     """
     from transformers import AutoModelForCausalLM
 
-    from hf_oto.trainer.trainer import check_setup
+    from hf_oto.trainer.trainer import check_launch, check_setup
 
+    check_launch()
     if not (margs.model_name_or_path or margs.init_config):
         raise ConfigError("set model_name_or_path or init_config")
     if margs.model_name_or_path and margs.init_config:

@@ -49,9 +49,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         super().__init__(model, args, *rest, **kwargs)
         if not isinstance(self.args, HFOTOTrainingArguments):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
-        if getattr(self, "is_fsdp_enabled", False):
-            raise ConfigError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
-                              "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
+        check_launch(fsdp=getattr(self, "is_fsdp_enabled", False), processes=self.args.world_size)
         self._total_steps: int | None = None
         # hesso_space is what HESSO prunes: with QFA, the QFA layers' gates and adapters
         self.pruning_space, self.hesso_space = check_setup(self.model, self.args)
@@ -248,6 +246,25 @@ def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[P
     if hesso_space is not None:
         check_schedule(args, hesso_space)
     return space, hesso_space
+
+
+def check_launch(*, fsdp: bool = False, processes: int | None = None) -> None:
+    """Refuse launches that would not train as asked: accelerate's FSDP (not verified with the trainer;
+    on a machine without GPUs accelerate cannot run it and silently trains unsharded instead), and
+    several launched processes that accelerate runs as independent single processes."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp or (asked and torch.cuda.is_available()):
+        raise ConfigError("HFOTOTrainer under accelerate's FSDP is not verified yet; use DDP "
+                          "(configs/accelerate/ddp_gpu.yaml), or HESSO directly on an FSDP2 model (see README)")
+    if asked:
+        raise ConfigError("accelerate was launched with an FSDP config, but accelerate runs FSDP only on GPUs and "
+                          "similar accelerators: on this machine it would train unsharded (plain data parallel on "
+                          "CPU); use configs/accelerate/cpu_2proc.yaml")
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if processes is not None and launched > 1 and processes == 1:
+        raise ConfigError(f"{launched} processes were launched, but accelerate runs each one alone (no GPU and "
+                          "use_cpu is false), so each would train and export on its own; set use_cpu: true for "
+                          "data parallel on CPU (gloo)")
 
 
 def check_trainable_dtype(model: torch.nn.Module) -> None:
