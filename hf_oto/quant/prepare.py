@@ -88,7 +88,7 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
@@ -108,9 +108,8 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[dic
         def fn(_mod, args, kwargs):
             if index == 0:
                 current.append((args, kwargs))
-            else:  # drop the hidden states: recomputed from the previous layer
-                hidden = _hidden(args, kwargs)
-                current.append(_with_hidden(args, kwargs, hidden[:0]))
+            else:  # drop the hidden states (a slice would keep their storage): recomputed from the previous layer
+                current.append(_with_hidden(args, kwargs, None))
         return fn
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
