@@ -156,3 +156,16 @@ def test_oneshot_criteria_score_a_low_precision_model_like_float32(criterion, dt
     assert torch.corrcoef(torch.stack([want, got]))[0, 1] > 0.95
     plan = oneshot_prune(model, space, got, target_sparsity=0.3)
     assert torch.equal(group_is_zero(model, space), plan.mask())
+
+
+def test_packing_and_slicing_follow_the_codes_device():
+    """The export's int32 packing and its kept-index slicing make their tensors on the codes' device."""
+    from hf_oto.export.quantized import _slice, pack_int32
+    from hf_oto.quant.quantize import QuantizedWeight
+
+    codes = torch.zeros(4, 64, dtype=torch.int8, device="meta")
+    assert pack_int32(codes, 3).device.type == "meta"
+    q = QuantizedWeight(codes, torch.zeros(4, 2, device="meta"), 3, 32)
+    kept = {0: torch.tensor([0, 2]), 1: torch.arange(32, 64)}
+    sliced = _slice(q, kept, "w")
+    assert sliced.codes.shape == (2, 32) and sliced.codes.device.type == "meta"

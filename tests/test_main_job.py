@@ -123,7 +123,7 @@ fsdp_config:
 @pytest.mark.parametrize("case", ["fsdp_on_cpu", "processes_without_use_cpu"])
 def test_launches_that_would_not_train_as_asked_are_refused(tmp_path, case):
     """accelerate runs FSDP only on GPUs: on CPU it would silently train unsharded (measured with accelerate
-    1.16: MULTI_CPU with use_cpu, else every process alone); both are refused in one line per rank."""
+    1.16: MULTI_CPU with use_cpu, else every process alone); both are refused in one line (per rank)."""
     import subprocess
     import sys
 
@@ -139,7 +139,8 @@ def test_launches_that_would_not_train_as_asked_are_refused(tmp_path, case):
            "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hf-oto: error: ")]
-    assert len(errors) == 2 and all(message in ln for ln in errors), proc.stderr[-3000:]
+    # each rank prints its line; two ranks' lines can interleave, and torchrun may stop the second rank first
+    errors = [part.splitlines()[0] for part in proc.stderr.split("hf-oto: error: ")[1:]]
+    assert 1 <= len(errors) <= 2 and all(message in e for e in errors), proc.stderr[-3000:]
     # the launcher reports its failed children with a traceback of its own; none comes from hf_oto
     assert "hf_oto" not in proc.stderr.replace("hf-oto: error", "") and not (tmp_path / "pruned").exists()

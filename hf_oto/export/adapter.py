@@ -79,10 +79,10 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
             raise ExportError(f"cannot map adapter tensor {key} to a base weight; use merge_adapters=True")
         if leaf.startswith("A."):  # (r, in): keep the kept input columns
             idx = kept.get((weight, 1 - out_dim))
-            value = value if idx is None else value.index_select(1, idx)
+            value = value if idx is None else value.index_select(1, idx.to(value.device))
         elif leaf.startswith("B.") or leaf.startswith("magnitude_vector"):  # rows follow kept outputs
             idx = kept.get((weight, out_dim))
-            value = value if idx is None else value.index_select(0, idx)
+            value = value if idx is None else value.index_select(0, idx.to(value.device))
         elif leaf.startswith("embedding") or "lora_embedding" in key:
             raise ExportError("LoRA on embeddings is not sliced by hf-oto; use merge_adapters=True")
         sliced[key] = value.contiguous()

@@ -44,14 +44,16 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     stream_bits = cols * bits
     words = math.ceil(stream_bits / 32)
+    device = codes.device
     vals = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
-    out = torch.zeros(rows, words + 1, dtype=torch.int64)
-    start = torch.arange(cols, dtype=torch.int64) * bits
+    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=device)
+    start = torch.arange(cols, dtype=torch.int64) * bits  # the layout depends on cols and bits only: CPU
     word, offset = start // 32, start % 32
-    out.scatter_add_(1, word.expand(rows, -1), (vals << offset) & 0xFFFFFFFF)
-    spill = offset + bits > 32
-    if spill.any():
-        out.scatter_add_(1, (word[spill] + 1).expand(rows, -1), vals[:, spill] >> (32 - offset[spill]))
+    out.scatter_add_(1, word.to(device).expand(rows, -1), (vals << offset.to(device)) & 0xFFFFFFFF)
+    spill = torch.nonzero(offset + bits > 32).flatten()
+    if len(spill):
+        out.scatter_add_(1, (word[spill] + 1).to(device).expand(rows, -1),
+                         vals.index_select(1, spill.to(device)) >> (32 - offset[spill]).to(device))
     out = out[:, :words]
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
@@ -87,16 +89,17 @@ def _dense_copy(model: nn.Module, bits: Sequence[int], *,
 
 
 def _slice(q: QuantizedWeight, kept: dict[int, torch.Tensor], name: str) -> QuantizedWeight:
+    """The codes and scales of the kept rows (dim 0) and input columns (dim 1, whole groups only)."""
+    if 1 in kept and not whole_groups(kept[1][None], q.group_size):
+        raise ExportError(f"{name}: the {kept[1].numel()} kept input columns are not whole quantization groups of "
+                          f"{q.group_size}")
     codes, scales = q.codes, q.scales
+    kept = {dim: idx.to(codes.device) for dim, idx in kept.items()}
     if 0 in kept:
         codes, scales = codes.index_select(0, kept[0]), scales.index_select(0, kept[0])
     if 1 in kept:
         cols = kept[1]
-        if not whole_groups(cols[None], q.group_size):
-            raise ExportError(f"{name}: the {cols.numel()} kept input columns are not whole quantization groups of "
-                              f"{q.group_size}")
-        groups = cols[::q.group_size] // q.group_size
-        codes, scales = codes.index_select(1, cols), scales.index_select(1, groups)
+        codes, scales = codes.index_select(1, cols), scales.index_select(1, cols[::q.group_size] // q.group_size)
     return QuantizedWeight(codes.contiguous(), scales.contiguous(), q.bits, q.group_size)
 
 
@@ -170,8 +173,8 @@ def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[i
     dtype = next(iter(state.values())).dtype
     by_bits: dict[int, list[str]] = {}
     for name, q in quantized.items():
-        state[f"{name}.weight_packed"] = pack_int32(q.codes, q.bits)
-        state[f"{name}.weight_scale"] = q.scales.to(dtype)
+        state[f"{name}.weight_packed"] = pack_int32(q.codes.cpu(), q.bits)
+        state[f"{name}.weight_scale"] = q.scales.to("cpu", dtype)
         state[f"{name}.weight_shape"] = torch.tensor(list(q.codes.shape), dtype=torch.int64)
         by_bits.setdefault(q.bits, []).append(name)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

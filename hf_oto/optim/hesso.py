@@ -234,8 +234,9 @@ class HESSO(torch.optim.Optimizer):
         value = total / count
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Data-parallel ranks see different batches: CRIC must judge the same (global) loss.
-            t = torch.tensor([value], dtype=torch.float64)
-            torch.distributed.all_reduce(t)
+            # reduced on the parameters' device: NCCL cannot reduce a CPU tensor
+            device = next(iter(self.model_params.values())).device
+            t = all_reduce_sum(torch.tensor([value], dtype=torch.float64), device)
             value = float(t) / torch.distributed.get_world_size()
         return value
 
