@@ -19,13 +19,15 @@ from hf_oto.errors import ExportError
 from hf_oto.export.save import MANIFEST, source_license
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, parse
-from hf_oto.job.build import load_model, load_tokenizer, with_lora
+from hf_oto.job.build import gguf_source, load_model, load_tokenizer, with_lora
 from hf_oto.job.preflight import preflight
 from hf_oto.job.summary import print_summary, print_table
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
 from hf_oto.trainer import HFOTOTrainer
 
 __all__ = ["parse", "preflight", "run"]
+
+GGUF_KEYS = ("name", "organization", "basename", "finetune", "size_label", "license")  # general.* fields
 
 
 def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
@@ -105,6 +107,10 @@ def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, eval_resul
     name = margs.model_name_or_path
     kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results,
               license=source_license(name, allow_network=bool(name) and not Path(name).exists()))
+    if margs.gguf_file:  # the card names the GGUF file, and its license comes from the file's header
+        meta = gguf_source(margs).metadata()
+        kw["license"] = kw["license"] or meta.get("license")
+        kw["extra_manifest"] = {"gguf": {"file": margs.gguf_file, **{k: meta[k] for k in GGUF_KEYS if k in meta}}}
     try:
         return trainer.save_pruned_model(str(target), **kw)
     except ExportError as exc:

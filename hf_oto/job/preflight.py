@@ -17,7 +17,7 @@ from hf_oto.export.adapter import ADAPTER_MARKER
 from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 from hf_oto.job.args import ModelArguments
-from hf_oto.job.build import model_config, with_lora
+from hf_oto.job.build import gguf_source, model_config, with_lora
 from hf_oto.quant.run import RUN_FILE
 from hf_oto.trainer import HFOTOTrainingArguments
 from hf_oto.trainer.trainer import changed_pruning_settings
@@ -34,18 +34,21 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     from hf_oto.trainer.trainer import check_launch, check_setup
 
     check_launch()
-    if not (margs.model_name_or_path or margs.init_config):
-        raise ConfigError("set model_name_or_path or init_config")
-    if margs.model_name_or_path and margs.init_config:
-        raise ConfigError("set model_name_or_path or init_config, not both")
+    if not (margs.model_name_or_path or margs.init_config or margs.gguf_file):
+        raise ConfigError("set model_name_or_path, gguf_file or init_config")
+    if margs.init_config and (margs.model_name_or_path or margs.gguf_file):
+        raise ConfigError("init_config builds a new model: set it alone, without model_name_or_path or gguf_file")
     if margs.torch_dtype and not isinstance(getattr(torch, margs.torch_dtype, None), torch.dtype):
         raise ConfigError(f"torch_dtype {margs.torch_dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
-    source = local_or_hub(margs.model_name_or_path, "model folder") if margs.model_name_or_path else None
-    if source is not None:
-        check_model_folder(source)
+    if margs.gguf_file:
+        source = gguf_source(margs).folder
+    else:
+        source = local_or_hub(margs.model_name_or_path, "model folder") if margs.model_name_or_path else None
+        if source is not None:
+            check_model_folder(source)
     if margs.tokenizer_name:
         local_or_hub(margs.tokenizer_name, "tokenizer folder")
-    elif not dargs.train_tokenizer_vocab and not margs.model_name_or_path:
+    elif not dargs.train_tokenizer_vocab and not (margs.model_name_or_path or margs.gguf_file):
         raise ConfigError("a model built from init_config needs tokenizer_name or train_tokenizer_vocab")
     check_data_args(dargs)
     adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None

@@ -52,6 +52,7 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     overrides = _layer_overrides(space, removed)
 
     config = copy.deepcopy(base.config)
+    _drop_dequantized_marks(config)
     uniform = all(o == overrides[0] for o in overrides)
     if uniform:
         for key, value in overrides[0].items():
@@ -228,6 +229,15 @@ def _aliases(base: nn.Module) -> dict[str, str]:
         if first[id(p)] != name:
             out[name] = first[id(p)]
     return out
+
+
+def _drop_dequantized_marks(config) -> None:
+    """A model loaded from a GGUF file holds plain dequantized weights but keeps ``quantization_config``
+    (quant_method "gguf"); the sub-network's config does not carry it, so its export is a plain checkpoint."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        del config.quantization_config
 
 
 def _build(base: nn.Module, config, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -114,7 +114,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
 
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,
                           eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
-                          adapter_dir: str | None = None, license: str | None = None) -> Path:
+                          adapter_dir: str | None = None, license: str | None = None,
+                          extra_manifest: dict[str, Any] | None = None) -> Path:
         """Build the sub-network of the trained (zeroed) model and save it as a standard HF repo.
 
         With a peft model, ``merge_adapters=True`` merges a copy of the adapters and writes one
@@ -123,7 +124,9 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         ``<out_dir>-adapter``), which loads with ``PeftModel.from_pretrained(base, adapter_dir)``.
         ``out_dir`` defaults to ``args.pruned_dir()`` and ``overwrite`` to ``args.overwrite_pruned_output_dir``;
         it replaces only an earlier hf-oto export. The export gets the model's own ``use_cache`` back
-        (Trainer turns it off for training). The trained model object is left as it is. Returns ``out_dir``.
+        (Trainer turns it off for training). The trained model object is left as it is. ``extra_manifest``
+        adds entries to the manifest (e.g. ``gguf``: the GGUF file the model came from, which the card names).
+        Returns ``out_dir``.
         """
         if self.qfa_config is not None:
             raise ConfigError("a QFA run is exported per bit configuration: save_qfa_run(), then hf-oto qfa-search "
@@ -132,7 +135,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         if overwrite is None:
             overwrite = self.args.overwrite_pruned_output_dir
         layout = self.args.pruning_layout
-        extra = self._manifest_extra(eval_results)
+        extra = dict(extra_manifest or {}, **self._manifest_extra(eval_results))
         is_peft = unwrap_peft(self.model) is not self.model
         if is_peft and not merge_adapters:
             if self.is_world_process_zero():
