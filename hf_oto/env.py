@@ -72,13 +72,15 @@ def report() -> str:
         want = lock.get(_norm(name))
         mark = "" if want is None or _public(have) == want else f"  (locked: {want})"
         lines.append(f"- {name}: {have or 'not installed'}{mark}")
-    others = {n: v for n, v in lock_differences(lock).items() if n not in {_norm(k) for k in KEY_PACKAGES}}
-    diffs = len(lock_differences(lock)) if lock else None
-    if diffs is None:
+    if not lock:
         lines.append("- lock: no lock file found")
-    elif diffs == 0:
+        return "\n".join(lines)
+    diffs = lock_differences(lock)
+    if not diffs:
         lines.append(f"- lock: every installed version is the locked one ({len(lock)} packages, {LOCK_FILE})")
     else:
-        lines.append(f"- lock: {diffs} of {len(lock)} packages differ from {LOCK_FILE}")
-        lines += [f"  - {n}: {have or 'not installed'} (locked: {want})" for n, (want, have) in sorted(others.items())]
+        lines.append(f"- lock: {len(diffs)} of {len(lock)} packages differ from {LOCK_FILE}")
+        key = {_norm(k) for k in KEY_PACKAGES}  # those are listed above
+        lines += [f"  - {n}: {have or 'not installed'} (locked: {want})"
+                  for n, (want, have) in sorted(diffs.items()) if n not in key]
     return "\n".join(lines)

@@ -70,19 +70,14 @@ def resolve_gguf(gguf_file: str, model_name_or_path: str | None = None) -> GGUFS
 
 
 def plain_model(model):
-    """``model`` (loaded from GGUF, so already dequantized) without the quantization marks, in place."""
-    config = model.config
-    if getattr(config, "quantization_config", None) is not None or hasattr(config, "quantization_config"):
-        try:
-            del config.quantization_config
-        except AttributeError:
-            config.quantization_config = None
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if getattr(model, attr, None):
-            try:
-                setattr(model, attr, False if attr == "is_quantized" else None)
-            except AttributeError:  # a read-only property derived from the marks removed above
-                pass
+    """``model`` (loaded from GGUF, so already dequantized) without the quantization marks, in place:
+    Trainer refuses to train a model with an ``hf_quantizer``, and ``save_pretrained`` to save it."""
+    from hf_oto.subnet.construct import drop_dequantized_marks
+
+    drop_dequantized_marks(model.config)
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):  # set as an attribute by from_pretrained; Trainer reads it
+        model.is_quantized = False
+    if getattr(model, "quantization_method", None) is not None:
+        model.quantization_method = None
     return model

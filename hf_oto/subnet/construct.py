@@ -52,7 +52,7 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     overrides = _layer_overrides(space, removed)
 
     config = copy.deepcopy(base.config)
-    _drop_dequantized_marks(config)
+    drop_dequantized_marks(config)
     uniform = all(o == overrides[0] for o in overrides)
     if uniform:
         for key, value in overrides[0].items():
@@ -231,7 +231,7 @@ def _aliases(base: nn.Module) -> dict[str, str]:
     return out
 
 
-def _drop_dequantized_marks(config) -> None:
+def drop_dequantized_marks(config) -> None:
     """A model loaded from a GGUF file holds plain dequantized weights but keeps ``quantization_config``
     (quant_method "gguf"); the sub-network's config does not carry it, so its export is a plain checkpoint."""
     qc = getattr(config, "quantization_config", None)
