@@ -53,6 +53,25 @@ def test_kl_counts_only_labelled_positions():
     assert kl_sum(student, teacher, mask, 1.0).item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kl_value_and_gradient_match_the_definition(temperature, masked):
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 9, 50) * 3, torch.randn(2, 9, 50) * 3
+    mask = torch.rand(2, 8) > 0.4 if masked else torch.ones(2, 8, dtype=torch.bool)
+    s = student.clone().requires_grad_()
+    kl_sum(s, teacher, mask, temperature).backward()
+    ref = student.double().requires_grad_()
+    by_hand = sum(torch.nn.functional.kl_div((ref[i, j] / temperature).log_softmax(-1),
+                                             (teacher[i, j].double() / temperature).log_softmax(-1),
+                                             log_target=True, reduction="sum")
+                  for i in range(2) for j in range(8) if mask[i, j])
+    by_hand.backward()
+    assert kl_sum(student, teacher, mask, temperature).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert (s.grad.double() - ref.grad).abs().max() <= 1e-6
+    assert s.grad[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
 def test_lora_teacher_is_the_plain_base_model(tmp_path):
     peft = pytest.importorskip("peft")
     base = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)

@@ -79,11 +79,25 @@ def token_mask(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> 
 
 
 def kl_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sum over masked positions of KL(teacher || student) at ``temperature`` (positions predict the next token)."""
-    s = student[:, :-1][mask].float() / temperature
-    t = teacher[:, :-1][mask].float() / temperature
-    log_t = F.log_softmax(t, dim=-1)
-    return (log_t.exp() * (log_t - F.log_softmax(s, dim=-1))).sum()
+    """Sum over masked positions of KL(teacher || student) at ``temperature`` (positions predict the next token).
+
+    KL = sum p_t log p_t - sum p_t log q_s: the first term is a constant (computed without a graph), the
+    second a soft-target cross-entropy, so autograd keeps one vocabulary-sized tensor for the student
+    instead of four. Positions that do not count get a zero teacher distribution instead of being
+    gathered, so the logits are read in place (no vocabulary-sized copies).
+    """
+    vocab = student.shape[-1]
+    counted = torch.zeros(student.shape[:-1], dtype=torch.float32, device=student.device)
+    counted[:, :-1] = mask.to(counted.device, torch.float32)
+    s, t = student.reshape(-1, vocab).float(), teacher.reshape(-1, vocab).float()
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    with torch.no_grad():
+        log_t = F.log_softmax(t, dim=-1)
+        p_t = log_t.exp().mul_(counted.reshape(-1, 1))
+        neg_entropy = p_t.flatten() @ log_t.flatten()  # a dot product: no third vocabulary-sized tensor
+        del log_t
+    return neg_entropy + F.cross_entropy(s, p_t, reduction="sum")
 
 
 def hidden_sum(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -133,7 +147,8 @@ class DistillMixin:
         inputs = dict(inputs, output_hidden_states=True) if hidden else inputs
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         start = time.perf_counter()
-        t_logits, t_states = teacher_outputs(self.teacher, inputs, hidden)
+        with self.accelerator.autocast():  # bf16/fp16 runs: the teacher computes in the student's precision
+            t_logits, t_states = teacher_outputs(self.teacher, inputs, hidden)
         self._distill_stats["teacher_s"] += time.perf_counter() - start
         mask = token_mask(inputs, labels)
         norm = self._distill_normaliser(mask, num_items_in_batch)
