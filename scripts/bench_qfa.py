@@ -98,62 +98,93 @@ def _layers(model):
     return decoder_layers(model)[1]
 
 
-def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, workdir: Path) -> dict[str, Any]:
+def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, workdir: Path,
+                    previous: dict[str, Any] | None = None, checkpoint=None) -> dict[str, Any]:
+    """The QFA rows (see the module docstring). With ``previous`` (an earlier run's results with the same
+    settings), the methods it holds are kept and not rerun; ``checkpoint(res)`` runs after each method."""
     from transformers import AutoModelForCausalLM
 
     from hf_oto.export.quantized import save_quantized
     from hf_oto.metrics import perplexity
 
     started = time.time()
-    half = len(eval_blocks) // 2
+    half = min(len(eval_blocks) // 2, a.qfa_search_blocks or len(eval_blocks))
     search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
     calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
     steps = a.qfa_steps
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
                            "report_blocks": len(report_blocks), "rows": []}
-    fp = AutoModelForCausalLM.from_pretrained(ref)
-    res["fp_ppl"] = perplexity(fp, report_blocks)
-    res["fp_mib"] = sum(p.numel() * p.element_size() for p in fp.parameters()) / 2**20
-    del fp
+    settings = {k: v for k, v in res.items() if k != "rows"}
+    if previous and any(previous.get(k) != v for k, v in settings.items()):
+        changed = sorted(k for k, v in settings.items() if previous.get(k) != v)
+        raise SystemExit(f"QFA section: the stored results were measured with other settings ({', '.join(changed)})")
+    done = {r["method"] for r in (previous or {}).get("rows", [])}
+    if previous:
+        res["rows"] = list(previous["rows"])
+        res.update({k: previous[k] for k in ("fp_ppl", "fp_mib", "qfa_memory", "qfa_hesso_export_mib",
+                                             "qfa_hesso_export_bits") if k in previous})
+    earlier = (previous or {}).get("wall_minutes", 0.0)
+
+    def save() -> None:
+        res["wall_minutes"] = earlier + (time.time() - started) / 60
+        if checkpoint is not None:
+            checkpoint(res)
+
+    if "fp_ppl" not in res:
+        fp = AutoModelForCausalLM.from_pretrained(ref)
+        res["fp_ppl"] = perplexity(fp, report_blocks)
+        res["fp_mib"] = sum(p.numel() * p.element_size() for p in fp.parameters()) / 2**20
+        del fp
 
     def add(method: str, rows: list[dict[str, Any]], seconds: float | None = None, **extra):
         for r in rows:
             res["rows"].append(dict(r, method=method, seconds=seconds, **extra))
-        print(f"qfa benchmark: {method}: " + ", ".join(f"{r['config']} {r['ppl']:.2f}" for r in rows))
+        print(f"qfa benchmark: {method}: " + ", ".join(f"{r['config']} {r['ppl']:.2f}" for r in rows), flush=True)
+        save()
 
     for quantizer in ("rtn", "gptq"):
-        model = _qfa_model(ref, quantizer, WIDTHS, calib, a.qfa_group_size)
-        add(f"{quantizer.upper()} base, no training", _configs(model, search_blocks, report_blocks, a))
-        del model
+        name = f"{quantizer.upper()} base, no training"
+        if name not in done:
+            model = _qfa_model(ref, quantizer, WIDTHS, calib, a.qfa_group_size)
+            add(name, _configs(model, search_blocks, report_blocks, a))
+            del model
     share = max(1, steps // len(WIDTHS))
+    name = f"QA-LoRA, one run per width ({share} steps each)"
+    trained = {r["config"] for r in res["rows"] if r["method"] == name}
     for b in WIDTHS:
+        if f"uniform {b}-bit" in trained:
+            continue
         model, _, secs = _train_qfa(ref, train_blocks, share, a, workdir / f"qalora{b}", (b,))
-        rows = _configs(model, search_blocks, report_blocks, a)
-        add(f"QA-LoRA, one run per width ({share} steps each)", rows, secs)
+        add(name, _configs(model, search_blocks, report_blocks, a), secs)
         del model
-    model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", WIDTHS)
-    add(f"QFA, one run ({steps} steps)", _configs(model, search_blocks, report_blocks, a), secs)
-    res["qfa_memory"] = vars(trainer.qfa_memory)
-    del model, trainer
-    model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", WIDTHS,
-                                      target_sparsity=0.5, pruning_layout="uniform", start_pruning_step=0.05,
-                                      pruning_steps=0.5, pruning_periods=5, ffn_multiple=a.qfa_group_size)
-    rows = _configs(model, search_blocks, report_blocks, a)
-    pruned = trainer.hesso.metrics()["pruned_param_fraction"]
-    add(f"QFA + HESSO 50% ({steps} steps)", rows, secs, pruned_fraction=pruned)
-    cfg = next(r for r in rows if r["config"].startswith("searched, <= 3.0"))["bits"]
-    out = save_quantized(model, cfg, workdir / "qfa_hesso_export", space=trainer.pruning_space)
-    res["qfa_hesso_export_mib"] = (out / "model.safetensors").stat().st_size / 2**20
-    res["qfa_hesso_export_bits"] = cfg
-    res["wall_minutes"] = (time.time() - started) / 60
+    name = f"QFA, one run ({steps} steps)"
+    if name not in done:
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", WIDTHS)
+        res["qfa_memory"] = vars(trainer.qfa_memory)
+        add(name, _configs(model, search_blocks, report_blocks, a), secs)
+        del model, trainer
+    name = f"QFA + HESSO 50% ({steps} steps)"
+    if a.qfa_hesso and name not in done:
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", WIDTHS,
+                                          target_sparsity=0.5, pruning_layout="uniform", start_pruning_step=0.05,
+                                          pruning_steps=0.5, pruning_periods=5, ffn_multiple=a.qfa_group_size)
+        rows = _configs(model, search_blocks, report_blocks, a)
+        pruned = trainer.hesso.metrics()["pruned_param_fraction"]
+        cfg = next(r for r in rows if r["config"].startswith("searched, <= 3.0"))["bits"]
+        out = save_quantized(model, cfg, workdir / "qfa_hesso_export", space=trainer.pruning_space)
+        res["qfa_hesso_export_mib"] = (out / "model.safetensors").stat().st_size / 2**20
+        res["qfa_hesso_export_bits"] = cfg
+        add(name, rows, secs, pruned_fraction=pruned)
+    save()
     return res
 
 
 def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "qfa.json").write_text(json.dumps(res, indent=1))
-    lines = ["# QFA benchmark (quantization-aware once-for-all)", "", f"- command: `{command}`",
+    lines = ["# QFA benchmark (quantization-aware once-for-all)", "",
+             *(f"- command: `{c}`" for c in res.get("commands") or [command]),
              f"- every trained row: {res['steps']} steps in total x {res['batch']} x {res['block']} tokens "
              f"(the per-width runs split them equally), adapters lr {res['lr']}, GPTQ base, group size "
              f"{res['group_size']}, symmetric; sampling: {res['schedule']}",

