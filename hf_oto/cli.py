@@ -98,7 +98,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 PRUNE_USAGE = """usage: hf-oto prune CONFIG.yaml [--key value ...]
 
 Fine-tune and prune from a YAML file of settings; any setting can also be given (or overridden) as
---key value, where the value is read as YAML (numbers, true/false, [lists], null). The settings:
+--key value or --key=value, where the value is read as YAML (numbers, true/false, [lists], null);
+a boolean also as --flag (true) or --no_flag (false), a list also as --key v1 v2 ... The settings:
 """
 
 

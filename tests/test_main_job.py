@@ -34,6 +34,19 @@ def test_bad_config_input_fails_before_any_work(tmp_path):
         parse("configs/quickstart.yaml", ["--no_such_option", "1"])
 
 
+def test_command_line_accepts_the_forms_hfargumentparser_users_type():
+    margs, dargs, targs = parse("configs/quickstart.yaml", [
+        "--learning_rate=3e-4", "--qfa_bits", "2", "3", "--no_distill", "--lora_target_modules", "q_proj", "v_proj",
+        "--block_size=64", "--use_cpu", "--no-merge_adapters"])
+    assert targs.learning_rate == 3e-4 and dargs.block_size == 64 and targs.use_cpu is True
+    assert targs.qfa_bits == [2, 3] and targs.distill is False
+    assert margs.lora_target_modules == ["q_proj", "v_proj"] and margs.merge_adapters is False
+    with pytest.raises(ConfigError, match="--max_steps takes one value, got 2"):
+        parse("configs/quickstart.yaml", ["--max_steps", "5", "6"])
+    with pytest.raises(ConfigError, match="--learning_rate needs a value"):
+        parse("configs/quickstart.yaml", ["--learning_rate", "--bf16"])
+
+
 @pytest.mark.parametrize("override, match", [
     (["--target_sparsity", "0.995"], "cannot be reached"),
     (["--lora_r", "4", "--lora_target_modules", "[lm_head]"], "target_modules"),

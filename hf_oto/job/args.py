@@ -74,22 +74,69 @@ def read_yaml(config_path: str) -> dict[str, Any]:
     return values
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``--key value`` pairs on top of ``values`` (each value read as YAML: numbers, lists, null)."""
+def apply_overrides(values: dict[str, Any], overrides: list[str],
+                    types_: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Command-line settings on top of ``values``, as ``HfArgumentParser`` users type them: ``--key value``,
+    ``--key=value``, a bare ``--flag`` (True) or ``--no_flag`` (False) for a boolean, and several values
+    for a list (``--qfa_bits 2 3 4``). Each value is read as YAML (numbers, lists, null). ``types_`` maps
+    setting names to their types (:func:`field_types`); without it only ``--key value`` forms apply."""
     out = dict(values)
-    it = iter(overrides)
-    for token in it:
-        if not token.startswith("--") or len(token) < 3:
+    types_ = types_ or {}
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not _is_key(token):
             raise ConfigError(f"expected --key value, got {token!r}")
-        key = token[2:].replace("-", "_")
-        raw = next(it, None)
-        if raw is None:
-            raise ConfigError(f"{token} needs a value")
-        try:
-            out[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key] = raw
+        name, eq, inline = token[2:].partition("=")
+        key = name.replace("-", "_")
+        if eq:
+            raws, i = [inline], i + 1
+        else:
+            j = i + 1
+            while j < len(overrides) and not _is_key(overrides[j]):
+                j += 1
+            raws, i = overrides[i + 1:j], j
+        tp = types_.get(key)
+        if not raws:
+            if _is_bool(tp):
+                out[key] = True
+            elif key.startswith("no_") and _is_bool(types_.get(key[3:])):
+                out[key[3:]] = False
+            else:
+                raise ConfigError(f"{token} needs a value")
+        elif len(raws) > 1:
+            if not _is_list(tp):
+                raise ConfigError(f"--{key} takes one value, got {len(raws)}: {' '.join(raws)}")
+            out[key] = [_yaml_value(r) for r in raws]
+        else:
+            out[key] = _yaml_value(raws[0])
     return out
+
+
+def _is_key(token: str) -> bool:
+    return token.startswith("--") and len(token) > 2 and not token[2].isdigit()
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The types a (possibly Optional/Union) annotation allows, without None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(tp) if a is not type(None))
+    return (tp,)
+
+
+def _is_bool(tp: Any) -> bool:
+    return tp is not None and _members(tp) == (bool,)
+
+
+def _is_list(tp: Any) -> bool:
+    return tp is not None and any(a in (list, tuple) or typing.get_origin(a) in (list, tuple) for a in _members(tp))
 
 
 def field_types() -> dict[str, tuple[type, Any]]:
@@ -225,8 +272,8 @@ def _describe(tp: Any) -> str:
 
 def parse(config_path: str, overrides: list[str]) -> tuple[ModelArguments, DataArguments, HFOTOTrainingArguments]:
     """YAML file plus ``--key value`` overrides -> the three argument dataclasses (errors up front)."""
-    values = apply_overrides(read_yaml(config_path), overrides)
     types_ = field_types()
+    values = apply_overrides(read_yaml(config_path), overrides, {k: tp for k, (_, tp) in types_.items()})
     unknown = [k for k in values if k not in types_]
     if unknown:
         hints = []
