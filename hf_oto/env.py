@@ -62,11 +62,37 @@ def accelerator() -> str:
     return "cpu (no CUDA device)"
 
 
+def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
+    """How many times longer a bf16 matrix product takes than an fp32 one on this CPU (best of ``repeats``).
+
+    Above 1, bf16 autocast slows CPU training down: some torch builds have no fast bf16 GEMM for the CPU
+    they run on and fall back to a reference loop (measured 10-50x slower than fp32 on SmolLM2's shapes).
+    """
+    import time
+
+    import torch
+
+    def best(dtype: torch.dtype) -> float:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        a @ b.t()  # first call: allocation and dispatch
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b.t()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
 def report() -> str:
     """A plain-text report: Python, platform, accelerator, the key packages and how they meet the lock."""
     lock = locked_versions() if LOCK_FILE.exists() else {}
     lines = [f"- python: {sys.version.split()[0]}", f"- platform: {platform.platform()}",
-             f"- accelerator: {accelerator()}"]
+             f"- accelerator: {accelerator()}",
+             f"- cpu bf16 matrix product: {cpu_bf16_slowdown():.1f}x the fp32 time (above 1: bf16 autocast slows "
+             "CPU training)"]
     for name in KEY_PACKAGES:
         have = installed_version(name)
         want = lock.get(_norm(name))

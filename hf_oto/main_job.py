@@ -36,6 +36,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     margs, dargs, targs = parse(config_path, overrides)
     checked = preflight(margs, dargs, targs)  # raises before any data is read or weights are loaded
+    for line in checked.get("warnings", []):
+        print(f"hf-oto: warning: {line}")
     torch.manual_seed(targs.seed)
 
     tokenizer = None if dargs.train_tokenizer_vocab else load_tokenizer(margs)

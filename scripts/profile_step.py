@@ -7,8 +7,9 @@ a schedule laid out for 100 steps, so the steps measured cover HESSO's warm-up a
 times, per step: the data (fetching the batch), the student's forward and backward (the training step
 minus the teacher), the teacher's forward, the optimizer step (AdamW, or HESSO with its accounting) and
 the rest (gradient clipping, callbacks, logging). The first two steps are left out (warm-up of the
-allocator and caches). Also: bf16 autocast on the CPU. The quality side of bf16 is measured by the
-benchmark's dense control, run once in fp32 and once in bf16 (``--bf16_check``).
+allocator and caches). Also bf16 autocast, where this CPU multiplies bf16 matrices at least about as
+fast as fp32 ones (``hf_oto.env.cpu_bf16_slowdown``); its quality side is the benchmark's
+``dense_bf16`` row.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=14)
     p.add_argument("--out", default=str(ROOT / "scripts" / "benchmark_results" / "smollm2" / "step_time.md"))
+    p.add_argument("--bf16_anyway", action="store_true", help="run the bf16 configurations even where bf16 is slow")
     a = p.parse_args(argv)
     if a.steps < 4:
         p.error("--steps must be at least 4 (the first two are left out)")
@@ -128,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
                ("HESSO + distillation (fp32)", False, dict(hesso, distill=True)),
                ("HESSO + distillation (bf16 autocast)", True, dict(hesso, distill=True)),
                ("AdamW, plain Trainer (bf16 autocast)", True, None)]
+    from hf_oto.env import cpu_bf16_slowdown
+
+    slowdown = cpu_bf16_slowdown()
+    if slowdown > 1.5 and not a.bf16_anyway:  # a training step would take many times longer: say so instead
+        configs = [c for c in configs if not c[1]]
     started = time.time()
     rows = [profile(name, folder, blocks, a.steps, bf16, pruning) for name, bf16, pruning in configs]
     lines = ["# Where a training step's time goes (SmolLM2-135M-Instruct, 4 x 256 tokens)", "",
@@ -136,7 +143,11 @@ def main(argv: list[str] | None = None) -> None:
              f"- machine: {_machine()}; mean over steps 3-{a.steps} of a run whose schedule is laid out for 100 "
              "steps (warm-up 5 steps, pruning phase steps 5-25)",
              "- student = the training step without the teacher's forward; optimizer = `optimizer.step()` "
-             "(HESSO's includes its group accounting); other = clipping, scheduler, callbacks", "",
+             "(HESSO's includes its group accounting); other = clipping, scheduler, callbacks",
+             f"- bf16: a bf16 matrix product takes {slowdown:.1f}x the fp32 time on this machine "
+             f"(`hf_oto.env.cpu_bf16_slowdown`, also in `hf-oto env`)"
+             + ("; the bf16 configurations are left out (`--bf16_anyway` runs them)" if slowdown > 1.5
+                and not a.bf16_anyway else ""), "",
              "| configuration | s/step | " + " | ".join(PARTS) + " | x AdamW fp32 |",
              "|---" * (len(PARTS) + 3) + "|"]
     base = rows[0]["total"]

@@ -50,3 +50,20 @@ def test_the_installed_versions_are_the_locked_ones():
     if os.environ.get("HF_OTO_LATEST", "0") != "0":
         pytest.skip("HF_OTO_LATEST is set: the newest versions were installed on purpose")
     assert lock_differences() == {}
+
+
+def test_bf16_on_a_cpu_with_slow_bf16_kernels_is_warned_about(tmp_path, monkeypatch):
+    import hf_oto.env as env
+    from hf_oto.job.preflight import precision_warnings
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    assert env.cpu_bf16_slowdown(size=32, repeats=1) > 0
+    args = HFOTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 9.0)
+    (line,) = precision_warnings(args)
+    assert "9x slower than fp32" in line and "bf16: false" in line
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 0.8)
+    assert precision_warnings(args) == []
+    fp32 = HFOTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 9.0)
+    assert precision_warnings(fp32) == []

@@ -64,7 +64,21 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
                               f"{first_line(exc)}") from None
         model = with_lora(model, margs)
     check_setup(model, targs)
-    return {"source": source, "pruned": pruned, "resume": resume}
+    return {"source": source, "pruned": pruned, "resume": resume, "warnings": precision_warnings(targs)}
+
+
+def precision_warnings(targs: HFOTOTrainingArguments) -> list[str]:
+    """bf16 autocast on a CPU whose torch build multiplies bf16 matrices slower than fp32 ones."""
+    on_cpu = targs.use_cpu or not torch.cuda.is_available()
+    if not (targs.bf16 and on_cpu):
+        return []
+    from hf_oto.env import cpu_bf16_slowdown
+
+    slowdown = cpu_bf16_slowdown()
+    if slowdown <= 1.5:
+        return []
+    return [f"bf16 on this CPU multiplies matrices {slowdown:.0f}x slower than fp32 (this torch build has no fast "
+            "bf16 kernel for it); training in fp32 (bf16: false) will be faster"]
 
 
 def local_or_hub(name: str, what: str) -> Path | None:
