@@ -119,6 +119,9 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+PROVENANCE = ("source", "base_model", "license", "datasets", "gguf")  # what a QFA run passes on to its exports
+
+
 def cmd_qfa_search(args: argparse.Namespace) -> int:
     from hf_oto.quant.search import parse_budget
 
@@ -149,7 +152,8 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
         out = save_quantized(model, result.best.bits, args.out, space=space, tokenizer=tokenizer,
                              overwrite=args.overwrite,
                              extra_manifest={"search": {"budget": args.budget, "eval_loss": result.best.loss,
-                                                        "evaluated": result.evaluated}})
+                                                        "evaluated": result.evaluated},
+                                             **{k: info[k] for k in PROVENANCE if info.get(k)}})
         print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained (compressed-tensors installed)")
     return 0
 

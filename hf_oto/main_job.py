@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hf_oto.data import Blocks, load_documents, split_blocks, tokenize_blocks, train_tokenizer
+from hf_oto.data import Blocks, DataArguments, load_documents, split_blocks, tokenize_blocks, train_tokenizer
 from hf_oto.errors import ExportError
 from hf_oto.export.save import MANIFEST, source_license
 from hf_oto.export.verify import verify_export
@@ -58,8 +58,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     after = trainer.evaluate()
     results = {"eval_perplexity": after["eval_perplexity"], "eval_token_accuracy": after["eval_token_accuracy"]}
     if targs.qfa:
-        return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results)
-    out = _save(trainer, checked["pruned"], margs, results)
+        return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results, _provenance(margs, dargs))
+    out = _save(trainer, checked["pruned"], margs, dargs, results)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return {"output": str(out)}
 
@@ -82,12 +82,14 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, before: dict[str, float],
-                results: dict[str, float]) -> dict[str, Any]:
+                results: dict[str, float], provenance: dict[str, Any]) -> dict[str, Any]:
     """Save the QFA run for qfa-search, and report held-out perplexity at every uniform width."""
+    from hf_oto.export.save import hub_base_model
     from hf_oto.quant.search import eval_loss
 
-    out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir,
-                               extra={"eval": results})
+    source = provenance.get("source")
+    extra = dict(provenance, eval=results, base_model=hub_base_model(source))
+    out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir, extra=extra)
     if not trainer.is_world_process_zero():
         return {"output": str(out)}
     config = trainer.qfa_config
@@ -104,15 +106,28 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
     return {"output": str(out), "ppl_uniform": ppl, "ppl_initial": before["initial_perplexity"]}
 
 
-def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, eval_results: dict[str, float]) -> Path:
-    """Export; if the target filled up during training, write beside it rather than lose the trained model."""
+def _provenance(margs: ModelArguments, dargs: DataArguments) -> dict[str, Any]:
+    """Where the model and data came from, for the export's card: source, license, Hub datasets, GGUF file."""
+    from hf_oto.export.save import is_hub_id
+
     name = margs.model_name_or_path
-    kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results,
-              license=source_license(name, allow_network=bool(name) and not Path(name).exists()))
+    out: dict[str, Any] = {"source": name,
+                           "license": source_license(name, allow_network=bool(name) and not Path(name).exists())}
+    if dargs.dataset_name and is_hub_id(dargs.dataset_name):
+        out["datasets"] = [dargs.dataset_name]
     if margs.gguf_file:  # the card names the GGUF file, and its license comes from the file's header
         meta = gguf_source(margs).metadata()
-        kw["license"] = kw["license"] or meta.get("license")
-        kw["extra_manifest"] = {"gguf": {"file": margs.gguf_file, **{k: meta[k] for k in GGUF_KEYS if k in meta}}}
+        out["license"] = out["license"] or meta.get("license")
+        out["gguf"] = {"file": margs.gguf_file, **{k: meta[k] for k in GGUF_KEYS if k in meta}}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: DataArguments,
+          eval_results: dict[str, float]) -> Path:
+    """Export; if the target filled up during training, write beside it rather than lose the trained model."""
+    provenance = _provenance(margs, dargs)
+    kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=provenance.get("license"),
+              extra_manifest={k: provenance[k] for k in ("datasets", "gguf") if k in provenance})
     try:
         return trainer.save_pruned_model(str(target), **kw)
     except ExportError as exc:

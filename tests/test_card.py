@@ -85,3 +85,16 @@ def test_eval_results_reach_the_hub_metadata(tmp_path):
     data = ModelCard.load(out / "README.md").data
     metrics = {r.metric_type: r.metric_value for r in data.eval_results}
     assert metrics == {"perplexity": 12.5, "token_accuracy": 0.25}
+
+
+def test_card_metadata_reads_back_with_the_hub_fields_users_filter_on(tmp_path):
+    from huggingface_hub import ModelCard
+
+    small = _small(tmp_path / "source", card_meta="license: mit\nbase_model: org/original-model\n")
+    out = save_pruned(small, tmp_path / "out", extra_manifest={"datasets": ["org/some-dataset"]})
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["pipeline_tag"] == "text-generation" and data["datasets"] == ["org/some-dataset"]
+    assert data["base_model"] == "org/original-model" and data["base_model_relation"] == "finetune"
+    bare = ModelCard.load(save_pruned(construct_subnet(tiny_model("llama"), discover_groups(tiny_model("llama"))),
+                                      tmp_path / "bare") / "README.md").data.to_dict()
+    assert "base_model_relation" not in bare and "datasets" not in bare  # no base, no Hub dataset: none named

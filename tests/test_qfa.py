@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -209,8 +210,16 @@ def test_mixed_precision_export_reloads_without_hf_oto_with_identical_logits(tmp
     assert "| 1 | 4 |" in (tmp_path / "mixed" / "README.md").read_text()
     assert (tmp_path / "mixed" / "bits_per_layer.png").stat().st_size > 0
     set_bits(model, 4)
-    save_quantized(model, [2, 2, 2], tmp_path / "other")
+    extra = {"base_model": "org/original-model", "license": "apache-2.0", "search": {"eval_loss": 2.0}}
+    save_quantized(model, [2, 2, 2], tmp_path / "other", extra_manifest=extra)
     assert all(m.active_bits == 4 for _, _, m in qfa_layers(model))  # the model is left as it was
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "other" / "README.md").data
+    assert card.base_model == "org/original-model" and card.license == "apache-2.0"
+    assert card.to_dict()["base_model_relation"] == "quantized" and card.pipeline_tag == "text-generation"
+    (result,) = card.eval_results
+    assert result.metric_type == "perplexity" and result.metric_value == pytest.approx(math.exp(2.0))
 
 
 def test_qfa_with_hesso_prunes_quantizes_and_exports_the_smaller_model(tmp_path):
@@ -322,6 +331,7 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     base = tmp_path / "base"
     tiny_model("llama", num_hidden_layers=2, intermediate_size=64).save_pretrained(base)
     no_pad_tokenizer(base)
+    (base / "README.md").write_text("---\nlicense: mit\nbase_model: org/original-model\n---\n# base\n")
     corpus = word_corpus(tmp_path / "words.txt", 400)
     job = ["prune", ROOT / "configs" / "qfa_quickstart.yaml", "--model_name_or_path", base, "--text_source", "null",
            "--train_files", corpus, "--block_size", "16", "--max_steps", "8", "--per_device_train_batch_size", "4",
@@ -341,6 +351,10 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     assert int(got["x.intermediate"]) < 64  # pruned
     manifest = json.loads((tmp_path / "export" / "qfa_manifest.json").read_text())
     assert manifest["average_bits"] <= 3.0 + 1e-9
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "export" / "README.md").data  # the source's provenance reaches the export
+    assert (card.base_model, card.license) == ("org/original-model", "mit") and card.eval_results
     again = hfoto("qfa-search", run, "--budget", "3.0", "--out", tmp_path / "export", cwd=tmp_path)
     assert "is not empty" in user_error(again)  # an existing export is not replaced without --overwrite
 

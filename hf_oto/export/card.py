@@ -61,7 +61,7 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
     data = ModelCardData(
         base_model=manifest.get("base_model"), license=manifest.get("license"), library_name="transformers",
         tags=["hf-oto", "pruned", "structured-pruning"], model_name=model_name,
-        eval_results=_eval_results(manifest, model_name) or None,
+        eval_results=_eval_results(manifest, model_name) or None, **hub_metadata(manifest, "finetune"),
     )
     evaluation = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (manifest.get("eval") or {}).items()]
     template = resources.files("hf_oto.export").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
@@ -79,6 +79,20 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         sets=manifest["sets"],
     )
     return str(card)
+
+
+def hub_metadata(manifest: dict[str, Any], relation: str) -> dict[str, Any]:
+    """The Hub's ``pipeline_tag``, ``datasets`` (Hub ids the run trained on) and ``base_model_relation``.
+
+    The Hub knows four relations (adapter, merge, quantized, finetune). A pruned model was trained on
+    the way, so it is a ``finetune`` of its base (the ``pruned`` tag says how); a QFA export is ``quantized``.
+    """
+    out: dict[str, Any] = {"pipeline_tag": "text-generation"}
+    if manifest.get("datasets"):
+        out["datasets"] = list(manifest["datasets"])
+    if manifest.get("base_model"):
+        out["base_model_relation"] = relation
+    return out
 
 
 def _source_text(manifest: dict[str, Any]) -> str:

@@ -195,7 +195,8 @@ def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[i
     sizes = {b: sum(quantized[n].codes.numel() for n in names) for b, names in by_bits.items()}
     total_q = sum(sizes.values())
     manifest = dict(
-        extra, bits_per_layer=bits, group_size=gs, symmetric=True, format="compressed-tensors pack-quantized",
+        extra, model_type=small.config.model_type, bits_per_layer=bits, group_size=gs, symmetric=True,
+        format="compressed-tensors pack-quantized",
         compressed_tensors_version=COMPRESSED_TENSORS_VERSION,
         average_bits=sum(b * n for b, n in sizes.items()) / total_q,
         file_bytes=(tmp / "model.safetensors").stat().st_size,
@@ -208,12 +209,23 @@ def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[i
 
 
 def _card(m: dict[str, Any]) -> str:
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from hf_oto.export.card import hub_metadata
+
     rows = "\n".join(f"| {i} | {b} |" for i, b in enumerate(m["bits_per_layer"]))
     pruned = m.get("pruning")
-    return f"""---
-library_name: transformers
-tags: [hf-oto, llm-qfa, compressed-tensors, quantized]
----
+    name = f"{m.get('model_type', 'model')}-hf-oto-qfa-{m['average_bits']:.2f}bit"
+    search = m.get("search") or {}
+    results = None
+    if isinstance(search.get("eval_loss"), (int, float)):  # the searched configuration on the run's held-out blocks
+        results = [EvalResult(task_type="text-generation", dataset_type="held-out-split-of-the-training-text",
+                              dataset_name="held-out split of the training text", metric_type="perplexity",
+                              metric_name="perplexity", metric_value=float(math.exp(search["eval_loss"])))]
+    data = ModelCardData(base_model=m.get("base_model"), license=m.get("license"), library_name="transformers",
+                         tags=["hf-oto", "llm-qfa", "compressed-tensors", "quantized"] + (["pruned"] if pruned else []),
+                         model_name=name, eval_results=results, **hub_metadata(m, "quantized"))
+    body = f"""
 # Mixed-precision export from one QFA run (hf-oto)
 
 This checkpoint was cut from a quantization-aware once-for-all (LLM-QFA) run: one training run
@@ -236,6 +248,7 @@ On CPU, transformers decompresses the weights on the first forward pass; vLLM ru
 
 ![bits per layer](bits_per_layer.png)
 """
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def _plot_bits(bits: list[int], path: Path) -> None:
