@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export-gguf", help="write an export of a Llama-family model as a GGUF file for llama.cpp")
     p.add_argument("folder", help="folder written by save_pruned / hf-oto prune")
     p.add_argument("--out", help="the .gguf file to write (default: <folder>-<dtype>.gguf beside the folder)")
-    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="matrix precision (norms stay f32)")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32",
+                   help="matrix precision (norms stay f32; bf16 and q8_0 through the gguf package's quantizers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export_gguf)
     p = sub.add_parser("qfa-search", help="pick per-layer bit-widths of a QFA run for a budget, and export them")

@@ -143,3 +143,40 @@ def test_decilm_export_converts(tmp_path):
     fields, _ = _read(export_gguf(folder))
     assert fields["deci.feed_forward_length"] == [d[2] for d in _layer_dims(sub)] == [32, 48]
     assert torch.is_tensor(sub.model.layers[0].mlp.gate_proj.weight)
+
+
+@pytest.mark.parametrize("dtype, qtype, tol", [("bf16", "BF16", 1e-2), ("q8_0", "Q8_0", 2e-2)])
+def test_gguf_bf16_and_q8_0_hold_the_weights_within_their_precision(exports, tmp_path, dtype, qtype, tol):
+    sub, folder = exports["uniform"]
+    _, tensors = _read(export_gguf(folder, tmp_path / f"{dtype}.gguf", dtype=dtype))
+    fields, _ = _read(tmp_path / f"{dtype}.gguf")
+    assert fields["general.file_type"] == getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}")
+    w = sub.model.layers[0].mlp.down_proj.weight.detach().numpy()  # rows of ffn width: not rotated
+    t = tensors["blk.0.ffn_down.weight"]
+    blocks_fit = dtype == "bf16" or w.shape[1] % 32 == 0
+    assert t.tensor_type == (getattr(gguf.GGMLQuantizationType, qtype) if blocks_fit else gguf.GGMLQuantizationType.F16)
+    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    assert np.abs(got - w).max() <= tol * np.abs(w).max()
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # vectors stay f32
+    emb = tensors["token_embd.weight"]
+    assert emb.tensor_type == getattr(gguf.GGMLQuantizationType, qtype)  # 32 columns: Q8_0 blocks fit
+
+
+def test_gguf_carries_chat_template_license_and_base_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_model("llama", vocab_size=320, intermediate_size=64)
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: org/base-model\n---\n")
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab=300)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    out = save_pruned(construct_subnet(model, discover_groups(model)), tmp_path / "export", tokenizer=tok,
+                      source=str(source))
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    fields, _ = _read(export_gguf(out, tmp_path / "m.gguf"))
+    assert fields["tokenizer.chat_template"] == tok.chat_template
+    assert fields["general.license"] == "apache-2.0"
+    assert fields["general.base_model.count"] == 1 and fields["general.base_model.0.name"] == "base-model"
+    assert fields["general.base_model.0.organization"] == "org"
+    assert fields["general.base_model.0.repo_url"] == "https://huggingface.co/org/base-model"

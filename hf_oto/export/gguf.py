@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from hf_oto.errors import ExportError
 
 LLAMA_TYPES = ("llama", "mistral", "nemotron-nas")
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values
 # Pre-tokenizer split patterns of byte-level BPE tokenizers -> llama.cpp's name for them.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -61,8 +62,11 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
     """Write ``export_dir`` (an hf-oto export of a Llama-family model) as a GGUF file; returns its path.
 
     ``out_file`` defaults to ``<export_dir>-<dtype>.gguf`` beside the folder; an existing file is
-    replaced only with ``overwrite=True``. ``dtype`` is ``f32`` or ``f16`` for the matrices (norms
-    stay f32). Everything is checked before the file is opened.
+    replaced only with ``overwrite=True``. ``dtype`` is ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the
+    matrices (norms stay f32; bf16 and q8_0 through the gguf package's own quantizers; a matrix whose
+    rows do not split into Q8_0's blocks of 32 is written f16, as llama.cpp's converter does). The
+    file carries the chat template, license and base model of the export. Everything is checked
+    before the file is opened.
     """
     src = Path(export_dir)
     if dtype not in DTYPES:
@@ -90,17 +94,18 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         _write_params(writer, gguf, config, shape, dtype)
+        _write_provenance(writer, src, _manifest(src))
         _write_vocab(writer, gguf, vocab)
         # Streamed: every tensor's name, shape and type go into the header first, then the tensors
         # are read from safetensors, converted and written one at a time (peak: one tensor, not the model).
         plan = list(_gguf_plan(gguf, arch, config, shape, dtype))
-        for name, dims, np_dtype, _ in plan:
-            writer.add_tensor_info(name, dims, np_dtype, int(np.prod(dims)) * np.dtype(np_dtype).itemsize)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.stored_shape(gguf), t.np_dtype, t.nbytes(gguf), raw_dtype=t.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, _, np_dtype, load in tqdm(plan, desc="GGUF: writing", unit="tensor", disable=len(plan) < 64):
-            writer.write_tensor_data(np.ascontiguousarray(load(tensors).astype(np_dtype)))
+        for t in tqdm(plan, desc="GGUF: writing", unit="tensor", disable=len(plan) < 64):
+            writer.write_tensor_data(np.ascontiguousarray(t.convert(gguf, t.load(tensors))))
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -314,7 +319,29 @@ def _write_params(writer, gguf, config: dict[str, Any], shape: Shape, dtype: str
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+
+
+def _write_provenance(writer, folder: Path, manifest: dict[str, Any] | None) -> None:
+    """The chat template (tokenizer_config.json or chat_template.jinja), license and base model."""
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    if isinstance(template, str) and template:
+        writer.add_chat_template(template)
+    manifest = manifest or {}
+    if manifest.get("license"):
+        writer.add_license(str(manifest["license"]))
+    base = manifest.get("base_model")
+    if base:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, str(base).rsplit("/", 1)[-1])
+        if "/" in str(base):
+            writer.add_base_model_organization(0, str(base).split("/", 1)[0])
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{base}")
 
 
 def _rope(config: dict[str, Any]) -> dict[str, Any]:
@@ -362,15 +389,45 @@ def _unrotate(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file: its GGUF name, numpy shape, how it is stored, and how to read it."""
+
+    name: str
+    dims: tuple[int, ...]
+    np_dtype: Any  # float32 / float16, or uint8 for bytes quantized by the gguf package
+    qtype: Any  # the GGMLQuantizationType for quantized bytes (bf16, q8_0), else None
+    load: Any  # tensors index -> float32 numpy array
+
+    def stored_shape(self, gguf) -> tuple[int, ...]:
+        return self.dims if self.qtype is None else gguf.quant_shape_to_byte_shape(self.dims, self.qtype)
+
+    def nbytes(self, gguf) -> int:
+        return int(np.prod(self.stored_shape(gguf))) * np.dtype(self.np_dtype).itemsize
+
+    def convert(self, gguf, data: np.ndarray) -> np.ndarray:
+        return data.astype(self.np_dtype) if self.qtype is None else gguf.quants.quantize(data, self.qtype)
+
+
+def _storage(gguf, dtype: str, dims: tuple[int, ...]):
+    """(numpy dtype, quantization type) of one tensor: vectors stay f32; matrices follow ``dtype``."""
+    if len(dims) != 2 or dtype == "f32":
+        return np.float32, None
+    if dtype == "f16" or (dtype == "q8_0" and dims[-1] % Q8_BLOCK):
+        return np.float16, None
+    qtype = gguf.GGMLQuantizationType.BF16 if dtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    return np.uint8, qtype
+
+
 def _gguf_plan(gguf, arch: str, config, shape: Shape, dtype: str):
-    """(GGUF name, shape, numpy dtype, loader) of every tensor, in file order; a loader reads and
-    converts its tensor from the lazy index when called."""
+    """Every tensor of the file (:class:`PlannedTensor`), in file order; a loader reads and converts its
+    tensor from the lazy index when called."""
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.DECI, len(shape.layers))
     rope = _rope(config)
     if rope["rope_type"] == "llama3":
         factors = _llama3_factors(rope, shape.head_dim)
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, np.float32, \
-            lambda _tensors, f=factors: f
+        yield PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, np.float32,
+                            None, lambda _tensors, f=factors: f)
     for hf_name, dims in expected_shapes(shape).items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         if name is None:
@@ -379,8 +436,9 @@ def _gguf_plan(gguf, arch: str, config, shape: Shape, dtype: str):
         if ".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name:
             layer = shape.layers[int(hf_name.split(".")[2])]
             heads = layer.heads if ".q_proj." in hf_name else layer.kv_heads
-        np_dtype = np.float16 if dtype == "f16" and len(dims) == 2 else np.float32
-        yield name, dims, np_dtype, lambda tensors, n=hf_name, h=heads: _hf_to_gguf(tensors[n].load(), h)
+        np_dtype, qtype = _storage(gguf, dtype, tuple(dims))
+        yield PlannedTensor(name, tuple(dims), np_dtype, qtype,
+                            lambda tensors, n=hf_name, h=heads: _hf_to_gguf(tensors[n].load(), h))
 
 
 def _hf_to_gguf(t, heads: int | None) -> np.ndarray:
