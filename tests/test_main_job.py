@@ -181,3 +181,21 @@ def test_job_output_follows_log_level_and_log_level_replica(capsys):
     assert not emitted(should_log=False)  # replicas stay quiet (log_level_replica: warning)
     assert emitted(should_log=False, log_level_replica="info")
     assert not emitted(should_log=True, log_level="error")
+
+
+def test_tensorboard_run_records_hessos_pruning_curves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a writer opened on torch's default folder (./runs) would show up here
+    pytest.importorskip("tensorboard")  # in the test and tracking extras, which setup.sh installs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(str(ROOT / "configs" / "quickstart.yaml"), SMALL + [
+        "--output_dir", str(tmp_path / "run"), "--report_to", "tensorboard", "--logging_steps", "2",
+        "--pruned_output_dir", str(tmp_path / "pruned")])
+    (folder,) = {e.parent for e in tmp_path.rglob("events.out.tfevents.*")}  # one run, under output_dir
+    assert folder.parent == tmp_path / "run" / "runs"
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    curves = [t for t in acc.Tags()["scalars"] if t.startswith("train/pruning/")]
+    assert "train/pruning/pruned_param_fraction" in curves, str(acc.Tags()["scalars"])
+    fraction = [e.value for e in acc.Scalars("train/pruning/pruned_param_fraction")]
+    assert fraction[0] < fraction[-1]  # the curve shows pruning progress over the run

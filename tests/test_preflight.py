@@ -202,3 +202,20 @@ def test_quickstart_settings_are_typed():
 ])
 def test_export_format_the_model_cannot_take_is_refused_up_front(tmp_path, capsys, no_work, extra, message):
     assert message in _refused(capsys, _prune(tmp_path, *extra))
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_oto.job.preflight import check_trackers
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    args = HFOTOTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    args.report_to = ["tensorboard"]  # set after construction: building the arguments imports nothing here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'hf-oto\[tracking\]'"):
+        check_trackers(args)
+    args.report_to = []
+    check_trackers(args)

@@ -51,6 +51,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     elif not dargs.train_tokenizer_vocab and not (margs.model_name_or_path or margs.gguf_file):
         raise ConfigError("a model built from init_config needs tokenizer_name or train_tokenizer_vocab")
     check_data_args(dargs)
+    check_trackers(targs)
     adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None
     pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)
     resume = resolve_resume(targs)
@@ -65,6 +66,15 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
         model = with_lora(model, margs)
     check_setup(model, targs)
     return {"source": source, "pruned": pruned, "resume": resume, "warnings": precision_warnings(targs)}
+
+
+def check_trackers(targs: HFOTOTrainingArguments) -> None:
+    """``report_to: tensorboard`` needs the tensorboard package (Trainer would only say so after the data work)."""
+    import importlib.util
+
+    wanted = targs.report_to if isinstance(targs.report_to, list) else [targs.report_to]
+    if "tensorboard" in wanted and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("report_to: tensorboard needs the tensorboard package: pip install 'hf-oto[tracking]'")
 
 
 def precision_warnings(targs: HFOTOTrainingArguments) -> list[str]:

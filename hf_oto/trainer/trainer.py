@@ -54,6 +54,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         # hesso_space is what HESSO prunes: with QFA, the QFA layers' gates and adapters
         self.pruning_space, self.hesso_space = check_setup(self.model, self.args)
         self.add_callback(_RecordPruningSettings())
+        _tensorboard_under_output_dir(self)
         self.setup_distillation(self.args.distill_config(), self.model)
         self.setup_qfa(self.hesso_space)
 
@@ -288,3 +289,21 @@ def check_schedule(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
         args.hesso_config(total).validate(space, total_steps=total, cric=args.cric_config())
     else:  # epochs: the step count is known once the data is, so train() checks the schedule; the target now
         args.hesso_config(max(args.pruning_periods, 1) * 1000).validate(space, cric=args.cric_config())
+
+
+def _tensorboard_under_output_dir(trainer) -> None:
+    """TensorBoard logs in ``output_dir/runs/...`` also when something is logged before ``train()``.
+
+    transformers' TensorBoardCallback picks its folder in ``on_train_begin``; a log before that (an
+    evaluation first, as ``hf-oto prune`` does) opens a writer on torch's default, ``./runs`` in the
+    working directory, and the training curves follow it there. Setting the folder up front keeps
+    every curve in one run under ``output_dir``, where TensorBoard users look.
+    """
+    try:
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+    except ImportError:  # an integration layout without them: nothing to adjust
+        return
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
