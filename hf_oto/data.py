@@ -9,6 +9,7 @@ blocks of ``block_size``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -46,7 +47,17 @@ class DataArguments:
     max_text_mb: float = field(default=4.0, metadata={"help": "cap on raw text read from text_source"})
     train_tokenizer_vocab: int = field(default=0, metadata={"help": "train a BPE tokenizer of this size"})
     block_size: int = field(default=128, metadata={"help": "tokens per training block"})
-    eval_fraction: float = field(default=0.05, metadata={"help": "share of blocks held out for evaluation"})
+    dataset_split: str = field(default="train", metadata={"help": "the Hub dataset's split to train on"})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "the Hub dataset's split to evaluate on (default: held-out documents)"}
+    )
+    eval_files: list[str] | None = field(
+        default=None, metadata={"help": "local files to evaluate on, of the kinds train_files takes "
+                                        "(default: held-out documents of the training text)"}
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "share of the training text held out for evaluation, as whole documents"}
+    )
     max_eval_blocks: int = field(default=200, metadata={"help": "cap on held-out blocks"})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "processes for tokenization (datasets.map num_proc)"}
@@ -83,6 +94,12 @@ def check_data_args(d: DataArguments) -> None:
             _check_json_column(path, d.text_column)
     if len(suffixes) > 1:
         raise ConfigError("train_files mixes text and JSON files; give one kind")
+    if d.eval_split and not d.dataset_name:
+        raise ConfigError("eval_split names a split of dataset_name; for local evaluation text give eval_files")
+    if d.eval_split and d.eval_files:
+        raise ConfigError("give eval_split or eval_files, not both")
+    if d.eval_files:
+        check_data_args(DataArguments(train_files=d.eval_files, text_column=d.text_column, block_size=d.block_size))
 
 
 def _has_text(path: Path, chunk: int = 1 << 20) -> bool:
@@ -142,6 +159,15 @@ def stdlib_text(max_mb: float) -> list[str]:
     return texts
 
 
+def load_eval_documents(d: DataArguments):
+    """The evaluation text named by ``eval_split`` or ``eval_files`` (as :func:`load_documents`), or None."""
+    if d.eval_split:
+        return load_documents(dataclasses.replace(d, dataset_split=d.eval_split))
+    if d.eval_files:
+        return load_documents(dataclasses.replace(d, train_files=d.eval_files, dataset_name=None, text_source=None))
+    return None
+
+
 def load_documents(d: DataArguments):
     """A ``datasets.Dataset`` with ``text`` and the flags ``first``/``last`` (a document starts/ends here)."""
     from datasets import Dataset, concatenate_datasets, load_dataset
@@ -161,7 +187,7 @@ def load_documents(d: DataArguments):
         ds = load_dataset("json", data_files=files, split="train")
         where = ", ".join(files)
     else:
-        ds = load_dataset(d.dataset_name, d.dataset_config, split="train")
+        ds = load_dataset(d.dataset_name, d.dataset_config, split=d.dataset_split)
         where = d.dataset_name
     if d.text_column not in ds.column_names:
         raise DataError(f"{where} has no {d.text_column!r} column (columns: {', '.join(ds.column_names)}); "
@@ -203,8 +229,9 @@ def document_affixes(tokenizer) -> tuple[list[int], list[int]]:
     return prefix, suffix
 
 
-def tokenize_blocks(docs, tokenizer, block_size: int, num_proc: int | None = None) -> torch.Tensor:
-    """Tokenize ``docs`` (from :func:`load_documents`) in batches and cut the stream into blocks."""
+def tokenize_rows(docs, tokenizer, num_proc: int | None = None):
+    """Every row of ``docs`` as token ids (documents framed by the tokenizer's affixes and EOS):
+    (all ids in order as one int64 array, each row's token count)."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -224,12 +251,64 @@ def tokenize_blocks(docs, tokenizer, block_size: int, num_proc: int | None = Non
         return {"input_ids": [(prefix if first else []) + t + (suffix if last else [])
                               for t, first, last in zip(ids, batch["first"], batch["last"], strict=True)]}
 
+    if len(docs) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     tokens = docs.map(encode, batched=True, num_proc=num_proc, remove_columns=docs.column_names,
                       desc="tokenizing")
     column = tokens.data.table.column("input_ids")  # map() wrote a fresh table: no indices mapping
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, lengths
+
+
+def pack(flat, block_size: int) -> torch.Tensor:
+    """A token stream cut into ``(n, block_size)`` blocks (the tail that fills no block is dropped)."""
     n = len(flat) // block_size
     return torch.from_numpy(flat[: n * block_size].copy()).view(n, block_size)
+
+
+def tokenize_blocks(docs, tokenizer, block_size: int, num_proc: int | None = None) -> torch.Tensor:
+    """Tokenize ``docs`` (from :func:`load_documents`) in batches and cut the stream into blocks."""
+    return pack(tokenize_rows(docs, tokenizer, num_proc)[0], block_size)
+
+
+def train_eval_blocks(docs, tokenizer, d: DataArguments, seed: int, eval_docs=None,
+                      num_proc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training blocks, evaluation blocks), never interleaved.
+
+    With ``eval_docs`` (``eval_split``/``eval_files``), all of ``docs`` trains and ``eval_docs``
+    evaluates. Otherwise whole documents, drawn with ``seed``, are held out until they hold
+    ``eval_fraction`` of the tokens (at least one block, at most ``max_eval_blocks``); a text that is
+    one document gives its last tokens instead, as one contiguous span. Evaluation blocks are capped
+    at ``max_eval_blocks``.
+    """
+    import numpy as np
+
+    flat, lengths = tokenize_rows(docs, tokenizer, num_proc)
+    if eval_docs is not None:
+        train, held = flat, tokenize_rows(eval_docs, tokenizer, num_proc)[0]
+    else:
+        total = len(flat)
+        target = min(max(int(total * d.eval_fraction), d.block_size), d.max_eval_blocks * d.block_size)
+        doc_of_row = np.cumsum(np.asarray(docs["first"], dtype=np.int64)) - 1
+        n_docs = int(doc_of_row[-1]) + 1 if len(doc_of_row) else 0
+        if n_docs >= 2:
+            doc_tokens = np.bincount(doc_of_row, weights=lengths, minlength=n_docs)
+            order = torch.randperm(n_docs, generator=torch.Generator().manual_seed(seed)).numpy()
+            taken = np.cumsum(doc_tokens[order])
+            count = min(int(np.searchsorted(taken, target)) + 1, n_docs - 1)  # at least one document trains
+            held_docs = np.zeros(n_docs, dtype=bool)
+            held_docs[order[:count]] = True
+            token_held = np.repeat(held_docs[doc_of_row], lengths)
+            train, held = flat[~token_held], flat[token_held]
+        else:  # one document: its last tokens, one span (a single boundary with the training text)
+            train, held = flat[: total - target], flat[total - target:]
+    train_blocks, eval_blocks = pack(train, d.block_size), pack(held, d.block_size)[: d.max_eval_blocks]
+    if len(train_blocks) < 1 or len(eval_blocks) < 1:
+        raise DataError(f"the text gives {len(train_blocks)} training and {len(eval_blocks)} evaluation block(s) "
+                        f"of {d.block_size} tokens; at least one of each is needed: give more text, a smaller "
+                        "block_size" + ("" if eval_docs is not None else " or a larger eval_fraction"))
+    return train_blocks, eval_blocks
 
 
 def split_blocks(blocks: torch.Tensor, d: DataArguments, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

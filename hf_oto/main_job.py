@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hf_oto.data import Blocks, DataArguments, load_documents, split_blocks, tokenize_blocks, train_tokenizer
+from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documents, train_eval_blocks, train_tokenizer
 from hf_oto.errors import ExportError
 from hf_oto.export.save import MANIFEST, source_license
 from hf_oto.export.verify import verify_export
@@ -46,8 +46,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     docs = load_documents(dargs)
     if tokenizer is None:
         tokenizer = train_tokenizer(docs["text"], dargs.train_tokenizer_vocab)
-    blocks = tokenize_blocks(docs, tokenizer, dargs.block_size, dargs.preprocessing_num_workers)
-    train_blocks, eval_blocks = split_blocks(blocks, dargs, targs.seed)
+    train_blocks, eval_blocks = train_eval_blocks(docs, tokenizer, dargs, targs.seed, load_eval_documents(dargs),
+                                                  dargs.preprocessing_num_workers)
 
     model = with_lora(load_model(margs, tokenizer), margs)
     trainer = HFOTOTrainer(

