@@ -82,6 +82,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if "--recipe" in args.overrides:  # hf-oto prune --recipe EXPORT/hf_oto_recipe.yaml [--key value ...]
+        at = args.overrides.index("--recipe")
+        value = args.overrides[at + 1] if at + 1 < len(args.overrides) else None
+        if value is not None and not value.startswith("--"):  # --recipe FILE after other settings
+            if args.config is not None:
+                raise ConfigError("--recipe takes the place of the YAML config: give one of them")
+            args.config, args.overrides = value, args.overrides[:at] + args.overrides[at + 2:]
+        elif args.config is not None:  # argparse took FILE as the config position already
+            args.overrides = args.overrides[:at] + args.overrides[at + 1:]
+        else:
+            raise ConfigError("--recipe needs a file: hf-oto prune --recipe EXPORT/hf_oto_recipe.yaml")
     if args.config is None and not args.overrides:
         raise ConfigError("give a YAML config: hf-oto prune CONFIG.yaml [--key value ...] (--help lists the keys)")
     if args.config in (None, "-h", "--help") or any(o in ("-h", "--help") for o in args.overrides):
@@ -96,6 +107,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 PRUNE_USAGE = """usage: hf-oto prune CONFIG.yaml [--key value ...]
+       hf-oto prune --recipe EXPORT/hf_oto_recipe.yaml [--key value ...]   (rerun an export's recipe)
 
 Fine-tune and prune from a YAML file of settings; any setting can also be given (or overridden) as
 --key value or --key=value, where the value is read as YAML (numbers, true/false, [lists], null);

@@ -18,10 +18,11 @@ from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documen
 from hf_oto.errors import ExportError
 from hf_oto.export.save import MANIFEST, source_license
 from hf_oto.export.verify import verify_export
-from hf_oto.job.args import ModelArguments, parse
+from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
 from hf_oto.job.build import gguf_source, load_model, load_tokenizer, with_lora
 from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
+from hf_oto.job.recipe import RECIPE_FILE, recipe_text
 from hf_oto.job.summary import print_summary, print_table
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
 from hf_oto.trainer import HFOTOTrainer
@@ -35,7 +36,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     """Parse, check, load data, train and prune, export, verify the export, print a summary."""
     from transformers import default_data_collator
 
-    margs, dargs, targs = parse(config_path, overrides)
+    settings = read_settings(config_path, overrides)
+    margs, dargs, targs = build_arguments(settings, config_path)
     checked = preflight(margs, dargs, targs)  # raises before any data is read or weights are loaded
     logger = job_logger(targs)
     for line in checked.get("warnings", []):
@@ -61,7 +63,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     results = {"eval_perplexity": after["eval_perplexity"], "eval_token_accuracy": after["eval_token_accuracy"]}
     if targs.qfa:
         return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results, _provenance(margs, dargs))
-    out = _save(trainer, checked["pruned"], margs, dargs, results)
+    out = _save(trainer, checked["pruned"], margs, dargs, results, settings)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return {"output": str(out)}
 
@@ -125,11 +127,14 @@ def _provenance(margs: ModelArguments, dargs: DataArguments) -> dict[str, Any]:
 
 
 def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: DataArguments,
-          eval_results: dict[str, float]) -> Path:
-    """Export; if the target filled up during training, write beside it rather than lose the trained model."""
+          eval_results: dict[str, float], settings: dict[str, Any]) -> Path:
+    """Export (with its recipe); if the target filled up during training, write beside it rather than lose
+    the trained model."""
     provenance = _provenance(margs, dargs)
+    resolved = {"hesso": trainer.hesso.record() if trainer.hesso is not None else None}
     kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=provenance.get("license"),
-              extra_manifest={k: provenance[k] for k in ("datasets", "gguf") if k in provenance})
+              extra_manifest={k: provenance[k] for k in ("datasets", "gguf") if k in provenance},
+              extra_files={RECIPE_FILE: recipe_text(settings, json.loads(json.dumps(resolved, default=str)))})
     try:
         return trainer.save_pruned_model(str(target), **kw)
     except ExportError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from jobs import ROOT, SMALL
 
 from hf_oto.errors import ConfigError
@@ -199,3 +200,42 @@ def test_tensorboard_run_records_hessos_pruning_curves(tmp_path, monkeypatch):
     assert "train/pruning/pruned_param_fraction" in curves, str(acc.Tags()["scalars"])
     fraction = [e.value for e in acc.Scalars("train/pruning/pruned_param_fraction")]
     assert fraction[0] < fraction[-1]  # the curve shows pruning progress over the run
+
+
+def test_export_recipe_reruns_to_the_same_weights(tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    from hf_oto.cli import main
+
+    first = tmp_path / "first"
+    run(str(ROOT / "configs" / "quickstart.yaml"), SMALL + ["--output_dir", str(tmp_path / "run1"),
+                                                            "--pruned_output_dir", str(first)])
+    recipe = first / "hf_oto_recipe.yaml"
+    doc = yaml.safe_load(recipe.read_text())
+    assert doc["settings"]["max_steps"] == 8 and doc["settings"]["init_config"]  # the YAML and the command line
+    assert doc["resolved"]["hesso"]["criterion"] in ("fisher", "taylor", "hesso")  # "auto", as it resolved
+    assert doc["versions"]["transformers"] and doc["versions"]["python"]
+    second = tmp_path / "second"
+    assert main(["prune", "--recipe", str(recipe), "--output_dir", str(tmp_path / "run2"),
+                 "--pruned_output_dir", str(second)]) == 0
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_recipe_whose_data_changed_is_refused_in_one_line(tmp_path):
+    import yaml
+
+    from hf_oto.job.recipe import file_facts, recipe_text
+
+    data = tmp_path / "train.txt"
+    data.write_text("some training text\n" * 50)
+    path = tmp_path / "hf_oto_recipe.yaml"
+    path.write_text(recipe_text({"train_files": [str(data)], "init_config": {"model_type": "llama"}}))
+    assert yaml.safe_load(path.read_text())["data"] == [file_facts(str(data))]
+    data.write_text("other text\n" * 50)
+    with pytest.raises(ConfigError, match="changed since the recipe was written"):
+        parse(str(path), [])
+    data.unlink()
+    with pytest.raises(ConfigError, match="is gone"):
+        parse(str(path), [])

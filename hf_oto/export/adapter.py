@@ -44,6 +44,7 @@ def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[st
 def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
                           layout: str = "uniform", tokenizer: Any = None, overwrite: bool = False,
                           extra: dict[str, Any] | None = None, license: str | None = None,
+                          extra_files: dict[str, str] | None = None,
                           prepare: Callable[[nn.Module], None] | None = None,
                           export_format: str = "auto") -> tuple[Path, Path]:
     """Write the pruned base model (``save_pruned``) and the matching pruned adapter.
@@ -89,7 +90,7 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
 
     base_path = save_pruned(small, out_dir, tokenizer=tokenizer, overwrite=overwrite,
                             extra_manifest=dict(extra or {}, adapter=str(adapter_out)), license=license,
-                            export_format=export_format)
+                            export_format=export_format, extra_files=extra_files)
     adapted = get_peft_model(small, config, adapter_name=name)
     adapted.peft_config[name].base_model_name_or_path = str(base_path)
     result = set_peft_model_state_dict(adapted, sliced, adapter_name=name)

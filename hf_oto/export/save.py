@@ -32,6 +32,7 @@ def save_pruned(
     extra_manifest: dict[str, Any] | None = None,
     license: str | None = None,
     export_format: ExportFormat = "auto",
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save a model built by :func:`hf_oto.construct_subnet` as a loadable Hugging Face repo.
 
@@ -45,6 +46,7 @@ def save_pruned(
     as ``"remote_code"``; a form the model cannot take is refused before anything is written. The folder is written
     next to ``out_dir`` and renamed into place, so a failure leaves no half-written export.
     ``overwrite=True`` replaces an earlier hf-oto export at ``out_dir``, never another non-empty folder.
+    ``extra_files`` maps file names (no folders) to text written into the repo (the job's recipe).
     The card's ``base_model`` is ``source`` when that is a Hub id, or the ``base_model`` of a local
     source folder's own card; a local path never goes into it (the Hub refuses those).
     """
@@ -54,12 +56,17 @@ def save_pruned(
     if manifest is None:
         raise ExportError("save_pruned takes the model returned by construct_subnet (it has no hf_oto_manifest)")
     form = resolve_format(model.config, export_format)
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("config.json", MANIFEST, "README.md"):
+            raise ExportError(f"extra file name {name!r}: a plain file name that is not one the export writes")
     check_target(out, overwrite=overwrite, marker=MANIFEST)
     tmp = staging_dir(out)
     try:
         license = license or source_license(source)
         _write(model, tmp, tokenizer, dict(manifest, export_format=form), source, max_shard_size,
                extra_manifest or {}, license)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         return publish(tmp, out)
     finally:
         discard(tmp)

@@ -271,9 +271,25 @@ def _describe(tp: Any) -> str:
 
 
 def parse(config_path: str, overrides: list[str]) -> tuple[ModelArguments, DataArguments, HFOTOTrainingArguments]:
-    """YAML file plus ``--key value`` overrides -> the three argument dataclasses (errors up front)."""
+    """YAML file (or recipe) plus ``--key value`` overrides -> the three argument dataclasses (errors up front)."""
+    return build_arguments(read_settings(config_path, overrides), config_path)
+
+
+def read_settings(config_path: str, overrides: list[str]) -> dict[str, Any]:
+    """The settings of a YAML config or a recipe (``hf_oto_recipe.yaml``), with the command line on top."""
+    from hf_oto.job.recipe import is_recipe, recipe_settings
+
+    values = read_yaml(config_path)
+    if is_recipe(values):
+        values = recipe_settings(values, config_path)
     types_ = field_types()
-    values = apply_overrides(read_yaml(config_path), overrides, {k: tp for k, (_, tp) in types_.items()})
+    return apply_overrides(values, overrides, {k: tp for k, (_, tp) in types_.items()})
+
+
+def build_arguments(values: dict[str, Any], config_path: str
+                    ) -> tuple[ModelArguments, DataArguments, HFOTOTrainingArguments]:
+    """The three argument dataclasses from a settings mapping (one ConfigError for any bad setting)."""
+    types_ = field_types()
     unknown = [k for k in values if k not in types_]
     if unknown:
         hints = []

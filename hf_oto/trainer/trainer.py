@@ -116,7 +116,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,
                           eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
                           adapter_dir: str | None = None, license: str | None = None,
-                          extra_manifest: dict[str, Any] | None = None) -> Path:
+                          extra_manifest: dict[str, Any] | None = None,
+                          extra_files: dict[str, str] | None = None) -> Path:
         """Build the sub-network of the trained (zeroed) model and save it as a standard HF repo.
 
         With a peft model, ``merge_adapters=True`` merges a copy of the adapters and writes one
@@ -126,8 +127,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         ``out_dir`` defaults to ``args.pruned_dir()`` and ``overwrite`` to ``args.overwrite_pruned_output_dir``;
         it replaces only an earlier hf-oto export. The export gets the model's own ``use_cache`` back
         (Trainer turns it off for training). The trained model object is left as it is. ``extra_manifest``
-        adds entries to the manifest (e.g. ``gguf``: the GGUF file the model came from, which the card names).
-        Returns ``out_dir``.
+        adds entries to the manifest (e.g. ``gguf``: the GGUF file the model came from, which the card names);
+        ``extra_files`` adds text files to the export (``hf-oto prune`` writes its recipe). Returns ``out_dir``.
         """
         if self.qfa_config is not None:
             raise ConfigError("a QFA run is exported per bit configuration: save_qfa_run(), then hf-oto qfa-search "
@@ -143,7 +144,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
                 save_base_and_adapter(self.model, target, adapter_dir or f"{target}-adapter", layout=layout,
                                       tokenizer=self.processing_class, overwrite=overwrite, extra=extra,
                                       license=license, prepare=self._restore_use_cache,
-                                      export_format=self.args.export_format)
+                                      export_format=self.args.export_format, extra_files=extra_files)
             return Path(target)
         model = copy.deepcopy(self.model).merge_and_unload() if is_peft else self.model
         space = discover_groups(model) if is_peft else self.pruning_space
@@ -151,7 +152,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         self._restore_use_cache(small)
         if self.is_world_process_zero():
             return save_pruned(small, target, tokenizer=self.processing_class, overwrite=overwrite,
-                               extra_manifest=extra, license=license, export_format=self.args.export_format)
+                               extra_manifest=extra, license=license, export_format=self.args.export_format,
+                               extra_files=extra_files)
         return Path(target)
 
     def _restore_use_cache(self, model: torch.nn.Module) -> None:
