@@ -106,6 +106,36 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oneshot(args: argparse.Namespace) -> int:
+    from hf_oto.job.args import apply_overrides, field_types, read_yaml
+    from hf_oto.job.oneshot_job import ONESHOT_KEYS, oneshot_settings, run_oneshot
+    from hf_oto.job.recipe import recipe_settings
+
+    types_ = {k: tp for k, (_, tp) in field_types().items()}
+    types_.update(criterion=str, calibration_batches=int)
+    overrides = apply_overrides({}, list(args.overrides or []), types_)
+    if args.recipe:
+        settings = recipe_settings(read_yaml(args.recipe), args.recipe, job="oneshot")
+        if args.out:
+            settings["pruned_output_dir"] = args.out
+        settings.update(overrides)
+    else:
+        if not args.model or args.target_sparsity is None:
+            raise ConfigError("give a model and a target: hf-oto oneshot MODEL --target_sparsity 0.3 --out DIR "
+                              f"[--criterion {'|'.join(CRITERIA_NAMES)}] [--calibration FILE|DATASET|python-stdlib]")
+        settings = oneshot_settings(args.model, args.criterion, args.target_sparsity,
+                                    args.calibration or "python-stdlib", args.out, overrides)
+    if args.overwrite:
+        settings["overwrite_pruned_output_dir"] = True
+    unknown = [k for k in settings if k not in types_ and k not in ONESHOT_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; hf-oto prune --help lists them")
+    run_oneshot(settings, args.recipe or "the command line")
+    return 0
+
+
+CRITERIA_NAMES = ("magnitude", "taylor", "wanda_sp")
+
 PRUNE_USAGE = """usage: hf-oto prune CONFIG.yaml [--key value ...]
        hf-oto prune --recipe EXPORT/hf_oto_recipe.yaml [--key value ...]   (rerun an export's recipe)
 
@@ -193,6 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="YAML file (see configs/quickstart.yaml)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs that override the YAML")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("oneshot", help="prune in one shot on calibration text (magnitude, taylor, wanda_sp), "
+                                       "no training; export, card, recipe and check as prune")
+    p.add_argument("model", nargs="?", help="model folder, Hub id or .gguf file (or PACKAGE/FILE.gguf)")
+    p.add_argument("--criterion", default="wanda_sp", help="magnitude, taylor or wanda_sp (default)")
+    p.add_argument("--target_sparsity", type=float, help="share of the prunable parameters to remove")
+    p.add_argument("--calibration", help="text file, Hub dataset id or python-stdlib (default: python-stdlib)")
+    p.add_argument("--out", help="folder for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier hf-oto export at --out")
+    p.add_argument("--recipe", help="rerun an export's hf_oto_recipe.yaml (written by hf-oto oneshot)")
+    # any other setting of hf-oto prune as --key value (block_size, pruning_layout, ffn_multiple,
+    # calibration_batches, per_device_train_batch_size, seed, ...): parse_known_args passes them on
+    p.set_defaults(func=cmd_oneshot, overrides=[])
     p = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
     p.add_argument("folder", help="folder written by save_pruned / hf-oto prune")
     p.add_argument("repo_id", help="namespace/name on the Hub")
@@ -218,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_env)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command == "prune":  # e.g. `hf-oto prune --help`: the job's own settings
+    if unknown and args.command in ("prune", "oneshot"):  # e.g. `hf-oto prune --help`: the job's own settings
         args.overrides = unknown + list(args.overrides or [])
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -27,6 +27,14 @@ def format_flops(v: float | None) -> str:
 def method_text(manifest: dict[str, Any]) -> str:
     """One paragraph on how the model was pruned, from the recorded HESSO settings."""
     h = manifest.get("hesso")
+    o = manifest.get("oneshot")
+    if o and not h:
+        data = (f"on {o['calibration_batches']} calibration batches of {o['batch_size']} x {o['block_size']} tokens"
+                if o["calibration_batches"] else "from the weights alone")
+        return (f"One-shot `{o['criterion']}` pruning {data}, without training: the lowest-scoring groups were "
+                f"removed until {100 * o['pruned_fraction']:.1f}% of the prunable parameters were gone (target "
+                f"{100 * o['target_sparsity']:.0f}%), layout `{o['layout']}`, FFN widths on multiples of "
+                f"{o['ffn_multiple']}. Fine-tuning it (or pruning while training with HESSO) recovers quality.")
     if not h:
         return "Groups that were exactly zero were removed (no HESSO settings recorded)."
     cric = "with CRIC corrective cycles" if h.get("cric") else "without CRIC"

@@ -29,8 +29,8 @@ def file_facts(path: str) -> dict[str, Any]:
     return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
-def recipe_text(settings: dict[str, Any], resolved: dict[str, Any] | None = None) -> str:
-    """The recipe of a job run with ``settings`` (YAML text)."""
+def recipe_text(settings: dict[str, Any], resolved: dict[str, Any] | None = None, job: str = "prune") -> str:
+    """The recipe of a ``job`` (``prune`` or ``oneshot``) run with ``settings`` (YAML text)."""
     import platform
 
     from hf_oto.env import KEY_PACKAGES, installed_version
@@ -38,14 +38,16 @@ def recipe_text(settings: dict[str, Any], resolved: dict[str, Any] | None = None
     files = [*(settings.get("train_files") or []), *(settings.get("eval_files") or [])]
     doc = {
         "hf_oto_recipe": VERSION,
+        "job": job,
         "settings": settings,
         "data": [file_facts(f) for f in files],
         "resolved": resolved or {},
         "versions": {"python": platform.python_version(),  # the python-stdlib text depends on it
                      **{name: installed_version(name) for name in KEY_PACKAGES}},
     }
-    header = ("# hf-oto recipe: the settings that produced this export. Rerun: hf-oto prune --recipe THIS_FILE "
-              "--output_dir NEW_DIR\n")
+    rerun = ("hf-oto prune --recipe THIS_FILE --output_dir NEW_DIR --pruned_output_dir NEW_DIR/pruned"
+             if job == "prune" else "hf-oto oneshot --recipe THIS_FILE --out NEW_DIR")
+    header = f"# hf-oto recipe: the settings that produced this export. Rerun: {rerun}\n"
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
@@ -53,8 +55,11 @@ def is_recipe(values: dict[str, Any]) -> bool:
     return "hf_oto_recipe" in values
 
 
-def recipe_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The settings of a recipe read from ``where``, after checking it and its data files."""
+def recipe_settings(values: dict[str, Any], where: str, job: str = "prune") -> dict[str, Any]:
+    """The settings of a ``job`` recipe read from ``where``, after checking it and its data files."""
+    if values.get("job", "prune") != job:
+        raise ConfigError(f"{where} is a recipe of hf-oto {values.get('job')}: rerun it with "
+                          f"hf-oto {values.get('job')} --recipe {where}")
     if values.get("hf_oto_recipe") != VERSION:
         raise ConfigError(f"{where}: recipe version {values.get('hf_oto_recipe')!r} is not one this hf-oto reads "
                           f"({VERSION})")

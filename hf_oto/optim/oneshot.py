@@ -34,6 +34,13 @@ Criterion = Literal["magnitude", "taylor", "wanda_sp"]
 CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp")
 
 
+def _progress(batches: list[dict[str, torch.Tensor]]):
+    """A progress bar over calibration batches (quiet for a handful)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc="calibration", unit="batch", disable=len(batches) < 4)
+
+
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], with_loss: bool):
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
@@ -51,7 +58,7 @@ def _taylor(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch
     was_training = model.training
     model.eval()
     try:
-        for b in batches:
+        for b in _progress(batches):
             (_forward(model, b, with_loss=True) / len(batches)).backward()
         scores = []
         with torch.no_grad():
@@ -93,7 +100,7 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
     was_training = model.training
     model.eval()
     try:
-        for b in batches:
+        for b in _progress(batches):
             _forward(model, b, with_loss=False)
     finally:
         for h in handles:

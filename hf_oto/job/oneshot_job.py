@@ -1,0 +1,116 @@
+"""``hf-oto oneshot``: prune a model in one shot (magnitude, Taylor or Wanda-sp on calibration text), no training.
+
+The quick path users try first and the baseline they hold HESSO against. It takes the same settings,
+checks, export, card and recipe as ``hf-oto prune``: the model (a folder, Hub id or GGUF file), the
+calibration text (a file, a Hub dataset or ``python-stdlib``), ``target_sparsity``, the layout and
+FFN multiple; it scores every group on ``calibration_batches`` batches, zeroes the lowest until the
+target is met, exports the smaller model and checks the export reloads without hf_oto.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_oto.errors import ConfigError
+from hf_oto.optim.oneshot import CRITERIA
+
+ONESHOT_KEYS = ("criterion", "calibration_batches")  # settings of this job beyond prune's
+
+
+def oneshot_settings(model: str | None, criterion: str, target_sparsity: float | None, calibration: str | None,
+                     out: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The job's settings mapping from the command line (``prune``'s keys plus :data:`ONESHOT_KEYS`)."""
+    settings: dict[str, Any] = {"criterion": criterion, "calibration_batches": 8, "per_device_train_batch_size": 4,
+                                "block_size": 256, "report_to": []}
+    if model:
+        settings["gguf_file" if model.endswith(".gguf") else "model_name_or_path"] = model
+    if target_sparsity is not None:
+        settings["target_sparsity"] = target_sparsity
+    if calibration:
+        if calibration == "python-stdlib":
+            settings["text_source"] = calibration
+        elif Path(calibration).exists():
+            settings["train_files"] = [calibration]
+        else:
+            settings["dataset_name"] = calibration
+    if out:
+        settings["pruned_output_dir"] = out
+    settings.update(overrides)
+    return settings
+
+
+def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> dict[str, Any]:
+    """Check, load, score on calibration batches, prune, export with card and recipe, verify; the summary."""
+    from hf_oto import construct_subnet, discover_groups
+    from hf_oto.data import load_documents, load_eval_documents, train_eval_blocks
+    from hf_oto.export.save import save_pruned
+    from hf_oto.export.verify import verify_export
+    from hf_oto.job.args import build_arguments
+    from hf_oto.job.build import load_model, load_tokenizer
+    from hf_oto.job.log import job_logger
+    from hf_oto.job.preflight import preflight
+    from hf_oto.job.recipe import RECIPE_FILE, recipe_text
+    from hf_oto.job.summary import print_table
+    from hf_oto.main_job import _provenance
+    from hf_oto.metrics import perplexity
+    from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+
+    settings = dict(settings)
+    job = {k: settings.pop(k) for k in ONESHOT_KEYS if k in settings}
+    criterion, batches = job.get("criterion", "wanda_sp"), int(job.get("calibration_batches", 8))
+    if criterion not in CRITERIA:
+        raise ConfigError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if batches < 1:
+        raise ConfigError(f"calibration_batches must be at least 1, got {batches}")
+    if not settings.get("pruned_output_dir"):
+        raise ConfigError("give --out DIR: the folder the pruned model is written to")
+    with tempfile.TemporaryDirectory(prefix="hf-oto-oneshot-") as work:
+        margs, dargs, targs = build_arguments(dict(settings, output_dir=settings.get("output_dir", work)), where)
+        checked = preflight(margs, dargs, targs)  # model, data, export folder, reachable target: before any work
+        logger = job_logger(targs)
+        torch.manual_seed(targs.seed)
+        tokenizer = load_tokenizer(margs)
+        train_blocks, eval_blocks = train_eval_blocks(load_documents(dargs), tokenizer, dargs, targs.seed,
+                                                      load_eval_documents(dargs), dargs.preprocessing_num_workers)
+        model = load_model(margs, tokenizer).eval()
+        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(targs.seed))
+        size = targs.per_device_train_batch_size
+        calib = [{"input_ids": train_blocks[order[i * size:(i + 1) * size]]}
+                 for i in range(min(batches, len(train_blocks) // size or 1))]
+        space = discover_groups(model)
+        before = perplexity(model, eval_blocks)
+        scores = oneshot_scores(model, space, criterion, calib if criterion != "magnitude" else None)
+        plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity,
+                             layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple)
+        small = construct_subnet(model, space, layout=targs.pruning_layout)
+        after = perplexity(small, eval_blocks)
+        provenance = _provenance(margs, dargs)
+        record = {"criterion": criterion, "calibration_batches": len(calib) if criterion != "magnitude" else 0,
+                  "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
+                  "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple,
+                  "pruned_fraction": plan.pruned_params() / space.prunable_params}
+        out = save_pruned(small, checked["pruned"], tokenizer, source=provenance.get("source"),
+                          overwrite=targs.overwrite_pruned_output_dir, license=provenance.get("license"),
+                          export_format=targs.export_format,
+                          extra_manifest={"oneshot": record, "eval": {"eval_perplexity": after},
+                                          **{k: provenance[k] for k in ("datasets", "gguf") if k in provenance}},
+                          extra_files={RECIPE_FILE: recipe_text(dict(settings, **job), {"oneshot": record},
+                                                                job="oneshot")})
+        reloaded, params_after = verify_export(out, eval_blocks)
+    summary = {"output": str(out), "params_before": space.total_params, "params_after": params_after,
+               "prunable_removed": record["pruned_fraction"], "ppl_before": before, "ppl_after": after,
+               "ppl_export_reloaded": reloaded}
+    print_table([("criterion", f"{criterion} ({record['calibration_batches']} calibration batches)"),
+                 ("parameters before", f"{space.total_params:,}"),
+                 ("parameters after (export)", f"{params_after:,} ({100 * params_after / space.total_params:.1f}%)"),
+                 ("prunable parameters removed", f"{100 * record['pruned_fraction']:.1f}%"),
+                 ("eval perplexity, before", f"{before:.2f}"), ("eval perplexity, pruned", f"{after:.2f}"),
+                 ("eval perplexity, export reloaded without hf_oto", f"{reloaded:.2f}"),
+                 ("pruned model", str(out))])
+    logger.info("fine-tune it to recover: hf-oto prune with model_name_or_path set to the export, or HESSO from the "
+                "dense model (hf-oto prune), which prunes while it trains")
+    return summary

@@ -1,0 +1,56 @@
+"""`hf-oto oneshot`: one-shot pruning from the command line, with prune's checks, export, card and recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from jobs import hfoto, no_pad_tokenizer, user_error, word_corpus
+from tiny import tiny_model
+
+
+@pytest.fixture()
+def base(tmp_path):
+    folder = tmp_path / "base"
+    tiny_model("llama", num_hidden_layers=2, intermediate_size=64, vocab_size=64).save_pretrained(folder)
+    no_pad_tokenizer(folder)
+    return folder
+
+
+def test_oneshot_cli_exports_a_checked_model_with_card_and_recipe_and_reruns_it(tmp_path, base):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    corpus = word_corpus(tmp_path / "calib.txt", 400)
+    out = tmp_path / "oneshot"
+    proc = hfoto("oneshot", base, "--criterion", "wanda_sp", "--target_sparsity", "0.3", "--calibration", corpus,
+                 "--out", out, "--block_size", "16", "--calibration_batches", "4", "--ffn_multiple", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "export reloaded without hf_oto" in proc.stdout and "calibration" in proc.stdout
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    assert manifest["oneshot"]["criterion"] == "wanda_sp" and manifest["oneshot"]["calibration_batches"] == 4
+    assert abs(manifest["oneshot"]["pruned_fraction"] - 0.3) <= 0.01  # the planner meets the target within 1%
+    card = ModelCard.load(out / "README.md")
+    assert "One-shot `wanda_sp` pruning on 4 calibration batches" in card.text
+    again = tmp_path / "again"
+    proc = hfoto("oneshot", "--recipe", out / "hf_oto_recipe.yaml", "--out", again, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    wrong = hfoto("prune", "--recipe", out / "hf_oto_recipe.yaml", cwd=tmp_path)
+    assert "rerun it with hf-oto oneshot --recipe" in user_error(wrong)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--criterion", "random", "--target_sparsity", "0.3"], "criterion must be one of"),
+    (["--target_sparsity", "0.3"], "give --out DIR"),
+    (["--target_sparsity", "0.999"], "cannot be reached"),
+    ([], "give a model and a target"),
+])
+def test_oneshot_bad_input_is_one_line_before_any_work(tmp_path, base, args, message):
+    corpus = word_corpus(tmp_path / "calib.txt", 50)
+    out = [] if message == "give --out DIR" else ["--out", tmp_path / "o"]
+    proc = hfoto("oneshot", base, *args, "--calibration", corpus, *out, "--block_size", "16", cwd=tmp_path)
+    assert message in user_error(proc)
+    assert not (tmp_path / "o").exists()
