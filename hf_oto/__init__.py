@@ -29,6 +29,7 @@ _LAZY = {
     "discover_groups": "hf_oto.groups",
     "PruningSpace": "hf_oto.groups",
     "zero_groups": "hf_oto.groups",
+    "exclude_groups": "hf_oto.groups.exclude",
     "HESSO": "hf_oto.optim",
     "HESSOConfig": "hf_oto.optim",
     "CRICConfig": "hf_oto.optim",
@@ -49,8 +50,8 @@ _LAZY = {
 __all__ = [
     "CRICConfig", "ConfigError", "ConstructionError", "DataError", "DiscoveryError", "ExportError", "HESSO",
     "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "PruningSpace", "QFAConfig", "ResumeError",
-    "SaliencyWeights", "__version__", "construct_subnet", "discover_groups", "load_qfa_run", "oneshot_prune",
-    "oneshot_scores", "push_pruned", "qfa_search", "save_pruned", "save_quantized", "zero_groups",
+    "SaliencyWeights", "__version__", "construct_subnet", "discover_groups", "exclude_groups", "load_qfa_run",
+    "oneshot_prune", "oneshot_scores", "push_pruned", "qfa_search", "save_pruned", "save_quantized", "zero_groups",
 ]
 
 

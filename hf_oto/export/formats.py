@@ -141,9 +141,11 @@ def rewrite_config(folder: Path, config, form: Resolved, auto_class: str) -> Non
             architectures=["DeciLMForCausalLM"],
             auto_map={"AutoConfig": f"{REMOTE_MODULE}.DeciLMConfig", **auto_map},
             block_configs=[{
-                "attention": {"n_heads_in_group": heads // o["num_key_value_heads"], "no_op": False,
-                              "replace_with_linear": False},
-                "ffn": {"intermediate_size": o["intermediate_size"], "no_op": False, "replace_with_linear": False},
+                # a field no layer overrides (attention kept whole, say) is the top-level value in every layer
+                "attention": {"n_heads_in_group": heads // o.get("num_key_value_heads", data["num_key_value_heads"]),
+                              "no_op": False, "replace_with_linear": False},
+                "ffn": {"intermediate_size": o.get("intermediate_size", data["intermediate_size"]), "no_op": False,
+                        "replace_with_linear": False},
             } for o in layers],
         )
     else:

@@ -49,6 +49,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     from hf_oto.data import load_documents, load_eval_documents, train_eval_blocks
     from hf_oto.export.save import save_pruned
     from hf_oto.export.verify import verify_export
+    from hf_oto.groups.exclude import exclude_groups
     from hf_oto.job.args import build_arguments
     from hf_oto.job.build import load_model, load_tokenizer
     from hf_oto.job.log import job_logger
@@ -81,7 +82,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         size = targs.per_device_train_batch_size
         calib = [{"input_ids": train_blocks[order[i * size:(i + 1) * size]]}
                  for i in range(min(batches, len(train_blocks) // size or 1))]
-        space = discover_groups(model)
+        space = exclude_groups(discover_groups(model), targs.pruning_exclude, targs.pruning_layout)
         before = perplexity(model, eval_blocks)
         scores = oneshot_scores(model, space, criterion, calib if criterion != "magnitude" else None)
         plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity,

@@ -39,6 +39,11 @@ class HFOTOTrainingArguments(TrainingArguments):
                           "'per_layer_ffn' (attention uniform, FFN widths per layer: DeciLM for Llama) or "
                           "'global' (per-layer sizes of everything: remote code)"},
     )
+    pruning_exclude: list[str] | None = field(
+        default=None,
+        metadata={"help": "keep these out of pruning: 'layers:0,-1' (layer indexes, -1 the last; 'layers:2-5' a "
+                          "range) or module-name patterns such as '*.self_attn' or 'model.layers.3.mlp'"},
+    )
     export_format: ExportFormat = field(
         default="auto",
         metadata={"help": "how a per-layer export is written: 'auto' (DeciLM where expressible, else "

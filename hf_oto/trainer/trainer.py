@@ -16,6 +16,7 @@ from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
 from hf_oto.export.formats import EXPORT_FORMATS, decilm_setup_problem
 from hf_oto.groups import discover_groups, unwrap_peft
+from hf_oto.groups.exclude import exclude_groups
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import HESSO
 from hf_oto.optim.saliency import lora_factors
@@ -221,9 +222,10 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
     groups, LoRA adapters that touch no prunable module, a target the constraints cannot reach,
     or a schedule that does not fit in ``max_steps``.
     """
-    space = discover_groups(model)
+    space = exclude_groups(discover_groups(model), args.pruning_exclude, args.pruning_layout)
     if space.prunable_params == 0:
-        raise ConfigError("this model has no prunable groups (hf-oto inspect shows why)")
+        raise ConfigError("this model has no prunable groups" + (" left after pruning_exclude" if args.pruning_exclude
+                                                                 else " (hf-oto inspect shows why)"))
     check_format_and_layout(args.export_format, args.pruning_layout, space.model_type)
     args.distill_config()  # its settings are checked here, before any training
     if unwrap_peft(model) is not model:
