@@ -106,6 +106,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hf_oto.job.evaluate_job import run_eval
+
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    run_eval(args.model, tasks=tasks, perplexity=args.perplexity, stride=args.stride, max_length=args.max_length,
+             limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+             include_path=args.include_path, out=args.out, trust_remote_code=args.trust_remote_code)
+    return 0
+
+
 def cmd_oneshot(args: argparse.Namespace) -> int:
     from hf_oto.job.args import apply_overrides, field_types, read_yaml
     from hf_oto.job.oneshot_job import ONESHOT_KEYS, oneshot_settings, run_oneshot
@@ -235,6 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     # any other setting of hf-oto prune as --key value (block_size, pruning_layout, ffn_multiple,
     # calibration_batches, per_device_train_batch_size, seed, ...): parse_known_args passes them on
     p.set_defaults(func=cmd_oneshot, overrides=[])
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks and strided perplexity of a model folder")
+    p.add_argument("model", help="model folder (an hf-oto export or any causal LM folder)")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. arc_easy,hellaswag,piqa,winogrande,boolq)")
+    p.add_argument("--perplexity", help="text file, python-stdlib, or Hub dataset NAME:CONFIG:SPLIT "
+                                        "(e.g. wikitext:wikitext-2-raw-v1:test)")
+    p.add_argument("--stride", type=int, help="perplexity window stride (default: 512 or the window if smaller)")
+    p.add_argument("--max_length", type=int, help="perplexity window (default: the model's max positions)")
+    p.add_argument("--limit", type=float, help="lm-eval: examples per task (or a fraction)")
+    p.add_argument("--batch_size", type=int, default=1, help="lm-eval batch size")
+    p.add_argument("--num_fewshot", type=int, help="lm-eval few-shot examples (default: each task's)")
+    p.add_argument("--include_path", help="folder of local lm-eval task YAML files")
+    p.add_argument("--trust_remote_code", action="store_true", help="run model code shipped in a non-hf-oto folder")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
     p.add_argument("folder", help="folder written by save_pruned / hf-oto prune")
     p.add_argument("repo_id", help="namespace/name on the Hub")
