@@ -55,6 +55,10 @@ class DataArguments:
         default=None, metadata={"help": "local files to evaluate on, of the kinds train_files takes "
                                         "(default: held-out documents of the training text)"}
     )
+    streaming: bool = field(
+        default=False, metadata={"help": "read dataset_name (or JSON train_files) as a stream while training; "
+                                         "needs max_steps"})
+    stream_shuffle_buffer: int = field(default=1000, metadata={"help": "streaming: documents in the shuffle buffer"})
     eval_fraction: float = field(
         default=0.05, metadata={"help": "share of the training text held out for evaluation, as whole documents"}
     )

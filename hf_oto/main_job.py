@@ -25,6 +25,7 @@ from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
 from hf_oto.job.summary import print_summary, print_table
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
+from hf_oto.stream import stream_train_eval
 from hf_oto.trainer import HFOTOTrainer
 
 __all__ = ["parse", "preflight", "run"]
@@ -45,15 +46,19 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     torch.manual_seed(targs.seed)
 
     tokenizer = None if dargs.train_tokenizer_vocab else load_tokenizer(margs)
-    docs = load_documents(dargs)
-    if tokenizer is None:
-        tokenizer = train_tokenizer(docs["text"], dargs.train_tokenizer_vocab)
-    train_blocks, eval_blocks = train_eval_blocks(docs, tokenizer, dargs, targs.seed, load_eval_documents(dargs),
-                                                  dargs.preprocessing_num_workers)
+    if dargs.streaming:  # tokenized and packed while training; the stream's first documents evaluate
+        train_data, eval_blocks = stream_train_eval(dargs, tokenizer, targs.seed)
+    else:
+        docs = load_documents(dargs)
+        if tokenizer is None:
+            tokenizer = train_tokenizer(docs["text"], dargs.train_tokenizer_vocab)
+        train_blocks, eval_blocks = train_eval_blocks(docs, tokenizer, dargs, targs.seed, load_eval_documents(dargs),
+                                                      dargs.preprocessing_num_workers)
+        train_data = Blocks(train_blocks)
 
     model = with_lora(load_model(margs, tokenizer), margs)
     trainer = HFOTOTrainer(
-        model=model, args=targs, train_dataset=Blocks(train_blocks), eval_dataset=Blocks(eval_blocks),
+        model=model, args=targs, train_dataset=train_data, eval_dataset=Blocks(eval_blocks),
         processing_class=tokenizer, data_collator=default_data_collator,  # equal-length blocks: no padding
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )

@@ -19,6 +19,7 @@ from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
 from hf_oto.job.args import ModelArguments
 from hf_oto.job.build import gguf_source, model_config, with_lora
 from hf_oto.quant.run import RUN_FILE
+from hf_oto.stream import check_streaming
 from hf_oto.trainer import HFOTOTrainingArguments
 from hf_oto.trainer.trainer import changed_pruning_settings
 
@@ -51,6 +52,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     elif not dargs.train_tokenizer_vocab and not (margs.model_name_or_path or margs.gguf_file):
         raise ConfigError("a model built from init_config needs tokenizer_name or train_tokenizer_vocab")
     check_data_args(dargs)
+    check_streaming(dargs, targs.max_steps)
     check_trackers(targs)
     adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None
     pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)

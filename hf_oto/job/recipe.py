@@ -35,7 +35,10 @@ def recipe_text(settings: dict[str, Any], resolved: dict[str, Any] | None = None
 
     from hf_oto.env import KEY_PACKAGES, installed_version
 
-    files = [*(settings.get("train_files") or []), *(settings.get("eval_files") or [])]
+    def listed(value) -> list[str]:  # a single file may be given as one string
+        return [value] if isinstance(value, str) else list(value or [])
+
+    files = listed(settings.get("train_files")) + listed(settings.get("eval_files"))
     doc = {
         "hf_oto_recipe": VERSION,
         "job": job,
