@@ -129,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate of the compared training runs (1e-3 re-heats a converged reference)")
     p.add_argument("--calib_batches", type=int, default=8, help="calibration batches of Taylor/Wanda-sp")
     p.add_argument("--ffn_multiple", type=int, default=8, help="kept FFN widths are multiples of this")
+    p.add_argument("--exclude", nargs="+", default=None,
+                   help="pruning_exclude rules for every method, e.g. '*.self_attn' (FFN only) or layers:0,-1")
     p.add_argument("--max_eval_blocks", type=int, default=64,
                    help="--reference smollm2: evaluation blocks per text (in and out of domain)")
     p.add_argument("--max_text_mb", type=float, default=3.0)
@@ -197,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not stored.is_file():
             p.error(f"--{'report' if a.report else 'update'} needs an earlier run's {stored}")
         old = json.loads(stored.read_text()).get("settings")
-        before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64}
+        before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None}
         old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
@@ -221,7 +223,7 @@ def ffn_cell(ffn: int | list[int]) -> str:
 def settings(a: argparse.Namespace) -> dict[str, Any]:
     """What every row of one results file must share (an --update run must match them)."""
     keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
-            "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks")
+            "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude")
     out = {k: getattr(a, k) for k in keys}
     if a.reference == "smollm2":  # the same model wherever the fp32 folder was written
         from real_model import SMOLLM2_GGUF
@@ -384,12 +386,12 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                workdir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from hf_oto import construct_subnet, discover_groups
+    from hf_oto import construct_subnet, discover_groups, exclude_groups
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(ref)
-    space = discover_groups(model)
+    space = exclude_groups(discover_groups(model), a.exclude, a.layout)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": a.seed}
     if method in DENSE:
@@ -419,7 +421,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         pruning_periods=a.hesso_periods,
                         pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
                         ffn_multiple=a.ffn_multiple, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
-                        cric_max_cycles=3, distill=method.endswith("_kd"),
+                        cric_max_cycles=3, distill=method.endswith("_kd"), pruning_exclude=a.exclude,
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout=a.layout)
         row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
