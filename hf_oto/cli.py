@@ -100,7 +100,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         print(PRUNE_USAGE + help_text())
         return 0
-    from hf_oto.main_job import run
+    from hf_oto.job.prune_job import run
 
     run(args.config, args.overrides)
     return 0
@@ -120,6 +120,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     from hf_oto.job.args import apply_overrides, field_types, read_yaml
     from hf_oto.job.oneshot_job import ONESHOT_KEYS, oneshot_settings, run_oneshot
     from hf_oto.job.recipe import recipe_settings
+    from hf_oto.optim.oneshot import CRITERIA
 
     types_ = {k: tp for k, (_, tp) in field_types().items()}
     types_.update(criterion=str, calibration_batches=int)
@@ -132,7 +133,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     else:
         if not args.model or args.target_sparsity is None:
             raise ConfigError("give a model and a target: hf-oto oneshot MODEL --target_sparsity 0.3 --out DIR "
-                              f"[--criterion {'|'.join(CRITERIA_NAMES)}] [--calibration FILE|DATASET|python-stdlib]")
+                              f"[--criterion {'|'.join(CRITERIA)}] [--calibration FILE|DATASET|python-stdlib]")
         settings = oneshot_settings(args.model, args.criterion, args.target_sparsity,
                                     args.calibration or "python-stdlib", args.out, overrides)
     if args.overwrite:
@@ -143,8 +144,6 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     run_oneshot(settings, args.recipe or "the command line")
     return 0
 
-
-CRITERIA_NAMES = ("magnitude", "taylor", "wanda_sp")
 
 PRUNE_USAGE = """usage: hf-oto prune CONFIG.yaml [--key value ...]
        hf-oto prune --recipe EXPORT/hf_oto_recipe.yaml [--key value ...]   (rerun an export's recipe)
@@ -179,8 +178,8 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
 
     average_bits, max_bytes = parse_budget(args.budget)  # a bad budget is refused before anything loads
     if args.out:
-        from hf_oto.export.atomic import check_target
         from hf_oto.export.quantized import QFA_MANIFEST
+        from hf_oto.io import check_target
 
         check_target(Path(args.out), overwrite=args.overwrite, marker=QFA_MANIFEST)
     from hf_oto.export.quantized import save_quantized

@@ -63,6 +63,14 @@ class DataArguments:
         default=0.05, metadata={"help": "share of the training text held out for evaluation, as whole documents"}
     )
     max_eval_blocks: int = field(default=200, metadata={"help": "cap on held-out blocks"})
+    eval_tasks: list[str] | None = field(
+        default=None, metadata={"help": "lm-evaluation-harness tasks run on the export at the end (e.g. [arc_easy, "
+                                        "piqa]; needs pip install 'hf-oto[eval]' and, for Hub tasks, the network); "
+                                        "results go to the summary and the card's model-index"})
+    eval_tasks_limit: float | None = field(
+        default=None, metadata={"help": "eval_tasks: examples per task (a count, or a fraction below 1)"})
+    eval_tasks_include_path: str | None = field(
+        default=None, metadata={"help": "eval_tasks: a folder of local lm-eval task YAML files"})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "processes for tokenization (datasets.map num_proc)"}
     )

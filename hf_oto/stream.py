@@ -36,11 +36,17 @@ def _texts(rows, column: str) -> Iterator[str]:
             yield row[column]
 
 
-def _blocks(texts: Iterator[str], tokenizer, block_size: int) -> Iterator[torch.Tensor]:
+def _documents(texts: Iterator[str], tokenizer) -> Iterator[list[int]]:
+    """Each text as token ids, framed by the tokenizer's leading tokens and EOS as in the map-style path."""
     prefix, suffix = document_affixes(tokenizer)
-    buffer: list[int] = []
     for text in texts:
-        buffer.extend(prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + suffix)
+        yield prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + suffix
+
+
+def _blocks(documents: Iterator[list[int]], block_size: int) -> Iterator[torch.Tensor]:
+    buffer: list[int] = []
+    for ids in documents:
+        buffer.extend(ids)
         while len(buffer) >= block_size:
             yield torch.tensor(buffer[:block_size], dtype=torch.long)
             del buffer[:block_size]
@@ -54,7 +60,7 @@ class StreamBlocks(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rows = open_stream(self.d).skip(self.skip).shuffle(seed=self.seed, buffer_size=self.d.stream_shuffle_buffer)
-        for block in _blocks(_texts(rows, self.d.text_column), self.tokenizer, self.d.block_size):
+        for block in _blocks(_documents(_texts(rows, self.d.text_column), self.tokenizer), self.d.block_size):
             yield {"input_ids": block, "labels": block}
 
 
@@ -67,11 +73,10 @@ def stream_train_eval(d: DataArguments, tokenizer, seed: int) -> tuple[StreamBlo
     else:
         rows, skip = open_stream(d), None
     held: list[int] = []
-    prefix, suffix = document_affixes(tokenizer)
     used = 0
-    for text in _texts(rows, column):
+    for ids in _documents(_texts(rows, column), tokenizer):
         used += 1
-        held.extend(prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + suffix)
+        held.extend(ids)
         if len(held) >= d.max_eval_blocks * size:
             break
     n = min(len(held) // size, d.max_eval_blocks)

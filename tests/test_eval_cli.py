@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from jobs import hfoto, user_error
+from jobs import QUICKSTART, SMALL, hfoto, user_error
 from tiny import tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned
@@ -44,9 +44,9 @@ def test_strided_perplexity_scores_every_token_once_with_the_guides_windows(expo
     assert overlapped["tokens"] == ids.size(1) - 1  # with overlap every token but the first is scored once
 
 
-def test_eval_cli_runs_a_local_lm_eval_task_and_perplexity_and_writes_json(export, tmp_path):
-    pytest.importorskip("lm_eval")  # the eval extra, which setup.sh installs with the tests
-    tasks = tmp_path / "tasks"
+def local_task(folder):
+    """A multiple-choice lm-eval task written as YAML + JSONL into ``folder`` (no Hub)."""
+    tasks = folder / "tasks"
     tasks.mkdir()
     rows = [{"question": f"the quick brown {w}", "choices": ["fox", "woods"], "answer": 0} for w in "abcd"]
     (tasks / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -55,6 +55,12 @@ def test_eval_cli_runs_a_local_lm_eval_task_and_perplexity_and_writes_json(expor
         f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'data.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    return tasks
+
+
+def test_eval_cli_runs_a_local_lm_eval_task_and_perplexity_and_writes_json(export, tmp_path):
+    pytest.importorskip("lm_eval")  # the eval extra, which setup.sh installs with the tests
+    tasks = local_task(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "results.json"
@@ -81,3 +87,45 @@ def test_eval_bad_input_is_one_line(export, tmp_path, args, message):
 
 def test_eval_of_a_folder_that_is_no_model_is_one_line(tmp_path):
     assert "not a model folder" in user_error(hfoto("eval", tmp_path, "--perplexity", "python-stdlib", cwd=tmp_path))
+
+
+def test_main_job_eval_tasks_land_in_the_summary_manifest_and_card_model_index(tmp_path):
+    pytest.importorskip("lm_eval")
+    from huggingface_hub import ModelCard
+
+    tasks, out = local_task(tmp_path), tmp_path / "pruned"
+    proc = hfoto("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", "--pruned_output_dir", out,
+                 "--eval_tasks", "hfoto_local", "--eval_tasks_include_path", tasks, "--eval_tasks_limit", "4",
+                 cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lm-eval hfoto_local acc" in proc.stdout + proc.stderr  # the summary table
+    scores = json.loads((out / "pruning_manifest.json").read_text())["lm_eval"]
+    acc = scores["tasks"]["hfoto_local"]["acc"]
+    assert 0.0 <= acc <= 1.0 and scores["limit"] == 4
+    index = ModelCard.load(out / "README.md").data.eval_results
+    ours = [r for r in index if r.dataset_type == "hfoto_local"]
+    assert len(ours) == 1 and ours[0].metric_type == "acc" and ours[0].metric_value == pytest.approx(acc)
+    assert any(r.metric_type == "perplexity" for r in index)  # the held-out perplexity stays beside it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval_tasks", "no_such_task_anywhere"], "unknown lm-eval task"),
+    (["--eval_tasks_limit", "4"], "set eval_tasks too"),
+    (["--eval_tasks", "hfoto_local", "--eval_tasks_include_path", "missing-folder"], "is not a folder"),
+])
+def test_main_job_bad_eval_tasks_are_one_line_before_training(tmp_path, args, message):
+    pytest.importorskip("lm_eval")
+    proc = hfoto("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", *args, cwd=tmp_path)
+    assert message in user_error(proc)
+    assert not (tmp_path / "run").exists()
+
+
+def test_task_table_and_scores_read_lm_evals_metric_filter_keys():
+    from hf_oto.job.evaluate_job import task_scores, task_table
+
+    results = {"results": {"piqa": {"alias": "piqa", "sample_len": 8, "acc,none": 0.5, "acc_stderr,none": 0.1,
+                                    "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A"}}, "n-shot": {"piqa": 0}}
+    assert task_scores(results) == {"piqa": {"acc": 0.5, "acc_norm": 0.25}}  # no alias, sample_len or stderr
+    table = task_table(results).splitlines()
+    assert table[0] == "| task | n-shot | metric | value | stderr |"
+    assert table[2:] == ["| piqa | 0 | acc | 0.5000 | 0.1000 |", "| piqa | 0 | acc_norm | 0.2500 | - |"]

@@ -31,6 +31,7 @@ def test_rules_mark_layers_and_modules_unprunable_with_the_reason():
     (["model.layers.9.mlp"], "global", "matches no module"),
     (["layers:7"], "global", "not a layer range"),
     (["layers:a"], "global", "expected layers:I,J"),
+    (["layers:0", "-1"], "global", "one quoted string"),  # YAML's [layers:0,-1], split at the comma
 ])
 def test_bad_rules_are_refused_in_one_line(rules, layout, message):
     space = discover_groups(tiny_model("llama", num_hidden_layers=4, intermediate_size=64))

@@ -15,8 +15,8 @@ import pytest
 from tiny import tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
-from hf_oto.export.atomic import STAGING_MARKER, STAGING_TAG
 from hf_oto.export.verify import NO_HF_OTO_PRELUDE
+from hf_oto.io import STAGING_MARKER, STAGING_TAG
 
 
 def _pruned():

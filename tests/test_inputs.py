@@ -45,7 +45,7 @@ def test_non_empty_out_dir_needs_overwrite_and_only_an_export_is_replaced(tmp_pa
     (tmp_path / "old.txt").write_text("keep me")
     with pytest.raises(ExportError, match="overwrite"):
         save_pruned(_pruned(), tmp_path)
-    with pytest.raises(ExportError, match="not an earlier hf-oto export"):
+    with pytest.raises(ExportError, match="holds no earlier hf-oto export"):
         save_pruned(_pruned(), tmp_path, overwrite=True)  # a user's folder is never replaced
     assert [p.name for p in tmp_path.iterdir()] == ["old.txt"]
     out = tmp_path / "export"

@@ -9,7 +9,7 @@ import torch
 from jobs import ROOT, SMALL
 
 from hf_oto.errors import ConfigError
-from hf_oto.main_job import parse, run
+from hf_oto.job.prune_job import parse, run
 
 
 def test_quickstart_config_end_to_end(tmp_path, capsys):
@@ -55,7 +55,7 @@ def test_command_line_accepts_the_forms_hfargumentparser_users_type():
     (["--text_source", "nothing"], "unknown text_source"),
 ])
 def test_bad_settings_stop_before_any_data_work(tmp_path, monkeypatch, override, match):
-    import hf_oto.main_job as job
+    import hf_oto.job.prune_job as job
 
     def no_data(*a, **k):
         raise AssertionError("data was loaded before the settings were checked")

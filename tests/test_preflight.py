@@ -8,7 +8,7 @@ import pytest
 from jobs import QUICKSTART, SMALL
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import hf_oto.main_job as job
+import hf_oto.job.prune_job as job
 from hf_oto.cli import main
 from hf_oto.errors import ConfigError
 from hf_oto.job.args import parse

@@ -49,7 +49,7 @@ def test_streaming_settings_that_cannot_work_are_refused(settings, message):
 
 
 def test_main_job_trains_and_exports_from_a_stream(tmp_path):
-    from hf_oto.main_job import run
+    from hf_oto.job.prune_job import run
 
     base = tmp_path / "base"
     tiny_model("llama", num_hidden_layers=2, intermediate_size=64, vocab_size=64).save_pretrained(base)

@@ -13,32 +13,21 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ExportError
-from hf_oto.export.atomic import check_target, discard, publish, staging_dir
 from hf_oto.export.save import MANIFEST, save_pruned
 from hf_oto.groups import discover_groups
 from hf_oto.groups.space import PruningSpace
+from hf_oto.io import check_target, discard, publish, staging_dir
 from hf_oto.subnet import construct_subnet
+from hf_oto.subnet.construct import kept_slices
 
 ADAPTER_MARKER = "hf_oto_adapter.json"
 
 
 def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[str, int], torch.Tensor]:
     """(param, dim) -> the indices that the sub-network kept along that dim (dense params only)."""
-    removed: dict[tuple[str, int], set[int]] = {}
-    for gs, entry in zip(space.sets, manifest["sets"], strict=True):
-        kept = set(entry["kept"])
-        dropped = [j for j in range(gs.count) if j not in kept]
-        for spec in gs.slices:
-            if spec.expert is not None:
-                continue
-            cell = removed.setdefault((spec.param, spec.dim), set())
-            for j in dropped:
-                cell.update(spec.index[j].tolist())
-    out = {}
-    for (param, dim), gone in removed.items():
-        size = space.param_shapes[param][dim]
-        out[(param, dim)] = torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
-    return out
+    removed = [set(range(gs.count)) - set(entry["kept"])
+               for gs, entry in zip(space.sets, manifest["sets"], strict=True)]
+    return {(param, dim): idx for (param, dim, expert), idx in kept_slices(space, removed).items() if expert is None}
 
 
 def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,

@@ -57,6 +57,10 @@ def _eval_results(manifest: dict[str, Any], model_name: str) -> list:
             out.append(EvalResult(task_type="text-generation", dataset_type=dataset.replace(" ", "-"),
                                   dataset_name=dataset, metric_type=metric, metric_name=metric,
                                   metric_value=float(value)))
+    for task, metrics in ((manifest.get("lm_eval") or {}).get("tasks") or {}).items():
+        for metric, value in metrics.items():
+            out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
+                                  metric_type=metric, metric_name=metric, metric_value=float(value)))
     return out
 
 
@@ -72,6 +76,10 @@ def render_card(manifest: dict[str, Any], *, trust_remote_code: bool, repo_class
         eval_results=_eval_results(manifest, model_name) or None, **hub_metadata(manifest, "finetune"),
     )
     evaluation = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (manifest.get("eval") or {}).items()]
+    lm_eval = manifest.get("lm_eval") or {}
+    limit = f" ({lm_eval['limit']} examples per task)" if lm_eval.get("limit") else ""
+    evaluation += [(f"lm-eval {task} {metric}{limit}", f"{value:.4g}")
+                   for task, metrics in (lm_eval.get("tasks") or {}).items() for metric, value in metrics.items()]
     template = resources.files("hf_oto.export").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
     card = ModelCard.from_template(
         data, template_str=template,

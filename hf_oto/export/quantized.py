@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_oto.errors import ExportError
-from hf_oto.export.atomic import check_target, discard, publish, staging_dir
-from hf_oto.export.save import add_compat_fields, check_no_pickles, unique_state
+from hf_oto.export.save import add_compat_fields
 from hf_oto.groups.space import PruningSpace
+from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir, unique_state
 from hf_oto.quant.prepare import per_layer_bits, qfa_layers
 from hf_oto.quant.quantize import QuantizedWeight, whole_groups
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from hf_oto.errors import ExportError
-from hf_oto.export.atomic import check_target, discard, publish, staging_dir
 from hf_oto.export.card import render_card
 from hf_oto.export.formats import REMOTE_MODULE, ExportFormat, remote_code_text, resolve_format, rewrite_config
 from hf_oto.export.plot import plot_kept
-from hf_oto.export.verify import PICKLE_SUFFIXES
+from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir
 
 MANIFEST = "pruning_manifest.json"
 
@@ -139,11 +136,26 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     add_compat_fields(tmp)
-    full = dict(manifest, source=source, base_model=hub_base_model(source), license=license, **extra)
+    full = dict(manifest, source=source, base_model=hub_base_model(source), license=license, auto_class=auto_class,
+                **extra)
     (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
     (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=auto_class))
     plot_kept(full, tmp / "pruning_plot.png")
     check_no_pickles(tmp)
+
+
+def record_lm_eval(folder: str | Path, scores: dict[str, dict[str, float]], limit: float | None) -> None:
+    """Add lm-eval scores (``{task: {metric: value}}``) to an export's manifest and card (model-index)."""
+    from hf_oto.io import write_text_atomic
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["lm_eval"] = {"tasks": scores, "limit": limit}
+    per_layer = manifest.get("export_format", "stock") != "stock"
+    card = render_card(manifest, trust_remote_code=per_layer,
+                       repo_class=manifest.get("auto_class", "AutoModelForCausalLM"))
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    write_text_atomic(folder / "README.md", card)
 
 
 def add_compat_fields(folder: Path) -> None:
@@ -185,14 +197,3 @@ def _auto_class(model: nn.Module) -> str:
     return "AutoModel"
 
 
-def unique_state(model: nn.Module, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
-    """The state dict with each tied tensor once, under the name ``named_parameters`` reports (on the
-    CPU), without the names in ``skip``."""
-    keep = ({n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}) - set(skip)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
-
-
-def check_no_pickles(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.suffix in PICKLE_SUFFIXES:
-            raise ExportError(f"refusing to export a pickle: {f.name}")

@@ -16,7 +16,6 @@ import torch
 from hf_oto.errors import ExportError
 
 # Suffixes of pickle-based weight files: exports never write them and push refuses them.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 NO_HF_OTO_PRELUDE = """
 import importlib.abc, os, sys, threading, time

@@ -12,7 +12,15 @@ from torch import fx, nn
 
 from hf_oto.errors import DiscoveryError
 from hf_oto.groups import trace as tr
-from hf_oto.groups.space import AttentionInfo, FFNInfo, GroupSet, PruningSpace, SliceSpec, layer_relative
+from hf_oto.groups.space import (
+    AttentionInfo,
+    FFNInfo,
+    GroupSet,
+    PruningSpace,
+    SliceSpec,
+    find_decoder_layers,
+    layer_relative,
+)
 
 # Config fields that may hold an FFN width. Which one sets which FFN is confirmed by a probe.
 FFN_WIDTH_FIELDS = (
@@ -134,9 +142,9 @@ def discover_groups(model: nn.Module) -> PruningSpace:
 
 # Model plumbing ------------------------------------------------------------------------------
 def _find_layers(base: nn.Module, num_layers: int) -> str:
-    for name, mod in base.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers:
-            return name
+    found = find_decoder_layers(base, num_layers)
+    if found is not None:
+        return found[0]
     raise DiscoveryError(
         f"no module list of {num_layers} layers (config.num_hidden_layers) in {type(base).__name__}. {RULE_HELP}"
     )

@@ -59,6 +59,10 @@ def exclude_groups(space: PruningSpace, rules: Sequence[str] | None, layout: str
             raise ConfigError(f"pruning_exclude takes strings (layers:0,-1 or module patterns), got {rule!r}")
         if rule.startswith("layers:"):
             layers |= excluded_layers(rule, space.num_layers)
+        elif re.fullmatch(r"-?\d+(-\d+)?", rule.strip()):  # [layers:0,-1] unquoted in YAML splits at the comma
+            raise ConfigError(f"pruning_exclude {rule!r} is a layer number, not a module pattern; write the layers as "
+                              "one quoted string, e.g. pruning_exclude: ['layers:0,-1'] (or --pruning_exclude "
+                              "layers:0,-1)")
         else:
             patterns.append(rule)
     matched = {p: False for p in patterns}

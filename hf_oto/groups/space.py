@@ -19,6 +19,7 @@ from torch import nn
 
 Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel"]
 KINDS: tuple[str, ...] = get_args(Kind)
+FFN_KINDS: tuple[str, ...] = ("ffn_channel", "expert_channel")  # the kinds whose sets are FFN widths
 Block = Literal["attention", "mlp"]
 # How per-layer sizes may differ, one vocabulary for planner, sub-network and trainer: "uniform" keeps
 # equal counts in every layer (the stock config), "per_layer_ffn" keeps attention uniform and lets each
@@ -26,6 +27,16 @@ Block = Literal["attention", "mlp"]
 # each layer keep its own counts of everything.
 Layout = Literal["uniform", "per_layer_ffn", "global"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int | None) -> tuple[str, nn.ModuleList] | None:
+    """(path, module list) of the decoder layers: the first ModuleList with ``num_layers`` entries, or None."""
+    if not num_layers:
+        return None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers:
+            return name, mod
+    return None
 
 
 def kept_uniform(layout: str, block: str) -> bool:

@@ -8,7 +8,8 @@ from typing import Any
 
 from hf_oto.errors import ExportError, first_line
 from hf_oto.export.save import MANIFEST
-from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
+from hf_oto.export.verify import check_weights
+from hf_oto.io import PICKLE_SUFFIXES
 
 
 def check_export(folder: str | Path) -> dict[str, Any]:

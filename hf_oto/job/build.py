@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from hf_oto.errors import ConfigError, first_line
 from hf_oto.job.args import ModelArguments
+
+if TYPE_CHECKING:
+    from hf_oto.data import DataArguments
 from hf_oto.job.gguf_source import GGUFSource, plain_model, resolve_gguf
 
 
@@ -96,3 +102,22 @@ def load_model(margs: ModelArguments, tokenizer):
 def gguf_source(margs: ModelArguments) -> GGUFSource:
     """The resolved ``gguf_file`` (one-line error when it is not found)."""
     return resolve_gguf(margs.gguf_file, margs.model_name_or_path)
+
+
+GGUF_KEYS = ("name", "organization", "basename", "finetune", "size_label", "license")  # general.* fields
+
+
+def provenance(margs: ModelArguments, dargs: DataArguments) -> dict[str, Any]:
+    """Where the model and data came from, for the export's card: source, license, Hub datasets, GGUF file."""
+    from hf_oto.export.save import is_hub_id, source_license
+
+    name = margs.model_name_or_path
+    out: dict[str, Any] = {"source": name,
+                           "license": source_license(name, allow_network=bool(name) and not Path(name).exists())}
+    if dargs.dataset_name and is_hub_id(dargs.dataset_name):
+        out["datasets"] = [dargs.dataset_name]
+    if margs.gguf_file:  # the card names the GGUF file, and its license comes from the file's header
+        meta = gguf_source(margs).metadata()
+        out["license"] = out["license"] or meta.get("license")
+        out["gguf"] = {"file": margs.gguf_file, **{k: meta[k] for k in GGUF_KEYS if k in meta}}
+    return {k: v for k, v in out.items() if v is not None}

@@ -94,19 +94,20 @@ def strided_perplexity(model, tokenizer, text: str, *, max_length: int | None = 
             "stride": stride}
 
 
-def task_manager(tasks: list[str], include_path: str | None):
-    """lm-eval's TaskManager, after checking every task name (before any model loads)."""
+def task_manager(tasks: list[str], include_path: str | None, names: tuple[str, str] = ("--tasks", "--include_path")):
+    """lm-eval's TaskManager, after checking every task name (before any model loads); ``names`` are the
+    settings' names as the user typed them, for the messages."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ConfigError("--tasks needs lm-evaluation-harness: pip install 'hf-oto[eval]'") from None
+        raise ConfigError(f"{names[0]} needs lm-evaluation-harness: pip install 'hf-oto[eval]'") from None
     if include_path and not Path(include_path).is_dir():
-        raise ConfigError(f"--include_path {include_path} is not a folder")
+        raise ConfigError(f"{names[1]} {include_path} is not a folder")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lm-eval task {unknown[0]!r} (lm-eval --tasks list shows them; local YAML tasks "
-                          "need --include_path)")
+                          f"need {names[1]})")
     return manager
 
 
@@ -120,6 +121,36 @@ def run_lm_eval(model, tokenizer, tasks: list[str], manager, *, limit: float | N
     limit = int(limit) if limit is not None and limit >= 1 else limit  # a count, or a fraction of each task
     return simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
                            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+
+
+def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from lm-eval's results (filters dropped from the names, no stderr)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]  # lm-eval's metric keys are "metric,filter"; alias, sample_len are not metrics
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if "," not in key or metric.endswith("_stderr") or not numeric:
+                continue
+            out.setdefault(task, {})[metric] = float(value)
+    return out
+
+
+def task_table(results: dict[str, Any]) -> str:
+    """The task results as a Markdown table (task, n-shot, metric, value, stderr). Printed by hf-oto itself:
+    lm-eval's own table needs pytablewriter >= 1, which resolvers pair badly with python-dateutil 4."""
+    rows = ["| task | n-shot | metric | value | stderr |", "|---|--:|---|--:|--:|"]
+    for task, metrics in results["results"].items():
+        shots = (results.get("n-shot") or {}).get(task, "")
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{filt}")
+            err_text = f"{err:.4f}" if isinstance(err, (int, float)) else "-"
+            name = metric if filt == "none" else f"{metric} ({filt})"
+            rows.append(f"| {task} | {shots} | {name} | {value:.4f} | {err_text} |")
+    return "\n".join(rows)
 
 
 def run_eval(folder: str, *, tasks: list[str], perplexity: str | None, stride: int | None, max_length: int | None,
@@ -143,15 +174,13 @@ def run_eval(folder: str, *, tasks: list[str], perplexity: str | None, stride: i
         print(f"perplexity on {p['text']}: {p['perplexity']:.3f} ({p['tokens']:,} tokens, window {p['max_length']}, "
               f"stride {p['stride']})")
     if tasks:
-        from lm_eval.utils import make_table
-
         results = run_lm_eval(model, tokenizer, tasks, manager, limit=limit, batch_size=batch_size,
                               num_fewshot=num_fewshot)
-        print(make_table(results))
+        print(task_table(results))
         report["lm_eval"] = {"results": results["results"], "versions": results.get("versions"),
                              "n-shot": results.get("n-shot"), "limit": limit}
     if out:
-        from hf_oto.export.atomic import write_text_atomic
+        from hf_oto.io import write_text_atomic
 
         write_text_atomic(Path(out), json.dumps(report, indent=1, default=str))
         print(f"wrote {out}")

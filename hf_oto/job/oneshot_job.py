@@ -51,12 +51,11 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     from hf_oto.export.verify import verify_export
     from hf_oto.groups.exclude import exclude_groups
     from hf_oto.job.args import build_arguments
-    from hf_oto.job.build import load_model, load_tokenizer
+    from hf_oto.job.build import load_model, load_tokenizer, provenance
     from hf_oto.job.log import job_logger
     from hf_oto.job.preflight import preflight
     from hf_oto.job.recipe import RECIPE_FILE, recipe_text
     from hf_oto.job.summary import print_table
-    from hf_oto.main_job import _provenance
     from hf_oto.metrics import perplexity
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
@@ -84,21 +83,22 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
                  for i in range(min(batches, len(train_blocks) // size or 1))]
         space = exclude_groups(discover_groups(model), targs.pruning_exclude, targs.pruning_layout)
         before = perplexity(model, eval_blocks)
-        scores = oneshot_scores(model, space, criterion, calib if criterion != "magnitude" else None)
+        needs_data = criterion != "magnitude"  # magnitude reads the weights only
+        scores = oneshot_scores(model, space, criterion, calib if needs_data else None)
         plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity,
                              layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple)
         small = construct_subnet(model, space, layout=targs.pruning_layout)
         after = perplexity(small, eval_blocks)
-        provenance = _provenance(margs, dargs)
-        record = {"criterion": criterion, "calibration_batches": len(calib) if criterion != "magnitude" else 0,
+        origin = provenance(margs, dargs)
+        record = {"criterion": criterion, "calibration_batches": len(calib) if needs_data else 0,
                   "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
                   "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple,
                   "pruned_fraction": plan.pruned_params() / space.prunable_params}
-        out = save_pruned(small, checked["pruned"], tokenizer, source=provenance.get("source"),
-                          overwrite=targs.overwrite_pruned_output_dir, license=provenance.get("license"),
+        out = save_pruned(small, checked["pruned"], tokenizer, source=origin.get("source"),
+                          overwrite=targs.overwrite_pruned_output_dir, license=origin.get("license"),
                           export_format=targs.export_format,
                           extra_manifest={"oneshot": record, "eval": {"eval_perplexity": after},
-                                          **{k: provenance[k] for k in ("datasets", "gguf") if k in provenance}},
+                                          **{k: origin[k] for k in ("datasets", "gguf") if k in origin}},
                           extra_files={RECIPE_FILE: recipe_text(dict(settings, **job), {"oneshot": record},
                                                                 job="oneshot")})
         reloaded, params_after = verify_export(out, eval_blocks)

@@ -15,7 +15,8 @@ from hf_oto.data import DataArguments, check_data_args
 from hf_oto.errors import ConfigError, ExportError, ResumeError, first_line
 from hf_oto.export.adapter import ADAPTER_MARKER
 from hf_oto.export.save import MANIFEST
-from hf_oto.export.verify import PICKLE_SUFFIXES, check_weights
+from hf_oto.export.verify import check_weights
+from hf_oto.io import PICKLE_SUFFIXES, check_target
 from hf_oto.job.args import ModelArguments
 from hf_oto.job.build import gguf_source, model_config, with_lora
 from hf_oto.quant.run import RUN_FILE
@@ -32,7 +33,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     """
     from transformers import AutoModelForCausalLM
 
-    from hf_oto.trainer.trainer import check_launch, check_setup
+    from hf_oto.trainer.setup import check_launch, check_setup
 
     check_launch()
     if not (margs.model_name_or_path or margs.init_config or margs.gguf_file):
@@ -54,6 +55,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     check_data_args(dargs)
     check_streaming(dargs, targs.max_steps)
     check_trackers(targs)
+    check_eval_tasks(dargs, margs, targs)
     adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None
     pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)
     resume = resolve_resume(targs)
@@ -68,6 +70,25 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
         model = with_lora(model, margs)
     check_setup(model, targs)
     return {"source": source, "pruned": pruned, "resume": resume, "warnings": precision_warnings(targs)}
+
+
+def check_eval_tasks(dargs: DataArguments, margs: ModelArguments, targs: HFOTOTrainingArguments) -> None:
+    """``eval_tasks``: lm-eval installed and every task known, before any training."""
+    if not dargs.eval_tasks:
+        if dargs.eval_tasks_limit is not None or dargs.eval_tasks_include_path:
+            raise ConfigError("eval_tasks_limit and eval_tasks_include_path apply to eval_tasks; set eval_tasks too")
+        return
+    from hf_oto.job.evaluate_job import task_manager
+
+    if dargs.eval_tasks_limit is not None and dargs.eval_tasks_limit <= 0:
+        raise ConfigError(f"eval_tasks_limit must be positive, got {dargs.eval_tasks_limit}")
+    if targs.qfa:
+        raise ConfigError("eval_tasks evaluates the pruned export; a QFA run has one only after qfa-search, so run "
+                          "hf-oto eval on the qfa-search export")
+    if margs.lora_r and not margs.merge_adapters:
+        raise ConfigError("eval_tasks evaluates the exported model; with merge_adapters: false the export is a base "
+                          "plus an adapter, so run hf-oto eval on a merged copy instead")
+    task_manager(list(dargs.eval_tasks), dargs.eval_tasks_include_path, ("eval_tasks", "eval_tasks_include_path"))
 
 
 def check_trackers(targs: HFOTOTrainingArguments) -> None:
@@ -164,14 +185,9 @@ def check_output_folders(targs: HFOTOTrainingArguments, *, source: Path | None,
         if out in t.parents and t.relative_to(out).parts[0].startswith("checkpoint-"):
             raise ConfigError(f"{what} {target} lies inside a checkpoint folder, which Trainer may delete; "
                               "choose another folder")
-        if t.is_dir() and any(t.iterdir()):
-            marker = {"pruned_output_dir": MANIFEST, "qfa_run_dir": RUN_FILE}.get(what, ADAPTER_MARKER)
-            if not targs.overwrite_pruned_output_dir:
-                raise ConfigError(f"{what} {target} is not empty; choose a new folder, or set "
-                                  "overwrite_pruned_output_dir: true to replace the earlier export there")
-            if not (t / marker).is_file():
-                raise ConfigError(f"{what} {target} is not empty and holds no earlier hf-oto export (no {marker}); "
-                                  "hf-oto only replaces its own exports: choose another folder")
+        check_target(t, overwrite=targs.overwrite_pruned_output_dir, label=f"{what} {target}", error=ConfigError,
+                     marker={"pruned_output_dir": MANIFEST, "qfa_run_dir": RUN_FILE}.get(what, ADAPTER_MARKER),
+                     hint="set overwrite_pruned_output_dir: true")
     return pruned
 
 

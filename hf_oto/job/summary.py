@@ -19,6 +19,8 @@ def print_summary(s: dict[str, Any]) -> None:
         ("training tokens", f"{s['train_tokens']:,}"),
     ]
     rows += [(f"kept {kind}", f"{k} / {t}") for kind, (k, t) in sorted(s["kept"].items())]
+    rows += [(f"lm-eval {task} {metric}", f"{value:.4f}")
+             for task, metrics in (s.get("lm_eval") or {}).items() for metric, value in metrics.items()]
     rows.append(("pruned model", s["output"]))
     print_table(rows)
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
+from hf_oto.groups.space import FFN_KINDS, GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
 
-FFN_KINDS = ("ffn_channel", "expert_channel")
 # How removals are ranked: by the removed groups' mean saliency ("saliency", lowest first), or by
 # saliency per parameter freed ("per_param": the greedy rule of a knapsack that frees the budget at
 # the least total saliency, so a head that frees 40x an FFN channel's parameters may cost 40x more).

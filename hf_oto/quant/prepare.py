@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_oto.errors import ConfigError
+from hf_oto.groups.space import find_decoder_layers
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.layer import QFALinear
 from hf_oto.quant.quantize import QuantizedWeight, gptq, rtn
@@ -17,10 +18,9 @@ from hf_oto.quant.quantize import QuantizedWeight, gptq, rtn
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, module list) of the decoder layers: the ModuleList with ``num_hidden_layers`` entries."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and n:
-            return name, mod
+    found = find_decoder_layers(model, getattr(model.config, "num_hidden_layers", None))
+    if found is not None:
+        return found
     raise ConfigError("QFA could not find the decoder layers (no module list with num_hidden_layers entries)")
 
 

@@ -17,12 +17,10 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import PruningSpace, SliceSpec
+from hf_oto.groups.space import FFN_KINDS, PruningSpace, SliceSpec
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.prepare import qfa_layers
 from hf_oto.quant.quantize import whole_groups
-
-FFN_KINDS = ("ffn_channel", "expert_channel")
 
 
 def qfa_space(space: PruningSpace, targets: dict[str, tuple[int, int]], config: QFAConfig,

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_oto.errors import ConfigError, ExportError
-from hf_oto.export.atomic import check_target, discard, publish, staging_dir
-from hf_oto.export.save import check_no_pickles, unique_state
+from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir, unique_state
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.layer import QFALinear
 from hf_oto.quant.prepare import qfa_layers, target_linears

@@ -81,7 +81,7 @@ def kept_indices(model: nn.Module, space: PruningSpace, *,
     removed = _removed_groups(space, group_is_zero(model, space))
     _pad_ragged(space, removed, layout)
     out: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    for (param, dim, expert), idx in _kept_indices(space, removed).items():
+    for (param, dim, expert), idx in kept_slices(space, removed).items():
         if expert is None:
             out[param][dim] = idx
     return dict(out)
@@ -177,8 +177,8 @@ def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[
 
 
 # Slicing the weights ----------------------------------------------------------------------------
-def _kept_indices(space: PruningSpace, removed: list[set[int]]):
-    """(param, dim, expert) -> sorted kept indices, for every sliced tensor."""
+def kept_slices(space: PruningSpace, removed: list[set[int]]) -> dict[tuple[str, int, int | None], torch.Tensor]:
+    """(param, dim, expert) -> sorted kept indices, for every sliced tensor, given each set's removed groups."""
     gone: dict[tuple[str, int, int | None], set[int]] = defaultdict(set)
     for gs, rm in zip(space.sets, removed, strict=True):
         for spec in gs.slices:
@@ -195,7 +195,7 @@ def _kept_indices(space: PruningSpace, removed: list[set[int]]):
 
 @torch.no_grad()
 def _sliced_state(base: nn.Module, space: PruningSpace, removed: list[set[int]]) -> dict[str, torch.Tensor]:
-    kept = _kept_indices(space, removed)
+    kept = kept_slices(space, removed)
     per_param: dict[str, list[tuple[int, int | None, torch.Tensor]]] = defaultdict(list)
     for (param, dim, expert), idx in kept.items():
         per_param[param].append((dim, expert, idx))

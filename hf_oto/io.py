@@ -1,4 +1,7 @@
-"""Atomic folder writes that never touch a user's folder by surprise.
+"""Writing files safely, shared by every step that writes (exports, QFA runs, reports).
+
+Atomic folder writes that never touch a user's folder by surprise, the pickle check, and the state
+dict with tied tensors once.
 
 A repo is written into a hidden staging folder beside its target and renamed into place. Staging
 folders carry a marker with the writer's host and process id, so a later write can remove the
@@ -13,26 +16,34 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Collection
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from hf_oto.errors import ExportError
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 STAGING_TAG = ".hf-oto-staging-"
 STAGING_MARKER = ".hf-oto-staging.json"
 
 
-def check_target(out: Path, *, overwrite: bool, marker: str) -> None:
-    """Refuse a target that is a file, or a non-empty folder that ``overwrite`` may not replace."""
+def check_target(out: Path, *, overwrite: bool, marker: str, label: str | None = None,
+                 hint: str = "pass overwrite=True", error: type[Exception] = ExportError) -> None:
+    """Refuse a target that is a file, or a non-empty folder that ``overwrite`` may not replace (one that
+    holds no ``marker``, i.e. no earlier hf-oto export of this kind). ``label``, ``hint`` and ``error`` let
+    the job's pre-flight say the same in its own terms (the setting's name, a ConfigError)."""
+    label = label or str(out)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
+        raise error(f"{label} is a file, not a directory; give a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise ExportError(f"{out} is not empty; choose a new folder, or pass overwrite=True to replace an "
-                          "earlier hf-oto export there")
+        raise error(f"{label} is not empty; choose a new folder, or {hint} to replace an earlier hf-oto export there")
     if not (out / marker).is_file():
-        raise ExportError(f"{out} is not empty and is not an earlier hf-oto export (no {marker}); "
-                          "hf-oto replaces only its own exports: choose another folder or empty this one")
+        raise error(f"{label} is not empty and holds no earlier hf-oto export (no {marker}); hf-oto replaces only "
+                    "its own exports: choose another folder or empty this one")
 
 
 def staging_dir(out: Path) -> Path:
@@ -102,3 +113,17 @@ def write_text_atomic(path: Path, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def unique_state(model: nn.Module, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name ``named_parameters`` reports (on the
+    CPU), without the names in ``skip``."""
+    keep = ({n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}) - set(skip)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+
+
+def check_no_pickles(folder: Path) -> None:
+    """Refuse a folder about to be published that holds a pickle-format file."""
+    for f in folder.rglob("*"):
+        if f.suffix in PICKLE_SUFFIXES:
+            raise ExportError(f"refusing to export a pickle: {f.name}")

@@ -16,10 +16,10 @@ import torch
 
 from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documents, train_eval_blocks, train_tokenizer
 from hf_oto.errors import ExportError
-from hf_oto.export.save import MANIFEST, source_license
+from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
-from hf_oto.job.build import gguf_source, load_model, load_tokenizer, with_lora
+from hf_oto.job.build import load_model, load_tokenizer, provenance, with_lora
 from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
@@ -29,9 +29,6 @@ from hf_oto.stream import stream_train_eval
 from hf_oto.trainer import HFOTOTrainer
 
 __all__ = ["parse", "preflight", "run"]
-
-GGUF_KEYS = ("name", "organization", "basename", "finetune", "size_label", "license")  # general.* fields
-
 
 def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     """Parse, check, load data, train and prune, export, verify the export, print a summary."""
@@ -67,7 +64,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     after = trainer.evaluate()
     results = {"eval_perplexity": after["eval_perplexity"], "eval_token_accuracy": after["eval_token_accuracy"]}
     if targs.qfa:
-        return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results, _provenance(margs, dargs))
+        return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results, provenance(margs, dargs))
     out = _save(trainer, checked["pruned"], margs, dargs, results, settings)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return {"output": str(out)}
@@ -86,18 +83,35 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "train_tokens": int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
                             * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
     }
+    if dargs.eval_tasks:
+        summary["lm_eval"] = _lm_eval(out, dargs, targs.per_device_eval_batch_size)
     print_summary(summary)
     return summary
 
 
+def _lm_eval(out: Path, dargs: DataArguments, batch_size: int) -> dict[str, dict[str, float]]:
+    """``eval_tasks`` on the export as users load it (without hf_oto); the scores go into its card."""
+    from hf_oto.export.save import record_lm_eval
+    from hf_oto.job.evaluate_job import load_for_eval, run_lm_eval, task_manager, task_scores
+
+    manager = task_manager(list(dargs.eval_tasks), dargs.eval_tasks_include_path,
+                           ("eval_tasks", "eval_tasks_include_path"))
+    model, tokenizer = load_for_eval(str(out))
+    results = run_lm_eval(model, tokenizer, list(dargs.eval_tasks), manager, limit=dargs.eval_tasks_limit,
+                          batch_size=batch_size, num_fewshot=None)
+    scores = task_scores(results)
+    record_lm_eval(out, scores, dargs.eval_tasks_limit)
+    return scores
+
+
 def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, before: dict[str, float],
-                results: dict[str, float], provenance: dict[str, Any]) -> dict[str, Any]:
+                results: dict[str, float], origin: dict[str, Any]) -> dict[str, Any]:
     """Save the QFA run for qfa-search, and report held-out perplexity at every uniform width."""
     from hf_oto.export.save import hub_base_model
     from hf_oto.quant.search import eval_loss
 
-    source = provenance.get("source")
-    extra = dict(provenance, eval=results, base_model=hub_base_model(source))
+    source = origin.get("source")
+    extra = dict(origin, eval=results, base_model=hub_base_model(source))
     out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir, extra=extra)
     if not trainer.is_world_process_zero():
         return {"output": str(out)}
@@ -115,30 +129,14 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
     return {"output": str(out), "ppl_uniform": ppl, "ppl_initial": before["initial_perplexity"]}
 
 
-def _provenance(margs: ModelArguments, dargs: DataArguments) -> dict[str, Any]:
-    """Where the model and data came from, for the export's card: source, license, Hub datasets, GGUF file."""
-    from hf_oto.export.save import is_hub_id
-
-    name = margs.model_name_or_path
-    out: dict[str, Any] = {"source": name,
-                           "license": source_license(name, allow_network=bool(name) and not Path(name).exists())}
-    if dargs.dataset_name and is_hub_id(dargs.dataset_name):
-        out["datasets"] = [dargs.dataset_name]
-    if margs.gguf_file:  # the card names the GGUF file, and its license comes from the file's header
-        meta = gguf_source(margs).metadata()
-        out["license"] = out["license"] or meta.get("license")
-        out["gguf"] = {"file": margs.gguf_file, **{k: meta[k] for k in GGUF_KEYS if k in meta}}
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: DataArguments,
           eval_results: dict[str, float], settings: dict[str, Any]) -> Path:
     """Export (with its recipe); if the target filled up during training, write beside it rather than lose
     the trained model."""
-    provenance = _provenance(margs, dargs)
+    origin = provenance(margs, dargs)
     resolved = {"hesso": trainer.hesso.record() if trainer.hesso is not None else None}
-    kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=provenance.get("license"),
-              extra_manifest={k: provenance[k] for k in ("datasets", "gguf") if k in provenance},
+    kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=origin.get("license"),
+              extra_manifest={k: origin[k] for k in ("datasets", "gguf") if k in origin},
               extra_files={RECIPE_FILE: recipe_text(settings, json.loads(json.dumps(resolved, default=str)))})
     try:
         return trainer.save_pruned_model(str(target), **kw)
