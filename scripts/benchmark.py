@@ -72,7 +72,7 @@ LABELS = {"dense": "dense + same training (control)",
           "dense_bf16": "dense + same training, bf16 autocast (precision check)",
           "scratch": "limit: the pruned shape trained from scratch on the reference's whole budget",
           "hesso": "HESSO", "hesso_ema": "HESSO, saliency EMA 0.9",
-          "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model, weight 0.5)",
+          "hesso_cric": "HESSO + CRIC", "hesso_kd": "HESSO + distillation (KL to the dense model)",
           "hesso_cric_kd": "HESSO + CRIC + distillation",
           "hesso_pp": "HESSO, removals ranked per parameter freed",
           "hesso_pp_kd": "HESSO, per-parameter ranking + distillation",
@@ -151,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="HESSO warm-up (fraction of --steps; default: HFOTOTrainer's)")
     p.add_argument("--hesso_pruning", type=float, default=d["pruning_steps"],
                    help="HESSO pruning phase (fraction of --steps; default: HFOTOTrainer's)")
+    p.add_argument("--distill_weight", type=float, default=0.5,
+                   help="weight of the KL term in every distillation row (the trainer's default: 0.5)")
     p.add_argument("--tp_timeout", type=int, default=900, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
     p.add_argument("--section", choices=("all", "pruning", "qfa"), default="all",
@@ -199,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not stored.is_file():
             p.error(f"--{'report' if a.report else 'update'} needs an earlier run's {stored}")
         old = json.loads(stored.read_text()).get("settings")
-        before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None}
+        before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None,
+                  "distill_weight": 0.5}
         old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
@@ -223,7 +226,8 @@ def ffn_cell(ffn: int | list[int]) -> str:
 def settings(a: argparse.Namespace) -> dict[str, Any]:
     """What every row of one results file must share (an --update run must match them)."""
     keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
-            "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude")
+            "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude",
+            "distill_weight")
     out = {k: getattr(a, k) for k in keys}
     if a.reference == "smollm2":  # the same model wherever the fp32 folder was written
         from real_model import SMOLLM2_GGUF
@@ -330,7 +334,7 @@ def train(model, blocks, steps: int, a: argparse.Namespace, lr: float, workdir: 
     cls = HFOTOTrainer if pruning else DistillTrainer if teacher is not None else Trainer
     trainer = cls(model=model, args=args, train_dataset=Blocks(blocks))
     if teacher is not None:
-        trainer.setup_distillation(DistillConfig(), teacher)
+        trainer.setup_distillation(DistillConfig(weight=a.distill_weight), teacher)
     trainer.step_losses = []  # each optimizer step's training loss (the CRIC noise analysis reads them)
     step = trainer.training_step
 
@@ -421,7 +425,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         pruning_periods=a.hesso_periods,
                         pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
                         ffn_multiple=a.ffn_multiple, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
-                        cric_max_cycles=3, distill=method.endswith("_kd"), pruning_exclude=a.exclude,
+                        cric_max_cycles=3, distill=method.endswith("_kd"), distill_weight=a.distill_weight,
+                        pruning_exclude=a.exclude,
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout=a.layout)
         row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
@@ -761,7 +766,7 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, "
              f"FFN multiple {a.ffn_multiple}; "
              f"HESSO {_hesso_line(rows, a)}; distillation "
-             f"rows add a KL term to the dense reference (weight 0.5, T 1)",
+             f"rows add a KL term to the dense reference (weight {a.distill_weight}, T 1)",
              "- seeds: the runs column counts them (seeds 0, 1, ...); a cell with several runs is their mean, "
              "with the seeds' range [min-max]",
              f"- held-out perplexity on {res['eval_blocks']} blocks"]

