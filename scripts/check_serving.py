@@ -441,7 +441,8 @@ def main() -> None:
                     results.setdefault(row, {})[stack] = dict(cell, date=cell.get("date", old.get("date")))
         forms = {**old.get("formats", {}), **forms}
         versions = {**{k: v for k, v in old.get("versions", {}).items() if k not in stacks}, **versions}
-        speed = {**{k: v for k, v in old.get("speed", {}).items() if k not in stacks and k != "params"}, **speed}
+        speed = {**{k: dict(v, date=v.get("date", old.get("date"))) for k, v in old.get("speed", {}).items()
+                    if k not in speed and k != "params"}, **speed}  # what this run did not measure stays
         if "params" not in speed and "params" in old.get("speed", {}):
             speed["params"] = old["speed"]["params"]
         stacks = [st for st in VENVS if st in stacks or st in versions]
@@ -519,7 +520,8 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
                 lines.append(f"| {names[s]} | fails: `{r['error']}` | | |")
             else:
                 lo, hi = r["ratio_range"]
-                lines.append(f"| {names[s]} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
+                when = f" (run of {r['date']})" if r.get("date") and r["date"] != report["date"] else ""
+                lines.append(f"| {names[s]}{when} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
                              f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) |")
     lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                              for s, vs in report["versions"].items()), ""]
