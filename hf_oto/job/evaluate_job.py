@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,22 @@ def run_lm_eval(model, tokenizer, tasks: list[str], manager, *, limit: float | N
                            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
+def _metrics(metrics: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+    """(metric, filter, value) of one task's lm-eval results: its keys are "metric,filter"; alias, sample_len
+    and the stderr entries are not metrics."""
+    for key, value in metrics.items():
+        metric, _, filt = key.partition(",")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if filt and numeric and not metric.endswith("_stderr"):
+            yield metric, filt, float(value)
+
+
 def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` from lm-eval's results (filters dropped from the names, no stderr)."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
-        for key, value in metrics.items():
-            metric = key.split(",")[0]  # lm-eval's metric keys are "metric,filter"; alias, sample_len are not metrics
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if "," not in key or metric.endswith("_stderr") or not numeric:
-                continue
-            out.setdefault(task, {})[metric] = float(value)
+        for metric, _, value in _metrics(metrics):
+            out.setdefault(task, {})[metric] = value
     return out
 
 
@@ -142,10 +149,7 @@ def task_table(results: dict[str, Any]) -> str:
     rows = ["| task | n-shot | metric | value | stderr |", "|---|--:|---|--:|--:|"]
     for task, metrics in results["results"].items():
         shots = (results.get("n-shot") or {}).get(task, "")
-        for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if not filt or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
+        for metric, filt, value in _metrics(metrics):
             err = metrics.get(f"{metric}_stderr,{filt}")
             err_text = f"{err:.4f}" if isinstance(err, (int, float)) else "-"
             name = metric if filt == "none" else f"{metric} ({filt})"
