@@ -140,12 +140,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
     from hf_oto.optim.budget import SELECTIONS
     from hf_oto.optim.config import CRITERIA
+    from hf_oto.optim.pricing import PRICINGS
 
     d = _trainer_defaults()
     p.add_argument("--hesso_criterion", default=d["pruning_criterion"], choices=("auto", *CRITERIA),
                    help="HESSO rows' ranking criterion (default: HFOTOTrainer's pruning_criterion)")
     p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("auto", *SELECTIONS),
                    help="HESSO rows' ranking of removals (pruning_selection; *_pp methods use per_param)")
+    p.add_argument("--pricing", default=d["pruning_pricing"], choices=("auto", *PRICINGS),
+                   help="how every pruning method prices kinds of groups against each other (pruning_pricing; "
+                        "'measured': by the loss each kind's removal measures on a batch)")
     p.add_argument("--hesso_periods", type=int, default=d["pruning_periods"], help="HESSO pruning periods")
     p.add_argument("--hesso_start", type=float, default=d["start_pruning_step"],
                    help="HESSO warm-up (fraction of --steps; default: HFOTOTrainer's)")
@@ -202,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{'report' if a.report else 'update'} needs an earlier run's {stored}")
         old = json.loads(stored.read_text()).get("settings")
         before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None,
-                  "distill_weight": 0.5}
+                  "distill_weight": 0.5, "pricing": "saliency"}
         old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
@@ -229,6 +233,7 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
             "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude",
             "distill_weight")
     out = {k: getattr(a, k) for k in keys}
+    out["pricing"] = "measured" if a.pricing == "auto" else a.pricing  # HFOTOTrainingArguments.resolved_pricing
     if a.reference == "smollm2":  # the same model wherever the fp32 folder was written
         from real_model import SMOLLM2_GGUF
 
@@ -391,7 +396,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     from transformers import AutoModelForCausalLM
 
     from hf_oto import construct_subnet, discover_groups, exclude_groups
-    from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+    from hf_oto.job.oneshot_job import PRICING_BATCHES
+    from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(ref)
@@ -426,13 +432,15 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
                         ffn_multiple=a.ffn_multiple, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3, distill=method.endswith("_kd"), distill_weight=a.distill_weight,
-                        pruning_exclude=a.exclude,
+                        pruning_exclude=a.exclude, pruning_pricing=a.pricing,
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout=a.layout)
         row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
                                      selection=trainer.hesso.config.selection)  # "auto" resolved
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
         row["pruned_groups"] = torch.nonzero(trainer.hesso.pruned).flatten().tolist()
+        if trainer.hesso.prices:
+            row["prices"] = trainer.hesso.prices
         if cric:  # each trial: [groups trialled, relative loss increase, harm]
             row["cric"] = dict(trials=trainer.hesso.cric.state.log, sampling_steps=sampling,
                                harm_scale=trainer.hesso.cric_config.harm_scale)
@@ -450,9 +458,14 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
         target = space.prunable_params * sparsity
         tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
+        priced = settings(a)["pricing"] == "measured"
+        prices: list = []
         plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout=a.layout,
-                             ffn_multiple=a.ffn_multiple, tolerance=tolerance)
+                             ffn_multiple=a.ffn_multiple, tolerance=tolerance, prices=prices,
+                             probe=batch_loss(model, calib[:PRICING_BATCHES]) if priced else None)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
+        if prices:
+            row["prices"] = [p.to_dict() for p in prices]
         final = construct_subnet(model, space, layout=a.layout)
         train(final, train_blocks, a.steps, a, a.lr, workdir, teacher=teacher)
     row.update(params=count(final), seconds=round(time.perf_counter() - t0, 1))
@@ -764,8 +777,10 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"- wall time: {res['wall_minutes']:.1f} min in all; date: {res['date']}",
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, "
-             f"FFN multiple {a.ffn_multiple}; "
-             f"HESSO {_hesso_line(rows, a)}; distillation "
+             f"FFN multiple {a.ffn_multiple}; kinds priced by "
+             + ("the loss each kind's removal measures (pruning_pricing 'measured')"
+                if settings(a)["pricing"] == "measured" else "the criterion's units (pruning_pricing 'saliency')")
+             + f"; HESSO {_hesso_line(rows, a)}; distillation "
              f"rows add a KL term to the dense reference (weight {a.distill_weight}, T 1)",
              "- seeds: the runs column counts them (seeds 0, 1, ...); a cell with several runs is their mean, "
              "with the seeds' range [min-max]",

@@ -19,6 +19,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.optim.oneshot import CRITERIA
 
 ONESHOT_KEYS = ("criterion", "calibration_batches")  # settings of this job beyond prune's
+PRICING_BATCHES = 2  # calibration batches measured pricing tries each kind's removal on
 
 
 def oneshot_settings(model: str | None, criterion: str, target_sparsity: float | None, calibration: str | None,
@@ -57,7 +58,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     from hf_oto.job.recipe import RECIPE_FILE, recipe_text
     from hf_oto.job.summary import print_table
     from hf_oto.metrics import perplexity
-    from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
+    from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
     settings = dict(settings)
     job = {k: settings.pop(k) for k in ONESHOT_KEYS if k in settings}
@@ -85,14 +86,17 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         before = perplexity(model, eval_blocks)
         needs_data = criterion != "magnitude"  # magnitude reads the weights only
         scores = oneshot_scores(model, space, criterion, calib if needs_data else None)
+        pricing, prices = targs.resolved_pricing(), []
+        probe = batch_loss(model, calib[:PRICING_BATCHES]) if pricing == "measured" else None
         plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity,
-                             layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple)
+                             layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple, probe=probe, prices=prices)
         small = construct_subnet(model, space, layout=targs.pruning_layout)
         after = perplexity(small, eval_blocks)
         origin = provenance(margs, dargs)
         record = {"criterion": criterion, "calibration_batches": len(calib) if needs_data else 0,
                   "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
-                  "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple,
+                  "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple, "pricing": pricing,
+                  **({"prices": [p.to_dict() for p in prices]} if prices else {}),
                   "pruned_fraction": plan.pruned_params() / space.prunable_params}
         out = save_pruned(small, checked["pruned"], tokenizer, source=origin.get("source"),
                           overwrite=targs.overwrite_pruned_output_dir, license=origin.get("license"),

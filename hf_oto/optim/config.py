@@ -9,6 +9,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups.space import LAYOUTS, Layout, PruningSpace
 from hf_oto.optim.budget import SELECTIONS, resolve_target
 from hf_oto.optim.cric import CRICConfig
+from hf_oto.optim.pricing import PRICINGS
 from hf_oto.optim.saliency import SaliencyWeights
 
 CRITERIA: tuple[str, ...] = ("hesso", "taylor", "fisher")
@@ -36,7 +37,10 @@ class HESSOConfig:
     ``"fisher"``: the sum of ``(w . g)^2`` per group over every training step from the first (not
     reset at period starts), the empirical Fisher estimate of the loss increase when the group is
     removed, which is comparable across kinds, so it pairs with ``selection="per_param"`` (a
-    knapsack over loss increase per parameter freed).
+    knapsack over loss increase per parameter freed). ``pricing="measured"`` rescales each kind's
+    scores at every period start to the loss increase measured when that kind alone pays a share of
+    the remaining budget (:mod:`hf_oto.optim.pricing`; HESSO then needs a ``probe``), so heads and FFN
+    channels trade at measured rates; ``"saliency"`` takes the criterion's units as they are.
     """
 
     target_sparsity: float | None = 0.5
@@ -53,8 +57,11 @@ class HESSOConfig:
     tolerance: float = 0.01
     selection: str = "saliency"
     criterion: str = "hesso"
+    pricing: str = "saliency"
 
     def __post_init__(self) -> None:
+        if self.pricing not in PRICINGS:
+            raise ConfigError(f"pricing must be one of {PRICINGS}, got {self.pricing!r}")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.criterion != "hesso" and self.saliency_ema is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -15,6 +16,7 @@ from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
 from hf_oto.optim.importance import Evidence, HESSOSaliency, Importance, per_kind_relative
+from hf_oto.optim.pricing import price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, lora_factors
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
 
@@ -30,7 +32,8 @@ class HESSO(torch.optim.Optimizer):
     to exactly zero, and from then on they (and their optimizer state) stay zero. With ``cric`` the
     corrective cycle runs first (from ``start_pruning_step``) and the periods start when it ends; it
     needs the training loss, given by ``step(closure)`` or by ``observe_loss(loss)`` before each
-    ``step()``.
+    ``step()``. With ``config.pricing="measured"``, ``probe`` returns the loss of the model as it is on
+    a fixed batch (no gradients); HESSO calls it with trial groups zeroed at each period start.
     """
 
     def __init__(
@@ -43,10 +46,14 @@ class HESSO(torch.optim.Optimizer):
         cric: CRICConfig | None = None,
         base_kwargs: dict[str, Any] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
+        probe: Callable[[], float] | None = None,
     ):
         config = config or HESSOConfig()
         if not isinstance(config, HESSOConfig):
             raise ConfigError(f"config must be a HESSOConfig, got {type(config).__name__}")
+        if config.pricing == "measured" and probe is None:
+            raise ConfigError("pricing 'measured' needs a probe: HESSO(..., probe=fn), fn() returning the model's "
+                              "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")
         self.target_params = config.validate(space, cric=cric)
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -93,6 +100,9 @@ class HESSO(torch.optim.Optimizer):
         # verified for a few steps after each change instead of assumed (see _guard_before).
         self._clean_steps = 0
         self._always_rezero = False
+        self._probe = None if probe is None else zeroing_probe(self.model_params, space,
+                                                               lambda: self._rank_mean(probe()), self._rows)
+        self.prices: list[dict[str, Any]] = []  # measured pricing's trials, one entry per period start
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -106,12 +116,14 @@ class HESSO(torch.optim.Optimizer):
             # (recorded only when not the default, so checkpoints from before the option still resume)
             **({"selection": c.selection} if c.selection != "saliency" else {}),
             **({"criterion": c.criterion} if c.criterion != "hesso" else {}),
+            **({"pricing": c.pricing} if c.pricing != "saliency" else {}),
         )
 
     def record(self) -> dict[str, Any]:
         """The settings as the manifest and the model card record them: ``asdict`` of the configs."""
         return dict(self.config.to_dict(), target_params=int(self.target_params),
-                    cric=None if self.cric_config is None else asdict(self.cric_config))
+                    cric=None if self.cric_config is None else asdict(self.cric_config),
+                    **({"prices": self.prices} if self.prices else {}))
 
     # Schedule ----------------------------------------------------------------------------------
     def _position(self, step: int) -> tuple[int, int] | None:
@@ -224,16 +236,29 @@ class HESSO(torch.optim.Optimizer):
         if self.cric is not None and self.cric.rank is not None:
             blend = self.cric_config.blend
             ranked = blend * unit(ranked) + (1 - blend) * unit(self.cric.rank)
+        if self.config.pricing == "measured":
+            ranked = self._price(period, ranked)
         self._mark_redundant(period, ranked)
 
-    # CRIC ------------------------------------------------------------------------------------
+    def _price(self, period: int, ranked: torch.Tensor) -> torch.Tensor:
+        """``ranked`` with each kind scaled to the loss increase measured when it alone pays the budget."""
+        c, gone = self.config, self.pruned | self.redundant
+        remaining = self.target_params - Plan.from_mask(self.space, gone).pruned_params()
+        priced, trials = price_kinds(self.space, ranked, gone, remaining, self._probe, layout=c.layout,
+                                     multiple=c.ffn_multiple, min_keep=c.min_keep, selection=c.selection,
+                                     tolerance=c.tolerance)
+        self.prices.append({"step": self.step_count, "period": period, "kinds": [t.to_dict() for t in trials]})
+        return priced
+
     def _need_loss(self) -> float:
         if self._loss is None:
             raise RuntimeError("CRIC needs the training loss: call step(closure) or observe_loss(loss) before step()")
         (total, count), self._loss = self._loss, None
-        value = total / count
+        return self._rank_mean(total / count)  # CRIC must judge the same (global) loss on every rank
+
+    def _rank_mean(self, value: float) -> float:
+        """``value`` averaged over data-parallel ranks (they see different batches but must decide alike)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Data-parallel ranks see different batches: CRIC must judge the same (global) loss.
             # reduced on the parameters' device: NCCL cannot reduce a CPU tensor
             device = next(iter(self.model_params.values())).device
             t = all_reduce_sum(torch.tensor([value], dtype=torch.float64), device)
@@ -411,6 +436,7 @@ class HESSO(torch.optim.Optimizer):
             "cric_rank": None if self.cric is None or self.cric.rank is None else self.cric.rank.clone(),
             "clean_steps": self._clean_steps,
             "always_rezero": self._always_rezero,
+            "prices": [dict(p) for p in self.prices],
         }
         return sd
 
@@ -438,5 +464,6 @@ class HESSO(torch.optim.Optimizer):
         self._zero_index = self._redundant_index = None
         self.prune_start = h["prune_start"]
         self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]
+        self.prices = [dict(p) for p in h.get("prices", [])]
         if self.cric is not None:
             self.cric.load(h["cric"], h["cric_rank"])

@@ -10,14 +10,16 @@ Three criteria, each a score per group (higher = keep):
   ``sum_j ||X_j||_2 * sum_i |W_ij|`` with ``X_j`` the calibration activations of input feature j.
 
 Scores are divided by the mean score of their kind, so heads and FFN channels compete on relative
-importance (as FLAP standardises attention and MLP separately). :func:`oneshot_prune` then takes
-the lowest groups with the same planner, layout rules and 1% tolerance that HESSO uses, and zeroes
-them, so :func:`hf_oto.construct_subnet` removes them.
+importance (as FLAP standardises attention and MLP separately); given a ``probe``
+(:func:`batch_loss`), :func:`oneshot_prune` instead prices each kind by the loss its removal measures
+(:mod:`hf_oto.optim.pricing`, as HESSO does). It then takes the lowest groups with the same planner,
+layout rules and 1% tolerance that HESSO uses, and zeroes them, so :func:`hf_oto.construct_subnet`
+removes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -28,6 +30,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups.space import Layout, PruningSpace, zero_groups
 from hf_oto.optim.budget import Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
+from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
 Criterion = Literal["magnitude", "taylor", "wanda_sp"]
@@ -166,13 +169,44 @@ def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion |
     return per_kind_relative(space, criterion(space, Evidence.of(model, batches)))
 
 
+def batch_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Callable[[], float]:
+    """The mean language-model loss of ``model`` as it is over ``batches`` (eval mode, no gradients):
+    the probe :func:`oneshot_prune` prices kinds with."""
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("measured pricing needs at least one batch (a dict with input_ids)")
+
+    @torch.no_grad()
+    def loss() -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return sum(float(_forward(model, b, with_loss=True)) for b in batches) / len(batches)
+        finally:
+            model.train(was_training)
+
+    return loss
+
+
 def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *,
                   target_sparsity: float | None = 0.5, target_params: int | None = None,
                   layout: Layout = "uniform", ffn_multiple: int = 8, min_keep: int = 1,
-                  tolerance: float = 0.01, selection: str = "saliency") -> Plan:
-    """Zero the lowest-scoring groups (in place) until the parameter target is met; returns the plan."""
+                  tolerance: float = 0.01, selection: str = "saliency",
+                  probe: Callable[[], float] | None = None, prices: list[KindPrice] | None = None) -> Plan:
+    """Zero the lowest-scoring groups (in place) until the parameter target is met; returns the plan.
+
+    With ``probe`` (the model's loss as it is, e.g. :func:`batch_loss`), each kind's scores are first
+    scaled to the loss increase measured when that kind alone pays the budget; the trials are appended
+    to ``prices`` when given."""
     target_params = resolve_target(space, target_sparsity, target_params, layout=layout, multiple=ffn_multiple,
                                    min_keep=min_keep)
+    if probe is not None:
+        zeroing = zeroing_probe(dict(model.named_parameters()), space, probe)
+        scores, trials = price_kinds(space, scores, torch.zeros(len(space), dtype=torch.bool), target_params,
+                                     zeroing, layout=layout, multiple=ffn_multiple, min_keep=min_keep,
+                                     selection=selection, tolerance=tolerance)
+        if prices is not None:
+            prices.extend(trials)
     plan = Plan(space)
     items = build_items(space, scores, plan, layout=layout, multiple=ffn_multiple, min_keep=min_keep,
                         selection=selection)

@@ -14,6 +14,7 @@ from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
 from hf_oto.optim.budget import SELECTIONS
 from hf_oto.optim.config import CRITERIA
+from hf_oto.optim.pricing import PRICINGS
 from hf_oto.quant.config import QFAConfig
 from hf_oto.trainer.distill import DistillConfig
 
@@ -62,6 +63,13 @@ class HFOTOTrainingArguments(TrainingArguments):
                           "'taylor' (sum of |w*g|, relative within each kind), 'hesso' (HESSO's weighted one-step "
                           "saliency), or 'auto': fisher; hesso with LoRA (frozen base weights have no "
                           "gradient) or with saliency_ema; taylor with use_cric"},
+    )
+    pruning_pricing: str = field(
+        default="auto",
+        metadata={"help": "'measured' (at each period start, each kind of group pays a share of the budget alone on "
+                          "the step's batch and its scores are scaled to the measured loss increase, so heads and "
+                          "FFN channels trade at measured rates), 'saliency' (the criterion's units as they are), "
+                          "or 'auto': measured"},
     )
     start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
@@ -126,7 +134,14 @@ class HFOTOTrainingArguments(TrainingArguments):
             pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
             selection=self.resolved_selection(lora), criterion=self.resolved_criterion(lora),
+            pricing=self.resolved_pricing(),
         )
+
+    def resolved_pricing(self) -> str:
+        """``pruning_pricing`` with "auto" decided: measured."""
+        if self.pruning_pricing not in ("auto", *PRICINGS):
+            raise ConfigError(f"pruning_pricing must be one of {('auto', *PRICINGS)}, got {self.pruning_pricing!r}")
+        return "measured" if self.pruning_pricing == "auto" else self.pruning_pricing
 
     def resolved_selection(self, lora: bool) -> str:
         """``pruning_selection`` with "auto" decided: the knapsack's per-parameter rule where the

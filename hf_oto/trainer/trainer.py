@@ -24,6 +24,9 @@ from hf_oto.trainer.qfa import QFAMixin
 from hf_oto.trainer.setup import check_launch, check_setup
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
+# Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
+# such a checkpoint resumes with that value where the setting is left at "auto".
+ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency"}
 
 
 class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
@@ -50,12 +53,27 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
         check_launch(fsdp=getattr(self, "is_fsdp_enabled", False), processes=self.args.world_size)
         self._total_steps: int | None = None
+        self._step_inputs: dict[str, Any] | None = None
         # hesso_space is what HESSO prunes: with QFA, the QFA layers' gates and adapters
         self.pruning_space, self.hesso_space = check_setup(self.model, self.args)
         self.add_callback(_RecordPruningSettings())
         _tensorboard_under_output_dir(self)
         self.setup_distillation(self.args.distill_config(), self.model)
         self.setup_qfa(self.hesso_space)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``; a checkpoint saved before a setting existed resumes as it was trained."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if isinstance(checkpoint, (str, os.PathLike)):
+            saved = _saved_settings(checkpoint)
+            for name, old in ADDED_SETTINGS.items():
+                if saved is not None and name not in saved and getattr(self.args, name) == "auto":
+                    setattr(self.args, name, old)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # Optimizer ---------------------------------------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
@@ -81,8 +99,23 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         cric = self.args.cric_config()
         config.validate(self.hesso_space, total_steps=total, cric=cric)  # before the base optimizer is built
         base = super().create_optimizer(model)
-        self.optimizer = HESSO(self.model, self.hesso_space, base, config, cric=cric)
+        probe = self._probe_loss if config.pricing == "measured" else None
+        self.optimizer = HESSO(self.model, self.hesso_space, base, config, cric=cric, probe=probe)
         return self.optimizer
+
+    @torch.no_grad()
+    def _probe_loss(self) -> float:
+        """The language-model loss of the model as it is on this step's batch (measured pricing's probe):
+        no distillation term, no dropout, no gradients."""
+        inputs = self._prepare_inputs(self._step_inputs)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.compute_loss_context_manager():
+                loss = Trainer.compute_loss(self, self.model, inputs)
+        finally:
+            self.model.train(was_training)
+        return float(loss.detach().float())
 
     @property
     def hesso(self) -> HESSO | None:
@@ -95,6 +128,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
     # Training hooks ----------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):
         self._qfa_sample()  # the step's per-layer widths (the same for every micro-batch of the step)
+        self._step_inputs = inputs  # measured pricing tries removals on it
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.hesso is not None:
             self.hesso.observe_loss(loss)
@@ -176,13 +210,24 @@ class _RecordPruningSettings(TrainerCallback):
         return control
 
 
-def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> dict[str, tuple]:
-    """Pruning settings that differ from those ``checkpoint`` was saved with: name -> (saved, now)."""
+def _saved_settings(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(checkpoint) / CHECKPOINT_SETTINGS
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> dict[str, tuple]:
+    """Pruning settings that differ from those ``checkpoint`` was saved with: name -> (saved, now).
+
+    A setting the checkpoint predates counts as its :data:`ADDED_SETTINGS` value, which "auto" adopts."""
+    saved = _saved_settings(checkpoint)
+    if saved is None:
         return {}
-    saved = json.loads(path.read_text())
     now = json.loads(json.dumps(args.pruning_settings()))
+    for name, old in ADDED_SETTINGS.items():
+        if name not in saved:
+            saved[name] = old
+            if now.get(name) == "auto":
+                now[name] = old
     return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
 
 
