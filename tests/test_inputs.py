@@ -100,7 +100,7 @@ def test_gqa_groups_keep_heads_per_kv_group_equal():
     space = discover_groups(model)
     # remove query slot 1 in every layer: every kv group loses exactly one query head
     zero_groups(model, space, [f"model.layers.{i}.self_attn.query_head.1" for i in range(2)])
-    sub = construct_subnet(model, space, layout="uniform")
+    sub = construct_subnet(model, space, layout="uniform").model
     assert sub.config.num_attention_heads == 6 and sub.config.num_key_value_heads == 2
     ids = torch.randint(3, 64, (1, 7))
     assert (logits(sub, ids) - logits(model, ids)).abs().max() <= 1e-5
@@ -127,7 +127,7 @@ def test_zero_invariance_property(kv, rep, head_dim, inter, layers, seed, frac):
     ids = torch.randint(0, 50, (2, 6))
     full = logits(model, ids)
     for layout in ("global", "uniform"):
-        sub = construct_subnet(model, space, layout=layout)
+        sub = construct_subnet(model, space, layout=layout).model
         assert (logits(sub, ids) - full).abs().max().item() <= 1e-5
 
 
@@ -171,4 +171,4 @@ def test_export_with_tokenizer_and_shards_reloads(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok("w3 w5 w7")["input_ids"]])
     reloaded = LlamaForCausalLM.from_pretrained(out).eval()
-    assert (logits(reloaded, ids) - logits(sub, ids)).abs().max() <= 1e-5
+    assert (logits(reloaded, ids) - logits(sub.model, ids)).abs().max() <= 1e-5

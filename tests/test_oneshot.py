@@ -80,7 +80,7 @@ def test_budget_is_met_and_subnet_is_exact(criterion, sparsity):
                          target_sparsity=sparsity, layout="global", ffn_multiple=1)
     target = space.prunable_params * sparsity
     assert abs(plan.pruned_params() - target) <= 0.01 * target
-    small = construct_subnet(model, space)
+    small = construct_subnet(model, space).model
     removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in small.parameters())
     assert removed == plan.pruned_params()
     ids = BATCHES[0]["input_ids"]
@@ -115,7 +115,7 @@ def test_head_counts_the_config_refuses_are_never_chosen(tmp_path):
             m = __import__("copy").deepcopy(model)
             scores = torch.rand(len(space), generator=torch.Generator().manual_seed(seed))
             oneshot_prune(m, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8)
-            small = construct_subnet(m, space, layout="uniform")
+            small = construct_subnet(m, space, layout="uniform").model
             c = small.config
             state = (c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads)
             assert state in valid, state

@@ -60,7 +60,8 @@ def test_a_kind_the_criterion_underprices_is_priced_by_its_measured_loss():
     scores = torch.where(kinds["kv_group"], 0.01, 1.0)
 
     def probe(groups: torch.Tensor) -> float:  # a stand-in loss: kv groups are the expensive kind
-        return 2.0 + 1.0 * float((groups & kinds["kv_group"]).sum()) + 0.01 * float((groups & kinds["ffn_channel"]).sum())
+        kv, ffn = float((groups & kinds["kv_group"]).sum()), float((groups & kinds["ffn_channel"]).sum())
+        return 2.0 + 1.0 * kv + 0.01 * ffn
 
     common = dict(layout="uniform", multiple=8, min_keep=1, selection="per_param", tolerance=0.05)
     target = 5120  # ~28%: reachable by FFN chunks and a query slot alone (the tiny model's steps are coarse)

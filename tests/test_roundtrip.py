@@ -36,7 +36,8 @@ def exports(tmp_path_factory):
         for layout in LAYOUTS:
             sub = construct_subnet(model, space, layout=layout)
             out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
-            cases[f"{arch}-{layout}"] = dict(model=model, sub=sub, full=full, dir=out)
+            cases[f"{arch}-{layout}"] = dict(model=model, subnet=sub, sub=sub.model, manifest=sub.manifest, full=full,
+                                             dir=out)
     return cases
 
 
@@ -59,9 +60,9 @@ def test_subnet_matches_zeroed_model(exports, arch, layout):
     sub_logits = logits(case["sub"], IDS)
     assert sub_logits.shape == case["full"].shape
     assert (sub_logits - case["full"]).abs().max().item() <= TOL
-    man = case["sub"].hf_oto_manifest
-    assert man["params_after"] < man["params_before"]
-    assert man["params_after"] == sum(p.numel() for p in case["sub"].parameters())
+    man = case["manifest"]
+    assert man.params_after < man.params_before
+    assert man.params_after == sum(p.numel() for p in case["sub"].parameters())
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -87,7 +88,7 @@ def test_uniform_export_is_stock_config(exports, arch):
 def test_per_layer_export_ships_remote_code(exports):
     """Random pruning gives layers of different sizes somewhere; those repos carry remote code and a
     config that names no stock architecture and lists every layer."""
-    per_layer = [k for k, c in exports.items() if c["sub"].hf_oto_manifest["layout"] == "per-layer"]
+    per_layer = [k for k, c in exports.items() if c["manifest"].layout == "per-layer"]
     assert per_layer
     for key in per_layer:
         folder = exports[key]["dir"]
@@ -140,9 +141,9 @@ def test_unexpressible_decilm_request_is_refused_before_writing(exports, tmp_pat
     from hf_oto.errors import ExportError
 
     with pytest.raises(ExportError, match="query heads differ"):
-        save_pruned(exports["llama-global"]["sub"], tmp_path / "x", export_format="decilm")
+        save_pruned(exports["llama-global"]["subnet"], tmp_path / "x", export_format="decilm")
     with pytest.raises(ExportError, match="same sizes in every layer"):
-        save_pruned(exports["llama-uniform"]["sub"], tmp_path / "y", export_format="decilm")
+        save_pruned(exports["llama-uniform"]["subnet"], tmp_path / "y", export_format="decilm")
     assert not list(tmp_path.iterdir())
 
 
@@ -157,7 +158,7 @@ def test_source_model_is_not_modified():
     assert model.config.to_dict() == cfg_before
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert "auto_map" not in sub.config.to_dict() and model_dir
+    assert "auto_map" not in sub.model.config.to_dict() and model_dir
 
 
 def test_zero_groups_marks_exactly_those_groups():

@@ -17,16 +17,16 @@ from hf_oto.export.save import MANIFEST, save_pruned
 from hf_oto.groups import discover_groups
 from hf_oto.groups.space import PruningSpace
 from hf_oto.io import check_target, discard, publish, staging_dir
+from hf_oto.manifest import Manifest
 from hf_oto.subnet import construct_subnet
 from hf_oto.subnet.construct import kept_slices
 
 ADAPTER_MARKER = "hf_oto_adapter.json"
 
 
-def kept_indices(space: PruningSpace, manifest: dict[str, Any]) -> dict[tuple[str, int], torch.Tensor]:
+def kept_indices(space: PruningSpace, manifest: Manifest) -> dict[tuple[str, int], torch.Tensor]:
     """(param, dim) -> the indices that the sub-network kept along that dim (dense params only)."""
-    removed = [set(range(gs.count)) - set(entry["kept"])
-               for gs, entry in zip(space.sets, manifest["sets"], strict=True)]
+    removed = [set(range(gs.count)) - set(entry.kept) for gs, entry in zip(space.sets, manifest.sets, strict=True)]
     return {(param, dim): idx for (param, dim, expert), idx in kept_slices(space, removed).items() if expert is None}
 
 
@@ -53,10 +53,11 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     base = copy.deepcopy(peft_model).unload()
     space = discover_groups(base)
-    small = construct_subnet(base, space, layout=layout)
+    subnet = construct_subnet(base, space, layout=layout)
+    small = subnet.model
     if prepare is not None:
         prepare(small)
-    kept = kept_indices(space, small.hf_oto_manifest)
+    kept = kept_indices(space, subnet.manifest)
     small_shapes = {n: p.shape for n, p in small.named_parameters()}
     out_dim = 1 if getattr(config, "fan_in_fan_out", False) else 0
 
@@ -77,7 +78,7 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
             raise ExportError("LoRA on embeddings is not sliced by hf-oto; use merge_adapters=True")
         sliced[key] = value.contiguous()
 
-    base_path = save_pruned(small, out_dir, tokenizer=tokenizer, overwrite=overwrite,
+    base_path = save_pruned(subnet, out_dir, tokenizer=tokenizer, overwrite=overwrite,
                             extra_manifest=dict(extra or {}, adapter=str(adapter_out)), license=license,
                             export_format=export_format, extra_files=extra_files)
     adapted = get_peft_model(small, config, adapter_name=name)

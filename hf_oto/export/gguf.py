@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hf_oto.errors import ExportError
+from hf_oto.manifest import MANIFEST_FILE, Manifest
 
 LLAMA_TYPES = ("llama", "mistral", "nemotron-nas")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -176,9 +177,9 @@ def _tensor_index(folder: Path) -> dict[str, _Lazy]:
     return out
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / "pruning_manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _manifest(folder: Path) -> Manifest | None:
+    """The export's manifest, or None for a model folder hf-oto did not write."""
+    return Manifest.read(folder) if (folder / MANIFEST_FILE).is_file() else None
 
 
 def expected_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -199,7 +200,7 @@ def expected_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: dict[str, Any] | None) -> None:
+def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: Manifest | None) -> None:
     """Refuse (one line) unless the weights (``{name: shape}``) are exactly what the config and the
     manifest describe."""
     for i, layer in enumerate(shape.layers):
@@ -215,14 +216,13 @@ def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: di
     for name, dims in want.items():
         if tuple(tensors[name]) != dims:
             raise ExportError(f"{name} is {tuple(tensors[name])}, the config says {dims}")
-    for s in (manifest or {}).get("sets", []):
-        layer = shape.layers[s["layer"]] if 0 <= s.get("layer", -1) < len(shape.layers) else None
-        kept = len(s["kept"])
+    for s in manifest.sets if manifest is not None else ():
+        layer = shape.layers[s.layer] if 0 <= s.layer < len(shape.layers) else None
         if layer is None:
             continue
-        has = {"ffn_channel": layer.ffn, "kv_group": layer.kv_heads, "attention_head": layer.kv_heads}.get(s["kind"])
-        if has is not None and kept != has:
-            raise ExportError(f"layer {s['layer']}: the manifest keeps {kept} {s['kind']} groups, the weights {has}")
+        has = {"ffn_channel": layer.ffn, "kv_group": layer.kv_heads, "attention_head": layer.kv_heads}.get(s.kind)
+        if has is not None and len(s.kept) != has:
+            raise ExportError(f"layer {s.layer}: the manifest keeps {len(s.kept)} {s.kind} groups, the weights {has}")
 
 
 # Tokenizer --------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def _write_params(writer, gguf, config: dict[str, Any], shape: Shape, dtype: str
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
 
 
-def _write_provenance(writer, folder: Path, manifest: dict[str, Any] | None) -> None:
+def _write_provenance(writer, folder: Path, manifest: Manifest | None) -> None:
     """The chat template (tokenizer_config.json or chat_template.jinja), license and base model."""
     template = None
     if (folder / "chat_template.jinja").is_file():
@@ -332,10 +332,11 @@ def _write_provenance(writer, folder: Path, manifest: dict[str, Any] | None) -> 
         template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
-    manifest = manifest or {}
-    if manifest.get("license"):
-        writer.add_license(str(manifest["license"]))
-    base = manifest.get("base_model")
+    if manifest is None:
+        return
+    if manifest.license:
+        writer.add_license(str(manifest.license))
+    base = manifest.base_model
     if base:
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, str(base).rsplit("/", 1)[-1])

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+
+from hf_oto.manifest import Manifest
 
 LABELS = {"attention_head": "attention heads", "kv_group": "kv groups", "query_head": "query heads per kv group",
           "ffn_channel": "FFN channels", "expert_channel": "expert channels"}
 
 
-def kept_by_layer(manifest: dict[str, Any]) -> dict[str, dict[int, tuple[int, int]]]:
+def kept_by_layer(manifest: Manifest) -> dict[str, dict[int, tuple[int, int]]]:
     """kind -> layer -> (kept, total), summed over the modules of that layer."""
     out: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for s in manifest["sets"]:
-        cell = out[s["kind"]][s["layer"]]
-        cell[0] += len(s["kept"])
-        cell[1] += s["groups"]
+    for s in manifest.sets:
+        cell = out[s.kind][s.layer]
+        cell[0] += len(s.kept)
+        cell[1] += s.groups
     return {k: {layer: (v[0], v[1]) for layer, v in sorted(d.items())} for k, d in out.items()}
 
 
-def plot_kept(manifest: dict[str, Any], path: str | Path) -> Path:
+def plot_kept(manifest: Manifest, path: str | Path) -> Path:
     """Grouped bars: the fraction of each kind of structure kept in every layer."""
     import matplotlib
 
@@ -42,7 +43,7 @@ def plot_kept(manifest: dict[str, Any], path: str | Path) -> Path:
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_xticks(layers)
     ax.legend(fontsize=8, ncols=min(len(kinds), 3), loc="upper center", frameon=False)
-    ax.set_title(f"{manifest['model_type']}: {manifest['params_after']:,} of {manifest['params_before']:,} "
+    ax.set_title(f"{manifest.model_type}: {manifest.params_after:,} of {manifest.params_before:,} "
                  "parameters kept", fontsize=10)
     fig.tight_layout()
     path = Path(path)

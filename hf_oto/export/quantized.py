@@ -146,7 +146,7 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
     dense, folded = _dense_copy(model, bits, weights=space is not None)  # pruning slices the dense weights
     if space is not None:
         kept = kept_indices(dense, space, layout="uniform")
-        small = construct_subnet(dense, space, layout="uniform")
+        small = construct_subnet(dense, space, layout="uniform").model
         if small.config.to_dict().get("hf_oto_layers"):
             raise ExportError("a quantized export needs equal layers (pruning_layout: uniform)")
     else:
@@ -224,7 +224,8 @@ def _card(m: dict[str, Any]) -> str:
                               metric_name="perplexity", metric_value=float(math.exp(search["eval_loss"])))]
     data = ModelCardData(base_model=m.get("base_model"), license=m.get("license"), library_name="transformers",
                          tags=["hf-oto", "llm-qfa", "compressed-tensors", "quantized"] + (["pruned"] if pruned else []),
-                         model_name=name, eval_results=results, **hub_metadata(m, "quantized"))
+                         model_name=name, eval_results=results,
+                         **hub_metadata(m.get("datasets"), m.get("base_model"), "quantized"))
     body = f"""
 # Mixed-precision export from one QFA run (hf-oto)
 

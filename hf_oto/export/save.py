@@ -13,13 +13,14 @@ from hf_oto.errors import ExportError
 from hf_oto.export.card import render_card
 from hf_oto.export.formats import REMOTE_MODULE, ExportFormat, remote_code_text, resolve_format, rewrite_config
 from hf_oto.export.plot import plot_kept
-from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir
-
-MANIFEST = "pruning_manifest.json"
+from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir, write_text_atomic
+from hf_oto.manifest import MANIFEST_FILE as MANIFEST
+from hf_oto.manifest import Manifest
+from hf_oto.subnet import Subnet
 
 
 def save_pruned(
-    model: nn.Module,
+    subnet: Subnet,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     *,
@@ -31,12 +32,13 @@ def save_pruned(
     export_format: ExportFormat = "auto",
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Save a model built by :func:`hf_oto.construct_subnet` as a loadable Hugging Face repo.
+    """Save what :func:`hf_oto.construct_subnet` returned as a loadable Hugging Face repo.
 
     Writes config.json (every dimension explicit), safetensors weights, tokenizer files, the
     generation config, ``pruning_manifest.json``, a README model card and ``pruning_plot.png``
     (kept structures per layer). ``license`` defaults to the one in a local source folder's card.
-    ``extra_manifest`` may carry ``hesso`` (settings) and ``eval`` (metric -> value). Layers of different sizes
+    ``extra_manifest`` adds :class:`~hf_oto.manifest.Manifest` fields (``hesso``: the settings that
+    ran, ``eval``: metric -> value, ...). Layers of different sizes
     get self-contained remote code (load with ``trust_remote_code=True``); ``export_format`` picks how
     such a config is written (see :mod:`hf_oto.export.formats`): ``"auto"`` writes Llama models whose
     layers differ only in FFN width and kv heads as DeciLM (vLLM and llama.cpp run it) and the rest
@@ -47,11 +49,12 @@ def save_pruned(
     The card's ``base_model`` is ``source`` when that is a Hub id, or the ``base_model`` of a local
     source folder's own card; a local path never goes into it (the Hub refuses those).
     """
+    if not isinstance(subnet, Subnet):
+        raise ExportError("save_pruned takes what construct_subnet returns (a Subnet: the model and its manifest), "
+                          f"not a {type(subnet).__name__}")
     out = Path(out_dir)
+    model = subnet.model
     source = source or getattr(model.config, "_name_or_path", None) or None
-    manifest = getattr(model, "hf_oto_manifest", None)
-    if manifest is None:
-        raise ExportError("save_pruned takes the model returned by construct_subnet (it has no hf_oto_manifest)")
     form = resolve_format(model.config, export_format)
     for name in extra_files or {}:
         if Path(name).name != name or name in ("config.json", MANIFEST, "README.md"):
@@ -60,7 +63,7 @@ def save_pruned(
     tmp = staging_dir(out)
     try:
         license = license or source_license(source)
-        _write(model, tmp, tokenizer, dict(manifest, export_format=form), source, max_shard_size,
+        _write(model, tmp, tokenizer, subnet.manifest.with_(export_format=form), source, max_shard_size,
                extra_manifest or {}, license)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -116,12 +119,13 @@ def hub_base_model(source: str | None) -> str | None:
     return base if is_hub_id(base) else None
 
 
-def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra, license) -> None:
+def _write(model: nn.Module, tmp: Path, tokenizer, manifest: Manifest, source, max_shard_size, extra: dict[str, Any],
+           license) -> None:
     config = model.config
-    form = manifest["export_format"]
-    per_layer = form != "stock"
+    form = manifest.export_format
+    per_layer = manifest.per_layer
     auto_class = _auto_class(model)
-    config.hf_oto = {"source": source, "layout": manifest["layout"]}
+    config.hf_oto = {"source": source, "layout": manifest.layout}
     try:
         # Remote code gets no checkpoint-key conversions when loaded, so per-layer exports keep the
         # model's own parameter names; stock exports keep transformers' original key format.
@@ -136,26 +140,20 @@ def _write(model, tmp: Path, tokenizer, manifest, source, max_shard_size, extra,
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     add_compat_fields(tmp)
-    full = dict(manifest, source=source, base_model=hub_base_model(source), license=license, auto_class=auto_class,
-                **extra)
-    (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
-    (tmp / "README.md").write_text(render_card(full, trust_remote_code=per_layer, repo_class=auto_class))
+    full = manifest.with_(source=source, base_model=hub_base_model(source), license=license, auto_class=auto_class,
+                          **extra)
+    full.write(tmp)
+    (tmp / "README.md").write_text(render_card(full))
     plot_kept(full, tmp / "pruning_plot.png")
     check_no_pickles(tmp)
 
 
 def record_lm_eval(folder: str | Path, scores: dict[str, dict[str, float]], limit: float | None) -> None:
     """Add lm-eval scores (``{task: {metric: value}}``) to an export's manifest and card (model-index)."""
-    from hf_oto.io import write_text_atomic
-
-    folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["lm_eval"] = {"tasks": scores, "limit": limit}
-    per_layer = manifest.get("export_format", "stock") != "stock"
-    card = render_card(manifest, trust_remote_code=per_layer,
-                       repo_class=manifest.get("auto_class", "AutoModelForCausalLM"))
-    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
-    write_text_atomic(folder / "README.md", card)
+    manifest = Manifest.read(folder).with_(lm_eval={"tasks": scores, "limit": limit})
+    card = render_card(manifest)
+    manifest.write(folder)
+    write_text_atomic(Path(folder) / "README.md", card)
 
 
 def add_compat_fields(folder: Path) -> None:

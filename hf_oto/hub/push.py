@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from hf_oto.errors import ExportError, first_line
-from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import check_weights
 from hf_oto.io import PICKLE_SUFFIXES
+from hf_oto.manifest import MANIFEST_FILE as MANIFEST
+from hf_oto.manifest import Manifest
 
 
-def check_export(folder: str | Path) -> dict[str, Any]:
+def check_export(folder: str | Path) -> Manifest:
     """The export's manifest, after checking that ``folder`` is a complete, loadable hf-oto export.
 
     Checks, without any network: the required files; every safetensors file parses and is whole
@@ -30,14 +31,7 @@ def check_export(folder: str | Path) -> dict[str, Any]:
         raise ExportError(f"refusing to upload pickle files: {pickles}")
     if not check_weights(path):
         raise ExportError(f"{folder} has no safetensors weights")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path / MANIFEST} is corrupt: {exc}") from None
-    missing = [k for k in ("model_type", "params_before", "params_after") if not isinstance(manifest, dict)
-               or k not in manifest]
-    if missing:
-        raise ExportError(f"{path / MANIFEST} lacks {', '.join(missing)}: not an hf-oto manifest")
+    manifest = Manifest.read(path)  # one line on a corrupt or foreign manifest
     try:
         from transformers import AutoConfig
 
@@ -71,9 +65,9 @@ def push_pruned(folder: str | Path, repo_id: str, *, private: bool = False, toke
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    before, after = manifest["params_before"], manifest["params_after"]
+    before, after = manifest.params_before, manifest.params_after
     message = commit_message or (
-        f"hf-oto pruned {manifest['model_type']}: {after:,} of {before:,} parameters "
+        f"hf-oto pruned {manifest.model_type}: {after:,} of {before:,} parameters "
         f"({100 * after / max(before, 1):.1f}%)"
     )
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")

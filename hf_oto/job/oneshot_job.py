@@ -90,15 +90,15 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         probe = batch_loss(model, calib[:PRICING_BATCHES]) if pricing == "measured" else None
         plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity,
                              layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple, probe=probe, prices=prices)
-        small = construct_subnet(model, space, layout=targs.pruning_layout)
-        after = perplexity(small, eval_blocks)
+        subnet = construct_subnet(model, space, layout=targs.pruning_layout)
+        after = perplexity(subnet.model, eval_blocks)
         origin = provenance(margs, dargs)
         record = {"criterion": criterion, "calibration_batches": len(calib) if needs_data else 0,
                   "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
                   "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple, "pricing": pricing,
                   **({"prices": [p.to_dict() for p in prices]} if prices else {}),
                   "pruned_fraction": plan.pruned_params() / space.prunable_params}
-        out = save_pruned(small, checked["pruned"], tokenizer, source=origin.get("source"),
+        out = save_pruned(subnet, checked["pruned"], tokenizer, source=origin.get("source"),
                           overwrite=targs.overwrite_pruned_output_dir, license=origin.get("license"),
                           export_format=targs.export_format,
                           extra_manifest={"oneshot": record, "eval": {"eval_perplexity": after},

@@ -16,7 +16,6 @@ import torch
 
 from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documents, train_eval_blocks, train_tokenizer
 from hf_oto.errors import ExportError
-from hf_oto.export.save import MANIFEST
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
 from hf_oto.job.build import load_model, load_tokenizer, provenance, with_lora
@@ -24,6 +23,7 @@ from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
 from hf_oto.job.summary import print_summary, print_table
+from hf_oto.manifest import Manifest
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
 from hf_oto.stream import stream_train_eval
 from hf_oto.trainer import HFOTOTrainer
@@ -71,7 +71,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
 
     if not margs.merge_adapters and margs.lora_r:
         log().info(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
-        ppl_export, params_after = float("nan"), _manifest(out)["params_after"]  # the base alone is not the model
+        ppl_export, params_after = float("nan"), Manifest.read(out).params_after  # the base alone is not the model
     else:
         ppl_export, params_after = verify_export(out, eval_blocks)
     summary = {
@@ -79,7 +79,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "prunable_removed": trainer.hesso.metrics()["pruned_param_fraction"],
         "ppl_initial": before["initial_perplexity"], "ppl_trained_pruned": results["eval_perplexity"],
         "ppl_export_reloaded": ppl_export, "token_accuracy": results["eval_token_accuracy"],
-        "kept": _kept(_manifest(out)),
+        "kept": Manifest.read(out).kept_by_kind(),
         "train_tokens": int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
                             * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
     }
@@ -146,16 +146,3 @@ def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: Dat
         fallback = target.with_name(f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         log().warning(f"hf-oto: warning: {exc}; writing the pruned model to {fallback} instead")
         return trainer.save_pruned_model(str(fallback), **kw)
-
-
-def _manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / MANIFEST).read_text())
-
-
-def _kept(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """Kept / total groups per kind, over all layers."""
-    kept: dict[str, tuple[int, int]] = {}
-    for s in manifest["sets"]:
-        k, t = kept.get(s["kind"], (0, 0))
-        kept[s["kind"]] = (k + len(s["kept"]), t + s["groups"])
-    return kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -20,21 +21,31 @@ from hf_oto.groups.space import (
     kept_uniform,
     layer_relative,
 )
+from hf_oto.manifest import Manifest, SetRecord
 from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
 
 EXPERT_MULTIPLE = 8
 
 
+@dataclass
+class Subnet:
+    """What :func:`construct_subnet` returns: the smaller model and the manifest of what it kept
+    (``save_pruned(subnet, out_dir)`` writes both)."""
+
+    model: nn.Module
+    manifest: Manifest
+
+
 def construct_subnet(model: nn.Module, space: PruningSpace, *,
-                     layout: Layout | Literal["auto"] = "global") -> nn.Module:
-    """Return a new, physically smaller model without the groups whose weights are all zero.
+                     layout: Layout | Literal["auto"] = "global") -> Subnet:
+    """Build a new, physically smaller model without the groups whose weights are all zero.
 
     The result computes exactly what the zeroed ``model`` computes. ``layout="uniform"`` keeps the
     same counts in every layer (zero groups are kept where a layer would otherwise be smaller), so
     the config is the architecture's stock config. ``"global"`` keeps per-layer sizes when they differ
     (the config then lists them, and exports ship remote code); ``"auto"`` is its older name.
     ``"per_layer_ffn"`` keeps attention uniform and FFN widths per layer.
-    ``model`` is not modified.
+    ``model`` is not modified. Returns a :class:`Subnet`: ``.model`` and its ``.manifest``.
     """
     if layout == "auto":
         layout = "global"
@@ -67,12 +78,14 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     state = _sliced_state(base, space, removed)
     new = _build(base, config, state)
 
-    before = space.total_params
-    after = sum(p.numel() for p in new.parameters())
-    new.hf_oto_manifest = _manifest(space, removed, before, after, uniform)
-    new.hf_oto_manifest["flops_per_token_before"] = linear_flops_per_token(base)
-    new.hf_oto_manifest["flops_per_token_after"] = linear_flops_per_token(new)
-    return new
+    manifest = Manifest(
+        model_type=space.model_type, params_before=space.total_params,
+        params_after=sum(p.numel() for p in new.parameters()), layout="uniform" if uniform else "per-layer",
+        sets=tuple(SetRecord(gs.prefix, gs.kind, gs.layer, gs.count, tuple(j for j in range(gs.count) if j not in rm))
+                   for gs, rm in zip(space.sets, removed, strict=True)),
+        flops_per_token_before=linear_flops_per_token(base), flops_per_token_after=linear_flops_per_token(new),
+    )
+    return Subnet(new, manifest)
 
 
 def kept_indices(model: nn.Module, space: PruningSpace, *,
@@ -276,19 +289,3 @@ def _tied_names(model: nn.Module) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     names.update(tied if isinstance(tied, dict) else tied)
     return names
-
-
-def _manifest(space: PruningSpace, removed: list[set[int]], before: int, after: int, uniform: bool) -> dict:
-    sets = []
-    for gs, rm in zip(space.sets, removed, strict=True):
-        sets.append({
-            "module": gs.prefix, "kind": gs.kind, "layer": gs.layer, "groups": gs.count,
-            "kept": [j for j in range(gs.count) if j not in rm],
-        })
-    return {
-        "model_type": space.model_type,
-        "params_before": before,
-        "params_after": after,
-        "layout": "uniform" if uniform else "per-layer",
-        "sets": sets,
-    }

@@ -181,10 +181,10 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
             return Path(target)
         model = copy.deepcopy(self.model).merge_and_unload() if is_peft else self.model
         space = discover_groups(model) if is_peft else self.pruning_space
-        small = construct_subnet(model, space, layout=layout)
-        self._restore_use_cache(small)
+        subnet = construct_subnet(model, space, layout=layout)
+        self._restore_use_cache(subnet.model)
         if self.is_world_process_zero():
-            return save_pruned(small, target, tokenizer=self.processing_class, overwrite=overwrite,
+            return save_pruned(subnet, target, tokenizer=self.processing_class, overwrite=overwrite,
                                extra_manifest=extra, license=license, export_format=self.args.export_format,
                                extra_files=extra_files)
         return Path(target)
