@@ -397,6 +397,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
 
     from hf_oto import construct_subnet, discover_groups, exclude_groups
     from hf_oto.job.oneshot_job import PRICING_BATCHES
+    from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
@@ -411,7 +412,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         # The shape the one-shot planner keeps at this sparsity (every method ends at this size), freshly
         # initialised and trained like the reference for the reference's steps plus the recovery steps.
         oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=sparsity,
-                      layout="uniform", ffn_multiple=a.ffn_multiple)
+                      rules=BudgetRules(layout="uniform", ffn_multiple=a.ffn_multiple))
         shape = construct_subnet(model, space, layout="uniform").model.config
         torch.manual_seed(a.seed)
         final = AutoModelForCausalLM.from_config(shape)
@@ -460,8 +461,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
         priced = settings(a)["pricing"] == "measured"
         prices: list = []
-        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, layout=a.layout,
-                             ffn_multiple=a.ffn_multiple, tolerance=tolerance, prices=prices,
+        rules = BudgetRules(layout=a.layout, ffn_multiple=a.ffn_multiple, tolerance=tolerance)
+        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, rules=rules, prices=prices,
                              probe=batch_loss(model, calib[:PRICING_BATCHES]) if priced else None)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
         if prices:
@@ -576,6 +577,7 @@ def speed(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from hf_oto import construct_subnet, discover_groups, save_pruned
+    from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
@@ -584,7 +586,7 @@ def speed(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     space = discover_groups(dense)
     pruned = copy.deepcopy(dense)
     oneshot_prune(pruned, space, oneshot_scores(pruned, space, "magnitude"), target_sparsity=0.5,
-                  layout="uniform", ffn_multiple=64 if not a.quick else 8)
+                  rules=BudgetRules(ffn_multiple=64 if not a.quick else 8))
     small = construct_subnet(pruned, space, layout="uniform")
     del pruned
     save_pruned(small, workdir / "speed_export", overwrite=True)

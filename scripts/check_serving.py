@@ -176,7 +176,7 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
     model.save_pretrained(dense_dir)
     tok.save_pretrained(dense_dir)
     space = discover_groups(model)
-    oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=0.5, layout="uniform")
+    oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=0.5)  # uniform
     save_pruned(construct_subnet(model, space, layout="uniform"), pruned_dir, tokenizer=tok, overwrite=True)
     from hf_oto.export.save import add_compat_fields
 

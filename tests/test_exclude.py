@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_oto import construct_subnet, discover_groups, exclude_groups, oneshot_prune, oneshot_scores
 from hf_oto.errors import ConfigError
+from hf_oto.optim.budget import BudgetRules
 from hf_oto.trainer import HFOTOTrainer
 
 
@@ -65,7 +66,8 @@ def test_oneshot_prune_on_an_excluded_space_leaves_those_layers_alone():
     model = tiny_model("llama", num_hidden_layers=4, intermediate_size=64)
     space = exclude_groups(discover_groups(model), ["layers:0"], layout="global")
     before = [p.detach().clone() for p in model.model.layers[0].parameters()]
-    oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=0.3, layout="global")
+    oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=0.3,
+                  rules=BudgetRules(layout="global"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.model.layers[0].parameters(), strict=True))
     small = construct_subnet(model, space, layout="global").model
     assert small.model.layers[0].mlp.gate_proj.out_features == 64

@@ -160,8 +160,7 @@ def test_accumulated_criteria_rank_on_first_order_terms_summed_over_the_steps(cr
         alive = ~before
         scores = per_kind_relative(space, taylor, alive) if criterion == "taylor" else fisher
         plan = Plan.from_mask(space, before)
-        items = build_items(space, scores, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
-                            selection=selection)
+        items = build_items(space, scores, plan, c.rules)
         if t == 3:
             select(plan, items, opt.target_params // 2, 0.0, cap=opt.target_params)
         else:

@@ -8,6 +8,7 @@ from tiny import tiny_model
 
 from hf_oto import construct_subnet, discover_groups
 from hf_oto.groups import group_is_zero
+from hf_oto.optim.budget import BudgetRules
 from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
 PLANTED = list(range(8, 16))  # FFN channels 8..15 of every layer
@@ -53,8 +54,7 @@ def test_criterion_finds_planted_channels(criterion, how):
     _plant(model, how)
     space = discover_groups(model)
     scores = oneshot_scores(model, space, criterion, BATCHES)
-    oneshot_prune(model, space, scores, target_params=_ffn_target(space), layout="uniform", ffn_multiple=8,
-                  tolerance=0.0)
+    oneshot_prune(model, space, scores, target_params=_ffn_target(space), rules=BudgetRules(tolerance=0.0))
     assert _pruned_ffn(space, model) == {0: PLANTED, 1: PLANTED}
 
 
@@ -65,8 +65,7 @@ def test_magnitude_is_fooled_where_activations_decide():
     _plant(model, "dead_input")
     space = discover_groups(model)
     scores = oneshot_scores(model, space, "magnitude")
-    oneshot_prune(model, space, scores, target_params=_ffn_target(space), layout="uniform", ffn_multiple=8,
-                  tolerance=0.0)
+    oneshot_prune(model, space, scores, target_params=_ffn_target(space), rules=BudgetRules(tolerance=0.0))
     assert _pruned_ffn(space, model)[0] != PLANTED
 
 
@@ -77,7 +76,7 @@ def test_budget_is_met_and_subnet_is_exact(criterion, sparsity):
     model = tiny_model("llama", intermediate_size=96).eval()
     space = discover_groups(model)
     plan = oneshot_prune(model, space, oneshot_scores(model, space, criterion, BATCHES),
-                         target_sparsity=sparsity, layout="global", ffn_multiple=1)
+                         target_sparsity=sparsity, rules=BudgetRules(layout="global", ffn_multiple=1))
     target = space.prunable_params * sparsity
     assert abs(plan.pruned_params() - target) <= 0.01 * target
     small = construct_subnet(model, space).model
@@ -114,7 +113,7 @@ def test_head_counts_the_config_refuses_are_never_chosen(tmp_path):
         for sparsity in (0.2, 0.45, 0.7):
             m = __import__("copy").deepcopy(model)
             scores = torch.rand(len(space), generator=torch.Generator().manual_seed(seed))
-            oneshot_prune(m, space, scores, target_sparsity=sparsity, layout="uniform", ffn_multiple=8)
+            oneshot_prune(m, space, scores, target_sparsity=sparsity)
             small = construct_subnet(m, space, layout="uniform").model
             c = small.config
             state = (c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads)
@@ -143,7 +142,7 @@ def test_any_importance_plugs_into_the_one_shot_planner():
             return torch.cat([torch.arange(gs.count, 0, -1).float() for gs in space.sets])
 
     oneshot_prune(model, space, oneshot_scores(model, space, LastChannelsFirst()), target_params=_ffn_target(space),
-                  layout="uniform", ffn_multiple=8, min_keep=1)
+                  rules=BudgetRules(layout="uniform", ffn_multiple=8, min_keep=1))
     zero = group_is_zero(model, space)
     ffn = [g.name for g, z in zip(space, zero.tolist(), strict=True) if z and g.kind == "ffn_channel"]
     assert ffn and all(int(n.rsplit(".", 1)[1]) >= 32 for n in ffn)

@@ -12,7 +12,7 @@ from tiny import tiny_model
 from hf_oto import discover_groups, oneshot_prune, zero_groups
 from hf_oto.errors import ConfigError
 from hf_oto.optim import HESSO, HESSOConfig
-from hf_oto.optim.budget import Plan, build_items, select
+from hf_oto.optim.budget import BudgetRules, Plan, build_items, select
 from hf_oto.optim.oneshot import batch_loss
 from hf_oto.optim.pricing import price_kinds, zeroing_probe
 from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
@@ -63,10 +63,10 @@ def test_a_kind_the_criterion_underprices_is_priced_by_its_measured_loss():
         kv, ffn = float((groups & kinds["kv_group"]).sum()), float((groups & kinds["ffn_channel"]).sum())
         return 2.0 + 1.0 * kv + 0.01 * ffn
 
-    common = dict(layout="uniform", multiple=8, min_keep=1, selection="per_param", tolerance=0.05)
+    rules = BudgetRules(selection="per_param", tolerance=0.05)
     target = 5120  # ~28%: reachable by FFN chunks and a query slot alone (the tiny model's steps are coarse)
     none = torch.zeros(len(space), dtype=torch.bool)
-    priced, trials = price_kinds(space, scores, none, target, probe, **common)
+    priced, trials = price_kinds(space, scores, none, target, probe, rules)
     by_kind = {t.kind: t for t in trials}
     assert by_kind["kv_group"].measured == pytest.approx(float(2 * 1.0))  # one kv group in each of 2 layers
     ffn = by_kind["ffn_channel"]
@@ -78,8 +78,7 @@ def test_a_kind_the_criterion_underprices_is_priced_by_its_measured_loss():
 
     def plan(s):
         p = Plan(space)
-        select(p, build_items(space, s, p, layout="uniform", multiple=8, min_keep=1, selection="per_param"),
-               target, 0.05)
+        select(p, build_items(space, s, p, rules), target, 0.05)
         return p.mask()
 
     assert bool((plan(scores) & kinds["kv_group"]).any())  # the criterion's units: kv groups go first
@@ -91,8 +90,8 @@ def test_oneshot_prune_with_a_probe_records_one_trial_per_kind_and_meets_the_tar
     scores = torch.ones(len(space))
     prices = []
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = oneshot_prune(model, space, scores, target_params=5120, layout="uniform", ffn_multiple=8,
-                         probe=batch_loss(model, [{"input_ids": IDS}]), prices=prices, tolerance=0.05)
+    plan = oneshot_prune(model, space, scores, target_params=5120, rules=BudgetRules(tolerance=0.05),
+                         probe=batch_loss(model, [{"input_ids": IDS}]), prices=prices)
     assert {p.kind for p in prices} == {gs.kind for gs in space.sets if gs.prunable}
     assert abs(plan.pruned_params() - 5120) <= 0.05 * 5120
     gone = {space[i].name for i in torch.nonzero(plan.mask()).flatten().tolist()}

@@ -12,7 +12,7 @@ from tiny import tiny_model
 from hf_oto import discover_groups, oneshot_prune
 from hf_oto.errors import ConfigError
 from hf_oto.optim import HESSOConfig
-from hf_oto.optim.budget import Plan
+from hf_oto.optim.budget import BudgetRules, Plan
 
 SCORES = {"kv_group": [5.0, 50.0], "query_head": [100.0, 100.0]}  # FFN channels score 1.0 each
 
@@ -61,8 +61,8 @@ def test_planner_choice_on_a_planted_case(selection):
     ffn = next(gs for gs in space.sets if gs.kind == "ffn_channel")
     assert kv.params_per_group == 2 * 8 * ffn.params_per_group  # one kv group frees two 8-channel chunks
     target = kv.params_per_group
-    plan = oneshot_prune(model, space, scores, target_params=target, layout="global", ffn_multiple=8,
-                         tolerance=0.01, selection=selection)
+    plan = oneshot_prune(model, space, scores, target_params=target,
+                         rules=BudgetRules(layout="global", ffn_multiple=8, tolerance=0.01, selection=selection))
     cost = sum(float(scores[space.set_offset(k) + j]) for k, r in enumerate(plan.removed) for j in r)
     best_cost, best_removed = _knapsack(space, scores, target, 0.01)
     assert best_cost == 5.0  # the weak kv group, not 16 FFN channels scoring 1.0 each
@@ -95,7 +95,7 @@ def test_head_items_step_between_counts_the_config_accepts():
     heads = [k for k, gs in enumerate(space.sets) if gs.kind == "attention_head"]
     assert {v[0] for v in space.sets[heads[0]].attention.valid_counts} == {1, 2, 4, 8}
     scores = torch.rand(len(space), generator=torch.Generator().manual_seed(0))
-    items = build_items(space, scores, Plan(space), layout="global", multiple=8, min_keep=1)
+    items = build_items(space, scores, Plan(space), BudgetRules(layout="global", ffn_multiple=8, min_keep=1))
     for k in heads:
         off = space.set_offset(k)
         chunks = [c for it in sorted(items, key=lambda it: it.order) for kk, c in it.members if kk == k]
@@ -123,8 +123,8 @@ def test_period_by_period_marking_on_fixed_scores_is_the_one_shot_plan(periods):
         opt._mark_redundant(period, scores)
         opt.pruned |= opt.redundant
     c = opt.config
-    plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=opt.target_params, layout="uniform",
-                         ffn_multiple=8, tolerance=c.tolerance)
+    plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=opt.target_params,
+                         rules=BudgetRules(layout="uniform", ffn_multiple=8, tolerance=c.tolerance))
     assert torch.equal(opt.pruned, plan.mask())
     removed = Plan.from_mask(space, opt.pruned)
     ffn = next(gs for gs in space.sets if gs.kind == "ffn_channel")
@@ -148,8 +148,8 @@ def _ffn_first_scores(space):
 def test_a_coarse_head_step_is_exchanged_for_ffn_chunks_when_the_fill_stalls_short(selection):
     model, space = _mha_llama()
     scores = _ffn_first_scores(space)
-    plan = oneshot_prune(model, space, scores, target_sparsity=0.7, layout="per_layer_ffn", ffn_multiple=8,
-                         tolerance=0.01, selection=selection)
+    plan = oneshot_prune(model, space, scores, target_sparsity=0.7,
+                         rules=BudgetRules(layout="per_layer_ffn", ffn_multiple=8, tolerance=0.01, selection=selection))
     target = round(0.7 * space.prunable_params)
     ffn_only = sum(3 * 64 * 120 for gs in space.sets if gs.kind == "ffn_channel")  # every chunk but the last 8
     assert ffn_only < 0.99 * target  # FFN alone falls short: the old greedy stopped here, at 56%
@@ -179,8 +179,7 @@ def test_periods_leave_room_for_the_coarse_items_the_budget_needs(periods):
         opt._mark_redundant(period, scores)
         opt.pruned |= opt.redundant
     plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=opt.target_params,
-                         layout="per_layer_ffn", ffn_multiple=8, tolerance=opt.config.tolerance,
-                         selection="per_param")
+                         rules=opt.config.rules)
     assert torch.equal(opt.pruned, plan.mask())
     done = Plan.from_mask(space, opt.pruned).pruned_params()
     assert abs(done - opt.target_params) <= opt.config.tolerance * opt.target_params

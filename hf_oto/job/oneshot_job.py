@@ -58,6 +58,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     from hf_oto.job.recipe import RECIPE_FILE, recipe_text
     from hf_oto.job.summary import print_table
     from hf_oto.metrics import perplexity
+    from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
     settings = dict(settings)
@@ -88,8 +89,9 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         scores = oneshot_scores(model, space, criterion, calib if needs_data else None)
         pricing, prices = targs.resolved_pricing(), []
         probe = batch_loss(model, calib[:PRICING_BATCHES]) if pricing == "measured" else None
-        plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity,
-                             layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple, probe=probe, prices=prices)
+        rules = BudgetRules(layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple, min_keep=targs.min_keep)
+        plan = oneshot_prune(model, space, scores, target_sparsity=targs.target_sparsity, rules=rules, probe=probe,
+                             prices=prices)
         subnet = construct_subnet(model, space, layout=targs.pruning_layout)
         after = perplexity(subnet.model, eval_blocks)
         origin = provenance(margs, dargs)

@@ -15,12 +15,40 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import FFN_KINDS, GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
+from hf_oto.groups.space import FFN_KINDS, LAYOUTS, GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
 
 # How removals are ranked: by the removed groups' mean saliency ("saliency", lowest first), or by
 # saliency per parameter freed ("per_param": the greedy rule of a knapsack that frees the budget at
 # the least total saliency, so a head that frees 40x an FFN channel's parameters may cost 40x more).
 SELECTIONS: tuple[str, ...] = ("saliency", "per_param")
+
+
+@dataclass(frozen=True)
+class BudgetRules:
+    """The rules every plan keeps, whoever ranks the groups (HESSO, one-shot, pricing trials).
+
+    ``layout``: ``"uniform"`` (the same counts in every layer: a stock config), ``"per_layer_ffn"``
+    (attention uniform, FFN widths per layer) or ``"global"``. Kept FFN widths stay multiples of
+    ``ffn_multiple``; at least ``min_keep`` groups stay in every set; removals are ranked by
+    ``selection`` (see :data:`SELECTIONS`); targets are met within ``tolerance`` (a fraction of the
+    target) where the group sizes allow.
+    """
+
+    layout: Layout = "uniform"
+    ffn_multiple: int = 8
+    min_keep: int = 1
+    selection: str = "saliency"
+    tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.ffn_multiple < 1 or self.min_keep < 0:
+            raise ConfigError(f"ffn_multiple must be >= 1 and min_keep >= 0, got {self.ffn_multiple}, {self.min_keep}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
 
 
 @dataclass
@@ -150,11 +178,9 @@ def _head_steps(plan: Plan, k: int, order: list[int]) -> list[list[int]]:
     return out
 
 
-def build_items(
-    space: PruningSpace, scores: torch.Tensor, plan: Plan, *, layout: Layout, multiple: int, min_keep: int,
-    selection: str = "saliency",
-) -> list[Item]:
-    """Candidate removal steps, lowest saliency first within each chain, ranked by ``selection``."""
+def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: BudgetRules) -> list[Item]:
+    """Candidate removal steps, lowest saliency first within each chain, ranked by ``rules.selection``."""
+    layout, multiple, min_keep = rules.layout, rules.ffn_multiple, rules.min_keep
     values = scores.tolist()  # Python floats: indexing a tensor element by element is ~100x slower
     per_set: list[list[list[int]]] = []
     for k, gs in enumerate(space.sets):
@@ -174,7 +200,7 @@ def build_items(
         else:
             per_set.append(_chunks(alive, plan.kept(k), multiple, gs.kind))
 
-    per_param = selection == "per_param"
+    per_param = rules.selection == "per_param"
 
     def chunk_score(k: int, chunk: list[int]) -> float:
         off = space.set_offset(k)
@@ -212,76 +238,87 @@ def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: in
     ``hidden_size % num_attention_heads == 0``) are repaired by re-admitting groups taken in this
     call, and the rest of the budget is then filled without touching those attention sets.
     """
-    locked = [set(r) for r in plan.removed]
-    pending = sorted(items, key=lambda it: (it.score, it.order))
-    done: dict[tuple, int] = defaultdict(int)
-    taken: dict[tuple[int, int], float] = {}
-    took: list[Item] = []
+    run = _Selection(plan, items)
+    lo = target * (1 - tolerance)
     hi = target * (1 + tolerance) if cap is None else max(cap, target)
-    _fill(plan, pending, done, taken, took, target, tolerance, hi, frozenset())
-    repaired = repair_head_counts(plan, locked, taken)
+    run.fill(lo, hi, frozenset())
+    repaired = repair_head_counts(plan, run.locked, run.taken)
     if repaired:
-        _fill(plan, pending, done, taken, took, target, tolerance, hi, repaired)
-    if plan.pruned_params() < target * (1 - tolerance):
-        _exchange(plan, pending, done, took, target * (1 - tolerance), hi, repaired)
+        run.fill(lo, hi, repaired)
+    if plan.pruned_params() < lo:
+        run.exchange(lo, hi, repaired)
     return plan.pruned_params()
 
 
-def _take(plan: Plan, it: Item, done: dict[tuple, int], taken: dict[tuple[int, int], float],
-          took: list[Item]) -> None:
-    for k, c in it.members:
-        plan.removed[k].update(c)
-        taken.update({(k, j): it.score for j in c})
-    done[it.chain] += 1
-    took.append(it)
+class _Selection:
+    """One call of :func:`select`: the plan, the items not taken yet, how far each chain has been
+    taken, and what this call took (with each group's item score, which the head-count repair reads)."""
 
+    def __init__(self, plan: Plan, items: list[Item]):
+        self.plan = plan
+        self.locked = [set(r) for r in plan.removed]  # removed before this call: never given back
+        self.pending = sorted(items, key=lambda it: (it.score, it.order))
+        self.done: dict[tuple, int] = defaultdict(int)
+        self.taken: dict[tuple[int, int], float] = {}
+        self.took: list[Item] = []
 
-def _fill(plan: Plan, pending: list[Item], done: dict[tuple, int], taken: dict[tuple[int, int], float],
-          took: list[Item], target: int, tolerance: float, hi: float, skip: frozenset[int]) -> None:
-    progress = True
-    while progress and plan.pruned_params() < target * (1 - tolerance):
-        progress = False
-        for it in list(pending):
-            if it.order != done[it.chain] or any(k in skip for k, _ in it.members):
-                continue
-            gain = sum(plan.gain(k, len(c)) for k, c in it.members)
-            if plan.pruned_params() + gain > hi:
-                continue
-            _take(plan, it, done, taken, took)
-            pending.remove(it)
-            progress = True
-            if plan.pruned_params() >= target * (1 - tolerance):
-                break
+    def _next(self, it: Item, skip: frozenset[int]) -> bool:
+        """Whether ``it`` is its chain's next item and touches no skipped set."""
+        return it.order == self.done[it.chain] and not any(k in skip for k, _ in it.members)
 
+    def take(self, it: Item, record: bool = True) -> None:
+        for k, c in it.members:
+            self.plan.removed[k].update(c)
+            if record:
+                self.taken.update({(k, j): it.score for j in c})
+        self.done[it.chain] += 1
+        self.took.append(it)
 
-def _exchange(plan: Plan, pending: list[Item], done: dict[tuple, int], took: list[Item], lo: float,
-              hi: float, skip: frozenset[int]) -> None:
-    """The fill stalled short of the budget because every item left overshoots it (e.g. FFN widths
-    are at their minimum and the next head count is half of the heads). Take the cheapest such item
-    and give back items this call took, highest score first (each the last of its chain, so every
-    chain stays a lowest-first prefix and head counts stay accepted ones), until the count is within
-    [lo, hi]. Tries the coarse items in score order; leaves the plan as it was if none fits."""
-    for it in [p for p in pending if p.order == done[p.chain] and not any(k in skip for k, _ in p.members)]:
-        removed_before, done_before, took_before = [set(r) for r in plan.removed], dict(done), list(took)
-        _take(plan, it, done, {}, took)
-        for back in sorted(took[:-1], key=lambda t: -t.score):
-            if plan.pruned_params() <= hi:
-                break
-            if back.order != done[back.chain] - 1 or any(k in skip for k, _ in back.members):
-                continue
-            for k, c in back.members:
-                plan.removed[k].difference_update(c)
-            if plan.pruned_params() < lo:  # giving this one back would fall short: keep it
+    def fill(self, lo: float, hi: float, skip: frozenset[int]) -> None:
+        """Take the cheapest next items that keep the count at most ``hi`` until it reaches ``lo``."""
+        plan, progress = self.plan, True
+        while progress and plan.pruned_params() < lo:
+            progress = False
+            for it in list(self.pending):
+                if not self._next(it, skip):
+                    continue
+                gain = sum(plan.gain(k, len(c)) for k, c in it.members)
+                if plan.pruned_params() + gain > hi:
+                    continue
+                self.take(it)
+                self.pending.remove(it)
+                progress = True
+                if plan.pruned_params() >= lo:
+                    break
+
+    def exchange(self, lo: float, hi: float, skip: frozenset[int]) -> None:
+        """The fill stalled short of the budget because every item left overshoots it (e.g. FFN widths
+        are at their minimum and the next head count is half of the heads). Take the cheapest such item
+        and give back items this call took, highest score first (each the last of its chain, so every
+        chain stays a lowest-first prefix and head counts stay accepted ones), until the count is within
+        [lo, hi]. Tries the coarse items in score order; leaves the plan as it was if none fits."""
+        plan = self.plan
+        for it in [p for p in self.pending if self._next(p, skip)]:
+            removed_before, done_before, took_before = [set(r) for r in plan.removed], dict(self.done), list(self.took)
+            self.take(it, record=False)
+            for back in sorted(self.took[:-1], key=lambda t: -t.score):
+                if plan.pruned_params() <= hi:
+                    break
+                if back.order != self.done[back.chain] - 1 or any(k in skip for k, _ in back.members):
+                    continue
                 for k, c in back.members:
-                    plan.removed[k].update(c)
-                continue
-            done[back.chain] -= 1
-            took.remove(back)
-        if lo <= plan.pruned_params() <= hi:
-            return
-        plan.removed[:], took[:] = removed_before, took_before
-        done.clear()
-        done.update(done_before)
+                    plan.removed[k].difference_update(c)
+                if plan.pruned_params() < lo:  # giving this one back would fall short: keep it
+                    for k, c in back.members:
+                        plan.removed[k].update(c)
+                    continue
+                self.done[back.chain] -= 1
+                self.took.remove(back)
+            if lo <= plan.pruned_params() <= hi:
+                return
+            plan.removed[:], self.took[:] = removed_before, took_before
+            self.done.clear()
+            self.done.update(done_before)
 
 
 def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int, int], float]) -> frozenset[int]:
@@ -328,11 +365,10 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
     return frozenset(repaired)
 
 
-def max_prunable(space: PruningSpace, *, layout: Layout, multiple: int, min_keep: int) -> int:
+def max_prunable(space: PruningSpace, rules: BudgetRules) -> int:
     """The most parameters the constraints allow to remove (to reject unreachable targets early)."""
     plan = Plan(space)
-    scores = torch.zeros(len(space))
-    items = build_items(space, scores, plan, layout=layout, multiple=multiple, min_keep=min_keep)
+    items = build_items(space, torch.zeros(len(space)), plan, rules)
     for it in items:
         for k, c in it.members:
             plan.removed[k].update(c)
@@ -340,18 +376,18 @@ def max_prunable(space: PruningSpace, *, layout: Layout, multiple: int, min_keep
     return plan.pruned_params()
 
 
-def resolve_target(space: PruningSpace, target_sparsity: float | None, target_params: int | None, *,
-                   layout: Layout, multiple: int, min_keep: int) -> int:
+def resolve_target(space: PruningSpace, target_sparsity: float | None, target_params: int | None,
+                   rules: BudgetRules) -> int:
     """The pruned-parameter target (from a fraction or a count), checked against the constraints."""
     if target_params is None:
         if target_sparsity is None or not 0.0 < target_sparsity < 1.0:
             raise ConfigError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
         target_params = int(round(space.prunable_params * target_sparsity))
-    reachable = max_prunable(space, layout=layout, multiple=multiple, min_keep=min_keep)
+    reachable = max_prunable(space, rules)
     if not 0 < target_params <= reachable:
         raise ConfigError(
             f"target of {target_params:,} pruned parameters cannot be reached: the constraints "
-            f"(layout={layout!r}, ffn_multiple={multiple}, min_keep={min_keep}) allow at most "
+            f"(layout={rules.layout!r}, ffn_multiple={rules.ffn_multiple}, min_keep={rules.min_keep}) allow at most "
             f"{reachable:,} of {space.prunable_params:,} prunable parameters"
         )
     return int(target_params)

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import LAYOUTS, Layout, PruningSpace
-from hf_oto.optim.budget import SELECTIONS, resolve_target
+from hf_oto.groups.space import Layout, PruningSpace
+from hf_oto.optim.budget import BudgetRules, resolve_target
 from hf_oto.optim.cric import CRICConfig
 from hf_oto.optim.pricing import PRICINGS
 from hf_oto.optim.saliency import SaliencyWeights
@@ -67,14 +67,10 @@ class HESSOConfig:
         if self.criterion != "hesso" and self.saliency_ema is not None:
             raise ConfigError(f"saliency_ema smooths the 'hesso' criterion; {self.criterion!r} already sums its "
                               "evidence over each period (leave saliency_ema unset, or use criterion 'hesso')")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.target_params is None and (self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0):
             raise ConfigError(f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
         if self.target_params is not None and self.target_params <= 0:
             raise ConfigError(f"target_params must be positive, got {self.target_params}")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.pruning_periods < 1:
             raise ConfigError(f"pruning_periods must be at least 1, got {self.pruning_periods}")
         if self.pruning_steps < self.pruning_periods:
@@ -82,13 +78,11 @@ class HESSOConfig:
                               f"({self.pruning_periods}): each period needs a step")
         if self.start_pruning_step < 0:
             raise ConfigError(f"start_pruning_step must be >= 0, got {self.start_pruning_step}")
-        if self.ffn_multiple < 1 or self.min_keep < 0:
-            raise ConfigError(f"ffn_multiple must be >= 1 and min_keep >= 0, got {self.ffn_multiple}, {self.min_keep}")
         if self.saliency_ema is not None and not 0.0 <= self.saliency_ema < 1.0:
             raise ConfigError(f"saliency_ema must be in [0, 1), got {self.saliency_ema}")
-        if self.ema_interval < 1 or not 0.0 <= self.tolerance < 1.0:
-            raise ConfigError(f"ema_interval must be >= 1 and tolerance in [0, 1), got {self.ema_interval}, "
-                              f"{self.tolerance}")
+        if self.ema_interval < 1:
+            raise ConfigError(f"ema_interval must be >= 1, got {self.ema_interval}")
+        self.rules  # noqa: B018 - validates layout, ffn_multiple, min_keep, selection and tolerance
 
     def validate(self, space: PruningSpace, *, total_steps: int | None = None,
                  cric: CRICConfig | None = None) -> int:
@@ -113,8 +107,13 @@ class HESSOConfig:
                     f"but training has {total_steps}; shorten start_pruning_step/pruning_steps"
                     + ("/cric_max_cycles" if cric_steps else "") + " or train longer, so the target is reached"
                 )
-        return resolve_target(space, self.target_sparsity, self.target_params, layout=self.layout,
-                              multiple=self.ffn_multiple, min_keep=self.min_keep)
+        return resolve_target(space, self.target_sparsity, self.target_params, self.rules)
+
+    @property
+    def rules(self) -> BudgetRules:
+        """The plan's rules (layout, FFN multiple, min_keep, selection, tolerance) as one object."""
+        return BudgetRules(layout=self.layout, ffn_multiple=self.ffn_multiple, min_keep=self.min_keep,
+                           selection=self.selection, tolerance=self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
         """``asdict(self)``: what checkpoints, the manifest and the model card record."""

@@ -244,9 +244,7 @@ class HESSO(torch.optim.Optimizer):
         """``ranked`` with each kind scaled to the loss increase measured when it alone pays the budget."""
         c, gone = self.config, self.pruned | self.redundant
         remaining = self.target_params - Plan.from_mask(self.space, gone).pruned_params()
-        priced, trials = price_kinds(self.space, ranked, gone, remaining, self._probe, layout=c.layout,
-                                     multiple=c.ffn_multiple, min_keep=c.min_keep, selection=c.selection,
-                                     tolerance=c.tolerance)
+        priced, trials = price_kinds(self.space, ranked, gone, remaining, self._probe, c.rules)
         self.prices.append({"step": self.step_count, "period": period, "kinds": [t.to_dict() for t in trials]})
         return priced
 
@@ -267,9 +265,7 @@ class HESSO(torch.optim.Optimizer):
 
     def _items(self, score: torch.Tensor, plan: Plan) -> list:
         """The planner's candidate removals under ``score``, with this run's layout and selection rules."""
-        c = self.config
-        return build_items(self.space, score, plan, layout=c.layout, multiple=c.ffn_multiple, min_keep=c.min_keep,
-                           selection=c.selection)
+        return build_items(self.space, score, plan, self.config.rules)
 
     def _full_budget(self, score: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
         """The groups the whole budget would remove under ``score`` now, on top of ``removed`` (a flag

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import Layout, PruningSpace, zero_groups
-from hf_oto.optim.budget import Plan, build_items, resolve_target, select
+from hf_oto.groups.space import PruningSpace, zero_groups
+from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
 from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, slice_sums
@@ -190,26 +190,23 @@ def batch_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> 
 
 def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *,
                   target_sparsity: float | None = 0.5, target_params: int | None = None,
-                  layout: Layout = "uniform", ffn_multiple: int = 8, min_keep: int = 1,
-                  tolerance: float = 0.01, selection: str = "saliency",
-                  probe: Callable[[], float] | None = None, prices: list[KindPrice] | None = None) -> Plan:
+                  rules: BudgetRules | None = None, probe: Callable[[], float] | None = None,
+                  prices: list[KindPrice] | None = None) -> Plan:
     """Zero the lowest-scoring groups (in place) until the parameter target is met; returns the plan.
 
-    With ``probe`` (the model's loss as it is, e.g. :func:`batch_loss`), each kind's scores are first
-    scaled to the loss increase measured when that kind alone pays the budget; the trials are appended
-    to ``prices`` when given."""
-    target_params = resolve_target(space, target_sparsity, target_params, layout=layout, multiple=ffn_multiple,
-                                   min_keep=min_keep)
+    ``rules`` (:class:`~hf_oto.optim.budget.BudgetRules`: layout, FFN multiple, min_keep, selection,
+    tolerance) default to a uniform layout with FFN widths on multiples of 8. With ``probe`` (the
+    model's loss as it is, e.g. :func:`batch_loss`), each kind's scores are first scaled to the loss
+    increase measured when that kind alone pays the budget; the trials are appended to ``prices``."""
+    rules = rules or BudgetRules()
+    target_params = resolve_target(space, target_sparsity, target_params, rules)
     if probe is not None:
         zeroing = zeroing_probe(dict(model.named_parameters()), space, probe)
         scores, trials = price_kinds(space, scores, torch.zeros(len(space), dtype=torch.bool), target_params,
-                                     zeroing, layout=layout, multiple=ffn_multiple, min_keep=min_keep,
-                                     selection=selection, tolerance=tolerance)
+                                     zeroing, rules)
         if prices is not None:
             prices.extend(trials)
     plan = Plan(space)
-    items = build_items(space, scores, plan, layout=layout, multiple=ffn_multiple, min_keep=min_keep,
-                        selection=selection)
-    select(plan, items, target_params, tolerance)
+    select(plan, build_items(space, scores, plan, rules), target_params, rules.tolerance)
     zero_groups(model, space, [space[i].name for i in torch.nonzero(plan.mask()).flatten().tolist()])
     return plan

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from hf_oto.groups.space import Layout, PruningSpace
+from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import slices
-from hf_oto.optim.budget import Item, Plan, build_items, select
+from hf_oto.optim.budget import BudgetRules, Item, Plan, build_items, select
 
 PRICINGS: tuple[str, ...] = ("saliency", "measured")
 
@@ -86,9 +86,8 @@ def _alone(space: PruningSpace, removed: torch.Tensor, items: list[Item], size: 
     return plan
 
 
-def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor, remaining: int, probe: Probe, *,
-                layout: Layout, multiple: int, min_keep: int, selection: str,
-                tolerance: float) -> tuple[torch.Tensor, list[KindPrice]]:
+def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor, remaining: int, probe: Probe,
+                rules: BudgetRules) -> tuple[torch.Tensor, list[KindPrice]]:
     """``scores`` with each kind scaled to measured loss units, and the trials that set the scales.
 
     ``removed`` flags the groups already gone (they stay gone in every trial); ``remaining`` is the
@@ -96,8 +95,7 @@ def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor
     the smallest kind can free alone when that is less. A kind with nothing removable keeps its scores.
     """
     base_plan = Plan.from_mask(space, removed)
-    items = build_items(space, scores, base_plan, layout=layout, multiple=multiple, min_keep=min_keep,
-                        selection=selection)
+    items = build_items(space, scores, base_plan, rules)
     kinds = sorted({space.sets[k].kind for it in items for k, _ in it.members})
     by_kind = {kind: _kind_items(items, space, kind) for kind in kinds}
     before = base_plan.pruned_params()
@@ -111,7 +109,7 @@ def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor
     base_loss = probe(torch.zeros(len(space), dtype=torch.bool))
     floor = 1e-6 * max(abs(base_loss), 1e-3)  # a removal that does not raise the loss is nearly free
     for kind in kinds:
-        plan = _alone(space, removed, by_kind[kind], size, tolerance)
+        plan = _alone(space, removed, by_kind[kind], size, rules.tolerance)
         tried = plan.mask() & ~removed
         if not bool(tried.any()):
             continue
