@@ -186,7 +186,8 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
     from hf_oto.quant.run import load_qfa_run
     from hf_oto.quant.search import qfa_search
 
-    model, _, info, blocks, tokenizer = load_qfa_run(args.run_dir)
+    run = load_qfa_run(args.run_dir)
+    model, info, blocks, tokenizer = run.model, run.info, run.eval_blocks, run.tokenizer
     if blocks is None:
         raise ConfigError(f"{args.run_dir} holds no evaluation blocks (eval_blocks.safetensors) to search on")
     space = None

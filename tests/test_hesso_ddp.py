@@ -89,13 +89,13 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool)
         opt.step()
         opt.zero_grad()
     assert opt._rows, "the parameters were not sharded"
-    sharded = group_statistics(dict(model.named_parameters()), space)["sq"]
+    sharded = group_statistics(dict(model.named_parameters()), space).sq
     from hf_oto import construct_subnet
     from hf_oto.optim.shard import unsharded_copy
 
     small = construct_subnet(unsharded_copy(model), space, layout="uniform").model  # collective gather, then slice
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
-    whole = group_statistics(full, space)["sq"]
+    whole = group_statistics(full, space).sq
     if rank == 0:
         probe = _fsdp_batch(99)[0]
         save_file({**{n: t.contiguous() for n, t in full.items()}, "_pruned": opt.pruned.to(torch.uint8),

@@ -100,7 +100,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
                   "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple, "pricing": pricing,
                   **({"prices": [p.to_dict() for p in prices]} if prices else {}),
                   "pruned_fraction": plan.pruned_params() / space.prunable_params}
-        out = save_pruned(subnet, checked["pruned"], tokenizer, source=origin.get("source"),
+        out = save_pruned(subnet, checked.pruned, tokenizer, source=origin.get("source"),
                           overwrite=targs.overwrite_pruned_output_dir, license=origin.get("license"),
                           export_format=targs.export_format,
                           extra_manifest={"oneshot": record, "eval": {"eval_perplexity": after},

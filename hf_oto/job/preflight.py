@@ -6,8 +6,8 @@ Each failure is one :class:`~hf_oto.errors.HFOTOError` whose message names the p
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,11 +25,21 @@ from hf_oto.trainer import HFOTOTrainingArguments
 from hf_oto.trainer.trainer import changed_pruning_settings
 
 
-def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`preflight` found: the local source folder (None for Hub ids and ``init_config``),
+    the export folder, the checkpoint to resume (None: a fresh run) and warnings to print."""
+
+    source: Path | None
+    pruned: Path
+    resume: str | None
+    warnings: tuple[str, ...] = ()
+
+
+def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> Checked:
     """Every check that needs no data and no weights: sources, outputs, resume, and the pruning settings.
 
-    The model is built on the meta device, so this costs seconds even for large models. Returns the
-    source folder (None for Hub ids and init_config), the export folder and the checkpoint to resume.
+    The model is built on the meta device, so this costs seconds even for large models.
     """
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +79,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
                               f"{first_line(exc)}") from None
         model = with_lora(model, margs)
     check_setup(model, targs)
-    return {"source": source, "pruned": pruned, "resume": resume, "warnings": precision_warnings(targs)}
+    return Checked(source=source, pruned=pruned, resume=resume, warnings=tuple(precision_warnings(targs)))
 
 
 def check_eval_tasks(dargs: DataArguments, margs: ModelArguments, targs: HFOTOTrainingArguments) -> None:

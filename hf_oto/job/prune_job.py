@@ -38,7 +38,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
     margs, dargs, targs = build_arguments(settings, config_path)
     checked = preflight(margs, dargs, targs)  # raises before any data is read or weights are loaded
     logger = job_logger(targs)
-    for line in checked.get("warnings", []):
+    for line in checked.warnings:
         logger.warning(f"hf-oto: warning: {line}")
     torch.manual_seed(targs.seed)
 
@@ -60,12 +60,12 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
     before = trainer.evaluate(metric_key_prefix="initial")
-    trainer.train(resume_from_checkpoint=checked["resume"])
+    trainer.train(resume_from_checkpoint=checked.resume)
     after = trainer.evaluate()
     results = {"eval_perplexity": after["eval_perplexity"], "eval_token_accuracy": after["eval_token_accuracy"]}
     if targs.qfa:
-        return _finish_qfa(trainer, checked["pruned"], eval_blocks, before, results, provenance(margs, dargs))
-    out = _save(trainer, checked["pruned"], margs, dargs, results, settings)
+        return _finish_qfa(trainer, checked.pruned, eval_blocks, before, results, provenance(margs, dargs))
+    out = _save(trainer, checked.pruned, margs, dargs, results, settings)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return {"output": str(out)}
 

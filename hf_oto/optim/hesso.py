@@ -178,7 +178,7 @@ class HESSO(torch.optim.Optimizer):
             # this step's first-order terms (the global batch's gradients, before the step moves w):
             # "taylor" sums |w * g| over the group's elements, "fisher" squares the group's w . g
             st = group_statistics(self.model_params, self.space, grad_only=True)
-            term = st["ag"] if self.config.criterion == "taylor" else st["xg"].square()
+            term = st.ag if self.config.criterion == "taylor" else st.xg.square()
             self.taylor = term if self.taylor is None else self.taylor.add_(term)
         snapshot = None
         if not taylor and (cycle_start or self._wants_stats(step, pos)):
@@ -404,7 +404,7 @@ class HESSO(torch.optim.Optimizer):
         for kind in sorted({gs.kind for gs in self.space.sets}):
             out[f"pruned_{kind}"] = float(sum(len(plan.removed[k]) for k, gs in enumerate(self.space.sets)
                                               if gs.kind == kind))
-        sq = group_statistics(self.model_params, self.space)["sq"]
+        sq = group_statistics(self.model_params, self.space).sq
         important = ~(self.pruned | self.redundant)
         out["norm_redundant"] = float(sq[self.redundant].sum().sqrt())
         out["norm_important"] = float(sq[important].sum().sqrt())

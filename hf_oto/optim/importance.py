@@ -78,4 +78,4 @@ class Magnitude:
     needs_batches: ClassVar[bool] = False
 
     def __call__(self, space: PruningSpace, evidence: Evidence) -> torch.Tensor:
-        return group_statistics(evidence.params, space)["sq"].sqrt()
+        return group_statistics(evidence.params, space).sq.sqrt()

@@ -122,7 +122,7 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
                 found = True
         if not found:  # no linear consumer traced for this set: fall back to magnitude
             if fallback is None:
-                fallback = group_statistics(dict(model.named_parameters()), space)["sq"].sqrt()
+                fallback = group_statistics(dict(model.named_parameters()), space).sq.sqrt()
             off = space.set_offset(k)
             s = fallback[off:off + gs.count].clone()
         scores.append(s)

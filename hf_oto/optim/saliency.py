@@ -89,12 +89,28 @@ def slice_sums(values: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
     return _index_sums(values, dim)[spec.index.to(values.device)].sum(1)
 
 
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group sums, one value per group of the space (its flat order).
+
+    ``sq`` = ||x||^2, ``xg`` = x . g, ``ag`` = sum |x * g| (only with ``grad_only``), ``xu`` = x . u,
+    ``uu`` = ||u||^2 for the group's weights x, gradient g and update u; ``size`` = its element count.
+    """
+
+    sq: torch.Tensor
+    xg: torch.Tensor
+    ag: torch.Tensor
+    xu: torch.Tensor
+    uu: torch.Tensor
+    size: torch.Tensor
+
+
 @torch.no_grad()
 def group_statistics(
     params: dict[str, torch.Tensor], space: PruningSpace, update: dict[str, torch.Tensor] | None = None,
     lora: dict[str, LoraFactors] | None = None, *, grad_only: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Per-group sums: ||x||^2, x.g, |x*g| (elementwise), x.u, ||u||^2 and group sizes (vectors over all groups).
+) -> GroupStats:
+    """Per-group sums: ||x||^2, x.g, |x*g| (elementwise), x.u, ||u||^2 and group sizes (:class:`GroupStats`).
 
     ``grad_only`` computes just the gradient terms (``xg``, ``ag``) on the parameters as stored (no
     LoRA effective weights): the cheap per-step statistics of the accumulated criteria. ``ag`` is
@@ -186,7 +202,7 @@ def group_statistics(
         partial = all_reduce_sum(torch.stack([torch.cat([q[k] for q in part]) for k in keys4]), device)
         for k, row in zip(keys4, partial, strict=True):
             stats[k] = stats[k] + row
-    return stats
+    return GroupStats(**stats)
 
 
 def _full_width(spec: SliceSpec, shape) -> int:
@@ -194,14 +210,14 @@ def _full_width(spec: SliceSpec, shape) -> int:
     return spec.index.shape[1] * spec.per_index_numel(shape)
 
 
-def saliency(stats: dict[str, torch.Tensor], weights: SaliencyWeights) -> torch.Tensor:
+def saliency(stats: GroupStats, weights: SaliencyWeights) -> torch.Tensor:
     """Weighted sum of the L2-normalised criteria (higher = more important)."""
-    norm = stats["sq"].sqrt()
+    norm = stats.sq.sqrt()
     crit = {
         "magnitude": norm,
-        "avg_magnitude": norm / stats["size"].clamp_min(1),
-        "cosine_similarity": stats["xu"] / (norm * stats["uu"].sqrt()).clamp_min(1e-12) + 1.0,
-        "taylor_first_order": stats["xg"].abs(),
+        "avg_magnitude": norm / stats.size.clamp_min(1),
+        "cosine_similarity": stats.xu / (norm * stats.uu.sqrt()).clamp_min(1e-12) + 1.0,
+        "taylor_first_order": stats.xg.abs(),
     }
     score = torch.zeros_like(norm)
     for name, values in crit.items():

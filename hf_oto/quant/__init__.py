@@ -9,9 +9,9 @@ writes one configuration as a compressed-tensors checkpoint.
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.layer import QFALinear
 from hf_oto.quant.prepare import prepare_qfa, qfa_layers, set_bits
-from hf_oto.quant.run import load_qfa_run, save_qfa_run
+from hf_oto.quant.run import QFARun, load_qfa_run, save_qfa_run
 from hf_oto.quant.sampler import BitSampler
 from hf_oto.quant.search import qfa_search
 
-__all__ = ["BitSampler", "QFAConfig", "QFALinear", "load_qfa_run", "prepare_qfa", "qfa_layers", "qfa_search",
+__all__ = ["BitSampler", "QFAConfig", "QFALinear", "QFARun", "load_qfa_run", "prepare_qfa", "qfa_layers", "qfa_search",
            "save_qfa_run", "set_bits"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,20 @@ def save_qfa_run(model: nn.Module, config: QFAConfig, out_dir: str | os.PathLike
         discard(tmp)
 
 
-def load_qfa_run(run_dir: str | os.PathLike):
-    """(model, QFAConfig, info, eval blocks or None, tokenizer or None) from a run folder."""
+@dataclass
+class QFARun:
+    """A saved QFA run, loaded: the model with its QFA layers, their config, the run's ``info``
+    (``qfa_run.json``), the held-out blocks it was saved with and its tokenizer (None when absent)."""
+
+    model: nn.Module
+    config: QFAConfig
+    info: dict[str, Any]
+    eval_blocks: torch.Tensor | None
+    tokenizer: Any = None
+
+
+def load_qfa_run(run_dir: str | os.PathLike) -> QFARun:
+    """The QFA run saved in ``run_dir`` (:meth:`HFOTOTrainer.save_qfa_run`), ready to search."""
     run = Path(run_dir)
     if not (run / RUN_FILE).is_file():
         raise ConfigError(f"{run} is not a QFA run folder (no {RUN_FILE}); pass the run's output folder")
@@ -92,7 +105,7 @@ def load_qfa_run(run_dir: str | os.PathLike):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(run)
-    return model, config, info, blocks, tokenizer
+    return QFARun(model, config, info, blocks, tokenizer)
 
 
 def _reset_nonpersistent(model: nn.Module, config, dtype) -> None:
