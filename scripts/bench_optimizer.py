@@ -53,8 +53,9 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 def hesso_extra_bytes(opt: HESSO) -> int:
     """Memory HESSO holds beyond its base optimizer: per-group vectors and cached slice indices."""
     total = opt.pruned.numel() + opt.redundant.numel()
-    if opt.ema is not None:
-        total += opt.ema.numel() * 4
+    evidence = opt.criterion.state()  # the criterion's per-group vector (EMA or accumulated terms)
+    if evidence is not None:
+        total += evidence.numel() * 4
     for cache in (opt._zero_index, opt._redundant_index):
         for tgt in cache or ():
             total += sum(t.numel() * t.element_size() for t in (tgt.index, tgt.mask) if t is not None)

@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pruned layout of every method: uniform (stock config) or per-layer FFN widths")
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
     from hf_oto.optim.budget import SELECTIONS
-    from hf_oto.optim.config import CRITERIA
+    from hf_oto.optim.criteria import CRITERIA
     from hf_oto.optim.pricing import PRICINGS
 
     d = _trainer_defaults()

@@ -9,10 +9,9 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups.space import Layout, PruningSpace
 from hf_oto.optim.budget import BudgetRules, resolve_target
 from hf_oto.optim.cric import CRICConfig
+from hf_oto.optim.criteria import CRITERIA
 from hf_oto.optim.pricing import PRICINGS
 from hf_oto.optim.saliency import SaliencyWeights
-
-CRITERIA: tuple[str, ...] = ("hesso", "taylor", "fisher")
 
 
 @dataclass(frozen=True)

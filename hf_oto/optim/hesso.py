@@ -15,7 +15,7 @@ from hf_oto.optim import slices
 from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
-from hf_oto.optim.importance import Evidence, HESSOSaliency, Importance, per_kind_relative
+from hf_oto.optim.criteria import make_criterion
 from hf_oto.optim.pricing import price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, lora_factors
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
@@ -83,13 +83,11 @@ class HESSO(torch.optim.Optimizer):
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.config = config
         self.weights = config.weights
-        self.importance: Importance = HESSOSaliency(config.weights)
+        self.criterion = make_criterion(config, sliced=tuple(self._sliced_params()))
         self.period_length = config.pruning_steps // config.pruning_periods
         self.step_count = 0
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
         self.redundant = torch.zeros(len(space), dtype=torch.bool)
-        self.ema: torch.Tensor | None = None
-        self.taylor: torch.Tensor | None = None  # "taylor"/"fisher": evidence summed since the last period start
         self._zero_index: list[slices.Target] | None = None
         self._redundant_index: list[slices.Target] | None = None
         self.cric_config = cric
@@ -173,41 +171,21 @@ class HESSO(torch.optim.Optimizer):
         pos = None if cric_now else self._position(step)
         cycle_start = cric_now and self.cric.state.t == 0
         period_start = pos is not None and pos[1] == 0
-        taylor = self.config.criterion != "hesso"
-        if taylor and self._accumulating(step):
-            # this step's first-order terms (the global batch's gradients, before the step moves w):
-            # "taylor" sums |w * g| over the group's elements, "fisher" squares the group's w . g
-            st = group_statistics(self.model_params, self.space, grad_only=True)
-            term = st.ag if self.config.criterion == "taylor" else st.xg.square()
-            self.taylor = term if self.taylor is None else self.taylor.add_(term)
-        snapshot = None
-        if not taylor and (cycle_start or self._wants_stats(step, pos)):
-            snapshot = {n: self.model_params[n].detach().clone() for n in self._sliced_params()}
+        # the criterion sees the gradients before the base step moves w, and the update after it
+        self.criterion.begin_step(self.model_params, self.space, accumulate=self._accumulating(step),
+                                  measure=cycle_start or self._wants_stats(step, pos))
         guard = self._guard_before()
         self.base.step()
         self._guard_after(guard)
+        self.criterion.end_step(self.model_params, self.space, self._lora)
         ranked = None
-        if taylor and (cycle_start or period_start):
-            ranked = self.taylor
-            if self.config.criterion == "taylor":
-                ranked = per_kind_relative(self.space, ranked, ~(self.pruned | self.redundant))
-        elif snapshot is not None:
-            # the update reuses the snapshot's memory: no second copy of the prunable weights
-            update = {n: snapshot.pop(n).neg_().add_(self.model_params[n].detach()) for n in list(snapshot)}
-            score = self.importance(self.space, Evidence(self.model_params, update=update, lora=self._lora))
-            del update
-            beta = self.config.saliency_ema
-            if beta is not None:
-                self.ema = score if self.ema is None else beta * self.ema + (1 - beta) * score
-            ranked = self.ema if beta is not None else score
+        if cycle_start or period_start:
+            ranked = self.criterion.rank(self.space, ~(self.pruned | self.redundant))
         if ranked is not None and cycle_start:
             self.cric.start_cycle(ranked, self._full_budget, self)
         elif ranked is not None and period_start:
             self._mark(pos[0], ranked)
-            if self.config.criterion == "taylor":
-                # its per-kind means move with the alive set: each period ranks on its own steps.
-                # "fisher" keeps summing from the first step (less noise; measured in hesso_defaults.md)
-                self.taylor = None
+            self.criterion.on_period_start()
         if cric_now:
             if self.cric.step(self._need_loss(), self):  # its last cycle ended: the periods start next step
                 self.prune_start = step + 1
@@ -421,8 +399,9 @@ class HESSO(torch.optim.Optimizer):
             "step_count": self.step_count,
             "pruned": self.pruned.clone(),
             "redundant": self.redundant.clone(),
-            "ema": None if self.ema is None else self.ema.clone(),
-            "taylor": None if self.taylor is None else self.taylor.clone(),
+            # the criterion's evidence, under the entry the checkpoint format has always used for it
+            "ema": self.criterion.state() if self.criterion.state_key == "ema" else None,
+            "taylor": self.criterion.state() if self.criterion.state_key == "taylor" else None,
             "settings": dict(self.settings),
             "weights": vars(self.weights).copy(),
             "cric_config": None if self.cric_config is None else vars(self.cric_config).copy(),
@@ -455,8 +434,7 @@ class HESSO(torch.optim.Optimizer):
         self.step_count = h["step_count"]
         self.pruned = h["pruned"].clone()
         self.redundant = h["redundant"].clone()
-        self.ema = None if h["ema"] is None else h["ema"].clone()
-        self.taylor = None if h.get("taylor") is None else h["taylor"].clone()
+        self.criterion.load(h.get(self.criterion.state_key))
         self._zero_index = self._redundant_index = None
         self.prune_start = h["prune_start"]
         self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]

@@ -13,7 +13,7 @@ from hf_oto.export.formats import ExportFormat
 from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
 from hf_oto.optim.budget import SELECTIONS
-from hf_oto.optim.config import CRITERIA
+from hf_oto.optim.criteria import CRITERIA
 from hf_oto.optim.pricing import PRICINGS
 from hf_oto.quant.config import QFAConfig
 from hf_oto.trainer.distill import DistillConfig
