@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
@@ -22,6 +22,15 @@ from hf_oto.trainer.distill import DistillConfig
 # runs (free to change on resume).
 _OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device",
                   "qfa_run_dir")
+
+
+def _same_as(config_cls: type, name: str, help: str) -> Any:
+    """A trainer field whose default is ``config_cls``'s own (declared once, in the config dataclass)."""
+    f = next(f for f in fields(config_cls) if f.name == name)
+    default = f.default if f.default is not MISSING else f.default_factory()
+    if isinstance(default, tuple):  # argparse and YAML give lists
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -74,39 +83,39 @@ class HFOTOTrainingArguments(TrainingArguments):
     start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
     pruning_periods: int = field(default=5, metadata={"help": "number of pruning periods"})
-    ffn_multiple: int = field(default=8, metadata={"help": "kept FFN widths are multiples of this"})
-    min_keep: int = field(default=1, metadata={"help": "groups kept at least in every set"})
+    ffn_multiple: int = _same_as(HESSOConfig, "ffn_multiple", "kept FFN widths are multiples of this")
+    min_keep: int = _same_as(HESSOConfig, "min_keep", "groups kept at least in every set")
     saliency_weights: str = field(
         default="0.25,0.25,0.25,0.25",
         metadata={"help": "weights of magnitude, avg_magnitude, cosine_similarity, taylor_first_order"},
     )
-    saliency_ema: float | None = field(default=None, metadata={"help": "EMA factor of saliency (None: one batch)"})
+    saliency_ema: float | None = _same_as(HESSOConfig, "saliency_ema", "EMA factor of saliency (None: one batch)")
     use_cric: bool = field(default=False, metadata={"help": "run CRIC corrective cycles before the periods"})
-    cric_sampling_steps: int = field(default=20, metadata={"help": "steps per CRIC cycle"})
-    cric_max_cycles: int = field(default=6, metadata={"help": "most CRIC cycles"})
+    cric_sampling_steps: int = _same_as(CRICConfig, "sampling_steps", "steps per CRIC cycle")
+    cric_max_cycles: int = _same_as(CRICConfig, "max_cycles", "most CRIC cycles")
     distill: bool = field(
         default=False, metadata={"help": "learn from the dense starting model's logits (KL) while pruning"})
-    distill_weight: float = field(
-        default=0.5, metadata={"help": "share of the distillation term: (1-w)*LM loss + w*T^2*KL"})
-    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL term"})
-    distill_hidden_weight: float = field(
-        default=0.0, metadata={"help": "weight of a per-layer hidden-state term (relative squared error)"})
-    distill_teacher_device: str = field(
-        default="same", metadata={"help": "'same' (the student's device) or 'cpu' (saves accelerator memory)"})
+    distill_weight: float = _same_as(
+        DistillConfig, "weight", "share of the distillation term: (1-w)*LM loss + w*T^2*KL")
+    distill_temperature: float = _same_as(DistillConfig, "temperature", "softmax temperature of the KL term")
+    distill_hidden_weight: float = _same_as(
+        DistillConfig, "hidden_weight", "weight of a per-layer hidden-state term (relative squared error)")
+    distill_teacher_device: str = _same_as(
+        DistillConfig, "teacher_device", "'same' (the student's device) or 'cpu' (saves accelerator memory)")
     qfa: bool = field(default=False, metadata={"help": "quantization-aware once-for-all training (LLM-QFA)"})
-    qfa_bits: list[int] = field(default_factory=lambda: [2, 3, 4], metadata={"help": "bit-widths to serve"})
-    qfa_group_size: int = field(default=32, metadata={"help": "input columns per quantization scale"})
-    qfa_symmetric: bool = field(default=True, metadata={"help": "symmetric quantization (the only form offered)"})
-    qfa_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "linears to quantize (default: every linear in the decoder layers)"})
-    qfa_quantizer: str = field(default="gptq", metadata={"help": "'gptq' (calibrated) or 'rtn' (fast)"})
-    qfa_calibration_batches: int = field(default=8, metadata={"help": "training batches GPTQ calibrates on"})
-    qfa_schedule: str = field(
-        default="uniform", metadata={"help": "per-layer width sampling: 'uniform' or 'triangular' (balanced)"})
-    qfa_period: int | None = field(default=None, metadata={"help": "triangular wave period in steps (None: the run)"})
-    qfa_seed: int = field(default=0, metadata={"help": "seed of the width sampling"})
-    qfa_rank: int = field(default=8, metadata={"help": "rank of each width's adapter"})
-    qfa_alpha: float = field(default=16.0, metadata={"help": "adapter scaling numerator (alpha / rank)"})
+    qfa_bits: list[int] = _same_as(QFAConfig, "bits", "bit-widths to serve")
+    qfa_group_size: int = _same_as(QFAConfig, "group_size", "input columns per quantization scale")
+    qfa_symmetric: bool = _same_as(QFAConfig, "symmetric", "symmetric quantization (the only form offered)")
+    qfa_target_modules: list[str] | None = _same_as(
+        QFAConfig, "target_modules", "linears to quantize (default: every linear in the decoder layers)")
+    qfa_quantizer: str = _same_as(QFAConfig, "quantizer", "'gptq' (calibrated) or 'rtn' (fast)")
+    qfa_calibration_batches: int = _same_as(QFAConfig, "calibration_batches", "training batches GPTQ calibrates on")
+    qfa_schedule: str = _same_as(
+        QFAConfig, "schedule", "per-layer width sampling: 'uniform' or 'triangular' (balanced)")
+    qfa_period: int | None = _same_as(QFAConfig, "period", "triangular wave period in steps (None: the run)")
+    qfa_seed: int = _same_as(QFAConfig, "seed", "seed of the width sampling")
+    qfa_rank: int = _same_as(QFAConfig, "rank", "rank of each width's adapter")
+    qfa_alpha: float = _same_as(QFAConfig, "alpha", "adapter scaling numerator (alpha / rank)")
     qfa_run_dir: str | None = field(
         default=None, metadata={"help": "where the QFA run is saved for qfa-search (default: <output_dir>/qfa_run)"})
     pruned_output_dir: str | None = field(
