@@ -207,3 +207,19 @@ def test_auto_criterion_and_selection_resolve(tmp_path, kw, expected):
 def test_unknown_criterion_or_selection_names_the_trainers_choices(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         _args(tmp_path, **kw).hesso_config(100)
+
+
+def test_settings_that_mirror_a_config_dataclass_have_its_defaults(tmp_path):
+    from hf_oto.optim import CRICConfig, HESSOConfig
+    from hf_oto.quant.config import QFAConfig
+    from hf_oto.trainer.distill import DistillConfig
+
+    args = _args(tmp_path)
+    mirrored = {"distill_": DistillConfig(), "qfa_": QFAConfig(), "cric_": CRICConfig()}
+    for prefix, config in mirrored.items():
+        for name, value in vars(config).items():
+            if hasattr(args, prefix + name):
+                got = getattr(args, prefix + name)
+                assert (tuple(got) if isinstance(got, list) else got) == value, prefix + name
+    for name in ("ffn_multiple", "min_keep", "saliency_ema"):
+        assert getattr(HFOTOTrainingArguments(output_dir=str(tmp_path)), name) == getattr(HESSOConfig(), name), name
