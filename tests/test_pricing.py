@@ -93,7 +93,9 @@ def test_oneshot_prune_with_a_probe_records_one_trial_per_kind_and_meets_the_tar
     plan = oneshot_prune(model, space, scores, target_params=5120, rules=BudgetRules(tolerance=0.05),
                          probe=batch_loss(model, [{"input_ids": IDS}]), prices=prices)
     assert {p.kind for p in prices} == {gs.kind for gs in space.sets if gs.prunable}
-    assert abs(plan.pruned_params() - 5120) <= 0.05 * 5120
+    ffn_step = 2 * 8 * 96  # the finest step: 8 channels of 96 parameters in both layers
+    short = 5120 - plan.pruned_params()
+    assert abs(short) <= 0.05 * 5120 or 0 < short <= ffn_step / 2  # the planner's rule (budget.select)
     gone = {space[i].name for i in torch.nonzero(plan.mask()).flatten().tolist()}
     reference = copy.deepcopy(model)
     reference.load_state_dict(before)

@@ -183,3 +183,25 @@ def test_periods_leave_room_for_the_coarse_items_the_budget_needs(periods):
     assert torch.equal(opt.pruned, plan.mask())
     done = Plan.from_mask(space, opt.pruned).pruned_params()
     assert abs(done - opt.target_params) <= opt.config.tolerance * opt.target_params
+
+
+def test_a_small_shortfall_is_not_closed_by_a_coarse_removal():
+    """FFN chunks stop a third of a chunk below the target, where the next chunk would overshoot the tolerance.
+    A query slot (two heads) traded in for two chunks would land on it exactly, but a gap under half of the finest
+    step is left as it is; a gap of a whole chunk (the FFN at its minimum width) still takes a kv group."""
+    model, space, _ = _planted()
+    kv = space.sets.index(next(gs for gs in space.sets if gs.kind == "kv_group"))
+    query = space.sets.index(next(gs for gs in space.sets if gs.kind == "query_head"))
+    ffn = next(gs for gs in space.sets if gs.kind == "ffn_channel")
+    chunk = 8 * ffn.params_per_group
+    scores = torch.full((len(space),), 10.0)  # heads look expensive: the fill takes FFN chunks first
+    for k, gs in enumerate(space.sets):
+        if gs.kind == "ffn_channel":
+            off = space.set_offset(k)
+            scores[off:off + gs.count] = 1.0
+    rules = BudgetRules(layout="global", ffn_multiple=8, tolerance=0.01, selection="saliency")
+    assert space.sets[query].params_per_group == 1024 and chunk == 768
+    plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=4 * chunk + 1024, rules=rules)
+    assert plan.pruned_params() == 5 * chunk and not plan.removed[kv] and not plan.removed[query]
+    plan = oneshot_prune(copy.deepcopy(model), space, scores, target_params=8 * chunk, rules=rules)
+    assert plan.pruned_params() == 8 * chunk and plan.removed[kv]  # 56 of 64 channels is the FFN's floor

@@ -237,6 +237,13 @@ def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: in
     Head counts the config refuses (``valid_counts`` in the attention sets' meta, e.g. Llama needs
     ``hidden_size % num_attention_heads == 0``) are repaired by re-admitting groups taken in this
     call, and the rest of the budget is then filled without touching those attention sets.
+
+    When the fill stops short of the tolerance because the next item would overshoot it, the count
+    stays where it is if it lies within half of this call's finest step below ``target`` (the closest
+    the finest groups can land); only a larger shortfall trades a coarse item in (:meth:`_Selection.exchange`).
+    A coarse item taken to close a small gap decides the shape by granularity, not by cost: on
+    SmolLM2 at 30% (uniform, FFN widths on multiples of 32) it forced one kv group out of every layer,
+    which cost 16% in perplexity against the FFN-only plan that falls 1.04% short of the target.
     """
     run = _Selection(plan, items)
     lo = target * (1 - tolerance)
@@ -245,7 +252,7 @@ def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: in
     repaired = repair_head_counts(plan, run.locked, run.taken)
     if repaired:
         run.fill(lo, hi, repaired)
-    if plan.pruned_params() < lo:
+    if plan.pruned_params() < lo and target - plan.pruned_params() > run.finest / 2:
         run.exchange(lo, hi, repaired)
     return plan.pruned_params()
 
@@ -261,6 +268,8 @@ class _Selection:
         self.done: dict[tuple, int] = defaultdict(int)
         self.taken: dict[tuple[int, int], float] = {}
         self.took: list[Item] = []
+        # the fewest parameters one item frees: how close the finest groups can land to a target
+        self.finest = min((sum(plan.gain(k, len(c)) for k, c in it.members) for it in items), default=0)
 
     def _next(self, it: Item, skip: frozenset[int]) -> bool:
         """Whether ``it`` is its chain's next item and touches no skipped set."""
