@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from compat_setup import Tokens, trainer_args
 from tiny import tiny_model
 
 from hf_oto import discover_groups, oneshot_prune, zero_groups
@@ -15,7 +16,7 @@ from hf_oto.optim import HESSO, HESSOConfig
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, select
 from hf_oto.optim.oneshot import batch_loss
 from hf_oto.optim.pricing import price_kinds, zeroing_probe
-from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments
+from hf_oto.trainer import HFOTOTrainer
 from hf_oto.trainer.trainer import CHECKPOINT_SETTINGS, changed_pruning_settings
 
 IDS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -112,29 +113,13 @@ def test_measured_pricing_without_a_probe_is_refused():
         HESSOConfig(pricing="exact")
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=12):
-        self.ids = torch.randint(3, 64, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-3,
-                report_to=[], use_cpu=True, logging_steps=4, save_strategy="no", seed=0, data_seed=0,
-                target_sparsity=0.5, start_pruning_step=0.25, pruning_steps=0.5, pruning_periods=3,
-                pruning_layout="uniform", dataloader_num_workers=0, disable_tqdm=True)
-    base.update(kw)
-    return HFOTOTrainingArguments(**base)
+    return trainer_args(tmp_path / "run", **kw)
 
 
 def test_the_trainer_prices_by_default_at_every_period_start_and_records_the_trials(tmp_path):
     model = tiny_model("llama")
-    trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=_Tokens())
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
     trainer.train()
     h = trainer.hesso
     assert h.config.pricing == "measured"  # pruning_pricing "auto"
@@ -142,7 +127,7 @@ def test_the_trainer_prices_by_default_at_every_period_start_and_records_the_tri
     assert all(t["measured"] == t["measured"] and t["groups"] > 0 for p in h.prices for t in p["kinds"])
     assert h.record()["prices"] == h.prices  # the manifest and the card read record()
     saliency = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path / "s", pruning_pricing="saliency"),
-                            train_dataset=_Tokens())
+                            train_dataset=Tokens())
     saliency.train()
     assert saliency.hesso.prices == [] and "prices" not in saliency.hesso.record()
 
