@@ -374,15 +374,21 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
     return frozenset(repaired)
 
 
-def max_prunable(space: PruningSpace, rules: BudgetRules) -> int:
-    """The most parameters the constraints allow to remove (to reject unreachable targets early)."""
-    plan = Plan(space)
-    items = build_items(space, torch.zeros(len(space)), plan, rules)
+def take_all(plan: Plan, items: list[Item]) -> int:
+    """Take every item on top of ``plan``, repair head counts to accepted ones, and return the pruned
+    count: the most these items can remove."""
+    locked = [set(r) for r in plan.removed]
     for it in items:
         for k, c in it.members:
             plan.removed[k].update(c)
-    repair_head_counts(plan, [set() for _ in space.sets], {})
+    repair_head_counts(plan, locked, {})
     return plan.pruned_params()
+
+
+def max_prunable(space: PruningSpace, rules: BudgetRules) -> int:
+    """The most parameters the constraints allow to remove (to reject unreachable targets early)."""
+    plan = Plan(space)
+    return take_all(plan, build_items(space, torch.zeros(len(space)), plan, rules))
 
 
 def resolve_target(space: PruningSpace, target_sparsity: float | None, target_params: int | None,

@@ -22,7 +22,7 @@ import torch
 
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import slices
-from hf_oto.optim.budget import BudgetRules, Item, Plan, build_items, select
+from hf_oto.optim.budget import BudgetRules, Item, Plan, build_items, select, take_all
 
 PRICINGS: tuple[str, ...] = ("saliency", "measured")
 
@@ -99,8 +99,7 @@ def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor
     kinds = sorted({space.sets[k].kind for it in items for k, _ in it.members})
     by_kind = {kind: _kind_items(items, space, kind) for kind in kinds}
     before = base_plan.pruned_params()
-    reach = {kind: _alone(space, removed, its, space.prunable_params, 0.0).pruned_params() - before
-             for kind, its in by_kind.items()}
+    reach = {kind: take_all(Plan.from_mask(space, removed), its) - before for kind, its in by_kind.items()}
     size = min([remaining, *(r for r in reach.values() if r > 0)]) if reach else 0
     out = scores.clone()
     prices: list[KindPrice] = []
