@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -17,10 +18,12 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel"]
+Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "layer"]
 KINDS: tuple[str, ...] = get_args(Kind)
 FFN_KINDS: tuple[str, ...] = ("ffn_channel", "expert_channel")  # the kinds whose sets are FFN widths
-Block = Literal["attention", "mlp"]
+# A "layer" group is a whole decoder layer (depth pruning, :mod:`hf_oto.groups.depth`): it owns every
+# parameter of the layer, so it overlaps the layer's heads and channels.
+Block = Literal["attention", "mlp", "layer"]
 # How per-layer sizes may differ, one vocabulary for planner, sub-network and trainer: "uniform" keeps
 # equal counts in every layer (the stock config), "per_layer_ffn" keeps attention uniform and lets each
 # layer keep its own FFN width (the DeciLM/Nemotron-NAS form vLLM and llama.cpp load), "global" lets
@@ -40,8 +43,9 @@ def find_decoder_layers(model: nn.Module, num_layers: int | None) -> tuple[str, 
 
 
 def kept_uniform(layout: str, block: str) -> bool:
-    """Whether ``layout`` keeps the same count in every layer for groups of this block."""
-    return layout == "uniform" or (layout == "per_layer_ffn" and block == "attention")
+    """Whether ``layout`` keeps the same count in every layer for groups of this block (whole layers
+    leave one by one in every layout: a stock config just has fewer of them)."""
+    return block != "layer" and (layout == "uniform" or (layout == "per_layer_ffn" and block == "attention"))
 
 
 @dataclass(frozen=True)
@@ -221,8 +225,23 @@ class PruningSpace(Sequence[Group]):
 
     @property
     def prunable_params(self) -> int:
-        """Parameters owned by prunable groups (overlapping query heads counted once per kv group)."""
-        return sum(gs.count * gs.params_per_group for gs in self.sets if gs.prunable and gs.kind != "query_head")
+        """Parameters owned by prunable groups, each counted once: overlapping query heads once per kv
+        group, and a layer whose whole-layer group is prunable as all of its parameters."""
+        width: dict[int, int] = defaultdict(int)
+        whole: dict[int, int] = {}
+        for gs in self.sets:
+            if not gs.prunable or gs.kind == "query_head":
+                continue
+            if gs.kind == "layer":
+                whole[gs.layer] = gs.params_per_group
+            else:
+                width[gs.layer] += gs.count * gs.params_per_group
+        return sum(whole.get(layer, n) for layer, n in width.items()) + sum(
+            n for layer, n in whole.items() if layer not in width)
+
+    def layer_sets(self) -> dict[int, int]:
+        """Decoder layer -> the index of its whole-layer set (layers without one are absent)."""
+        return {gs.layer: k for k, gs in enumerate(self.sets) if gs.kind == "layer"}
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per (layer, kind): counts, params per group, prunable and why not."""

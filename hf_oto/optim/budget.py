@@ -77,6 +77,12 @@ class Plan:
             if "kv_group" in kinds and "query_head" in kinds:
                 self._partner[kinds["kv_group"]] = kinds["query_head"]
                 self._partner[kinds["query_head"]] = kinds["kv_group"]
+        # whole-layer sets overlap every set of their layer: a removed layer frees all of its parameters
+        self._whole = self.space.layer_sets()
+        self._in_layer: dict[int, list[int]] = defaultdict(list)
+        for k, gs in enumerate(self.space.sets):
+            if gs.kind != "layer":
+                self._in_layer[gs.layer].append(k)
 
     @classmethod
     def from_mask(cls, space: PruningSpace, mask: torch.Tensor) -> Plan:
@@ -105,21 +111,36 @@ class Plan:
         q = gs if gs.kind == "query_head" else self.space.sets[self._partner[k]]
         return q.params_per_group // q.attention.num_kv_heads
 
+    def layer_gone(self, layer: int) -> bool:
+        """Whether this plan removes the whole decoder layer."""
+        k = self._whole.get(layer)
+        return k is not None and bool(self.removed[k])
+
     def gain(self, k: int, count: int) -> int:
         """Params removed by taking ``count`` more groups of set k now."""
         gs = self.space.sets[k]
+        if gs.kind == "layer":
+            return gs.params_per_group - self._width_pruned(gs.layer) if count and not self.removed[k] else 0
+        if self.layer_gone(gs.layer):
+            return 0
         total = count * gs.params_per_group
         if k in self._partner:
             total -= count * len(self.removed[self._partner[k]]) * self._overlap(k)
         return total
 
-    def pruned_params(self) -> int:
+    def _width_pruned(self, layer: int) -> int:
         total = 0
-        for k, gs in enumerate(self.space.sets):
+        for k in self._in_layer.get(layer, ()):
+            gs = self.space.sets[k]
             total += len(self.removed[k]) * gs.params_per_group
             if gs.kind == "kv_group" and k in self._partner:
                 total -= len(self.removed[k]) * len(self.removed[self._partner[k]]) * self._overlap(k)
         return total
+
+    def pruned_params(self) -> int:
+        layers = set(self._in_layer) | set(self._whole)
+        return sum(self.space.sets[self._whole[layer]].params_per_group if self.layer_gone(layer)
+                   else self._width_pruned(layer) for layer in layers)
 
 
 def _min_keep(gs: GroupSet, min_keep: int, multiple: int) -> int:
@@ -190,6 +211,9 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         off = space.set_offset(k)
         alive = [j for j in range(gs.count) if j not in plan.removed[k]]
         alive.sort(key=lambda j: (values[off + j], j))
+        if gs.kind == "layer":
+            per_set.append([alive])  # one group: the whole layer, or nothing left to take
+            continue
         removable = len(alive) - _min_keep(gs, min_keep, multiple)
         if gs.align > 1 and gs.kind in FFN_KINDS:
             per_set.append(_blocks(gs, alive, removable, values, off))
@@ -200,6 +224,7 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         else:
             per_set.append(_chunks(alive, plan.kept(k), multiple, gs.kind))
 
+    _keep_one_layer(space, plan, per_set, values)
     per_param = rules.selection == "per_param"
 
     def chunk_score(k: int, chunk: list[int]) -> float:
@@ -226,6 +251,19 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
             score = sum(chunk_score(k, c) for k, c in members) / len(members)  # members free equal params
             items.append(Item(score, members, ("family",) + fam, i))
     return items
+
+
+def _keep_one_layer(space: PruningSpace, plan: Plan, per_set: list[list[list[int]]], values: list[float]) -> None:
+    """A model keeps at least one decoder layer: when every layer still there is offered, the most
+    salient one is not."""
+    whole = space.layer_sets()
+    for k in whole.values():
+        if per_set[k] and not per_set[k][0]:
+            per_set[k] = []  # removed already
+    offered = [k for k in whole.values() if per_set[k]]
+    standing = [k for k in whole.values() if not plan.removed[k]]
+    if offered and len(offered) == len(standing):
+        per_set[max(offered, key=lambda k: (values[space.set_offset(k)], k))] = []
 
 
 def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: int | None = None) -> int:
@@ -269,7 +307,8 @@ class _Selection:
         self.taken: dict[tuple[int, int], float] = {}
         self.took: list[Item] = []
         # the fewest parameters one item frees: how close the finest groups can land to a target
-        self.finest = min((sum(plan.gain(k, len(c)) for k, c in it.members) for it in items), default=0)
+        gains = (sum(plan.gain(k, len(c)) for k, c in it.members) for it in items)
+        self.finest = min((g for g in gains if g > 0), default=0)
 
     def _next(self, it: Item, skip: frozenset[int]) -> bool:
         """Whether ``it`` is its chain's next item and touches no skipped set."""
@@ -338,7 +377,8 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
     """
     by_prefix: dict[str, dict[str, int]] = defaultdict(dict)
     for k, gs in enumerate(plan.space.sets):
-        if gs.block == "attention" and gs.prunable and gs.attention.valid_counts is not None:
+        if (gs.block == "attention" and gs.prunable and gs.attention.valid_counts is not None
+                and not plan.layer_gone(gs.layer)):  # a removed layer has no head count to keep
             by_prefix[gs.prefix][gs.kind] = k
     repaired: set[int] = set()
     sets = plan.space.sets

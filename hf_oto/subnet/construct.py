@@ -59,11 +59,13 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
         )
     zero = group_is_zero(model, space)
     removed = _removed_groups(space, zero)
-    _pad_ragged(space, removed, layout)
-    overrides = _layer_overrides(space, removed)
+    gone = removed_layers(space, removed)
+    _pad_ragged(space, removed, layout, gone)
+    overrides = [o for i, o in enumerate(_layer_overrides(space, removed)) if i not in gone]
 
     config = copy.deepcopy(base.config)
     drop_dequantized_marks(config)
+    renumber = _drop_layers(config, space.num_layers, gone)
     uniform = all(o == overrides[0] for o in overrides)
     if uniform:
         for key, value in overrides[0].items():
@@ -75,8 +77,8 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
             "layers": overrides,
             "base_class": type(base).__name__,
         })
-    state = _sliced_state(base, space, removed)
-    new = _build(base, config, state)
+    state = _renamed(_sliced_state(base, space, removed), space.layers_path, renumber)
+    new = _build(base, config, state, _renamed({n: n for n, _ in base.named_buffers()}, space.layers_path, renumber))
 
     manifest = Manifest(
         model_type=space.model_type, params_before=space.total_params,
@@ -92,7 +94,7 @@ def kept_indices(model: nn.Module, space: PruningSpace, *,
                  layout: Layout = "global") -> dict[str, dict[int, torch.Tensor]]:
     """param -> dim -> the indices :func:`construct_subnet` keeps there (sorted; non-expert slices)."""
     removed = _removed_groups(space, group_is_zero(model, space))
-    _pad_ragged(space, removed, layout)
+    _pad_ragged(space, removed, layout, removed_layers(space, removed))
     out: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for (param, dim, expert), idx in kept_slices(space, removed).items():
         if expert is None:
@@ -126,14 +128,20 @@ def _removed_groups(space: PruningSpace, zero: torch.Tensor) -> list[set[int]]:
     return removed
 
 
+def removed_layers(space: PruningSpace, removed: list[set[int]]) -> set[int]:
+    """The decoder layers whose whole-layer group is removed (they leave the sub-network)."""
+    return {gs.layer for gs, rm in zip(space.sets, removed, strict=True) if gs.kind == "layer" and rm}
+
+
 def _keep_at_least_one(gs: GroupSet, gone: set[int]) -> None:
-    # Removing the whole block needs a replacement module; for now one zero group stays (exact).
-    if len(gone) == gs.count:
+    # Removing an attention or MLP block alone needs a replacement module; one zero group stays (exact).
+    if len(gone) == gs.count and gs.kind != "layer":
         gone.discard(min(gone))
 
 
-def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) -> None:
-    """Re-admit zero groups where a config cannot express different sizes."""
+def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout, gone_layers: set[int]) -> None:
+    """Re-admit zero groups where a config cannot express different sizes (layers that leave whole
+    do not count)."""
     for gs, gone in zip(space.sets, removed, strict=True):
         _keep_at_least_one(gs, gone)
     # Experts of one layer share one width.
@@ -149,7 +157,7 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout) ->
             _readmit(space.sets[k], removed[k], width)
     by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        if kept_uniform(layout, gs.block):
+        if kept_uniform(layout, gs.block) and gs.layer not in gone_layers:
             by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
     for ks in by_kind.values():
         width = max(space.sets[k].count - len(removed[k]) for k in ks)
@@ -194,6 +202,8 @@ def kept_slices(space: PruningSpace, removed: list[set[int]]) -> dict[tuple[str,
     """(param, dim, expert) -> sorted kept indices, for every sliced tensor, given each set's removed groups."""
     gone: dict[tuple[str, int, int | None], set[int]] = defaultdict(set)
     for gs, rm in zip(space.sets, removed, strict=True):
+        if gs.kind == "layer":
+            continue  # a removed layer leaves whole (_drop_layers), it is not sliced
         for spec in gs.slices:
             key = (spec.param, spec.dim, spec.expert)
             gone[key]  # noqa: B018 - register the key even when nothing is removed
@@ -232,6 +242,33 @@ def _sliced_state(base: nn.Module, space: PruningSpace, removed: list[set[int]])
     return state
 
 
+def _drop_layers(config, num_layers: int, gone: set[int]) -> dict[int, int]:
+    """Take removed layers out of ``config`` (the layer count and every per-layer list, such as
+    ``layer_types``); returns old layer index -> new index for the layers that stay."""
+    if not gone:
+        return {i: i for i in range(num_layers)}
+    kept = [i for i in range(num_layers) if i not in gone]
+    for key, value in config.to_dict().items():
+        if isinstance(value, (list, tuple)) and len(value) == num_layers and key not in (LAYERS_KEY, "architectures"):
+            setattr(config, key, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = len(kept)
+    return {old: new for new, old in enumerate(kept)}
+
+
+def _renamed(named: dict[str, Any], layers_path: str, renumber: dict[int, int]) -> dict[str, Any]:
+    """``named`` with decoder-layer entries moved to their new layer index (removed layers dropped)."""
+    head = layers_path + "."
+    out = {}
+    for name, value in named.items():
+        if not name.startswith(head):
+            out[name] = value
+            continue
+        index, _, rest = name[len(head):].partition(".")
+        if int(index) in renumber:
+            out[f"{head}{renumber[int(index)]}.{rest}"] = value
+    return out
+
+
 def _aliases(base: nn.Module) -> dict[str, str]:
     """state_dict names of tied parameters -> the name named_parameters() reports."""
     first: dict[int, str] = {}
@@ -253,7 +290,9 @@ def drop_dequantized_marks(config) -> None:
         del config.quantization_config
 
 
-def _build(base: nn.Module, config, state: dict[str, torch.Tensor]) -> nn.Module:
+def _build(base: nn.Module, config, state: dict[str, torch.Tensor], buffer_source: dict[str, str]) -> nn.Module:
+    """The pruned model of ``config`` holding ``state``; ``buffer_source`` maps each of its buffer names
+    to the source model's (they differ where layers were removed)."""
     cls = type(base)
     with torch.device("meta"):
         new = cls(config)
@@ -263,11 +302,12 @@ def _build(base: nn.Module, config, state: dict[str, torch.Tensor]) -> nn.Module
     source_buffers = dict(base.named_buffers())
     for name, buf in list(new.named_buffers()):
         if buf.is_meta:  # non-persistent buffers (rotary frequencies, position ids)
-            if name not in source_buffers or source_buffers[name].shape != buf.shape:
+            src = buffer_source.get(name, name)
+            if src not in source_buffers or source_buffers[src].shape != buf.shape:
                 raise ConstructionError(f"buffer {name} of the pruned model could not be filled")
             owner, _, attr = name.rpartition(".")
             module = new.get_submodule(owner) if owner else new
-            module.register_buffer(attr, source_buffers[name].clone(), persistent=False)
+            module.register_buffer(attr, source_buffers[src].clone(), persistent=False)
     if missing or result.unexpected_keys:
         raise ConstructionError(
             f"the pruned {cls.__name__} does not match the sliced weights: missing {missing[:5]}, "

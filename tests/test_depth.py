@@ -1,0 +1,176 @@
+"""Depth pruning: whole decoder layers as groups, removed exactly, exported with fewer layers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tiny import ARCHS, ENCODERS, logits, make_hesso, reload_logits, tiny_model
+
+from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
+from hf_oto.errors import ConfigError
+from hf_oto.groups.depth import with_granularity
+from hf_oto.optim.budget import BudgetRules, Plan, build_items, max_prunable, select
+
+TOL = 1e-5
+DECODERS = [a for a in ARCHS if a not in ENCODERS]
+LAYOUTS = ("global", "per_layer_ffn", "uniform")
+IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _deep(arch: str, layers: int = 3, seed: int = 0):
+    extra = {"n_layer": layers} if arch == "gpt2" else {}
+    return tiny_model(arch, seed=seed, num_hidden_layers=layers, **extra)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Every decoder architecture with its middle layer and some heads and channels zeroed, in every layout."""
+    root = tmp_path_factory.mktemp("depth")
+    cases = {}
+    for i, arch in enumerate(DECODERS):
+        model = _deep(arch, seed=i)
+        space = with_granularity(model, discover_groups(model), "both")
+        rng = random.Random(i)
+        names = [g.name for g in space if g.prunable and g.kind != "layer" and rng.random() < 0.3]
+        zero_groups(model, space, names + [f"{space.layers_path}.1.layer.0"])
+        full = logits(model, IDS)
+        for layout in LAYOUTS:
+            sub = construct_subnet(model, space, layout=layout)
+            out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
+            cases[f"{arch}-{layout}"] = dict(sub=sub.model, manifest=sub.manifest, full=full, dir=out,
+                                             source=model.config)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def reloaded(exports, tmp_path_factory):
+    dirs = {key: {"dir": str(c["dir"]), "remote": "auto_map" in json.loads((c["dir"] / "config.json").read_text())}
+            for key, c in exports.items()}
+    return reload_logits(dirs, IDS, tmp_path_factory.mktemp("reload"))
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_zeroed_layer_is_removed_and_the_export_reloads_without_hf_oto(exports, reloaded, arch, layout):
+    case = exports[f"{arch}-{layout}"]
+    sub = case["sub"]
+    assert sub.config.num_hidden_layers == 2
+    assert (logits(sub, IDS) - case["full"]).abs().max().item() <= TOL
+    assert (reloaded[f"{arch}-{layout}"] - case["full"]).abs().max().item() <= TOL
+    cfg = json.loads((case["dir"] / "config.json").read_text())
+    source = case["source"]
+    for key, value in source.to_dict().items():  # per-layer lists lose the removed layer's entry
+        if isinstance(value, list) and len(value) == 3 and key != "architectures":
+            assert cfg[key] == [value[0], value[2]], key
+    assert case["manifest"].params_after == sum(p.numel() for p in sub.parameters())
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_uniform_layer_removal_is_a_stock_config(exports, arch):
+    cfg = json.loads((exports[f"{arch}-uniform"]["dir"] / "config.json").read_text())
+    assert "auto_map" not in cfg and not cfg.get("hf_oto_layers")
+
+
+def test_layer_types_follow_the_layers_that_stay():
+    model = _deep("gemma2", layers=4)  # sliding and full attention alternate
+    space = with_granularity(model, discover_groups(model), "depth")
+    before = list(model.config.layer_types)
+    assert len(set(before)) == 2
+    zero_groups(model, space, [f"{space.layers_path}.0.layer.0"])
+    full = logits(model, IDS)
+    sub = construct_subnet(model, space, layout="uniform").model
+    assert sub.config.layer_types == before[1:]
+    assert (logits(sub, IDS) - full).abs().max().item() <= TOL
+
+
+def test_a_post_norm_layer_is_not_offered():
+    model = tiny_model("bert")
+    with pytest.raises(ConfigError, match="does not pass its input through"):
+        with_granularity(model, discover_groups(model), "depth")
+
+
+def test_the_identity_probe_leaves_the_weights_bit_for_bit():
+    model = _deep("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with_granularity(model, discover_groups(model), "both")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_depth_alone_keeps_the_width_sets_for_the_record_but_unprunable():
+    model = _deep("llama")
+    width = discover_groups(model)
+    space = with_granularity(model, width, "depth")
+    prunable = [gs for gs in space.sets if gs.prunable]
+    assert {gs.kind for gs in prunable} == {"layer"} and len(prunable) == 3
+    assert len(space.sets) == len(width.sets) + 3
+    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert space.prunable_params == 3 * layer_params
+
+
+def test_a_removed_layer_frees_all_of_its_parameters_once():
+    model = _deep("llama")
+    space = with_granularity(model, discover_groups(model), "both")
+    plan = Plan(space)
+    k_ffn = next(k for k, gs in enumerate(space.sets) if gs.kind == "ffn_channel" and gs.layer == 1)
+    k_layer = space.layer_sets()[1]
+    plan.removed[k_ffn].update(range(8))
+    assert plan.pruned_params() == 8 * space.sets[k_ffn].params_per_group
+    layer_params = space.sets[k_layer].params_per_group
+    assert plan.gain(k_layer, 1) == layer_params - 8 * space.sets[k_ffn].params_per_group
+    plan.removed[k_layer].add(0)
+    assert plan.pruned_params() == layer_params
+    assert plan.gain(k_ffn, 8) == 0  # channels of a removed layer free nothing more
+
+
+def test_the_planner_keeps_one_layer_and_prefers_the_cheapest_layers():
+    model = _deep("llama", layers=4)
+    space = with_granularity(model, discover_groups(model), "depth")
+    rules = BudgetRules(layout="uniform")
+    layer = space.sets[space.layer_sets()[0]].params_per_group
+    assert max_prunable(space, rules) == 3 * layer  # one layer always stays
+    scores = torch.ones(len(space))
+    whole = space.layer_sets()
+    for i, s in zip((0, 1, 2, 3), (4.0, 0.5, 3.0, 0.1), strict=True):
+        scores[space.set_offset(whole[i])] = s
+    plan = Plan(space)
+    got = select(plan, build_items(space, scores, plan, rules), 2 * layer, 0.01)
+    assert got == 2 * layer
+    assert {i for i, k in whole.items() if plan.removed[k]} == {1, 3}
+
+
+def test_hesso_removes_whole_layers_to_the_exact_target():
+    """HESSO with depth groups only: the target is met exactly, the zeroed layers leave the export and
+    the sub-network computes what the zeroed model does."""
+    torch.manual_seed(0)
+    model = _deep("llama", layers=4).train()
+    space = with_granularity(model, discover_groups(model), "depth")
+    layer = space.sets[space.layer_sets()[0]].params_per_group
+    opt = make_hesso(model, space, base_kwargs={"lr": 1e-2}, target_params=2 * layer, start_pruning_step=1,
+                     pruning_steps=4, pruning_periods=2, layout="uniform")
+    ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    sub = construct_subnet(model, space, layout="uniform")
+    assert sub.model.config.num_hidden_layers == 2
+    assert sub.manifest.params_before - sub.manifest.params_after == 2 * layer
+    assert (logits(sub.model, IDS) - logits(model, IDS)).abs().max().item() <= TOL
+
+
+def test_depth_with_peft_adapters_is_refused_in_one_line():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_deep("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="no peft adapters"):
+        with_granularity(model, discover_groups(model), "both")
+
+
+def test_an_unknown_granularity_is_refused():
+    model = _deep("llama")
+    with pytest.raises(ConfigError, match="pruning_granularity must be one of"):
+        with_granularity(model, discover_groups(model), "layers")
