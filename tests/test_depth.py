@@ -174,3 +174,78 @@ def test_an_unknown_granularity_is_refused():
     model = _deep("llama")
     with pytest.raises(ConfigError, match="pruning_granularity must be one of"):
         with_granularity(model, discover_groups(model), "layers")
+
+
+def _trainer_args(out, **kw):
+    from compat_setup import trainer_args
+
+    return trainer_args(out, max_steps=16, pruning_periods=2, **kw)
+
+
+@pytest.mark.parametrize("granularity", ["depth", "both"])
+def test_the_trainer_prunes_layers_and_exports_a_stock_model_with_fewer_layers(tmp_path, granularity):
+    from compat_setup import Tokens
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.trainer import HFOTOTrainer
+
+    model = _deep("llama", layers=4)
+    args = _trainer_args(tmp_path / "run", pruning_granularity=granularity, target_sparsity=0.5)
+    trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens())
+    trainer.train()
+    out = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    model.eval()
+    assert (logits(reloaded, IDS) - logits(model, IDS)).abs().max().item() <= TOL
+    kept = reloaded.config.num_hidden_layers
+    if granularity == "depth":
+        assert kept == 2  # half of the prunable parameters: two whole layers of four
+    else:
+        assert kept < 4 or reloaded.config.intermediate_size < 48 or reloaded.config.num_key_value_heads < 2
+    manifest = json.loads((tmp_path / "pruned" / "pruning_manifest.json").read_text())
+    assert sum(1 for s in manifest["sets"] if s["kind"] == "layer" and not s["kept"]) == 4 - kept
+
+
+def test_a_depth_run_resumes_bit_exactly(tmp_path):
+    from compat_setup import Tokens
+
+    from hf_oto.trainer import HFOTOTrainer
+
+    full = _deep("llama", layers=4)
+    HFOTOTrainer(model=full, args=_trainer_args(tmp_path / "a", pruning_granularity="both"),
+                 train_dataset=Tokens()).train()
+    first = _deep("llama", layers=4)
+    HFOTOTrainer(model=first, args=_trainer_args(tmp_path / "b", pruning_granularity="both", save_strategy="steps",
+                                                 save_steps=7), train_dataset=Tokens()).train()
+    resumed = _deep("llama", layers=4)
+    trainer = HFOTOTrainer(model=resumed, args=_trainer_args(tmp_path / "c", pruning_granularity="both"),
+                           train_dataset=Tokens())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-7"))
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_qfa_with_depth_is_refused_before_training(tmp_path):
+    from compat_setup import Tokens
+
+    from hf_oto.trainer import HFOTOTrainer
+
+    args = _trainer_args(tmp_path / "run", pruning_granularity="depth", qfa=True, qfa_quantizer="rtn",
+                          qfa_group_size=16)
+    with pytest.raises(ConfigError, match="pruning_granularity: width"):
+        HFOTOTrainer(model=_deep("llama"), args=args, train_dataset=Tokens())
+
+
+def test_block_influence_ranks_the_layer_that_turns_the_hidden_states_least_lowest():
+    from hf_oto.optim.oneshot import oneshot_scores
+
+    model = _deep("llama", layers=4)
+    with torch.no_grad():  # layer 2 nearly passes its input through: its output projections almost vanish
+        model.model.layers[2].self_attn.o_proj.weight.mul_(1e-3)
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
+    space = with_granularity(model, discover_groups(model), "depth")
+    batches = [{"input_ids": torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(3))}]
+    scores = oneshot_scores(model, space, "block_influence", batches)
+    per_layer = {i: float(scores[space.set_offset(k)]) for i, k in space.layer_sets().items()}
+    assert min(per_layer, key=per_layer.get) == 2
+    assert per_layer[2] < 0.01 * sorted(per_layer.values())[1]

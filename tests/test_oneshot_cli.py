@@ -46,6 +46,7 @@ def test_oneshot_cli_exports_a_checked_model_with_card_and_recipe_and_reruns_it(
     (["--criterion", "random", "--target_sparsity", "0.3"], "criterion must be one of"),
     (["--target_sparsity", "0.3"], "give --out DIR"),
     (["--target_sparsity", "0.999"], "cannot be reached"),
+    (["--criterion", "block_influence", "--target_sparsity", "0.3"], "add --pruning_granularity depth"),
     ([], "give a model and a target"),
 ])
 def test_oneshot_bad_input_is_one_line_before_any_work(tmp_path, base, args, message):
@@ -54,3 +55,21 @@ def test_oneshot_bad_input_is_one_line_before_any_work(tmp_path, base, args, mes
     proc = hfoto("oneshot", base, *args, "--calibration", corpus, *out, "--block_size", "16", cwd=tmp_path)
     assert message in user_error(proc)
     assert not (tmp_path / "o").exists()
+
+
+def test_oneshot_layer_removal_by_block_influence_exports_fewer_layers(tmp_path):
+    """ShortGPT from the command line: whole layers ranked by block influence, a stock export with fewer layers."""
+    folder = tmp_path / "deep"
+    tiny_model("llama", num_hidden_layers=4, intermediate_size=64, vocab_size=64).save_pretrained(folder)
+    no_pad_tokenizer(folder)
+    corpus = word_corpus(tmp_path / "calib.txt", 200)
+    out = tmp_path / "short"
+    proc = hfoto("oneshot", folder, "--criterion", "block_influence", "--pruning_granularity", "depth",
+                 "--target_sparsity", "0.5", "--calibration", corpus, "--out", out, "--block_size", "16",
+                 "--calibration_batches", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and "auto_map" not in config
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    assert manifest["oneshot"]["granularity"] == "depth"
+    assert manifest["oneshot"]["pruned_fraction"] == 0.5

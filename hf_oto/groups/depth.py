@@ -78,6 +78,8 @@ def _representatives(layers: nn.ModuleList) -> dict[tuple, int]:
 def _not_identity(model: nn.Module, layer: nn.Module) -> str:
     """Why this layer, its weights zeroed, does not pass its hidden states through ("" when it does)."""
     params = [p for p in layer.parameters()]
+    if any(p.is_meta for p in params):
+        return ""  # a meta-device model (a pre-flight) has no values to probe: the real model is probed when it loads
     saved = [p.detach().clone() for p in params]
     seen: dict[str, torch.Tensor] = {}
 

@@ -46,11 +46,10 @@ def oneshot_settings(model: str | None, criterion: str, target_sparsity: float |
 
 def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> dict[str, Any]:
     """Check, load, score on calibration batches, prune, export with card and recipe, verify; the summary."""
-    from hf_oto import construct_subnet, discover_groups
+    from hf_oto import construct_subnet
     from hf_oto.data import load_documents, load_eval_documents, train_eval_blocks
     from hf_oto.export.save import save_pruned
     from hf_oto.export.verify import verify_export
-    from hf_oto.groups.exclude import exclude_groups
     from hf_oto.job.args import build_arguments
     from hf_oto.job.build import load_model, load_tokenizer, provenance
     from hf_oto.job.log import job_logger
@@ -60,6 +59,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     from hf_oto.metrics import perplexity
     from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
+    from hf_oto.trainer.setup import pruning_space
 
     settings = dict(settings)
     job = {k: settings.pop(k) for k in ONESHOT_KEYS if k in settings}
@@ -72,6 +72,8 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         raise ConfigError("give --out DIR: the folder the pruned model is written to")
     with tempfile.TemporaryDirectory(prefix="hf-oto-oneshot-") as work:
         margs, dargs, targs = build_arguments(dict(settings, output_dir=settings.get("output_dir", work)), where)
+        if criterion == "block_influence" and targs.pruning_granularity == "width":
+            raise ConfigError("criterion block_influence ranks whole layers: add --pruning_granularity depth (or both)")
         checked = preflight(margs, dargs, targs)  # model, data, export folder, reachable target: before any work
         logger = job_logger(targs)
         torch.manual_seed(targs.seed)
@@ -83,7 +85,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         size = targs.per_device_train_batch_size
         calib = [{"input_ids": train_blocks[order[i * size:(i + 1) * size]]}
                  for i in range(min(batches, len(train_blocks) // size or 1))]
-        space = exclude_groups(discover_groups(model), targs.pruning_exclude, targs.pruning_layout)
+        space = pruning_space(model, targs)
         before = perplexity(model, eval_blocks)
         needs_data = criterion != "magnitude"  # magnitude reads the weights only
         scores = oneshot_scores(model, space, criterion, calib if needs_data else None)
@@ -98,6 +100,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         record = {"criterion": criterion, "calibration_batches": len(calib) if needs_data else 0,
                   "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
                   "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple, "pricing": pricing,
+                  **({"granularity": targs.pruning_granularity} if targs.pruning_granularity != "width" else {}),
                   **({"prices": [p.to_dict() for p in prices]} if prices else {}),
                   "pruned_fraction": plan.pruned_params() / space.prunable_params}
         out = save_pruned(subnet, checked.pruned, tokenizer, source=origin.get("source"),

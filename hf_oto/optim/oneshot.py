@@ -1,6 +1,6 @@
 """One-shot structured pruning on the same groups and budget as HESSO (the benchmark's baselines).
 
-Three criteria, each a score per group (higher = keep):
+Four criteria, each a score per group (higher = keep):
 
 - ``"magnitude"``: the group's L2 norm over all of its slices.
 - ``"taylor"``: first-order Taylor importance on calibration batches (LLM-Pruner style): the sum
@@ -8,6 +8,9 @@ Three criteria, each a score per group (higher = keep):
 - ``"wanda_sp"``: activation-weighted magnitude (Wanda-sp / FLAP style): for the group's input
   columns of the consuming ``nn.Linear`` (``o_proj`` for heads, ``down_proj`` for FFN channels),
   ``sum_j ||X_j||_2 * sum_i |W_ij|`` with ``X_j`` the calibration activations of input feature j.
+- ``"block_influence"``: whole decoder layers (depth groups, ShortGPT style): one minus the mean
+  cosine similarity between each token's hidden state entering and leaving the layer on calibration
+  batches (a layer that barely turns the residual stream goes first); other groups by magnitude.
 
 Scores are divided by the mean score of their kind, so heads and FFN channels compete on relative
 importance (as FLAP standardises attention and MLP separately); given a ``probe``
@@ -33,8 +36,8 @@ from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_re
 from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
-Criterion = Literal["magnitude", "taylor", "wanda_sp"]
-CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp")
+Criterion = Literal["magnitude", "taylor", "wanda_sp", "block_influence"]
+CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp", "block_influence")
 
 
 def _progress(batches: list[dict[str, torch.Tensor]]):
@@ -149,7 +152,51 @@ class WandaSP:
         return _wanda_sp(evidence.model, space, evidence.batches)
 
 
-BY_NAME: dict[str, Importance] = {"magnitude": Magnitude(), "taylor": Taylor(), "wanda_sp": WandaSP()}
+@torch.no_grad()
+def _block_influence(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    whole = space.layer_sets()
+    if not whole:
+        raise ConfigError("block_influence scores whole layers: prune with pruning_granularity 'depth' or 'both'")
+    layers = model.get_submodule(space.layers_path)
+    turned: dict[int, list[float]] = {i: [0.0, 0.0] for i in whole}  # layer -> [sum of 1 - cos, tokens]
+
+    def hook(i: int):
+        def fn(_module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            turned[i][0] += float((1 - cos).sum())
+            turned[i][1] += cos.numel()
+        return fn
+
+    handles = [layers[i].register_forward_hook(hook(i), with_kwargs=True) for i in whole]
+    was_training = model.training
+    model.eval()
+    try:
+        for b in _progress(batches):
+            _forward(model, b, with_loss=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    scores = group_statistics(dict(model.named_parameters()), space).sq.sqrt()
+    for i, k in whole.items():
+        scores[space.set_offset(k)] = turned[i][0] / max(turned[i][1], 1)
+    return scores
+
+
+@dataclass(frozen=True)
+class BlockInfluence:
+    """ShortGPT's block influence of whole layers: 1 - mean cos(hidden in, hidden out); others by magnitude."""
+
+    needs_batches: ClassVar[bool] = True
+
+    def __call__(self, space: PruningSpace, evidence: Evidence) -> torch.Tensor:
+        return _block_influence(evidence.model, space, evidence.batches)
+
+
+BY_NAME: dict[str, Importance] = {"magnitude": Magnitude(), "taylor": Taylor(), "wanda_sp": WandaSP(),
+                                  "block_influence": BlockInfluence()}
 
 
 def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion | Importance,

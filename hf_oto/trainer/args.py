@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from hf_oto.errors import ConfigError
 from hf_oto.export.formats import ExportFormat
+from hf_oto.groups.depth import Granularity
 from hf_oto.groups.space import Layout
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
 from hf_oto.optim.budget import SELECTIONS
@@ -48,6 +49,11 @@ class HFOTOTrainingArguments(TrainingArguments):
         metadata={"help": "'uniform' (same counts in every layer: stock config, loads everywhere), "
                           "'per_layer_ffn' (attention uniform, FFN widths per layer: DeciLM for Llama) or "
                           "'global' (per-layer sizes of everything: remote code)"},
+    )
+    pruning_granularity: Granularity = field(
+        default="width",
+        metadata={"help": "what may be removed: 'width' (attention heads, kv groups, FFN channels), 'depth' (whole "
+                          "decoder layers: the export has fewer layers) or 'both' (one budget chooses)"},
     )
     pruning_exclude: list[str] | None = field(
         default=None,

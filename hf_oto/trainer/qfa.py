@@ -35,6 +35,8 @@ def check_qfa_setup(model: torch.nn.Module, args, space: PruningSpace | None) ->
     targets = check_targets(model, config)
     if space is None:
         return None
+    if args.pruning_granularity != "width":
+        raise ConfigError("qfa with pruning takes pruning_granularity: width (its quantized export keeps every layer)")
     if args.pruning_layout != "uniform":
         raise ConfigError("qfa with pruning needs pruning_layout: uniform (the quantized export is the stock "
                           "architecture config)")

@@ -11,6 +11,7 @@ import torch
 from hf_oto.errors import ConfigError
 from hf_oto.export.formats import EXPORT_FORMATS, decilm_setup_problem
 from hf_oto.groups import discover_groups, unwrap_peft
+from hf_oto.groups.depth import with_granularity
 from hf_oto.groups.exclude import exclude_groups
 from hf_oto.groups.space import PruningSpace
 from hf_oto.trainer.args import HFOTOTrainingArguments
@@ -26,6 +27,12 @@ def check_format_and_layout(export_format: str, layout: str, model_type: str) ->
         raise ConfigError(f"export_format 'decilm' {problem}")
 
 
+def pruning_space(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
+    """The groups the arguments make prunable: discovery, then ``pruning_granularity``, then ``pruning_exclude``."""
+    space = with_granularity(model, discover_groups(model), args.pruning_granularity)
+    return exclude_groups(space, args.pruning_exclude, args.pruning_layout)
+
+
 def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
     """Discover the groups and check every pruning setting before any training (works on meta models).
 
@@ -33,7 +40,7 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
     groups, LoRA adapters that touch no prunable module, a target the constraints cannot reach,
     or a schedule that does not fit in ``max_steps``.
     """
-    space = exclude_groups(discover_groups(model), args.pruning_exclude, args.pruning_layout)
+    space = pruning_space(model, args)
     if space.prunable_params == 0:
         raise ConfigError("this model has no prunable groups" + (" left after pruning_exclude" if args.pruning_exclude
                                                                  else " (hf-oto inspect shows why)"))

@@ -26,7 +26,7 @@ from hf_oto.trainer.setup import check_launch, check_setup
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 # Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
 # such a checkpoint resumes with that value where the setting is left at "auto".
-ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency"}
+ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency", "pruning_granularity": "width"}
 
 
 class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
