@@ -139,6 +139,15 @@ class Manifest:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
         return path
 
+    def removed_layers(self) -> tuple[int, ...]:
+        """Source decoder layers removed whole (depth pruning); set records keep the source's layer numbers."""
+        return tuple(sorted(s.layer for s in self.sets if s.kind == "layer" and not s.kept))
+
+    def export_layer(self, layer: int) -> int | None:
+        """The index in the export of source layer ``layer`` (None when it was removed)."""
+        gone = self.removed_layers()
+        return None if layer in gone else layer - sum(1 for g in gone if g < layer)
+
     def kept_by_kind(self) -> dict[str, tuple[int, int]]:
         """kind -> (groups kept, groups) over the whole model."""
         out: dict[str, list[int]] = {}

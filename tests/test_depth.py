@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from tiny import ARCHS, ENCODERS, logits, make_hesso, reload_logits, tiny_model
@@ -249,3 +250,27 @@ def test_block_influence_ranks_the_layer_that_turns_the_hidden_states_least_lowe
     per_layer = {i: float(scores[space.set_offset(k)]) for i, k in space.layer_sets().items()}
     assert min(per_layer, key=per_layer.get) == 2
     assert per_layer[2] < 0.01 * sorted(per_layer.values())[1]
+
+
+@pytest.mark.parametrize("layout, arch", [("uniform", "llama"), ("global", "deci")])
+def test_gguf_of_a_model_with_a_removed_layer_has_fewer_blocks(tmp_path, layout, arch):
+    gguf = pytest.importorskip("gguf")
+    from hf_oto.data import train_tokenizer
+    from hf_oto.export.gguf import export_gguf
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab=300)
+    model = tiny_model("llama", seed=3, vocab_size=320, num_hidden_layers=3, intermediate_size=48)
+    space = with_granularity(model, discover_groups(model), "both")
+    ffn = [g.name for g in space if g.kind == "ffn_channel" and g.layer == 2 and int(g.name.rsplit(".", 1)[1]) < 8]
+    zero_groups(model, space, ffn + [f"{space.layers_path}.1.layer.0"])
+    sub = construct_subnet(model, space, layout=layout)
+    folder = save_pruned(sub, tmp_path / layout, tokenizer=tok, source="tiny-llama")
+    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / f"{layout}.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    assert fields["general.architecture"] == arch and fields[f"{arch}.block_count"] == 2
+    assert {n.split(".")[1] for n in tensors if n.startswith("blk.")} == {"0", "1"}
+    down = sub.model.model.layers[1].mlp.down_proj.weight  # the source's layer 2, now layer 1
+    assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(down.shape),
+                          down.detach().float().numpy() if tensors["blk.1.ffn_down.weight"].data.dtype != np.float16
+                          else down.detach().half().numpy())

@@ -217,7 +217,8 @@ def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: Ma
         if tuple(tensors[name]) != dims:
             raise ExportError(f"{name} is {tuple(tensors[name])}, the config says {dims}")
     for s in manifest.sets if manifest is not None else ():
-        layer = shape.layers[s.layer] if 0 <= s.layer < len(shape.layers) else None
+        i = manifest.export_layer(s.layer)
+        layer = shape.layers[i] if i is not None and 0 <= i < len(shape.layers) else None
         if layer is None:
             continue
         has = {"ffn_channel": layer.ffn, "kv_group": layer.kv_heads, "attention_head": layer.kv_heads}.get(s.kind)

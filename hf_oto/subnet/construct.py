@@ -83,7 +83,8 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     manifest = Manifest(
         model_type=space.model_type, params_before=space.total_params,
         params_after=sum(p.numel() for p in new.parameters()), layout="uniform" if uniform else "per-layer",
-        sets=tuple(SetRecord(gs.prefix, gs.kind, gs.layer, gs.count, tuple(j for j in range(gs.count) if j not in rm))
+        sets=tuple(SetRecord(gs.prefix, gs.kind, gs.layer, gs.count,
+                             () if gs.layer in gone else tuple(j for j in range(gs.count) if j not in rm))
                    for gs, rm in zip(space.sets, removed, strict=True)),
         flops_per_token_before=linear_flops_per_token(base), flops_per_token_after=linear_flops_per_token(new),
     )
