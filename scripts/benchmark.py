@@ -59,7 +59,7 @@ QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, 
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
 METHODS = ("dense", "dense_bf16", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_cric_kd",
            "hesso_pp", "hesso_pp_kd", "magnitude", "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd",
-           "torch_pruning")
+           "torch_pruning", "block_influence", "block_influence_kd")
 # HESSO runs as HFOTOTrainer's defaults with distillation on (and once more with CRIC); the one-shot
 # baselines with and without the same distillation; HESSO without distillation is --methods hesso.
 DEFAULT_METHODS = ("dense", "dense_bf16", "scratch", "hesso_kd", "hesso_cric_kd", "magnitude", "taylor", "wanda_sp",
@@ -80,7 +80,9 @@ LABELS = {"dense": "dense + same training (control)",
           "taylor_kd": "Taylor, one-shot + train with distillation",
           "wanda_sp_kd": "Wanda-sp, one-shot + train with distillation",
           "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
-          "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train"}
+          "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train",
+          "block_influence": "ShortGPT (block influence), one-shot layer removal + train",
+          "block_influence_kd": "ShortGPT (block influence), one-shot layer removal + train with distillation"}
 
 
 def _trainer_defaults() -> dict[str, Any]:
@@ -137,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--layout", default="uniform", choices=("uniform", "per_layer_ffn"),
                    help="pruned layout of every method: uniform (stock config) or per-layer FFN widths")
+    p.add_argument("--granularity", default="width", choices=("width", "depth", "both"),
+                   help="what every method may remove: heads and channels, whole layers, or both (HESSO's "
+                        "pruning_granularity; block_influence rows need depth or both)")
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
     from hf_oto.optim.budget import SELECTIONS
     from hf_oto.optim.criteria import CRITERIA
@@ -195,6 +200,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.layout != "uniform" and {"scratch", "torch_pruning"} & set(a.methods):
         p.error("--layout per_layer_ffn: the scratch and torch_pruning rows build uniform shapes only; "
                 "leave them out of --methods")
+    if a.granularity == "width" and {"block_influence", "block_influence_kd"} & set(a.methods):
+        p.error("--methods block_influence*: ShortGPT removes whole layers; add --granularity depth (or both)")
+    if a.granularity != "width" and {"scratch", "torch_pruning"} & set(a.methods):
+        p.error(f"--granularity {a.granularity}: the scratch and torch_pruning rows remove heads and channels only; "
+                "leave them out of --methods")
     if a.steps < 30:
         p.error("--steps must be at least 30 (HESSO needs room for CRIC and its periods)")
     if a.report + a.update + a.resume > 1:
@@ -206,7 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{'report' if a.report else 'update'} needs an earlier run's {stored}")
         old = json.loads(stored.read_text()).get("settings")
         before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None,
-                  "distill_weight": 0.5, "pricing": "saliency"}
+                  "distill_weight": 0.5, "pricing": "saliency",
+                  "granularity": "width"}
         old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
@@ -231,7 +242,7 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
     """What every row of one results file must share (an --update run must match them)."""
     keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
             "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude",
-            "distill_weight")
+            "distill_weight", "granularity")
     out = {k: getattr(a, k) for k in keys}
     out["pricing"] = "measured" if a.pricing == "auto" else a.pricing  # HFOTOTrainingArguments.resolved_pricing
     if a.reference == "smollm2":  # the same model wherever the fp32 folder was written
@@ -396,13 +407,14 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     from transformers import AutoModelForCausalLM
 
     from hf_oto import construct_subnet, discover_groups, exclude_groups
+    from hf_oto.groups.depth import with_granularity
     from hf_oto.job.oneshot_job import PRICING_BATCHES
     from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(ref)
-    space = exclude_groups(discover_groups(model), a.exclude, a.layout)
+    space = exclude_groups(with_granularity(model, discover_groups(model), a.granularity), a.exclude, a.layout)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": a.seed}
     if method in DENSE:
@@ -433,7 +445,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
                         pruning_criterion="hesso" if ema is not None else a.hesso_criterion,
                         ffn_multiple=a.ffn_multiple, saliency_ema=ema, use_cric=cric, cric_sampling_steps=sampling,
                         cric_max_cycles=3, distill=method.endswith("_kd"), distill_weight=a.distill_weight,
-                        pruning_exclude=a.exclude, pruning_pricing=a.pricing,
+                        pruning_exclude=a.exclude, pruning_pricing=a.pricing, pruning_granularity=a.granularity,
                         pruning_selection="per_param" if "_pp" in method else a.hesso_selection)
         final = construct_subnet(model, trainer.pruning_space, layout=a.layout).model
         row["hesso_settings"] = dict(hesso_settings(a), criterion=trainer.hesso.config.criterion,
@@ -473,6 +485,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     row["step_seconds"] = round(a.last_step_seconds, 2)
     row.update(evaluate_model(final, eval_blocks, a))
     row["kept"] = kept_shape(final.config) if method not in DENSE else {}
+    if method not in DENSE and a.granularity != "width":
+        row["kept"]["layers"] = final.config.num_hidden_layers
     return row
 
 
@@ -699,7 +713,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def shape_cell(k: dict[str, Any]) -> str:
     """Kept heads / kv heads / FFN width of one run ("all" for the dense control)."""
-    return f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}" if k else "all"
+    if not k:
+        return "all"
+    layers = f" in {k['layers']} layers" if "layers" in k else ""
+    return f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}{layers}"
 
 
 def seed_shapes(rows: list[dict[str, Any]]) -> list[tuple[str, list[int]]]:
@@ -779,7 +796,11 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"- wall time: {res['wall_minutes']:.1f} min in all; date: {res['date']}",
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, "
-             f"FFN multiple {a.ffn_multiple}; kinds priced by "
+             f"FFN multiple {a.ffn_multiple}; "
+             + {"width": "", "depth": "whole decoder layers only (granularity depth); ",
+                "both": "heads, channels and whole layers in one budget (granularity both); "}[
+                 getattr(a, "granularity", "width")]
+             + "kinds priced by "
              + ("the loss each kind's removal measures (pruning_pricing 'measured')"
                 if settings(a)["pricing"] == "measured" else "the criterion's units (pruning_pricing 'saliency')")
              + f"; HESSO {_hesso_line(rows, a)}; distillation "

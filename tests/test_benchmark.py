@@ -121,3 +121,23 @@ def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
     assert all(r["ppl"] > 1 for r in res["rows"])
     assert res["qfa_hesso_export_mib"] > 0
     assert (tmp_path / "res" / "qfa.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_depth_rows_remove_whole_layers(tmp_path):
+    """--granularity depth: HESSO and ShortGPT's block influence both meet the budget by removing one of the
+    two layers, and the table names the layers kept."""
+    import benchmark
+
+    common = ["--quick", "--sparsities", "0.5", "--seeds", "1", "--references", "gqa", "--skip_speed",
+              "--section", "pruning", "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")]
+    try:
+        benchmark.main(common + ["--methods", "block_influence_kd"])
+        raise AssertionError("a layer-removal row was accepted with --granularity width")
+    except SystemExit as e:
+        assert e.code == 2
+    text = benchmark.main(common + ["--granularity", "depth", "--methods", "hesso_kd", "block_influence_kd"])
+    text = text.read_text()
+    rows = json.loads((tmp_path / "res" / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"hesso_kd", "block_influence_kd"}
+    assert all(r["kept"]["layers"] == 1 and r["pruned_fraction"] == 0.5 for r in rows)
+    assert " in 1 layers" in text and "ShortGPT" in text
