@@ -118,6 +118,8 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
                  ("parameters before", f"{space.total_params:,}"),
                  ("parameters after (export)", f"{params_after:,} ({100 * params_after / space.total_params:.1f}%)"),
                  ("prunable parameters removed", f"{100 * record['pruned_fraction']:.1f}%"),
+                 *([("decoder layers", f"{space.num_layers} -> {subnet.model.config.num_hidden_layers}")]
+                   if space.layer_sets() else []),
                  ("eval perplexity, before", f"{before:.2f}"), ("eval perplexity, pruned", f"{after:.2f}"),
                  ("eval perplexity, export reloaded without hf_oto", f"{reloaded:.2f}"),
                  ("pruned model", str(out))])
