@@ -1,6 +1,7 @@
 """Step 1 of the data flow: find the prunable groups of a model."""
 
-from hf_oto.groups.discover import discover_groups, register_rule, unwrap_peft
+from hf_oto.groups.discover import discover_groups, register_rule
+from hf_oto.groups.names import unwrap_peft
 from hf_oto.groups.space import Group, GroupSet, PruningSpace, SliceSpec, group_is_zero, zero_groups
 
 __all__ = [

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec
+from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_signature
 
 Granularity = Literal["width", "depth", "both"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -54,7 +54,7 @@ def layer_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
     for i, layer in enumerate(layers):
         prefix = f"{space.layers_path}.{i}"
         params = [(f"{prefix}.{n}", p) for n, p in layer.named_parameters()]
-        why = reason[_signature(layer)]
+        why = reason[layer_signature(layer)]
         if any(p.dim() == 0 for _, p in params):
             why = why or "the layer holds a scalar parameter"
         slices = [SliceSpec(name, 0, torch.arange(p.shape[0]).view(1, -1)) for name, p in params if p.dim() > 0]
@@ -63,14 +63,10 @@ def layer_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
     return out
 
 
-def _signature(layer: nn.Module) -> tuple:
-    return (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
-
-
 def _representatives(layers: nn.ModuleList) -> dict[tuple, int]:
     out: dict[tuple, int] = {}
     for i, layer in enumerate(layers):
-        out.setdefault(_signature(layer), i)
+        out.setdefault(layer_signature(layer), i)
     return out
 
 

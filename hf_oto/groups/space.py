@@ -42,6 +42,13 @@ def find_decoder_layers(model: nn.Module, num_layers: int | None) -> tuple[str, 
     return None
 
 
+def layer_signature(layer: nn.Module) -> tuple:
+    """Structure of a decoder layer: module classes and parameter shapes, by relative name."""
+    mods = tuple((n, type(m).__name__) for n, m in layer.named_modules())
+    params = tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
+    return mods, params
+
+
 def kept_uniform(layout: str, block: str) -> bool:
     """Whether ``layout`` keeps the same count in every layer for groups of this block (whole layers
     leave one by one in every layout: a stock config just has fewer of them)."""

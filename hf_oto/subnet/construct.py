@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConstructionError
-from hf_oto.groups.discover import unwrap_peft
+from hf_oto.groups.names import unwrap_peft
 from hf_oto.groups.space import (
     LAYOUTS,
     GroupSet,
