@@ -274,3 +274,8 @@ def test_gguf_of_a_model_with_a_removed_layer_has_fewer_blocks(tmp_path, layout,
     assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(down.shape),
                           down.detach().float().numpy() if tensors["blk.1.ffn_down.weight"].data.dtype != np.float16
                           else down.detach().half().numpy())
+
+
+def test_the_card_names_the_removed_layers(exports):
+    card = (exports["llama-uniform"]["dir"] / "README.md").read_text()
+    assert "Decoder layers removed whole: 1 of 3 (1, numbered as in the source model" in card

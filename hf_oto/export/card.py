@@ -114,9 +114,20 @@ def render_card(manifest: Manifest) -> str:
         method=method_text(manifest), evaluation=evaluation, auto_class=manifest.auto_class,
         load_kwargs=", trust_remote_code=True" if manifest.per_layer else "",
         remote_note=_format_note(manifest.export_format or "stock"),
+        layers_note=_layers_text(manifest),
         sets=[s.to_dict() for s in manifest.sets],
     )
     return str(card)
+
+
+def _layers_text(manifest: Manifest) -> str:
+    """Which decoder layers left whole ("" when none did); the table below keeps the source's numbering."""
+    gone = manifest.removed_layers()
+    if not gone:
+        return ""
+    total = len({s.layer for s in manifest.sets if s.kind == "layer"})
+    return (f"Decoder layers removed whole: {len(gone)} of {total} ({', '.join(map(str, gone))}, numbered as in "
+            "the source model; the layers that stay are renumbered from 0 in this model).")
 
 
 def hub_metadata(datasets: Sequence[str] | None, base_model: str | None, relation: str) -> dict[str, Any]:
