@@ -546,12 +546,13 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
         lines += [f"{i + 1}. {e}" for i, e in enumerate(errors)]
     if report["speed"]:
         params = report["speed"].get("params", {})
+        depth = (f"and by depth (4 of the 8 layers; {params['depth50']:,} parameters)" if "depth50" in params
+                 else "(by depth: not measured yet)")
         lines += ["", "## Decode speed, dense vs 50%-pruned exports (width and depth)", "",
                   "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "
                   f"({params.get('dense', 0):,} parameters; random weights, since speed does not depend on them), "
                   f"its 50%-pruned uniform export by width (heads and FFN channels; {params.get('pruned50', 0):,} "
-                  f"parameters) and by depth (4 of the 8 layers; {params.get('depth50', 0):,} parameters); fp32, "
-                  f"batch 1, {DECODE_NOTE}", "",
+                  f"parameters) {depth}; fp32, batch 1, {DECODE_NOTE}", "",
                   "| stack | dense tokens/s | width-pruned tokens/s | speed-up (range) | depth-pruned tokens/s | "
                   "speed-up (range) |", "|---|---|---|---|---|---|"]
         for s, r in report["speed"].items():
