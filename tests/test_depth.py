@@ -279,3 +279,11 @@ def test_gguf_of_a_model_with_a_removed_layer_has_fewer_blocks(tmp_path, layout,
 def test_the_card_names_the_removed_layers(exports):
     card = (exports["llama-uniform"]["dir"] / "README.md").read_text()
     assert "Decoder layers removed whole: 1 of 3 (1, numbered as in the source model" in card
+
+
+def test_layers_whose_kind_the_config_sets_by_index_are_not_offered():
+    """Qwen2-MoE with a dense MLP in layer 1 only (mlp_only_layers): without a layer, the config would put
+    the dense MLP in the wrong place, so no layer is offered, with the reason, before any training."""
+    model = tiny_model("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    with pytest.raises(ConfigError, match="its layers' kinds follow their index"):
+        with_granularity(model, discover_groups(model), "depth")

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_signature
+from hf_oto.groups.probe import meta_twin
+from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_fields, layer_signature
 
 Granularity = Literal["width", "depth", "both"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -49,7 +50,8 @@ def layer_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
         raise ConfigError("depth pruning takes a plain transformers model (no peft adapters): a removed layer's "
                           "adapters would have to go with it; prune the width only, or merge the adapters first")
     layers = model.get_submodule(space.layers_path)
-    reason = {sig: _not_identity(model, layers[i]) for sig, i in _representatives(layers).items()}
+    unsaid = _not_expressible(model, space)
+    reason = {sig: unsaid or _not_identity(model, layers[i]) for sig, i in _representatives(layers).items()}
     out = []
     for i, layer in enumerate(layers):
         prefix = f"{space.layers_path}.{i}"
@@ -68,6 +70,32 @@ def _representatives(layers: nn.ModuleList) -> dict[tuple, int]:
     for i, layer in enumerate(layers):
         out.setdefault(layer_signature(layer), i)
     return out
+
+
+def _not_expressible(model: nn.Module, space: PruningSpace) -> str:
+    """Why the config cannot describe the model without a layer ("" when it can): a meta-device model
+    built without layer 0 must have the shapes of layers 1.. of this one (a config that places layer
+    kinds by index, such as dense layers first and MoE after, fails this)."""
+    n = space.num_layers
+    if n < 2:
+        return "the model has a single decoder layer"
+    try:
+        twin = meta_twin(model, model.config, **layer_fields(model.config, n, range(1, n)))
+    except Exception as e:  # noqa: BLE001 - a config that refuses fewer layers cannot express a removal
+        return f"the config refuses fewer layers ({type(e).__name__})"
+    head = space.layers_path + "."
+    want = {n_: tuple(p.shape) for n_, p in model.named_parameters() if n_.startswith(head)}
+    got = {n_: tuple(p.shape) for n_, p in twin.named_parameters() if n_.startswith(head)}
+    moved = {}
+    for name, shape in want.items():
+        index, _, rest = name[len(head):].partition(".")
+        if int(index) > 0:
+            moved[f"{head}{int(index) - 1}.{rest}"] = shape
+    for name in sorted(set(got) | set(moved)):
+        if got.get(name) != moved.get(name):
+            return (f"without layer 0 the config would build {name} as {got.get(name)}, not as the layer that moves "
+                    f"there ({moved.get(name)}): its layers' kinds follow their index")
+    return ""
 
 
 @torch.no_grad()

@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 from hf_oto.errors import DiscoveryError
-from hf_oto.groups.space import (
-    GroupSet,
-    layer_relative,
-)
+from hf_oto.groups.space import GroupSet, layer_fields, layer_relative
 
 # Config fields that may hold an FFN width. Which one sets which FFN is confirmed by a probe.
 FFN_WIDTH_FIELDS = (
@@ -24,13 +21,7 @@ FFN_WIDTH_FIELDS = (
 
 def truncated(config, num_layers: int, keep: int) -> dict:
     """Config overrides for a twin with only the first ``keep`` decoder layers."""
-    if keep == num_layers:
-        return {}
-    out = {"num_hidden_layers": keep}
-    for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == num_layers:  # per-layer settings, e.g. layer_types
-            out[key] = value[:keep]
-    return out
+    return {} if keep == num_layers else layer_fields(config, num_layers, range(keep))
 
 
 def meta_twin(base: nn.Module, config, **overrides) -> nn.Module:

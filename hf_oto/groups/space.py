@@ -42,6 +42,16 @@ def find_decoder_layers(model: nn.Module, num_layers: int | None) -> tuple[str, 
     return None
 
 
+def layer_fields(config, num_layers: int, kept: Sequence[int]) -> dict[str, Any]:
+    """Config values for a model that keeps only the decoder layers ``kept`` (source indexes, in order):
+    ``num_hidden_layers`` and every per-layer list of the config (``layer_types``, say) cut to match."""
+    out: dict[str, Any] = {"num_hidden_layers": len(kept)}
+    for key, value in config.to_dict().items():
+        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
+            out[key] = type(value)(value[i] for i in kept)
+    return out
+
+
 def layer_signature(layer: nn.Module) -> tuple:
     """Structure of a decoder layer: module classes and parameter shapes, by relative name."""
     mods = tuple((n, type(m).__name__) for n, m in layer.named_modules())

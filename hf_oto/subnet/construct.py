@@ -19,6 +19,7 @@ from hf_oto.groups.space import (
     PruningSpace,
     group_is_zero,
     kept_uniform,
+    layer_fields,
     layer_relative,
 )
 from hf_oto.manifest import Manifest, SetRecord
@@ -249,10 +250,8 @@ def _drop_layers(config, num_layers: int, gone: set[int]) -> dict[int, int]:
     if not gone:
         return {i: i for i in range(num_layers)}
     kept = [i for i in range(num_layers) if i not in gone]
-    for key, value in config.to_dict().items():
-        if isinstance(value, (list, tuple)) and len(value) == num_layers and key not in (LAYERS_KEY, "architectures"):
-            setattr(config, key, type(value)(value[i] for i in kept))
-    config.num_hidden_layers = len(kept)
+    for key, value in layer_fields(config, num_layers, kept).items():
+        setattr(config, key, value)
     return {old: new for new, old in enumerate(kept)}
 
 
