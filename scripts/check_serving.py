@@ -454,6 +454,11 @@ def main() -> None:
                     job["models"][f"{k}#{rep}"] = {"path": str(f), "speed": a.speed_tokens}
             got = run_driver(pys["llamacpp"], LLAMACPP, job)
             speed["llamacpp"] = _speed_summary(got, models)
+        loaded = {k: _load_for_speed(folder) for k, folder in models.items()}
+        got = {f"{k}#{rep}": {"tok_s": _transformers_speed(loaded[k], a.speed_tokens)}
+               for rep in range(3) for k in models}  # interleaved, as in the other stacks
+        speed["transformers"] = _speed_summary(got, models)
+        del loaded
         if "vllm" in stacks:
             got = {}
             for rep in range(3):
@@ -492,6 +497,25 @@ def main() -> None:
     print(render(report, stacks))
 
 
+def _load_for_speed(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _transformers_speed(model, n_new: int) -> float:
+    """Tokens per second of ``model`` generating ``n_new`` greedy tokens with its KV cache (batch 1) after
+    a 4-token prompt (the prompt's forward is included; at 4 tokens it is one decode step's worth)."""
+    import torch
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                       pad_token_id=0)
+        return n_new / (time.perf_counter() - t)
+
+
 def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, Any]:
     errors = {k: v["error"] for k, v in got.items() if "error" in v}
     if errors:
@@ -508,7 +532,8 @@ def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, An
 
 
 def render(report: dict[str, Any], stacks: list[str]) -> str:
-    names = {"vllm": "vLLM (CPU)", "llamacpp": "llama.cpp (GGUF)", "onnx": "ONNX Runtime (optimum)"}
+    names = {"vllm": "vLLM (CPU)", "llamacpp": "llama.cpp (GGUF)", "onnx": "ONNX Runtime (optimum)",
+             "transformers": "transformers (PyTorch, KV cache)"}
     lines = [
         "# Serving check", "",
         f"`python scripts/check_serving.py`, {report['date']}, {report['machine']}. Each export of the quickstart "
