@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny import ARCHS, ENCODERS, logits, make_hesso, reload_logits, tiny_model
+from tiny import ARCHS, ENCODERS, export_layouts, logits, make_hesso, reload_logits, tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
 from hf_oto.errors import ConfigError
@@ -26,24 +26,22 @@ def _deep(arch: str, layers: int = 3, seed: int = 0):
     return tiny_model(arch, seed=seed, num_hidden_layers=layers, **extra)
 
 
+def _middle_layer_zeroed(i: int, arch: str):
+    """A 3-layer model with its middle layer and about 30% of the other heads and channels zeroed."""
+    model = _deep(arch, seed=i)
+    space = with_granularity(model, discover_groups(model), "both")
+    rng = random.Random(i)
+    names = [g.name for g in space if g.prunable and g.kind != "layer" and rng.random() < 0.3]
+    zero_groups(model, space, names + [f"{space.layers_path}.1.layer.0"])
+    return model, space
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Every decoder architecture with its middle layer and some heads and channels zeroed, in every layout."""
+    """Every decoder architecture with its middle layer removed, in every layout."""
     root = tmp_path_factory.mktemp("depth")
-    cases = {}
-    for i, arch in enumerate(DECODERS):
-        model = _deep(arch, seed=i)
-        space = with_granularity(model, discover_groups(model), "both")
-        rng = random.Random(i)
-        names = [g.name for g in space if g.prunable and g.kind != "layer" and rng.random() < 0.3]
-        zero_groups(model, space, names + [f"{space.layers_path}.1.layer.0"])
-        full = logits(model, IDS)
-        for layout in LAYOUTS:
-            sub = construct_subnet(model, space, layout=layout)
-            out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
-            cases[f"{arch}-{layout}"] = dict(sub=sub.model, manifest=sub.manifest, full=full, dir=out,
-                                             source=model.config)
-    return cases
+    return {key: case for i, arch in enumerate(DECODERS)
+            for key, case in export_layouts(*_middle_layer_zeroed(i, arch), root, arch, IDS, LAYOUTS).items()}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,7 @@ def test_a_zeroed_layer_is_removed_and_the_export_reloads_without_hf_oto(exports
     assert (logits(sub, IDS) - case["full"]).abs().max().item() <= TOL
     assert (reloaded[f"{arch}-{layout}"] - case["full"]).abs().max().item() <= TOL
     cfg = json.loads((case["dir"] / "config.json").read_text())
-    source = case["source"]
+    source = case["model"].config
     for key, value in source.to_dict().items():  # per-layer lists lose the removed layer's entry
         if isinstance(value, list) and len(value) == 3 and key != "architectures":
             assert cfg[key] == [value[0], value[2]], key

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny import ARCHS, ENCODERS, logits, reload_logits, tiny_model
+from tiny import ARCHS, ENCODERS, export_layouts, logits, reload_logits, tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
 from hf_oto.groups import group_is_zero
@@ -32,12 +32,7 @@ def exports(tmp_path_factory):
         model = tiny_model(arch, seed=i)
         space = discover_groups(model)
         _zero_random(model, space, seed=i)
-        full = logits(model, IDS)
-        for layout in LAYOUTS:
-            sub = construct_subnet(model, space, layout=layout)
-            out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
-            cases[f"{arch}-{layout}"] = dict(model=model, subnet=sub, sub=sub.model, manifest=sub.manifest, full=full,
-                                             dir=out)
+        cases.update(export_layouts(model, space, root, arch, IDS, LAYOUTS))
     return cases
 
 

@@ -58,6 +58,21 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids)[0].float()
 
 
+def export_layouts(model, space, root, arch: str, ids: torch.Tensor, layouts) -> dict[str, dict]:
+    """Construct and save the zeroed ``model`` in each layout: "arch-layout" -> the case the round-trip
+    tests read (model, subnet, sub, manifest, full = the zeroed model's logits on ``ids``, dir)."""
+    from hf_oto import construct_subnet, save_pruned
+
+    full = logits(model, ids)
+    cases = {}
+    for layout in layouts:
+        sub = construct_subnet(model, space, layout=layout)
+        out = save_pruned(sub, root / f"{arch}-{layout}", source=f"tiny-{arch}")
+        cases[f"{arch}-{layout}"] = dict(model=model, subnet=sub, sub=sub.model, manifest=sub.manifest, full=full,
+                                         dir=out)
+    return cases
+
+
 def make_hesso(model, space, base_optimizer=None, *, cric=None, base_kwargs=None, param_groups=None, **config):
     """HESSO from flat keyword settings (the tests' shorthand); layout defaults to "global" here."""
     from hf_oto.optim import HESSO, HESSOConfig

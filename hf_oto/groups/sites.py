@@ -177,11 +177,7 @@ def _ancestors(start, trace: tr.Trace) -> set:
         if n in trace.by_node:
             continue
         if n.op == "call_function":
-            for a in n.args:
-                if isinstance(a, fx.Node):
-                    stack.append(a)
-                elif isinstance(a, (list, tuple)):
-                    stack.extend(x for x in a if isinstance(x, fx.Node))
+            stack.extend(tr.node_inputs(n))
     return seen
 
 

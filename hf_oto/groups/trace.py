@@ -272,11 +272,7 @@ def _producers(start, by_node) -> list[WeightOp]:
             found.append(by_node[n])
             continue
         if n.op == "call_function":
-            for a in n.args:
-                if isinstance(a, fx.Node):
-                    queue.append(a)
-                elif isinstance(a, (list, tuple)):
-                    queue.extend(x for x in a if isinstance(x, fx.Node))
+            queue.extend(node_inputs(n))
     return found
 
 
@@ -338,3 +334,14 @@ def output_labels(op: WeightOp) -> torch.Tensor:
     """Labels for a weight op's output: channel index along the last dimension."""
     shape = tuple(op.node.meta["val"].shape)
     return torch.arange(shape[-1]).expand(shape).contiguous()
+
+
+def node_inputs(n: fx.Node) -> list[fx.Node]:
+    """The graph nodes among ``n``'s positional arguments (lists of nodes, as ``cat`` takes, unpacked)."""
+    out: list[fx.Node] = []
+    for a in n.args:
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, fx.Node))
+    return out

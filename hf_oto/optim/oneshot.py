@@ -84,6 +84,20 @@ def _taylor(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch
 
 
 @torch.no_grad()
+def _observe(model: nn.Module, batches: list[dict[str, torch.Tensor]], handles: list) -> None:
+    """Run the calibration batches in eval mode for the hooks in ``handles``, then remove them."""
+    was_training = model.training
+    model.eval()
+    try:
+        for b in _progress(batches):
+            _forward(model, b, with_loss=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     modules = dict(model.named_modules())
     consumers: dict[str, nn.Linear] = {}
@@ -102,16 +116,7 @@ def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, tor
             sumsq[name] = sumsq.get(name, 0) + (x * x).sum(0)
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in consumers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for b in _progress(batches):
-            _forward(model, b, with_loss=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _observe(model, batches, [m.register_forward_pre_hook(hook(n)) for n, m in consumers.items()])
     fallback: torch.Tensor | None = None
     scores = []
     for k, gs in enumerate(space.sets):
@@ -169,16 +174,7 @@ def _block_influence(model: nn.Module, space: PruningSpace, batches: list[dict[s
             turned[i][1] += cos.numel()
         return fn
 
-    handles = [layers[i].register_forward_hook(hook(i), with_kwargs=True) for i in whole]
-    was_training = model.training
-    model.eval()
-    try:
-        for b in _progress(batches):
-            _forward(model, b, with_loss=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _observe(model, batches, [layers[i].register_forward_hook(hook(i), with_kwargs=True) for i in whole])
     scores = group_statistics(dict(model.named_parameters()), space).sq.sqrt()
     for i, k in whole.items():
         scores[space.set_offset(k)] = turned[i][0] / max(turned[i][1], 1)
