@@ -35,6 +35,9 @@ CRITERION_TEXT = {
               "training steps)",
 }
 SELECTION_TEXT = {"saliency": "lowest score first", "per_param": "lowest score per parameter freed first"}
+GRANULARITY_TEXT = {"depth": " Only whole decoder layers could go (pruning_granularity `depth`).",
+                    "both": " Whole decoder layers competed with heads and channels in the same budget "
+                            "(pruning_granularity `both`)."}
 PRICING_TEXT = {"saliency": "kinds compared in the criterion's own units",
                 "measured": "each kind priced by the loss its removal measured on a batch at every period start"}
 
@@ -49,7 +52,8 @@ def method_text(manifest: Manifest) -> str:
         return (f"One-shot `{o['criterion']}` pruning {data}, without training: the lowest-scoring groups were "
                 f"removed until {100 * o['pruned_fraction']:.1f}% of the prunable parameters were gone (target "
                 f"{100 * o['target_sparsity']:.0f}%){priced}, layout `{o['layout']}`, FFN widths on multiples of "
-                f"{o['ffn_multiple']}. Fine-tuning it (or pruning while training with HESSO) recovers quality.")
+                f"{o['ffn_multiple']}.{GRANULARITY_TEXT.get(o.get('granularity'), '')} Fine-tuning it (or pruning "
+                "while training with HESSO) recovers quality.")
     if not h:
         return "Groups that were exactly zero were removed (no HESSO settings recorded)."
     cric = "with CRIC corrective cycles" if h.get("cric") else "without CRIC"
@@ -64,7 +68,7 @@ def method_text(manifest: Manifest) -> str:
         f"HESSO {cric}, while fine-tuning: {h['target_params']:,} prunable parameters targeted, "
         f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
         f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}. Groups ranked by "
-        f"{ranking}; removals taken {selection}, {pricing}."
+        f"{ranking}; removals taken {selection}, {pricing}.{GRANULARITY_TEXT.get(h.get('granularity'), '')}"
     )
 
 

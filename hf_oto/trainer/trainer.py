@@ -143,8 +143,10 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
 
     # Export ----------------------------------------------------------------------------------
     def _manifest_extra(self, eval_results: dict[str, Any] | None) -> dict[str, Any]:
-        h = self.hesso
-        return {"hesso": None if h is None else h.record(), "eval": eval_results or {}}
+        h, granularity = self.hesso, self.args.pruning_granularity
+        record = None if h is None else dict(h.record(), **({"granularity": granularity} if granularity != "width"
+                                                             else {}))
+        return {"hesso": record, "eval": eval_results or {}}
 
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,
                           eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
