@@ -18,7 +18,7 @@ from torch import nn
 
 from hf_oto.errors import ConfigError
 from hf_oto.groups.probe import meta_twin
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_fields, layer_signature
+from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_fields, layer_signature, representatives
 
 Granularity = Literal["width", "depth", "both"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -51,24 +51,18 @@ def layer_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
                           "adapters would have to go with it; prune the width only, or merge the adapters first")
     layers = model.get_submodule(space.layers_path)
     unsaid = _not_expressible(model, space)
-    reason = {sig: unsaid or _not_identity(model, layers[i]) for sig, i in _representatives(layers).items()}
+    signatures = [layer_signature(layer) for layer in layers]
+    reason = {sig: unsaid or _not_identity(model, layers[i]) for sig, i in representatives(signatures).items()}
     out = []
     for i, layer in enumerate(layers):
         prefix = f"{space.layers_path}.{i}"
         params = [(f"{prefix}.{n}", p) for n, p in layer.named_parameters()]
-        why = reason[layer_signature(layer)]
+        why = reason[signatures[i]]
         if any(p.dim() == 0 for _, p in params):
             why = why or "the layer holds a scalar parameter"
         slices = [SliceSpec(name, 0, torch.arange(p.shape[0]).view(1, -1)) for name, p in params if p.dim() > 0]
         out.append(GroupSet(prefix, "layer", i, "layer", slices, sum(p.numel() for _, p in params),
                             prunable=not why and bool(slices), reason=why))
-    return out
-
-
-def _representatives(layers: nn.ModuleList) -> dict[tuple, int]:
-    out: dict[tuple, int] = {}
-    for i, layer in enumerate(layers):
-        out.setdefault(layer_signature(layer), i)
     return out
 
 

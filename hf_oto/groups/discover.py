@@ -17,6 +17,7 @@ from hf_oto.groups.space import (
     PruningSpace,
     find_decoder_layers,
     layer_signature,
+    representatives,
 )
 
 _RULES: dict[str, Callable[[nn.Module], list[GroupSet]]] = {}
@@ -53,9 +54,7 @@ def discover_groups(model: nn.Module) -> PruningSpace:
     # Identical decoder layers are traced once: the twin holds the shortest prefix of layers that
     # contains one layer of every distinct structure; the others copy their representative's groups.
     signatures = [layer_signature(layer) for layer in base.get_submodule(layers_path)]
-    representative: dict[tuple, int] = {}
-    for i, sig in enumerate(signatures):
-        representative.setdefault(sig, i)
+    representative = representatives(signatures)
     traced_layers = max(representative.values()) + 1
     twin = meta_twin(base, config, **truncated(config, num_layers, traced_layers))
     check_shapes(base, twin)

@@ -59,6 +59,14 @@ def layer_signature(layer: nn.Module) -> tuple:
     return mods, params
 
 
+def representatives(signatures: Sequence[tuple]) -> dict[tuple, int]:
+    """Each distinct layer signature -> the index of its first layer."""
+    out: dict[tuple, int] = {}
+    for i, sig in enumerate(signatures):
+        out.setdefault(sig, i)
+    return out
+
+
 def kept_uniform(layout: str, block: str) -> bool:
     """Whether ``layout`` keeps the same count in every layer for groups of this block (whole layers
     leave one by one in every layout: a stock config just has fewer of them)."""
