@@ -16,7 +16,8 @@ from hf_oto.groups.depth import with_granularity
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, max_prunable, select
 
 TOL = 1e-5
-DECODERS = [a for a in ARCHS if a not in ENCODERS]
+# Dense first layers (DeepSeek's first_k_dense_replace) place layer kinds by index: no layer can move up.
+DECODERS = [a for a in ARCHS if a not in ENCODERS and not ARCHS[a].get("first_k_dense_replace")]
 LAYOUTS = ("global", "per_layer_ffn", "uniform")
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -289,9 +290,11 @@ def test_the_card_names_the_removed_layers(exports):
     assert "Decoder layers removed whole: 1 of 3 (1, numbered as in the source model" in card
 
 
-def test_layers_whose_kind_the_config_sets_by_index_are_not_offered():
-    """Qwen2-MoE with a dense MLP in layer 1 only (mlp_only_layers): without a layer, the config would put
-    the dense MLP in the wrong place, so no layer is offered, with the reason, before any training."""
-    model = tiny_model("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[1])
+@pytest.mark.parametrize("arch, fields", [("qwen2_moe", {"mlp_only_layers": [1]}), ("deepseek_v3", {})])
+def test_layers_whose_kind_the_config_sets_by_index_are_not_offered(arch, fields):
+    """Qwen2-MoE with a dense MLP in layer 1 only (mlp_only_layers), DeepSeek with a dense first layer
+    (first_k_dense_replace): without a layer, the config would put the dense MLP in the wrong place, so
+    no layer is offered, with the reason, before any training."""
+    model = tiny_model(arch, num_hidden_layers=3, **fields)
     with pytest.raises(ConfigError, match="its layers' kinds follow their index"):
         with_granularity(model, discover_groups(model), "depth")

@@ -17,8 +17,15 @@ LAYOUTS = ("global", "per_layer_ffn", "uniform")
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 def _zero_random(model, space, seed: int, p: float = 0.4) -> list[str]:
+    """About ``p`` of the groups at random, and in MoE models the last 8 channels of every expert (with
+    the FFNs whose width the same field sets): a layer's experts keep one width in blocks of 8, so
+    scattered zero channels alone would never leave."""
     rng = random.Random(seed)
     names = [g.name for g in space if g.prunable and rng.random() < p]
+    tied = {(s.layer, s.ffn.field) for s in space.sets if s.kind == "expert_channel" and s.prunable}
+    for s in space.sets:
+        if s.prunable and s.block == "mlp" and (s.layer, s.ffn.field) in tied:
+            names += [f"{s.prefix}.{s.kind}.{j}" for j in range(s.count - 8 * s.ffn.per_field, s.count)]
     zero_groups(model, space, names)
     return names
 

@@ -7,6 +7,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+           moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2)
 ARCHS = {
     "llama": dict(num_key_value_heads=2),
     "mistral": dict(num_key_value_heads=2),
@@ -27,6 +29,17 @@ ARCHS = {
     "falcon_mqa": dict(model_type="falcon", multi_query=True, ffn_hidden_size=48),
     "olmo2": dict(num_key_value_heads=2),
     "olmoe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16),
+    # DeepSeek: multi-head latent attention (MLA) and fine-grained MoE with shared experts, with and
+    # without the low-rank query (q_lora_rank), with and without dense first layers.
+    "deepseek_v3": dict(model_type="deepseek_v3", **MLA, q_lora_rank=24, n_shared_experts=1, first_k_dense_replace=1,
+                        n_group=1, topk_group=1),
+    "deepseek_v3_q": dict(model_type="deepseek_v3", **MLA, q_lora_rank=None, n_shared_experts=1,
+                          first_k_dense_replace=0, n_group=1, topk_group=1),
+    "deepseek_v2": dict(model_type="deepseek_v2", **MLA, q_lora_rank=None, n_shared_experts=2, first_k_dense_replace=1),
+    "deepseek_v2_lora": dict(model_type="deepseek_v2", **MLA, q_lora_rank=24, n_shared_experts=2,
+                             first_k_dense_replace=0),
     # relu^2 (aten.square) FFNs
     "arcee": dict(num_key_value_heads=2),
     "nemotron": dict(num_key_value_heads=2, head_dim=8),

@@ -113,34 +113,32 @@ def _attention_sets(site: AttentionSite, shapes) -> list[GroupSet]:
         fake = [SliceSpec(o.param, o.in_dim, torch.arange(shapes[o.param][o.in_dim]).view(1, -1))]
         return [GroupSet(site.prefix, "attention_head", site.layer, "attention", fake,
                          _numel(fake, shapes), prunable=False, reason=reason)]
-    (qp, q_heads), (kp, k_heads), (vp, v_heads) = (roles[r] for r in ("q", "k", "v"))
+    q_heads, k_heads = roles["q"][0][1], roles["k"][0][1]
     cols = site.o_cols
     n_q, n_kv = len(q_heads), len(k_heads)
     rep = n_q // n_kv
-    info = AttentionInfo(num_heads=n_q, num_kv_heads=n_kv, head_dim=site.head_dim,
-                         producers=tuple(sorted({qp.param, kp.param, vp.param})), consumer=o.param)
+    producers = tuple(sorted({p.param for rs in roles.values() for p, _ in rs}))
+    info = AttentionInfo(num_heads=n_q, num_kv_heads=n_kv, head_dim=site.head_dim, producers=producers,
+                         consumer=o.param)
 
-    def q_of(heads):
-        return [[c for h in hs for c in q_heads[h]] for hs in heads]
+    def role(r: str, heads: list[list[int]]) -> list[SliceSpec]:
+        """Rows of every per-head producer of role ``r`` for each group of heads (of that role)."""
+        return [sl for p, per_head in roles[r] for sl in
+                _slices_for(p, "out", [[c for h in hs for c in per_head[h]] for hs in heads], None)]
 
     def o_of(heads):
-        return [[c for h in hs for c in cols[h]] for hs in heads]
+        return _slices_for(o, "in", [[c for h in hs for c in cols[h]] for hs in heads], None)
 
     if rep == 1:
         heads = [[h] for h in range(n_q)]
-        sl = (_slices_for(qp, "out", q_of(heads), None)
-              + _slices_for(kp, "out", [k_heads[h] for h in range(n_q)], None)
-              + _slices_for(vp, "out", [v_heads[h] for h in range(n_q)], None)
-              + _slices_for(o, "in", o_of(heads), None))
-        sl = _merge(sl)
+        sl = _merge(role("q", heads) + role("k", heads) + role("v", heads) + o_of(heads))
         return [GroupSet(site.prefix, "attention_head", site.layer, "attention", sl, _numel(sl, shapes), info=info)]
     kv_heads = [list(range(g * rep, (g + 1) * rep)) for g in range(n_kv)]
-    sl = (_slices_for(qp, "out", q_of(kv_heads), None) + _slices_for(kp, "out", k_heads, None)
-          + _slices_for(vp, "out", v_heads, None) + _slices_for(o, "in", o_of(kv_heads), None))
-    sl = _merge(sl)
+    kv_own = [[g] for g in range(n_kv)]
+    sl = _merge(role("q", kv_heads) + role("k", kv_own) + role("v", kv_own) + o_of(kv_heads))
     sets = [GroupSet(site.prefix, "kv_group", site.layer, "attention", sl, _numel(sl, shapes), info=info)]
     slots = [[g * rep + j for g in range(n_kv)] for j in range(rep)]
-    sq = _merge(_slices_for(qp, "out", q_of(slots), None) + _slices_for(o, "in", o_of(slots), None))
+    sq = _merge(role("q", slots) + o_of(slots))
     sets.append(GroupSet(site.prefix, "query_head", site.layer, "attention", sq, _numel(sq, shapes), info=info))
     return sets
 

@@ -51,64 +51,64 @@ def check_shapes(base: nn.Module, twin: nn.Module) -> None:
 
 
 def mark_expressible(sets: list[GroupSet], base: nn.Module, config, shapes) -> None:
-    """Probe 1-layer meta models with changed config fields; record which field sets which width."""
-    layer0 = [s for s in sets if s.layer == min(x.layer for x in sets)]
-    probed: set[tuple[str, str]] = set()
-    for s in layer0:
-        if s.block != "mlp" or not s.prunable or (s.kind, layer_relative(s.ffn.consumer)) in probed:
+    """Probe meta models with changed config fields; record which field sets which FFN width, and
+    which head counts the config accepts. Each FFN is probed in a twin that holds its own layer
+    (DeepSeek's first layers are dense, the others MoE)."""
+    num_layers = config.num_hidden_layers
+    found: dict[tuple[str, str], tuple[str, int] | None] = {}
+    for s in sets:
+        if s.block != "mlp" or not s.prunable:
             continue
         key = (s.kind, layer_relative(s.ffn.consumer))
-        probed.add(key)
-        field_name = _probe_ffn_field(base, config, s)
-        for t in sets:
-            if t.block == "mlp" and t.prunable and (t.kind, layer_relative(t.ffn.consumer)) == key:
-                t.info = dataclasses.replace(t.ffn, field=field_name)
-    heads_reason = _probe_heads(base, config, [s for s in layer0 if s.block == "attention" and s.prunable])
-    valid = _valid_head_counts(config, [s for s in layer0 if s.block == "attention" and s.prunable])
+        if key not in found:
+            found[key] = _probe_ffn_field(base, config, s, num_layers)
+        if found[key] is None:
+            s.prunable = False
+            s.reason = "no config field sets this FFN width, so a smaller one cannot be saved"
+        else:
+            s.info = dataclasses.replace(s.ffn, field=found[key][0], per_field=found[key][1])
+    layer0 = [s for s in sets if s.layer == min(x.layer for x in sets)]
+    heads = [s for s in layer0 if s.block == "attention" and s.prunable]
+    heads_reason = _probe_heads(base, config, heads, num_layers)
+    valid = _valid_head_counts(config, heads)
     for s in sets:
         if s.block == "attention" and valid is not None and s.prunable:
             s.info = dataclasses.replace(s.attention, valid_counts=valid)
         if s.block == "attention" and s.prunable and heads_reason:
             s.prunable = False
             s.reason = heads_reason
-        if s.block == "mlp" and s.prunable and s.ffn.field is None:
-            s.prunable = False
-            s.reason = "no config field sets this FFN width, so a smaller one cannot be saved"
 
 
 def _probe_model(base, config, **fields):
     try:
-        twin = meta_twin(base, config, num_hidden_layers=1, **fields)
+        twin = meta_twin(base, config, **fields)
         return {n: tuple(p.shape) for n, p in twin.named_parameters()}
     except Exception:  # noqa: BLE001 - a field value the architecture rejects simply does not express it
         return None
 
 
-def _layer0_name(param: str) -> str:
-    parts = param.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            parts[i] = "0"
-            break
-    return ".".join(parts)
-
-
-def _probe_ffn_field(base, config, s: GroupSet) -> str | None:
-    consumer = _layer0_name(s.ffn.consumer)
-    width = s.ffn.width
+def _probe_ffn_field(base, config, s: GroupSet, num_layers: int) -> tuple[str, int] | None:
+    """(field, channels per unit of the field) that sets this FFN's width, or None. A field may set a
+    multiple of its value: DeepSeek's shared expert is ``moe_intermediate_size * n_shared_experts`` wide."""
+    consumer, width = s.ffn.consumer, s.ffn.width
+    dim = s.slices[-1].dim if s.slices[-1].param == consumer else None
+    if dim is None:
+        return None
+    layers = truncated(config, num_layers, s.layer + 1)  # the twin holds this FFN's layer
     for name in FFN_WIDTH_FIELDS:
         if not hasattr(config, name):
             continue
         current = getattr(config, name)
-        if current is not None and current != width:
+        if current is None:
+            per = 1
+        elif isinstance(current, int) and current > 1 and width % current == 0:
+            per = width // current
+        else:
             continue
-        shapes = _probe_model(base, config, **{name: width - 1})
-        if shapes is None or consumer not in shapes:
-            continue
-        dim = s.slices[-1].dim if s.slices[-1].param == s.ffn.consumer else None
-        new = shapes[consumer]
-        if dim is not None and new[dim] == width - 1:
-            return name
+        trial = width // per - 1
+        shapes = _probe_model(base, config, **layers, **{name: trial})
+        if shapes is not None and consumer in shapes and shapes[consumer][dim] == trial * per:
+            return name, per
     return None
 
 
@@ -142,7 +142,7 @@ def _valid_head_counts(config, attn_sets: list[GroupSet]) -> tuple[tuple[int, in
     return tuple(ok)
 
 
-def _probe_heads(base, config, attn_sets: list[GroupSet]) -> str:
+def _probe_heads(base, config, attn_sets: list[GroupSet], num_layers: int) -> str:
     """Why the stock config cannot express fewer heads ("" when it can), from a 1-layer meta probe."""
     if not attn_sets:
         return ""
@@ -156,23 +156,27 @@ def _probe_heads(base, config, attn_sets: list[GroupSet]) -> str:
     if not candidates:
         return "a single head cannot be removed"
     has_kv = getattr(config, "num_key_value_heads", None) is not None
+    # A config whose head_dim is another size (DeepSeek's: the rotary part) keeps it; one that derives
+    # head_dim from hidden_size is probed with it set, then without.
+    keeps_head_dim = getattr(config, "head_dim", None) not in (None, hd)
+    one = truncated(config, num_layers, 1)
     shapes = None
     for new_q, new_kv in candidates:
-        fields = {"num_attention_heads": new_q}
+        fields = {"num_attention_heads": new_q, **one}
         if has_kv:
             fields["num_key_value_heads"] = new_kv
-        # A config without a settable head_dim (it derives one) is probed without it.
-        shapes = _probe_model(base, config, **fields, head_dim=hd) or _probe_model(base, config, **fields)
+        shapes = None if keeps_head_dim else _probe_model(base, config, **fields, head_dim=hd)
+        shapes = shapes or _probe_model(base, config, **fields)
         if shapes is not None:
             break
     if shapes is None:
         return f"the stock config refuses every smaller head count with head_dim={hd}, so fewer heads cannot be saved"
-    o = _layer0_name(info.consumer)
+    o = info.consumer  # a layer-0 set: the same name in the 1-layer probe
     in_dim = [s.dim for s in attn_sets[0].slices if s.param == info.consumer][0]
     if o in shapes and shapes[o][in_dim] == new_q * hd:
         return ""
-    full = _probe_model(base, config) or {}
-    producers_shrank = any(shapes.get(n) != full.get(n) for n in map(_layer0_name, info.producers))
+    full = _probe_model(base, config, **one) or {}
+    producers_shrank = any(shapes.get(n) != full.get(n) for n in info.producers)
     module = o.rsplit(".", 1)[0]
     if not producers_shrank:
         return ("the stock config derives head_dim from hidden_size / num_attention_heads, so fewer heads of the "

@@ -25,10 +25,11 @@ class AttentionSite:
     layer: int
     prefix: str
     o: tr.WeightOp  # the output projection
-    roles: dict[str, tuple[tr.WeightOp, list[list[int]]]]  # "q"/"k"/"v" -> (producer, channels per head)
+    roles: dict[str, list[tuple[tr.WeightOp, list[list[int]]]]]  # "q"/"k"/"v" -> [(producer, channels per head)]
     reason: str = ""  # why its heads cannot be removed ("" when they can)
     o_cols: list[list[int]] | None = None  # input columns of ``o`` per query head
-    head_dim: int = 0
+    head_dim: int = 0  # channels of one head in the output projection's input (the value head size)
+    shared: tuple[str, ...] = ()  # weights broadcast to every head (MLA's rotary key): never sliced
 
 
 @dataclass
@@ -61,21 +62,36 @@ def common_prefix(names: list[str]) -> str:
     return ".".join(out)
 
 
+def _head_axis(labels: torch.Tensor, seq: int) -> int | None:
+    """The dimension of a labelled attention tensor that indexes heads: the one dimension that is not
+    batch, sequence or channels. In the (batch, heads, seq, ...) layout, extra dimensions after the
+    sequence belong to the channels (rotary embeddings viewed as complex pairs)."""
+    inner = range(1, labels.dim() - 1)
+    middle = [d for d in inner if labels.shape[d] != seq]
+    if len(middle) == 1:
+        return middle[0]
+    seq_dims = [d for d in inner if labels.shape[d] == seq]
+    if len(seq_dims) == 1 and middle and middle[0] < seq_dims[0] < min(middle[1:], default=labels.dim()):
+        return middle[0]
+    return None
+
+
 def _head_sets(frontier, seq: int) -> list[list[int]] | None:
-    """Channel lists per head from labelled frontier tensors; None if heads are not split yet."""
+    """Channel lists per head from labelled frontier tensors; None if heads are not split yet.
+    Label -1 marks elements that come from elsewhere (a created tensor the channels were written into)."""
     per_head: list[set[int]] | None = None
     for _, labels in frontier:
         if labels.numel() == 0:  # an empty pass-through slice (e.g. rotary over the whole head)
             continue
         if labels.dim() < 3:
             return None
-        middle = [d for d in range(1, labels.dim() - 1) if labels.shape[d] != seq]
-        if len(middle) != 1:
+        axis = _head_axis(labels, seq)
+        if axis is None:
             return None
-        moved = labels.movedim(middle[0], 0).reshape(labels.shape[middle[0]], -1)
+        moved = labels.movedim(axis, 0).reshape(labels.shape[axis], -1)
         heads: list[tuple[int, ...]] = []
         for row in moved:
-            key = tuple(sorted(set(row.tolist())))
+            key = tuple(sorted(set(row.tolist()) - {-1}))
             if not heads or heads[-1] != key:  # repeat_kv repeats a kv head consecutively
                 heads.append(key)
         uniq = []
@@ -104,37 +120,45 @@ def attention_sites(trace: tr.Trace, layers_path: str, config) -> list[Attention
         if layer is None:
             continue
         prefix = common_prefix([w.param for ps in site.producers.values() for w in ps] + [o.param])
-        roles: dict[str, list] = {}
+        roles: dict[str, list[tuple[tr.WeightOp, list[list[int]]]]] = {}
+        shared: list[str] = []
         reason = ""
         for role, producers in site.producers.items():
-            if len(producers) != 1:
-                raise DiscoveryError(
-                    f"{prefix}: the attention {role} input comes from {len(producers)} weights "
-                    f"({[p.param for p in producers]}), expected one. {RULE_HELP}"
-                )
-            prod = producers[0]
+            if not producers:
+                raise DiscoveryError(f"{prefix}: no weight produces the attention {role} input. {RULE_HELP}")
             entry_node, entry_pos = site.entries[role]
-            ancestors = _ancestors(entry_node.args[entry_pos], trace)
             entry_arg = entry_node.args[entry_pos]
-            frontier = [
-                (u, lab) for u, n, lab in tr.propagate_labels(prod.node, tr.output_labels(prod))
-                if (u in ancestors and u is not entry_node) or (u is entry_node and n is entry_arg)
-            ]
-            heads = _head_sets(frontier, trace.seq_len)
-            if heads is None:
-                ops = sorted({str(u.target) for u, _ in frontier})
-                reason = (
-                    f"{prod.module}: {', '.join(ops)} mixes channels of several heads before they are "
-                    "split, so a head cannot be removed without changing the others"
-                )
-                heads = []
-            roles[role] = (prod, heads)
+            ancestors = _ancestors(entry_arg, trace)
+            found = []
+            for prod in producers:
+                frontier = [
+                    (u, lab) for u, n, lab in tr.propagate_labels(prod.node, tr.output_labels(prod))
+                    if (u in ancestors and u is not entry_node) or (u is entry_node and n is entry_arg)
+                ]
+                heads = _head_sets(frontier, trace.seq_len)
+                if heads is None:
+                    ops = sorted({str(u.target) for u, _ in frontier})
+                    reason = reason or (
+                        f"{prod.module}: {', '.join(ops)} mixes channels of several heads before they are "
+                        "split, so a head cannot be removed without changing the others"
+                    )
+                    heads = []
+                found.append((prod, heads))
+            # A producer seen as one head while the others split into several is broadcast to every
+            # head (MLA's shared rotary key): it stays whole, whichever heads leave.
+            n = max(len(h) for _, h in found)
+            roles[role] = [(p, h) for p, h in found if len(h) == n or n <= 1]
+            shared += [p.param for p, h in found if len(h) == 1 < n]
+            if any(0 < len(h) != n and len(h) != 1 for _, h in found):
+                reason = reason or (f"{prefix}: the weights producing the attention {role} input split into "
+                                    f"{sorted({len(h) for _, h in found})} heads, so heads cannot be removed safely")
         if reason:
             sites.append(AttentionSite(layer, prefix, o, roles, reason))
             continue
-        q_heads, k_heads, v_heads = (roles[r][1] for r in ("q", "k", "v"))
+        q_heads, k_heads, v_heads = (roles[r][0][1] for r in ("q", "k", "v"))
         n_q, n_kv = len(q_heads), len(k_heads)
-        if n_kv != len(v_heads) or n_q % max(n_kv, 1) or len({len(h) for h in q_heads + k_heads}) != 1:
+        equal = all(len({len(h) for h in heads}) == 1 for rs in roles.values() for _, heads in rs)
+        if n_kv != len(v_heads) or n_q % max(n_kv, 1) or not equal:
             reason = (
                 f"{prefix}: the traced graph splits q/k/v into {n_q}/{n_kv}/{len(v_heads)} heads that do not "
                 "form equal query groups per kv head (k and v are selected in a way the label propagation "
@@ -142,12 +166,12 @@ def attention_sites(trace: tr.Trace, layers_path: str, config) -> list[Attention
             )
             sites.append(AttentionSite(layer, prefix, o, roles, reason))
             continue
-        head_dim = len(q_heads[0])
+        head_dim = sum(len(heads[0]) for _, heads in roles["v"])  # a head's width in the output projection
         _check_head_config(prefix, config, n_q, n_kv)
         cols = _o_columns(site, o, n_q, head_dim)
         if cols is None:
             reason = f"{o.module}: the attention output is transformed before {o.module} reads it"
-        sites.append(AttentionSite(layer, prefix, o, roles, reason, cols, head_dim))
+        sites.append(AttentionSite(layer, prefix, o, roles, reason, cols, head_dim, tuple(shared)))
     return sites
 
 
@@ -176,7 +200,7 @@ def _ancestors(start, trace: tr.Trace) -> set:
         seen.add(n)
         if n in trace.by_node:
             continue
-        if n.op == "call_function":
+        if n.op == "call_function" and n.target not in tr.CREATION_OPS:
             stack.extend(tr.node_inputs(n))
     return seen
 

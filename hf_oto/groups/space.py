@@ -97,6 +97,7 @@ class FFNInfo:
     consumer: str  # the down projection's weight
     expert: int | None = None
     field: str | None = None  # the config field that sets this width (None: no field does)
+    per_field: int = 1  # channels per unit of the field (DeepSeek's shared expert: n_shared_experts)
 
     def renamed(self, move: Callable[[str], str]) -> FFNInfo:
         return dataclasses.replace(self, producers=tuple(map(move, self.producers)), consumer=move(self.consumer))

@@ -32,8 +32,17 @@ SHAPE_OPS = {
     aten.t.default, aten.permute.default, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.flatten.using_ints,
-    aten.narrow.default, operator.getitem,
+    aten.narrow.default, operator.getitem, aten.slice_scatter.default, aten.select_scatter.default,
 }
+# Ops that make a new tensor and read their tensor argument for its shape and dtype only (no data
+# flows through them): MLA builds its keys in ``new_empty`` and fills slices of it in place.
+CREATION_OPS = {
+    aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+    aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+    aten.empty.memory_format, aten.zeros.default, aten.ones.default, aten.full.default,
+}
+# In-place writes into one view of a new tensor, rewritten as the functional op that has the same result.
+_SCATTER_OF = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
 # Ops that keep every element where it is: labels pass through unchanged.
 IDENTITY_OPS = {
     aten.clone.default, aten.alias.default, aten.detach.default, aten._to_copy.default,
@@ -126,6 +135,7 @@ def trace_model(meta_model: nn.Module, causal: bool) -> Trace:
             f"on the meta device: {type(exc).__name__}: {exc}"
         ) from exc
     graph = ep.graph_module.graph
+    _functionalize_view_writes(graph)
     to_param = {k: v.removeprefix("model.") for k, v in ep.graph_signature.inputs_to_parameters.items()}
     placeholders = {n: to_param[n.name] for n in graph.nodes if n.op == "placeholder" and n.name in to_param}
 
@@ -143,6 +153,37 @@ def trace_model(meta_model: nn.Module, causal: bool) -> Trace:
             site.producers[role] = _producers(op.args[pos], by_node)
         site.consumers = _consumers(site.node, by_node)
     return Trace(graph, weight_ops, by_node, sites, seq)
+
+
+def _functionalize_view_writes(graph: fx.Graph) -> None:
+    """Rewrite ``buf[..., a:b].copy_(x)`` (``buf`` made by a creation op) as ``buf2 = slice_scatter(buf, x)``
+    and point the later readers of ``buf`` at ``buf2``: the graph then says where the written data goes.
+
+    The graph is only read, never run, so the new nodes carry the shape metadata the readers use.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy_.default or node.users:
+            continue
+        view, src = node.args[0], node.args[1]
+        if not isinstance(view, fx.Node) or view.target not in _SCATTER_OF or len(view.users) != 1:
+            continue
+        base = view.args[0]
+        if not isinstance(base, fx.Node) or not _is_created(base) or not isinstance(src, fx.Node):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        with graph.inserting_after(node):
+            written = graph.call_function(_SCATTER_OF[view.target], (base, src, *view.args[1:]))
+        written.meta["val"] = base.meta.get("val")
+        for user in list(base.users):
+            if user is not written and user is not view and order.get(user, -1) > order[node]:
+                user.replace_input_with(base, written)
+
+
+def _is_created(node: fx.Node) -> bool:
+    """A tensor made by a creation op, possibly already rewritten by earlier writes."""
+    while node.op == "call_function" and node.target in (aten.slice_scatter.default, aten.select_scatter.default):
+        node = node.args[0]
+    return node.op == "call_function" and node.target in CREATION_OPS
 
 
 def _param_chain(node, placeholders) -> tuple[str, list[int], bool] | None:
@@ -271,7 +312,7 @@ def _producers(start, by_node) -> list[WeightOp]:
         if n in by_node:
             found.append(by_node[n])
             continue
-        if n.op == "call_function":
+        if n.op == "call_function" and n.target not in CREATION_OPS:
             queue.extend(node_inputs(n))
     return found
 
@@ -307,13 +348,13 @@ def propagate_labels(start: fx.Node, label: torch.Tensor, stop: set[fx.Node] | N
     while queue:
         n = queue.popleft()
         for u in list(n.users):
-            if u in done or u.op != "call_function" or u.target in IGNORED:
+            if u in done or u.op != "call_function" or u.target in IGNORED or u.target in CREATION_OPS:
                 continue
             if stop is not None and u in stop:
                 frontier.append((u, n, values[n]))
                 continue
             if u.target in SHAPE_OPS:
-                args = [values.get(a, a) if isinstance(a, fx.Node) else a for a in u.args]
+                args = [values.get(a, _unlabelled(a)) if isinstance(a, fx.Node) else a for a in u.args]
                 if any(isinstance(a, fx.Node) for a in args):  # another unlabelled tensor input
                     frontier.append((u, n, values[n]))
                     continue
@@ -328,6 +369,16 @@ def propagate_labels(start: fx.Node, label: torch.Tensor, stop: set[fx.Node] | N
             done.add(u)
             queue.append(u)
     return frontier
+
+
+def _unlabelled(node: fx.Node):
+    """-1 labels (no channel) for a freshly created tensor; other unlabelled inputs stay nodes (they stop
+    the propagation)."""
+    if node.op == "call_function" and node.target in CREATION_OPS:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return torch.full(tuple(val.shape), -1, dtype=torch.long)
+    return node
 
 
 def output_labels(op: WeightOp) -> torch.Tensor:

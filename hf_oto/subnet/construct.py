@@ -14,6 +14,8 @@ from hf_oto.errors import ConstructionError
 from hf_oto.groups.names import unwrap_peft
 from hf_oto.groups.space import (
     LAYOUTS,
+    AttentionInfo,
+    FFNInfo,
     GroupSet,
     Layout,
     PruningSpace,
@@ -67,10 +69,15 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     config = copy.deepcopy(base.config)
     drop_dequantized_marks(config)
     renumber = _drop_layers(config, space.num_layers, gone)
-    uniform = all(o == overrides[0] for o in overrides)
+    values: dict[str, set] = defaultdict(set)
+    for o in overrides:
+        for key, value in o.items():
+            values[key].add(value)
+    # One value per field: DeepSeek's dense layers set intermediate_size, its MoE layers moe_intermediate_size.
+    uniform = all(len(v) == 1 for v in values.values())
     if uniform:
-        for key, value in overrides[0].items():
-            setattr(config, key, value)
+        for key, value in values.items():
+            setattr(config, key, next(iter(value)))
         setattr(config, LAYERS_KEY, None)
     else:
         setattr(config, LAYERS_KEY, {
@@ -146,25 +153,61 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout, go
     do not count)."""
     for gs, gone in zip(space.sets, removed, strict=True):
         _keep_at_least_one(gs, gone)
-    # Experts of one layer share one width.
-    by_layer_experts: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for _ in range(2):  # each pass can only re-admit; the second finds the widths the first agreed on
+        _tie_fields(space, removed)
+        _valid_head_counts(space, removed)
+        by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for k, gs in enumerate(space.sets):
+            if kept_uniform(layout, gs.block) and gs.layer not in gone_layers:
+                by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
+        for ks in by_kind.values():
+            width = max(space.sets[k].count - len(removed[k]) for k in ks)
+            for k in ks:
+                _readmit(space.sets[k], removed[k], width)
+
+
+def _valid_head_counts(space: PruningSpace, removed: list[set[int]]) -> None:
+    """Head counts the config refuses (Llama and DeepSeek-V2 check ``hidden_size % num_attention_heads``)
+    go up to the smallest count it accepts."""
+    blocks: dict[str, dict[str, int]] = defaultdict(dict)
     for k, gs in enumerate(space.sets):
-        if gs.kind == "expert_channel":
-            by_layer_experts[(gs.layer, gs.ffn.consumer)].append(k)
-    for ks in by_layer_experts.values():
-        # grouped-mm kernels need 16-byte aligned strides: expert widths go up to a multiple of 8.
-        width = max(space.sets[k].count - len(removed[k]) for k in ks)
-        width = min(-(-width // EXPERT_MULTIPLE) * EXPERT_MULTIPLE, space.sets[ks[0]].count)
-        for k in ks:
-            _readmit(space.sets[k], removed[k], width)
-    by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
+        if gs.block == "attention" and gs.prunable and isinstance(gs.info, AttentionInfo) and gs.info.valid_counts:
+            blocks[gs.prefix][gs.kind] = k
+    for kinds in blocks.values():
+        sets = {kind: space.sets[k] for kind, k in kinds.items()}
+        kept = {kind: gs.count - len(removed[kinds[kind]]) for kind, gs in sets.items()}
+        info = next(iter(sets.values())).attention
+        if "attention_head" in kept:
+            now = (kept["attention_head"], 1)
+        else:
+            now = (kept.get("kv_group", info.num_kv_heads), kept.get("query_head", info.num_heads // info.num_kv_heads))
+        if now in info.valid_counts:
+            continue
+        above = [(kv * q, kv, q) for kv, q in info.valid_counts if kv >= now[0] and q >= now[1]]
+        if not above:
+            continue
+        _, kv, q = min(above)
+        for kind, want in (("attention_head", kv), ("kv_group", kv), ("query_head", q)):
+            if kind in kinds:
+                _readmit(sets[kind], removed[kinds[kind]], want)
+
+
+def _tie_fields(space: PruningSpace, removed: list[set[int]]) -> None:
+    """FFNs of one layer whose widths one config field sets keep one width per unit of that field: a
+    layer's experts, and DeepSeek's shared expert (``moe_intermediate_size x n_shared_experts``) with
+    them. Expert widths go up to a multiple of 8 (grouped-mm kernels need 16-byte aligned strides)."""
+    tied: dict[tuple[int, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        if kept_uniform(layout, gs.block) and gs.layer not in gone_layers:
-            by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
-    for ks in by_kind.values():
-        width = max(space.sets[k].count - len(removed[k]) for k in ks)
-        for k in ks:
-            _readmit(space.sets[k], removed[k], width)
+        if gs.block == "mlp" and gs.prunable and isinstance(gs.info, FFNInfo) and gs.info.field:
+            tied[(gs.layer, gs.info.field)].append(k)
+    for ks in tied.values():
+        sets = [space.sets[k] for k in ks]
+        units = max(-(-(gs.count - len(removed[k])) // gs.ffn.per_field) for k, gs in zip(ks, sets, strict=True))
+        if any(gs.kind == "expert_channel" for gs in sets):
+            units = -(-units // EXPERT_MULTIPLE) * EXPERT_MULTIPLE
+        units = min(units, *(gs.count // gs.ffn.per_field for gs in sets))
+        for k, gs in zip(ks, sets, strict=True):
+            _readmit(gs, removed[k], units * gs.ffn.per_field)
 
 
 def _readmit(gs: GroupSet, gone: set[int], keep: int) -> None:
@@ -185,7 +228,7 @@ def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[
             attn[(gs.layer, gs.prefix)]["q"] = info.num_heads
         elif gs.block == "mlp" and gs.prunable:
             field = gs.ffn.field
-            overrides[gs.layer][field] = max(overrides[gs.layer].get(field, 0), kept)
+            overrides[gs.layer][field] = max(overrides[gs.layer].get(field, 0), kept // gs.ffn.per_field)
     for (layer, _), c in attn.items():
         if "attention_head" in c:
             heads, kv = c["attention_head"], c["attention_head"]
@@ -193,7 +236,8 @@ def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[
             kv = c.get("kv_group", c["kv"])
             heads = kv * c.get("query_head", c["q"] // c["kv"])
         overrides[layer]["num_attention_heads"] = heads
-        overrides[layer]["head_dim"] = c["head_dim"]
+        if space.config.get("head_dim") in (None, c["head_dim"]):  # DeepSeek's head_dim is the rotary part
+            overrides[layer]["head_dim"] = c["head_dim"]
         if "num_key_value_heads" in space.config:
             overrides[layer]["num_key_value_heads"] = kv
     return overrides
