@@ -117,3 +117,22 @@ def test_routed_experts_pruned_without_the_shared_expert_keep_the_field_they_sha
     sub = construct_subnet(model, space, layout="uniform")
     assert sub.model.config.moe_intermediate_size == 16
     assert (logits(sub.model, IDS) - full).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("layout", ["uniform", "global"])
+def test_moe_plans_remove_exactly_what_the_export_removes(arch, layout):
+    """A layer's experts (and DeepSeek's shared expert) leave together in steps the config can say, so
+    the planner's count is the sub-network's: no zero channels re-admitted behind the target's back."""
+    from hf_oto.optim.budget import BudgetRules
+    from hf_oto.optim.oneshot import oneshot_prune
+
+    model = tiny_model(arch, intermediate_size=128, **({} if arch == "mixtral" else {"moe_intermediate_size": 64}))
+    space = discover_groups(model)
+    scores = torch.rand(len(space), generator=torch.Generator().manual_seed(0))
+    plan = oneshot_prune(model, space, scores, target_sparsity=0.3, rules=BudgetRules(layout=layout))
+    sub = construct_subnet(model, space, layout=layout)
+    assert plan.pruned_params() > 0.2 * space.prunable_params
+    assert sub.manifest.params_before - sub.manifest.params_after == plan.pruned_params()
+    widths = {p.shape[-1] for n, p in sub.model.named_parameters() if n.endswith("experts.down_proj")}
+    assert all(w % 8 == 0 for w in widths)

@@ -113,3 +113,11 @@ def test_a_config_that_contradicts_the_model_is_named_as_the_problem():
     message = str(err.value)
     assert "num_key_value_heads=2 (the model computes 4 kv heads)" in message
     assert "the config contradicts the model's own code" in message and "register_rule" not in message
+
+
+def test_copied_layers_name_their_own_modules_in_their_reasons():
+    """Identical layers copy the traced layer's groups; the recorded reason names the layer it is about."""
+    space = discover_groups(tiny_model("olmoe", num_hidden_layers=3))
+    attn = [s for s in space.sets if s.block == "attention"]
+    assert len(attn) == 3
+    assert all(s.reason.startswith(f"model.layers.{s.layer}.self_attn") for s in attn)

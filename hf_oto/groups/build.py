@@ -33,7 +33,7 @@ def replicate(sets: list[GroupSet], layers_path: str, layers, rep_of: list[int])
             info = None if s.info is None else s.info.renamed(move)
             slices = [SliceSpec(move(sl.param), sl.dim, sl.index, sl.expert) for sl in s.slices]
             out.append(GroupSet(move(s.prefix + "."), s.kind, i, s.block, slices, s.params_per_group,
-                                s.prunable, s.reason, info))
+                                s.prunable, s.reason.replace(old, new), info))
             out[-1].prefix = out[-1].prefix.rstrip(".")
     return out
 

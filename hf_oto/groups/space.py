@@ -21,6 +21,8 @@ from torch import nn
 Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "layer"]
 KINDS: tuple[str, ...] = get_args(Kind)
 FFN_KINDS: tuple[str, ...] = ("ffn_channel", "expert_channel")  # the kinds whose sets are FFN widths
+# Expert widths stay multiples of this (grouped-mm kernels need 16-byte aligned strides).
+EXPERT_MULTIPLE = 8
 # A "layer" group is a whole decoder layer (depth pruning, :mod:`hf_oto.groups.depth`): it owns every
 # parameter of the layer, so it overlaps the layer's heads and channels.
 Block = Literal["attention", "mlp", "layer"]

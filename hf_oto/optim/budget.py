@@ -9,13 +9,24 @@ in ascending saliency while the exact pruned parameter count stays within the to
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import FFN_KINDS, LAYOUTS, GroupSet, Layout, PruningSpace, kept_uniform, layer_relative
+from hf_oto.groups.space import (
+    EXPERT_MULTIPLE,
+    FFN_KINDS,
+    LAYOUTS,
+    FFNInfo,
+    GroupSet,
+    Layout,
+    PruningSpace,
+    kept_uniform,
+    layer_relative,
+)
 
 # How removals are ranked: by the removed groups' mean saliency ("saliency", lowest first), or by
 # saliency per parameter freed ("per_param": the greedy rule of a knapsack that frees the budget at
@@ -203,6 +214,7 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
     """Candidate removal steps, lowest saliency first within each chain, ranked by ``rules.selection``."""
     layout, multiple, min_keep = rules.layout, rules.ffn_multiple, rules.min_keep
     values = scores.tolist()  # Python floats: indexing a tensor element by element is ~100x slower
+    ties, steps = _ties(space, layout, multiple)
     per_set: list[list[list[int]]] = []
     for k, gs in enumerate(space.sets):
         if not gs.prunable:
@@ -214,7 +226,8 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         if gs.kind == "layer":
             per_set.append([alive])  # one group: the whole layer, or nothing left to take
             continue
-        removable = len(alive) - _min_keep(gs, min_keep, multiple)
+        step = steps.get(k, multiple)
+        removable = len(alive) - _min_keep(gs, min_keep, step)
         if gs.align > 1 and gs.kind in FFN_KINDS:
             per_set.append(_blocks(gs, alive, removable, values, off))
             continue
@@ -222,7 +235,7 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         if gs.block == "attention":
             per_set.append(_head_steps(plan, k, alive))
         else:
-            per_set.append(_chunks(alive, plan.kept(k), multiple, gs.kind))
+            per_set.append(_chunks(alive, plan.kept(k), step, gs.kind))
 
     _keep_one_layer(space, plan, per_set, values)
     per_param = rules.selection == "per_param"
@@ -237,7 +250,9 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
     for k, gs in enumerate(space.sets):
         if not gs.prunable:
             continue
-        if kept_uniform(layout, gs.block):
+        if k in ties:
+            families[("tied",) + ties[k]].append(k)
+        elif kept_uniform(layout, gs.block):
             families[(gs.kind, layer_relative(gs.prefix))].append(k)
         else:
             for i, c in enumerate(per_set[k]):
@@ -246,11 +261,38 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         steps = min(len(per_set[k]) for k in ks)
         for i in range(steps):
             members = [(k, per_set[k][i]) for k in ks]
-            if len({len(c) for _, c in members}) != 1:
+            if len({len(c) / _per_field(space.sets[k]) for k, c in members}) != 1:
                 break  # layers disagree on the chunk size: uniform counts cannot be kept past here
             score = sum(chunk_score(k, c) for k, c in members) / len(members)  # members free equal params
             items.append(Item(score, members, ("family",) + fam, i))
     return items
+
+
+def _per_field(gs: GroupSet) -> int:
+    return gs.info.per_field if isinstance(gs.info, FFNInfo) else 1
+
+
+def _ties(space: PruningSpace, layout: Layout, multiple: int) -> tuple[dict[int, tuple], dict[int, int]]:
+    """FFN sets that one config field sizes together (a layer's experts, and DeepSeek's shared expert at
+    ``n_shared_experts`` channels per unit of the field), in every layer under a uniform layout: set index
+    -> its tie, and set index -> its removal step (channels per item: whole units of the field, experts
+    in multiples of :data:`EXPERT_MULTIPLE` as the sub-network keeps them). They leave together, as one
+    chain, so the planned count is the exported one."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for k, gs in enumerate(space.sets):
+        if gs.prunable and gs.kind in FFN_KINDS and isinstance(gs.info, FFNInfo) and gs.info.field:
+            key = (gs.info.field,) if kept_uniform(layout, gs.block) else (gs.layer, gs.info.field)
+            groups[key].append(k)
+    ties, steps = {}, {}
+    for key, ks in groups.items():
+        sets = [space.sets[k] for k in ks]
+        experts = any(gs.kind == "expert_channel" for gs in sets)
+        if not experts and all(gs.ffn.per_field == 1 for gs in sets):
+            continue  # dense FFNs: the families below (uniform) or one chain per set already do this
+        unit = math.lcm(multiple, EXPERT_MULTIPLE) if experts else multiple
+        for k, gs in zip(ks, sets, strict=True):
+            ties[k], steps[k] = key, unit * gs.ffn.per_field
+    return ties, steps
 
 
 def _keep_one_layer(space: PruningSpace, plan: Plan, per_set: list[list[list[int]]], values: list[float]) -> None:

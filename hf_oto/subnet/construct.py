@@ -13,6 +13,7 @@ from torch import nn
 from hf_oto.errors import ConstructionError
 from hf_oto.groups.names import unwrap_peft
 from hf_oto.groups.space import (
+    EXPERT_MULTIPLE,
     LAYOUTS,
     AttentionInfo,
     FFNInfo,
@@ -26,8 +27,6 @@ from hf_oto.groups.space import (
 )
 from hf_oto.manifest import Manifest, SetRecord
 from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
-
-EXPERT_MULTIPLE = 8
 
 
 @dataclass
@@ -195,7 +194,7 @@ def _valid_head_counts(space: PruningSpace, removed: list[set[int]]) -> None:
 def _tie_fields(space: PruningSpace, removed: list[set[int]]) -> None:
     """FFNs of one layer whose widths one config field sets keep one width per unit of that field: a
     layer's experts, and DeepSeek's shared expert (``moe_intermediate_size x n_shared_experts``) with
-    them. Expert widths go up to a multiple of 8 (grouped-mm kernels need 16-byte aligned strides)."""
+    them. Expert widths go up to a multiple of :data:`EXPERT_MULTIPLE`."""
     tied: dict[tuple[int, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
         if gs.block == "mlp" and gs.prunable and isinstance(gs.info, FFNInfo) and gs.info.field:
