@@ -90,7 +90,7 @@ def test_a_layer_without_any_recognised_ffn_is_recorded(monkeypatch):
 def test_unprunable_head_reasons_state_the_real_cause():
     helium = discover_groups(_helium())  # head_dim set explicitly; o_proj is Linear(hidden_size, hidden_size)
     attn = [s for s in helium.sets if s.block == "attention"]
-    assert len(attn) == 2
+    assert len(attn) == 4  # kv groups and query heads in each of 2 layers
     for s in attn:  # one reason, naming each layer's own module
         assert s.reason.startswith(f"model.layers.{s.layer}.self_attn.o_proj's input width stays 32")
         assert "derives head_dim" not in s.reason
