@@ -9,25 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from hf_oto.errors import ExportError
 from hf_oto.export.save import MANIFEST, save_pruned
 from hf_oto.groups import discover_groups
-from hf_oto.groups.space import PruningSpace
 from hf_oto.io import check_target, discard, publish, staging_dir
-from hf_oto.manifest import Manifest
 from hf_oto.subnet import construct_subnet
-from hf_oto.subnet.construct import kept_slices
+from hf_oto.subnet.construct import kept_indices
 
 ADAPTER_MARKER = "hf_oto_adapter.json"
-
-
-def kept_indices(space: PruningSpace, manifest: Manifest) -> dict[tuple[str, int], torch.Tensor]:
-    """(param, dim) -> the indices that the sub-network kept along that dim (dense params only)."""
-    removed = [set(range(gs.count)) - set(entry.kept) for gs, entry in zip(space.sets, manifest.sets, strict=True)]
-    return {(param, dim): idx for (param, dim, expert), idx in kept_slices(space, removed).items() if expert is None}
 
 
 def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
@@ -69,10 +60,10 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
         if weight not in small_shapes:
             raise ExportError(f"cannot map adapter tensor {key} to a base weight; use merge_adapters=True")
         if leaf.startswith("A."):  # (r, in): keep the kept input columns
-            idx = kept.get((weight, 1 - out_dim))
+            idx = kept.get(weight, {}).get(1 - out_dim)
             value = value if idx is None else value.index_select(1, idx.to(value.device))
         elif leaf.startswith("B.") or leaf.startswith("magnitude_vector"):  # rows follow kept outputs
-            idx = kept.get((weight, out_dim))
+            idx = kept.get(weight, {}).get(out_dim)
             value = value if idx is None else value.index_select(0, idx.to(value.device))
         elif leaf.startswith("embedding") or "lora_embedding" in key:
             raise ExportError("LoRA on embeddings is not sliced by hf-oto; use merge_adapters=True")

@@ -145,8 +145,8 @@ def save_quantized(model: nn.Module, bits: Sequence[int], out_dir: str | os.Path
     check_target(out, overwrite=overwrite, marker=QFA_MANIFEST)
     dense, folded = _dense_copy(model, bits, weights=space is not None)  # pruning slices the dense weights
     if space is not None:
-        kept = kept_indices(dense, space, layout="uniform")
-        small = construct_subnet(dense, space, layout="uniform").model
+        subnet = construct_subnet(dense, space, layout="uniform")
+        small, kept = subnet.model, kept_indices(space, subnet.manifest)
         if small.config.to_dict().get("hf_oto_layers"):
             raise ExportError("a quantized export needs equal layers (pruning_layout: uniform)")
     else:

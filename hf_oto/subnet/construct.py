@@ -98,11 +98,10 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     return Subnet(new, manifest)
 
 
-def kept_indices(model: nn.Module, space: PruningSpace, *,
-                 layout: Layout = "global") -> dict[str, dict[int, torch.Tensor]]:
-    """param -> dim -> the indices :func:`construct_subnet` keeps there (sorted; non-expert slices)."""
-    removed = _removed_groups(space, group_is_zero(model, space))
-    _pad_ragged(space, removed, layout, removed_layers(space, removed))
+def kept_indices(space: PruningSpace, manifest: Manifest) -> dict[str, dict[int, torch.Tensor]]:
+    """param -> dim -> the indices the sub-network described by ``manifest`` kept there (sorted; slices
+    outside an expert dimension): what adapters and quantized codes of the same weights must keep."""
+    removed = [set(range(gs.count)) - set(entry.kept) for gs, entry in zip(space.sets, manifest.sets, strict=True)]
     out: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for (param, dim, expert), idx in kept_slices(space, removed).items():
         if expert is None:
