@@ -136,3 +136,25 @@ def test_moe_plans_remove_exactly_what_the_export_removes(arch, layout):
     assert sub.manifest.params_before - sub.manifest.params_after == plan.pruned_params()
     widths = {p.shape[-1] for n, p in sub.model.named_parameters() if n.endswith("experts.down_proj")}
     assert all(w % 8 == 0 for w in widths)
+
+
+def test_the_trainer_prunes_mla_heads_and_expert_channels_and_exports_what_it_planned(tmp_path):
+    """HESSO in the trainer on DeepSeek-V3 (dense first layer, MoE after it): the export removes exactly
+    the parameters HESSO counted, loads without hf_oto's help as a stock config, and computes the same."""
+    from test_trainer import Tokens, _args
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.trainer import HFOTOTrainer
+
+    model = tiny_model("deepseek_v3", intermediate_size=64, moe_intermediate_size=32)
+    trainer = HFOTOTrainer(model=model, args=_args(tmp_path, target_sparsity=0.3, max_steps=16),
+                           train_dataset=Tokens())
+    trainer.train()
+    pruned = trainer.hesso.metrics()["pruned_params"]
+    out = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, reloaded))
+    assert pruned > 0 and before - after == pruned
+    model.eval()
+    assert (logits(reloaded, IDS) - logits(model, IDS)).abs().max().item() <= TOL
