@@ -158,3 +158,31 @@ def test_the_trainer_prunes_mla_heads_and_expert_channels_and_exports_what_it_pl
     assert pruned > 0 and before - after == pruned
     model.eval()
     assert (logits(reloaded, IDS) - logits(model, IDS)).abs().max().item() <= TOL
+
+
+def test_experts_adapted_as_parameters_by_peft_stay_and_the_shared_expert_with_them():
+    """peft adapts DeepSeek's fused expert weights as parameters (target_parameters, from the gate/up/down
+    names): their channels stay, with the reason, and so does the shared expert, whose width the same
+    field sets; heads and the dense FFN are still pruned."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("deepseek_v3"),
+                           LoraConfig(r=4, target_modules=["q_b_proj", "kv_b_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]))
+    space = discover_groups(model)
+    experts = [s for s in space.sets if s.kind == "expert_channel"]
+    shared = [s for s in space.sets if "shared_experts" in s.prefix]
+    assert experts and all(not s.prunable and "target_parameters" in s.reason for s in experts)
+    assert shared and all(not s.prunable and "moe_intermediate_size also sets the width" in s.reason
+                          for s in shared)
+    assert all(s.prunable for s in space.sets if s.block == "attention" or s.prefix == "model.layers.0.mlp"), \
+        [s.reason for s in space.sets if not s.prunable]
+
+
+def test_excluding_the_experts_keeps_the_shared_expert_too():
+    from hf_oto import exclude_groups
+
+    space = exclude_groups(discover_groups(tiny_model("deepseek_v3_q")), ["*.mlp.experts.*"], "uniform")
+    assert all(not s.prunable for s in space.sets if "experts" in s.prefix)
+    assert all("moe_intermediate_size also sets the width" in s.reason
+               for s in space.sets if "shared_experts" in s.prefix)

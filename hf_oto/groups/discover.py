@@ -15,6 +15,7 @@ from hf_oto.groups.sites import RULE_HELP, attention_sites, ffn_sites
 from hf_oto.groups.space import (
     GroupSet,
     PruningSpace,
+    close_ties,
     find_decoder_layers,
     layer_signature,
     representatives,
@@ -79,7 +80,7 @@ def discover_groups(model: nn.Module) -> PruningSpace:
                            [representative[signatures[i]] for i in range(num_layers)])
     sets.sort(key=lambda s: (s.layer, 0 if s.block == "attention" else 1, s.prefix, s.kind))
 
-    renamed = map_to_model(model, base, sets)
+    renamed = close_ties(map_to_model(model, base, sets))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     total = sum(p.numel() for n, p in base.named_parameters() if not is_adapter_param(n))
     return PruningSpace(

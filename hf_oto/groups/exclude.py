@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import PruningSpace, kept_uniform
+from hf_oto.groups.space import PruningSpace, close_ties, kept_uniform
 
 
 def excluded_layers(rule: str, num_layers: int) -> set[int]:
@@ -86,4 +86,4 @@ def exclude_groups(space: PruningSpace, rules: Sequence[str] | None, layout: str
                               f"pruning_exclude cannot keep them in some layers only; use pruning_layout "
                               f"{'global' if kind != 'ffn_channel' else 'per_layer_ffn or global'}, or exclude "
                               f"them in every layer (e.g. '*.{mine[0][0].prefix.rsplit('.', 1)[-1]}')")
-    return dataclasses.replace(space, sets=sets)
+    return dataclasses.replace(space, sets=close_ties(sets))

@@ -33,7 +33,11 @@ def map_to_model(model: nn.Module, base: nn.Module, sets: list[GroupSet]) -> lis
             mod_path, _, attr = sl.param.rpartition(".")
             mod = base.get_submodule(mod_path)
             wrapped = getattr(mod, "base_layer", None)
-            target = wrapped if isinstance(wrapped, nn.Module) else mod
+            target = _owner(mod, attr)
+            if target is not mod and _adapted_as_parameter(mod, attr) and s.prunable:
+                s.prunable = False
+                s.reason = (f"peft adapts {sl.param} as a parameter (target_parameters), an adapter layout hf-oto "
+                            "does not slice yet; leave these experts out of the LoRA targets to prune their channels")
             name = full_name[id(getattr(target, attr))]
             new_slices.append(SliceSpec(name, sl.dim, sl.index, sl.expert))
             if wrapped is None or attr != "weight":
@@ -51,6 +55,26 @@ def map_to_model(model: nn.Module, base: nn.Module, sets: list[GroupSet]) -> lis
                         new_slices.append(SliceSpec(full_name[id(mag[adapter].weight)], 0, sl.index))
         s.slices = new_slices
     return sets
+
+
+def _owner(mod: nn.Module, attr: str) -> nn.Module:
+    """The module that holds parameter ``attr``: ``mod``, or the module peft wrapped (``base_layer``,
+    nested once per adapted parameter with target_parameters)."""
+    while attr not in dict(mod.named_parameters(recurse=False)):
+        inner = getattr(mod, "base_layer", None)
+        if not isinstance(inner, nn.Module):
+            break
+        mod = inner
+    return mod
+
+
+def _adapted_as_parameter(mod: nn.Module, attr: str) -> bool:
+    """Whether peft wraps parameter ``attr`` itself (a ParamWrapper of target_parameters) on the way to it."""
+    while isinstance(mod, nn.Module):
+        if getattr(mod, "parameter_name", None) == attr:
+            return True
+        mod = getattr(mod, "base_layer", None)
+    return False
 
 
 def _is_conv1d(mod: nn.Module) -> bool:

@@ -69,6 +69,24 @@ def representatives(signatures: Sequence[tuple]) -> dict[tuple, int]:
     return out
 
 
+def close_ties(sets: list[GroupSet]) -> list[GroupSet]:
+    """FFN sets of one layer whose width one config field sets (a layer's experts, DeepSeek's shared
+    expert with them) are prunable together or not at all: a set that must keep its width keeps the
+    field, so the others made unprunable too, with the reason. Returns new set objects where changed."""
+    blocked: dict[tuple[int, str], GroupSet] = {}
+    for gs in sets:
+        if gs.block == "mlp" and not gs.prunable and isinstance(gs.info, FFNInfo) and gs.info.field:
+            blocked.setdefault((gs.layer, gs.info.field), gs)
+    out = []
+    for gs in sets:
+        stop = blocked.get((gs.layer, gs.info.field)) if gs.prunable and isinstance(gs.info, FFNInfo) else None
+        if stop is not None:
+            why = f"{gs.info.field} also sets the width of {stop.prefix}, which keeps its channels ({stop.reason})"
+            gs = dataclasses.replace(gs, prunable=False, reason=why)
+        out.append(gs)
+    return out
+
+
 def kept_uniform(layout: str, block: str) -> bool:
     """Whether ``layout`` keeps the same count in every layer for groups of this block (whole layers
     leave one by one in every layout: a stock config just has fewer of them)."""
