@@ -16,8 +16,7 @@ from hf_oto.groups.depth import with_granularity
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, max_prunable, select
 
 TOL = 1e-5
-# Dense first layers (DeepSeek's first_k_dense_replace) place layer kinds by index: no layer can move up.
-DECODERS = [a for a in ARCHS if a not in ENCODERS and not ARCHS[a].get("first_k_dense_replace")]
+DECODERS = [a for a in ARCHS if a not in ENCODERS]
 LAYOUTS = ("global", "per_layer_ffn", "uniform")
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -290,11 +289,22 @@ def test_the_card_names_the_removed_layers(exports):
     assert "Decoder layers removed whole: 1 of 3 (1, numbered as in the source model" in card
 
 
-@pytest.mark.parametrize("arch, fields", [("qwen2_moe", {"mlp_only_layers": [1]}), ("deepseek_v3", {})])
-def test_layers_whose_kind_the_config_sets_by_index_are_not_offered(arch, fields):
-    """Qwen2-MoE with a dense MLP in layer 1 only (mlp_only_layers), DeepSeek with a dense first layer
-    (first_k_dense_replace): without a layer, the config would put the dense MLP in the wrong place, so
-    no layer is offered, with the reason, before any training."""
-    model = tiny_model(arch, num_hidden_layers=3, **fields)
-    with pytest.raises(ConfigError, match="its layers' kinds follow their index"):
+@pytest.mark.parametrize("arch, fields, movable", [
+    ("qwen2_moe", {"mlp_only_layers": [1]}, {2}),  # a dense MLP in layer 1 only: 1 cannot move to 0, 2 not to 1
+    ("deepseek_v3", {"num_hidden_layers": 4}, {1, 2, 3}),  # first_k_dense_replace=1: MoE layers may leave
+])
+def test_layers_whose_kind_the_config_sets_by_index_are_offered_where_the_rest_still_fits(arch, fields, movable):
+    """Fields that place layer kinds by index (Qwen2-MoE's mlp_only_layers, DeepSeek's dense first layers)
+    stay as they are, so a layer is offered only where every layer that moves up is what the config
+    builds at its new index; the others say why, before any training."""
+    model = tiny_model(arch, **{"num_hidden_layers": 3, **fields})
+    space = with_granularity(model, discover_groups(model), "depth")
+    layers = {s.layer: s for s in space.sets if s.kind == "layer"}
+    assert {i for i, s in layers.items() if s.prunable} == movable
+    assert all("its layers' kinds follow their index" in s.reason for s in layers.values() if not s.prunable)
+
+
+def test_a_model_where_no_layer_can_leave_is_refused_in_one_line():
+    model = tiny_model("llama", num_hidden_layers=1)
+    with pytest.raises(ConfigError, match="no decoder layer of this model can be removed .the model has a single"):
         with_granularity(model, discover_groups(model), "depth")

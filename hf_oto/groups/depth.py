@@ -52,12 +52,12 @@ def layer_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
     layers = model.get_submodule(space.layers_path)
     unsaid = _not_expressible(model, space)
     signatures = [layer_signature(layer) for layer in layers]
-    reason = {sig: unsaid or _not_identity(model, layers[i]) for sig, i in representatives(signatures).items()}
+    identity = {sig: _not_identity(model, layers[i]) for sig, i in representatives(signatures).items()}
     out = []
     for i, layer in enumerate(layers):
         prefix = f"{space.layers_path}.{i}"
         params = [(f"{prefix}.{n}", p) for n, p in layer.named_parameters()]
-        why = reason[signatures[i]]
+        why = unsaid[i] or identity[signatures[i]]
         if any(p.dim() == 0 for _, p in params):
             why = why or "the layer holds a scalar parameter"
         slices = [SliceSpec(name, 0, torch.arange(p.shape[0]).view(1, -1)) for name, p in params if p.dim() > 0]
@@ -66,30 +66,42 @@ def layer_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
     return out
 
 
-def _not_expressible(model: nn.Module, space: PruningSpace) -> str:
-    """Why the config cannot describe the model without a layer ("" when it can): a meta-device model
-    built without layer 0 must have the shapes of layers 1.. of this one (a config that places layer
-    kinds by index, such as dense layers first and MoE after, fails this)."""
+def _not_expressible(model: nn.Module, space: PruningSpace) -> list[str]:
+    """Per layer, why the config cannot describe the model without it ("" when it can).
+
+    One meta-device twin built without a layer (the count one less, every per-layer list of the config
+    cut to match) must build each layer that moves up with the shapes it has: removing layer ``i`` moves
+    layers ``i+1..`` down one index, and the twin's layer ``j-1`` is what the config builds there, for any
+    ``i < j`` (per-layer lists are cut at the removed layer, so their entries move with the layers; fields
+    that place kinds by index, such as DeepSeek's ``first_k_dense_replace`` or Qwen2-MoE's
+    ``mlp_only_layers``, do not). So DeepSeek's MoE layers can leave, its dense first layers cannot."""
     n = space.num_layers
     if n < 2:
-        return "the model has a single decoder layer"
+        return ["the model has a single decoder layer"] * n
     try:
         twin = meta_twin(model, model.config, **layer_fields(model.config, n, range(1, n)))
     except Exception as e:  # noqa: BLE001 - a config that refuses fewer layers cannot express a removal
-        return f"the config refuses fewer layers ({type(e).__name__})"
+        return [f"the config refuses fewer layers ({type(e).__name__})"] * n
     head = space.layers_path + "."
-    want = {n_: tuple(p.shape) for n_, p in model.named_parameters() if n_.startswith(head)}
-    got = {n_: tuple(p.shape) for n_, p in twin.named_parameters() if n_.startswith(head)}
-    moved = {}
-    for name, shape in want.items():
-        index, _, rest = name[len(head):].partition(".")
-        if int(index) > 0:
-            moved[f"{head}{int(index) - 1}.{rest}"] = shape
-    for name in sorted(set(got) | set(moved)):
-        if got.get(name) != moved.get(name):
-            return (f"without layer 0 the config would build {name} as {got.get(name)}, not as the layer that moves "
-                    f"there ({moved.get(name)}): its layers' kinds follow their index")
-    return ""
+
+    def by_layer(m: nn.Module) -> dict[int, dict[str, tuple]]:
+        out: dict[int, dict[str, tuple]] = {}
+        for name, p in m.named_parameters():
+            if name.startswith(head):
+                index, _, rest = name[len(head):].partition(".")
+                out.setdefault(int(index), {})[rest] = tuple(p.shape)
+        return out
+
+    have, built = by_layer(model), by_layer(twin)
+    # moves[j]: why layer j cannot move to index j - 1 ("" when the config builds it there as it is)
+    moves = [""] * n
+    for j in range(1, n):
+        want, got = have.get(j, {}), built.get(j - 1, {})
+        wrong = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if wrong:
+            moves[j] = (f"the config would build {head}{j - 1}.{wrong[0]} as {got.get(wrong[0])}, not as layer {j}'s "
+                        f"({want.get(wrong[0])}) when layer {j} moves there: its layers' kinds follow their index")
+    return [next((moves[j] for j in range(i + 1, n) if moves[j]), "") for i in range(n)]
 
 
 @torch.no_grad()
