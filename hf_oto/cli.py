@@ -74,11 +74,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{space.model_type}: {space.num_layers} layers, {space.total_params:,} parameters, "
           f"{space.prunable_params:,} in prunable groups, {len(space):,} groups")
     print(f"{'layer':>5}  {'module':<40} {'kind':<15} {'groups':>7} {'params/group':>13}  prunable")
-    for row in space.summary():
+    for row in _collapse_experts(space.summary()):
         ok = "yes" if row["prunable"] else f"no: {row['reason']}"
         print(f"{row['layer']:>5}  {row['module']:<40} {row['kind']:<15} {row['groups']:>7} "
               f"{row['params_per_group']:>13,}  {ok}")
     return 0
+
+
+def _collapse_experts(rows: list[dict]) -> list[dict]:
+    """One row for a layer's experts that agree on everything but their index ("experts.* (256 experts)"),
+    so a 256-expert model's table has a few rows per layer; ``--json`` keeps every set."""
+    out: list[dict] = []
+    count: list[int] = []
+    for row in rows:
+        base, _, index = row["module"].rpartition(".")
+        same = (row["kind"] == "expert_channel" and index.isdigit() and out and out[-1]["kind"] == "expert_channel"
+                and out[-1]["module"].startswith(base + ".") and out[-1]["layer"] == row["layer"]
+                and all(out[-1][k] == row[k] for k in ("groups", "params_per_group", "prunable")))
+        if same:
+            count[-1] += 1
+            out[-1] = dict(out[-1], module=f"{base}.* ({count[-1]} experts)")
+        else:
+            out.append(row)
+            count.append(1)
+    return out
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -186,3 +186,13 @@ def test_excluding_the_experts_keeps_the_shared_expert_too():
     assert all(not s.prunable for s in space.sets if "experts" in s.prefix)
     assert all("moe_intermediate_size also sets the width" in s.reason
                for s in space.sets if "shared_experts" in s.prefix)
+
+
+def test_inspect_shows_a_layers_experts_in_one_row(tmp_path, capsys):
+    from hf_oto.cli import main
+
+    tiny_model("deepseek_v3_q", num_hidden_layers=3).config.save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "expert_channel" in line]
+    assert len(rows) == 3 and all("mlp.experts.* (4 experts)" in r and r.endswith("yes") for r in rows)
