@@ -196,3 +196,23 @@ def test_inspect_shows_a_layers_experts_in_one_row(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "expert_channel" in line]
     assert len(rows) == 3 and all("mlp.experts.* (4 experts)" in r and r.endswith("yes") for r in rows)
+
+
+def test_measured_pricing_prices_the_experts_with_the_shared_expert_they_move_with():
+    """The experts and DeepSeek's shared expert leave in one chain, so they are priced as one class
+    (before, a trial per single kind found no expert item and left their scores unpriced)."""
+    from hf_oto.optim.budget import BudgetRules
+    from hf_oto.optim.pricing import price_kinds
+
+    space = discover_groups(tiny_model("deepseek_v3", intermediate_size=64, moe_intermediate_size=32))
+    scores = torch.rand(len(space), generator=torch.Generator().manual_seed(0)) + 0.1
+    removed = torch.zeros(len(space), dtype=torch.bool)
+    priced, trials = price_kinds(space, scores, removed, int(0.3 * space.prunable_params),
+                                 lambda groups: float(groups.sum()), BudgetRules())
+    by_class = {t.kind: t for t in trials}
+    assert set(by_class) == {"attention_head", "ffn_channel", "expert_channel+ffn_channel"}
+    factor = by_class["expert_channel+ffn_channel"].factor
+    for k, gs in enumerate(space.sets):
+        off = space.set_offset(k)
+        if gs.kind == "expert_channel" or "shared_experts" in gs.prefix:
+            assert torch.allclose(priced[off:off + gs.count], scores[off:off + gs.count] * factor)

@@ -70,8 +70,15 @@ def zeroing_probe(params: dict[str, torch.Tensor], space: PruningSpace, loss: Ca
     return probe
 
 
-def _kind_items(items: list[Item], space: PruningSpace, kind: str) -> list[Item]:
-    return [it for it in items if all(space.sets[k].kind == kind for k, _ in it.members)]
+def _price_classes(items: list[Item], space: PruningSpace) -> dict[int, str]:
+    """Set index -> the class it is priced in: its kind, or the kinds of a chain that moves several
+    together ("expert_channel+ffn_channel": a layer's experts with DeepSeek's shared expert)."""
+    out: dict[int, str] = {}
+    for it in items:
+        name = "+".join(sorted({space.sets[k].kind for k, _ in it.members}))
+        for k, _ in it.members:
+            out[k] = name
+    return out
 
 
 def _alone(space: PruningSpace, removed: torch.Tensor, items: list[Item], size: int,
@@ -96,8 +103,9 @@ def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor
     """
     base_plan = Plan.from_mask(space, removed)
     items = build_items(space, scores, base_plan, rules)
-    kinds = sorted({space.sets[k].kind for it in items for k, _ in it.members})
-    by_kind = {kind: _kind_items(items, space, kind) for kind in kinds}
+    classes = _price_classes(items, space)
+    kinds = sorted(set(classes.values()))
+    by_kind = {kind: [it for it in items if classes[it.members[0][0]] == kind] for kind in kinds}
     before = base_plan.pruned_params()
     reach = {kind: take_all(Plan.from_mask(space, removed), its) - before for kind, its in by_kind.items()}
     size = min([remaining, *(r for r in reach.values() if r > 0)]) if reach else 0
@@ -116,7 +124,7 @@ def price_kinds(space: PruningSpace, scores: torch.Tensor, removed: torch.Tensor
         predicted = float(scores[tried].clamp_min(0).sum())
         factor = max(measured, floor) / max(predicted, 1e-12)
         for k, gs in enumerate(space.sets):
-            if gs.kind == kind:
+            if classes.get(k) == kind:
                 off = space.set_offset(k)
                 out[off:off + gs.count] = scores[off:off + gs.count].clamp_min(0) * factor
         prices.append(KindPrice(kind, int(tried.sum()), plan.pruned_params() - before, predicted, measured, factor))
