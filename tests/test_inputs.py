@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import logits, tiny_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_oto import (
     ConstructionError,
@@ -96,7 +96,7 @@ def test_unprunable_structures_say_why():
 
 
 def test_gqa_groups_keep_heads_per_kv_group_equal():
-    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=4)
+    model = tiny_model("llama", hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=4)
     space = discover_groups(model)
     # remove query slot 1 in every layer: every kv group loses exactly one query head
     zero_groups(model, space, [f"model.layers.{i}.self_attn.query_head.1" for i in range(2)])
@@ -104,6 +104,20 @@ def test_gqa_groups_keep_heads_per_kv_group_equal():
     assert sub.config.num_attention_heads == 6 and sub.config.num_key_value_heads == 2
     ids = torch.randint(3, 64, (1, 7))
     assert (logits(sub, ids) - logits(model, ids)).abs().max() <= 1e-5
+
+
+def test_a_head_count_the_config_refuses_keeps_zero_heads_until_it_accepts_one(tmp_path):
+    """Llama checks hidden_size % num_attention_heads: 6 heads of a 32-wide model would not save, so the
+    zero query heads stay (8 heads, exact) and the export saves and reloads."""
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=4)
+    space = discover_groups(model)
+    zero_groups(model, space, [f"model.layers.{i}.self_attn.query_head.1" for i in range(2)])
+    sub = construct_subnet(model, space, layout="uniform")
+    assert sub.model.config.num_attention_heads == 8
+    out = save_pruned(sub, tmp_path / "out")
+    ids = torch.randint(3, 64, (1, 7))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (logits(reloaded, ids) - logits(model, ids)).abs().max() <= 1e-5
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
