@@ -29,7 +29,6 @@ class AttentionSite:
     reason: str = ""  # why its heads cannot be removed ("" when they can)
     o_cols: list[list[int]] | None = None  # input columns of ``o`` per query head
     head_dim: int = 0  # channels of one head in the output projection's input (the value head size)
-    shared: tuple[str, ...] = ()  # weights broadcast to every head (MLA's rotary key): never sliced
 
 
 @dataclass
@@ -121,7 +120,6 @@ def attention_sites(trace: tr.Trace, layers_path: str, config) -> list[Attention
             continue
         prefix = common_prefix([w.param for ps in site.producers.values() for w in ps] + [o.param])
         roles: dict[str, list[tuple[tr.WeightOp, list[list[int]]]]] = {}
-        shared: list[str] = []
         reason = ""
         for role, producers in site.producers.items():
             if not producers:
@@ -145,10 +143,9 @@ def attention_sites(trace: tr.Trace, layers_path: str, config) -> list[Attention
                     heads = []
                 found.append((prod, heads))
             # A producer seen as one head while the others split into several is broadcast to every
-            # head (MLA's shared rotary key): it stays whole, whichever heads leave.
+            # head (MLA's shared rotary key): it is left out of the roles, so it stays whole.
             n = max(len(h) for _, h in found)
             roles[role] = [(p, h) for p, h in found if len(h) == n or n <= 1]
-            shared += [p.param for p, h in found if len(h) == 1 < n]
             if any(0 < len(h) != n and len(h) != 1 for _, h in found):
                 reason = reason or (f"{prefix}: the weights producing the attention {role} input split into "
                                     f"{sorted({len(h) for _, h in found})} heads, so heads cannot be removed safely")
@@ -171,7 +168,7 @@ def attention_sites(trace: tr.Trace, layers_path: str, config) -> list[Attention
         cols = _o_columns(site, o, n_q, head_dim)
         if cols is None:
             reason = f"{o.module}: the attention output is transformed before {o.module} reads it"
-        sites.append(AttentionSite(layer, prefix, o, roles, reason, cols, head_dim, tuple(shared)))
+        sites.append(AttentionSite(layer, prefix, o, roles, reason, cols, head_dim))
     return sites
 
 

@@ -69,17 +69,25 @@ def representatives(signatures: Sequence[tuple]) -> dict[tuple, int]:
     return out
 
 
+def field_tie(gs: GroupSet) -> tuple[int, str] | None:
+    """(layer, config field) for an FFN set whose width a config field sets (sets with the same key keep
+    one width per unit of that field); None for every other set."""
+    if gs.block == "mlp" and isinstance(gs.info, FFNInfo) and gs.info.field:
+        return gs.layer, gs.info.field
+    return None
+
+
 def close_ties(sets: list[GroupSet]) -> list[GroupSet]:
     """FFN sets of one layer whose width one config field sets (a layer's experts, DeepSeek's shared
     expert with them) are prunable together or not at all: a set that must keep its width keeps the
     field, so the others made unprunable too, with the reason. Returns new set objects where changed."""
     blocked: dict[tuple[int, str], GroupSet] = {}
     for gs in sets:
-        if gs.block == "mlp" and not gs.prunable and isinstance(gs.info, FFNInfo) and gs.info.field:
-            blocked.setdefault((gs.layer, gs.info.field), gs)
+        if not gs.prunable and field_tie(gs):
+            blocked.setdefault(field_tie(gs), gs)
     out = []
     for gs in sets:
-        stop = blocked.get((gs.layer, gs.info.field)) if gs.prunable and isinstance(gs.info, FFNInfo) else None
+        stop = blocked.get(field_tie(gs)) if gs.prunable and field_tie(gs) else None
         if stop is not None:
             why = f"{gs.info.field} also sets the width of {stop.prefix}, which keeps its channels ({stop.reason})"
             gs = dataclasses.replace(gs, prunable=False, reason=why)

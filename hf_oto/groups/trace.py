@@ -161,6 +161,7 @@ def _functionalize_view_writes(graph: fx.Graph) -> None:
 
     The graph is only read, never run, so the new nodes carry the shape metadata the readers use.
     """
+    order = {n: i for i, n in enumerate(graph.nodes)}  # original positions (new nodes are never readers)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.copy_.default or node.users:
             continue
@@ -170,7 +171,6 @@ def _functionalize_view_writes(graph: fx.Graph) -> None:
         base = view.args[0]
         if not isinstance(base, fx.Node) or not _is_created(base) or not isinstance(src, fx.Node):
             continue
-        order = {n: i for i, n in enumerate(graph.nodes)}
         with graph.inserting_after(node):
             written = graph.call_function(_SCATTER_OF[view.target], (base, src, *view.args[1:]))
         written.meta["val"] = base.meta.get("val")
@@ -354,7 +354,8 @@ def propagate_labels(start: fx.Node, label: torch.Tensor, stop: set[fx.Node] | N
                 frontier.append((u, n, values[n]))
                 continue
             if u.target in SHAPE_OPS:
-                args = [values.get(a, _unlabelled(a)) if isinstance(a, fx.Node) else a for a in u.args]
+                args = [(values[a] if a in values else _unlabelled(a)) if isinstance(a, fx.Node) else a
+                        for a in u.args]
                 if any(isinstance(a, fx.Node) for a in args):  # another unlabelled tensor input
                     frontier.append((u, n, values[n]))
                     continue

@@ -24,6 +24,7 @@ from hf_oto.groups.space import (
     GroupSet,
     Layout,
     PruningSpace,
+    field_tie,
     kept_uniform,
     layer_relative,
 )
@@ -280,9 +281,9 @@ def _ties(space: PruningSpace, layout: Layout, multiple: int) -> tuple[dict[int,
     chain, so the planned count is the exported one."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        if gs.prunable and gs.kind in FFN_KINDS and isinstance(gs.info, FFNInfo) and gs.info.field:
-            key = (gs.info.field,) if kept_uniform(layout, gs.block) else (gs.layer, gs.info.field)
-            groups[key].append(k)
+        tie = field_tie(gs) if gs.prunable else None
+        if tie:
+            groups[tie[1:] if kept_uniform(layout, gs.block) else tie].append(k)  # uniform: every layer at once
     ties, steps = {}, {}
     for key, ks in groups.items():
         sets = [space.sets[k] for k in ks]

@@ -16,10 +16,10 @@ from hf_oto.groups.space import (
     EXPERT_MULTIPLE,
     LAYOUTS,
     AttentionInfo,
-    FFNInfo,
     GroupSet,
     Layout,
     PruningSpace,
+    field_tie,
     group_is_zero,
     kept_uniform,
     layer_fields,
@@ -196,8 +196,8 @@ def _tie_fields(space: PruningSpace, removed: list[set[int]]) -> None:
     them. Expert widths go up to a multiple of :data:`EXPERT_MULTIPLE`."""
     tied: dict[tuple[int, str], list[int]] = defaultdict(list)
     for k, gs in enumerate(space.sets):
-        if gs.block == "mlp" and gs.prunable and isinstance(gs.info, FFNInfo) and gs.info.field:
-            tied[(gs.layer, gs.info.field)].append(k)
+        if gs.prunable and field_tie(gs):
+            tied[field_tie(gs)].append(k)
     for ks in tied.values():
         sets = [space.sets[k] for k in ks]
         units = max(-(-(gs.count - len(removed[k])) // gs.ffn.per_field) for k, gs in zip(ks, sets, strict=True))
