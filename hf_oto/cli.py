@@ -68,6 +68,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise HFOTOError("give MODEL_DIR_OR_CONFIG, or --demo for a small built-in Llama config")
     model = _load_meta_model(target)
     space = discover_groups(model)
+    if args.prune_experts:
+        from hf_oto.groups.experts import with_experts
+
+        space = with_experts(model, space)
     if args.json:
         print(space.to_json())
         return 0
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", help="local model folder or config.json")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--demo", action="store_true", help="inspect a small built-in Llama config")
+    p.add_argument("--prune_experts", action="store_true",
+                   help="MoE models: add whole routed experts (what prune_experts makes prunable)")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("prune", help="fine-tune and prune from a YAML config, export, verify the export",
                        add_help=False, usage="hf-oto prune CONFIG.yaml [--key value ...] (--help lists the keys)")

@@ -50,6 +50,11 @@ if fields:
     for s in space.sets:
         kinds.setdefault(s.kind, [0, 0])[0 if s.prunable else 1] += 1
     out["kinds"] = kinds
+    from hf_oto.groups.experts import with_experts  # whole routed experts (prune_experts)
+    t = time.perf_counter()
+    experts = [s for s in with_experts(model, space).sets if s.kind == "expert"]
+    out["experts_s"] = time.perf_counter() - t
+    out["experts"] = "prunable" if all(s.prunable for s in experts) else experts[0].reason
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
@@ -73,16 +78,17 @@ def main() -> int:
         "# Discovery at frontier scale (meta device)", "",
         f"`python scripts/discovery_scale.py` on {platform.processor() or platform.machine()}, "
         f"{time.strftime('%Y-%m-%d')}. The model is built on the meta device (no weights); discovery traces a "
-        "twin that holds one layer of each distinct structure and copies the groups to the other layers.", "",
+        "twin that holds one layer of each distinct structure and copies the groups to the other layers. "
+        "Whole experts (`prune_experts`) are added after discovery, with the routing probe.", "",
         "| model | parameters | build (s) | discovery (s) | peak RSS (MB) | over interpreter + torch (MB) | "
-        "sets | groups | prunable sets by kind |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "sets | groups | prunable sets by kind | whole experts (s) | whole experts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         kinds = ", ".join(f"{k} {v[0]}" + (f" (+{v[1]} not)" if v[1] else "") for k, v in sorted(r["kinds"].items()))
         lines.append(f"| {name} | {r['params'] / 1e9:.1f}B | {r['build_s']:.1f} | {r['discover_s']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base:.0f} | {r['sets']:,} | {r['groups']:,} | "
-                     f"{kinds} |")
+                     f"{kinds} | {r['experts_s']:.2f} | {r['experts']} |")
     lines += ["", f"Interpreter with torch and transformers imported: {base:.0f} MB.", ""]
     Path(a.out).write_text("\n".join(lines))
     print("\n".join(lines))

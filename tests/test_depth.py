@@ -124,10 +124,10 @@ def test_a_removed_layer_frees_all_of_its_parameters_once():
     plan.removed[k_ffn].update(range(8))
     assert plan.pruned_params() == 8 * space.sets[k_ffn].params_per_group
     layer_params = space.sets[k_layer].params_per_group
-    assert plan.gain(k_layer, 1) == layer_params - 8 * space.sets[k_ffn].params_per_group
+    assert plan.gain(k_layer, [0]) == layer_params - 8 * space.sets[k_ffn].params_per_group
     plan.removed[k_layer].add(0)
     assert plan.pruned_params() == layer_params
-    assert plan.gain(k_ffn, 8) == 0  # channels of a removed layer free nothing more
+    assert plan.gain(k_ffn, list(range(8))) == 0  # channels of a removed layer free nothing more
 
 
 def test_the_planner_keeps_one_layer_and_prefers_the_cheapest_layers():

@@ -73,3 +73,25 @@ def test_oneshot_layer_removal_by_block_influence_exports_fewer_layers(tmp_path)
     manifest = json.loads((out / "pruning_manifest.json").read_text())
     assert manifest["oneshot"]["granularity"] == "depth"
     assert manifest["oneshot"]["pruned_fraction"] == 0.5
+
+
+def test_oneshot_expert_removal_by_routing_exports_fewer_experts(tmp_path):
+    """Whole experts from the command line: ranked by the gate weight they receive, a stock export with
+    fewer experts that the checker reloads without hf_oto."""
+    folder = tmp_path / "moe"
+    tiny_model("qwen3_moe", num_experts=8, vocab_size=64).save_pretrained(folder)
+    no_pad_tokenizer(folder)
+    corpus = word_corpus(tmp_path / "calib.txt", 200)
+    out = tmp_path / "fewer"
+    proc = hfoto("oneshot", folder, "--criterion", "routing", "--prune_experts", "--target_sparsity", "0.3",
+                 "--calibration", corpus, "--out", out, "--block_size", "16", "--calibration_batches", "2",
+                 cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "export reloaded without hf_oto" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] < 8 and "auto_map" not in config
+    manifest = json.loads((out / "pruning_manifest.json").read_text())
+    assert manifest["oneshot"]["criterion"] == "routing" and manifest["oneshot"]["experts"] is True
+    wrong = hfoto("oneshot", folder, "--criterion", "routing", "--target_sparsity", "0.3", "--calibration", corpus,
+                  "--out", tmp_path / "no", cwd=tmp_path)
+    assert "add --prune_experts" in user_error(wrong)

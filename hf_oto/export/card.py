@@ -38,6 +38,8 @@ SELECTION_TEXT = {"saliency": "lowest score first", "per_param": "lowest score p
 GRANULARITY_TEXT = {"depth": " Only whole decoder layers could go (pruning_granularity `depth`).",
                     "both": " Whole decoder layers competed with heads and channels in the same budget "
                             "(pruning_granularity `both`)."}
+EXPERTS_TEXT = (" Whole routed experts competed in the same budget (prune_experts): a removed expert's router row "
+                "went with it, and the export has fewer experts in every MoE layer.")
 PRICING_TEXT = {"saliency": "kinds compared in the criterion's own units",
                 "measured": "each kind priced by the loss its removal measured on a batch at every period start"}
 
@@ -52,7 +54,8 @@ def method_text(manifest: Manifest) -> str:
         return (f"One-shot `{o['criterion']}` pruning {data}, without training: the lowest-scoring groups were "
                 f"removed until {100 * o['pruned_fraction']:.1f}% of the prunable parameters were gone (target "
                 f"{100 * o['target_sparsity']:.0f}%){priced}, layout `{o['layout']}`, FFN widths on multiples of "
-                f"{o['ffn_multiple']}.{GRANULARITY_TEXT.get(o.get('granularity'), '')} Fine-tuning it (or pruning "
+                f"{o['ffn_multiple']}.{GRANULARITY_TEXT.get(o.get('granularity'), '')}"
+                f"{EXPERTS_TEXT if o.get('experts') else ''} Fine-tuning it (or pruning "
                 "while training with HESSO) recovers quality.")
     if not h:
         return "Groups that were exactly zero were removed (no HESSO settings recorded)."
@@ -69,6 +72,7 @@ def method_text(manifest: Manifest) -> str:
         f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
         f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}. Groups ranked by "
         f"{ranking}; removals taken {selection}, {pricing}.{GRANULARITY_TEXT.get(h.get('granularity'), '')}"
+        f"{EXPERTS_TEXT if h.get('experts') else ''}"
     )
 
 

@@ -81,7 +81,8 @@ def exclude_groups(space: PruningSpace, rules: Sequence[str] | None, layout: str
                           f"(their names look like {space.sets[0].prefix!r}; hf-oto inspect lists them)")
     for kind in {gs.kind for gs in space.sets}:
         mine = [(old, new) for old, new in zip(space.sets, sets, strict=True) if old.kind == kind and old.prunable]
-        if mine and kept_uniform(layout, mine[0][0].block) and len({new.prunable for _, new in mine}) > 1:
+        first = mine[0][0] if mine else None
+        if first and kept_uniform(layout, first.block, first.kind) and len({new.prunable for _, new in mine}) > 1:
             raise ConfigError(f"pruning_layout {layout} keeps every layer's {kind} count the same, so "
                               f"pruning_exclude cannot keep them in some layers only; use pruning_layout "
                               f"{'global' if kind != 'ffn_channel' else 'per_layer_ffn or global'}, or exclude "

@@ -34,7 +34,7 @@ def map_to_model(model: nn.Module, base: nn.Module, sets: list[GroupSet]) -> lis
             mod = base.get_submodule(mod_path)
             wrapped = getattr(mod, "base_layer", None)
             target = _owner(mod, attr)
-            if target is not mod and _adapted_as_parameter(mod, attr) and s.prunable:
+            if target is not mod and adapted_as_parameter(mod, attr) and s.prunable:
                 s.prunable = False
                 s.reason = (f"peft adapts {sl.param} as a parameter (target_parameters), an adapter layout hf-oto "
                             "does not slice yet; leave these experts out of the LoRA targets to prune their channels")
@@ -68,7 +68,7 @@ def _owner(mod: nn.Module, attr: str) -> nn.Module:
     return mod
 
 
-def _adapted_as_parameter(mod: nn.Module, attr: str) -> bool:
+def adapted_as_parameter(mod: nn.Module, attr: str) -> bool:
     """Whether peft wraps parameter ``attr`` itself (a ParamWrapper of target_parameters) on the way to it."""
     while isinstance(mod, nn.Module):
         if getattr(mod, "parameter_name", None) == attr:

@@ -18,13 +18,15 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "layer"]
+Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "expert", "layer"]
 KINDS: tuple[str, ...] = get_args(Kind)
 FFN_KINDS: tuple[str, ...] = ("ffn_channel", "expert_channel")  # the kinds whose sets are FFN widths
 # Expert widths stay multiples of this (grouped-mm kernels need 16-byte aligned strides).
 EXPERT_MULTIPLE = 8
-# A "layer" group is a whole decoder layer (depth pruning, :mod:`hf_oto.groups.depth`): it owns every
-# parameter of the layer, so it overlaps the layer's heads and channels.
+# An "expert" group is one whole routed expert with its router row (:mod:`hf_oto.groups.experts`): it
+# overlaps that expert's channels. A "layer" group is a whole decoder layer (depth pruning,
+# :mod:`hf_oto.groups.depth`): it owns every parameter of the layer, so it overlaps the layer's heads
+# and channels.
 Block = Literal["attention", "mlp", "layer"]
 # How per-layer sizes may differ, one vocabulary for planner, sub-network and trainer: "uniform" keeps
 # equal counts in every layer (the stock config), "per_layer_ffn" keeps attention uniform and lets each
@@ -95,9 +97,12 @@ def close_ties(sets: list[GroupSet]) -> list[GroupSet]:
     return out
 
 
-def kept_uniform(layout: str, block: str) -> bool:
-    """Whether ``layout`` keeps the same count in every layer for groups of this block (whole layers
-    leave one by one in every layout: a stock config just has fewer of them)."""
+def kept_uniform(layout: str, block: str, kind: str = "") -> bool:
+    """Whether ``layout`` keeps the same count in every layer for groups of this block and kind (whole
+    layers leave one by one in every layout: a stock config just has fewer of them; every MoE layer keeps
+    the same number of experts in every layout, since one config field counts them)."""
+    if kind == "expert":
+        return True
     return block != "layer" and (layout == "uniform" or (layout == "per_layer_ffn" and block == "attention"))
 
 
@@ -129,6 +134,24 @@ class FFNInfo:
 
     def renamed(self, move: Callable[[str], str]) -> FFNInfo:
         return dataclasses.replace(self, producers=tuple(map(move, self.producers)), consumer=move(self.consumer))
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """Facts about the routed experts of one MoE block (module and parameter names as in the space)."""
+
+    count: int
+    router: str  # the module holding the router weight
+    weights: tuple[str, ...]  # expert weights with a leading expert dimension
+    router_params: tuple[str, ...]  # router weight (and bias): one row per expert
+    buffers: tuple[str, ...] = ()  # router buffers with one entry per expert (DeepSeek's score correction)
+    field: str = ""  # the config field that counts the experts
+    top_k: int = 1  # experts per token: the fewest a block may keep
+
+    def renamed(self, move: Callable[[str], str]) -> ExpertInfo:
+        return dataclasses.replace(self, router=move(self.router), weights=tuple(map(move, self.weights)),
+                                   router_params=tuple(map(move, self.router_params)),
+                                   buffers=tuple(map(move, self.buffers)))
 
 
 @dataclass(frozen=True)
@@ -166,7 +189,7 @@ class GroupSet:
     reason: str = ""
     # Facts the planner and the sub-network step need (head counts, which config field sets a width);
     # None for the placeholder record of a structure that is not prunable.
-    info: AttentionInfo | FFNInfo | None = None
+    info: AttentionInfo | FFNInfo | ExpertInfo | None = None
     # FFN channels leave in aligned blocks of this many (j // align): set where the consumer's input is
     # quantized in groups of that width (QFA), so a removed block is a whole quantization group.
     align: int = 1
@@ -283,11 +306,16 @@ class PruningSpace(Sequence[Group]):
         group, and a layer whose whole-layer group is prunable as all of its parameters."""
         width: dict[int, int] = defaultdict(int)
         whole: dict[int, int] = {}
-        for gs in self.sets:
+        inner = expert_channel_sets(self.sets)
+        for k, gs in enumerate(self.sets):
             if not gs.prunable or gs.kind == "query_head":
                 continue
             if gs.kind == "layer":
                 whole[gs.layer] = gs.params_per_group
+            elif gs.kind == "expert":  # less what the expert's prunable channels own already
+                width[gs.layer] += gs.count * gs.params_per_group - sum(
+                    self.sets[c].count * self.sets[c].params_per_group for c in inner.get(k, {}).values()
+                    if self.sets[c].prunable)
             else:
                 width[gs.layer] += gs.count * gs.params_per_group
         return sum(whole.get(layer, n) for layer, n in width.items()) + sum(
@@ -325,6 +353,21 @@ class PruningSpace(Sequence[Group]):
             },
             indent=2,
         )
+
+
+def expert_channel_sets(sets: Sequence[GroupSet]) -> dict[int, dict[int, int]]:
+    """Index of each ``"expert"`` set -> expert number -> index of that expert's channel set."""
+    owner = {}
+    for k, gs in enumerate(sets):
+        if gs.kind == "expert" and isinstance(gs.info, ExpertInfo):
+            owner.update({w: k for w in gs.info.weights})
+    out: dict[int, dict[int, int]] = defaultdict(dict)
+    for c, gs in enumerate(sets):
+        if gs.kind == "expert_channel":
+            spec = next(sl for sl in gs.slices if sl.expert is not None)
+            if spec.param in owner:
+                out[owner[spec.param]][spec.expert] = c
+    return dict(out)
 
 
 def layer_relative(name: str) -> str:

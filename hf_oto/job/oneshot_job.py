@@ -74,6 +74,8 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         margs, dargs, targs = build_arguments(dict(settings, output_dir=settings.get("output_dir", work)), where)
         if criterion == "block_influence" and targs.pruning_granularity == "width":
             raise ConfigError("criterion block_influence ranks whole layers: add --pruning_granularity depth (or both)")
+        if criterion == "routing" and not targs.prune_experts:
+            raise ConfigError("criterion routing ranks whole experts: add --prune_experts")
         checked = preflight(margs, dargs, targs)  # model, data, export folder, reachable target: before any work
         logger = job_logger(targs)
         torch.manual_seed(targs.seed)
@@ -101,6 +103,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
                   "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
                   "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple, "pricing": pricing,
                   **({"granularity": targs.pruning_granularity} if targs.pruning_granularity != "width" else {}),
+                  **({"experts": True} if targs.prune_experts else {}),
                   **({"prices": [p.to_dict() for p in prices]} if prices else {}),
                   "pruned_fraction": plan.pruned_params() / space.prunable_params}
         out = save_pruned(subnet, checked.pruned, tokenizer, source=origin.get("source"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +21,12 @@ from hf_oto.groups.space import (
     EXPERT_MULTIPLE,
     FFN_KINDS,
     LAYOUTS,
+    ExpertInfo,
     FFNInfo,
     GroupSet,
     Layout,
     PruningSpace,
+    expert_channel_sets,
     field_tie,
     kept_uniform,
     layer_relative,
@@ -95,6 +98,9 @@ class Plan:
         for k, gs in enumerate(self.space.sets):
             if gs.kind != "layer":
                 self._in_layer[gs.layer].append(k)
+        # whole-expert sets overlap their experts' channel sets: a removed expert frees all of its channels
+        self._inner = expert_channel_sets(self.space.sets)
+        self._outer = {c: (k, e) for k, inner in self._inner.items() for e, c in inner.items()}
 
     @classmethod
     def from_mask(cls, space: PruningSpace, mask: torch.Tensor) -> Plan:
@@ -128,22 +134,35 @@ class Plan:
         k = self._whole.get(layer)
         return k is not None and bool(self.removed[k])
 
-    def gain(self, k: int, count: int) -> int:
-        """Params removed by taking ``count`` more groups of set k now."""
-        gs = self.space.sets[k]
+    def expert_gone(self, k: int) -> bool:
+        """Whether set k holds the channels of an expert this plan removes whole."""
+        outer = self._outer.get(k)
+        return outer is not None and outer[1] in self.removed[outer[0]]
+
+    def gain(self, k: int, chunk: Sequence[int]) -> int:
+        """Params removed by taking the groups ``chunk`` of set k now."""
+        gs, count = self.space.sets[k], len(chunk)
         if gs.kind == "layer":
             return gs.params_per_group - self._width_pruned(gs.layer) if count and not self.removed[k] else 0
-        if self.layer_gone(gs.layer):
+        if self.layer_gone(gs.layer) or self.expert_gone(k):
             return 0
+        if gs.kind == "expert":
+            inner = self._inner.get(k, {})
+            return sum(gs.params_per_group - self._channels_pruned(inner.get(e)) for e in chunk)
         total = count * gs.params_per_group
         if k in self._partner:
             total -= count * len(self.removed[self._partner[k]]) * self._overlap(k)
         return total
 
+    def _channels_pruned(self, c: int | None) -> int:
+        return 0 if c is None else len(self.removed[c]) * self.space.sets[c].params_per_group
+
     def _width_pruned(self, layer: int) -> int:
         total = 0
         for k in self._in_layer.get(layer, ()):
             gs = self.space.sets[k]
+            if self.expert_gone(k):
+                continue  # counted whole with the expert
             total += len(self.removed[k]) * gs.params_per_group
             if gs.kind == "kv_group" and k in self._partner:
                 total -= len(self.removed[k]) * len(self.removed[self._partner[k]]) * self._overlap(k)
@@ -156,6 +175,8 @@ class Plan:
 
 
 def _min_keep(gs: GroupSet, min_keep: int, multiple: int) -> int:
+    if isinstance(gs.info, ExpertInfo):  # every token goes to top-k experts
+        return min(gs.count, max(min_keep, gs.info.top_k))
     if gs.kind in FFN_KINDS:
         keep = max(min_keep, multiple)
         return min(gs.count, -(-keep // gs.align) * gs.align)
@@ -253,7 +274,7 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
             continue
         if k in ties:
             families[("tied",) + ties[k]].append(k)
-        elif kept_uniform(layout, gs.block):
+        elif kept_uniform(layout, gs.block, gs.kind):
             families[(gs.kind, layer_relative(gs.prefix))].append(k)
         else:
             for i, c in enumerate(per_set[k]):
@@ -283,7 +304,8 @@ def _ties(space: PruningSpace, layout: Layout, multiple: int) -> tuple[dict[int,
     for k, gs in enumerate(space.sets):
         tie = field_tie(gs) if gs.prunable else None
         if tie:
-            groups[tie[1:] if kept_uniform(layout, gs.block) else tie].append(k)  # uniform: every layer at once
+            # uniform: every layer at once
+            groups[tie[1:] if kept_uniform(layout, gs.block, gs.kind) else tie].append(k)
     ties, steps = {}, {}
     for key, ks in groups.items():
         sets = [space.sets[k] for k in ks]
@@ -350,7 +372,7 @@ class _Selection:
         self.taken: dict[tuple[int, int], float] = {}
         self.took: list[Item] = []
         # the fewest parameters one item frees: how close the finest groups can land to a target
-        gains = (sum(plan.gain(k, len(c)) for k, c in it.members) for it in items)
+        gains = (sum(plan.gain(k, c) for k, c in it.members) for it in items)
         self.finest = min((g for g in gains if g > 0), default=0)
 
     def _next(self, it: Item, skip: frozenset[int]) -> bool:
@@ -373,7 +395,7 @@ class _Selection:
             for it in list(self.pending):
                 if not self._next(it, skip):
                     continue
-                gain = sum(plan.gain(k, len(c)) for k, c in it.members)
+                gain = sum(plan.gain(k, c) for k, c in it.members)
                 if plan.pruned_params() + gain > hi:
                     continue
                 self.take(it)

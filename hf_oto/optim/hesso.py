@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError, ResumeError
+from hf_oto.groups.experts import route_around_removed_experts
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim import slices
 from hf_oto.optim.budget import Plan, build_items, select
@@ -80,6 +81,8 @@ class HESSO(torch.optim.Optimizer):
                         raise ValueError("MoE expert weights sharded by FSDP are not supported by HESSO")
                     self._rows[spec.param] = row_range(p)
         self.space = space
+        # a zeroed expert is a removed one: the model routes around it (a no-op without expert groups)
+        self._routing = route_around_removed_experts(model, space)
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.config = config
         self.weights = config.weights

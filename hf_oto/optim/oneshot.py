@@ -8,6 +8,9 @@ Four criteria, each a score per group (higher = keep):
 - ``"wanda_sp"``: activation-weighted magnitude (Wanda-sp / FLAP style): for the group's input
   columns of the consuming ``nn.Linear`` (``o_proj`` for heads, ``down_proj`` for FFN channels),
   ``sum_j ||X_j||_2 * sum_i |W_ij|`` with ``X_j`` the calibration activations of input feature j.
+- ``"routing"``: whole routed experts (``prune_experts``) by the router weight they receive on the
+  calibration tokens (how often they are picked, weighted by their gate: the frequency criterion of MoE
+  expert pruning); other groups by ``taylor``.
 - ``"block_influence"``: whole decoder layers (depth groups, ShortGPT style): one minus the mean
   cosine similarity between each token's hidden state entering and leaving the layer on calibration
   batches (a layer that barely turns the residual stream goes first); other groups by magnitude.
@@ -30,14 +33,15 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.space import PruningSpace, zero_groups
+from hf_oto.groups.experts import output_rows, route_around_removed_experts, routes
+from hf_oto.groups.space import ExpertInfo, PruningSpace, zero_groups
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
 from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
-Criterion = Literal["magnitude", "taylor", "wanda_sp", "block_influence"]
-CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp", "block_influence")
+Criterion = Literal["magnitude", "taylor", "wanda_sp", "routing", "block_influence"]
+CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp", "routing", "block_influence")
 
 
 def _progress(batches: list[dict[str, torch.Tensor]]):
@@ -181,6 +185,41 @@ def _block_influence(model: nn.Module, space: PruningSpace, batches: list[dict[s
     return scores
 
 
+def _routing(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    experts = {k: gs.info for k, gs in enumerate(space.sets) if isinstance(gs.info, ExpertInfo) and gs.prunable}
+    if not experts:
+        raise ConfigError("routing scores whole experts: prune an MoE model with prune_experts")
+    mass = {k: torch.zeros(info.count) for k, info in experts.items()}
+    tokens = dict.fromkeys(experts, 0)
+
+    def hook(k: int):
+        def fn(_module, args, output):
+            found = routes(output, output_rows(output))
+            if found is not None:
+                weights, index = found
+                mass[k].scatter_add_(0, index.flatten().cpu(), weights.detach().float().flatten().cpu())
+                tokens[k] += index.shape[0]
+        return fn
+
+    scores = _taylor(model, space, batches)
+    _observe(model, batches, [model.get_submodule(info.router).register_forward_hook(hook(k))
+                              for k, info in experts.items()])
+    for k in experts:
+        off = space.set_offset(k)
+        scores[off:off + space.sets[k].count] = mass[k] / max(tokens[k], 1)
+    return scores
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Whole experts by the gate weight they receive on calibration tokens; other groups by Taylor."""
+
+    needs_batches: ClassVar[bool] = True
+
+    def __call__(self, space: PruningSpace, evidence: Evidence) -> torch.Tensor:
+        return _routing(evidence.model, space, evidence.batches)
+
+
 @dataclass(frozen=True)
 class BlockInfluence:
     """ShortGPT's block influence of whole layers: 1 - mean cos(hidden in, hidden out); others by magnitude."""
@@ -192,7 +231,7 @@ class BlockInfluence:
 
 
 BY_NAME: dict[str, Importance] = {"magnitude": Magnitude(), "taylor": Taylor(), "wanda_sp": WandaSP(),
-                                  "block_influence": BlockInfluence()}
+                                  "routing": Routing(), "block_influence": BlockInfluence()}
 
 
 def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion | Importance,
@@ -245,8 +284,12 @@ def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *
     target_params = resolve_target(space, target_sparsity, target_params, rules)
     if probe is not None:
         zeroing = zeroing_probe(dict(model.named_parameters()), space, probe)
-        scores, trials = price_kinds(space, scores, torch.zeros(len(space), dtype=torch.bool), target_params,
-                                     zeroing, rules)
+        routing = route_around_removed_experts(model, space)  # a zeroed expert's trial removes it
+        try:
+            scores, trials = price_kinds(space, scores, torch.zeros(len(space), dtype=torch.bool), target_params,
+                                         zeroing, rules)
+        finally:
+            routing.remove()
         if prices is not None:
             prices.extend(trials)
     plan = Plan(space)

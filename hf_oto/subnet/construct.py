@@ -16,6 +16,7 @@ from hf_oto.groups.space import (
     EXPERT_MULTIPLE,
     LAYOUTS,
     AttentionInfo,
+    ExpertInfo,
     GroupSet,
     Layout,
     PruningSpace,
@@ -142,7 +143,10 @@ def removed_layers(space: PruningSpace, removed: list[set[int]]) -> set[int]:
 
 def _keep_at_least_one(gs: GroupSet, gone: set[int]) -> None:
     # Removing an attention or MLP block alone needs a replacement module; one zero group stays (exact).
-    if len(gone) == gs.count and gs.kind != "layer":
+    # An MoE block keeps top-k experts, the lowest-numbered zeroed ones first (the live model's routing
+    # rule: hf_oto.groups.experts.dead_experts).
+    keep = gs.info.top_k if isinstance(gs.info, ExpertInfo) else 1
+    while gone and gs.count - len(gone) < keep and gs.kind != "layer":
         gone.discard(min(gone))
 
 
@@ -156,12 +160,25 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout, go
         _valid_head_counts(space, removed)
         by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
         for k, gs in enumerate(space.sets):
-            if kept_uniform(layout, gs.block) and gs.layer not in gone_layers:
+            if kept_uniform(layout, gs.block, gs.kind) and gs.layer not in gone_layers:
                 by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
-        for ks in by_kind.values():
+        for (kind, _), ks in by_kind.items():
+            if kind == "expert":
+                _same_expert_counts(space, removed, ks)
+                continue
             width = max(space.sets[k].count - len(removed[k]) for k in ks)
             for k in ks:
                 _readmit(space.sets[k], removed[k], width)
+
+
+def _same_expert_counts(space: PruningSpace, removed: list[set[int]], ks: list[int]) -> None:
+    """A zeroed expert cannot come back (the zeroed model routes no token to it), so the MoE layers must
+    have zeroed equally many: one config field counts the experts of every layer."""
+    kept = {space.sets[k].prefix: space.sets[k].count - len(removed[k]) for k in ks if space.sets[k].prunable}
+    if len(set(kept.values())) > 1:
+        raise ConstructionError(
+            f"the MoE blocks keep different numbers of experts ({kept}); one config field counts the experts of "
+            "every layer, so zero the same number of whole experts in each")
 
 
 def _valid_head_counts(space: PruningSpace, removed: list[set[int]]) -> None:
@@ -224,6 +241,8 @@ def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[
             attn[(gs.layer, gs.prefix)]["head_dim"] = info.head_dim
             attn[(gs.layer, gs.prefix)]["kv"] = info.num_kv_heads
             attn[(gs.layer, gs.prefix)]["q"] = info.num_heads
+        elif isinstance(gs.info, ExpertInfo) and gs.prunable:
+            overrides[gs.layer][gs.info.field] = kept
         elif gs.block == "mlp" and gs.prunable:
             field = gs.ffn.field
             overrides[gs.layer][field] = max(overrides[gs.layer].get(field, 0), kept // gs.ffn.per_field)
@@ -267,23 +286,38 @@ def _sliced_state(base: nn.Module, space: PruningSpace, removed: list[set[int]])
     for (param, dim, expert), idx in kept.items():
         per_param[param].append((dim, expert, idx))
     aliases = _aliases(base)
+    rows = _expert_buffer_rows(space, kept)
     state = {}
     for name, tensor in base.state_dict(keep_vars=False).items():
         canonical = aliases.get(name, name)
         t = tensor
-        for dim, expert, idx in sorted(per_param.get(canonical, []), key=lambda x: (x[1] is not None, x[0])):
-            if expert is None:
+        specs = per_param.get(canonical, [])
+        experts = {e: (dim, idx) for dim, e, idx in specs if e is not None}
+        keep_experts = range(t.shape[0]) if experts else None
+        for dim, _, idx in sorted((x for x in specs if x[1] is None), key=lambda x: x[0]):
+            if experts and dim == 0:
+                keep_experts = idx.tolist()  # whole experts go; their channels are sliced below
+            else:
                 t = t.index_select(dim, idx.to(t.device))
-        experts = [(dim, e, idx) for dim, e, idx in per_param.get(canonical, []) if e is not None]
         if experts:
-            dims = {d for d, _, _ in experts}
+            dims = {d for d, _ in experts.values()}
             if len(dims) != 1 or len(experts) != t.shape[0]:
                 raise ConstructionError(f"{name}: expert slices must cover every expert along one dim")
-            dim = dims.pop()
-            by_e = sorted(experts, key=lambda x: x[1])
-            t = torch.stack([t[e].index_select(dim - 1, idx.to(t.device)) for _, e, idx in by_e])
+            t = torch.stack([t[e].index_select(experts[e][0] - 1, experts[e][1].to(t.device)) for e in keep_experts])
+        if name in rows:
+            t = t.index_select(0, rows[name].to(t.device))
         state[name] = t.clone()
     return state
+
+
+def _expert_buffer_rows(space: PruningSpace, kept: dict[tuple[str, int, int | None], torch.Tensor]) -> dict:
+    """Router buffers with one entry per expert (DeepSeek's score correction) -> the kept experts."""
+    out = {}
+    for gs in space.sets:
+        if isinstance(gs.info, ExpertInfo) and gs.info.buffers:
+            idx = kept[(gs.slices[0].param, 0, None)]
+            out.update({b: idx for b in gs.info.buffers})
+    return out
 
 
 def _drop_layers(config, num_layers: int, gone: set[int]) -> dict[int, int]:

@@ -55,6 +55,11 @@ class HFOTOTrainingArguments(TrainingArguments):
         metadata={"help": "what may be removed: 'width' (attention heads, kv groups, FFN channels), 'depth' (whole "
                           "decoder layers: the export has fewer layers) or 'both' (one budget chooses)"},
     )
+    prune_experts: bool = field(
+        default=False,
+        metadata={"help": "MoE models: whole routed experts may go too (with their router rows; the export has fewer "
+                          "experts per layer, the same number in every layer); a removed expert gets no tokens"},
+    )
     pruning_exclude: list[str] | None = field(
         default=None,
         metadata={"help": "keep these out of pruning: 'layers:0,-1' (layer indexes, -1 the last; 'layers:2-5' a "

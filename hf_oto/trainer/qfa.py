@@ -37,6 +37,9 @@ def check_qfa_setup(model: torch.nn.Module, args, space: PruningSpace | None) ->
         return None
     if args.pruning_granularity != "width":
         raise ConfigError("qfa with pruning takes pruning_granularity: width (its quantized export keeps every layer)")
+    if args.prune_experts:
+        raise ConfigError("qfa with pruning keeps every expert (prune_experts: false): its quantized layers are fixed "
+                          "before training")
     if args.pruning_layout != "uniform":
         raise ConfigError("qfa with pruning needs pruning_layout: uniform (the quantized export is the stock "
                           "architecture config)")

@@ -13,6 +13,7 @@ from hf_oto.export.formats import EXPORT_FORMATS, decilm_setup_problem
 from hf_oto.groups import discover_groups, unwrap_peft
 from hf_oto.groups.depth import with_granularity
 from hf_oto.groups.exclude import exclude_groups
+from hf_oto.groups.experts import with_experts
 from hf_oto.groups.space import PruningSpace
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.qfa import check_qfa_setup
@@ -28,8 +29,14 @@ def check_format_and_layout(export_format: str, layout: str, model_type: str) ->
 
 
 def pruning_space(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
-    """The groups the arguments make prunable: discovery, then ``pruning_granularity``, then ``pruning_exclude``."""
+    """The groups the arguments make prunable: discovery, then ``pruning_granularity`` and ``prune_experts``,
+    then ``pruning_exclude``."""
     space = with_granularity(model, discover_groups(model), args.pruning_granularity)
+    if args.prune_experts:
+        if args.pruning_granularity == "depth":
+            raise ConfigError("prune_experts adds whole experts to the width groups: use pruning_granularity 'width' "
+                              "or 'both'")
+        space = with_experts(model, space)
     return exclude_groups(space, args.pruning_exclude, args.pruning_layout)
 
 

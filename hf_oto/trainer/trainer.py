@@ -26,7 +26,8 @@ from hf_oto.trainer.setup import check_launch, check_setup
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 # Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
 # such a checkpoint resumes with that value where the setting is left at "auto".
-ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency", "pruning_granularity": "width"}
+ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency", "pruning_granularity": "width",
+                                  "prune_experts": False}
 
 
 class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
@@ -145,7 +146,8 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
     def _manifest_extra(self, eval_results: dict[str, Any] | None) -> dict[str, Any]:
         h, granularity = self.hesso, self.args.pruning_granularity
         record = None if h is None else dict(h.record(), **({"granularity": granularity} if granularity != "width"
-                                                             else {}))
+                                                             else {}), **({"experts": True} if self.args.prune_experts
+                                                                          else {}))
         return {"hesso": record, "eval": eval_results or {}}
 
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,

@@ -1,0 +1,288 @@
+"""Whole routed experts as groups of the pruning space, and the routing that leaves removed ones out.
+
+An expert group owns one expert of an MoE block: its slice of every expert weight (the leading
+expert dimension of the fused 3-D weights) and its row of the router. Zeroing an expert's weights is
+not yet removing it: the router would still send tokens to it. So a model whose experts may be
+removed routes around them (:func:`route_around_removed_experts`): an expert whose router row and
+weights are all exactly zero gets no router logit (the smallest float, so softmax and sigmoid give it
+exactly 0) and is never among the top k. Routing over the others is then what the router of a model
+with fewer experts computes, which a probe measures per architecture instead of assuming (DeepSeek's
+group-limited routing, say, routes differently once a group loses an expert, and is refused).
+
+The rule is the same in the live model and in the sub-network step: a zeroed expert is removed, except
+that the lowest-numbered zeroed experts stay (routed, contributing zero) where fewer than top k would
+remain.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from hf_oto.errors import ConfigError
+from hf_oto.groups.names import adapted_as_parameter, unwrap_peft
+from hf_oto.groups.probe import meta_twin, truncated
+from hf_oto.groups.space import ExpertInfo, GroupSet, PruningSpace, SliceSpec
+
+PROBE_TOKENS = 64
+
+
+def with_experts(model: nn.Module, space: PruningSpace) -> PruningSpace:
+    """``space`` with one ``"expert"`` set per MoE block of ``model`` (the space's model) added: whole
+    routed experts become prunable where the config can express fewer of them, with the reason where not.
+    Raises :class:`ConfigError` when the model has no routed experts."""
+    sets = expert_sets(model, space)
+    if not sets:
+        raise ConfigError("prune_experts: this model has no routed experts (no MoE layer was discovered)")
+    out = [s for s in space.sets if s.kind != "expert"] + sets
+    out.sort(key=lambda s: (s.layer, {"layer": 0, "attention": 1, "mlp": 2}[s.block], s.prefix, s.kind))
+    return dataclasses.replace(space, sets=out)
+
+
+def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
+    """One ``"expert"`` set per MoE block whose expert channels discovery found."""
+    base = unwrap_peft(model)
+    base_name = {id(m): n for n, m in base.named_modules()}
+    by_block: dict[str, list[GroupSet]] = defaultdict(list)
+    for gs in space.sets:
+        if gs.kind == "expert_channel":
+            by_block[next(s.param for s in gs.slices if s.expert is not None).rpartition(".")[0]].append(gs)
+    probed: dict[tuple, tuple[str | None, str, int]] = {}
+    out = []
+    for owner_path, channel_sets in by_block.items():
+        layer = channel_sets[0].layer
+        count = max(gs.ffn.expert for gs in channel_sets) + 1
+        experts_path = owner_path
+        while experts_path.endswith(".base_layer"):  # peft wraps an adapted expert weight's module
+            experts_path = experts_path[: -len(".base_layer")]
+        block_path = experts_path.rpartition(".")[0]
+        owner = model.get_submodule(owner_path)
+        attrs = [n for n, p in owner.named_parameters(recurse=False) if p.shape[0] == count]
+        weights = [f"{owner_path}.{n}" for n in attrs]
+        router_path, why = _find_router(model, block_path, experts_path, count)
+        router_params: list[str] = []
+        buffers: list[str] = []
+        field, top_k = None, 1
+        if router_path is not None:
+            router = model.get_submodule(router_path)
+            router_params = [f"{router_path}.{n}" for n, p in router.named_parameters(recurse=False)
+                             if p.shape[0] == count]
+            buffers = [f"{base_name[id(router)]}.{n}" for n, b in router.named_buffers(recurse=False)
+                       if b.dim() >= 1 and b.shape[0] == count]
+            key = layer_signature_key(model, block_path)
+            if key not in probed:
+                probed[key] = _probe(base, base_name[id(router)], count, layer, space)
+            field, why, top_k = probed[key]
+        if not why and any(adapted_as_parameter(model.get_submodule(experts_path), a) for a in attrs):
+            why = ("peft adapts the expert weights as parameters (target_parameters), an adapter layout hf-oto does "
+                   "not slice yet; leave them out of the LoRA targets to prune whole experts")
+        index = torch.arange(count).view(count, 1)
+        slices = [SliceSpec(p, 0, index) for p in router_params + weights]
+        numel = sum(s.per_index_numel(space.param_shapes[s.param]) for s in slices)
+        info = ExpertInfo(count=count, router=router_path or "", weights=tuple(weights),
+                          router_params=tuple(router_params), buffers=tuple(buffers), field=field or "", top_k=top_k)
+        out.append(GroupSet(block_path, "expert", layer, "mlp", slices, numel, prunable=not why, reason=why,
+                            info=info))
+    return out
+
+
+def layer_signature_key(model: nn.Module, path: str) -> tuple:
+    """Module classes and parameter shapes under ``path``: blocks with equal keys probe alike."""
+    mod = model.get_submodule(path)
+    return tuple((n, type(m).__name__) for n, m in mod.named_modules()) + tuple(
+        (n, tuple(p.shape)) for n, p in mod.named_parameters())
+
+
+def _find_router(model: nn.Module, block_path: str, experts_path: str, count: int) -> tuple[str | None, str]:
+    """(path of the module holding the router weight, "") or (None, why there is none)."""
+    block = model.get_submodule(block_path)
+    found = []
+    for name, mod in block.named_modules():
+        path = f"{block_path}.{name}" if name else block_path
+        if path == experts_path or path.startswith(experts_path + "."):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if pname.startswith("lora_") or p.dim() != 2 or p.shape[0] != count:
+                continue
+            found.append(path)
+    if len(found) != 1:
+        return None, (f"{block_path} holds {len(found)} weights with one row per expert, not one router, so the "
+                      "router's rows cannot be mapped to the experts")
+    return found[0], ""
+
+
+def _probe(base: nn.Module, router_path: str, count: int, layer: int,
+           space: PruningSpace) -> tuple[str | None, str, int]:
+    """(config field that sets the expert count, why fewer experts cannot be expressed ("" if they can),
+    top k) for one MoE block, measured: the config is rebuilt with one expert fewer, and the router it
+    builds must route exactly as this router does with that expert masked out."""
+    config = base.config
+    router = base.get_submodule(router_path)
+    layers = truncated(config, space.num_layers, layer + 1)
+    field, twin = None, None
+    for name, value in sorted(config.to_dict().items()):
+        if not isinstance(value, int) or isinstance(value, bool) or value != count:
+            continue
+        try:
+            trial = meta_twin(base, config, **layers, **{name: count - 1})
+            twin_router = trial.get_submodule(router_path)
+        except Exception:  # noqa: BLE001 - a field value the architecture rejects does not set the count
+            continue
+        rows = [p.shape[0] for p in twin_router.parameters(recurse=False) if p.dim() == 2]
+        if rows == [count - 1]:
+            field, twin = name, twin_router
+            break
+    top_k = _top_k(router, count)
+    if field is None:
+        return None, "no config field sets the number of routed experts, so fewer cannot be saved", top_k
+    if top_k >= count:
+        return field, f"every token is routed to all {count} experts (top k = {top_k})", top_k
+    return field, _routing_differs(router, twin, count), top_k
+
+
+def _top_k(router: nn.Module, count: int) -> int:
+    p = next(router.parameters())
+    x = torch.zeros(2, p.shape[1], device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        found = routes(router(x), 2)
+    return int(found[1].shape[1]) if found is not None else count
+
+
+def output_rows(out: Any) -> int:
+    """Tokens a router's output covers (the rows of its first tensor)."""
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    return next((int(t.shape[0]) for t in items if isinstance(t, torch.Tensor) and t.dim() >= 1), 0)
+
+
+def routes(out: Any, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weights, expert indices), both (tokens, k), from a router's outputs, or None."""
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    index = [t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
+             and t.shape[0] == tokens]
+    if len(index) != 1:
+        return None
+    weights = [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()
+               and tuple(t.shape) == tuple(index[0].shape)]
+    return (weights[0], index[0]) if len(weights) == 1 else None
+
+
+@torch.no_grad()
+def _routing_differs(router: nn.Module, twin: nn.Module, count: int) -> str:
+    """Why routing with one expert masked differs from the router built for one expert fewer ("" if equal)."""
+    source = copy.deepcopy(router)
+    if any(t.is_meta for t in list(source.parameters()) + list(source.buffers())):
+        # a meta-device model (a pre-flight, inspect) has no values: routing is probed with random ones
+        source = source.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(1)
+        for t in list(source.parameters()) + list(source.buffers()):
+            t.data.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+    source = source.float().cpu()
+    gone = count // 2
+    keep = torch.tensor([e for e in range(count) if e != gone])
+    twin = twin.to_empty(device="cpu").float()
+    for name, t in list(twin.named_parameters(recurse=False)) + list(twin.named_buffers(recurse=False)):
+        src = getattr(source, name)
+        t.data.copy_(src[keep] if src.dim() >= 1 and src.shape[0] == count else src)
+    hidden = next(source.parameters()).shape[1]
+    x = torch.randn(PROBE_TOKENS, hidden, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(count, dtype=torch.bool)
+    dead[gone] = True
+    try:
+        with _Mask(dead):
+            masked = routes(source(x), PROBE_TOKENS)
+        smaller = routes(twin(x), PROBE_TOKENS)
+    except Exception as e:  # noqa: BLE001 - a router that cannot run the probe is not offered expert groups
+        return (f"the router the config builds for one expert fewer does not run as this one does ({type(e).__name__}: "
+                f"{e}), so fewer experts cannot be routed the same way")
+    if masked is None or smaller is None:
+        return "the router does not return per-token expert weights and indices, so its routing cannot be checked"
+    a = torch.zeros(PROBE_TOKENS, count).scatter_add_(1, masked[1], masked[0].float())
+    b = torch.zeros(PROBE_TOKENS, count).scatter_add_(1, keep[smaller[1]], smaller[0].float())
+    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6) or bool(a[:, gone].any()):
+        return ("the router built for one expert fewer does not route as this one does with that expert left out "
+                "(group-limited routing, say), so removed experts would change the routing of the others")
+    return ""
+
+
+class _Mask(TorchFunctionMode):
+    """Inside a router's forward: the logits of dead experts become the smallest float, and top-k never
+    picks them (the logits and the top-k inputs are the tensors whose last dimension is the expert count)."""
+
+    def __init__(self, dead: torch.Tensor):
+        super().__init__()
+        self.dead = dead
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        n = self.dead.shape[0]
+        if func in (torch.topk, torch.Tensor.topk) and args and args[0].shape[-1] == n:
+            x = args[0]
+            args = (x.masked_fill(self.dead.to(x.device), float("-inf")), *args[1:])
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.linear and isinstance(out, torch.Tensor) and out.shape[-1] == n:
+            out = out.masked_fill(self.dead.to(out.device), torch.finfo(out.dtype).min)
+        return out
+
+
+def dead_experts(model: nn.Module, info: ExpertInfo) -> torch.Tensor:
+    """Which experts of one block are removed: router rows and weights all zero, the lowest-numbered of
+    them readmitted where fewer than top k would stay."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        dead = torch.ones(info.count, dtype=torch.bool)
+        for name in info.router_params:
+            dead &= (params[name].detach().reshape(info.count, -1) == 0).all(1).cpu()
+        for e in torch.nonzero(dead).flatten().tolist():
+            if any(bool(params[name][e].any()) for name in info.weights):
+                dead[e] = False
+    extra = info.top_k - int((~dead).sum())
+    if extra > 0:
+        for e in torch.nonzero(dead).flatten().tolist()[:extra]:
+            dead[e] = False
+    return dead
+
+
+class RoutingHandle:
+    """What :func:`route_around_removed_experts` returns: ``remove()`` takes the routing change off."""
+
+    def __init__(self, handles: list):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def route_around_removed_experts(model: nn.Module, space: PruningSpace) -> RoutingHandle:
+    """Make ``model`` (the space's model) route no token to an expert whose group is zero, so that the
+    zeroed model computes what its sub-network computes. Forward hooks on the routers; the weights are
+    not touched. Returns a handle whose ``remove()`` takes them off."""
+    handles = []
+    for gs in space.sets:
+        if gs.kind != "expert" or not gs.prunable or not isinstance(gs.info, ExpertInfo):
+            continue
+        info = gs.info
+        router = model.get_submodule(info.router)
+        state: dict[str, _Mask] = {}
+
+        def enter(_module, _args, info=info, state=state):
+            dead = dead_experts(model, info)
+            if bool(dead.any()):
+                state["mask"] = _Mask(dead)
+                state["mask"].__enter__()
+
+        def leave(_module, _args, _out, state=state):
+            mask = state.pop("mask", None)
+            if mask is not None:
+                mask.__exit__(None, None, None)
+
+        handles.append(router.register_forward_pre_hook(enter))
+        handles.append(router.register_forward_hook(leave, always_call=True))
+    return RoutingHandle(handles)
