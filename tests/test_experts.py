@@ -48,10 +48,13 @@ def test_an_expert_owns_its_router_row_and_its_slice_of_every_expert_weight(arch
     assert bool(gs.info.buffers) == (arch == "deepseek_v3")
 
 
-def _zero(model, space, per_layer: int) -> None:
+def _zero(model, space, per_layer: int, heads: bool = False) -> None:
     """Zero the experts ``layer % 4 ...`` (``per_layer`` of them) of every MoE layer and half of the
-    channels of the experts that stay."""
+    channels of the experts that stay (and, with ``heads``, one head or kv group of every layer)."""
     names = []
+    if heads:
+        names += [gs.name(j) for gs in space.sets if gs.kind in ("attention_head", "kv_group") and gs.prunable
+                  for j in ((1, 3) if gs.kind == "attention_head" else (1,))]  # a count every config accepts
     for gs in _expert_sets(space):
         gone = [(gs.layer + i) % gs.count for i in range(per_layer)]
         names += [gs.name(e) for e in gone]
@@ -67,21 +70,22 @@ def _zero(model, space, per_layer: int) -> None:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Every MoE architecture with one of four experts zeroed per layer (another one in each layer) and
-    half of every expert's channels, exported in the uniform layout and reloaded in a fresh interpreter
-    that cannot import hf_oto."""
+    """Every MoE architecture with one of four experts zeroed per layer (another one in each layer), half
+    of every expert's channels and heads (or a kv group) in every layer where heads are prunable, exported
+    in the uniform layout and reloaded in a fresh interpreter that cannot import hf_oto."""
     root = tmp_path_factory.mktemp("experts")
     cases = {}
     for arch in MOE:
         model = tiny_model(arch)
         space = _space(model)
-        _zero(model, space, per_layer=1)
+        _zero(model, space, per_layer=1, heads=True)
         unrouted = logits(model, IDS)
         handle = route_around_removed_experts(model, space)
         full = logits(model, IDS)
         sub = construct_subnet(model, space, layout="uniform")
         handle.remove()
-        cases[arch] = dict(model=model, sub=sub.model, full=full, unrouted=unrouted,
+        heads = any(gs.kind in ("attention_head", "kv_group") and gs.prunable for gs in space.sets)
+        cases[arch] = dict(model=model, sub=sub.model, full=full, unrouted=unrouted, heads=heads,
                            dir=save_pruned(sub, root / arch, source=f"tiny-{arch}"))
     reloaded = reload_logits({a: {"dir": str(c["dir"])} for a, c in cases.items()}, IDS, root)
     return {a: dict(c, reloaded=reloaded[a]) for a, c in cases.items()}
@@ -94,6 +98,8 @@ def test_zeroed_experts_leave_the_stock_config_and_the_export_routes_as_the_zero
     assert "auto_map" not in cfg
     assert cfg[COUNT_FIELD.get(arch, "n_routed_experts")] == 3
     assert cfg["num_experts_per_tok"] == 2
+    assert case["heads"] == (arch != "olmoe")  # OLMoE's q/k norms span all heads
+    assert cfg["num_attention_heads"] < 4 or not case["heads"]
     assert (logits(case["sub"], IDS) - case["full"]).abs().max().item() <= TOL
     assert (case["reloaded"] - case["full"]).abs().max().item() <= TOL
     # without the routing change the zeroed model still sends tokens to the zeroed experts
@@ -202,3 +208,82 @@ def test_prune_experts_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="'width' or 'both'"):
         HFOTOTrainer(model=tiny_model("mixtral"), args=_args(tmp_path, prune_experts=True,
                                                              pruning_granularity="depth"), train_dataset=Tokens())
+
+
+def test_lora_on_attention_with_whole_experts_exports_the_merged_model(tmp_path):
+    """LoRA adapts the attention; HESSO removes whole (frozen) experts too; the merged export computes
+    what the trained peft model computes, routing included."""
+    from peft import LoraConfig, get_peft_model
+    from test_trainer import Tokens, _args
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.trainer import HFOTOTrainer
+
+    base = tiny_model("mixtral", num_local_experts=8, intermediate_size=64)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    args = _args(tmp_path, target_sparsity=0.3, max_steps=16, prune_experts=True, pruning_exclude=["*.experts.*"])
+    trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens())
+    trainer.train()
+    out = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_local_experts"] < 8  # the experts' channels are excluded: whole experts go
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    model.eval()
+    assert (logits(reloaded, IDS) - logits(model, IDS)).abs().max().item() <= TOL
+    # the pruned base and the pruned adapter, loaded by peft, compute the same
+    from peft import PeftModel
+
+    base_dir = trainer.save_pruned_model(str(tmp_path / "base"), merge_adapters=False)
+    small = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    assert small.config.num_local_experts == cfg["num_local_experts"]
+    adapted = PeftModel.from_pretrained(small, str(tmp_path / "base-adapter")).eval()
+    assert (logits(adapted, IDS) - logits(model, IDS)).abs().max().item() <= TOL
+
+
+def test_resume_with_whole_experts_is_bit_exact(tmp_path):
+    """Also the guard for MoE resume in general: transformers 5.25's Trainer wrote the checkpoint in the
+    per-expert layout and loaded it back without converting, leaving the experts as built (issue 48805)."""
+    from test_trainer import Tokens, _args
+
+    from hf_oto.trainer import HFOTOTrainer
+
+    def run(where, **kw):
+        model = tiny_model("qwen3_moe", num_experts=8)
+        trainer = HFOTOTrainer(model=model, args=_args(where, prune_experts=True, **kw), train_dataset=Tokens())
+        return model, trainer
+
+    full, trainer = run(tmp_path / "a")
+    trainer.train()
+    assert int(sum(trainer.hesso.pruned[trainer.hesso.space.set_offset(k):][:gs.count].sum()
+                   for k, gs in enumerate(trainer.hesso.space.sets) if gs.kind == "expert")) > 0
+    _, first = run(tmp_path / "b", save_strategy="steps", save_steps=7)
+    first.train()
+    resumed, trainer = run(tmp_path / "c")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-7"))
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_resume_loads_the_experts_transformers_writes_per_expert(tmp_path, arch):
+    """The checkpoint holds per-expert tensors (transformers' Hub layout), the model fused ones: without the
+    conversion the resumed run would train from the experts it was built with."""
+    from test_trainer import Tokens, _args
+
+    from hf_oto.trainer import HFOTOTrainer
+    from hf_oto.trainer.resume import checkpoint_keys
+
+    def run(where, **kw):
+        model = tiny_model(arch)
+        return model, HFOTOTrainer(model=model, args=_args(where, **kw), train_dataset=Tokens())
+
+    full, trainer = run(tmp_path / "a")
+    trainer.train()
+    _, first = run(tmp_path / "b", save_strategy="steps", save_steps=5)
+    first.train()
+    ckpt = tmp_path / "b" / "run" / "checkpoint-5"
+    assert not checkpoint_keys(ckpt) <= set(full.state_dict())  # the layout differs from the model's
+    resumed, trainer = run(tmp_path / "c")
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n

@@ -13,7 +13,7 @@ from torch import nn
 
 from hf_oto.errors import ExportError
 from hf_oto.export.save import MANIFEST, save_pruned
-from hf_oto.groups import discover_groups
+from hf_oto.groups import PruningSpace, discover_groups
 from hf_oto.io import check_target, discard, publish, staging_dir
 from hf_oto.subnet import construct_subnet
 from hf_oto.subnet.construct import kept_indices
@@ -26,13 +26,16 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
                           extra: dict[str, Any] | None = None, license: str | None = None,
                           extra_files: dict[str, str] | None = None,
                           prepare: Callable[[nn.Module], None] | None = None,
-                          export_format: str = "auto") -> tuple[Path, Path]:
+                          export_format: str = "auto",
+                          space_of: Callable[[nn.Module], PruningSpace] = discover_groups) -> tuple[Path, Path]:
     """Write the pruned base model (``save_pruned``) and the matching pruned adapter.
 
     Each LoRA ``B`` keeps the rows of its module's kept output features, each ``A`` the columns of
     its kept input features (DoRA magnitudes follow the rows), so base + adapter computes what the
     trained, zeroed peft model computed. ``prepare(small)`` may adjust the pruned base before it is
-    saved (the trainer restores ``use_cache``). ``peft_model`` is not modified.
+    saved (the trainer restores ``use_cache``). ``space_of(base)`` gives the pruning space of the unloaded
+    base (discovery by default; the trainer adds what its settings added, whole experts say).
+    ``peft_model`` is not modified.
     """
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -43,7 +46,7 @@ def save_base_and_adapter(peft_model: nn.Module, out_dir: str | os.PathLike, ada
     config = copy.deepcopy(peft_model.peft_config[name])
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     base = copy.deepcopy(peft_model).unload()
-    space = discover_groups(base)
+    space = space_of(base)
     subnet = construct_subnet(base, space, layout=layout)
     small = subnet.model
     if prepare is not None:

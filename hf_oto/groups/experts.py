@@ -16,7 +16,6 @@ remain.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import defaultdict
 from typing import Any
@@ -87,8 +86,8 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
         numel = sum(s.per_index_numel(space.param_shapes[s.param]) for s in slices)
         info = ExpertInfo(count=count, router=router_path or "", weights=tuple(weights),
                           router_params=tuple(router_params), buffers=tuple(buffers), field=field or "", top_k=top_k)
-        out.append(GroupSet(block_path, "expert", layer, "mlp", slices, numel, prunable=not why, reason=why,
-                            info=info))
+        prefix = base_name[id(model.get_submodule(block_path))]  # module paths in the space are the base model's
+        out.append(GroupSet(prefix, "expert", layer, "mlp", slices, numel, prunable=not why, reason=why, info=info))
     return out
 
 
@@ -121,10 +120,11 @@ def _probe(base: nn.Module, router_path: str, count: int, layer: int,
            space: PruningSpace) -> tuple[str | None, str, int]:
     """(config field that sets the expert count, why fewer experts cannot be expressed ("" if they can),
     top k) for one MoE block, measured: the config is rebuilt with one expert fewer, and the router it
-    builds must route exactly as this router does with that expert masked out."""
+    builds must route exactly as this router does with that expert masked out. Both routers are built
+    from the config and hold random values: the probe asks what the code does, not what these weights do."""
     config = base.config
-    router = base.get_submodule(router_path)
     layers = truncated(config, space.num_layers, layer + 1)
+    router = meta_twin(base, config, **layers).get_submodule(router_path)
     field, twin = None, None
     for name, value in sorted(config.to_dict().items()):
         if not isinstance(value, int) or isinstance(value, bool) or value != count:
@@ -147,6 +147,7 @@ def _probe(base: nn.Module, router_path: str, count: int, layer: int,
 
 
 def _top_k(router: nn.Module, count: int) -> int:
+    """Experts per token, from the shapes a meta-device router returns."""
     p = next(router.parameters())
     x = torch.zeros(2, p.shape[1], device=p.device, dtype=p.dtype)
     with torch.no_grad():
@@ -175,14 +176,10 @@ def routes(out: Any, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 @torch.no_grad()
 def _routing_differs(router: nn.Module, twin: nn.Module, count: int) -> str:
     """Why routing with one expert masked differs from the router built for one expert fewer ("" if equal)."""
-    source = copy.deepcopy(router)
-    if any(t.is_meta for t in list(source.parameters()) + list(source.buffers())):
-        # a meta-device model (a pre-flight, inspect) has no values: routing is probed with random ones
-        source = source.to_empty(device="cpu")
-        gen = torch.Generator().manual_seed(1)
-        for t in list(source.parameters()) + list(source.buffers()):
-            t.data.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-    source = source.float().cpu()
+    source = router.to_empty(device="cpu").float()
+    gen = torch.Generator().manual_seed(1)
+    for t in list(source.parameters()) + list(source.buffers()):
+        t.data.copy_(torch.randn(t.shape, generator=gen) * 0.1)
     gone = count // 2
     keep = torch.tensor([e for e in range(count) if e != gone])
     twin = twin.to_empty(device="cpu").float()
@@ -234,14 +231,19 @@ def dead_experts(model: nn.Module, info: ExpertInfo) -> torch.Tensor:
     """Which experts of one block are removed: router rows and weights all zero, the lowest-numbered of
     them readmitted where fewer than top k would stay."""
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        dead = torch.ones(info.count, dtype=torch.bool)
-        for name in info.router_params:
-            dead &= (params[name].detach().reshape(info.count, -1) == 0).all(1).cpu()
-        for e in torch.nonzero(dead).flatten().tolist():
-            if any(bool(params[name][e].any()) for name in info.weights):
-                dead[e] = False
-    extra = info.top_k - int((~dead).sum())
+    return _dead([params[n] for n in info.router_params], [params[n] for n in info.weights], info.top_k)
+
+
+@torch.no_grad()
+def _dead(rows: list[torch.Tensor], weights: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    count = rows[0].shape[0]
+    dead = torch.ones(count, dtype=torch.bool)
+    for t in rows:
+        dead &= (t.detach().reshape(count, -1) == 0).all(1).cpu()
+    for e in torch.nonzero(dead).flatten().tolist():  # only the few candidates' weights are read
+        if any(bool(w[e].any()) for w in weights):
+            dead[e] = False
+    extra = top_k - int((~dead).sum())
     if extra > 0:
         for e in torch.nonzero(dead).flatten().tolist()[:extra]:
             dead[e] = False
@@ -265,15 +267,17 @@ def route_around_removed_experts(model: nn.Module, space: PruningSpace) -> Routi
     zeroed model computes what its sub-network computes. Forward hooks on the routers; the weights are
     not touched. Returns a handle whose ``remove()`` takes them off."""
     handles = []
+    params = dict(model.named_parameters())
     for gs in space.sets:
         if gs.kind != "expert" or not gs.prunable or not isinstance(gs.info, ExpertInfo):
             continue
         info = gs.info
         router = model.get_submodule(info.router)
+        rows, weights = [params[n] for n in info.router_params], [params[n] for n in info.weights]
         state: dict[str, _Mask] = {}
 
-        def enter(_module, _args, info=info, state=state):
-            dead = dead_experts(model, info)
+        def enter(_module, _args, rows=rows, weights=weights, top_k=info.top_k, state=state):
+            dead = _dead(rows, weights, top_k)
             if bool(dead.any()):
                 state["mask"] = _Mask(dead)
                 state["mask"].__enter__()

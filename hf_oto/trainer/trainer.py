@@ -14,14 +14,15 @@ from transformers import Trainer, TrainerCallback
 from hf_oto.errors import ConfigError
 from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
-from hf_oto.groups import discover_groups, unwrap_peft
+from hf_oto.groups import unwrap_peft
 from hf_oto.optim import HESSO
 from hf_oto.optim.saliency import lora_factors
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.distill import DistillMixin
 from hf_oto.trainer.qfa import QFAMixin
-from hf_oto.trainer.setup import check_launch, check_setup
+from hf_oto.trainer.resume import reload_converted
+from hf_oto.trainer.setup import check_launch, check_setup, pruning_space
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 # Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
@@ -75,6 +76,10 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
                 if saved is not None and name not in saved and getattr(self.args, name) == "auto":
                     setattr(self.args, name, old)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reload_converted(self.model if model is None else model, resume_from_checkpoint)  # MoE checkpoints
 
     # Optimizer ---------------------------------------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
@@ -181,10 +186,11 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
                 save_base_and_adapter(self.model, target, adapter_dir or f"{target}-adapter", layout=layout,
                                       tokenizer=self.processing_class, overwrite=overwrite, extra=extra,
                                       license=license, prepare=self._restore_use_cache,
-                                      export_format=self.args.export_format, extra_files=extra_files)
+                                      export_format=self.args.export_format, extra_files=extra_files,
+                                      space_of=lambda base: pruning_space(base, self.args))
             return Path(target)
         model = copy.deepcopy(self.model).merge_and_unload() if is_peft else self.model
-        space = discover_groups(model) if is_peft else self.pruning_space
+        space = pruning_space(model, self.args) if is_peft else self.pruning_space
         subnet = construct_subnet(model, space, layout=layout)
         self._restore_use_cache(subnet.model)
         if self.is_world_process_zero():
