@@ -106,15 +106,40 @@ def test_zeroed_experts_leave_the_stock_config_and_the_export_routes_as_the_zero
     assert (case["unrouted"] - case["full"]).abs().max().item() > 1e-3
 
 
-def test_group_limited_routing_cannot_lose_an_expert_and_says_why():
-    """DeepSeek-V3 with experts in two routing groups: the config with one expert fewer does not route as
-    the masked router does, so whole experts stay (their channels remain prunable)."""
-    model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
+def test_group_limited_routing_loses_one_expert_from_every_group():
+    """DeepSeek-V3 with eight experts in two routing groups: the probe finds that the config routes the
+    same with one expert fewer in each group (not with one fewer overall); plans take experts in pairs,
+    one per group, and the export (six experts, still two groups) computes the routed zeroed model."""
+    model = tiny_model("deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1)
     space = _space(model)
     sets = _expert_sets(space)
+    assert sets and all(gs.prunable and gs.info.blocks == 2 for gs in sets)
+    calib = [{"input_ids": torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(0))}]
+    plan = oneshot_prune(model, space, oneshot_scores(model, space, "routing", calib), target_sparsity=0.4)
+    gone = [sorted(plan.removed[k]) for k, gs in enumerate(space.sets) if gs.kind == "expert"]
+    assert gone and all(len(g) >= 2 and sum(j < 4 for j in g) == sum(j >= 4 for j in g) for g in gone)
+    with torch.no_grad():
+        handle = route_around_removed_experts(model, space)
+        full = logits(model, IDS)
+        sub = construct_subnet(model, space, layout="uniform")
+        handle.remove()
+    assert sub.model.config.n_routed_experts == 8 - len(gone[0]) and sub.model.config.n_group == 2
+    assert sub.manifest.params_before - sub.manifest.params_after == plan.pruned_params()
+    assert (logits(sub.model, IDS) - full).abs().max().item() <= TOL
+
+
+def test_experts_zeroed_unevenly_across_routing_groups_are_refused():
+    model = tiny_model("deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1)
+    space = _space(model)
+    zero_groups(model, space, [gs.name(e) for gs in _expert_sets(space) for e in (0, 1)])  # both in group 0
+    with pytest.raises(ConstructionError, match="must lose equally many"):
+        construct_subnet(model, space, layout="uniform")
+
+
+def test_a_router_that_picks_every_expert_keeps_them_and_says_why():
+    sets = _expert_sets(_space(tiny_model("mixtral", num_experts_per_tok=4)))
     assert sets and not any(gs.prunable for gs in sets)
-    assert "one expert fewer" in sets[0].reason
-    assert any(gs.prunable for gs in space.sets if gs.kind == "expert_channel")
+    assert "routed to all 4 experts" in sets[0].reason
 
 
 def test_an_moe_block_keeps_top_k_experts_and_the_live_model_agrees():

@@ -30,6 +30,7 @@ from hf_oto.groups.probe import meta_twin, truncated
 from hf_oto.groups.space import ExpertInfo, GroupSet, PruningSpace, SliceSpec
 
 PROBE_TOKENS = 64
+MAX_BLOCKS = 64  # the most routing groups the probe tries
 
 
 def with_experts(model: nn.Module, space: PruningSpace) -> PruningSpace:
@@ -52,7 +53,8 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
     for gs in space.sets:
         if gs.kind == "expert_channel":
             by_block[next(s.param for s in gs.slices if s.expert is not None).rpartition(".")[0]].append(gs)
-    probed: dict[tuple, tuple[str | None, str, int]] = {}
+    probed: dict[tuple, tuple[str | None, str, int, int]] = {}
+    claimed = {sl.param for gs in space.sets for sl in gs.slices}  # heads' and FFNs' weights are no routers
     out = []
     for owner_path, channel_sets in by_block.items():
         layer = channel_sets[0].layer
@@ -64,10 +66,10 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
         owner = model.get_submodule(owner_path)
         attrs = [n for n, p in owner.named_parameters(recurse=False) if p.shape[0] == count]
         weights = [f"{owner_path}.{n}" for n in attrs]
-        router_path, why = _find_router(model, block_path, experts_path, count)
+        router_path, why = _find_router(model, block_path, experts_path, count, claimed)
         router_params: list[str] = []
         buffers: list[str] = []
-        field, top_k = None, 1
+        field, top_k, blocks = None, 1, 1
         if router_path is not None:
             router = model.get_submodule(router_path)
             router_params = [f"{router_path}.{n}" for n, p in router.named_parameters(recurse=False)
@@ -77,7 +79,7 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
             key = layer_signature_key(model, block_path)
             if key not in probed:
                 probed[key] = _probe(base, base_name[id(router)], count, layer, space)
-            field, why, top_k = probed[key]
+            field, why, top_k, blocks = probed[key]
         if not why and any(adapted_as_parameter(model.get_submodule(experts_path), a) for a in attrs):
             why = ("peft adapts the expert weights as parameters (target_parameters), an adapter layout hf-oto does "
                    "not slice yet; leave them out of the LoRA targets to prune whole experts")
@@ -85,7 +87,8 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
         slices = [SliceSpec(p, 0, index) for p in router_params + weights]
         numel = sum(s.per_index_numel(space.param_shapes[s.param]) for s in slices)
         info = ExpertInfo(count=count, router=router_path or "", weights=tuple(weights),
-                          router_params=tuple(router_params), buffers=tuple(buffers), field=field or "", top_k=top_k)
+                          router_params=tuple(router_params), buffers=tuple(buffers), field=field or "", top_k=top_k,
+                          blocks=blocks)
         prefix = base_name[id(model.get_submodule(block_path))]  # module paths in the space are the base model's
         out.append(GroupSet(prefix, "expert", layer, "mlp", slices, numel, prunable=not why, reason=why, info=info))
     return out
@@ -98,8 +101,10 @@ def layer_signature_key(model: nn.Module, path: str) -> tuple:
         (n, tuple(p.shape)) for n, p in mod.named_parameters())
 
 
-def _find_router(model: nn.Module, block_path: str, experts_path: str, count: int) -> tuple[str | None, str]:
-    """(path of the module holding the router weight, "") or (None, why there is none)."""
+def _find_router(model: nn.Module, block_path: str, experts_path: str, count: int,
+                 claimed: set[str]) -> tuple[str | None, str]:
+    """(path of the module holding the router weight, "") or (None, why there is none): the one weight of
+    the MoE block, outside the experts and the FFNs (``claimed``), with a row per expert."""
     block = model.get_submodule(block_path)
     found = []
     for name, mod in block.named_modules():
@@ -107,7 +112,7 @@ def _find_router(model: nn.Module, block_path: str, experts_path: str, count: in
         if path == experts_path or path.startswith(experts_path + "."):
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if pname.startswith("lora_") or p.dim() != 2 or p.shape[0] != count:
+            if pname.startswith("lora_") or p.dim() != 2 or p.shape[0] != count or f"{path}.{pname}" in claimed:
                 continue
             found.append(path)
     if len(found) != 1:
@@ -117,9 +122,9 @@ def _find_router(model: nn.Module, block_path: str, experts_path: str, count: in
 
 
 def _probe(base: nn.Module, router_path: str, count: int, layer: int,
-           space: PruningSpace) -> tuple[str | None, str, int]:
+           space: PruningSpace) -> tuple[str | None, str, int, int]:
     """(config field that sets the expert count, why fewer experts cannot be expressed ("" if they can),
-    top k) for one MoE block, measured: the config is rebuilt with one expert fewer, and the router it
+    top k, routing blocks) for one MoE block, measured: the config is rebuilt with one expert fewer, and the router it
     builds must route exactly as this router does with that expert masked out. Both routers are built
     from the config and hold random values: the probe asks what the code does, not what these weights do."""
     config = base.config
@@ -140,10 +145,23 @@ def _probe(base: nn.Module, router_path: str, count: int, layer: int,
             break
     top_k = _top_k(router, count)
     if field is None:
-        return None, "no config field sets the number of routed experts, so fewer cannot be saved", top_k
+        return None, "no config field sets the number of routed experts, so fewer cannot be saved", top_k, 1
     if top_k >= count:
-        return field, f"every token is routed to all {count} experts (top k = {top_k})", top_k
-    return field, _routing_differs(router, twin, count), top_k
+        return field, f"every token is routed to all {count} experts (top k = {top_k})", top_k, 1
+    source = _random_router(router)
+    why = _routing_differs(source, twin, count, 1)
+    # Group-limited routing (DeepSeek-V3: experts in n_group consecutive blocks) routes the same only when
+    # every block loses as many experts: try one expert from each of d blocks, for d dividing the count.
+    for d in (d for d in range(2, min(count // max(top_k, 1), MAX_BLOCKS) + 1) if count % d == 0):
+        if not why:
+            break
+        try:
+            fewer = meta_twin(base, config, **layers, **{field: count - d}).get_submodule(router_path)
+        except Exception:  # noqa: BLE001 - the config refuses this count
+            continue
+        if not _routing_differs(source, fewer, count, d):
+            return field, "", top_k, d
+    return field, why, top_k, 1
 
 
 def _top_k(router: nn.Module, count: int) -> int:
@@ -174,14 +192,22 @@ def routes(out: Any, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 @torch.no_grad()
-def _routing_differs(router: nn.Module, twin: nn.Module, count: int) -> str:
-    """Why routing with one expert masked differs from the router built for one expert fewer ("" if equal)."""
+def _random_router(router: nn.Module) -> nn.Module:
+    """``router`` (a meta-device module) on the CPU in float32, every parameter and buffer random."""
     source = router.to_empty(device="cpu").float()
     gen = torch.Generator().manual_seed(1)
     for t in list(source.parameters()) + list(source.buffers()):
         t.data.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-    gone = count // 2
-    keep = torch.tensor([e for e in range(count) if e != gone])
+    return source
+
+
+@torch.no_grad()
+def _routing_differs(source: nn.Module, twin: nn.Module, count: int, blocks: int) -> str:
+    """Why routing with one expert of each of ``blocks`` equal blocks masked differs from the router built
+    for that many experts fewer ("" if equal)."""
+    size = count // blocks
+    gone = [b * size + size // 2 for b in range(blocks)]
+    keep = torch.tensor([e for e in range(count) if e not in gone])
     twin = twin.to_empty(device="cpu").float()
     for name, t in list(twin.named_parameters(recurse=False)) + list(twin.named_buffers(recurse=False)):
         src = getattr(source, name)
@@ -189,7 +215,7 @@ def _routing_differs(router: nn.Module, twin: nn.Module, count: int) -> str:
     hidden = next(source.parameters()).shape[1]
     x = torch.randn(PROBE_TOKENS, hidden, generator=torch.Generator().manual_seed(0))
     dead = torch.zeros(count, dtype=torch.bool)
-    dead[gone] = True
+    dead[torch.tensor(gone)] = True
     try:
         with _Mask(dead):
             masked = routes(source(x), PROBE_TOKENS)

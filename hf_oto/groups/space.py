@@ -147,6 +147,9 @@ class ExpertInfo:
     buffers: tuple[str, ...] = ()  # router buffers with one entry per expert (DeepSeek's score correction)
     field: str = ""  # the config field that counts the experts
     top_k: int = 1  # experts per token: the fewest a block may keep
+    # Group-limited routing (DeepSeek-V3's n_group): experts sit in this many equal consecutive blocks,
+    # and leave one from every block at a time, each block keeping at least top_k.
+    blocks: int = 1
 
     def renamed(self, move: Callable[[str], str]) -> ExpertInfo:
         return dataclasses.replace(self, router=move(self.router), weights=tuple(map(move, self.weights)),

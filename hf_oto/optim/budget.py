@@ -192,6 +192,15 @@ def _blocks(gs: GroupSet, alive: list[int], removable: int, values: list[float],
     return blocks[:max(removable, 0) // a]
 
 
+def _block_steps(gs: GroupSet, alive: list[int], keep: int) -> list[list[int]]:
+    """Experts under group-limited routing leave one from every block at a time (lowest score first in
+    each block, ``alive`` in that order), each block keeping at least ``keep``."""
+    size = gs.count // gs.info.blocks
+    per_block = [[j for j in alive if j // size == b] for b in range(gs.info.blocks)]
+    steps = min(len(b) for b in per_block) - keep
+    return [[b[i] for b in per_block] for i in range(max(steps, 0))]
+
+
 def _chunks(order: list[int], remaining: int, multiple: int, kind: str) -> list[list[int]]:
     """Split groups (lowest score first) into removal steps that keep FFN widths on the multiple."""
     if kind not in FFN_KINDS or multiple <= 1:
@@ -247,6 +256,9 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         alive.sort(key=lambda j: (values[off + j], j))
         if gs.kind == "layer":
             per_set.append([alive])  # one group: the whole layer, or nothing left to take
+            continue
+        if isinstance(gs.info, ExpertInfo) and gs.info.blocks > 1:
+            per_set.append(_block_steps(gs, alive, max(min_keep, gs.info.top_k)))
             continue
         step = steps.get(k, multiple)
         removable = len(alive) - _min_keep(gs, min_keep, step)

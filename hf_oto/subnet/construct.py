@@ -179,6 +179,15 @@ def _same_expert_counts(space: PruningSpace, removed: list[set[int]], ks: list[i
         raise ConstructionError(
             f"the MoE blocks keep different numbers of experts ({kept}); one config field counts the experts of "
             "every layer, so zero the same number of whole experts in each")
+    for k in ks:
+        gs = space.sets[k]
+        if gs.prunable and gs.info.blocks > 1:
+            size = gs.count // gs.info.blocks
+            per_block = {b: sum(1 for j in removed[k] if j // size == b) for b in range(gs.info.blocks)}
+            if len(set(per_block.values())) > 1:
+                raise ConstructionError(
+                    f"{gs.prefix} routes within {gs.info.blocks} groups of {size} experts, which must lose equally "
+                    f"many (zeroed per group: {list(per_block.values())})")
 
 
 def _valid_head_counts(space: PruningSpace, removed: list[set[int]]) -> None:
