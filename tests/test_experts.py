@@ -310,3 +310,21 @@ def test_moe_resume_loads_the_experts_transformers_writes_per_expert(tmp_path, a
     trainer.train(resume_from_checkpoint=str(ckpt))
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_a_copy_of_the_model_routes_around_its_own_zeroed_experts_only():
+    """A distillation teacher copied from the student keeps every expert while the student's are zeroed,
+    and a copy of the zeroed student routes as the student does."""
+    import copy
+
+    model = tiny_model("mixtral")
+    space = _space(model)
+    handle = route_around_removed_experts(model, space)
+    teacher = copy.deepcopy(model)
+    before = logits(teacher, IDS)
+    zero_groups(model, space, [gs.name(1) for gs in _expert_sets(space)])
+    assert torch.equal(logits(teacher, IDS), before)
+    student = logits(model, IDS)
+    assert torch.equal(logits(copy.deepcopy(model), IDS), student)
+    handle.remove()
+    assert not torch.equal(logits(model, IDS), student)  # removed: the zeroed experts are routed to again

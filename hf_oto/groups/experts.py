@@ -17,6 +17,7 @@ remain.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -290,29 +291,44 @@ class RoutingHandle:
 
 def route_around_removed_experts(model: nn.Module, space: PruningSpace) -> RoutingHandle:
     """Make ``model`` (the space's model) route no token to an expert whose group is zero, so that the
-    zeroed model computes what its sub-network computes. Forward hooks on the routers; the weights are
-    not touched. Returns a handle whose ``remove()`` takes them off."""
+    zeroed model computes what its sub-network computes. Forward hooks on the MoE blocks and their routers;
+    the weights are not touched. Returns a handle whose ``remove()`` takes them off.
+
+    The hooks read the weights through the module they run on (names relative to the MoE block), so a copy
+    of the model (a distillation teacher, an export's merged copy) routes around its own zeroed experts."""
     handles = []
-    params = dict(model.named_parameters())
+    masks: dict[int, _Mask] = {}  # id(router module) -> the mask its running forward uses
     for gs in space.sets:
         if gs.kind != "expert" or not gs.prunable or not isinstance(gs.info, ExpertInfo):
             continue
         info = gs.info
-        router = model.get_submodule(info.router)
-        rows, weights = [params[n] for n in info.router_params], [params[n] for n in info.weights]
-        state: dict[str, _Mask] = {}
+        block_path = os.path.commonpath([p.replace(".", "/") for p in (info.router, *info.weights)]).replace("/", ".")
+        rel = len(block_path) + 1
+        router_rel = info.router[rel:]
+        rows_rel = [n[rel:] for n in info.router_params]
+        weights_rel = [n[rel:] for n in info.weights]
+        block = model.get_submodule(block_path)
+        pending: dict[int, torch.Tensor] = {}  # id(router module) -> dead experts, set by its block's hook
 
-        def enter(_module, _args, rows=rows, weights=weights, top_k=info.top_k, state=state):
-            dead = _dead(rows, weights, top_k)
-            if bool(dead.any()):
-                state["mask"] = _Mask(dead)
-                state["mask"].__enter__()
+        def before_block(module, _args, router_rel=router_rel, rows_rel=rows_rel, weights_rel=weights_rel,
+                         top_k=info.top_k, pending=pending):
+            own = dict(module.named_parameters())
+            dead = _dead([own[n] for n in rows_rel], [own[n] for n in weights_rel], top_k)
+            pending[id(module.get_submodule(router_rel))] = dead
 
-        def leave(_module, _args, _out, state=state):
-            mask = state.pop("mask", None)
+        def enter(module, _args, pending=pending):
+            dead = pending.get(id(module))
+            if dead is not None and bool(dead.any()):
+                masks[id(module)] = _Mask(dead)
+                masks[id(module)].__enter__()
+
+        def leave(module, _args, _out):
+            mask = masks.pop(id(module), None)
             if mask is not None:
                 mask.__exit__(None, None, None)
 
+        handles.append(block.register_forward_pre_hook(before_block))
+        router = model.get_submodule(info.router)
         handles.append(router.register_forward_pre_hook(enter))
         handles.append(router.register_forward_hook(leave, always_call=True))
     return RoutingHandle(handles)
