@@ -54,7 +54,9 @@ if fields:
     t = time.perf_counter()
     experts = [s for s in with_experts(model, space).sets if s.kind == "expert"]
     out["experts_s"] = time.perf_counter() - t
-    out["experts"] = "prunable" if all(s.prunable for s in experts) else experts[0].reason
+    blocks = experts[0].info.blocks
+    out["experts"] = (("prunable" + (f", one from each of {blocks} routing groups at a time" if blocks > 1 else ""))
+                      if all(s.prunable for s in experts) else experts[0].reason)
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
