@@ -17,7 +17,7 @@ from hf_oto.optim.budget import BudgetRules, Plan, build_items, select
 from hf_oto.optim.oneshot import batch_loss
 from hf_oto.optim.pricing import price_kinds, zeroing_probe
 from hf_oto.trainer import HFOTOTrainer
-from hf_oto.trainer.trainer import CHECKPOINT_SETTINGS, changed_pruning_settings
+from hf_oto.trainer.resume import CHECKPOINT_SETTINGS, changed_pruning_settings
 
 IDS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
 

@@ -22,7 +22,7 @@ from hf_oto.job.build import gguf_source, model_config, with_lora
 from hf_oto.quant.run import RUN_FILE
 from hf_oto.stream import check_streaming
 from hf_oto.trainer import HFOTOTrainingArguments
-from hf_oto.trainer.trainer import changed_pruning_settings
+from hf_oto.trainer.resume import changed_pruning_settings
 
 
 @dataclass(frozen=True)

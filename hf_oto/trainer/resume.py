@@ -1,4 +1,9 @@
-"""Resume: weights that transformers' Trainer does not load back by itself.
+"""Resume: the pruning settings a checkpoint was trained with, and the weights transformers' Trainer
+does not load back by itself.
+
+Every checkpoint gets ``hf_oto_pruning.json`` (:class:`RecordPruningSettings`); a resume with other
+settings is refused up front (:func:`changed_pruning_settings`, read by the main job's pre-flight), and a
+setting the checkpoint predates resumes as it was trained (:data:`ADDED_SETTINGS`).
 
 transformers 5 writes MoE checkpoints in the Hub's per-expert layout (``save_pretrained`` converts the
 fused expert weights back), while ``Trainer`` resumes with a plain ``load_state_dict`` that cannot read
@@ -12,14 +17,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers import TrainerCallback
 
 from hf_oto.errors import ResumeError
 from hf_oto.groups import unwrap_peft
+from hf_oto.trainer.args import HFOTOTrainingArguments
 
+CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
+# Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
+# such a checkpoint resumes with that value where the setting is left at "auto".
+ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency", "pruning_granularity": "width",
+                                  "prune_experts": False}
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -55,3 +68,46 @@ def reload_converted(model: nn.Module, checkpoint: str | os.PathLike) -> bool:
         raise ResumeError(f"{checkpoint}: its converted weights do not match the model (missing "
                           f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
     return True
+
+
+class RecordPruningSettings(TrainerCallback):
+    """Writes the pruning settings into every checkpoint, so a resume with other settings is refused up front."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and isinstance(args, HFOTOTrainingArguments):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                tmp = folder / f".{CHECKPOINT_SETTINGS}.tmp"
+                tmp.write_text(json.dumps(args.pruning_settings(), indent=1, sort_keys=True))
+                os.replace(tmp, folder / CHECKPOINT_SETTINGS)
+        return control
+
+
+def saved_settings(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The pruning settings ``checkpoint`` was trained with (None for a checkpoint without them)."""
+    path = Path(checkpoint) / CHECKPOINT_SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def adopt_added_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> None:
+    """Settings left at "auto" that ``checkpoint`` predates take the value it was trained with."""
+    saved = saved_settings(checkpoint)
+    for name, old in ADDED_SETTINGS.items():
+        if saved is not None and name not in saved and getattr(args, name) == "auto":
+            setattr(args, name, old)
+
+
+def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> dict[str, tuple]:
+    """Pruning settings that differ from those ``checkpoint`` was saved with: name -> (saved, now).
+
+    A setting the checkpoint predates counts as its :data:`ADDED_SETTINGS` value, which "auto" adopts."""
+    saved = saved_settings(checkpoint)
+    if saved is None:
+        return {}
+    now = json.loads(json.dumps(args.pruning_settings()))
+    for name, old in ADDED_SETTINGS.items():
+        if name not in saved:
+            saved[name] = old
+            if now.get(name) == "auto":
+                now[name] = old
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}

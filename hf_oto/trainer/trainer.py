@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from hf_oto.errors import ConfigError
 from hf_oto.export import save_pruned
@@ -21,14 +20,8 @@ from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.distill import DistillMixin
 from hf_oto.trainer.qfa import QFAMixin
-from hf_oto.trainer.resume import reload_converted
+from hf_oto.trainer.resume import RecordPruningSettings, adopt_added_settings, reload_converted
 from hf_oto.trainer.setup import check_launch, check_setup, pruning_space
-
-CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
-# Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
-# such a checkpoint resumes with that value where the setting is left at "auto".
-ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency", "pruning_granularity": "width",
-                                  "prune_experts": False}
 
 
 class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
@@ -58,7 +51,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         self._step_inputs: dict[str, Any] | None = None
         # hesso_space is what HESSO prunes: with QFA, the QFA layers' gates and adapters
         self.pruning_space, self.hesso_space = check_setup(self.model, self.args)
-        self.add_callback(_RecordPruningSettings())
+        self.add_callback(RecordPruningSettings())
         _tensorboard_under_output_dir(self)
         self.setup_distillation(self.args.distill_config(), self.model)
         self.setup_qfa(self.hesso_space)
@@ -71,10 +64,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
 
             checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         if isinstance(checkpoint, (str, os.PathLike)):
-            saved = _saved_settings(checkpoint)
-            for name, old in ADDED_SETTINGS.items():
-                if saved is not None and name not in saved and getattr(self.args, name) == "auto":
-                    setattr(self.args, name, old)
+            adopt_added_settings(checkpoint, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -205,40 +195,6 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.use_cache = True if self._source_gen_use_cache is None else self._source_gen_use_cache
-
-
-class _RecordPruningSettings(TrainerCallback):
-    """Writes the pruning settings into every checkpoint, so a resume with other settings is refused up front."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and isinstance(args, HFOTOTrainingArguments):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                tmp = folder / f".{CHECKPOINT_SETTINGS}.tmp"
-                tmp.write_text(json.dumps(args.pruning_settings(), indent=1, sort_keys=True))
-                os.replace(tmp, folder / CHECKPOINT_SETTINGS)
-        return control
-
-
-def _saved_settings(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(checkpoint) / CHECKPOINT_SETTINGS
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> dict[str, tuple]:
-    """Pruning settings that differ from those ``checkpoint`` was saved with: name -> (saved, now).
-
-    A setting the checkpoint predates counts as its :data:`ADDED_SETTINGS` value, which "auto" adopts."""
-    saved = _saved_settings(checkpoint)
-    if saved is None:
-        return {}
-    now = json.loads(json.dumps(args.pruning_settings()))
-    for name, old in ADDED_SETTINGS.items():
-        if name not in saved:
-            saved[name] = old
-            if now.get(name) == "auto":
-                now[name] = old
-    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
 
 
 def _cannot_pad(tokenizer) -> bool:
