@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from hf_oto.errors import ResumeError
 from hf_oto.groups import unwrap_peft
+from hf_oto.io import write_text_atomic
 from hf_oto.trainer.args import HFOTOTrainingArguments
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
@@ -77,9 +78,8 @@ class RecordPruningSettings(TrainerCallback):
         if state.is_world_process_zero and isinstance(args, HFOTOTrainingArguments):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                tmp = folder / f".{CHECKPOINT_SETTINGS}.tmp"
-                tmp.write_text(json.dumps(args.pruning_settings(), indent=1, sort_keys=True))
-                os.replace(tmp, folder / CHECKPOINT_SETTINGS)
+                write_text_atomic(folder / CHECKPOINT_SETTINGS, json.dumps(args.pruning_settings(), indent=1,
+                                                                           sort_keys=True))
         return control
 
 
