@@ -17,7 +17,6 @@ remain.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from hf_oto.errors import ConfigError
 from hf_oto.groups.names import adapted_as_parameter, unwrap_peft
 from hf_oto.groups.probe import meta_twin, truncated
-from hf_oto.groups.space import ExpertInfo, GroupSet, PruningSpace, SliceSpec
+from hf_oto.groups.space import ExpertInfo, GroupSet, PruningSpace, SliceSpec, layer_signature
 
 PROBE_TOKENS = 64
 MAX_BLOCKS = 64  # the most routing groups the probe tries
@@ -77,7 +76,7 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
                              if p.shape[0] == count]
             buffers = [f"{base_name[id(router)]}.{n}" for n, b in router.named_buffers(recurse=False)
                        if b.dim() >= 1 and b.shape[0] == count]
-            key = layer_signature_key(model, block_path)
+            key = layer_signature(model.get_submodule(block_path))  # equal blocks probe alike
             if key not in probed:
                 probed[key] = _probe(base, base_name[id(router)], count, layer, space)
             field, why, top_k, blocks = probed[key]
@@ -87,19 +86,12 @@ def expert_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
         index = torch.arange(count).view(count, 1)
         slices = [SliceSpec(p, 0, index) for p in router_params + weights]
         numel = sum(s.per_index_numel(space.param_shapes[s.param]) for s in slices)
-        info = ExpertInfo(count=count, router=router_path or "", weights=tuple(weights),
+        info = ExpertInfo(count=count, block=block_path, router=router_path or "", weights=tuple(weights),
                           router_params=tuple(router_params), buffers=tuple(buffers), field=field or "", top_k=top_k,
                           blocks=blocks)
         prefix = base_name[id(model.get_submodule(block_path))]  # module paths in the space are the base model's
         out.append(GroupSet(prefix, "expert", layer, "mlp", slices, numel, prunable=not why, reason=why, info=info))
     return out
-
-
-def layer_signature_key(model: nn.Module, path: str) -> tuple:
-    """Module classes and parameter shapes under ``path``: blocks with equal keys probe alike."""
-    mod = model.get_submodule(path)
-    return tuple((n, type(m).__name__) for n, m in mod.named_modules()) + tuple(
-        (n, tuple(p.shape)) for n, p in mod.named_parameters())
 
 
 def _find_router(model: nn.Module, block_path: str, experts_path: str, count: int,
@@ -170,21 +162,15 @@ def _top_k(router: nn.Module, count: int) -> int:
     p = next(router.parameters())
     x = torch.zeros(2, p.shape[1], device=p.device, dtype=p.dtype)
     with torch.no_grad():
-        found = routes(router(x), 2)
+        found = routes(router(x))
     return int(found[1].shape[1]) if found is not None else count
 
 
-def output_rows(out: Any) -> int:
-    """Tokens a router's output covers (the rows of its first tensor)."""
+def routes(out: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weights, expert indices), both (tokens, k), from a router's outputs: its one 2-D integer tensor and
+    the one float tensor of the same shape; None for any other output."""
     items = list(out) if isinstance(out, (tuple, list)) else [out]
-    return next((int(t.shape[0]) for t in items if isinstance(t, torch.Tensor) and t.dim() >= 1), 0)
-
-
-def routes(out: Any, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(weights, expert indices), both (tokens, k), from a router's outputs, or None."""
-    items = list(out) if isinstance(out, (tuple, list)) else [out]
-    index = [t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
-             and t.shape[0] == tokens]
+    index = [t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
     if len(index) != 1:
         return None
     weights = [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -219,8 +205,8 @@ def _routing_differs(source: nn.Module, twin: nn.Module, count: int, blocks: int
     dead[torch.tensor(gone)] = True
     try:
         with _Mask(dead):
-            masked = routes(source(x), PROBE_TOKENS)
-        smaller = routes(twin(x), PROBE_TOKENS)
+            masked = routes(source(x))
+        smaller = routes(twin(x))
     except Exception as e:  # noqa: BLE001 - a router that cannot run the probe is not offered expert groups
         return (f"the router the config builds for one expert fewer does not run as this one does ({type(e).__name__}: "
                 f"{e}), so fewer experts cannot be routed the same way")
@@ -254,15 +240,10 @@ class _Mask(TorchFunctionMode):
         return out
 
 
-def dead_experts(model: nn.Module, info: ExpertInfo) -> torch.Tensor:
-    """Which experts of one block are removed: router rows and weights all zero, the lowest-numbered of
-    them readmitted where fewer than top k would stay."""
-    params = dict(model.named_parameters())
-    return _dead([params[n] for n in info.router_params], [params[n] for n in info.weights], info.top_k)
-
-
 @torch.no_grad()
-def _dead(rows: list[torch.Tensor], weights: list[torch.Tensor], top_k: int) -> torch.Tensor:
+def dead_experts(rows: list[torch.Tensor], weights: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Which experts of one block are removed, given its router rows and expert weights: router rows and
+    weights all zero, the lowest-numbered of them readmitted where fewer than top k would stay."""
     count = rows[0].shape[0]
     dead = torch.ones(count, dtype=torch.bool)
     for t in rows:
@@ -302,7 +283,7 @@ def route_around_removed_experts(model: nn.Module, space: PruningSpace) -> Routi
         if gs.kind != "expert" or not gs.prunable or not isinstance(gs.info, ExpertInfo):
             continue
         info = gs.info
-        block_path = os.path.commonpath([p.replace(".", "/") for p in (info.router, *info.weights)]).replace("/", ".")
+        block_path = info.block
         rel = len(block_path) + 1
         router_rel = info.router[rel:]
         rows_rel = [n[rel:] for n in info.router_params]
@@ -313,7 +294,7 @@ def route_around_removed_experts(model: nn.Module, space: PruningSpace) -> Routi
         def before_block(module, _args, router_rel=router_rel, rows_rel=rows_rel, weights_rel=weights_rel,
                          top_k=info.top_k, pending=pending):
             own = dict(module.named_parameters())
-            dead = _dead([own[n] for n in rows_rel], [own[n] for n in weights_rel], top_k)
+            dead = dead_experts([own[n] for n in rows_rel], [own[n] for n in weights_rel], top_k)
             pending[id(module.get_submodule(router_rel))] = dead
 
         def enter(module, _args, pending=pending):

@@ -141,6 +141,7 @@ class ExpertInfo:
     """Facts about the routed experts of one MoE block (module and parameter names as in the space)."""
 
     count: int
+    block: str  # the MoE block: the experts and the router are inside it
     router: str  # the module holding the router weight
     weights: tuple[str, ...]  # expert weights with a leading expert dimension
     router_params: tuple[str, ...]  # router weight (and bias): one row per expert
@@ -152,7 +153,8 @@ class ExpertInfo:
     blocks: int = 1
 
     def renamed(self, move: Callable[[str], str]) -> ExpertInfo:
-        return dataclasses.replace(self, router=move(self.router), weights=tuple(map(move, self.weights)),
+        return dataclasses.replace(self, block=move(self.block), router=move(self.router),
+                                   weights=tuple(map(move, self.weights)),
                                    router_params=tuple(map(move, self.router_params)),
                                    buffers=tuple(map(move, self.buffers)))
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hf_oto.errors import ConfigError
-from hf_oto.groups.experts import output_rows, route_around_removed_experts, routes
+from hf_oto.groups.experts import route_around_removed_experts, routes
 from hf_oto.groups.space import ExpertInfo, PruningSpace, zero_groups
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
@@ -194,7 +194,7 @@ def _routing(model: nn.Module, space: PruningSpace, batches: list[dict[str, torc
 
     def hook(k: int):
         def fn(_module, args, output):
-            found = routes(output, output_rows(output))
+            found = routes(output)
             if found is not None:
                 weights, index = found
                 mass[k].scatter_add_(0, index.flatten().cpu(), weights.detach().float().flatten().cpu())
