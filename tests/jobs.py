@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hf_oto.cli import main
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TINY_LLAMA = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
@@ -54,6 +56,18 @@ def user_error(proc: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("hf-oto: error: "), lines
     return lines[0]
+
+
+def refused(capsys, *args) -> str:
+    """``hf-oto ARGS`` in this process, refused: exit code 2 and one ``hf-oto: error:`` line (returned).
+
+    For bad input that must be caught before anything loads; a subprocess adds seconds of imports and
+    checks nothing more (``user_error`` covers the real process for runs that get further)."""
+    capsys.readouterr()  # what the test's own set-up printed
+    assert main([str(a) for a in args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(err) == 1 and err[0].startswith("hf-oto: error: "), err
+    return err[0]
 
 
 def word_corpus(path: Path, lines: int, seed: int = 0) -> Path:

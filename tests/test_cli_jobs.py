@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from jobs import QUICKSTART, SMALL, hfoto, no_pad_tokenizer, user_error, word_corpus
+from jobs import QUICKSTART, SMALL, hfoto, no_pad_tokenizer, refused, user_error, word_corpus
 from safetensors.torch import load_file
 
 
@@ -21,20 +22,32 @@ def test_existing_pruned_output_dir_is_refused_with_its_files_intact(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    save = ["--save_strategy", "steps", "--save_steps", "4"]
+SAVE = ["--save_strategy", "steps", "--save_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """The output_dir of a run SIGKILLed right after checkpoint-4 was written (tests copy it)."""
+    where = tmp_path_factory.mktemp("killed")
+    proc = hfoto("prune", QUICKSTART, *SMALL, *SAVE, "--output_dir", where / "run", cwd=where, kill_at=4)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (where / "run" / "checkpoint-4").is_dir() and not (where / "run" / "pruned").exists()
+    return where / "run"
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, killed, capsys, monkeypatch):
+    save = SAVE
     straight = hfoto("prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "a", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = hfoto("prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "b", cwd=tmp_path, kill_at=4)
-    assert killed.returncode == -9  # SIGKILL right after checkpoint-4 was written
+    shutil.copytree(killed, tmp_path / "b")  # copy2: the files keep their times
     checkpoint = tmp_path / "b" / "checkpoint-4"
     written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
-    assert not (tmp_path / "b" / "pruned").exists()
 
     # A fresh run into the same output_dir would overwrite that checkpoint: refused.
-    again = hfoto("prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "b", cwd=tmp_path)
-    assert "already holds checkpoints" in user_error(again)
+    monkeypatch.chdir(tmp_path)
+    again = refused(capsys, "prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "b")
+    assert "already holds checkpoints" in again
     resumed = hfoto("prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "b",
                     "--resume_from_checkpoint", "true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -53,19 +66,17 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ("does/not/exist", "checkpoint does/not/exist does not exist"),
     ("true", "holds no checkpoint-N folder"),
 ])
-def test_resume_from_a_missing_checkpoint_is_refused(tmp_path, value, message):
-    proc = hfoto("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", "--resume_from_checkpoint", value,
-                 cwd=tmp_path)
-    assert message in user_error(proc)
+def test_resume_from_a_missing_checkpoint_is_refused(tmp_path, capsys, monkeypatch, value, message):
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, "prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run",
+                   "--resume_from_checkpoint", value)
+    assert message in line
 
 
-def test_resume_with_changed_pruning_settings_is_refused_up_front(tmp_path):
-    save = ["--save_strategy", "steps", "--save_steps", "4"]
-    killed = hfoto("prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "r", cwd=tmp_path, kill_at=4)
-    assert killed.returncode == -9
-    proc = hfoto("prune", QUICKSTART, *SMALL, *save, "--output_dir", tmp_path / "r", "--resume_from_checkpoint",
-                 "true", "--target_sparsity", "0.3", cwd=tmp_path)
-    line = user_error(proc)
+def test_resume_with_changed_pruning_settings_is_refused_up_front(tmp_path, killed, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, "prune", QUICKSTART, *SMALL, *SAVE, "--output_dir", killed, "--resume_from_checkpoint",
+                   "true", "--target_sparsity", "0.3")
     assert "other pruning settings" in line and "target_sparsity: 0.5 -> 0.3" in line
 
 

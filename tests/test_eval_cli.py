@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from jobs import QUICKSTART, SMALL, hfoto, user_error
+from jobs import QUICKSTART, SMALL, hfoto, refused
 from tiny import tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned
@@ -79,14 +79,14 @@ def test_eval_cli_runs_a_local_lm_eval_task_and_perplexity_and_writes_json(expor
     (["--tasks", "no_such_task_anywhere"], "unknown lm-eval task"),
     (["--perplexity", "python-stdlib", "--stride", "0"], "--stride must be in"),
 ])
-def test_eval_bad_input_is_one_line(export, tmp_path, args, message):
+def test_eval_bad_input_is_one_line(export, tmp_path, capsys, args, message):
     if "--tasks" in args:
         pytest.importorskip("lm_eval")
-    assert message in user_error(hfoto("eval", export, *args, cwd=tmp_path))
+    assert message in refused(capsys, "eval", export, *args)
 
 
-def test_eval_of_a_folder_that_is_no_model_is_one_line(tmp_path):
-    assert "not a model folder" in user_error(hfoto("eval", tmp_path, "--perplexity", "python-stdlib", cwd=tmp_path))
+def test_eval_of_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
+    assert "not a model folder" in refused(capsys, "eval", tmp_path, "--perplexity", "python-stdlib")
 
 
 def test_main_job_eval_tasks_land_in_the_summary_manifest_and_card_model_index(tmp_path):
@@ -113,10 +113,10 @@ def test_main_job_eval_tasks_land_in_the_summary_manifest_and_card_model_index(t
     (["--eval_tasks_limit", "4"], "set eval_tasks too"),
     (["--eval_tasks", "hfoto_local", "--eval_tasks_include_path", "missing-folder"], "is not a folder"),
 ])
-def test_main_job_bad_eval_tasks_are_one_line_before_training(tmp_path, args, message):
+def test_main_job_bad_eval_tasks_are_one_line_before_training(tmp_path, capsys, monkeypatch, args, message):
     pytest.importorskip("lm_eval")
-    proc = hfoto("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", *args, cwd=tmp_path)
-    assert message in user_error(proc)
+    monkeypatch.chdir(tmp_path)
+    assert message in refused(capsys, "prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", *args)
     assert not (tmp_path / "run").exists()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from jobs import QUICKSTART, SMALL, hfoto, user_error
+from jobs import QUICKSTART, SMALL, hfoto, refused
 
 from hf_oto.errors import ConfigError
 from hf_oto.job.gguf_source import resolve_gguf
@@ -50,12 +50,13 @@ def test_prune_from_a_gguf_file_exports_a_plain_checkpoint_that_names_its_source
     assert manifest["params_after"] < manifest["params_before"]
 
 
-def test_a_missing_gguf_file_is_one_line_before_anything_loads(tmp_path):
-    proc = hfoto("prune", QUICKSTART, *SMALL, "--init_config", "null", "--train_tokenizer_vocab", "0",
-                 "--gguf_file", "no_such_package_xyz/model.gguf", "--output_dir", tmp_path / "r", cwd=tmp_path)
-    assert "gguf_file no_such_package_xyz/model.gguf not found" in user_error(proc)
+def test_a_missing_gguf_file_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = refused(capsys, "prune", QUICKSTART, *SMALL, "--init_config", "null", "--train_tokenizer_vocab", "0",
+                      "--gguf_file", "no_such_package_xyz/model.gguf", "--output_dir", tmp_path / "r")
+    assert "gguf_file no_such_package_xyz/model.gguf not found" in missing
     assert not (tmp_path / "r").exists()
-    both = hfoto("prune", QUICKSTART, *SMALL, "--gguf_file", tmp_path / "x.gguf", "--output_dir", tmp_path / "r",
-                 cwd=tmp_path)
-    assert "init_config builds a new model" in user_error(both)
+    both = refused(capsys, "prune", QUICKSTART, *SMALL, "--gguf_file", tmp_path / "x.gguf",
+                   "--output_dir", tmp_path / "r")
+    assert "init_config builds a new model" in both
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from jobs import QUICKSTART, SMALL
+from jobs import QUICKSTART, SMALL, refused
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_oto.job.prune_job as job
@@ -25,11 +25,7 @@ def no_work(monkeypatch):
 
 
 def _refused(capsys, argv) -> str:
-    capsys.readouterr()  # what the test's own set-up printed
-    assert main(argv) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("hf-oto: error: "), err
-    return err[0]
+    return refused(capsys, *argv)
 
 
 def _model_dir(path):
