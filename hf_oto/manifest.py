@@ -20,6 +20,166 @@ from hf_oto.io import write_text_atomic
 
 MANIFEST_FILE = "pruning_manifest.json"
 VERSION = 2
+Scalar = float | int | str | bool | None  # a JSON leaf: what metrics and settings values are
+
+
+def _split(cls: type, data: dict[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` as (the fields ``cls`` knows, the rest); one clear error when a required field is missing."""
+    if not isinstance(data, dict):
+        raise ExportError(f"a {what} record is a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"other"}
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ExportError(f"the {what} record lacks {', '.join(missing)}")
+    return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
+
+
+@dataclass(frozen=True)
+class HESSORecord:
+    """The HESSO settings that ran, resolved (no ``"auto"``): what the manifest, the card, the recipe
+    and HESSO's checkpoints record. A field a record predates reads as the value that ran before it
+    existed (``criterion`` "hesso", ``selection`` and ``pricing`` "saliency", ``granularity`` "width").
+    ``weights`` are the saliency weights by term; ``cric`` the CRIC settings (None: no CRIC);
+    ``prices`` measured pricing's trials, one per period start; ``target_params`` the resolved target."""
+
+    target_params: int
+    layout: str
+    start_pruning_step: int
+    pruning_steps: int
+    pruning_periods: int
+    ffn_multiple: int
+    min_keep: int = 1
+    target_sparsity: float | None = None
+    criterion: str = "hesso"
+    selection: str = "saliency"
+    pricing: str = "saliency"
+    saliency_ema: float | None = None
+    ema_interval: int = 10
+    tolerance: float = 0.01
+    weights: dict[str, float] = field(default_factory=dict)
+    cric: dict[str, Scalar] | None = None
+    granularity: str = "width"
+    experts: bool = False
+    prices: tuple[dict[str, Scalar], ...] = ()
+    other: dict[str, Any] = field(default_factory=dict)
+
+    # not compared on resume: prices are measured as the run goes, and target_params is the sparsity resolved
+    RESUME_EXEMPT = ("prices", "target_sparsity", "other")
+    ORDER = ("target_sparsity", "target_params", "layout", "start_pruning_step", "pruning_steps", "pruning_periods",
+             "ffn_multiple", "min_keep", "weights", "saliency_ema", "ema_interval", "tolerance", "selection",
+             "criterion", "pricing", "cric")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (optional fields only when they differ from what ran before they existed)."""
+        out = {k: getattr(self, k) for k in self.ORDER}
+        out["weights"] = dict(self.weights)
+        out["cric"] = None if self.cric is None else dict(self.cric)
+        if self.granularity != "width":
+            out["granularity"] = self.granularity
+        if self.experts:
+            out["experts"] = True
+        if self.prices:
+            out["prices"] = [dict(p) for p in self.prices]
+        out.update(self.other)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HESSORecord:
+        known, other = _split(cls, data, "hesso")
+        known["prices"] = tuple(dict(p) for p in known.get("prices") or ())
+        known["weights"] = dict(known.get("weights") or {})
+        return cls(**known, other=other)
+
+    def changed(self, other: HESSORecord) -> list[str]:
+        """The settings (by name) in which ``other`` differs from this record, prices aside."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        keys = sorted((set(mine) | set(theirs)) - set(self.RESUME_EXEMPT))
+        return [k for k in keys if mine.get(k) != theirs.get(k)]
+
+
+@dataclass(frozen=True)
+class OneShotRecord:
+    """How ``hf-oto oneshot`` pruned: criterion, calibration data, budget rules and the fraction removed."""
+
+    criterion: str
+    calibration_batches: int
+    batch_size: int
+    block_size: int
+    target_sparsity: float
+    layout: str
+    ffn_multiple: int
+    pruned_fraction: float
+    pricing: str | None = None  # None: written before pricing was recorded
+    granularity: str = "width"
+    experts: bool = False
+    prices: tuple[dict[str, Scalar], ...] = ()
+    other: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in ("criterion", "calibration_batches", "batch_size",
+                                                            "block_size", "target_sparsity", "layout",
+                                                            "ffn_multiple")}
+        if self.pricing is not None:
+            out["pricing"] = self.pricing
+        if self.granularity != "width":
+            out["granularity"] = self.granularity
+        if self.experts:
+            out["experts"] = True
+        if self.prices:
+            out["prices"] = [dict(p) for p in self.prices]
+        out["pruned_fraction"] = self.pruned_fraction
+        out.update(self.other)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OneShotRecord:
+        known, other = _split(cls, data, "oneshot")
+        known["prices"] = tuple(dict(p) for p in known.get("prices") or ())
+        return cls(**known, other=other)
+
+
+@dataclass(frozen=True)
+class LMEvalRecord:
+    """lm-evaluation-harness scores: ``tasks`` maps task -> metric -> value; ``limit`` examples per task."""
+
+    tasks: dict[str, dict[str, float]]
+    limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tasks": {t: dict(m) for t, m in self.tasks.items()}, "limit": self.limit}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMEvalRecord:
+        known, _ = _split(cls, data, "lm_eval")
+        return cls(tasks={t: dict(m) for t, m in known["tasks"].items()}, limit=known.get("limit"))
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """The GGUF file a model was read from, and what its header's ``general.*`` fields say it is."""
+
+    file: str
+    name: str | None = None
+    organization: str | None = None
+    basename: str | None = None
+    finetune: str | None = None
+    size_label: str | None = None
+    license: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GGUFSource:
+        known, _ = _split(cls, data, "gguf")
+        return cls(**{k: None if v is None else str(v) for k, v in known.items()})
+
+
+# Manifest fields held as typed records: name -> record class (read from and written as JSON objects)
+RECORDS: dict[str, type] = {"hesso": HESSORecord, "oneshot": OneShotRecord, "lm_eval": LMEvalRecord,
+                            "gguf": GGUFSource}
 
 
 @dataclass(frozen=True)
@@ -42,9 +202,9 @@ class Manifest:
     """What a pruned model kept and how it was made (``pruning_manifest.json``).
 
     ``layout`` is ``"uniform"`` (every layer keeps the same counts) or ``"per-layer"``. ``hesso`` and
-    ``oneshot`` are the settings records of the method that ran (``HESSO.record()`` and the one-shot
-    job's record); ``eval`` maps metric names to values; ``lm_eval`` holds ``{"tasks": {task:
-    {metric: value}}, "limit": ...}``. Keys this version does not know are kept in ``other``.
+    ``oneshot`` are the settings records of the method that ran (:class:`HESSORecord`,
+    :class:`OneShotRecord`); ``eval`` maps metric names to values; ``lm_eval`` holds lm-eval's scores;
+    ``gguf`` the GGUF file the model came from. Keys this version does not know are kept in ``other``.
     """
 
     model_type: str
@@ -59,13 +219,13 @@ class Manifest:
     base_model: str | None = None
     license: str | None = None
     auto_class: str = "AutoModelForCausalLM"
-    hesso: dict[str, Any] | None = None
-    oneshot: dict[str, Any] | None = None
-    eval: dict[str, Any] = field(default_factory=dict)
+    hesso: HESSORecord | None = None
+    oneshot: OneShotRecord | None = None
+    eval: dict[str, Scalar] = field(default_factory=dict)
     eval_dataset: str | None = None
-    lm_eval: dict[str, Any] | None = None
+    lm_eval: LMEvalRecord | None = None
     datasets: tuple[str, ...] | None = None
-    gguf: dict[str, Any] | None = None
+    gguf: GGUFSource | None = None
     adapter: str | None = None
     other: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
@@ -76,12 +236,11 @@ class Manifest:
         return (self.export_format or "stock") != "stock"
 
     def with_(self, **changes: Any) -> Manifest:
-        """A copy with ``changes``; names this version does not know go to ``other``."""
+        """A copy with ``changes`` (records as objects or their JSON form); names this version does not
+        know go to ``other``."""
         known = {f.name for f in dataclasses.fields(self)}
         other = dict(self.other, **{k: v for k, v in changes.items() if k not in known})
-        fields_ = {k: v for k, v in changes.items() if k in known}
-        if "datasets" in fields_ and fields_["datasets"] is not None:
-            fields_["datasets"] = tuple(fields_["datasets"])
+        fields_ = _typed({k: v for k, v in changes.items() if k in known})
         return dataclasses.replace(self, **fields_, other=other)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +254,8 @@ class Manifest:
                 value = [s.to_dict() for s in value]
             elif f.name == "datasets" and value is not None:
                 value = list(value)
+            elif f.name in RECORDS and value is not None:
+                value = value.to_dict()
             out[f.name] = value
         out.update(self.other)
         return out
@@ -115,8 +276,7 @@ class Manifest:
         values = {k: v for k, v in data.items() if k in known}
         values["sets"] = tuple(SetRecord(s["module"], s["kind"], int(s["layer"]), int(s["groups"]),
                                          tuple(int(j) for j in s["kept"])) for s in data["sets"])
-        if values.get("datasets") is not None:
-            values["datasets"] = tuple(values["datasets"])
+        values = _typed(values)
         values["eval"] = dict(values.get("eval") or {})
         other = {k: v for k, v in data.items() if k not in known and k != "version"}
         return cls(**values, other=other, version=VERSION)
@@ -156,3 +316,14 @@ class Manifest:
             cell[0] += len(s.kept)
             cell[1] += s.groups
         return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _typed(values: dict[str, Any]) -> dict[str, Any]:
+    """Manifest field values with records given in their JSON form read into their classes."""
+    out = dict(values)
+    for name, cls in RECORDS.items():
+        if isinstance(out.get(name), dict):
+            out[name] = cls.from_dict(out[name])
+    if out.get("datasets") is not None:
+        out["datasets"] = tuple(out["datasets"])
+    return out

@@ -244,7 +244,9 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
             "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude",
             "distill_weight", "granularity")
     out = {k: getattr(a, k) for k in keys}
-    out["pricing"] = "measured" if a.pricing == "auto" else a.pricing  # HFOTOTrainingArguments.resolved_pricing
+    from hf_oto.optim import HESSOConfig
+
+    out["pricing"] = HESSOConfig(pricing=a.pricing).resolve(probe=True).pricing  # as the trainer decides "auto"
     if a.reference == "smollm2":  # the same model wherever the fp32 folder was written
         from real_model import SMOLLM2_GGUF
 

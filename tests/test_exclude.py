@@ -48,7 +48,7 @@ def test_trainer_keeps_excluded_layers_whole_and_meets_the_target_on_the_rest(tm
                  target_sparsity=0.3, ffn_multiple=1)
     trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens())
     trainer.train()
-    goal = trainer.hesso.settings["target_params"]
+    goal = trainer.hesso.target_params
     assert abs(trainer.hesso.metrics()["pruned_params"] - goal) <= 0.05 * goal
     reloaded = AutoModelForCausalLM.from_pretrained(trainer.save_pruned_model(str(tmp_path / "out")),
                                                     trust_remote_code=True)

@@ -79,7 +79,7 @@ def test_final_pruned_params_hit_the_target(layout, target):
     opt = _hesso(model, space, layout=layout, target_sparsity=target, ffn_multiple=1)
     _train(model, opt, 10)
     m = opt.metrics()
-    goal = opt.settings["target_params"]
+    goal = opt.target_params
     assert abs(m["pruned_params"] - goal) <= 0.01 * goal
     sub = construct_subnet(model, space, layout=layout)
     assert space.total_params - sub.manifest.params_after == m["pruned_params"]

@@ -11,7 +11,7 @@ from tiny import tiny_model
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
 from hf_oto.errors import ExportError
 from hf_oto.export.card import method_text
-from hf_oto.manifest import MANIFEST_FILE, VERSION, Manifest
+from hf_oto.manifest import MANIFEST_FILE, VERSION, HESSORecord, Manifest
 from hf_oto.optim import HESSOConfig
 
 OLD = Path(__file__).resolve().parent / "fixtures" / "compat_v0_1" / "export_stock"
@@ -61,8 +61,9 @@ def test_construct_subnet_returns_the_model_and_its_manifest_and_attaches_nothin
     assert written.eval == {"eval_perplexity": 3.0}
 
 
-def _record(**kw) -> dict:
-    return dict(HESSOConfig(target_sparsity=0.3, **kw).to_dict(), target_params=1000, cric=None)
+def _record(**kw) -> HESSORecord:
+    return HESSORecord.from_dict(dict(HESSOConfig(target_sparsity=0.3, **kw).to_dict(), target_params=1000,
+                                      cric=None))
 
 
 @pytest.mark.parametrize("criterion, selection, pricing, says", [

@@ -125,11 +125,11 @@ def test_the_trainer_prices_by_default_at_every_period_start_and_records_the_tri
     assert h.config.pricing == "measured"  # pruning_pricing "auto"
     assert [p["period"] for p in h.prices] == [0, 1, 2]
     assert all(t["measured"] == t["measured"] and t["groups"] > 0 for p in h.prices for t in p["kinds"])
-    assert h.record()["prices"] == h.prices  # the manifest and the card read record()
+    assert list(h.record().prices) == h.prices  # the manifest and the card read record()
     saliency = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path / "s", pruning_pricing="saliency"),
                             train_dataset=Tokens())
     saliency.train()
-    assert saliency.hesso.prices == [] and "prices" not in saliency.hesso.record()
+    assert saliency.hesso.prices == [] and "prices" not in saliency.hesso.record().to_dict()
 
 
 def test_a_checkpoint_from_before_pricing_resumes_with_saliency_pricing_and_explicit_measured_is_a_change(tmp_path):

@@ -38,7 +38,7 @@ def test_prune_while_training_and_export(tmp_path):
     trainer.train()
     assert (trainer.hesso.config.criterion, trainer.hesso.config.selection) == ("fisher", "per_param")  # "auto"
     m = trainer.hesso.metrics()
-    goal = trainer.hesso.settings["target_params"]
+    goal = trainer.hesso.target_params
     assert abs(m["pruned_params"] - goal) <= 0.05 * goal  # tiny model: coarse groups
     logged = [h for h in trainer.state.log_history if "pruning/pruned_param_fraction" in h]
     assert logged and logged[-1]["pruning/pruned_param_fraction"] > 0
@@ -146,8 +146,8 @@ def test_training_by_epochs_sizes_the_schedule_from_the_data(tmp_path):
     trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens(n=32))
     trainer.train()
     assert trainer.state.global_step == 12  # 3 epochs x 32 examples / batch 8
-    settings = trainer.hesso.settings
-    assert (settings["start_pruning_step"], settings["pruning_steps"]) == (3, 6)  # 0.25 and 0.5 of 12 steps
+    record = trainer.hesso.record()
+    assert (record.start_pruning_step, record.pruning_steps) == (3, 6)  # 0.25 and 0.5 of 12 steps
     assert trainer.hesso.metrics()["pruned_param_fraction"] > 0.4
 
 

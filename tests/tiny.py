@@ -87,10 +87,13 @@ def export_layouts(model, space, root, arch: str, ids: torch.Tensor, layouts) ->
 
 
 def make_hesso(model, space, base_optimizer=None, *, cric=None, base_kwargs=None, param_groups=None, **config):
-    """HESSO from flat keyword settings (the tests' shorthand); layout defaults to "global" here."""
+    """HESSO from flat keyword settings (the tests' shorthand); layout defaults to "global" here, and the
+    criterion to HESSO's own saliency, ranked by mean score (what these tests were written against)."""
     from hf_oto.optim import HESSO, HESSOConfig
 
     config.setdefault("layout", "global")
+    config.setdefault("criterion", "hesso")
+    config.setdefault("selection", "saliency")
     return HESSO(model, space, base_optimizer or torch.optim.AdamW, HESSOConfig(**config), cric=cric,
                  base_kwargs=base_kwargs, param_groups=param_groups)
 

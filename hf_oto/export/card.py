@@ -48,31 +48,30 @@ def method_text(manifest: Manifest) -> str:
     """One paragraph on how the model was pruned, from the settings that ran (the manifest's records)."""
     h, o = manifest.hesso, manifest.oneshot
     if o and not h:
-        data = (f"on {o['calibration_batches']} calibration batches of {o['batch_size']} x {o['block_size']} tokens"
-                if o["calibration_batches"] else "from the weights alone")
-        priced = f", {PRICING_TEXT[o['pricing']]}" if o.get("pricing") in PRICING_TEXT else ""
-        return (f"One-shot `{o['criterion']}` pruning {data}, without training: the lowest-scoring groups were "
-                f"removed until {100 * o['pruned_fraction']:.1f}% of the prunable parameters were gone (target "
-                f"{100 * o['target_sparsity']:.0f}%){priced}, layout `{o['layout']}`, FFN widths on multiples of "
-                f"{o['ffn_multiple']}.{GRANULARITY_TEXT.get(o.get('granularity'), '')}"
-                f"{EXPERTS_TEXT if o.get('experts') else ''} Fine-tuning it (or pruning "
+        data = (f"on {o.calibration_batches} calibration batches of {o.batch_size} x {o.block_size} tokens"
+                if o.calibration_batches else "from the weights alone")
+        priced = f", {PRICING_TEXT[o.pricing]}" if o.pricing in PRICING_TEXT else ""
+        return (f"One-shot `{o.criterion}` pruning {data}, without training: the lowest-scoring groups were "
+                f"removed until {100 * o.pruned_fraction:.1f}% of the prunable parameters were gone (target "
+                f"{100 * o.target_sparsity:.0f}%){priced}, layout `{o.layout}`, FFN widths on multiples of "
+                f"{o.ffn_multiple}.{GRANULARITY_TEXT.get(o.granularity, '')}"
+                f"{EXPERTS_TEXT if o.experts else ''} Fine-tuning it (or pruning "
                 "while training with HESSO) recovers quality.")
     if not h:
         return "Groups that were exactly zero were removed (no HESSO settings recorded)."
-    cric = "with CRIC corrective cycles" if h.get("cric") else "without CRIC"
-    criterion = h.get("criterion", "hesso")
-    ranking = CRITERION_TEXT.get(criterion, f"`{criterion}`")
-    if criterion == "hesso":
-        ranking += f", smoothed by an EMA of {h['saliency_ema']}" if h.get("saliency_ema") is not None \
+    cric = "with CRIC corrective cycles" if h.cric else "without CRIC"
+    ranking = CRITERION_TEXT.get(h.criterion, f"`{h.criterion}`")
+    if h.criterion == "hesso":
+        ranking += f", smoothed by an EMA of {h.saliency_ema}" if h.saliency_ema is not None \
             else ", measured at each period start"
-    selection = SELECTION_TEXT.get(h.get("selection", "saliency"), h.get("selection"))
-    pricing = PRICING_TEXT.get(h.get("pricing", "saliency"), h.get("pricing"))
+    selection = SELECTION_TEXT.get(h.selection, h.selection)
+    pricing = PRICING_TEXT.get(h.pricing, h.pricing)
     return (
-        f"HESSO {cric}, while fine-tuning: {h['target_params']:,} prunable parameters targeted, "
-        f"layout `{h['layout']}`, pruning from step {h['start_pruning_step']} over {h['pruning_steps']} steps in "
-        f"{h['pruning_periods']} periods, FFN widths on multiples of {h['ffn_multiple']}. Groups ranked by "
-        f"{ranking}; removals taken {selection}, {pricing}.{GRANULARITY_TEXT.get(h.get('granularity'), '')}"
-        f"{EXPERTS_TEXT if h.get('experts') else ''}"
+        f"HESSO {cric}, while fine-tuning: {h.target_params:,} prunable parameters targeted, "
+        f"layout `{h.layout}`, pruning from step {h.start_pruning_step} over {h.pruning_steps} steps in "
+        f"{h.pruning_periods} periods, FFN widths on multiples of {h.ffn_multiple}. Groups ranked by "
+        f"{ranking}; removals taken {selection}, {pricing}.{GRANULARITY_TEXT.get(h.granularity, '')}"
+        f"{EXPERTS_TEXT if h.experts else ''}"
     )
 
 
@@ -87,7 +86,7 @@ def _eval_results(manifest: Manifest) -> list:
             out.append(EvalResult(task_type="text-generation", dataset_type=dataset.replace(" ", "-"),
                                   dataset_name=dataset, metric_type=metric, metric_name=metric,
                                   metric_value=float(value)))
-    for task, metrics in ((manifest.lm_eval or {}).get("tasks") or {}).items():
+    for task, metrics in (manifest.lm_eval.tasks if manifest.lm_eval else {}).items():
         for metric, value in metrics.items():
             out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
                                   metric_type=metric, metric_name=metric, metric_value=float(value)))
@@ -106,10 +105,10 @@ def render_card(manifest: Manifest) -> str:
         **hub_metadata(manifest.datasets, manifest.base_model, "finetune"),
     )
     evaluation = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in manifest.eval.items()]
-    lm_eval = manifest.lm_eval or {}
-    limit = f" ({lm_eval['limit']} examples per task)" if lm_eval.get("limit") else ""
+    lm_eval = manifest.lm_eval
+    limit = f" ({lm_eval.limit} examples per task)" if lm_eval and lm_eval.limit else ""
     evaluation += [(f"lm-eval {task} {metric}{limit}", f"{value:.4g}")
-                   for task, metrics in (lm_eval.get("tasks") or {}).items() for metric, value in metrics.items()]
+                   for task, metrics in (lm_eval.tasks if lm_eval else {}).items() for metric, value in metrics.items()]
     template = resources.files("hf_oto.export").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
     card = ModelCard.from_template(
         data, template_str=template,
@@ -156,8 +155,8 @@ def _source_text(manifest: Manifest) -> str:
     """How the card names what was pruned: the GGUF file (and what its header says it is), or the source."""
     gguf = manifest.gguf
     if gguf:
-        who = " ".join(str(gguf[k]) for k in ("organization", "name") if gguf.get(k))
-        return f"the GGUF file **{gguf['file']}**" + (f" ({who})" if who else "") + ", dequantized to full precision"
+        who = " ".join(v for v in (gguf.organization, gguf.name) if v)
+        return f"the GGUF file **{gguf.file}**" + (f" ({who})" if who else "") + ", dequantized to full precision"
     if manifest.source:
         return f"**{manifest.source}**"
     return "a model built from a config (no base checkpoint)"

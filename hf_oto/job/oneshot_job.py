@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hf_oto.errors import ConfigError
+from hf_oto.manifest import OneShotRecord
 from hf_oto.optim.oneshot import CRITERIA
 
 ONESHOT_KEYS = ("criterion", "calibration_batches")  # settings of this job beyond prune's
@@ -99,28 +100,27 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
         subnet = construct_subnet(model, space, layout=targs.pruning_layout)
         after = perplexity(subnet.model, eval_blocks)
         origin = provenance(margs, dargs)
-        record = {"criterion": criterion, "calibration_batches": len(calib) if needs_data else 0,
-                  "batch_size": size, "block_size": dargs.block_size, "target_sparsity": targs.target_sparsity,
-                  "layout": targs.pruning_layout, "ffn_multiple": targs.ffn_multiple, "pricing": pricing,
-                  **({"granularity": targs.pruning_granularity} if targs.pruning_granularity != "width" else {}),
-                  **({"experts": True} if targs.prune_experts else {}),
-                  **({"prices": [p.to_dict() for p in prices]} if prices else {}),
-                  "pruned_fraction": plan.pruned_params() / space.prunable_params}
+        record = OneShotRecord(criterion=criterion, calibration_batches=len(calib) if needs_data else 0,
+                               batch_size=size, block_size=dargs.block_size, target_sparsity=targs.target_sparsity,
+                               layout=targs.pruning_layout, ffn_multiple=targs.ffn_multiple, pricing=pricing,
+                               granularity=targs.pruning_granularity, experts=targs.prune_experts,
+                               prices=tuple(p.to_dict() for p in prices),
+                               pruned_fraction=plan.pruned_params() / space.prunable_params)
         out = save_pruned(subnet, checked.pruned, tokenizer, source=origin.get("source"),
                           overwrite=targs.overwrite_pruned_output_dir, license=origin.get("license"),
                           export_format=targs.export_format,
                           extra_manifest={"oneshot": record, "eval": {"eval_perplexity": after},
                                           **{k: origin[k] for k in ("datasets", "gguf") if k in origin}},
-                          extra_files={RECIPE_FILE: recipe_text(dict(settings, **job), {"oneshot": record},
+                          extra_files={RECIPE_FILE: recipe_text(dict(settings, **job), {"oneshot": record.to_dict()},
                                                                 job="oneshot")})
         reloaded, params_after = verify_export(out, eval_blocks)
     summary = {"output": str(out), "params_before": space.total_params, "params_after": params_after,
-               "prunable_removed": record["pruned_fraction"], "ppl_before": before, "ppl_after": after,
+               "prunable_removed": record.pruned_fraction, "ppl_before": before, "ppl_after": after,
                "ppl_export_reloaded": reloaded}
-    print_table([("criterion", f"{criterion} ({record['calibration_batches']} calibration batches)"),
+    print_table([("criterion", f"{criterion} ({record.calibration_batches} calibration batches)"),
                  ("parameters before", f"{space.total_params:,}"),
                  ("parameters after (export)", f"{params_after:,} ({100 * params_after / space.total_params:.1f}%)"),
-                 ("prunable parameters removed", f"{100 * record['pruned_fraction']:.1f}%"),
+                 ("prunable parameters removed", f"{100 * record.pruned_fraction:.1f}%"),
                  *([("decoder layers", f"{space.num_layers} -> {subnet.model.config.num_hidden_layers}")]
                    if space.layer_sets() else []),
                  ("eval perplexity, before", f"{before:.2f}"), ("eval perplexity, pruned", f"{after:.2f}"),

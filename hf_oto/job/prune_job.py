@@ -134,7 +134,8 @@ def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: Dat
     """Export (with its recipe); if the target filled up during training, write beside it rather than lose
     the trained model."""
     origin = provenance(margs, dargs)
-    resolved = {"hesso": trainer.hesso.record() if trainer.hesso is not None else None}
+    record = trainer.pruning_record()
+    resolved = {"hesso": None if record is None else record.to_dict()}
     kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=origin.get("license"),
               extra_manifest={k: origin[k] for k in ("datasets", "gguf") if k in origin},
               extra_files={RECIPE_FILE: recipe_text(settings, json.loads(json.dumps(resolved, default=str)))})

@@ -1,13 +1,16 @@
-"""HESSOConfig: every HESSO setting in one frozen, validated object (recorded with ``asdict``)."""
+"""HESSOConfig: every HESSO setting in one frozen, validated object (recorded with ``asdict``).
+
+Its defaults are the defaults: :class:`~hf_oto.trainer.HFOTOTrainingArguments` takes its pruning
+fields' defaults from here, and "auto" is decided by one rule, :meth:`HESSOConfig.resolve`."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from hf_oto.errors import ConfigError
 from hf_oto.groups.space import Layout, PruningSpace
-from hf_oto.optim.budget import BudgetRules, resolve_target
+from hf_oto.optim.budget import SELECTIONS, BudgetRules, resolve_target
 from hf_oto.optim.cric import CRICConfig
 from hf_oto.optim.criteria import CRITERIA
 from hf_oto.optim.pricing import PRICINGS
@@ -40,6 +43,7 @@ class HESSOConfig:
     scores at every period start to the loss increase measured when that kind alone pays a share of
     the remaining budget (:mod:`hf_oto.optim.pricing`; HESSO then needs a ``probe``), so heads and FFN
     channels trade at measured rates; ``"saliency"`` takes the criterion's units as they are.
+    ``"auto"`` (the default of all three) is decided by :meth:`resolve` when HESSO is built.
     """
 
     target_sparsity: float | None = 0.5
@@ -47,23 +51,22 @@ class HESSOConfig:
     layout: Layout = "uniform"
     start_pruning_step: int = 0
     pruning_steps: int = 100
-    pruning_periods: int = 10
+    pruning_periods: int = 5
     ffn_multiple: int = 8
     min_keep: int = 1
     weights: SaliencyWeights = field(default_factory=SaliencyWeights)
     saliency_ema: float | None = None
     ema_interval: int = 10
     tolerance: float = 0.01
-    selection: str = "saliency"
-    criterion: str = "hesso"
-    pricing: str = "saliency"
+    selection: str = "auto"
+    criterion: str = "auto"
+    pricing: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.pricing not in PRICINGS:
-            raise ConfigError(f"pricing must be one of {PRICINGS}, got {self.pricing!r}")
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.criterion != "hesso" and self.saliency_ema is not None:
+        for name, allowed in (("pricing", PRICINGS), ("criterion", CRITERIA), ("selection", SELECTIONS)):
+            if getattr(self, name) not in ("auto", *allowed):
+                raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
+        if self.criterion not in ("hesso", "auto") and self.saliency_ema is not None:
             raise ConfigError(f"saliency_ema smooths the 'hesso' criterion; {self.criterion!r} already sums its "
                               "evidence over each period (leave saliency_ema unset, or use criterion 'hesso')")
         if self.target_params is None and (self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0):
@@ -81,12 +84,41 @@ class HESSOConfig:
             raise ConfigError(f"saliency_ema must be in [0, 1), got {self.saliency_ema}")
         if self.ema_interval < 1:
             raise ConfigError(f"ema_interval must be >= 1, got {self.ema_interval}")
-        self.rules  # noqa: B018 - validates layout, ffn_multiple, min_keep, selection and tolerance
+        BudgetRules(layout=self.layout, ffn_multiple=self.ffn_multiple, min_keep=self.min_keep,
+                    tolerance=self.tolerance)  # validates them
+
+    @property
+    def resolved(self) -> bool:
+        """Whether no setting is left at "auto"."""
+        return "auto" not in (self.criterion, self.selection, self.pricing)
+
+    def resolve(self, *, lora: bool = False, cric: bool = False, probe: bool = False) -> HESSOConfig:
+        """This config with "auto" decided, for a model that trains LoRA adapters (``lora``), with or
+        without CRIC, and with or without a loss probe for measured pricing (``probe``):
+
+        - criterion: ``"fisher"`` (the loss increase of a removal, on one scale for every kind);
+          ``"hesso"`` under LoRA (frozen base weights have no gradient) or with ``saliency_ema``
+          (which smooths that saliency); ``"taylor"`` with CRIC (which does not combine with the
+          knapsack Fisher pairs with);
+        - selection: ``"per_param"`` with fisher and without CRIC, ``"saliency"`` otherwise;
+        - pricing: ``"measured"`` when there is a probe (HFOTOTrainer always has one), else ``"saliency"``.
+        """
+        criterion = self.criterion
+        if criterion == "auto":
+            criterion = "hesso" if lora or self.saliency_ema is not None else "taylor" if cric else "fisher"
+        selection = self.selection
+        if selection == "auto":
+            selection = "per_param" if criterion == "fisher" and not cric else "saliency"
+        pricing = self.pricing if self.pricing != "auto" else "measured" if probe else "saliency"
+        return replace(self, criterion=criterion, selection=selection, pricing=pricing)
 
     def validate(self, space: PruningSpace, *, total_steps: int | None = None,
                  cric: CRICConfig | None = None) -> int:
         """The pruned-parameter target for ``space``, after checking that it can be reached and that the
-        schedule (warm-up, CRIC's cycles, pruning) fits in ``total_steps`` when that is given."""
+        schedule (warm-up, CRIC's cycles, pruning) fits in ``total_steps`` when that is given (a config
+        with "auto" left is checked as :meth:`resolve` decides it without LoRA)."""
+        if not self.resolved:
+            return self.resolve(cric=cric is not None).validate(space, total_steps=total_steps, cric=cric)
         if cric is not None:
             cric.validate()
             if self.selection == "per_param":
@@ -111,6 +143,8 @@ class HESSOConfig:
     @property
     def rules(self) -> BudgetRules:
         """The plan's rules (layout, FFN multiple, min_keep, selection, tolerance) as one object."""
+        if self.selection == "auto":
+            raise ConfigError("selection 'auto' depends on the criterion and CRIC: resolve() the config first")
         return BudgetRules(layout=self.layout, ffn_multiple=self.ffn_multiple, min_keep=self.min_keep,
                            selection=self.selection, tolerance=self.tolerance)
 

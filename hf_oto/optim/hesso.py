@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 from hf_oto.errors import ConfigError, ResumeError
 from hf_oto.groups.experts import route_around_removed_experts
 from hf_oto.groups.space import PruningSpace
+from hf_oto.manifest import HESSORecord
 from hf_oto.optim import slices
 from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
@@ -52,6 +54,7 @@ class HESSO(torch.optim.Optimizer):
         config = config or HESSOConfig()
         if not isinstance(config, HESSOConfig):
             raise ConfigError(f"config must be a HESSOConfig, got {type(config).__name__}")
+        config = config.resolve(lora=bool(lora_factors(model)), cric=cric is not None, probe=probe is not None)
         if config.pricing == "measured" and probe is None:
             raise ConfigError("pricing 'measured' needs a probe: HESSO(..., probe=fn), fn() returning the model's "
                               "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")
@@ -105,26 +108,11 @@ class HESSO(torch.optim.Optimizer):
                                                                lambda: self._rank_mean(probe()), self._rows)
         self.prices: list[dict[str, Any]] = []  # measured pricing's trials, one entry per period start
 
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The resolved schedule and budget (what checkpoints compare on resume)."""
-        c = self.config
-        return dict(
-            target_params=int(self.target_params), start_pruning_step=c.start_pruning_step,
-            pruning_steps=c.pruning_steps, pruning_periods=c.pruning_periods, layout=c.layout,
-            ffn_multiple=c.ffn_multiple, min_keep=c.min_keep, saliency_ema=c.saliency_ema,
-            ema_interval=c.ema_interval, tolerance=c.tolerance,
-            # (recorded only when not the default, so checkpoints from before the option still resume)
-            **({"selection": c.selection} if c.selection != "saliency" else {}),
-            **({"criterion": c.criterion} if c.criterion != "hesso" else {}),
-            **({"pricing": c.pricing} if c.pricing != "saliency" else {}),
-        )
-
-    def record(self) -> dict[str, Any]:
-        """The settings as the manifest and the model card record them: ``asdict`` of the configs."""
-        return dict(self.config.to_dict(), target_params=int(self.target_params),
-                    cric=None if self.cric_config is None else asdict(self.cric_config),
-                    **({"prices": self.prices} if self.prices else {}))
+    def record(self) -> HESSORecord:
+        """The settings that ran, as the manifest, the model card and checkpoints record them."""
+        return HESSORecord.from_dict(dict(self.config.to_dict(), target_params=int(self.target_params),
+                                          cric=None if self.cric_config is None else asdict(self.cric_config),
+                                          prices=self.prices))
 
     # Schedule ----------------------------------------------------------------------------------
     def _position(self, step: int) -> tuple[int, int] | None:
@@ -405,9 +393,7 @@ class HESSO(torch.optim.Optimizer):
             # the criterion's evidence, under the entry the checkpoint format has always used for it
             "ema": self.criterion.state() if self.criterion.state_key == "ema" else None,
             "taylor": self.criterion.state() if self.criterion.state_key == "taylor" else None,
-            "settings": dict(self.settings),
-            "weights": vars(self.weights).copy(),
-            "cric_config": None if self.cric_config is None else vars(self.cric_config).copy(),
+            "record": dataclasses.replace(self.record(), prices=()).to_dict(),
             "space": self._fingerprint(),
             "prune_start": self.prune_start,
             "cric": None if self.cric is None else self.cric.state.to_dict(),
@@ -425,10 +411,7 @@ class HESSO(torch.optim.Optimizer):
             raise ResumeError("this optimizer state was not saved by HESSO (no 'hesso' entry)")
         if h["space"] != self._fingerprint():
             raise ResumeError("the saved HESSO state belongs to a different pruning space (model or groups changed)")
-        cric_cfg = None if self.cric_config is None else vars(self.cric_config).copy()
-        changed = sorted(k for k in self.settings if h["settings"].get(k) != self.settings[k])
-        changed += ["saliency weights"] if h["weights"] != vars(self.weights) else []
-        changed += ["CRIC settings"] if h["cric_config"] != cric_cfg else []
+        changed = _saved_record(h).changed(self.record())
         if changed:
             raise ResumeError(f"resuming with a changed pruning config is not supported (changed: {changed})")
         self.base.load_state_dict(sd)
@@ -444,3 +427,12 @@ class HESSO(torch.optim.Optimizer):
         self.prices = [dict(p) for p in h.get("prices", [])]
         if self.cric is not None:
             self.cric.load(h["cric"], h["cric_rank"])
+
+
+def _saved_record(h: dict[str, Any]) -> HESSORecord:
+    """The settings a HESSO state was saved with; states from before the record (hf-oto 0.1 to 0.2)
+    kept them as three entries, and options added since then were absent where they were at their
+    defaults, which :class:`HESSORecord` reads as what ran before them."""
+    if "record" in h:
+        return HESSORecord.from_dict(h["record"])
+    return HESSORecord.from_dict(dict(h["settings"], weights=h["weights"], cric=h["cric_config"]))

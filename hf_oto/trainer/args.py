@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, astuple, dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
@@ -41,15 +41,13 @@ class HFOTOTrainingArguments(TrainingArguments):
     Schedule values below 1 are fractions of the total optimizer steps; values of 1 or more are steps.
     """
 
-    target_sparsity: float = field(
-        default=0.5, metadata={"help": "fraction of prunable parameters to remove (0 with qfa: quantize only)"})
+    target_sparsity: float = _same_as(
+        HESSOConfig, "target_sparsity", "fraction of prunable parameters to remove (0 with qfa: quantize only)")
     target_params: int | None = field(default=None, metadata={"help": "remove this many parameters instead"})
-    pruning_layout: Layout = field(
-        default="uniform",
-        metadata={"help": "'uniform' (same counts in every layer: stock config, loads everywhere), "
-                          "'per_layer_ffn' (attention uniform, FFN widths per layer: DeciLM for Llama) or "
-                          "'global' (per-layer sizes of everything: remote code)"},
-    )
+    pruning_layout: Layout = _same_as(
+        HESSOConfig, "layout",
+        "'uniform' (same counts in every layer: stock config, loads everywhere), 'per_layer_ffn' (attention "
+        "uniform, FFN widths per layer: DeciLM for Llama) or 'global' (per-layer sizes of everything: remote code)")
     pruning_granularity: Granularity = field(
         default="width",
         metadata={"help": "what may be removed: 'width' (attention heads, kv groups, FFN channels), 'depth' (whole "
@@ -70,34 +68,28 @@ class HFOTOTrainingArguments(TrainingArguments):
         metadata={"help": "how a per-layer export is written: 'auto' (DeciLM where expressible, else "
                           "remote code), 'decilm' or 'remote_code'"},
     )
-    pruning_selection: str = field(
-        default="auto",
-        metadata={"help": "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param'); "
-                          "'auto': per_param with the fisher criterion (a loss increase on one scale for every "
-                          "kind) unless use_cric, saliency otherwise"},
-    )
-    pruning_criterion: str = field(
-        default="auto",
-        metadata={"help": "how groups are ranked: 'fisher' (sum over every step up to each period start of (w.g)^2 per "
-                          "group: the loss increase its removal costs, on one scale for heads and channels), "
-                          "'taylor' (sum of |w*g|, relative within each kind), 'hesso' (HESSO's weighted one-step "
-                          "saliency), or 'auto': fisher; hesso with LoRA (frozen base weights have no "
-                          "gradient) or with saliency_ema; taylor with use_cric"},
-    )
-    pruning_pricing: str = field(
-        default="auto",
-        metadata={"help": "'measured' (at each period start, each kind of group pays a share of the budget alone on "
-                          "the step's batch and its scores are scaled to the measured loss increase, so heads and "
-                          "FFN channels trade at measured rates), 'saliency' (the criterion's units as they are), "
-                          "or 'auto': measured"},
-    )
+    pruning_selection: str = _same_as(
+        HESSOConfig, "selection",
+        "rank removals by mean saliency ('saliency') or saliency per parameter freed ('per_param'); 'auto': per_param "
+        "with the fisher criterion (a loss increase on one scale for every kind) unless use_cric, saliency otherwise")
+    pruning_criterion: str = _same_as(
+        HESSOConfig, "criterion",
+        "how groups are ranked: 'fisher' (sum over every step up to each period start of (w.g)^2 per group: the "
+        "loss increase its removal costs, on one scale for heads and channels), 'taylor' (sum of |w*g|, relative "
+        "within each kind), 'hesso' (HESSO's weighted one-step saliency), or 'auto': fisher; hesso with LoRA "
+        "(frozen base weights have no gradient) or with saliency_ema; taylor with use_cric")
+    pruning_pricing: str = _same_as(
+        HESSOConfig, "pricing",
+        "'measured' (at each period start, each kind of group pays a share of the budget alone on the step's batch "
+        "and its scores are scaled to the measured loss increase, so heads and FFN channels trade at measured "
+        "rates), 'saliency' (the criterion's units as they are), or 'auto': measured")
     start_pruning_step: float = field(default=0.05, metadata={"help": "warm-up before pruning (fraction or steps)"})
     pruning_steps: float = field(default=0.2, metadata={"help": "length of the pruning phase (fraction or steps)"})
-    pruning_periods: int = field(default=5, metadata={"help": "number of pruning periods"})
+    pruning_periods: int = _same_as(HESSOConfig, "pruning_periods", "number of pruning periods")
     ffn_multiple: int = _same_as(HESSOConfig, "ffn_multiple", "kept FFN widths are multiples of this")
     min_keep: int = _same_as(HESSOConfig, "min_keep", "groups kept at least in every set")
     saliency_weights: str = field(
-        default="0.25,0.25,0.25,0.25",
+        default=",".join(str(v) for v in astuple(SaliencyWeights())),
         metadata={"help": "weights of magnitude, avg_magnitude, cosine_similarity, taylor_first_order"},
     )
     saliency_ema: float | None = _same_as(HESSOConfig, "saliency_ema", "EMA factor of saliency (None: one batch)")
@@ -141,8 +133,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         return int(round(value * total)) if value < 1 else int(value)
 
     def hesso_config(self, total_steps: int, *, lora: bool = False) -> HESSOConfig:
-        """The :class:`HESSOConfig` these arguments describe, for ``total_steps`` optimizer steps (``lora``:
-        the model trains LoRA adapters, which decides ``pruning_criterion="auto"``)."""
+        """The :class:`HESSOConfig` these arguments describe, for ``total_steps`` optimizer steps, with "auto"
+        decided (``lora``: the model trains LoRA adapters, which decides ``pruning_criterion="auto"``)."""
+        self._decided(lora)  # bad criterion/selection/pricing: named as the user typed them
         try:
             weights = SaliencyWeights(*(float(x) for x in self.saliency_weights.split(",")))
         except (TypeError, ValueError):
@@ -153,38 +146,31 @@ class HFOTOTrainingArguments(TrainingArguments):
             start_pruning_step=self.steps(self.start_pruning_step, total_steps),
             pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
-            selection=self.resolved_selection(lora), criterion=self.resolved_criterion(lora),
-            pricing=self.resolved_pricing(),
-        )
+            selection=self.pruning_selection, criterion=self.pruning_criterion, pricing=self.pruning_pricing,
+        ).resolve(lora=lora, cric=self.use_cric, probe=True)
+
+    def _decided(self, lora: bool) -> HESSOConfig:
+        """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run
+        (the trainer always has a loss probe); bad values are named as the user typed them."""
+        for name, allowed in (("pruning_criterion", CRITERIA), ("pruning_selection", SELECTIONS),
+                              ("pruning_pricing", PRICINGS)):
+            if getattr(self, name) not in ("auto", *allowed):
+                raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
+        return HESSOConfig(criterion=self.pruning_criterion, selection=self.pruning_selection,
+                           pricing=self.pruning_pricing, saliency_ema=self.saliency_ema,
+                           ).resolve(lora=lora, cric=self.use_cric, probe=True)
 
     def resolved_pricing(self) -> str:
-        """``pruning_pricing`` with "auto" decided: measured."""
-        if self.pruning_pricing not in ("auto", *PRICINGS):
-            raise ConfigError(f"pruning_pricing must be one of {('auto', *PRICINGS)}, got {self.pruning_pricing!r}")
-        return "measured" if self.pruning_pricing == "auto" else self.pruning_pricing
+        """``pruning_pricing`` with "auto" decided (:meth:`HESSOConfig.resolve`): measured."""
+        return self._decided(lora=False).pricing
 
     def resolved_selection(self, lora: bool) -> str:
-        """``pruning_selection`` with "auto" decided: the knapsack's per-parameter rule where the
-        criterion prices removals on one scale for every kind, mean saliency otherwise."""
-        if self.pruning_selection not in ("auto", *SELECTIONS):
-            raise ConfigError(f"pruning_selection must be one of {('auto', *SELECTIONS)}, "
-                              f"got {self.pruning_selection!r}")
-        if self.pruning_selection != "auto":
-            return self.pruning_selection
-        return "per_param" if self.resolved_criterion(lora) == "fisher" and not self.use_cric else "saliency"
+        """``pruning_selection`` with "auto" decided (:meth:`HESSOConfig.resolve`)."""
+        return self._decided(lora).selection
 
     def resolved_criterion(self, lora: bool) -> str:
-        """``pruning_criterion`` with "auto" decided: the accumulated Fisher estimate; HESSO's saliency
-        under LoRA or with ``saliency_ema`` (which smooths that saliency); accumulated Taylor with CRIC
-        (which does not combine with Fisher's knapsack)."""
-        if self.pruning_criterion not in ("auto", *CRITERIA):
-            raise ConfigError(f"pruning_criterion must be one of {('auto', *CRITERIA)}, "
-                              f"got {self.pruning_criterion!r}")
-        if self.pruning_criterion != "auto":
-            return self.pruning_criterion
-        if lora or self.saliency_ema is not None:
-            return "hesso"
-        return "taylor" if self.use_cric else "fisher"
+        """``pruning_criterion`` with "auto" decided (:meth:`HESSOConfig.resolve`)."""
+        return self._decided(lora).criterion
 
     def cric_config(self) -> CRICConfig | None:
         """The :class:`CRICConfig` these arguments describe (None without ``use_cric``)."""

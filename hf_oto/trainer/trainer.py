@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.export import save_pruned
 from hf_oto.export.adapter import save_base_and_adapter
 from hf_oto.groups import unwrap_peft
+from hf_oto.manifest import HESSORecord
 from hf_oto.optim import HESSO
 from hf_oto.optim.saliency import lora_factors
 from hf_oto.subnet import construct_subnet
@@ -139,11 +141,14 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
 
     # Export ----------------------------------------------------------------------------------
     def _manifest_extra(self, eval_results: dict[str, Any] | None) -> dict[str, Any]:
-        h, granularity = self.hesso, self.args.pruning_granularity
-        record = None if h is None else dict(h.record(), **({"granularity": granularity} if granularity != "width"
-                                                             else {}), **({"experts": True} if self.args.prune_experts
-                                                                          else {}))
-        return {"hesso": record, "eval": eval_results or {}}
+        return {"hesso": self.pruning_record(), "eval": eval_results or {}}
+
+    def pruning_record(self) -> HESSORecord | None:
+        """The HESSO settings that ran, with what was prunable (None when nothing is pruned)."""
+        if self.hesso is None:
+            return None
+        return dataclasses.replace(self.hesso.record(), granularity=self.args.pruning_granularity,
+                                   experts=self.args.prune_experts)
 
     def save_pruned_model(self, out_dir: str | None = None, *, overwrite: bool | None = None,
                           eval_results: dict[str, Any] | None = None, merge_adapters: bool = True,
