@@ -143,7 +143,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     from hf_oto.job.args import apply_overrides, field_types, read_yaml
     from hf_oto.job.oneshot_job import ONESHOT_KEYS, oneshot_settings, run_oneshot
     from hf_oto.job.recipe import recipe_settings
-    from hf_oto.optim.oneshot import CRITERIA
+    from hf_oto.optim.oneshot import ONESHOT_CRITERIA
 
     types_ = {k: tp for k, (_, tp) in field_types().items()}
     types_.update(criterion=str, calibration_batches=int)
@@ -156,7 +156,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     else:
         if not args.model or args.target_sparsity is None:
             raise ConfigError("give a model and a target: hf-oto oneshot MODEL --target_sparsity 0.3 --out DIR "
-                              f"[--criterion {'|'.join(CRITERIA)}] [--calibration FILE|DATASET|python-stdlib]")
+                              f"[--criterion {'|'.join(ONESHOT_CRITERIA)}] [--calibration FILE|DATASET|python-stdlib]")
         settings = oneshot_settings(args.model, args.criterion, args.target_sparsity,
                                     args.calibration or "python-stdlib", args.out, overrides)
     if args.overwrite:

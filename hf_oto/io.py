@@ -24,6 +24,10 @@ from torch import nn
 
 from hf_oto.errors import ExportError
 
+# What JSON (and YAML settings) files hold: the type of every boundary where a record becomes text.
+JSON = None | bool | int | float | str | list["JSON"] | dict[str, "JSON"]
+JSONObject = dict[str, JSON]
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 STAGING_TAG = ".hf-oto-staging-"
 STAGING_MARKER = ".hf-oto-staging.json"

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from hf_oto.errors import ExportError
-from hf_oto.io import write_text_atomic
+from hf_oto.io import JSONObject, write_text_atomic
 
 MANIFEST_FILE = "pruning_manifest.json"
 VERSION = 2
 Scalar = float | int | str | bool | None  # a JSON leaf: what metrics and settings values are
 
 
-def _split(cls: type, data: dict[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split(cls: type, data: JSONObject, what: str) -> tuple[JSONObject, JSONObject]:
     """``data`` as (the fields ``cls`` knows, the rest); one clear error when a required field is missing."""
     if not isinstance(data, dict):
         raise ExportError(f"a {what} record is a JSON object, got {type(data).__name__}")
@@ -63,7 +63,7 @@ class HESSORecord:
     granularity: str = "width"
     experts: bool = False
     prices: tuple[dict[str, Scalar], ...] = ()
-    other: dict[str, Any] = field(default_factory=dict)
+    other: JSONObject = field(default_factory=dict)
 
     # not compared on resume: prices are measured as the run goes, and target_params is the sparsity resolved
     RESUME_EXEMPT = ("prices", "target_sparsity", "other")
@@ -71,7 +71,7 @@ class HESSORecord:
              "ffn_multiple", "min_keep", "weights", "saliency_ema", "ema_interval", "tolerance", "selection",
              "criterion", "pricing", "cric")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         """The JSON form (optional fields only when they differ from what ran before they existed)."""
         out = {k: getattr(self, k) for k in self.ORDER}
         out["weights"] = dict(self.weights)
@@ -86,7 +86,7 @@ class HESSORecord:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HESSORecord:
+    def from_dict(cls, data: JSONObject) -> HESSORecord:
         known, other = _split(cls, data, "hesso")
         known["prices"] = tuple(dict(p) for p in known.get("prices") or ())
         known["weights"] = dict(known.get("weights") or {})
@@ -115,10 +115,10 @@ class OneShotRecord:
     granularity: str = "width"
     experts: bool = False
     prices: tuple[dict[str, Scalar], ...] = ()
-    other: dict[str, Any] = field(default_factory=dict)
+    other: JSONObject = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: getattr(self, k) for k in ("criterion", "calibration_batches", "batch_size",
+    def to_dict(self) -> JSONObject:
+        out: JSONObject = {k: getattr(self, k) for k in ("criterion", "calibration_batches", "batch_size",
                                                             "block_size", "target_sparsity", "layout",
                                                             "ffn_multiple")}
         if self.pricing is not None:
@@ -134,7 +134,7 @@ class OneShotRecord:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OneShotRecord:
+    def from_dict(cls, data: JSONObject) -> OneShotRecord:
         known, other = _split(cls, data, "oneshot")
         known["prices"] = tuple(dict(p) for p in known.get("prices") or ())
         return cls(**known, other=other)
@@ -147,17 +147,17 @@ class LMEvalRecord:
     tasks: dict[str, dict[str, float]]
     limit: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"tasks": {t: dict(m) for t, m in self.tasks.items()}, "limit": self.limit}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LMEvalRecord:
+    def from_dict(cls, data: JSONObject) -> LMEvalRecord:
         known, _ = _split(cls, data, "lm_eval")
         return cls(tasks={t: dict(m) for t, m in known["tasks"].items()}, limit=known.get("limit"))
 
 
 @dataclass(frozen=True)
-class GGUFSource:
+class GGUFRecord:
     """The GGUF file a model was read from, and what its header's ``general.*`` fields say it is."""
 
     file: str
@@ -172,14 +172,14 @@ class GGUFSource:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GGUFSource:
+    def from_dict(cls, data: JSONObject) -> GGUFRecord:
         known, _ = _split(cls, data, "gguf")
         return cls(**{k: None if v is None else str(v) for k, v in known.items()})
 
 
 # Manifest fields held as typed records: name -> record class (read from and written as JSON objects)
 RECORDS: dict[str, type] = {"hesso": HESSORecord, "oneshot": OneShotRecord, "lm_eval": LMEvalRecord,
-                            "gguf": GGUFSource}
+                            "gguf": GGUFRecord}
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class SetRecord:
     groups: int
     kept: tuple[int, ...]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"module": self.module, "kind": self.kind, "layer": self.layer, "groups": self.groups,
                 "kept": list(self.kept)}
 
@@ -225,9 +225,9 @@ class Manifest:
     eval_dataset: str | None = None
     lm_eval: LMEvalRecord | None = None
     datasets: tuple[str, ...] | None = None
-    gguf: GGUFSource | None = None
+    gguf: GGUFRecord | None = None
     adapter: str | None = None
-    other: dict[str, Any] = field(default_factory=dict)
+    other: JSONObject = field(default_factory=dict)
     version: int = VERSION
 
     @property
@@ -243,9 +243,9 @@ class Manifest:
         fields_ = _typed({k: v for k, v in changes.items() if k in known})
         return dataclasses.replace(self, **fields_, other=other)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         """The JSON form (``other`` spread at the top level, as it was read)."""
-        out: dict[str, Any] = {"version": self.version}
+        out: JSONObject = {"version": self.version}
         for f in dataclasses.fields(self):
             if f.name in ("other", "version"):
                 continue
@@ -261,7 +261,7 @@ class Manifest:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: JSONObject) -> Manifest:
         """Read any version's JSON form (version 1: hf-oto 0.1, no ``version`` key)."""
         if not isinstance(data, dict):
             raise ExportError("a pruning manifest is a JSON object")

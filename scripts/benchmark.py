@@ -144,11 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pruning_granularity; block_influence rows need depth or both)")
     p.add_argument("--saliency_ema", type=float, default=None, help="HESSO saliency EMA (default: one batch)")
     from hf_oto.optim.budget import SELECTIONS
-    from hf_oto.optim.criteria import CRITERIA
+    from hf_oto.optim.criteria import TRAINING_CRITERIA
     from hf_oto.optim.pricing import PRICINGS
 
     d = _trainer_defaults()
-    p.add_argument("--hesso_criterion", default=d["pruning_criterion"], choices=("auto", *CRITERIA),
+    p.add_argument("--hesso_criterion", default=d["pruning_criterion"], choices=("auto", *TRAINING_CRITERIA),
                    help="HESSO rows' ranking criterion (default: HFOTOTrainer's pruning_criterion)")
     p.add_argument("--hesso_selection", default=d["pruning_selection"], choices=("auto", *SELECTIONS),
                    help="HESSO rows' ranking of removals (pruning_selection; *_pp methods use per_param)")

@@ -18,11 +18,11 @@ def test_quickstart_config_end_to_end(tmp_path, capsys):
                                                       "--pruned_output_dir", str(out)])
     printed = capsys.readouterr().out
     assert "export reloaded without hf_oto" in printed and str(out) in printed
-    assert summary["params_after"] < summary["params_before"]
-    ppl = summary["ppl_trained_pruned"]
-    assert abs(summary["ppl_export_reloaded"] - ppl) <= 1e-3 * ppl
+    assert summary.params_after < summary.params_before
+    ppl = summary.ppl_trained_pruned
+    assert abs(summary.ppl_export_reloaded - ppl) <= 1e-3 * ppl
     manifest = json.loads((out / "pruning_manifest.json").read_text())
-    assert manifest["eval"]["eval_perplexity"] == pytest.approx(summary["ppl_trained_pruned"])
+    assert manifest["eval"]["eval_perplexity"] == pytest.approx(summary.ppl_trained_pruned)
     assert (out / "tokenizer.json").exists()
 
 
@@ -71,7 +71,7 @@ def test_lora_job_exports_pruned_base_and_adapter(tmp_path):
     summary = run("configs/quickstart.yaml", SMALL + ["--lora_r", "4", "--merge_adapters", "false",
                                                       "--output_dir", str(tmp_path / "run"),
                                                       "--pruned_output_dir", str(out)])
-    assert summary["params_after"] < summary["params_before"]
+    assert summary.params_after < summary.params_before
     assert (tmp_path / "pruned-adapter" / "adapter_config.json").exists()
 
 
@@ -107,7 +107,7 @@ def test_local_text_files(tmp_path):
     summary = run("configs/quickstart.yaml", SMALL + [
         "--text_source", "null", "--train_files", f"[{corpus}]",
         "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")])
-    assert summary["params_after"] < summary["params_before"]
+    assert summary.params_after < summary.params_before
     assert (tmp_path / "pruned" / "config.json").exists()
 
 

@@ -60,5 +60,5 @@ def test_main_job_trains_and_exports_from_a_stream(tmp_path):
         "--streaming", "--max_steps", "6", "--block_size", "16", "--per_device_train_batch_size", "4",
         "--max_eval_blocks", "8", "--pruning_periods", "2", "--logging_steps", "3",
         "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")])
-    assert summary["params_after"] < summary["params_before"]
-    assert abs(summary["ppl_export_reloaded"] - summary["ppl_trained_pruned"]) <= 1e-3 * summary["ppl_trained_pruned"]
+    assert summary.params_after < summary.params_before
+    assert abs(summary.ppl_export_reloaded - summary.ppl_trained_pruned) <= 1e-3 * summary.ppl_trained_pruned

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
 
+from hf_oto.io import JSONObject
 from hf_oto.manifest import Manifest
 
 TEMPLATE = "pruned_model.md"
@@ -137,13 +137,13 @@ def _layers_text(manifest: Manifest) -> str:
             "the source model; the layers that stay are renumbered from 0 in this model).")
 
 
-def hub_metadata(datasets: Sequence[str] | None, base_model: str | None, relation: str) -> dict[str, Any]:
+def hub_metadata(datasets: Sequence[str] | None, base_model: str | None, relation: str) -> JSONObject:
     """The Hub's ``pipeline_tag``, ``datasets`` (Hub ids the run trained on) and ``base_model_relation``.
 
     The Hub knows four relations (adapter, merge, quantized, finetune). A pruned model was trained on
     the way, so it is a ``finetune`` of its base (the ``pruned`` tag says how); a QFA export is ``quantized``.
     """
-    out: dict[str, Any] = {"pipeline_tag": "text-generation"}
+    out: JSONObject = {"pipeline_tag": "text-generation"}
     if datasets:
         out["datasets"] = list(datasets)
     if base_model:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from hf_oto.errors import ExportError
+from hf_oto.io import JSONObject
 from hf_oto.subnet import remote_code
 
 ExportFormat = Literal["auto", "remote_code", "decilm"]
@@ -42,7 +43,7 @@ def per_layer(config) -> bool:
     return bool(getattr(config, remote_code.LAYERS_KEY, None))
 
 
-def full_layers(config) -> list[dict[str, Any]]:
+def full_layers(config) -> list[JSONObject]:
     """Every layer's value of every per-layer field (a layer without overrides has the top-level value)."""
     layers = remote_code.layer_overrides(config)
     keys = sorted({k for o in layers for k in o})

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hf_oto.errors import ExportError
+from hf_oto.io import JSONObject
 from hf_oto.manifest import MANIFEST_FILE, Manifest
 
 LLAMA_TYPES = ("llama", "mistral", "nemotron-nas")
@@ -115,7 +116,7 @@ def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike | Non
 
 
 # Reading and checking ---------------------------------------------------------------------------
-def read_shape(config: dict[str, Any]) -> Shape:
+def read_shape(config: JSONObject) -> Shape:
     """Per-layer sizes from config.json; refuses what llama.cpp's llama/deci graphs cannot run."""
     model_type = config.get("model_type")
     if model_type not in LLAMA_TYPES:
@@ -296,7 +297,7 @@ def _special_tokens(folder: Path) -> tuple[dict[str, int], bool, bool]:
 
 
 # Writing ----------------------------------------------------------------------------------------
-def _write_params(writer, gguf, config: dict[str, Any], shape: Shape, dtype: str) -> None:
+def _write_params(writer, gguf, config: JSONObject, shape: Shape, dtype: str) -> None:
     layers = shape.layers
     writer.add_name(config.get("_name_or_path") or "hf-oto pruned model")
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
@@ -346,7 +347,7 @@ def _write_provenance(writer, folder: Path, manifest: Manifest | None) -> None:
         writer.add_base_model_repo_url(0, f"https://huggingface.co/{base}")
 
 
-def _rope(config: dict[str, Any]) -> dict[str, Any]:
+def _rope(config: JSONObject) -> JSONObject:
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -356,7 +357,7 @@ def _rope(config: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
-def _llama3_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+def _llama3_factors(rope: JSONObject, head_dim: int) -> np.ndarray:
     """Per-frequency divisors of Llama-3's long-context RoPE, as llama.cpp's rope_freqs tensor."""
     base, factor = rope["rope_theta"], rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)

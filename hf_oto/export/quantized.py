@@ -26,7 +26,7 @@ from torch import nn
 from hf_oto.errors import ExportError
 from hf_oto.export.save import add_compat_fields
 from hf_oto.groups.space import PruningSpace
-from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir, unique_state
+from hf_oto.io import JSONObject, check_no_pickles, check_target, discard, publish, staging_dir, unique_state
 from hf_oto.quant.prepare import per_layer_bits, qfa_layers
 from hf_oto.quant.quantize import QuantizedWeight, whole_groups
 
@@ -103,7 +103,7 @@ def _slice(q: QuantizedWeight, kept: dict[int, torch.Tensor], name: str) -> Quan
     return QuantizedWeight(codes.contiguous(), scales.contiguous(), q.bits, q.group_size)
 
 
-def _quantization_config(names_by_bits: dict[int, list[str]], group_size: int, ignore: list[str]) -> dict[str, Any]:
+def _quantization_config(names_by_bits: dict[int, list[str]], group_size: int, ignore: list[str]) -> JSONObject:
     groups = {}
     for k, (b, names) in enumerate(sorted(names_by_bits.items())):
         groups[f"group_{k}"] = {
@@ -208,7 +208,7 @@ def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[i
     check_no_pickles(tmp)
 
 
-def _card(m: dict[str, Any]) -> str:
+def _card(m: JSONObject) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from hf_oto.export.card import hub_metadata

@@ -13,7 +13,7 @@ from hf_oto.errors import ExportError
 from hf_oto.export.card import render_card
 from hf_oto.export.formats import REMOTE_MODULE, ExportFormat, remote_code_text, resolve_format, rewrite_config
 from hf_oto.export.plot import plot_kept
-from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir, write_text_atomic
+from hf_oto.io import JSONObject, check_no_pickles, check_target, discard, publish, staging_dir, write_text_atomic
 from hf_oto.manifest import MANIFEST_FILE as MANIFEST
 from hf_oto.manifest import Manifest
 from hf_oto.subnet import Subnet
@@ -72,7 +72,7 @@ def save_pruned(
         discard(tmp)
 
 
-def _local_card(source: str | None) -> dict[str, Any]:
+def _local_card(source: str | None) -> JSONObject:
     """The metadata of a local source folder's model card (no network); empty when there is none."""
     if not source or not (Path(source) / "README.md").is_file():
         return {}

@@ -13,10 +13,12 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+from hf_oto.io import JSONObject
 
 Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "expert", "layer"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -46,10 +48,10 @@ def find_decoder_layers(model: nn.Module, num_layers: int | None) -> tuple[str, 
     return None
 
 
-def layer_fields(config, num_layers: int, kept: Sequence[int]) -> dict[str, Any]:
+def layer_fields(config, num_layers: int, kept: Sequence[int]) -> JSONObject:
     """Config values for a model that keeps only the decoder layers ``kept`` (source indexes, in order):
     ``num_hidden_layers`` and every per-layer list of the config (``layer_types``, say) cut to match."""
-    out: dict[str, Any] = {"num_hidden_layers": len(kept)}
+    out: JSONObject = {"num_hidden_layers": len(kept)}
     for key, value in config.to_dict().items():
         if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
             out[key] = type(value)(value[i] for i in kept)
@@ -248,7 +250,7 @@ class PruningSpace(Sequence[Group]):
     model_type: str
     sets: list[GroupSet]
     param_shapes: dict[str, tuple[int, ...]]
-    config: dict[str, Any]  # the source config, as a dict
+    config: JSONObject  # the source config, as a dict
     layers_path: str  # module path of the decoder layer list, e.g. "model.layers"
     num_layers: int
     total_params: int  # every parameter of the source model (adapters excluded)
@@ -330,7 +332,7 @@ class PruningSpace(Sequence[Group]):
         """Decoder layer -> the index of its whole-layer set (layers without one are absent)."""
         return {gs.layer: k for k, gs in enumerate(self.sets) if gs.kind == "layer"}
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[JSONObject]:
         """One row per (layer, kind): counts, params per group, prunable and why not."""
         return [
             {

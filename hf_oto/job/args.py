@@ -19,6 +19,7 @@ import yaml
 
 from hf_oto.data import DataArguments
 from hf_oto.errors import ConfigError, first_line
+from hf_oto.io import JSONObject
 from hf_oto.trainer import HFOTOTrainingArguments
 
 
@@ -52,7 +53,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, HFOTOTrainingArguments)
 EXTRA_TYPES: dict[str, Any] = {"resume_from_checkpoint": str | bool | None}
 
 
-def read_yaml(config_path: str) -> dict[str, Any]:
+def read_yaml(config_path: str) -> JSONObject:
     """The YAML file as a mapping; syntax errors name the file, line and column."""
     path = Path(config_path)
     if not path.is_file():
@@ -74,8 +75,8 @@ def read_yaml(config_path: str) -> dict[str, Any]:
     return values
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str],
-                    types_: dict[str, Any] | None = None) -> dict[str, Any]:
+def apply_overrides(values: JSONObject, overrides: list[str],
+                    types_: dict[str, object] | None = None) -> JSONObject:
     """Command-line settings on top of ``values``, as ``HfArgumentParser`` users type them: ``--key value``,
     ``--key=value``, a bare ``--flag`` (True) or ``--no_flag`` (False) for a boolean, and several values
     for a list (``--qfa_bits 2 3 4``). Each value is read as YAML (numbers, lists, null). ``types_`` maps
@@ -275,7 +276,7 @@ def parse(config_path: str, overrides: list[str]) -> tuple[ModelArguments, DataA
     return build_arguments(read_settings(config_path, overrides), config_path)
 
 
-def read_settings(config_path: str, overrides: list[str]) -> dict[str, Any]:
+def read_settings(config_path: str, overrides: list[str]) -> JSONObject:
     """The settings of a YAML config or a recipe (``hf_oto_recipe.yaml``), with the command line on top."""
     from hf_oto.job.recipe import is_recipe, recipe_settings
 
@@ -286,7 +287,7 @@ def read_settings(config_path: str, overrides: list[str]) -> dict[str, Any]:
     return apply_overrides(values, overrides, {k: tp for k, (_, tp) in types_.items()})
 
 
-def build_arguments(values: dict[str, Any], config_path: str
+def build_arguments(values: JSONObject, config_path: str
                     ) -> tuple[ModelArguments, DataArguments, HFOTOTrainingArguments]:
     """The three argument dataclasses from a settings mapping (one ConfigError for any bad setting)."""
     types_ = field_types()
@@ -298,7 +299,7 @@ def build_arguments(values: dict[str, Any], config_path: str
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(hints)} "
                           f"(in {config_path} or on the command line); `hf-oto prune --help` lists them")
-    per_class: dict[type, dict[str, Any]] = {cls: {} for cls in ARGUMENT_CLASSES}
+    per_class: dict[type, JSONObject] = {cls: {} for cls in ARGUMENT_CLASSES}
     for key, value in values.items():
         cls, tp = types_[key]
         per_class[cls][key] = coerce(key, value, tp)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from hf_oto.errors import ConfigError, first_line
 from hf_oto.job.args import ModelArguments
+from hf_oto.manifest import GGUFRecord
 
 if TYPE_CHECKING:
     from hf_oto.data import DataArguments
@@ -104,20 +106,38 @@ def gguf_source(margs: ModelArguments) -> GGUFSource:
     return resolve_gguf(margs.gguf_file, margs.model_name_or_path)
 
 
-GGUF_KEYS = ("name", "organization", "basename", "finetune", "size_label", "license")  # general.* fields
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model and data came from, for the export's card and manifest: the source (Hub id or
+    folder), its license, the Hub datasets trained on, and the GGUF file it was read from."""
+
+    source: str | None
+    license: str | None = None
+    datasets: tuple[str, ...] | None = None
+    gguf: GGUFRecord | None = None
+
+    def manifest_fields(self) -> dict[str, object]:
+        """The manifest fields it fills beside ``source`` and ``license``, where known."""
+        return {k: v for k, v in (("datasets", self.datasets), ("gguf", self.gguf)) if v is not None}
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON form (unknown fields left out), as a QFA run records it."""
+        out = {"source": self.source, "license": self.license,
+               "datasets": None if self.datasets is None else list(self.datasets),
+               "gguf": None if self.gguf is None else self.gguf.to_dict()}
+        return {k: v for k, v in out.items() if v is not None}
 
 
-def provenance(margs: ModelArguments, dargs: DataArguments) -> dict[str, Any]:
-    """Where the model and data came from, for the export's card: source, license, Hub datasets, GGUF file."""
+def provenance(margs: ModelArguments, dargs: DataArguments) -> Provenance:
+    """Where the model and data came from: source, license, Hub datasets, GGUF file."""
     from hf_oto.export.save import is_hub_id, source_license
 
     name = margs.model_name_or_path
-    out: dict[str, Any] = {"source": name,
-                           "license": source_license(name, allow_network=bool(name) and not Path(name).exists())}
-    if dargs.dataset_name and is_hub_id(dargs.dataset_name):
-        out["datasets"] = [dargs.dataset_name]
+    license = source_license(name, allow_network=bool(name) and not Path(name).exists())
+    datasets = (dargs.dataset_name,) if dargs.dataset_name and is_hub_id(dargs.dataset_name) else None
+    gguf = None
     if margs.gguf_file:  # the card names the GGUF file, and its license comes from the file's header
         meta = gguf_source(margs).metadata()
-        out["license"] = out["license"] or meta.get("license")
-        out["gguf"] = {"file": margs.gguf_file, **{k: meta[k] for k in GGUF_KEYS if k in meta}}
-    return {k: v for k, v in out.items() if v is not None}
+        license = license or meta.get("license")
+        gguf = GGUFRecord.from_dict(dict(meta, file=margs.gguf_file))
+    return Provenance(source=name, license=license, datasets=datasets, gguf=gguf)

@@ -14,12 +14,12 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from hf_oto.errors import ConfigError, first_line
+from hf_oto.io import JSONObject
 
 
 def load_for_eval(folder: str, trust_remote_code: bool = False):
@@ -113,7 +113,7 @@ def task_manager(tasks: list[str], include_path: str | None, names: tuple[str, s
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], manager, *, limit: float | None, batch_size: int,
-                num_fewshot: int | None) -> dict[str, Any]:
+                num_fewshot: int | None) -> JSONObject:
     """lm-evaluation-harness on the loaded model; returns its results dictionary."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -124,7 +124,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], manager, *, limit: float | N
                            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
-def _metrics(metrics: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+def _metrics(metrics: JSONObject) -> Iterator[tuple[str, str, float]]:
     """(metric, filter, value) of one task's lm-eval results: its keys are "metric,filter"; alias, sample_len
     and the stderr entries are not metrics."""
     for key, value in metrics.items():
@@ -134,7 +134,7 @@ def _metrics(metrics: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
             yield metric, filt, float(value)
 
 
-def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+def task_scores(results: JSONObject) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` from lm-eval's results (filters dropped from the names, no stderr)."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
@@ -143,7 +143,7 @@ def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def task_table(results: dict[str, Any]) -> str:
+def task_table(results: JSONObject) -> str:
     """The task results as a Markdown table (task, n-shot, metric, value, stderr). Printed by hf-oto itself:
     lm-eval's own table needs pytablewriter >= 1, which resolvers pair badly with python-dateutil 4."""
     rows = ["| task | n-shot | metric | value | stderr |", "|---|--:|---|--:|--:|"]
@@ -159,7 +159,7 @@ def task_table(results: dict[str, Any]) -> str:
 
 def run_eval(folder: str, *, tasks: list[str], perplexity: str | None, stride: int | None, max_length: int | None,
              limit: float | None, batch_size: int, num_fewshot: int | None, include_path: str | None,
-             out: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
+             out: str | None, trust_remote_code: bool = False) -> JSONObject:
     """``hf-oto eval``: every check first, then perplexity and tasks; prints tables, writes JSON to ``out``."""
     if not tasks and not perplexity:
         raise ConfigError("give --tasks T1,T2 (lm-eval) and/or --perplexity TEXT")
@@ -170,7 +170,7 @@ def run_eval(folder: str, *, tasks: list[str], perplexity: str | None, stride: i
     if stride is not None and stride < 1:
         raise ConfigError(f"--stride must be in 1..the window, got {stride}")
     model, tokenizer = load_for_eval(folder, trust_remote_code)
-    report: dict[str, Any] = {"model": str(folder)}
+    report: JSONObject = {"model": str(folder)}
     if text is not None:
         report["perplexity"] = dict(strided_perplexity(model, tokenizer, text[0], max_length=max_length,
                                                        stride=stride), text=text[1])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hf_oto.errors import ConfigError, first_line
+from hf_oto.io import JSONObject
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class GGUFSource:
     def path(self) -> Path:
         return self.folder / self.name
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self) -> JSONObject:
         """The file's ``general.*`` fields (name, organization, license, ...), read from its header."""
         try:
             from gguf import GGUFReader
@@ -35,7 +35,7 @@ class GGUFSource:
             reader = GGUFReader(self.path)
         except Exception as exc:  # a corrupt or foreign file: the loader reports it properly
             raise ConfigError(f"{self.path} is not a readable GGUF file: {first_line(exc)}") from None
-        out: dict[str, Any] = {}
+        out: JSONObject = {}
         for key, field in reader.fields.items():
             if key.startswith("general."):
                 try:

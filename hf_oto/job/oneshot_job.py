@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hf_oto.errors import ConfigError
 from hf_oto.manifest import OneShotRecord
-from hf_oto.optim.oneshot import CRITERIA
+from hf_oto.optim.oneshot import ONESHOT_CRITERIA
+
+if TYPE_CHECKING:
+    from hf_oto.job.summary import OneShotSummary
 
 ONESHOT_KEYS = ("criterion", "calibration_batches")  # settings of this job beyond prune's
 PRICING_BATCHES = 2  # calibration batches measured pricing tries each kind's removal on
@@ -45,7 +48,7 @@ def oneshot_settings(model: str | None, criterion: str, target_sparsity: float |
     return settings
 
 
-def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> dict[str, Any]:
+def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> OneShotSummary:
     """Check, load, score on calibration batches, prune, export with card and recipe, verify; the summary."""
     from hf_oto import construct_subnet
     from hf_oto.data import load_documents, load_eval_documents, train_eval_blocks
@@ -56,7 +59,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     from hf_oto.job.log import job_logger
     from hf_oto.job.preflight import preflight
     from hf_oto.job.recipe import RECIPE_FILE, recipe_text
-    from hf_oto.job.summary import print_table
+    from hf_oto.job.summary import OneShotSummary, print_table
     from hf_oto.metrics import perplexity
     from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
@@ -65,8 +68,8 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
     settings = dict(settings)
     job = {k: settings.pop(k) for k in ONESHOT_KEYS if k in settings}
     criterion, batches = job.get("criterion", "wanda_sp"), int(job.get("calibration_batches", 8))
-    if criterion not in CRITERIA:
-        raise ConfigError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if criterion not in ONESHOT_CRITERIA:
+        raise ConfigError(f"criterion must be one of {', '.join(ONESHOT_CRITERIA)}, got {criterion!r}")
     if batches < 1:
         raise ConfigError(f"calibration_batches must be at least 1, got {batches}")
     if not settings.get("pruned_output_dir"):
@@ -106,17 +109,17 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> di
                                granularity=targs.pruning_granularity, experts=targs.prune_experts,
                                prices=tuple(p.to_dict() for p in prices),
                                pruned_fraction=plan.pruned_params() / space.prunable_params)
-        out = save_pruned(subnet, checked.pruned, tokenizer, source=origin.get("source"),
-                          overwrite=targs.overwrite_pruned_output_dir, license=origin.get("license"),
+        out = save_pruned(subnet, checked.pruned, tokenizer, source=origin.source,
+                          overwrite=targs.overwrite_pruned_output_dir, license=origin.license,
                           export_format=targs.export_format,
                           extra_manifest={"oneshot": record, "eval": {"eval_perplexity": after},
-                                          **{k: origin[k] for k in ("datasets", "gguf") if k in origin}},
+                                          **origin.manifest_fields()},
                           extra_files={RECIPE_FILE: recipe_text(dict(settings, **job), {"oneshot": record.to_dict()},
                                                                 job="oneshot")})
         reloaded, params_after = verify_export(out, eval_blocks)
-    summary = {"output": str(out), "params_before": space.total_params, "params_after": params_after,
-               "prunable_removed": record.pruned_fraction, "ppl_before": before, "ppl_after": after,
-               "ppl_export_reloaded": reloaded}
+    summary = OneShotSummary(output=str(out), params_before=space.total_params, params_after=params_after,
+                             prunable_removed=record.pruned_fraction, ppl_before=before, ppl_after=after,
+                             ppl_export_reloaded=reloaded)
     print_table([("criterion", f"{criterion} ({record.calibration_batches} calibration batches)"),
                  ("parameters before", f"{space.total_params:,}"),
                  ("parameters after (export)", f"{params_after:,} ({100 * params_after / space.total_params:.1f}%)"),

@@ -18,11 +18,11 @@ from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documen
 from hf_oto.errors import ExportError
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
-from hf_oto.job.build import load_model, load_tokenizer, provenance, with_lora
+from hf_oto.job.build import Provenance, load_model, load_tokenizer, provenance, with_lora
 from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
-from hf_oto.job.summary import print_summary, print_table
+from hf_oto.job.summary import PruneSummary, QFASummary, print_summary, print_table
 from hf_oto.manifest import Manifest
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
 from hf_oto.stream import stream_train_eval
@@ -30,7 +30,7 @@ from hf_oto.trainer import HFOTOTrainer
 
 __all__ = ["parse", "preflight", "run"]
 
-def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
+def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary:
     """Parse, check, load data, train and prune, export, verify the export, print a summary."""
     from transformers import default_data_collator
 
@@ -67,24 +67,23 @@ def run(config_path: str, overrides: list[str]) -> dict[str, Any]:
         return _finish_qfa(trainer, checked.pruned, eval_blocks, before, results, provenance(margs, dargs))
     out = _save(trainer, checked.pruned, margs, dargs, results, settings)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
-        return {"output": str(out)}
+        return PruneSummary(output=str(out))
 
     if not margs.merge_adapters and margs.lora_r:
         log().info(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
         ppl_export, params_after = float("nan"), Manifest.read(out).params_after  # the base alone is not the model
     else:
         ppl_export, params_after = verify_export(out, eval_blocks)
-    summary = {
-        "output": str(out), "params_before": trainer.pruning_space.total_params, "params_after": params_after,
-        "prunable_removed": trainer.hesso.metrics()["pruned_param_fraction"],
-        "ppl_initial": before["initial_perplexity"], "ppl_trained_pruned": results["eval_perplexity"],
-        "ppl_export_reloaded": ppl_export, "token_accuracy": results["eval_token_accuracy"],
-        "kept": Manifest.read(out).kept_by_kind(),
-        "train_tokens": int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
-                            * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
-    }
-    if dargs.eval_tasks:
-        summary["lm_eval"] = _lm_eval(out, dargs, targs.per_device_eval_batch_size)
+    summary = PruneSummary(
+        output=str(out), params_before=trainer.pruning_space.total_params, params_after=params_after,
+        prunable_removed=trainer.hesso.metrics()["pruned_param_fraction"],
+        ppl_initial=before["initial_perplexity"], ppl_trained_pruned=results["eval_perplexity"],
+        ppl_export_reloaded=ppl_export, token_accuracy=results["eval_token_accuracy"],
+        kept=Manifest.read(out).kept_by_kind(),
+        train_tokens=int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
+                         * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
+        lm_eval=_lm_eval(out, dargs, targs.per_device_eval_batch_size) if dargs.eval_tasks else None,
+    )
     print_summary(summary)
     return summary
 
@@ -105,16 +104,15 @@ def _lm_eval(out: Path, dargs: DataArguments, batch_size: int) -> dict[str, dict
 
 
 def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, before: dict[str, float],
-                results: dict[str, float], origin: dict[str, Any]) -> dict[str, Any]:
+                results: dict[str, float], origin: Provenance) -> QFASummary:
     """Save the QFA run for qfa-search, and report held-out perplexity at every uniform width."""
     from hf_oto.export.save import hub_base_model
     from hf_oto.quant.search import eval_loss
 
-    source = origin.get("source")
-    extra = dict(origin, eval=results, base_model=hub_base_model(source))
+    extra = dict(origin.to_dict(), eval=results, base_model=hub_base_model(origin.source))
     out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir, extra=extra)
     if not trainer.is_world_process_zero():
-        return {"output": str(out)}
+        return QFASummary(output=str(out))
     config = trainer.qfa_config
     blocks = eval_blocks[:64]
     ppl = {b: float(torch.exp(torch.tensor(eval_loss(trainer.model, b, blocks)))) for b in config.bits}
@@ -126,7 +124,7 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
     rows.append(("QFA run (for qfa-search)", str(out)))
     print_table(rows)
     log().info(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
-    return {"output": str(out), "ppl_uniform": ppl, "ppl_initial": before["initial_perplexity"]}
+    return QFASummary(output=str(out), ppl_initial=before["initial_perplexity"], ppl_uniform=ppl)
 
 
 def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: DataArguments,
@@ -136,8 +134,8 @@ def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: Dat
     origin = provenance(margs, dargs)
     record = trainer.pruning_record()
     resolved = {"hesso": None if record is None else record.to_dict()}
-    kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=origin.get("license"),
-              extra_manifest={k: origin[k] for k in ("datasets", "gguf") if k in origin},
+    kw = dict(merge_adapters=margs.merge_adapters, eval_results=eval_results, license=origin.license,
+              extra_manifest=origin.manifest_fields(),
               extra_files={RECIPE_FILE: recipe_text(settings, json.loads(json.dumps(resolved, default=str)))})
     try:
         return trainer.save_pruned_model(str(target), **kw)

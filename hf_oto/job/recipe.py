@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from hf_oto.errors import ConfigError
+from hf_oto.io import JSONObject
 
 RECIPE_FILE = "hf_oto_recipe.yaml"
 VERSION = 1
 
 
-def file_facts(path: str) -> dict[str, Any]:
+def file_facts(path: str) -> JSONObject:
     """Path, size and SHA-256 of a data file."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -29,7 +29,7 @@ def file_facts(path: str) -> dict[str, Any]:
     return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
-def recipe_text(settings: dict[str, Any], resolved: dict[str, Any] | None = None, job: str = "prune") -> str:
+def recipe_text(settings: JSONObject, resolved: JSONObject | None = None, job: str = "prune") -> str:
     """The recipe of a ``job`` (``prune`` or ``oneshot``) run with ``settings`` (YAML text)."""
     import platform
 
@@ -54,11 +54,11 @@ def recipe_text(settings: dict[str, Any], resolved: dict[str, Any] | None = None
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
-def is_recipe(values: dict[str, Any]) -> bool:
+def is_recipe(values: JSONObject) -> bool:
     return "hf_oto_recipe" in values
 
 
-def recipe_settings(values: dict[str, Any], where: str, job: str = "prune") -> dict[str, Any]:
+def recipe_settings(values: JSONObject, where: str, job: str = "prune") -> JSONObject:
     """The settings of a ``job`` recipe read from ``where``, after checking it and its data files."""
     if values.get("job", "prune") != job:
         raise ConfigError(f"{where} is a recipe of hf-oto {values.get('job')}: rerun it with "

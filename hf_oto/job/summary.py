@@ -1,28 +1,77 @@
-"""The table the main job prints at the end."""
+"""What the jobs return and the tables they print at the end."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 from hf_oto.job.log import log
 
+NAN = float("nan")
 
-def print_summary(s: dict[str, Any]) -> None:
-    rows = [
-        ("parameters before", f"{s['params_before']:,}"),
-        ("parameters after (export)", f"{s['params_after']:,} ({100 * s['params_after'] / s['params_before']:.1f}%)"),
-        ("prunable parameters removed", f"{100 * s['prunable_removed']:.1f}%"),
-        ("eval perplexity, initial model", f"{s['ppl_initial']:.2f}"),
-        ("eval perplexity, trained + pruned", f"{s['ppl_trained_pruned']:.2f}"),
-        ("eval perplexity, export reloaded without hf_oto", f"{s['ppl_export_reloaded']:.2f}"),
-        ("eval next-token accuracy, trained + pruned", f"{100 * s['token_accuracy']:.1f}%"),
-        ("training tokens", f"{s['train_tokens']:,}"),
-    ]
-    rows += [(f"kept {kind}", f"{k} / {t}") for kind, (k, t) in sorted(s["kept"].items())]
-    rows += [(f"lm-eval {task} {metric}", f"{value:.4f}")
-             for task, metrics in (s.get("lm_eval") or {}).items() for metric, value in metrics.items()]
-    rows.append(("pruned model", s["output"]))
-    print_table(rows)
+
+@dataclass(frozen=True)
+class PruneSummary:
+    """What ``hf-oto prune`` reports. Processes other than the main one write nothing to report: they get
+    ``output`` only. ``kept`` maps each kind of group to (kept, total); ``lm_eval`` task -> metric -> value;
+    ``ppl_export_reloaded`` is NaN for a base-plus-adapter export (the base alone is not the model)."""
+
+    output: str
+    params_before: int = 0
+    params_after: int = 0
+    prunable_removed: float = NAN
+    ppl_initial: float = NAN
+    ppl_trained_pruned: float = NAN
+    ppl_export_reloaded: float = NAN
+    token_accuracy: float = NAN
+    kept: dict[str, tuple[int, int]] = field(default_factory=dict)
+    train_tokens: int = 0
+    lm_eval: dict[str, dict[str, float]] | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("parameters before", f"{self.params_before:,}"),
+            ("parameters after (export)",
+             f"{self.params_after:,} ({100 * self.params_after / self.params_before:.1f}%)"),
+            ("prunable parameters removed", f"{100 * self.prunable_removed:.1f}%"),
+            ("eval perplexity, initial model", f"{self.ppl_initial:.2f}"),
+            ("eval perplexity, trained + pruned", f"{self.ppl_trained_pruned:.2f}"),
+            ("eval perplexity, export reloaded without hf_oto", f"{self.ppl_export_reloaded:.2f}"),
+            ("eval next-token accuracy, trained + pruned", f"{100 * self.token_accuracy:.1f}%"),
+            ("training tokens", f"{self.train_tokens:,}"),
+        ]
+        rows += [(f"kept {kind}", f"{k} / {t}") for kind, (k, t) in sorted(self.kept.items())]
+        rows += [(f"lm-eval {task} {metric}", f"{value:.4f}")
+                 for task, metrics in (self.lm_eval or {}).items() for metric, value in metrics.items()]
+        rows.append(("pruned model", self.output))
+        return rows
+
+
+@dataclass(frozen=True)
+class QFASummary:
+    """What a QFA run of ``hf-oto prune`` reports: where the run was saved (for ``qfa-search``), the
+    held-out perplexity at the start (widest width) and after training at every uniform width."""
+
+    output: str
+    ppl_initial: float = NAN
+    ppl_uniform: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OneShotSummary:
+    """What ``hf-oto oneshot`` reports: parameters, the share of prunable ones removed, and held-out
+    perplexity before, after, and of the export reloaded without hf_oto."""
+
+    output: str
+    params_before: int
+    params_after: int
+    prunable_removed: float
+    ppl_before: float
+    ppl_after: float
+    ppl_export_reloaded: float
+
+
+def print_summary(s: PruneSummary) -> None:
+    print_table(s.rows())
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

@@ -6,13 +6,13 @@ fields' defaults from here, and "auto" is decided by one rule, :meth:`HESSOConfi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
 
 from hf_oto.errors import ConfigError
 from hf_oto.groups.space import Layout, PruningSpace
+from hf_oto.io import JSONObject
 from hf_oto.optim.budget import SELECTIONS, BudgetRules, resolve_target
 from hf_oto.optim.cric import CRICConfig
-from hf_oto.optim.criteria import CRITERIA
+from hf_oto.optim.criteria import TRAINING_CRITERIA
 from hf_oto.optim.pricing import PRICINGS
 from hf_oto.optim.saliency import SaliencyWeights
 
@@ -63,7 +63,8 @@ class HESSOConfig:
     pricing: str = "auto"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("pricing", PRICINGS), ("criterion", CRITERIA), ("selection", SELECTIONS)):
+        for name, allowed in (("pricing", PRICINGS), ("criterion", TRAINING_CRITERIA),
+                              ("selection", SELECTIONS)):
             if getattr(self, name) not in ("auto", *allowed):
                 raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
         if self.criterion not in ("hesso", "auto") and self.saliency_ema is not None:
@@ -148,6 +149,6 @@ class HESSOConfig:
         return BudgetRules(layout=self.layout, ffn_multiple=self.ffn_multiple, min_keep=self.min_keep,
                            selection=self.selection, tolerance=self.tolerance)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         """``asdict(self)``: what checkpoints, the manifest and the model card record."""
         return asdict(self)

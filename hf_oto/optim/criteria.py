@@ -9,7 +9,10 @@ resumed run ranks exactly as an uninterrupted one.
 
 The one-shot criteria (magnitude, Taylor on calibration batches, Wanda-sp) are
 :class:`~hf_oto.optim.importance.Importance` objects in :mod:`hf_oto.optim.oneshot`: they score a
-model once and have no training-time state.
+model once and have no training-time state. Their names are :data:`~hf_oto.optim.oneshot.ONESHOT_CRITERIA`,
+these are :data:`TRAINING_CRITERIA`. ``"taylor"`` is in both on purpose: it names one quantity, the sum of
+``|w * g|`` over a group, which HESSO accumulates over training steps and ``hf-oto oneshot`` over
+calibration batches; the command says which evidence.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class UpdateSaliency(TrainingCriterion):
 
 REGISTRY: dict[str, type[TrainingCriterion]] = {c.name: c for c in (UpdateSaliency, AccumulatedTaylor,
                                                                      AccumulatedFisher)}
-CRITERIA: tuple[str, ...] = tuple(REGISTRY)
+TRAINING_CRITERIA: tuple[str, ...] = tuple(REGISTRY)
 
 
 def make_criterion(config: HESSOConfig, *, sliced: tuple[str, ...] = ()) -> TrainingCriterion:

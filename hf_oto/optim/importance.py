@@ -9,7 +9,7 @@ way for all of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -25,11 +25,11 @@ class Evidence:
     params: dict[str, torch.Tensor]
     model: nn.Module | None = None
     update: dict[str, torch.Tensor] | None = None  # the last step's change of each parameter (HESSO)
-    batches: list[dict[str, Any]] = field(default_factory=list)  # calibration batches (one-shot criteria)
+    batches: list[dict[str, torch.Tensor]] = field(default_factory=list)  # calibration batches (one-shot criteria)
     lora: dict[str, LoraFactors] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: nn.Module, batches: list[dict[str, Any]] | None = None) -> Evidence:
+    def of(cls, model: nn.Module, batches: list[dict[str, torch.Tensor]] | None = None) -> Evidence:
         return cls(params=dict(model.named_parameters()), model=model, batches=list(batches or []))
 
 

@@ -41,7 +41,7 @@ from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
 Criterion = Literal["magnitude", "taylor", "wanda_sp", "routing", "block_influence"]
-CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp", "routing", "block_influence")
+ONESHOT_CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "wanda_sp", "routing", "block_influence")
 
 
 def _progress(batches: list[dict[str, torch.Tensor]]):
@@ -238,12 +238,12 @@ def oneshot_scores(model: nn.Module, space: PruningSpace, criterion: Criterion |
                    batches: Iterable[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """Importance per group (flat order of ``space``; higher = keep), relative within each kind.
 
-    ``criterion`` is a name of :data:`CRITERIA` or any :class:`~hf_oto.optim.importance.Importance`
+    ``criterion`` is a name of :data:`ONESHOT_CRITERIA` or any :class:`~hf_oto.optim.importance.Importance`
     (HESSO's own saliency included).
     """
     if isinstance(criterion, str):
         if criterion not in BY_NAME:
-            raise ConfigError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+            raise ConfigError(f"criterion must be one of {ONESHOT_CRITERIA}, got {criterion!r}")
         criterion = BY_NAME[criterion]
     batches = list(batches or [])
     if criterion.needs_batches and not batches:

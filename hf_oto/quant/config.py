@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from hf_oto.errors import ConfigError
+from hf_oto.io import JSONObject
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 QUANTIZERS = ("gptq", "rtn")
@@ -65,12 +66,12 @@ class QFAConfig:
             raise ConfigError(f"QFA rank, alpha and calibration_batches must be positive, got "
                               f"{self.rank}, {self.alpha}, {self.calibration_batches}")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         """``asdict(self)``: what checkpoints, the run folder and the card record."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QFAConfig:
+    def from_dict(cls, data: JSONObject) -> QFAConfig:
         data = dict(data)
         data["bits"] = tuple(data["bits"])
         if data.get("target_modules") is not None:

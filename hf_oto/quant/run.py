@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_oto.errors import ConfigError, ExportError
-from hf_oto.io import check_no_pickles, check_target, discard, publish, staging_dir, unique_state
+from hf_oto.io import JSONObject, check_no_pickles, check_target, discard, publish, staging_dir, unique_state
 from hf_oto.quant.config import QFAConfig
 from hf_oto.quant.layer import QFALinear
 from hf_oto.quant.prepare import qfa_layers, target_linears
@@ -29,7 +29,7 @@ RUN_FILE = "qfa_run.json"
 
 def save_qfa_run(model: nn.Module, config: QFAConfig, out_dir: str | os.PathLike, *, pruned: bool,
                  eval_blocks: torch.Tensor | None = None, tokenizer: Any = None, overwrite: bool = False,
-                 extra: dict[str, Any] | None = None) -> Path:
+                 extra: JSONObject | None = None) -> Path:
     """Write the trained QFA model to ``out_dir`` (atomically; replaces only an earlier QFA run)."""
     out = Path(out_dir)
     check_target(out, overwrite=overwrite, marker=RUN_FILE)
@@ -58,7 +58,7 @@ class QFARun:
 
     model: nn.Module
     config: QFAConfig
-    info: dict[str, Any]
+    info: JSONObject
     eval_blocks: torch.Tensor | None
     tokenizer: Any = None
 
@@ -123,11 +123,11 @@ def _reset_nonpersistent(model: nn.Module, config, dtype) -> None:
         model.get_submodule(parent).register_buffer(attr, fresh[name].clone(), persistent=False)
 
 
-def _dtype(info: dict[str, Any]) -> torch.dtype:
+def _dtype(info: JSONObject) -> torch.dtype:
     return getattr(torch, info.get("torch_dtype", "float32"))
 
 
-def base_model_for_space(info: dict[str, Any]) -> nn.Module:
+def base_model_for_space(info: JSONObject) -> nn.Module:
     """The run's base architecture, in its dtype, on the meta device (pruning groups are discovered on it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

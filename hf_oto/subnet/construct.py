@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from hf_oto.groups.space import (
     layer_fields,
     layer_relative,
 )
+from hf_oto.io import JSONObject
 from hf_oto.manifest import Manifest, SetRecord
 from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
 
@@ -239,8 +240,8 @@ def _readmit(gs: GroupSet, gone: set[int], keep: int) -> None:
         gone.discard(min(gone))
 
 
-def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[dict[str, Any]]:
-    overrides: list[dict[str, Any]] = [{} for _ in range(space.num_layers)]
+def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[JSONObject]:
+    overrides: list[JSONObject] = [{} for _ in range(space.num_layers)]
     attn: dict[tuple[int, str], dict[str, int]] = defaultdict(dict)
     for gs, gone in zip(space.sets, removed, strict=True):
         kept = gs.count - len(gone)
@@ -340,7 +341,10 @@ def _drop_layers(config, num_layers: int, gone: set[int]) -> dict[int, int]:
     return {old: new for new, old in enumerate(kept)}
 
 
-def _renamed(named: dict[str, Any], layers_path: str, renumber: dict[int, int]) -> dict[str, Any]:
+V = TypeVar("V")
+
+
+def _renamed(named: dict[str, V], layers_path: str, renumber: dict[int, int]) -> dict[str, V]:
     """``named`` with decoder-layer entries moved to their new layer index (removed layers dropped)."""
     head = layers_path + "."
     out = {}

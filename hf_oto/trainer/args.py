@@ -12,9 +12,10 @@ from hf_oto.errors import ConfigError
 from hf_oto.export.formats import ExportFormat
 from hf_oto.groups.depth import Granularity
 from hf_oto.groups.space import Layout
+from hf_oto.io import JSONObject
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
 from hf_oto.optim.budget import SELECTIONS
-from hf_oto.optim.criteria import CRITERIA
+from hf_oto.optim.criteria import TRAINING_CRITERIA
 from hf_oto.optim.pricing import PRICINGS
 from hf_oto.quant.config import QFAConfig
 from hf_oto.trainer.distill import DistillConfig
@@ -152,7 +153,7 @@ class HFOTOTrainingArguments(TrainingArguments):
     def _decided(self, lora: bool) -> HESSOConfig:
         """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run
         (the trainer always has a loss probe); bad values are named as the user typed them."""
-        for name, allowed in (("pruning_criterion", CRITERIA), ("pruning_selection", SELECTIONS),
+        for name, allowed in (("pruning_criterion", TRAINING_CRITERIA), ("pruning_selection", SELECTIONS),
                               ("pruning_pricing", PRICINGS)):
             if getattr(self, name) not in ("auto", *allowed):
                 raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
@@ -209,7 +210,7 @@ class HFOTOTrainingArguments(TrainingArguments):
         """Where the pruned model is written: ``pruned_output_dir``, else ``<output_dir>/pruned``."""
         return self.pruned_output_dir or os.path.join(self.output_dir, "pruned")
 
-    def pruning_settings(self) -> dict[str, Any]:
+    def pruning_settings(self) -> JSONObject:
         """The pruning fields (those added to TrainingArguments), as recorded in checkpoints."""
         base = {f.name for f in fields(TrainingArguments)}
         return {f.name: getattr(self, f.name) for f in fields(self)

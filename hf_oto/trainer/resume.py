@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -26,13 +25,13 @@ from transformers import TrainerCallback
 
 from hf_oto.errors import ResumeError
 from hf_oto.groups import unwrap_peft
-from hf_oto.io import write_text_atomic
+from hf_oto.io import JSONObject, write_text_atomic
 from hf_oto.trainer.args import HFOTOTrainingArguments
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 # Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
 # such a checkpoint resumes with that value where the setting is left at "auto".
-ADDED_SETTINGS: dict[str, Any] = {"pruning_pricing": "saliency", "pruning_granularity": "width",
+ADDED_SETTINGS: JSONObject = {"pruning_pricing": "saliency", "pruning_granularity": "width",
                                   "prune_experts": False}
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -83,7 +82,7 @@ class RecordPruningSettings(TrainerCallback):
         return control
 
 
-def saved_settings(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+def saved_settings(checkpoint: str | os.PathLike) -> JSONObject | None:
     """The pruning settings ``checkpoint`` was trained with (None for a checkpoint without them)."""
     path = Path(checkpoint) / CHECKPOINT_SETTINGS
     return json.loads(path.read_text()) if path.is_file() else None
