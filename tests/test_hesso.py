@@ -9,8 +9,9 @@ import torch
 from tiny import make_hesso, tiny_model
 
 from hf_oto import construct_subnet, discover_groups
+from hf_oto.errors import ConfigError
 from hf_oto.groups import group_is_zero
-from hf_oto.optim import SaliencyWeights
+from hf_oto.optim import HESSOConfig, SaliencyWeights
 from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.importance import per_kind_relative
 
@@ -297,3 +298,31 @@ def test_a_block_whose_pruned_groups_get_gradients_is_caught_and_guarded():
     assert opt._always_rezero
     _train(model, opt, 5)
     assert bool(group_is_zero(model, space)[opt.pruned].all())
+
+
+@pytest.mark.parametrize("given, lora, cric, probe, decided", [
+    ({}, False, False, True, ("fisher", "per_param", "measured")),
+    ({}, False, False, False, ("fisher", "per_param", "saliency")),
+    ({}, True, False, True, ("hesso", "saliency", "measured")),
+    ({"saliency_ema": 0.9}, False, False, True, ("hesso", "saliency", "measured")),
+    ({}, False, True, True, ("taylor", "saliency", "measured")),
+    ({"criterion": "taylor", "selection": "per_param", "pricing": "saliency"}, True, False, True,
+     ("taylor", "per_param", "saliency")),
+])
+def test_auto_is_decided_by_one_rule_for_hesso_and_the_trainer(tmp_path, given, lora, cric, probe, decided):
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    config = HESSOConfig(**given).resolve(lora=lora, cric=cric, probe=probe)
+    assert (config.criterion, config.selection, config.pricing) == decided and config.resolved
+    if probe:  # the trainer always has a loss probe
+        args = HFOTOTrainingArguments(output_dir=str(tmp_path), use_cric=cric,
+                                      **{f"pruning_{k}": v for k, v in given.items() if k != "saliency_ema"},
+                                      saliency_ema=given.get("saliency_ema"))
+        made = args.hesso_config(100, lora=lora)
+        assert (made.criterion, made.selection, made.pricing) == decided
+
+
+def test_an_unresolved_config_has_no_plan_rules_until_resolved():
+    with pytest.raises(ConfigError, match="resolve"):
+        _ = HESSOConfig().rules
+    assert HESSOConfig().resolve().rules.selection == "per_param"

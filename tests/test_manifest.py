@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hf_oto.errors import ExportError
 from hf_oto.export.card import method_text
 from hf_oto.manifest import MANIFEST_FILE, VERSION, HESSORecord, Manifest
 from hf_oto.optim import HESSOConfig
+from hf_oto.optim.oneshot import ONESHOT_CRITERIA
 
 OLD = Path(__file__).resolve().parent / "fixtures" / "compat_v0_1" / "export_stock"
 
@@ -81,11 +83,33 @@ def test_the_cards_method_line_states_the_criterion_selection_and_pricing_that_r
     assert all(word not in text for c, word in others.items() if c != criterion)
 
 
-def test_the_method_line_of_an_ema_run_and_of_a_oneshot_export():
+def test_the_method_line_of_an_ema_run():
     m = Manifest.read(OLD).with_(hesso=_record(criterion="hesso", saliency_ema=0.9))
     assert "EMA of 0.9" in method_text(m)
-    oneshot = {"criterion": "wanda_sp", "calibration_batches": 8, "batch_size": 4, "block_size": 256,
+
+
+@pytest.mark.parametrize("criterion", ONESHOT_CRITERIA)
+def test_the_method_line_of_a_oneshot_export_names_its_criterion(criterion):
+    oneshot = {"criterion": criterion, "calibration_batches": 8, "batch_size": 4, "block_size": 256,
                "target_sparsity": 0.3, "layout": "uniform", "ffn_multiple": 32, "pruned_fraction": 0.301,
-               "pricing": "measured"}
+               "pricing": "measured", "granularity": "depth" if criterion == "block_influence" else "width",
+               "experts": criterion == "routing"}
     text = method_text(Manifest.read(OLD).with_(oneshot=oneshot))
-    assert "One-shot `wanda_sp`" in text and "30.1%" in text and "loss its removal measured" in text
+    assert f"One-shot `{criterion}`" in text and "30.1%" in text and "loss its removal measured" in text
+    assert ("whole decoder layers" in text) == (criterion == "block_influence")
+    assert ("Whole routed experts" in text) == (criterion == "routing")
+
+
+def test_records_read_their_earlier_json_forms_and_write_them_back_unchanged():
+    """A HESSO record from before criterion, selection and pricing existed reads as what ran then, and the
+    JSON form round-trips (optional fields written only when they differ from that)."""
+    old = {"target_sparsity": 0.5, "target_params": 1000, "layout": "uniform", "start_pruning_step": 2,
+           "pruning_steps": 10, "pruning_periods": 5, "ffn_multiple": 8, "min_keep": 1,
+           "weights": {"magnitude": 0.25}, "saliency_ema": None, "ema_interval": 10, "tolerance": 0.01, "cric": None}
+    record = HESSORecord.from_dict(old)
+    assert (record.criterion, record.selection, record.pricing, record.granularity) == (
+        "hesso", "saliency", "saliency", "width")
+    assert HESSORecord.from_dict(record.to_dict()) == record
+    assert record.changed(dataclasses.replace(record, criterion="fisher", prices=({"period": 0},))) == ["criterion"]
+    with pytest.raises(ExportError, match="the hesso record lacks target_params"):
+        HESSORecord.from_dict({k: v for k, v in old.items() if k != "target_params"})

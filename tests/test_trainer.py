@@ -221,5 +221,8 @@ def test_settings_that_mirror_a_config_dataclass_have_its_defaults(tmp_path):
             if hasattr(args, prefix + name):
                 got = getattr(args, prefix + name)
                 assert (tuple(got) if isinstance(got, list) else got) == value, prefix + name
-    for name in ("ffn_multiple", "min_keep", "saliency_ema"):
-        assert getattr(HFOTOTrainingArguments(output_dir=str(tmp_path)), name) == getattr(HESSOConfig(), name), name
+    trainer_names = {"pruning_layout": "layout", "pruning_criterion": "criterion", "pruning_selection": "selection",
+                     "pruning_pricing": "pricing"}
+    plain = HFOTOTrainingArguments(output_dir=str(tmp_path))
+    for name in ("ffn_multiple", "min_keep", "saliency_ema", "target_sparsity", "pruning_periods", *trainer_names):
+        assert getattr(plain, name) == getattr(HESSOConfig(), trainer_names.get(name, name)), name
