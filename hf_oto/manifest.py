@@ -36,6 +36,23 @@ def _split(cls: type, data: JSONObject, what: str) -> tuple[JSONObject, JSONObje
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
+def _scope(granularity: str, experts: bool, prices: tuple[dict[str, Scalar], ...]) -> JSONObject:
+    """The optional entries of a method's record, written only where they differ from what ran before
+    they existed: what was prunable beyond heads and channels, and measured pricing's trials."""
+    out: JSONObject = {}
+    if granularity != "width":
+        out["granularity"] = granularity
+    if experts:
+        out["experts"] = True
+    if prices:
+        out["prices"] = [dict(p) for p in prices]
+    return out
+
+
+def _with_prices(known: JSONObject) -> JSONObject:
+    return dict(known, prices=tuple(dict(p) for p in known.get("prices") or ()))
+
+
 @dataclass(frozen=True)
 class HESSORecord:
     """The HESSO settings that ran, resolved (no ``"auto"``): what the manifest, the card, the recipe
@@ -76,21 +93,13 @@ class HESSORecord:
         out = {k: getattr(self, k) for k in self.ORDER}
         out["weights"] = dict(self.weights)
         out["cric"] = None if self.cric is None else dict(self.cric)
-        if self.granularity != "width":
-            out["granularity"] = self.granularity
-        if self.experts:
-            out["experts"] = True
-        if self.prices:
-            out["prices"] = [dict(p) for p in self.prices]
-        out.update(self.other)
-        return out
+        return {**out, **_scope(self.granularity, self.experts, self.prices), **self.other}
 
     @classmethod
     def from_dict(cls, data: JSONObject) -> HESSORecord:
         known, other = _split(cls, data, "hesso")
-        known["prices"] = tuple(dict(p) for p in known.get("prices") or ())
         known["weights"] = dict(known.get("weights") or {})
-        return cls(**known, other=other)
+        return cls(**_with_prices(known), other=other)
 
     def changed(self, other: HESSORecord) -> list[str]:
         """The settings (by name) in which ``other`` differs from this record, prices aside."""
@@ -123,21 +132,13 @@ class OneShotRecord:
                                                             "ffn_multiple")}
         if self.pricing is not None:
             out["pricing"] = self.pricing
-        if self.granularity != "width":
-            out["granularity"] = self.granularity
-        if self.experts:
-            out["experts"] = True
-        if self.prices:
-            out["prices"] = [dict(p) for p in self.prices]
-        out["pruned_fraction"] = self.pruned_fraction
-        out.update(self.other)
-        return out
+        return {**out, **_scope(self.granularity, self.experts, self.prices), "pruned_fraction": self.pruned_fraction,
+                **self.other}
 
     @classmethod
     def from_dict(cls, data: JSONObject) -> OneShotRecord:
         known, other = _split(cls, data, "oneshot")
-        known["prices"] = tuple(dict(p) for p in known.get("prices") or ())
-        return cls(**known, other=other)
+        return cls(**_with_prices(known), other=other)
 
 
 @dataclass(frozen=True)
