@@ -308,3 +308,67 @@ def test_a_model_where_no_layer_can_leave_is_refused_in_one_line():
     model = tiny_model("llama", num_hidden_layers=1)
     with pytest.raises(ConfigError, match="no decoder layer of this model can be removed .the model has a single"):
         with_granularity(model, discover_groups(model), "depth")
+
+
+def test_layer_turn_counts_training_passes_of_this_model_only():
+    """HESSO's block influence counts training forward passes with gradients, not evaluation, no-grad
+    passes (pricing probes) or a copy of the model (a distillation teacher)."""
+    import copy
+
+    from hf_oto.optim.influence import LayerTurn
+
+    model = _deep("llama", layers=3).train()
+    space = with_granularity(model, discover_groups(model), "depth")
+    turn = LayerTurn(model, space, training_only=True).attach()
+    teacher = copy.deepcopy(model)
+    model(input_ids=IDS)
+    counted = turn.sums.clone()
+    assert bool((counted[:, 1] == IDS.numel()).all()) and bool((counted[:, 0] > 0).all())
+    with torch.no_grad():
+        model(input_ids=IDS)
+    teacher(input_ids=IDS)
+    model.eval()
+    model(input_ids=IDS)
+    assert torch.equal(turn.sums, counted)
+    turn.detach()
+    model.train()
+    model(input_ids=IDS)
+    assert torch.equal(turn.sums, counted)
+
+
+def test_placed_layers_keep_their_mean_score_and_follow_block_influence():
+    from hf_oto.optim.influence import LayerTurn
+
+    model = _deep("llama", layers=3)
+    space = with_granularity(model, discover_groups(model), "both")
+    turn = LayerTurn(model, space)
+    score = torch.rand(len(space))
+    assert torch.equal(turn.place(score, space), score)  # nothing counted yet: the criterion alone
+    turn.sums = torch.tensor([[3.0, 1.0], [1.0, 1.0], [2.0, 1.0]], dtype=torch.float64)
+    placed = turn.place(score, space)
+    idx = [space.set_offset(k) for k in turn.whole.values()]
+    others = [j for j in range(len(space)) if j not in idx]
+    assert torch.equal(placed[others], score[others])
+    assert placed[idx].mean().item() == pytest.approx(score[idx].mean().item(), rel=1e-6)
+    assert placed[idx].argsort().tolist() == [1, 2, 0]
+
+
+def test_hesso_marks_the_layer_that_turns_the_stream_least():
+    """At a period start HESSO removes the whole layer with the lowest block influence on its training
+    batches (depth groups only, one layer to go)."""
+    torch.manual_seed(0)
+    model = _deep("llama", layers=4).train()
+    space = with_granularity(model, discover_groups(model), "depth")
+    layer = space.sets[space.layer_sets()[0]].params_per_group
+    opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_params=layer, start_pruning_step=3,
+                     pruning_steps=2, pruning_periods=1, layout="uniform", criterion="fisher",
+                     selection="per_param")
+    ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    marked = [i for i, k in space.layer_sets().items() if bool(opt.redundant[space.set_offset(k)])]
+    assert marked == [int(opt._turn.means().argmin())]
+    assert "layer_turn" in opt.state_dict()["hesso"]

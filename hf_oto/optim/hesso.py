@@ -19,6 +19,7 @@ from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
 from hf_oto.optim.criteria import make_criterion
+from hf_oto.optim.influence import LayerTurn
 from hf_oto.optim.pricing import price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, lora_factors
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
@@ -86,6 +87,10 @@ class HESSO(torch.optim.Optimizer):
         self.space = space
         # a zeroed expert is a removed one: the model routes around it (a no-op without expert groups)
         self._routing = route_around_removed_experts(model, space)
+        # whole layers are ranked by how far they turn the residual stream on the training batches
+        self._turn = LayerTurn(model, space, training_only=True)
+        if self._turn:
+            self._turn.attach()
         self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         self.config = config
         self.weights = config.weights
@@ -171,7 +176,7 @@ class HESSO(torch.optim.Optimizer):
         self.criterion.end_step(self.model_params, self.space, self._lora)
         ranked = None
         if cycle_start or period_start:
-            ranked = self.criterion.rank(self.space, ~(self.pruned | self.redundant))
+            ranked = self._with_layer_turn(self.criterion.rank(self.space, ~(self.pruned | self.redundant)))
         if ranked is not None and cycle_start:
             self.cric.start_cycle(ranked, self._full_budget, self)
         elif ranked is not None and period_start:
@@ -193,6 +198,13 @@ class HESSO(torch.optim.Optimizer):
                 self._clean_steps = 0
         self.step_count += 1
         return loss
+
+    def _with_layer_turn(self, ranked: torch.Tensor | None) -> torch.Tensor | None:
+        """``ranked`` with whole layers ordered by block influence, counted over every rank's batches."""
+        if ranked is None or not self._turn:
+            return ranked
+        device = next(iter(self.model_params.values())).device  # NCCL cannot reduce a CPU tensor
+        return self._turn.place(ranked, self.space, all_reduce_sum(self._turn.state(), device))
 
     def _accumulating(self, step: int) -> bool:
         """Whether the Taylor criterion still needs evidence: until the last period has started."""
@@ -401,6 +413,7 @@ class HESSO(torch.optim.Optimizer):
             "clean_steps": self._clean_steps,
             "always_rezero": self._always_rezero,
             "prices": [dict(p) for p in self.prices],
+            "layer_turn": self._turn.state() if self._turn else None,
         }
         return sd
 
@@ -425,6 +438,8 @@ class HESSO(torch.optim.Optimizer):
         self.prune_start = h["prune_start"]
         self._clean_steps, self._always_rezero = h["clean_steps"], h["always_rezero"]
         self.prices = [dict(p) for p in h.get("prices", [])]
+        if self._turn:
+            self._turn.load(h.get("layer_turn"))  # None: saved before layers were ranked by it
         if self.cric is not None:
             self.cric.load(h["cric"], h["cric_rank"])
 

@@ -37,6 +37,7 @@ from hf_oto.groups.experts import route_around_removed_experts, routes
 from hf_oto.groups.space import ExpertInfo, PruningSpace, zero_groups
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
+from hf_oto.optim.influence import LayerTurn
 from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
 from hf_oto.optim.saliency import group_statistics, slice_sums
 
@@ -163,25 +164,15 @@ class WandaSP:
 
 @torch.no_grad()
 def _block_influence(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    whole = space.layer_sets()
-    if not whole:
+    turn = LayerTurn(model, space)
+    if not turn:
         raise ConfigError("block_influence scores whole layers: prune with pruning_granularity 'depth' or 'both'")
-    layers = model.get_submodule(space.layers_path)
-    turned: dict[int, list[float]] = {i: [0.0, 0.0] for i in whole}  # layer -> [sum of 1 - cos, tokens]
-
-    def hook(i: int):
-        def fn(_module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            turned[i][0] += float((1 - cos).sum())
-            turned[i][1] += cos.numel()
-        return fn
-
-    _observe(model, batches, [layers[i].register_forward_hook(hook(i), with_kwargs=True) for i in whole])
+    turn.attach()
+    _observe(model, batches, [])
+    turn.detach()
     scores = group_statistics(dict(model.named_parameters()), space).sq.sqrt()
-    for i, k in whole.items():
-        scores[space.set_offset(k)] = turned[i][0] / max(turned[i][1], 1)
+    for k, mean in zip(turn.whole.values(), turn.means().tolist(), strict=True):
+        scores[space.set_offset(k)] = mean
     return scores
 
 
