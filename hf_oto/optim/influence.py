@@ -29,8 +29,17 @@ class LayerTurn:
         self.whole = space.layer_sets()  # layer index -> set index
         self.layers = model.get_submodule(space.layers_path) if self.whole else None
         self.training_only = training_only
-        self.sums = torch.zeros(len(self.whole), 2, dtype=torch.float64)  # (sum of 1 - cos, tokens)
+        self._sums = torch.zeros(len(self.whole), 2, dtype=torch.float64)  # (sum of 1 - cos, tokens)
         self._handles: list = []
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """Per depth group (in the order of :attr:`whole`): the sum of ``1 - cos`` and the token count, on CPU."""
+        return self._sums.cpu()
+
+    @sums.setter
+    def sums(self, value: torch.Tensor) -> None:
+        self._sums = value.detach().to(torch.float64).cpu().clone()
 
     def __bool__(self) -> bool:
         return bool(self.whole)
@@ -54,8 +63,11 @@ class LayerTurn:
                 x = args[0] if args else kwargs["hidden_states"]
                 y = output[0] if isinstance(output, (tuple, list)) else output
                 cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-                self.sums[j, 0] += float((1 - cos).sum())
-                self.sums[j, 1] += cos.numel()
+                if self._sums.device != cos.device and cos.device.type != "mps":  # MPS has no float64
+                    self._sums = self._sums.to(cos.device)  # summed where the activations are: no sync per layer
+                # each batch's float32 sum added in float64, as Python floats would be
+                self._sums[j, 0] += (1 - cos).sum().to(self._sums.device, torch.float64)
+                self._sums[j, 1] += cos.numel()
         return fn
 
     def means(self, sums: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,4 +94,4 @@ class LayerTurn:
         return self.sums.clone()
 
     def load(self, value: torch.Tensor | None) -> None:
-        self.sums = torch.zeros_like(self.sums) if value is None else value.clone().to(torch.float64)
+        self.sums = torch.zeros(len(self.whole), 2) if value is None else value
