@@ -18,20 +18,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, granularity: str = "width") -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny import make_hesso, tiny_model
 
     from hf_oto import discover_groups
+    from hf_oto.groups.depth import with_granularity
     from hf_oto.optim import CRICConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = tiny_model("llama")  # same seed on both ranks
-    space = discover_groups(model)
+    if granularity != "width":  # each rank's block influence comes from its own (training) batches: HESSO sums it
+        model = tiny_model("llama", num_hidden_layers=4).train()
+    space = with_granularity(model, discover_groups(model), granularity)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     cric = CRICConfig(sampling_steps=3, min_cycles=2, max_cycles=2) if use_cric else None
     opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2,
@@ -46,15 +49,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool) -> N
         opt.step()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state["__pruned__"] = opt.pruned.to(torch.uint8)
+    if opt._turn:
+        state["__local_turn__"] = opt._turn.state()
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("use_cric", [False, True])
-def test_two_ranks_end_identical(tmp_path, use_cric):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), use_cric), nprocs=2, join=True)
+@pytest.mark.parametrize("use_cric, granularity", [(False, "width"), (True, "width"), (False, "depth")])
+def test_two_ranks_end_identical(tmp_path, use_cric, granularity):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), use_cric, granularity), nprocs=2, join=True)
     a, b = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(2))
     assert a.keys() == b.keys()
+    if granularity != "width":  # the ranks measured different turns, yet removed the same layers
+        assert not torch.equal(a.pop("__local_turn__"), b.pop("__local_turn__"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(a["__pruned__"].sum()) > 0
