@@ -146,21 +146,29 @@ def test_the_planner_keeps_one_layer_and_prefers_the_cheapest_layers():
     assert {i for i, k in whole.items() if plan.removed[k]} == {1, 3}
 
 
-def test_hesso_removes_whole_layers_to_the_exact_target():
-    """HESSO with depth groups only: the target is met exactly, the zeroed layers leave the export and
-    the sub-network computes what the zeroed model does."""
+def _hesso_on_layers(steps: int, *, lr: float, layers: int, **settings):
+    """HESSO with depth groups only on a 4-layer Llama, ``layers`` of them to go, after ``steps`` training
+    steps on one batch: (model, space, optimizer, parameters per layer)."""
     torch.manual_seed(0)
     model = _deep("llama", layers=4).train()
     space = with_granularity(model, discover_groups(model), "depth")
     layer = space.sets[space.layer_sets()[0]].params_per_group
-    opt = make_hesso(model, space, base_kwargs={"lr": 1e-2}, target_params=2 * layer, start_pruning_step=1,
-                     pruning_steps=4, pruning_periods=2, layout="uniform")
+    opt = make_hesso(model, space, base_kwargs={"lr": lr}, target_params=layers * layer, layout="uniform",
+                     **settings)
     ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(2))
-    for _ in range(8):
+    for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+    return model, space, opt, layer
+
+
+def test_hesso_removes_whole_layers_to_the_exact_target():
+    """HESSO with depth groups only: the target is met exactly, the zeroed layers leave the export and
+    the sub-network computes what the zeroed model does."""
+    model, space, opt, layer = _hesso_on_layers(8, lr=1e-2, layers=2, start_pruning_step=1, pruning_steps=4,
+                                                pruning_periods=2)
     model.eval()
     sub = construct_subnet(model, space, layout="uniform")
     assert sub.model.config.num_hidden_layers == 2
@@ -356,19 +364,8 @@ def test_placed_layers_keep_their_mean_score_and_follow_block_influence():
 def test_hesso_marks_the_layer_that_turns_the_stream_least():
     """At a period start HESSO removes the whole layer with the lowest block influence on its training
     batches (depth groups only, one layer to go)."""
-    torch.manual_seed(0)
-    model = _deep("llama", layers=4).train()
-    space = with_granularity(model, discover_groups(model), "depth")
-    layer = space.sets[space.layer_sets()[0]].params_per_group
-    opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_params=layer, start_pruning_step=3,
-                     pruning_steps=2, pruning_periods=1, layout="uniform", criterion="fisher",
-                     selection="per_param")
-    ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(2))
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    model, space, opt, _ = _hesso_on_layers(4, lr=1e-3, layers=1, start_pruning_step=3, pruning_steps=2,
+                                            pruning_periods=1, criterion="fisher", selection="per_param")
     marked = [i for i, k in space.layer_sets().items() if bool(opt.redundant[space.set_offset(k)])]
     assert marked == [int(opt._turn.means().argmin())]
     assert "layer_turn" in opt.state_dict()["hesso"]
