@@ -55,7 +55,8 @@ class HESSO(torch.optim.Optimizer):
         config = config or HESSOConfig()
         if not isinstance(config, HESSOConfig):
             raise ConfigError(f"config must be a HESSOConfig, got {type(config).__name__}")
-        config = config.resolve(lora=bool(lora_factors(model)), cric=cric is not None, probe=probe is not None)
+        lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
+        config = config.resolve(lora=bool(lora), cric=cric is not None, probe=probe is not None)
         if config.pricing == "measured" and probe is None:
             raise ConfigError("pricing 'measured' needs a probe: HESSO(..., probe=fn), fn() returning the model's "
                               "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")
@@ -91,9 +92,8 @@ class HESSO(torch.optim.Optimizer):
         self._turn = LayerTurn(model, space, training_only=True)
         if self._turn:
             self._turn.attach()
-        self._lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
+        self._lora = lora
         self.config = config
-        self.weights = config.weights
         self.criterion = make_criterion(config, sliced=tuple(self._sliced_params()))
         self.period_length = config.pruning_steps // config.pruning_periods
         self.step_count = 0
