@@ -34,6 +34,8 @@ _LAZY = {
     "HESSOConfig": "hf_oto.optim",
     "CRICConfig": "hf_oto.optim",
     "SaliencyWeights": "hf_oto.optim",
+    "Elastic": "hf_oto.optim.elastic",
+    "ElasticConfig": "hf_oto.optim.elastic",
     "oneshot_prune": "hf_oto.optim.oneshot",
     "oneshot_scores": "hf_oto.optim.oneshot",
     "QFAConfig": "hf_oto.quant",
@@ -46,15 +48,17 @@ _LAZY = {
     "Manifest": "hf_oto.manifest",
     "save_pruned": "hf_oto.export",
     "save_quantized": "hf_oto.export.quantized",
+    "export_size": "hf_oto.export.sizes",
     "push_pruned": "hf_oto.hub",
 }
 
 __all__ = [
-    "CRICConfig", "ConfigError", "ConstructionError", "DataError", "DiscoveryError", "ExportError", "HESSO",
+    "CRICConfig", "ConfigError", "ConstructionError", "DataError", "DiscoveryError", "Elastic", "ElasticConfig",
+    "ExportError", "HESSO",
     "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "Manifest", "PruningSpace", "QFAConfig",
     "ResumeError", "SaliencyWeights", "Subnet", "__version__", "construct_subnet", "discover_groups",
-    "exclude_groups", "load_qfa_run", "oneshot_prune", "oneshot_scores", "push_pruned", "qfa_search", "save_pruned",
-    "save_quantized", "zero_groups",
+    "exclude_groups", "export_size", "load_qfa_run", "oneshot_prune", "oneshot_scores", "push_pruned", "qfa_search",
+    "save_pruned", "save_quantized", "zero_groups",
 ]
 
 
@@ -74,10 +78,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from hf_oto.export import save_pruned
     from hf_oto.export.quantized import save_quantized
+    from hf_oto.export.sizes import export_size
     from hf_oto.groups import PruningSpace, discover_groups, zero_groups
     from hf_oto.hub import push_pruned
     from hf_oto.manifest import Manifest
     from hf_oto.optim import HESSO, CRICConfig, HESSOConfig, SaliencyWeights
+    from hf_oto.optim.elastic import Elastic, ElasticConfig
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
     from hf_oto.quant import QFAConfig, load_qfa_run, qfa_search
     from hf_oto.subnet import Subnet, construct_subnet

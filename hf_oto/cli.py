@@ -1,4 +1,5 @@
-"""Command line: ``hf-oto inspect``, ``prune``, ``push``, ``export-gguf``, ``qfa-search`` and ``env``.
+"""Command line: ``hf-oto inspect``, ``prune``, ``oneshot``, ``eval``, ``push``, ``export-gguf``, ``export-size``,
+``qfa-search`` and ``env``.
 
 User errors print one line and exit with code 2; ``--debug`` (or ``HF_OTO_DEBUG=1``) shows the traceback.
 """
@@ -193,6 +194,31 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_size(args: argparse.Namespace) -> int:
+    from hf_oto.export.sizes import check_size, export_size, export_sizes, read_run
+    from hf_oto.io import check_target
+
+    if (args.size is None) == (args.sizes is None):
+        raise ConfigError("give --size S (one size into --out) or --sizes S1,S2,... (each into --out/size-S)")
+    try:
+        sizes = [args.size] if args.size is not None else [float(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes takes comma-separated numbers, got {args.sizes!r}") from None
+    data = read_run(args.run_dir)  # bad input is refused before the model loads
+    for s in sizes:
+        check_size(data, s, args.run_dir)
+    out = Path(args.out)
+    targets = [out] if args.size is not None else [out / f"size-{s:g}" for s in sizes]
+    for t in targets:
+        check_target(t, overwrite=args.overwrite, marker="pruning_manifest.json", hint="pass --overwrite",
+                     error=ConfigError)
+    written = [export_size(args.run_dir, args.size, out, overwrite=args.overwrite)] if args.size is not None \
+        else export_sizes(args.run_dir, sizes, out, overwrite=args.overwrite)
+    for s, folder in zip(sizes, written, strict=True):
+        print(f"size {s:g}: wrote {folder}")
+    return 0
+
+
 PROVENANCE = ("source", "base_model", "license", "datasets", "gguf")  # what a QFA run passes on to its exports
 
 
@@ -296,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="matrix precision (norms stay f32; bf16 and q8_0 through the gguf package's quantizers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export_gguf)
+    p = sub.add_parser("export-size", help="cut trained sizes out of an elastic run (elastic_sizes) as hf-oto exports")
+    p.add_argument("run_dir", help="folder saved by an elastic run (hf-oto prune with elastic_sizes)")
+    p.add_argument("--size", type=float, help="one trained size (kept fraction of the prunable parameters)")
+    p.add_argument("--sizes", help="several trained sizes, comma-separated: each goes to --out/size-S")
+    p.add_argument("--out", required=True, help="folder for the export (with --sizes: the parent folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier hf-oto exports at the targets")
+    p.set_defaults(func=cmd_export_size)
     p = sub.add_parser("qfa-search", help="pick per-layer bit-widths of a QFA run for a budget, and export them")
     p.add_argument("run_dir", help="folder saved by a QFA run (<output_dir>/qfa_run)")
     p.add_argument("--budget", required=True, help="average bits (e.g. 2.5) or a size of the weights (e.g. 300MB)")

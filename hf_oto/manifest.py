@@ -178,9 +178,36 @@ class GGUFRecord:
         return cls(**{k: None if v is None else str(v) for k, v in known.items()})
 
 
+@dataclass(frozen=True)
+class ElasticRecord:
+    """One size cut out of an elastic (once-for-all) run: the size, every size the run trained, and how
+    its nested keep-sets were ranked and scheduled."""
+
+    size: float
+    sizes: tuple[float, ...]
+    criterion: str
+    selection: str
+    layout: str
+    ffn_multiple: int
+    start: int
+    freeze: int
+    refresh_every: int
+    samples: int
+    steps: int
+    granularity: str = "width"
+
+    def to_dict(self) -> JSONObject:
+        return dict(dataclasses.asdict(self), sizes=list(self.sizes))
+
+    @classmethod
+    def from_dict(cls, data: JSONObject) -> ElasticRecord:
+        known, _ = _split(cls, data, "elastic")
+        return cls(**dict(known, sizes=tuple(float(s) for s in known["sizes"])))
+
+
 # Manifest fields held as typed records: name -> record class (read from and written as JSON objects)
 RECORDS: dict[str, type] = {"hesso": HESSORecord, "oneshot": OneShotRecord, "lm_eval": LMEvalRecord,
-                            "gguf": GGUFRecord}
+                            "gguf": GGUFRecord, "elastic": ElasticRecord}
 
 
 @dataclass(frozen=True)
@@ -205,7 +232,8 @@ class Manifest:
     ``layout`` is ``"uniform"`` (every layer keeps the same counts) or ``"per-layer"``. ``hesso`` and
     ``oneshot`` are the settings records of the method that ran (:class:`HESSORecord`,
     :class:`OneShotRecord`); ``eval`` maps metric names to values; ``lm_eval`` holds lm-eval's scores;
-    ``gguf`` the GGUF file the model came from. Keys this version does not know are kept in ``other``.
+    ``gguf`` the GGUF file the model came from; ``elastic`` the elastic run a size was cut from. Keys this
+    version does not know are kept in ``other``.
     """
 
     model_type: str
@@ -225,6 +253,7 @@ class Manifest:
     eval: dict[str, Scalar] = field(default_factory=dict)
     eval_dataset: str | None = None
     lm_eval: LMEvalRecord | None = None
+    elastic: ElasticRecord | None = None
     datasets: tuple[str, ...] | None = None
     gguf: GGUFRecord | None = None
     adapter: str | None = None

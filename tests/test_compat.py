@@ -57,5 +57,8 @@ def test_an_earlier_checkpoint_resumes_to_the_uninterrupted_runs_weights(tmp_pat
     trainer.train(resume_from_checkpoint=str(FIXTURES / "checkpoint-6"))
     state = model.state_dict()
     assert state.keys() == {k.removeprefix("trained.") for k in expected if k.startswith("trained.")}
+    # The fixture's weights were computed on another CPU (AMD EPYC); this one's kernels may round the last
+    # bit differently (an Intel Xeon differs by 1.5e-8). Bit-exact resume on one machine is tested in
+    # test_trainer and test_cli_jobs; here the 0.1.0 state must lead to the same training, to float rounding.
     for name, value in state.items():
-        assert torch.equal(value, expected[f"trained.{name}"]), name
+        assert (value - expected[f"trained.{name}"]).abs().max() <= 1e-6, name

@@ -46,7 +46,18 @@ PRICING_TEXT = {"saliency": "kinds compared in the criterion's own units",
 
 def method_text(manifest: Manifest) -> str:
     """One paragraph on how the model was pruned, from the settings that ran (the manifest's records)."""
-    h, o = manifest.hesso, manifest.oneshot
+    h, o, e = manifest.hesso, manifest.oneshot, manifest.elastic
+    if e is not None:
+        others = ", ".join(f"{100 * s:g}%" for s in e.sizes if s != e.size) or "none"
+        refresh = (f"re-ranked every {e.refresh_every} steps until step {e.freeze}" if e.refresh_every
+                   else f"ranked once at step {e.start}")
+        return (f"Cut from one elastic (once-for-all) fine-tuning run of {e.steps} steps that trained nested "
+                f"sub-networks keeping {100 * e.size:g}% of the prunable parameters (this model) and {others}, "
+                f"together with the full model. Groups ranked by {CRITERION_TEXT.get(e.criterion, e.criterion)}, "
+                f"removals taken {SELECTION_TEXT.get(e.selection, e.selection)}, layout `{e.layout}`, FFN widths on "
+                f"multiples of {e.ffn_multiple}; the keep-sets were {refresh}. From step {e.start} on, each step "
+                f"trained the smallest size and {e.samples} other drawn size(s) as masked views of the full model's "
+                f"weights, distilled in place from its logits.{GRANULARITY_TEXT.get(e.granularity, '')}")
     if o and not h:
         data = (f"on {o.calibration_batches} calibration batches of {o.batch_size} x {o.block_size} tokens"
                 if o.calibration_batches else "from the weights alone")

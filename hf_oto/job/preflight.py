@@ -15,6 +15,7 @@ from hf_oto.data import DataArguments, check_data_args
 from hf_oto.errors import ConfigError, ExportError, ResumeError, first_line
 from hf_oto.export.adapter import ADAPTER_MARKER
 from hf_oto.export.save import MANIFEST
+from hf_oto.export.sizes import RUN_FILE as ELASTIC_RUN_FILE
 from hf_oto.export.verify import check_weights
 from hf_oto.io import PICKLE_SUFFIXES, check_target
 from hf_oto.job.args import ModelArguments
@@ -92,6 +93,9 @@ def check_eval_tasks(dargs: DataArguments, margs: ModelArguments, targs: HFOTOTr
 
     if dargs.eval_tasks_limit is not None and dargs.eval_tasks_limit <= 0:
         raise ConfigError(f"eval_tasks_limit must be positive, got {dargs.eval_tasks_limit}")
+    if targs.elastic:
+        raise ConfigError("eval_tasks evaluates the pruned export; an elastic run has one per size only after "
+                          "hf-oto export-size, so run hf-oto eval on those exports")
     if targs.qfa:
         raise ConfigError("eval_tasks evaluates the pruned export; a QFA run has one only after qfa-search, so run "
                           "hf-oto eval on the qfa-search export")
@@ -196,7 +200,8 @@ def check_output_folders(targs: HFOTOTrainingArguments, *, source: Path | None,
             raise ConfigError(f"{what} {target} lies inside a checkpoint folder, which Trainer may delete; "
                               "choose another folder")
         check_target(t, overwrite=targs.overwrite_pruned_output_dir, label=f"{what} {target}", error=ConfigError,
-                     marker={"pruned_output_dir": MANIFEST, "qfa_run_dir": RUN_FILE}.get(what, ADAPTER_MARKER),
+                     marker={"pruned_output_dir": ELASTIC_RUN_FILE if targs.elastic else MANIFEST,
+                             "qfa_run_dir": RUN_FILE}.get(what, ADAPTER_MARKER),
                      hint="set overwrite_pruned_output_dir: true")
     return pruned
 

@@ -22,7 +22,7 @@ from hf_oto.job.build import Provenance, load_model, load_tokenizer, provenance,
 from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
-from hf_oto.job.summary import PruneSummary, QFASummary, print_summary, print_table
+from hf_oto.job.summary import ElasticSummary, PruneSummary, QFASummary, print_summary, print_table
 from hf_oto.manifest import Manifest
 from hf_oto.metrics import compute_metrics, preprocess_logits_for_metrics
 from hf_oto.stream import stream_train_eval
@@ -30,7 +30,7 @@ from hf_oto.trainer import HFOTOTrainer
 
 __all__ = ["parse", "preflight", "run"]
 
-def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary:
+def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | ElasticSummary:
     """Parse, check, load data, train and prune, export, verify the export, print a summary."""
     from transformers import default_data_collator
 
@@ -65,6 +65,8 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary:
     results = {"eval_perplexity": after["eval_perplexity"], "eval_token_accuracy": after["eval_token_accuracy"]}
     if targs.qfa:
         return _finish_qfa(trainer, checked.pruned, eval_blocks, before, results, provenance(margs, dargs))
+    if targs.elastic:
+        return _finish_elastic(trainer, checked.pruned, before, results, provenance(margs, dargs))
     out = _save(trainer, checked.pruned, margs, dargs, results, settings)
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return PruneSummary(output=str(out))
@@ -125,6 +127,30 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
     print_table(rows)
     log().info(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
     return QFASummary(output=str(out), ppl_initial=before["initial_perplexity"], ppl_uniform=ppl)
+
+
+def _finish_elastic(trainer: HFOTOTrainer, target: Path, before: dict[str, float], results: dict[str, float],
+                    origin: Provenance) -> ElasticSummary:
+    """Save the elastic run for export-size, and report held-out perplexity of every trained size."""
+    from hf_oto.optim.budget import Plan
+
+    extra = origin.to_dict()  # every size's export: the source, its license, the data
+    e = trainer.elastic
+    ppl = {1.0: results["eval_perplexity"]}
+    fraction = {1.0: 0.0}
+    for size, row in zip(e.elastic.sizes, e.removed_flags, strict=True):
+        with e.subnetwork(size):
+            ppl[size] = trainer.evaluate(metric_key_prefix=f"size_{size:g}")[f"size_{size:g}_perplexity"]
+        fraction[size] = Plan.from_mask(e.space, row).pruned_params() / max(e.space.prunable_params, 1)
+    evals = {s: {"eval_perplexity": p} for s, p in ppl.items() if s < 1.0}
+    out = trainer.save_elastic_run(str(target), extra=extra, evals=evals)
+    if not trainer.is_world_process_zero():
+        return ElasticSummary(output=str(out))
+    summary = ElasticSummary(output=str(out), ppl_initial=before["initial_perplexity"], ppl=ppl, removed=fraction)
+    print_table(summary.rows())
+    sizes = ",".join(f"{s:g}" for s in e.elastic.sizes)
+    log().info(f"next: hf-oto export-size {out} --sizes {sizes} --out {out}-sizes")
+    return summary
 
 
 def _save(trainer: HFOTOTrainer, target: Path, margs: ModelArguments, dargs: DataArguments,

@@ -57,6 +57,25 @@ class QFASummary:
 
 
 @dataclass(frozen=True)
+class ElasticSummary:
+    """What an elastic run of ``hf-oto prune`` reports: where the run was saved (for ``export-size``), and per
+    size (1.0: the full model) the share of prunable parameters its keep-set removes and its held-out
+    perplexity, measured on the masked view (what ``export-size`` writes)."""
+
+    output: str
+    ppl_initial: float = NAN
+    ppl: dict[float, float] = field(default_factory=dict)
+    removed: dict[float, float] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("eval perplexity, initial model", f"{self.ppl_initial:.2f}")]
+        rows += [(f"size {s:g}: prunable removed {100 * self.removed[s]:.1f}%, eval perplexity", f"{p:.2f}")
+                 for s, p in sorted(self.ppl.items(), reverse=True)]
+        rows.append(("elastic run (for export-size)", self.output))
+        return rows
+
+
+@dataclass(frozen=True)
 class OneShotSummary:
     """What ``hf-oto oneshot`` reports: parameters, the share of prunable ones removed, and held-out
     perplexity before, after, and of the export reloaded without hf_oto."""

@@ -16,6 +16,7 @@ from hf_oto.io import JSONObject
 from hf_oto.optim import CRICConfig, HESSOConfig, SaliencyWeights
 from hf_oto.optim.budget import SELECTIONS
 from hf_oto.optim.criteria import TRAINING_CRITERIA
+from hf_oto.optim.elastic import ElasticConfig
 from hf_oto.optim.pricing import PRICINGS
 from hf_oto.quant.config import QFAConfig
 from hf_oto.trainer.distill import DistillConfig
@@ -106,6 +107,22 @@ class HFOTOTrainingArguments(TrainingArguments):
         DistillConfig, "hidden_weight", "weight of a per-layer hidden-state term (relative squared error)")
     distill_teacher_device: str = _same_as(
         DistillConfig, "teacher_device", "'same' (the student's device) or 'cpu' (saves accelerator memory)")
+    elastic_sizes: list[float] | None = field(
+        default=None,
+        metadata={"help": "elastic (once-for-all) sizes, kept fractions of the prunable parameters (e.g. 0.3 0.5 "
+                          "0.7): one run trains these nested sub-networks with the full model, nothing is removed, "
+                          "and hf-oto export-size cuts any of them out afterwards (replaces target_sparsity)"})
+    elastic_start: float = field(
+        default=0.5, metadata={"help": "when sub-networks join (fraction or steps); before it the full model trains "
+                                       "alone and the ranking gathers evidence"})
+    elastic_freeze: float | None = field(
+        default=None, metadata={"help": "after this step the keep-sets stay fixed (fraction or steps; default: "
+                                        "elastic_start, one ranking)"})
+    elastic_refresh: float = field(
+        default=0, metadata={"help": "steps between re-rankings from elastic_start to elastic_freeze (fraction or "
+                                     "steps; 0: rank once)"})
+    elastic_samples: int = _same_as(ElasticConfig, "samples", "sizes drawn per step besides the smallest")
+    elastic_temperature: float = _same_as(ElasticConfig, "temperature", "temperature of the in-place distillation")
     qfa: bool = field(default=False, metadata={"help": "quantization-aware once-for-all training (LLM-QFA)"})
     qfa_bits: list[int] = _same_as(QFAConfig, "bits", "bit-widths to serve")
     qfa_group_size: int = _same_as(QFAConfig, "group_size", "input columns per quantization scale")
@@ -186,6 +203,21 @@ class HFOTOTrainingArguments(TrainingArguments):
             return None
         return DistillConfig(weight=self.distill_weight, temperature=self.distill_temperature,
                              hidden_weight=self.distill_hidden_weight, teacher_device=self.distill_teacher_device)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether this is an elastic (once-for-all sizes) run."""
+        return self.elastic_sizes is not None
+
+    def elastic_config(self, total_steps: int) -> ElasticConfig | None:
+        """The :class:`ElasticConfig` these arguments describe for ``total_steps`` (None without elastic_sizes)."""
+        if self.elastic_sizes is None:
+            return None
+        start = max(self.steps(self.elastic_start, total_steps), 1)
+        freeze = None if self.elastic_freeze is None else self.steps(self.elastic_freeze, total_steps)
+        return ElasticConfig(sizes=tuple(self.elastic_sizes), start=start, freeze=freeze,
+                             refresh_every=self.steps(self.elastic_refresh, total_steps) if self.elastic_refresh else 0,
+                             samples=self.elastic_samples, temperature=self.elastic_temperature, seed=self.seed)
 
     def qfa_config(self) -> QFAConfig | None:
         """The :class:`QFAConfig` these arguments describe (None without ``qfa``)."""

@@ -60,8 +60,36 @@ def check_pruning_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) ->
                 "the LoRA adapters touch none of the prunable modules (attention q/k/v/o or FFN "
                 "projections), so training cannot inform pruning; add them to target_modules"
             )
-    check_schedule(args, space)
+    if args.elastic:
+        check_elastic(args, space)
+    else:
+        check_schedule(args, space)
     return space
+
+
+def check_elastic(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
+    """Refuse elastic settings that cannot train as asked: sizes outside (0, 1], sizes the constraints cannot
+    reach, a schedule that never trains the sub-networks, and combinations an elastic run does not support."""
+    from hf_oto.optim.elastic import size_targets
+
+    if args.qfa:
+        raise ConfigError("elastic_sizes with qfa (the joint search over sizes and bit-widths) is not supported yet; "
+                          "run them separately")
+    if args.use_cric:
+        raise ConfigError("elastic_sizes does not combine with use_cric: CRIC trials removals on the weights, and an "
+                          "elastic run removes nothing (its sizes are masked views)")
+    if args.prune_experts:
+        raise ConfigError("elastic_sizes masks heads, kv groups, FFN channels and whole layers; whole experts are not "
+                          "supported yet (leave prune_experts off)")
+    total = args.max_steps if args.max_steps and args.max_steps > 0 else None
+    elastic = args.elastic_config(total or 1000)
+    if total is not None:
+        elastic.check_steps(total)
+    config = args.hesso_config(total or 1000)
+    if config.pricing == "measured" and args.pruning_pricing == "measured":
+        raise ConfigError("elastic_sizes ranks in the criterion's units: pruning_pricing 'measured' needs removals to "
+                          "measure, which an elastic run does not make; use 'saliency' or 'auto'")
+    size_targets(space, elastic.sizes, config)
 
 
 def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[PruningSpace | None,

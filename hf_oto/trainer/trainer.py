@@ -17,22 +17,26 @@ from hf_oto.export.adapter import save_base_and_adapter
 from hf_oto.groups import unwrap_peft
 from hf_oto.manifest import HESSORecord
 from hf_oto.optim import HESSO
+from hf_oto.optim.elastic import Elastic
 from hf_oto.optim.saliency import lora_factors
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.distill import DistillMixin
+from hf_oto.trainer.elastic import ElasticMixin
 from hf_oto.trainer.qfa import QFAMixin
 from hf_oto.trainer.resume import RecordPruningSettings, adopt_added_settings, reload_converted
 from hf_oto.trainer.setup import check_launch, check_setup, pruning_space
 
 
-class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
+class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
     """Drop-in ``Trainer``: the optimizer it would build is wrapped by HESSO over the model's groups.
 
     Use :class:`HFOTOTrainingArguments` for the pruning settings; call :meth:`save_pruned_model`
     after ``train()`` to write the smaller model as a standard Hugging Face repo. With ``qfa=True``
     the targeted linears of the model are replaced (in place, as peft does) by quantized layers with
-    one adapter per bit-width, and :meth:`save_qfa_run` saves the run for ``hf-oto qfa-search``.
+    one adapter per bit-width, and :meth:`save_qfa_run` saves the run for ``hf-oto qfa-search``. With
+    ``elastic_sizes`` the run trains nested sub-networks of those sizes instead of removing anything, and
+    :meth:`save_elastic_run` saves it for ``hf-oto export-size``.
     """
 
     args: HFOTOTrainingArguments
@@ -84,7 +88,7 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         super().create_optimizer_and_scheduler(num_training_steps)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        if isinstance(self.optimizer, HESSO):
+        if isinstance(self.optimizer, HESSO | Elastic):
             return self.optimizer
         total = self._total_steps or self.args.max_steps
         if total is None or total <= 0:
@@ -94,6 +98,13 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         if self.hesso_space is None:  # a quantize-only QFA run
             return super().create_optimizer(model)
         config = self.args.hesso_config(total, lora=bool(lora_factors(self.model)))
+        if self.args.elastic:  # nothing is removed while training: ranked in the criterion's units
+            elastic = self.args.elastic_config(total)
+            elastic.check_steps(total)
+            if self.args.pruning_pricing == "auto":
+                config = dataclasses.replace(config, pricing="saliency")
+            self.optimizer = Elastic(self.model, self.hesso_space, super().create_optimizer(model), config, elastic)
+            return self.optimizer
         cric = self.args.cric_config()
         config.validate(self.hesso_space, total_steps=total, cric=cric)  # before the base optimizer is built
         base = super().create_optimizer(model)
@@ -167,6 +178,9 @@ class HFOTOTrainer(QFAMixin, DistillMixin, Trainer):
         adds entries to the manifest (e.g. ``gguf``: the GGUF file the model came from, which the card names);
         ``extra_files`` adds text files to the export (``hf-oto prune`` writes its recipe). Returns ``out_dir``.
         """
+        if self.args.elastic:
+            raise ConfigError("an elastic run is exported per size: save_elastic_run(), then hf-oto export-size "
+                              "RUN_DIR --size S --out DIR (or hf_oto.export.sizes.export_size)")
         if self.qfa_config is not None:
             raise ConfigError("a QFA run is exported per bit configuration: save_qfa_run(), then hf-oto qfa-search "
                               "RUN_DIR --budget BITS --out DIR (or hf_oto.export.quantized.save_quantized)")

@@ -1,0 +1,121 @@
+"""Masked views of a model: run it as if some groups were removed, without touching or copying a weight.
+
+Elastic (once-for-all) training runs several nested sub-networks of one model in every step. A
+sub-network here is the model with forward hooks, not a copy: a removed head or FFN channel is
+masked where its output enters its consumer (the input columns of the attention output projection or
+of the FFN down projection, the adapter's input included), and a removed decoder layer passes its
+hidden states through. By zero-invariance this computes exactly what the model with those groups
+zeroed computes, which is what the sub-network step then slices out, so an extracted size equals the
+masked view that was trained (tested). Masks are per consumer channel: a few vectors per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hf_oto.errors import ConfigError
+from hf_oto.groups.names import unwrap_peft
+from hf_oto.groups.space import AttentionInfo, FFNInfo, PruningSpace
+
+MASKABLE_KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "layer")
+
+
+def _input_dim(module: nn.Module) -> int:
+    """The weight dimension that indexes a layer's inputs: 1 for ``nn.Linear``, 0 for transformers'
+    ``Conv1D`` (its weight is stored as (in, out))."""
+    return 1 if isinstance(module, nn.Linear) else 0
+
+
+def _consumer(model: nn.Module, param: str) -> tuple[nn.Module, nn.Module]:
+    """(module to hook, module holding the weight) for a consumer weight named as in the transformers
+    model (``info.consumer``): under peft the hook goes on the adapter's wrapper, so the adapter's input
+    is masked with the base layer's."""
+    module = unwrap_peft(model).get_submodule(param.rpartition(".")[0])
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return module, base
+
+
+class MaskedView:
+    """Forward-time masks over ``space``'s groups: ``with view.removed(flags): model(...)`` runs the
+    sub-network without the flagged groups (a boolean per group of the space)."""
+
+    def __init__(self, model: nn.Module, space: PruningSpace):
+        self.model, self.space = model, space
+        names = {id(p): n for n, p in model.named_parameters()}
+        # per set: (consumer module, its input width, index tensor of each group's input channels)
+        self._consumers: dict[int, tuple[nn.Module, int, torch.Tensor]] = {}
+        self._layers: dict[int, nn.Module] = {}
+        blocks = unwrap_peft(model).get_submodule(space.layers_path) if space.layer_sets() else None
+        for k, gs in enumerate(space.sets):
+            if not gs.prunable:
+                continue
+            if gs.kind not in MASKABLE_KINDS:
+                raise ConfigError(f"elastic sizes mask heads, kv groups, FFN channels and whole layers; {gs.prefix} "
+                                  f"has prunable {gs.kind!r} groups (leave prune_experts off)")
+            if gs.kind == "layer":
+                self._layers[k] = blocks[gs.layer]
+                continue
+            if not isinstance(gs.info, AttentionInfo | FFNInfo):
+                raise ConfigError(f"{gs.prefix}: no consumer is known for its {gs.kind} groups")
+            module, base = _consumer(model, gs.info.consumer)
+            dim, weight = _input_dim(base), base.weight
+            name = names.get(id(weight))
+            spec = next((s for s in gs.slices if s.param == name and s.dim == dim and s.expert is None), None)
+            if spec is None:
+                raise ConfigError(f"{gs.prefix}: its {gs.kind} groups have no input slice on {gs.info.consumer}")
+            self._consumers[k] = (module, weight.shape[dim], spec.index)
+
+    @contextlib.contextmanager
+    def removed(self, flags: torch.Tensor) -> Iterator[None]:
+        """Run the model inside this block as if the flagged groups were removed."""
+        if flags.numel() != len(self.space):
+            raise ValueError(f"expected one flag per group ({len(self.space)}), got {flags.numel()}")
+        flags = flags.detach().bool().cpu()
+        masks: dict[nn.Module, torch.Tensor] = {}
+        skipped: list[nn.Module] = []
+        for k, (module, width, index) in self._consumers.items():
+            start = self.space.set_offset(k)
+            gone = flags[start:start + index.shape[0]]
+            if bool(gone.any()):
+                mask = masks.setdefault(module, torch.ones(width))
+                mask[index[gone].flatten()] = 0.0
+        for k, layer in self._layers.items():
+            if bool(flags[self.space.set_offset(k)]):
+                skipped.append(layer)
+        handles = [m.register_forward_pre_hook(_mask_input(mask), with_kwargs=True) for m, mask in masks.items()]
+        handles += [layer.register_forward_hook(_pass_through, with_kwargs=True) for layer in skipped]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _mask_input(mask: torch.Tensor):
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def hook(_module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = mask.to(x.device, x.dtype)
+        x = x * cache[key]
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, dict(kwargs, input=x)
+    return hook
+
+
+def _pass_through(_module, args, kwargs, output):
+    """A removed decoder layer: its output is its input hidden states (what the layer computes with every
+    weight zeroed, which discovery checked for each layer it offers)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (x, *output[1:])
+    if isinstance(output, list):
+        return [x, *output[1:]]
+    return x
