@@ -13,8 +13,8 @@ model, in-place distillation for the sub-networks) trains every size at once. Ea
 elastic run as ``hf-oto export-size`` does and evaluated as it is, without further training. Reported:
 perplexity per size (and out-of-domain perplexity and cloze accuracy on the real model), the ratio to the
 dedicated run, and the wall time of the elastic run against the dedicated runs' sum, measured in one run.
-``--reuse FILE`` takes dedicated rows from a benchmark results.json with the same settings instead of
-rerunning them.
+``--reuse FILE`` takes dedicated rows from a results.json of the benchmark or of this script, measured with
+the same settings, instead of rerunning them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespac
     p.add_argument("--elastic_freeze", type=float, default=None, help="last re-ranking (fraction of steps)")
     p.add_argument("--elastic_samples", type=int, default=1)
     p.add_argument("--elastic_only", action="store_true", help="skip the dedicated rows (with --reuse: take them)")
-    p.add_argument("--reuse", help="a benchmark results.json whose hesso_kd rows serve as the dedicated runs")
+    p.add_argument("--reuse", help="a results.json (benchmark.py's or this script's) whose hesso_kd rows serve as "
+                                   "the dedicated runs")
     p.add_argument("--elastic_out", help="results folder (default: <benchmark --out>/elastic)")
     mine, rest = p.parse_known_args(argv)
     a = bench.parse_args(rest + ["--sparsities", *[str(round(1 - s, 6)) for s in mine.sizes]])
@@ -103,7 +104,8 @@ def dedicated_rows(mine, a, ref: Path, train_blocks, eval_blocks, workdir: Path)
             raise SystemExit(f"--reuse {mine.reuse}: measured with other settings ({', '.join(changed)})")
     for size in mine.sizes:
         sparsity = round(1 - size, 6)
-        old = [r for r in (reused or {}).get("rows", []) if r["method"] == "hesso_kd" and r["sparsity"] == sparsity
+        stored = (reused or {}).get("rows", []) + (reused or {}).get("dedicated", [])  # benchmark's or this script's
+        old = [r for r in stored if r["method"] == "hesso_kd" and r["sparsity"] == sparsity
                and r["seed"] == a.seed and "error" not in r]
         if old:
             rows.append(dict(old[0], size=size, reused=mine.reuse))

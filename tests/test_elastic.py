@@ -122,6 +122,7 @@ def test_elastic_run_exports_every_size_equal_to_its_trained_sub_network(tmp_pat
     trainer.train()
     e = trainer.elastic
     assert e.rankings == 2  # at step 3 and, re-ranked, at step 5; frozen from step 6 (elastic_freeze 0.5)
+    assert [p["step"] for p in e.prices] == [3, 5] and e.prices[0]["kinds"]  # measured pricing ("auto"), on masks
     logged = [h for h in trainer.state.log_history if "elastic/kl_size_0.4" in h]
     assert logged and logged[-1]["elastic/size_0.4_pruned_fraction"] > logged[-1]["elastic/size_0.7_pruned_fraction"]
     run = trainer.save_elastic_run(str(tmp_path / "elastic"))
@@ -166,7 +167,6 @@ def test_elastic_resume_is_bit_exact(tmp_path):
     (dict(elastic_sizes=[0.001]), "elastic size 0.001"),
     (dict(use_cric=True), "use_cric"),
     (dict(elastic_start=12, elastic_freeze=None), "never train"),
-    (dict(pruning_pricing="measured"), "measured"),
 ])
 def test_bad_elastic_settings_stop_when_the_trainer_is_built(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -298,3 +298,27 @@ def test_two_ranks_train_the_sizes_one_process_trains(tmp_path):
         assert torch.equal(got["__removed__"], one["__removed__"])
         for k, v in one.items():
             assert torch.allclose(got[k].float(), v.float(), atol=1e-5), k
+
+
+def test_elastic_run_with_lora_adapters_saves_the_merged_model_and_its_sizes(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_oto.export.sizes import export_size
+
+    model = get_peft_model(tiny_model("llama", intermediate_size=64),
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                           "gate_proj", "down_proj"]))
+    trainer = HFOTOTrainer(model=model, args=_elastic_args(tmp_path, learning_rate=1e-2), train_dataset=Tokens())
+    trainer.train()
+    assert trainer.elastic.config.criterion == "hesso"  # "auto" under LoRA: frozen base weights have no gradient
+    run = trainer.save_elastic_run(str(tmp_path / "elastic"))
+    model.eval()
+    with trainer.elastic.subnetwork(0.4):
+        masked = logits(model, IDS)
+    out = export_size(run, 0.4, tmp_path / "size")
+    reloaded = reload_logits({"s": {"dir": str(out)}}, IDS, tmp_path)["s"]
+    assert (reloaded - masked).abs().max() <= 1e-5
+    from safetensors import safe_open
+
+    with safe_open(run / "model.safetensors", "pt") as f:  # the run holds the merged model: no adapter weights
+        assert f.keys() and not any("lora" in k for k in f.keys())

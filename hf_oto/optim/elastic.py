@@ -1,15 +1,17 @@
 """Elastic sizes: one fine-tuning run that trains nested sub-networks of several sizes (once-for-all).
 
-The pruning criterion ranks every group while the full model trains. From that ranking the planner
-(the same knapsack, layout and rules as HESSO's) takes the largest size's removals first and each
-smaller size's on top of the previous ones, so the sizes are nested: the 50% model sits inside the 70%
-model, which sits inside the full one. After ``start`` steps of full-model training (shrinking delayed
-as in DεpS), every step also trains sub-networks, the smallest and ``samples`` others (the sandwich
-rule), as masked views of the same weights (:class:`~hf_oto.groups.mask.MaskedView`), distilled in
-place from the full model's logits. The keep-sets are refreshed from the ranking every
-``refresh_every`` steps until ``freeze``; after it they stay fixed, so each size ends its training
-with the groups it is extracted with. Nothing is zeroed: the full model stays whole, and any trained
-size is cut out of it afterwards (``hf-oto export-size``).
+The pruning criterion ranks every group while the full model trains; with measured pricing (the
+trainer's default) each kind of group is then priced by the loss its removal costs on the step's
+batch, tried on a masked view. From that ranking the planner (the same knapsack, layout and rules as
+HESSO's) takes the largest size's removals first and each smaller size's on top of the previous ones,
+so the sizes are nested: the 50% model sits inside the 70% model, which sits inside the full one.
+After ``start`` steps of full-model training (shrinking delayed as in DεpS), every step also trains
+sub-networks, the smallest and ``samples`` others (the sandwich rule), as masked views of the same
+weights (:class:`~hf_oto.groups.mask.MaskedView`), distilled in place from the full model's logits.
+The keep-sets are refreshed from the ranking every ``refresh_every`` steps until ``freeze``; after it
+they stay fixed, so each size ends its training with the groups it is extracted with. Nothing is
+zeroed: the full model stays whole, and any trained size is cut out of it afterwards
+(``hf-oto export-size``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ from hf_oto.optim.budget import Plan, build_items, resolve_target, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.criteria import make_criterion
 from hf_oto.optim.influence import LayerTurn
+from hf_oto.optim.pricing import price_kinds
 from hf_oto.optim.saliency import lora_factors
 from hf_oto.optim.shard import all_reduce_sum
 
@@ -125,14 +128,12 @@ class Elastic(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, space: PruningSpace, base: torch.optim.Optimizer,
-                 config: HESSOConfig, elastic: ElasticConfig):
+                 config: HESSOConfig, elastic: ElasticConfig, *, probe: Callable[[], float] | None = None):
         lora = lora_factors(model)
-        # nothing is removed while training, so there is no loss to probe: measured pricing does not apply
-        self.config = dataclasses.replace(config, pricing="saliency" if config.pricing == "auto" else config.pricing
-                                          ).resolve(lora=bool(lora), probe=False)
-        if self.config.pricing == "measured":
-            raise ConfigError("elastic sizes rank by the criterion's units: pruning_pricing 'measured' needs "
-                              "removals to measure, which an elastic run does not make; use 'saliency' or 'auto'")
+        self.config = config.resolve(lora=bool(lora), probe=probe is not None)
+        if self.config.pricing == "measured" and probe is None:
+            raise ConfigError("pricing 'measured' needs a probe: Elastic(..., probe=fn), fn() returning the model's "
+                              "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")
         self.elastic = elastic
         self.space = space
         self.targets = size_targets(space, elastic.sizes, self.config)
@@ -146,6 +147,8 @@ class Elastic(torch.optim.Optimizer):
         sliced.update(n for f in lora.values() for n in f.a + f.b)
         self.criterion = make_criterion(self.config, sliced=tuple(sorted(sliced)))
         self.view = MaskedView(model, space)
+        self._loss = probe
+        self.prices: list[dict[str, Any]] = []  # measured pricing's trials, one entry per ranking
         # whole layers are ranked by block influence (as HESSO does), counted on the full model's passes only
         self._turn = LayerTurn(model, space, training_only=True)
         if self._turn:
@@ -217,11 +220,26 @@ class Elastic(torch.optim.Optimizer):
         score = self.criterion.rank(self.space, torch.ones(len(self.space), dtype=torch.bool))
         if score is None:
             raise RuntimeError(f"the {self.config.criterion} criterion had no evidence at step {self.step_count + 1}")
+        device = next(iter(self.model_params.values())).device  # NCCL cannot reduce a CPU tensor
         if self._turn:  # activations differ per data-parallel rank: their counts are summed first
-            device = next(iter(self.model_params.values())).device  # NCCL cannot reduce a CPU tensor
             score = self._turn.place(score, self.space, all_reduce_sum(self._turn.state(), device))
+        if self.config.pricing == "measured":  # kinds priced by the loss their removal costs, tried on masked views
+            score, trials = price_kinds(self.space, score, torch.zeros(len(self.space), dtype=torch.bool),
+                                        self.targets[-1], lambda flags: self._masked_loss(flags, device),
+                                        self.config.rules)
+            self.prices.append({"step": self.step_count + 1, "kinds": [t.to_dict() for t in trials]})
         self.removed_flags = nested_removals(self.space, score, self.targets, self.config)
         self.rankings += 1
+
+    @torch.no_grad()
+    def _masked_loss(self, flags: torch.Tensor, device: torch.device) -> float:
+        """The probe's loss with the flagged groups masked, averaged over data-parallel ranks."""
+        with self.view.removed(flags):
+            value = float(self._loss())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = all_reduce_sum(torch.tensor([value], dtype=torch.float64), device)
+            value = float(total) / torch.distributed.get_world_size()
+        return value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -251,6 +269,7 @@ class Elastic(torch.optim.Optimizer):
             "rankings": self.rankings,
             "evidence": self.criterion.state(),
             "layer_turn": self._turn.state() if self._turn else None,
+            "prices": [dict(p) for p in self.prices],
             "record": self.record(),
             "groups": len(self.space),
         }
@@ -273,6 +292,7 @@ class Elastic(torch.optim.Optimizer):
         self.step_count = e["step_count"]
         self.removed_flags = None if e["removed"] is None else e["removed"].clone()
         self.rankings = e["rankings"]
+        self.prices = [dict(p) for p in e.get("prices", [])]
         self.criterion.load(e["evidence"])
         if self._turn:
             self._turn.load(e["layer_turn"])

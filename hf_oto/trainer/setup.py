@@ -85,11 +85,7 @@ def check_elastic(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
     elastic = args.elastic_config(total or 1000)
     if total is not None:
         elastic.check_steps(total)
-    config = args.hesso_config(total or 1000)
-    if config.pricing == "measured" and args.pruning_pricing == "measured":
-        raise ConfigError("elastic_sizes ranks in the criterion's units: pruning_pricing 'measured' needs removals to "
-                          "measure, which an elastic run does not make; use 'saliency' or 'auto'")
-    size_targets(space, elastic.sizes, config)
+    size_targets(space, elastic.sizes, args.hesso_config(total or 1000))
 
 
 def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[PruningSpace | None,

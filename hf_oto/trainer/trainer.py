@@ -98,12 +98,12 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
         if self.hesso_space is None:  # a quantize-only QFA run
             return super().create_optimizer(model)
         config = self.args.hesso_config(total, lora=bool(lora_factors(self.model)))
-        if self.args.elastic:  # nothing is removed while training: ranked in the criterion's units
+        if self.args.elastic:  # nested sizes trained as masked views; nothing is removed
             elastic = self.args.elastic_config(total)
             elastic.check_steps(total)
-            if self.args.pruning_pricing == "auto":
-                config = dataclasses.replace(config, pricing="saliency")
-            self.optimizer = Elastic(self.model, self.hesso_space, super().create_optimizer(model), config, elastic)
+            probe = self._probe_loss if config.pricing == "measured" else None
+            self.optimizer = Elastic(self.model, self.hesso_space, super().create_optimizer(model), config, elastic,
+                                     probe=probe)
             return self.optimizer
         cric = self.args.cric_config()
         config.validate(self.hesso_space, total_steps=total, cric=cric)  # before the base optimizer is built
