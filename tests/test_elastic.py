@@ -108,6 +108,19 @@ def test_bad_sizes_are_refused(sizes, match):
         ElasticConfig(sizes=tuple(sizes))
 
 
+def test_measured_pricing_tries_removals_on_masked_views(tmp_path):
+    model = tiny_model("llama", intermediate_size=64)
+    trainer = HFOTOTrainer(model=model, args=_elastic_args(tmp_path, pruning_pricing="measured"),
+                           train_dataset=Tokens())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    e = trainer.elastic
+    assert [p["step"] for p in e.prices] == [3, 5]
+    kinds = {t["kind"]: t for t in e.prices[0]["kinds"]}
+    assert "ffn_channel" in kinds and all(t["measured"] != 0 for t in kinds.values())  # the masks changed the loss
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained, unmasked
+
+
 def _elastic_args(tmp_path, **kw):
     return _args(tmp_path, **dict(dict(elastic_sizes=[0.4, 0.7], elastic_start=0.25, elastic_refresh=2,
                                        elastic_freeze=0.5), **kw))
@@ -122,7 +135,7 @@ def test_elastic_run_exports_every_size_equal_to_its_trained_sub_network(tmp_pat
     trainer.train()
     e = trainer.elastic
     assert e.rankings == 2  # at step 3 and, re-ranked, at step 5; frozen from step 6 (elastic_freeze 0.5)
-    assert [p["step"] for p in e.prices] == [3, 5] and e.prices[0]["kinds"]  # measured pricing ("auto"), on masks
+    assert e.config.pricing == "saliency" and not e.prices  # "auto" for elastic sizes
     logged = [h for h in trainer.state.log_history if "elastic/kl_size_0.4" in h]
     assert logged and logged[-1]["elastic/size_0.4_pruned_fraction"] > logged[-1]["elastic/size_0.7_pruned_fraction"]
     run = trainer.save_elastic_run(str(tmp_path / "elastic"))

@@ -1,17 +1,17 @@
 """Elastic sizes: one fine-tuning run that trains nested sub-networks of several sizes (once-for-all).
 
-The pruning criterion ranks every group while the full model trains; with measured pricing (the
-trainer's default) each kind of group is then priced by the loss its removal costs on the step's
-batch, tried on a masked view. From that ranking the planner (the same knapsack, layout and rules as
-HESSO's) takes the largest size's removals first and each smaller size's on top of the previous ones,
-so the sizes are nested: the 50% model sits inside the 70% model, which sits inside the full one.
-After ``start`` steps of full-model training (shrinking delayed as in DεpS), every step also trains
-sub-networks, the smallest and ``samples`` others (the sandwich rule), as masked views of the same
-weights (:class:`~hf_oto.groups.mask.MaskedView`), distilled in place from the full model's logits.
-The keep-sets are refreshed from the ranking every ``refresh_every`` steps until ``freeze``; after it
-they stay fixed, so each size ends its training with the groups it is extracted with. Nothing is
-zeroed: the full model stays whole, and any trained size is cut out of it afterwards
-(``hf-oto export-size``).
+The pruning criterion ranks every group while the full model trains; with measured pricing (an option
+here: the trainer's "auto" takes the criterion's units, which measured better for elastic sizes) each
+kind of group is then priced by the loss its removal costs on the step's batch, tried on a masked view.
+From that ranking the planner (the same knapsack, layout and rules as HESSO's) takes the largest size's
+removals first and each smaller size's on top of the previous ones, so the sizes are nested: the 50%
+model sits inside the 70% model, which sits inside the full one. After ``start`` steps of full-model
+training (shrinking delayed as in DεpS), every step also trains sub-networks, the smallest and
+``samples`` others (the sandwich rule), as masked views of the same weights
+(:class:`~hf_oto.groups.mask.MaskedView`), distilled in place from the full model's logits. The keep-
+sets are refreshed from the ranking every ``refresh_every`` steps until ``freeze``; after it they stay
+fixed, so each size ends its training with the groups it is extracted with. Nothing is zeroed: the full
+model stays whole, and any trained size is cut out of it afterwards (``hf-oto export-size``).
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
         if self.args.elastic:  # nested sizes trained as masked views; nothing is removed
             elastic = self.args.elastic_config(total)
             elastic.check_steps(total)
+            if self.args.pruning_pricing == "auto":  # measured on the toy reference: scripts/benchmark_results/elastic
+                config = dataclasses.replace(config, pricing="saliency")
             probe = self._probe_loss if config.pricing == "measured" else None
             self.optimizer = Elastic(self.model, self.hesso_space, super().create_optimizer(model), config, elastic,
                                      probe=probe)
