@@ -8,10 +8,10 @@ removals first and each smaller size's on top of the previous ones, so the sizes
 model sits inside the 70% model, which sits inside the full one. After ``start`` steps of full-model
 training (shrinking delayed as in DεpS), every step also trains sub-networks, the smallest and
 ``samples`` others (the sandwich rule), as masked views of the same weights
-(:class:`~hf_oto.groups.mask.MaskedView`), distilled in place from the full model's logits. The keep-
-sets are refreshed from the ranking every ``refresh_every`` steps until ``freeze``; after it they stay
-fixed, so each size ends its training with the groups it is extracted with. Nothing is zeroed: the full
-model stays whole, and any trained size is cut out of it afterwards (``hf-oto export-size``).
+(:class:`~hf_oto.groups.mask.MaskedView`), distilled in place from the full model's logits. The
+keep-sets are refreshed from the ranking every ``refresh_every`` steps until ``freeze``; after it they
+stay fixed, so each size ends its training with the groups it is extracted with. Nothing is zeroed: the
+full model stays whole, and any trained size is cut out of it afterwards (``hf-oto export-size``).
 """
 
 from __future__ import annotations
