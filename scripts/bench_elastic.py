@@ -134,7 +134,8 @@ def report(mine, a, res: dict[str, Any], out: Path, command: str) -> Path:
         f"- every run: {a.steps} steps x {a.batch} x {a.block} tokens, lr {a.lr}, layout {a.layout}, FFN multiple "
         f"{a.ffn_multiple}; dedicated rows: the benchmark's `hesso_kd` (trainer defaults, distillation weight "
         f"{a.distill_weight}); elastic: sizes {mine.sizes}, sub-networks from step {mine.elastic_start} "
-        f"(fraction), re-ranked every {mine.elastic_refresh or 'never'}, {mine.elastic_samples} drawn size(s) per "
+        f"(fraction), {'re-ranked every ' + str(mine.elastic_refresh) if mine.elastic_refresh else 'ranked once'}, "
+        f"{mine.elastic_samples} drawn size(s) per "
         "step beside the smallest, full model distilled from the dense one, sub-networks in place from the full "
         "model; every size cut out as export-size does and evaluated without further training",
         f"- reference: {res['reference']}",
