@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", type=float, default=[0.3, 0.5, 0.7])
-    p.add_argument("--elastic_start", type=float, default=0.5, help="when sub-networks join (fraction of steps)")
+    p.add_argument("--elastic_start", type=float, default=0.1, help="when sub-networks join (fraction of steps)")
     p.add_argument("--elastic_refresh", type=float, default=0.0, help="steps between re-rankings (0: rank once)")
     p.add_argument("--elastic_freeze", type=float, default=None, help="last re-ranking (fraction of steps)")
     p.add_argument("--elastic_samples", type=int, default=1)
