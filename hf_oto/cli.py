@@ -197,6 +197,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 def cmd_export_size(args: argparse.Namespace) -> int:
     from hf_oto.export.sizes import check_size, export_size, export_sizes, read_run
     from hf_oto.io import check_target
+    from hf_oto.manifest import MANIFEST_FILE
 
     if (args.size is None) == (args.sizes is None):
         raise ConfigError("give --size S (one size into --out) or --sizes S1,S2,... (each into --out/size-S)")
@@ -210,7 +211,7 @@ def cmd_export_size(args: argparse.Namespace) -> int:
     out = Path(args.out)
     targets = [out] if args.size is not None else [out / f"size-{s:g}" for s in sizes]
     for t in targets:
-        check_target(t, overwrite=args.overwrite, marker="pruning_manifest.json", hint="pass --overwrite",
+        check_target(t, overwrite=args.overwrite, marker=MANIFEST_FILE, hint="pass --overwrite",
                      error=ConfigError)
     written = [export_size(args.run_dir, args.size, out, overwrite=args.overwrite)] if args.size is not None \
         else export_sizes(args.run_dir, sizes, out, overwrite=args.overwrite)

@@ -19,7 +19,7 @@ from torch import nn
 
 from hf_oto.errors import ConfigError, ExportError
 from hf_oto.io import JSONObject, check_no_pickles, check_target, discard, publish, staging_dir, write_text_atomic
-from hf_oto.manifest import ElasticRecord
+from hf_oto.manifest import MANIFEST_FILE, ElasticRecord
 
 if TYPE_CHECKING:
     from hf_oto.groups.space import PruningSpace
@@ -141,7 +141,7 @@ def export_size(run_dir: str | os.PathLike, size: float, out_dir: str | os.PathL
 
     data = read_run(run_dir)
     key = check_size(data, size, run_dir)
-    check_target(Path(out_dir), overwrite=overwrite, marker="pruning_manifest.json")
+    check_target(Path(out_dir), overwrite=overwrite, marker=MANIFEST_FILE)
     model = copy.deepcopy(model) if model is not None else load_run_model(run_dir)
     space = size_space(model, data)
     zero_groups(model, space, data["sizes"][key]["removed"])

@@ -132,16 +132,14 @@ def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, 
 def _finish_elastic(trainer: HFOTOTrainer, target: Path, before: dict[str, float], results: dict[str, float],
                     origin: Provenance) -> ElasticSummary:
     """Save the elastic run for export-size, and report held-out perplexity of every trained size."""
-    from hf_oto.optim.budget import Plan
-
     extra = origin.to_dict()  # every size's export: the source, its license, the data
     e = trainer.elastic
     ppl = {1.0: results["eval_perplexity"]}
-    fraction = {1.0: 0.0}
-    for size, row in zip(e.elastic.sizes, e.removed_flags, strict=True):
+    removed = e.metrics()
+    fraction = {1.0: 0.0, **{size: removed[f"size_{size:g}_pruned_fraction"] for size in e.elastic.sizes}}
+    for size in e.elastic.sizes:
         with e.subnetwork(size):
             ppl[size] = trainer.evaluate(metric_key_prefix=f"size_{size:g}")[f"size_{size:g}_perplexity"]
-        fraction[size] = Plan.from_mask(e.space, row).pruned_params() / max(e.space.prunable_params, 1)
     evals = {s: {"eval_perplexity": p} for s, p in ppl.items() if s < 1.0}
     out = trainer.save_elastic_run(str(target), extra=extra, evals=evals)
     if not trainer.is_world_process_zero():

@@ -34,7 +34,7 @@ from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.criteria import make_criterion
 from hf_oto.optim.influence import LayerTurn
 from hf_oto.optim.pricing import price_kinds
-from hf_oto.optim.saliency import lora_factors
+from hf_oto.optim.saliency import lora_factors, sliced_params
 from hf_oto.optim.shard import all_reduce_sum
 
 
@@ -143,9 +143,7 @@ class Elastic(torch.optim.Optimizer):
         self.state = base.state
         self.model_params = dict(model.named_parameters())
         self._lora = lora
-        sliced = {s.param for gs in space.sets if gs.prunable for s in gs.slices}
-        sliced.update(n for f in lora.values() for n in f.a + f.b)
-        self.criterion = make_criterion(self.config, sliced=tuple(sorted(sliced)))
+        self.criterion = make_criterion(self.config, sliced=tuple(sliced_params(space, lora)))
         self.view = MaskedView(model, space)
         self._loss = probe
         self.prices: list[dict[str, Any]] = []  # measured pricing's trials, one entry per ranking

@@ -21,7 +21,7 @@ from hf_oto.optim.cric import CRIC, CRICConfig, unit
 from hf_oto.optim.criteria import make_criterion
 from hf_oto.optim.influence import LayerTurn
 from hf_oto.optim.pricing import price_kinds, zeroing_probe
-from hf_oto.optim.saliency import group_statistics, lora_factors
+from hf_oto.optim.saliency import group_statistics, lora_factors, sliced_params
 from hf_oto.optim.shard import all_reduce_sum, is_sharded, row_range
 
 
@@ -94,7 +94,7 @@ class HESSO(torch.optim.Optimizer):
             self._turn.attach()
         self._lora = lora
         self.config = config
-        self.criterion = make_criterion(config, sliced=tuple(self._sliced_params()))
+        self.criterion = make_criterion(config, sliced=tuple(sliced_params(space, lora)))
         self.period_length = config.pruning_steps // config.pruning_periods
         self.step_count = 0
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
@@ -273,12 +273,6 @@ class HESSO(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
-
-    def _sliced_params(self) -> list[str]:
-        """Parameters whose update saliency needs: the prunable slices' and every LoRA factor."""
-        names = {s.param for gs in self.space.sets if gs.prunable for s in gs.slices}
-        names.update(n for f in self._lora.values() for n in f.a + f.b)
-        return sorted(names)
 
     def _mark_redundant(self, period: int, score: torch.Tensor) -> None:
         c = self.config

@@ -225,3 +225,10 @@ def saliency(stats: GroupStats, weights: SaliencyWeights) -> torch.Tensor:
         if w:
             score += w * values / values.norm().clamp_min(1e-12)
     return score
+
+
+def sliced_params(space: PruningSpace, lora: dict[str, LoraFactors]) -> list[str]:
+    """Parameters whose update saliency needs: the prunable slices' and every LoRA factor."""
+    names = {s.param for gs in space.sets if gs.prunable for s in gs.slices}
+    names.update(n for f in lora.values() for n in f.a + f.b)
+    return sorted(names)

@@ -18,16 +18,20 @@ from hf_oto.optim.elastic import Elastic
 from hf_oto.trainer.distill import kl_sum, token_mask
 
 
+def wrapped_optimizer(opt, cls: type):
+    """The ``cls`` optimizer inside ``opt``'s accelerate wrappers (``opt`` itself if it is one), or None."""
+    while opt is not None and not isinstance(opt, cls):
+        opt = getattr(opt, "optimizer", None)
+    return opt
+
+
 class ElasticMixin:
     """Adds elastic sizes to ``HFOTOTrainer`` (active when the optimizer is an :class:`Elastic`)."""
 
     @property
     def elastic(self) -> Elastic | None:
         """The :class:`Elastic` optimizer under any accelerate wrapper, once training has created it."""
-        opt = getattr(self, "optimizer", None)
-        while opt is not None and not isinstance(opt, Elastic):
-            opt = getattr(opt, "optimizer", None)
-        return opt
+        return wrapped_optimizer(getattr(self, "optimizer", None), Elastic)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         e = self.elastic

@@ -22,7 +22,7 @@ from hf_oto.optim.saliency import lora_factors
 from hf_oto.subnet import construct_subnet
 from hf_oto.trainer.args import HFOTOTrainingArguments
 from hf_oto.trainer.distill import DistillMixin
-from hf_oto.trainer.elastic import ElasticMixin
+from hf_oto.trainer.elastic import ElasticMixin, wrapped_optimizer
 from hf_oto.trainer.qfa import QFAMixin
 from hf_oto.trainer.resume import RecordPruningSettings, adopt_added_settings, reload_converted
 from hf_oto.trainer.setup import check_launch, check_setup, pruning_space
@@ -131,10 +131,7 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
     @property
     def hesso(self) -> HESSO | None:
         """The HESSO optimizer under any accelerate wrapper, once training has created it."""
-        opt = self.optimizer
-        while opt is not None and not isinstance(opt, HESSO):
-            opt = getattr(opt, "optimizer", None)
-        return opt
+        return wrapped_optimizer(self.optimizer, HESSO)
 
     # Training hooks ----------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):
