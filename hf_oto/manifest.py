@@ -333,6 +333,13 @@ class Manifest:
         """Source decoder layers removed whole (depth pruning); set records keep the source's layer numbers."""
         return tuple(sorted(s.layer for s in self.sets if s.kind == "layer" and not s.kept))
 
+    def removed_blocks(self) -> dict[str, tuple[int, ...]]:
+        """"attention"/"mlp" -> source layers that stay but lost that whole block (depth pruning)."""
+        gone = set(self.removed_layers())
+        out = {block: tuple(sorted(s.layer for s in self.sets if s.kind == f"{block}_block" and not s.kept
+                                   and s.layer not in gone)) for block in ("attention", "mlp")}
+        return {block: layers for block, layers in out.items() if layers}
+
     def export_layer(self, layer: int) -> int | None:
         """The index in the export of source layer ``layer`` (None when it was removed)."""
         gone = self.removed_layers()

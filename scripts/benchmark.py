@@ -416,7 +416,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(ref)
-    space = exclude_groups(with_granularity(model, discover_groups(model), a.granularity), a.exclude, a.layout)
+    space = with_granularity(model, discover_groups(model), a.granularity, a.layout)
+    space = exclude_groups(space, a.exclude, a.layout)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": a.seed}
     if method in DENSE:

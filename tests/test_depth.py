@@ -219,8 +219,8 @@ def test_the_trainer_prunes_layers_and_exports_a_stock_model_with_fewer_layers(t
     assert sum(1 for s in manifest["sets"] if s["kind"] == "layer" and not s["kept"]) == 4 - kept
     assert manifest["hesso"]["granularity"] == granularity
     card = (tmp_path / "pruned" / "README.md").read_text()
-    assert {"depth": "Only whole decoder layers could go", "both": "competed with heads and channels"}[granularity] \
-        in card
+    assert {"depth": "Only whole decoder layers (and, in a per-layer layout, whole attention or MLP blocks) could go",
+            "both": "competed with heads and channels"}[granularity] in card
 
 
 def test_a_depth_run_resumes_bit_exactly(tmp_path):

@@ -35,9 +35,10 @@ CRITERION_TEXT = {
               "training steps)",
 }
 SELECTION_TEXT = {"saliency": "lowest score first", "per_param": "lowest score per parameter freed first"}
-GRANULARITY_TEXT = {"depth": " Only whole decoder layers could go (pruning_granularity `depth`).",
-                    "both": " Whole decoder layers competed with heads and channels in the same budget "
-                            "(pruning_granularity `both`)."}
+GRANULARITY_TEXT = {"depth": " Only whole decoder layers (and, in a per-layer layout, whole attention or MLP "
+                             "blocks) could go (pruning_granularity `depth`).",
+                    "both": " Whole decoder layers (and, in a per-layer layout, whole attention or MLP blocks) "
+                            "competed with heads and channels in the same budget (pruning_granularity `both`)."}
 EXPERTS_TEXT = (" Whole routed experts competed in the same budget (prune_experts): a removed expert's router row "
                 "went with it, and the export has fewer experts in every MoE layer.")
 PRICING_TEXT = {"saliency": "kinds compared in the criterion's own units",
@@ -139,13 +140,18 @@ def render_card(manifest: Manifest) -> str:
 
 
 def _layers_text(manifest: Manifest) -> str:
-    """Which decoder layers left whole ("" when none did); the table below keeps the source's numbering."""
-    gone = manifest.removed_layers()
-    if not gone:
-        return ""
-    total = len({s.layer for s in manifest.sets if s.kind == "layer"})
-    return (f"Decoder layers removed whole: {len(gone)} of {total} ({', '.join(map(str, gone))}, numbered as in "
-            "the source model; the layers that stay are renumbered from 0 in this model).")
+    """Which decoder layers and blocks left whole ("" when none did); the table below keeps the source's
+    numbering."""
+    gone, blocks = manifest.removed_layers(), manifest.removed_blocks()
+    out = []
+    if gone:
+        total = len({s.layer for s in manifest.sets if s.kind == "layer"})
+        out.append(f"Decoder layers removed whole: {len(gone)} of {total} ({', '.join(map(str, gone))}, numbered as "
+                   "in the source model; the layers that stay are renumbered from 0 in this model).")
+    names = {"attention": "Attention blocks removed (the layer keeps its MLP)",
+             "mlp": "MLP blocks removed (the layer keeps its attention)"}
+    out += [f"{names[b]}: source layers {', '.join(map(str, layers))}." for b, layers in blocks.items()]
+    return " ".join(out)
 
 
 def hub_metadata(datasets: Sequence[str] | None, base_model: str | None, relation: str) -> JSONObject:

@@ -68,9 +68,17 @@ def decilm_problem(config) -> str | None:
         return f"DeciLM {problem}"
     layers = full_layers(config)
     extra = sorted({k for o in layers for k in o} - {"num_attention_heads", "num_key_value_heads",
-                                                        "intermediate_size", "head_dim"})
+                                                        "intermediate_size", "head_dim", remote_code.NO_OP_KEY})
     if extra:
         return f"DeciLM cannot express per-layer {', '.join(extra)}"
+    deci = {name: spec for name, spec in remote_code.DECI_NO_OP.values()}
+    for i, o in enumerate(layers):
+        for name, spec in (o.get(remote_code.NO_OP_KEY) or {}).items():
+            if deci.get(name) != {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()}:
+                return f"layer {i} removes {name} in a way DeciLM's no_op blocks do not describe"
+    layers = _with_attention(layers)
+    if not layers:
+        return "no layer keeps its attention"
     heads = {o.get("num_attention_heads", config.num_attention_heads) for o in layers}
     if len(heads) > 1:
         return (f"query heads differ across layers ({', '.join(map(str, sorted(heads)))}) and DeciLM shares one "
@@ -127,35 +135,54 @@ def rewrite_config(folder: Path, config, form: Resolved, auto_class: str) -> Non
     path = folder / "config.json"
     data = json.loads(path.read_text())
     layers = full_layers(config)
-    canon = {k: getattr(config, "attribute_map", {}).get(k, k) for o in layers for k in o}
+    canon = {k: getattr(config, "attribute_map", {}).get(k, k) for o in layers for k in o if k != remote_code.NO_OP_KEY}
     base_class = data[remote_code.LAYERS_KEY]["base_class"]
     auto_map = {auto: f"{REMOTE_MODULE}.{name}" for auto, (name, _) in _classes(base_class, auto_class).items()}
     for key in set(canon.values()):  # the top level is the largest layer, never the pre-pruning size
-        values = [v for o in layers for k, v in o.items() if canon[k] == key]
+        values = [v for o in layers for k, v in o.items() if canon.get(k) == key]
         if None not in values:  # (a layer that reads its width from the top level keeps it)
             data[key] = max(values)
     if form == "decilm":
-        heads = data["num_attention_heads"]
+        # one query-head count for every layer that keeps its attention (decilm_problem checked it)
+        heads = _with_attention(layers)[0].get("num_attention_heads", config.num_attention_heads)
+        data["num_attention_heads"] = heads
         data.pop(remote_code.LAYERS_KEY)
         data.update(
             model_type=remote_code.DeciLMConfig.model_type,
             architectures=["DeciLMForCausalLM"],
             auto_map={"AutoConfig": f"{REMOTE_MODULE}.DeciLMConfig", **auto_map},
-            block_configs=[{
-                # a field no layer overrides (attention kept whole, say) is the top-level value in every layer
-                "attention": {"n_heads_in_group": heads // o.get("num_key_value_heads", data["num_key_value_heads"]),
-                              "no_op": False, "replace_with_linear": False},
-                "ffn": {"intermediate_size": o.get("intermediate_size", data["intermediate_size"]), "no_op": False,
-                        "replace_with_linear": False},
-            } for o in layers],
+            block_configs=[_deci_block(o, heads, data) for o in layers],
         )
     else:
         data[remote_code.LAYERS_KEY]["layers"] = layers
         data.update(architectures=[f"HFOTOPruned{base_class}"], auto_map=auto_map)
-        described = {str(i): {canon[k]: v for k, v in o.items() if v is not None} for i, o in enumerate(layers)}
-        if _parses(type(config), dict(data, per_layer_config=described)):
+        described = {str(i): {canon[k]: v for k, v in o.items() if v is not None and k in canon}
+                     for i, o in enumerate(layers)}
+        removes = any(o.get(remote_code.NO_OP_KEY) for o in layers)  # a stock class would build the block
+        if not removes and _parses(type(config), dict(data, per_layer_config=described)):
             data["per_layer_config"] = described
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _with_attention(layers: list[JSONObject]) -> list[JSONObject]:
+    """The layers whose attention block a DeciLM export keeps."""
+    name = remote_code.DECI_NO_OP["attention"][0]
+    return [o for o in layers if name not in (o.get(remote_code.NO_OP_KEY) or {})]
+
+
+def _deci_block(o: JSONObject, heads: int, data: JSONObject) -> JSONObject:
+    """One layer's ``block_configs`` entry; a field no layer overrides (attention kept whole, say) is the
+    top-level value. A removed block is ``no_op`` (vLLM's DeciLM and llama.cpp's ``deci`` skip it)."""
+    gone = o.get(remote_code.NO_OP_KEY) or {}
+    attn_gone = remote_code.DECI_NO_OP["attention"][0] in gone
+    ffn_gone = remote_code.DECI_NO_OP["ffn"][0] in gone
+    return {
+        "attention": {"n_heads_in_group": None if attn_gone else
+                      heads // o.get("num_key_value_heads", data["num_key_value_heads"]),
+                      "no_op": attn_gone, "replace_with_linear": False},
+        "ffn": {"intermediate_size": None if ffn_gone else o.get("intermediate_size", data["intermediate_size"]),
+                "no_op": ffn_gone, "replace_with_linear": False},
+    }
 
 
 def _parses(config_class, data: dict) -> bool:

@@ -39,9 +39,29 @@ _PRE_BY_SPLIT = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 @dataclass(frozen=True)
 class Layer:
+    """One layer as llama.cpp's graph sees it: 0 heads is a removed attention block (the ``deci`` graph
+    skips it), an FFN width of 0 a removed MLP block."""
+
     heads: int
     kv_heads: int
     ffn: int
+
+
+# Where llama.cpp cannot skip a removed block, the file holds a stub of zero weights instead, which adds
+# exactly nothing: its deci graph skips a layer whose FFN width is 0 whole, the attention's output with
+# it, so a removed MLP block is one FFN channel; and it sizes heads from layer 0's head count, so a
+# removed attention block in layer 0 is one head (elsewhere 0 heads: the graph skips the attention).
+STUB_FFN = 1
+STUB_HEADS = 1
+
+
+def written_layers(shape: Shape) -> list[Layer]:
+    """The layer sizes the file declares: :attr:`Shape.layers` with the stubs in place."""
+    out = []
+    for i, x in enumerate(shape.layers):
+        heads, kv = (STUB_HEADS, STUB_HEADS) if i == 0 and not x.heads else (x.heads, x.kv_heads)
+        out.append(Layer(heads, kv, x.ffn or STUB_FFN))
+    return out
 
 
 @dataclass(frozen=True)
@@ -135,14 +155,24 @@ def read_shape(config: JSONObject) -> Shape:
         layers = []
         for b in config["block_configs"]:
             att, ffn = b["attention"], b["ffn"]
-            if att.get("no_op") or att.get("replace_with_linear") or ffn.get("no_op") or "intermediate_size" not in ffn:
-                raise ExportError("block_configs with no-op/linear blocks or ffn_mult are not hf-oto exports")
-            layers.append(Layer(heads, heads // att["n_heads_in_group"], ffn["intermediate_size"]))
+            if att.get("replace_with_linear") or ffn.get("replace_with_linear") or (
+                    "intermediate_size" not in ffn and not ffn.get("no_op")):
+                raise ExportError("block_configs with linear blocks or ffn_mult are not hf-oto exports")
+            layers.append(Layer(0 if att.get("no_op") else heads,
+                                0 if att.get("no_op") else heads // att["n_heads_in_group"],
+                                0 if ffn.get("no_op") else ffn["intermediate_size"]))
     elif config.get("hf_oto_layers"):
         kv = config.get("num_key_value_heads", heads)
-        layers = [Layer(o.get("num_attention_heads", heads), o.get("num_key_value_heads", kv),
-                        o.get("intermediate_size", config["intermediate_size"]))
-                  for o in config["hf_oto_layers"]["layers"]]
+        layers = []
+        for o in config["hf_oto_layers"]["layers"]:
+            gone = o.get("no_op") or {}
+            if set(gone) - {"self_attn", "mlp"}:
+                raise ExportError(f"a removed block ({', '.join(sorted(gone))}) that llama.cpp's deci graph "
+                                  "cannot skip")
+            attn = "self_attn" not in gone
+            layers.append(Layer(o.get("num_attention_heads", heads) if attn else 0,
+                                o.get("num_key_value_heads", kv) if attn else 0,
+                                o.get("intermediate_size", config["intermediate_size"]) if "mlp" not in gone else 0))
     else:
         layers = [Layer(heads, config.get("num_key_value_heads") or heads, config["intermediate_size"])] * n
     if len(layers) != n:
@@ -191,13 +221,38 @@ def expected_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         out["lm_head.weight"] = (shape.vocab, h)
     for i, layer in enumerate(shape.layers):
         p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (layer.heads * d, h), p + "self_attn.k_proj.weight": (layer.kv_heads * d, h),
-            p + "self_attn.v_proj.weight": (layer.kv_heads * d, h), p + "self_attn.o_proj.weight": (h, layer.heads * d),
-            p + "mlp.gate_proj.weight": (layer.ffn, h), p + "mlp.up_proj.weight": (layer.ffn, h),
-            p + "mlp.down_proj.weight": (h, layer.ffn),
-        })
+        if layer.heads:
+            out.update({
+                p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (layer.heads * d, h),
+                p + "self_attn.k_proj.weight": (layer.kv_heads * d, h),
+                p + "self_attn.v_proj.weight": (layer.kv_heads * d, h),
+                p + "self_attn.o_proj.weight": (h, layer.heads * d),
+            })
+        if layer.ffn:
+            out.update({
+                p + "post_attention_layernorm.weight": (h,), p + "mlp.gate_proj.weight": (layer.ffn, h),
+                p + "mlp.up_proj.weight": (layer.ffn, h), p + "mlp.down_proj.weight": (h, layer.ffn),
+            })
+    return out
+
+
+def _stubs(shape: Shape) -> dict[str, np.ndarray]:
+    """The zero blocks written for removed blocks llama.cpp cannot skip (see :data:`STUB_FFN`), by
+    Hugging Face name."""
+    h, d, out = shape.hidden, shape.head_dim, {}
+    for i, layer in enumerate(shape.layers):
+        if i == 0 and not layer.heads:
+            p = f"model.layers.{i}."
+            out.update({p + "input_layernorm.weight": np.ones(h, np.float32),
+                        **{p + f"self_attn.{n}_proj.weight": np.zeros((STUB_HEADS * d, h), np.float32)
+                           for n in "qkv"},
+                        p + "self_attn.o_proj.weight": np.zeros((h, STUB_HEADS * d), np.float32)})
+        if not layer.ffn:
+            p = f"model.layers.{i}."
+            out.update({p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+                        p + "mlp.gate_proj.weight": np.zeros((STUB_FFN, h), np.float32),
+                        p + "mlp.up_proj.weight": np.zeros((STUB_FFN, h), np.float32),
+                        p + "mlp.down_proj.weight": np.zeros((h, STUB_FFN), np.float32)})
     return out
 
 
@@ -205,7 +260,7 @@ def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: Ma
     """Refuse (one line) unless the weights (``{name: shape}``) are exactly what the config and the
     manifest describe."""
     for i, layer in enumerate(shape.layers):
-        if layer.kv_heads < 1 or layer.heads % layer.kv_heads:
+        if layer.heads and (layer.kv_heads < 1 or layer.heads % layer.kv_heads):
             raise ExportError(f"layer {i}: {layer.heads} query heads do not split over {layer.kv_heads} kv heads")
     want = expected_shapes(shape)
     missing = sorted(set(want) - set(tensors))
@@ -298,7 +353,7 @@ def _special_tokens(folder: Path) -> tuple[dict[str, int], bool, bool]:
 
 # Writing ----------------------------------------------------------------------------------------
 def _write_params(writer, gguf, config: JSONObject, shape: Shape, dtype: str) -> None:
-    layers = shape.layers
+    layers = written_layers(shape)
     writer.add_name(config.get("_name_or_path") or "hf-oto pruned model")
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(shape.hidden)
@@ -431,6 +486,11 @@ def _gguf_plan(gguf, arch: str, config, shape: Shape, dtype: str):
         factors = _llama3_factors(rope, shape.head_dim)
         yield PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, np.float32,
                             None, lambda _tensors, f=factors: f)
+    stubs = _stubs(shape)
+    for hf_name, value in stubs.items():
+        np_dtype, qtype = _storage(gguf, dtype, value.shape)
+        yield PlannedTensor(names.get_name(hf_name, try_suffixes=(".weight",)), value.shape, np_dtype, qtype,
+                            lambda _tensors, v=value: v)
     for hf_name, dims in expected_shapes(shape).items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         if name is None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from hf_oto.manifest import Manifest
 
 LABELS = {"attention_head": "attention heads", "kv_group": "kv groups", "query_head": "query heads per kv group",
-          "ffn_channel": "FFN channels", "expert_channel": "expert channels", "layer": "whole layer"}
+          "ffn_channel": "FFN channels", "expert_channel": "expert channels", "layer": "whole layer",
+          "attention_block": "attention block", "mlp_block": "MLP block"}
 
 
 def kept_by_layer(manifest: Manifest) -> dict[str, dict[int, tuple[int, int]]]:

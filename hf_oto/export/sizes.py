@@ -105,8 +105,8 @@ def size_space(model: nn.Module, data: JSONObject) -> PruningSpace:
     from hf_oto.groups.exclude import exclude_groups
 
     s = data["space"]
-    space = exclude_groups(with_granularity(model, discover_groups(model), s["granularity"]), s["exclude"],
-                           s["layout"])
+    space = with_granularity(model, discover_groups(model), s["granularity"], s["layout"])
+    space = exclude_groups(space, s["exclude"], s["layout"])
     if len(space) != s["groups"]:
         raise ExportError(f"the run's model gives {len(space)} groups, the run planned on {s['groups']}")
     return space

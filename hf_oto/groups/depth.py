@@ -18,28 +18,40 @@ from torch import nn
 
 from hf_oto.errors import ConfigError
 from hf_oto.groups.probe import meta_twin
-from hf_oto.groups.space import GroupSet, PruningSpace, SliceSpec, layer_fields, layer_signature, representatives
+from hf_oto.groups.space import (
+    BlockInfo,
+    GroupSet,
+    PruningSpace,
+    SliceSpec,
+    layer_fields,
+    layer_signature,
+    representatives,
+)
+from hf_oto.subnet.remote_code import remove_blocks
 
 Granularity = Literal["width", "depth", "both"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 
 
-def with_granularity(model: nn.Module, space: PruningSpace, granularity: str) -> PruningSpace:
+def with_granularity(model: nn.Module, space: PruningSpace, granularity: str, layout: str = "uniform") -> PruningSpace:
     """``space`` for ``granularity``: ``"width"`` (heads and channels, as discovered), ``"depth"``
-    (whole layers only: the width sets stay, unprunable, for the record) or ``"both"``."""
+    (whole layers, and with a per-layer ``layout`` whole attention and MLP blocks too: the width sets
+    stay, unprunable, for the record) or ``"both"``. A ``"uniform"`` layout promises a stock config,
+    which can drop whole layers but cannot say that one layer has no attention or no MLP."""
     if granularity not in GRANULARITIES:
         raise ConfigError(f"pruning_granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "width":
         return space
     layers = layer_sets(model, space)
-    if not any(gs.prunable for gs in layers):
+    blocks = block_sets(model, space) if layout != "uniform" else []
+    if not any(gs.prunable for gs in layers + blocks):
         raise ConfigError(f"pruning_granularity {granularity!r}: no decoder layer of this model can be removed "
                           f"({layers[0].reason if layers else 'no decoder layers found'})")
     sets = list(space.sets)
     if granularity == "depth":
         sets = [s if not s.prunable else dataclasses.replace(s, prunable=False, reason="pruning_granularity 'depth'")
                 for s in sets]
-    sets += layers
+    sets += layers + blocks
     sets.sort(key=lambda s: (s.layer, {"layer": 0, "attention": 1, "mlp": 2}[s.block], s.prefix, s.kind))
     return dataclasses.replace(space, sets=sets)
 
@@ -141,3 +153,153 @@ def _not_identity(model: nn.Module, layer: nn.Module) -> str:
     if seen["in"].shape != seen["out"].shape or not torch.equal(seen["in"], seen["out"]):
         return "with its weights zeroed the layer does not pass its input through (post-norm residual)"
     return ""
+
+
+def block_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
+    """One ``"attention_block"`` and one ``"mlp_block"`` set (a single group each) per decoder layer: the
+    child module of the layer that holds the block's heads or channels, with the norms only it reads.
+
+    Offered where it is measured to be exact: per distinct layer structure, the layer with the block's
+    weights zeroed must compute bit for bit what it computes with the block replaced by the no-op the
+    export ships (:class:`~hf_oto.subnet.remote_code.NoOpBlock`) and its norms by identities."""
+    layers = model.get_submodule(space.layers_path)
+    signatures = [layer_signature(layer) for layer in layers]
+    probed = {sig: _block_facts(model, space, i) for sig, i in representatives(signatures).items()}
+    out = []
+    for i, layer in enumerate(layers):
+        for block, (info, why) in probed[signatures[i]].items():
+            prefix = f"{space.layers_path}.{i}"
+            names = (info.module, *info.norms)
+            params = [(f"{prefix}.{m}.{n}", p) for m in names for n, p in layer.get_submodule(m).named_parameters()]
+            if any(p.dim() == 0 for _, p in params):
+                why = why or "the block holds a scalar parameter"
+            slices = [SliceSpec(name, 0, torch.arange(p.shape[0]).view(1, -1)) for name, p in params if p.dim() > 0]
+            out.append(GroupSet(f"{prefix}.{info.module}", f"{block}_block", i, block, slices,
+                                sum(p.numel() for _, p in params), prunable=not why and bool(slices), reason=why,
+                                info=info))
+    return out
+
+
+def _block_modules(space: PruningSpace, layer: int) -> dict[str, str]:
+    """"attention"/"mlp" -> the child of decoder layer ``layer`` that holds that block's groups."""
+    head = f"{space.layers_path}.{layer}."
+    out: dict[str, str] = {}
+    for gs in space.sets:
+        if gs.layer == layer and gs.block in ("attention", "mlp") and gs.prefix.startswith(head):
+            out.setdefault(gs.block, gs.prefix[len(head):].split(".")[0])
+    if len(set(out.values())) < len(out):
+        return {}  # one module holds both blocks: neither can leave alone
+    return out
+
+
+def _norm_owners(model: nn.Module, layer: nn.Module, modules: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """block -> the layer's other children that only it reads: their output is the block's input, or their
+    input is the block's output (a norm applied to what the block adds, as Gemma-2 does)."""
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def hook(name):
+        def fn(_m, args, kwargs, output):
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            seen[name] = {"in": x, "out": y}
+        return fn
+
+    children = dict(layer.named_children())
+    for name, child in children.items():
+        handles.append(child.register_forward_hook(hook(name), with_kwargs=True))
+    try:
+        _run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    block_of = {m: b for b, m in modules.items()}
+    readers: dict[str, set[str]] = {}
+    for name in children:
+        if name in block_of or name not in seen:
+            continue
+        for m, b in block_of.items():
+            if m not in seen:
+                continue
+            if _same(seen[name]["out"], seen[m]["in"]) or _same(seen[name]["in"], seen[m]["out"]):
+                readers.setdefault(name, set()).add(b)
+    return {b: tuple(n for n, bs in readers.items() if bs == {b}) for b in modules}
+
+
+def _same(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
+@torch.no_grad()
+def _block_facts(model: nn.Module, space: PruningSpace, i: int) -> dict[str, tuple[BlockInfo, str]]:
+    """For layer ``i``'s attention and MLP blocks: how each leaves (:class:`BlockInfo`), and why it cannot
+    ("" when it can)."""
+    layer = model.get_submodule(space.layers_path)[i]
+    modules = _block_modules(space, i)
+    if any(p.is_meta for p in layer.parameters()):
+        return {b: (BlockInfo(m), "") for b, m in modules.items()}  # pre-flight: the real model is probed later
+    owners = _norm_owners(model, layer, modules)
+    out = {}
+    for block, name in modules.items():
+        info = BlockInfo(name, owners.get(block, ()), 0)
+        parts = [layer.get_submodule(n) for n in (name, *info.norms)]
+        params = [p for part in parts for p in part.parameters()]
+        saved = [p.detach().clone() for p in params]
+        shape: dict[str, int] = {}
+
+        def arity(_m, _args, output, shape=shape):
+            shape["n"] = len(output) if isinstance(output, (tuple, list)) else 0
+
+        handle = layer.get_submodule(name).register_forward_hook(arity)
+        try:
+            for p in params:
+                p.zero_()
+            zeroed = _layer_output(model, layer)
+        finally:
+            handle.remove()
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
+        info = BlockInfo(name, info.norms, shape.get("n", 0))
+        originals = {n: layer.get_submodule(n) for n in (name, *info.norms)}
+        try:
+            remove_blocks(layer, {name: {"outputs": info.outputs, "norms": list(info.norms),
+                                         "attention": block == "attention"}})
+            replaced = _layer_output(model, layer)
+        except Exception as e:  # noqa: BLE001 - a layer that cannot run without the block keeps it
+            replaced, why = None, f"the layer cannot run without its {block} block ({type(e).__name__})"
+        finally:
+            for n, m in originals.items():
+                setattr(layer, n, m)
+        if replaced is not None:
+            why = "" if _same(zeroed, replaced) else (
+                f"with its {block} block's weights zeroed the layer does not compute what it computes without it")
+        out[block] = (info, why)
+    return out
+
+
+def _layer_output(model: nn.Module, layer: nn.Module) -> torch.Tensor | None:
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _args, output):
+        y = output[0] if isinstance(output, (tuple, list)) else output
+        seen["out"] = y.detach().clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        _run(model)
+    finally:
+        handle.remove()
+    return seen.get("out")
+
+
+def _run(model: nn.Module) -> None:
+    """One short forward pass in evaluation mode (the probes' input)."""
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    device = next(model.parameters()).device
+    ids = (torch.arange(5, device=device).view(1, -1) * 7 + 3) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.train(was_training)

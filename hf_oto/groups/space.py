@@ -20,15 +20,19 @@ from torch import nn
 
 from hf_oto.io import JSONObject
 
-Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "expert", "layer"]
+Kind = Literal["attention_head", "kv_group", "query_head", "ffn_channel", "expert_channel", "expert", "layer",
+               "attention_block", "mlp_block"]
 KINDS: tuple[str, ...] = get_args(Kind)
+# Whole blocks (depth pruning): one group per decoder layer owning every parameter of the layer, of its
+# attention block or of its MLP block (the block's module with the norms that only it uses).
+WHOLE_KINDS: tuple[str, ...] = ("layer", "attention_block", "mlp_block")
 FFN_KINDS: tuple[str, ...] = ("ffn_channel", "expert_channel")  # the kinds whose sets are FFN widths
 # Expert widths stay multiples of this (grouped-mm kernels need 16-byte aligned strides).
 EXPERT_MULTIPLE = 8
 # An "expert" group is one whole routed expert with its router row (:mod:`hf_oto.groups.experts`): it
 # overlaps that expert's channels. A "layer" group is a whole decoder layer (depth pruning,
 # :mod:`hf_oto.groups.depth`): it owns every parameter of the layer, so it overlaps the layer's heads
-# and channels.
+# and channels; an "attention_block" or "mlp_block" group overlaps the heads or channels of its block.
 Block = Literal["attention", "mlp", "layer"]
 # How per-layer sizes may differ, one vocabulary for planner, sub-network and trainer: "uniform" keeps
 # equal counts in every layer (the stock config), "per_layer_ffn" keeps attention uniform and lets each
@@ -105,6 +109,8 @@ def kept_uniform(layout: str, block: str, kind: str = "") -> bool:
     the same number of experts in every layout, since one config field counts them)."""
     if kind == "expert":
         return True
+    if kind in WHOLE_KINDS:
+        return False
     return block != "layer" and (layout == "uniform" or (layout == "per_layer_ffn" and block == "attention"))
 
 
@@ -136,6 +142,20 @@ class FFNInfo:
 
     def renamed(self, move: Callable[[str], str]) -> FFNInfo:
         return dataclasses.replace(self, producers=tuple(map(move, self.producers)), consumer=move(self.consumer))
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """How a whole attention or MLP block leaves: its module (relative to the decoder layer) gives way to
+    a no-op that returns zeros shaped as it returned them (``outputs``: 0 for a bare tensor, n for a tuple
+    of n whose first entry is the hidden states), and the norms that only it reads become identities."""
+
+    module: str
+    norms: tuple[str, ...] = ()
+    outputs: int = 0
+
+    def renamed(self, move: Callable[[str], str]) -> BlockInfo:
+        return self
 
 
 @dataclass(frozen=True)
@@ -196,7 +216,7 @@ class GroupSet:
     reason: str = ""
     # Facts the planner and the sub-network step need (head counts, which config field sets a width);
     # None for the placeholder record of a structure that is not prunable.
-    info: AttentionInfo | FFNInfo | ExpertInfo | None = None
+    info: AttentionInfo | FFNInfo | ExpertInfo | BlockInfo | None = None
     # FFN channels leave in aligned blocks of this many (j // align): set where the consumer's input is
     # quantized in groups of that width (QFA), so a removed block is a whole quantization group.
     align: int = 1
@@ -310,8 +330,10 @@ class PruningSpace(Sequence[Group]):
     @property
     def prunable_params(self) -> int:
         """Parameters owned by prunable groups, each counted once: overlapping query heads once per kv
-        group, and a layer whose whole-layer group is prunable as all of its parameters."""
-        width: dict[int, int] = defaultdict(int)
+        group, a block whose whole-block group is prunable as all of its parameters, and a layer whose
+        whole-layer group is prunable as all of its parameters."""
+        width: dict[tuple[int, str], int] = defaultdict(int)
+        whole_block: dict[tuple[int, str], int] = {}
         whole: dict[int, int] = {}
         inner = expert_channel_sets(self.sets)
         for k, gs in enumerate(self.sets):
@@ -319,18 +341,40 @@ class PruningSpace(Sequence[Group]):
                 continue
             if gs.kind == "layer":
                 whole[gs.layer] = gs.params_per_group
+            elif gs.kind in WHOLE_KINDS:
+                whole_block[(gs.layer, gs.block)] = gs.params_per_group
             elif gs.kind == "expert":  # less what the expert's prunable channels own already
-                width[gs.layer] += gs.count * gs.params_per_group - sum(
+                width[(gs.layer, gs.block)] += gs.count * gs.params_per_group - sum(
                     self.sets[c].count * self.sets[c].params_per_group for c in inner.get(k, {}).values()
                     if self.sets[c].prunable)
             else:
-                width[gs.layer] += gs.count * gs.params_per_group
-        return sum(whole.get(layer, n) for layer, n in width.items()) + sum(
-            n for layer, n in whole.items() if layer not in width)
+                width[(gs.layer, gs.block)] += gs.count * gs.params_per_group
+        per_layer: dict[int, int] = defaultdict(int)
+        for key in set(width) | set(whole_block):
+            per_layer[key[0]] += whole_block.get(key, width.get(key, 0))
+        return sum(whole.get(layer, n) for layer, n in per_layer.items()) + sum(
+            n for layer, n in whole.items() if layer not in per_layer)
+
+    def block_sets(self) -> dict[tuple[int, str], int]:
+        """(decoder layer, "attention" or "mlp") -> the index of that block's whole-block set."""
+        return {(gs.layer, gs.block): k for k, gs in enumerate(self.sets)
+                if gs.kind in WHOLE_KINDS and gs.kind != "layer"}
 
     def layer_sets(self) -> dict[int, int]:
         """Decoder layer -> the index of its whole-layer set (layers without one are absent)."""
         return {gs.layer: k for k, gs in enumerate(self.sets) if gs.kind == "layer"}
+
+    def gone_blocks(self, removed: Sequence[set[int]]) -> tuple[set[int], set[tuple[int, str]]]:
+        """Given each set's removed groups: the decoder layers that leave whole (their layer group is
+        removed, or both of their blocks are and the layer could leave: it then passes its input
+        through), and the (layer, block) pairs removed in the layers that stay."""
+        layers = {gs.layer for gs, rm in zip(self.sets, removed, strict=True) if gs.kind == "layer" and rm}
+        blocks = {(gs.layer, gs.block) for gs, rm in zip(self.sets, removed, strict=True)
+                  if gs.kind in WHOLE_KINDS and gs.kind != "layer" and rm}
+        for gs in self.sets:
+            if gs.kind == "layer" and gs.prunable and {(gs.layer, "attention"), (gs.layer, "mlp")} <= blocks:
+                layers.add(gs.layer)
+        return layers, {b for b in blocks if b[0] not in layers}
 
     def summary(self) -> list[JSONObject]:
         """One row per (layer, kind): counts, params per group, prunable and why not."""

@@ -21,6 +21,7 @@ from hf_oto.groups.space import (
     EXPERT_MULTIPLE,
     FFN_KINDS,
     LAYOUTS,
+    WHOLE_KINDS,
     ExpertInfo,
     FFNInfo,
     GroupSet,
@@ -92,11 +93,13 @@ class Plan:
             if "kv_group" in kinds and "query_head" in kinds:
                 self._partner[kinds["kv_group"]] = kinds["query_head"]
                 self._partner[kinds["query_head"]] = kinds["kv_group"]
-        # whole-layer sets overlap every set of their layer: a removed layer frees all of its parameters
+        # whole-layer sets overlap every set of their layer, whole-block sets every set of their block:
+        # a removed layer or block frees all of its parameters
         self._whole = self.space.layer_sets()
+        self._blocks = self.space.block_sets()
         self._in_layer: dict[int, list[int]] = defaultdict(list)
         for k, gs in enumerate(self.space.sets):
-            if gs.kind != "layer":
+            if gs.kind not in WHOLE_KINDS:
                 self._in_layer[gs.layer].append(k)
         # whole-expert sets overlap their experts' channel sets: a removed expert frees all of its channels
         self._inner = expert_channel_sets(self.space.sets)
@@ -130,8 +133,19 @@ class Plan:
         return q.params_per_group // q.attention.num_kv_heads
 
     def layer_gone(self, layer: int) -> bool:
-        """Whether this plan removes the whole decoder layer."""
+        """Whether this plan removes the whole decoder layer (its layer group, or both of its blocks)."""
         k = self._whole.get(layer)
+        if k is None:
+            return False
+        if self.removed[k]:
+            return True
+        a, m = self._blocks.get((layer, "attention")), self._blocks.get((layer, "mlp"))
+        return (self.space.sets[k].prunable and a is not None and m is not None
+                and bool(self.removed[a]) and bool(self.removed[m]))
+
+    def block_gone(self, layer: int, block: str) -> bool:
+        """Whether this plan removes the whole attention or MLP block of ``layer``."""
+        k = self._blocks.get((layer, block))
         return k is not None and bool(self.removed[k])
 
     def expert_gone(self, k: int) -> bool:
@@ -142,9 +156,15 @@ class Plan:
     def gain(self, k: int, chunk: Sequence[int]) -> int:
         """Params removed by taking the groups ``chunk`` of set k now."""
         gs, count = self.space.sets[k], len(chunk)
-        if gs.kind == "layer":
-            return gs.params_per_group - self._width_pruned(gs.layer) if count and not self.removed[k] else 0
-        if self.layer_gone(gs.layer) or self.expert_gone(k):
+        if gs.kind in WHOLE_KINDS:
+            if not count or self.removed[k] or self.layer_gone(gs.layer):
+                return 0
+            before = self._layer_pruned(gs.layer)
+            self.removed[k].update(chunk)
+            after = self._layer_pruned(gs.layer)
+            self.removed[k].difference_update(chunk)
+            return after - before
+        if self.layer_gone(gs.layer) or self.block_gone(gs.layer, gs.block) or self.expert_gone(k):
             return 0
         if gs.kind == "expert":
             inner = self._inner.get(k, {})
@@ -157,21 +177,30 @@ class Plan:
     def _channels_pruned(self, c: int | None) -> int:
         return 0 if c is None else len(self.removed[c]) * self.space.sets[c].params_per_group
 
-    def _width_pruned(self, layer: int) -> int:
+    def _width_pruned(self, layer: int, block: str) -> int:
         total = 0
         for k in self._in_layer.get(layer, ()):
             gs = self.space.sets[k]
-            if self.expert_gone(k):
-                continue  # counted whole with the expert
+            if gs.block != block or self.expert_gone(k):
+                continue  # another block's, or counted whole with the expert
             total += len(self.removed[k]) * gs.params_per_group
             if gs.kind == "kv_group" and k in self._partner:
                 total -= len(self.removed[k]) * len(self.removed[self._partner[k]]) * self._overlap(k)
         return total
 
+    def _layer_pruned(self, layer: int) -> int:
+        if self.layer_gone(layer):
+            return self.space.sets[self._whole[layer]].params_per_group
+        total = 0
+        for block in ("attention", "mlp"):
+            k = self._blocks.get((layer, block))
+            total += (self.space.sets[k].params_per_group if k is not None and self.removed[k]
+                      else self._width_pruned(layer, block))
+        return total
+
     def pruned_params(self) -> int:
-        layers = set(self._in_layer) | set(self._whole)
-        return sum(self.space.sets[self._whole[layer]].params_per_group if self.layer_gone(layer)
-                   else self._width_pruned(layer) for layer in layers)
+        layers = set(self._in_layer) | set(self._whole) | {layer for layer, _ in self._blocks}
+        return sum(self._layer_pruned(layer) for layer in layers)
 
 
 def _min_keep(gs: GroupSet, min_keep: int, multiple: int) -> int:
@@ -254,8 +283,8 @@ def build_items(space: PruningSpace, scores: torch.Tensor, plan: Plan, rules: Bu
         off = space.set_offset(k)
         alive = [j for j in range(gs.count) if j not in plan.removed[k]]
         alive.sort(key=lambda j: (values[off + j], j))
-        if gs.kind == "layer":
-            per_set.append([alive])  # one group: the whole layer, or nothing left to take
+        if gs.kind in WHOLE_KINDS:
+            per_set.append([alive] if alive else [])  # one group: the whole layer or block, if not taken yet
             continue
         if isinstance(gs.info, ExpertInfo) and gs.info.blocks > 1:
             per_set.append(_block_steps(gs, alive, max(min_keep, gs.info.top_k)))
@@ -454,8 +483,10 @@ def repair_head_counts(plan: Plan, locked: list[set[int]], taken: dict[tuple[int
     """
     by_prefix: dict[str, dict[str, int]] = defaultdict(dict)
     for k, gs in enumerate(plan.space.sets):
-        if (gs.block == "attention" and gs.prunable and gs.attention.valid_counts is not None
-                and not plan.layer_gone(gs.layer)):  # a removed layer has no head count to keep
+        if (gs.block == "attention" and gs.prunable and gs.kind not in WHOLE_KINDS
+                and gs.attention.valid_counts is not None
+                and not plan.layer_gone(gs.layer) and not plan.block_gone(gs.layer, "attention")):
+            # a removed layer or attention block has no head count to keep
             by_prefix[gs.prefix][gs.kind] = k
     repaired: set[int] = set()
     sets = plan.space.sets

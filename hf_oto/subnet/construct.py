@@ -15,7 +15,9 @@ from hf_oto.groups.names import unwrap_peft
 from hf_oto.groups.space import (
     EXPERT_MULTIPLE,
     LAYOUTS,
+    WHOLE_KINDS,
     AttentionInfo,
+    BlockInfo,
     ExpertInfo,
     GroupSet,
     Layout,
@@ -28,7 +30,7 @@ from hf_oto.groups.space import (
 )
 from hf_oto.io import JSONObject
 from hf_oto.manifest import Manifest, SetRecord
-from hf_oto.subnet.remote_code import LAYERS_KEY, build_layers
+from hf_oto.subnet.remote_code import LAYERS_KEY, NO_OP_KEY, build_layers
 
 
 @dataclass
@@ -63,9 +65,9 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
         )
     zero = group_is_zero(model, space)
     removed = _removed_groups(space, zero)
-    gone = removed_layers(space, removed)
-    _pad_ragged(space, removed, layout, gone)
-    overrides = [o for i, o in enumerate(_layer_overrides(space, removed)) if i not in gone]
+    gone, blocks = space.gone_blocks(removed)
+    _pad_ragged(space, removed, layout, gone, blocks)
+    overrides = [o for i, o in enumerate(_layer_overrides(space, removed, blocks)) if i not in gone]
 
     config = copy.deepcopy(base.config)
     drop_dequantized_marks(config)
@@ -73,9 +75,11 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     values: dict[str, set] = defaultdict(set)
     for o in overrides:
         for key, value in o.items():
-            values[key].add(value)
+            if key != NO_OP_KEY:
+                values[key].add(value)
     # One value per field: DeepSeek's dense layers set intermediate_size, its MoE layers moe_intermediate_size.
-    uniform = all(len(v) == 1 for v in values.values())
+    # A layer without its attention or MLP block is always described per layer.
+    uniform = all(len(v) == 1 for v in values.values()) and not blocks
     if uniform:
         for key, value in values.items():
             setattr(config, key, next(iter(value)))
@@ -86,14 +90,16 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
             "layers": overrides,
             "base_class": type(base).__name__,
         })
-    state = _renamed(_sliced_state(base, space, removed), space.layers_path, renumber)
+    state = _renamed(_without_blocks(_sliced_state(base, space, removed), space, blocks), space.layers_path,
+                     renumber)
     new = _build(base, config, state, _renamed({n: n for n, _ in base.named_buffers()}, space.layers_path, renumber))
 
     manifest = Manifest(
         model_type=space.model_type, params_before=space.total_params,
         params_after=sum(p.numel() for p in new.parameters()), layout="uniform" if uniform else "per-layer",
         sets=tuple(SetRecord(gs.prefix, gs.kind, gs.layer, gs.count,
-                             () if gs.layer in gone else tuple(j for j in range(gs.count) if j not in rm))
+                             () if gs.layer in gone or (gs.layer, gs.block) in blocks
+                             else tuple(j for j in range(gs.count) if j not in rm))
                    for gs, rm in zip(space.sets, removed, strict=True)),
         flops_per_token_before=linear_flops_per_token(base), flops_per_token_after=linear_flops_per_token(new),
     )
@@ -138,8 +144,17 @@ def _removed_groups(space: PruningSpace, zero: torch.Tensor) -> list[set[int]]:
 
 
 def removed_layers(space: PruningSpace, removed: list[set[int]]) -> set[int]:
-    """The decoder layers whose whole-layer group is removed (they leave the sub-network)."""
-    return {gs.layer for gs, rm in zip(space.sets, removed, strict=True) if gs.kind == "layer" and rm}
+    """The decoder layers that leave the sub-network (see :meth:`PruningSpace.gone_blocks`)."""
+    return space.gone_blocks(removed)[0]
+
+
+def _without_blocks(state: dict[str, torch.Tensor], space: PruningSpace,
+                    blocks: set[tuple[int, str]]) -> dict[str, torch.Tensor]:
+    """``state`` without the weights of removed attention and MLP blocks (their modules and norms)."""
+    heads = tuple(f"{space.layers_path}.{gs.layer}.{m}." for gs in space.sets
+                  if (gs.layer, gs.block) in blocks and isinstance(gs.info, BlockInfo)
+                  for m in (gs.info.module, *gs.info.norms))
+    return {n: t for n, t in state.items() if not n.startswith(heads)} if heads else state
 
 
 def _keep_at_least_one(gs: GroupSet, gone: set[int]) -> None:
@@ -147,13 +162,14 @@ def _keep_at_least_one(gs: GroupSet, gone: set[int]) -> None:
     # An MoE block keeps top-k experts, the lowest-numbered zeroed ones first (the live model's routing
     # rule: hf_oto.groups.experts.dead_experts).
     keep = gs.info.top_k if isinstance(gs.info, ExpertInfo) else 1
-    while gone and gs.count - len(gone) < keep and gs.kind != "layer":
+    while gone and gs.count - len(gone) < keep and gs.kind not in WHOLE_KINDS:
         gone.discard(min(gone))
 
 
-def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout, gone_layers: set[int]) -> None:
-    """Re-admit zero groups where a config cannot express different sizes (layers that leave whole
-    do not count)."""
+def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout, gone_layers: set[int],
+                gone_blocks: set[tuple[int, str]]) -> None:
+    """Re-admit zero groups where a config cannot express different sizes (layers and blocks that leave
+    whole do not count)."""
     for gs, gone in zip(space.sets, removed, strict=True):
         _keep_at_least_one(gs, gone)
     for _ in range(2):  # each pass can only re-admit; the second finds the widths the first agreed on
@@ -161,7 +177,8 @@ def _pad_ragged(space: PruningSpace, removed: list[set[int]], layout: Layout, go
         _valid_head_counts(space, removed)
         by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
         for k, gs in enumerate(space.sets):
-            if kept_uniform(layout, gs.block, gs.kind) and gs.layer not in gone_layers:
+            if (kept_uniform(layout, gs.block, gs.kind) and gs.layer not in gone_layers
+                    and (gs.layer, gs.block) not in gone_blocks):
                 by_kind[(gs.kind, layer_relative(gs.prefix))].append(k)
         for (kind, _), ks in by_kind.items():
             if kind == "expert":
@@ -240,11 +257,18 @@ def _readmit(gs: GroupSet, gone: set[int], keep: int) -> None:
         gone.discard(min(gone))
 
 
-def _layer_overrides(space: PruningSpace, removed: list[set[int]]) -> list[JSONObject]:
+def _layer_overrides(space: PruningSpace, removed: list[set[int]], blocks: set[tuple[int, str]]) -> list[JSONObject]:
     overrides: list[JSONObject] = [{} for _ in range(space.num_layers)]
     attn: dict[tuple[int, str], dict[str, int]] = defaultdict(dict)
     for gs, gone in zip(space.sets, removed, strict=True):
         kept = gs.count - len(gone)
+        if (gs.layer, gs.block) in blocks:
+            if isinstance(gs.info, BlockInfo):
+                overrides[gs.layer].setdefault(NO_OP_KEY, {})[gs.info.module] = {
+                    "outputs": gs.info.outputs, "norms": list(gs.info.norms), "attention": gs.block == "attention"}
+            continue  # the block is gone: its widths say nothing
+        if gs.kind in WHOLE_KINDS:
+            continue
         if gs.block == "attention" and gs.prunable:
             info = gs.attention
             attn[(gs.layer, gs.prefix)][gs.kind] = kept
@@ -275,8 +299,8 @@ def kept_slices(space: PruningSpace, removed: list[set[int]]) -> dict[tuple[str,
     """(param, dim, expert) -> sorted kept indices, for every sliced tensor, given each set's removed groups."""
     gone: dict[tuple[str, int, int | None], set[int]] = defaultdict(set)
     for gs, rm in zip(space.sets, removed, strict=True):
-        if gs.kind == "layer":
-            continue  # a removed layer leaves whole (_drop_layers), it is not sliced
+        if gs.kind in WHOLE_KINDS:
+            continue  # a removed layer or block leaves whole (_drop_layers, _without_blocks), it is not sliced
         for spec in gs.slices:
             key = (spec.param, spec.dim, spec.expert)
             gone[key]  # noqa: B018 - register the key even when nothing is removed

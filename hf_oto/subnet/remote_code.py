@@ -13,10 +13,13 @@ from __future__ import annotations
 import copy
 import inspect
 
+import torch
 import transformers
 from torch import nn
 
 LAYERS_KEY = "hf_oto_layers"
+# In a layer's entry of ``hf_oto_layers``: module name -> how that removed block is replaced (NoOpBlock).
+NO_OP_KEY = "no_op"
 
 
 class _Attrs(dict):
@@ -48,6 +51,59 @@ class DeciLMConfig(transformers.LlamaConfig):
         self.block_configs = _attrs(list(block_configs or []))
 
 
+class NoOpBlock(nn.Module):
+    """A removed attention or MLP block: it returns zeros shaped as the block's output was (a bare tensor,
+    or a tuple of ``outputs`` entries whose first is the hidden states and the rest None), which is what
+    the block computed with every weight zeroed. A removed attention block still records the sequence
+    length in the KV cache (one zero head of width 1), so positions stay right: transformers reads the
+    sequence length from layer 0's cache."""
+
+    def __init__(self, outputs: int = 0, layer_idx: int | None = None):
+        super().__init__()
+        self.outputs, self.layer_idx = outputs, layer_idx
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
+        if self.layer_idx is not None and cache is not None and hasattr(cache, "update"):
+            stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)  # caches count an empty tensor as no tokens
+            cache.update(stub, stub, self.layer_idx)
+        zeros = torch.zeros_like(x)
+        return (zeros,) + (None,) * (self.outputs - 1) if self.outputs else zeros
+
+
+def remove_blocks(layer: nn.Module, no_op: dict) -> None:
+    """Replace the blocks named in ``no_op`` (module name -> {"outputs", "norms", "attention"}) in ``layer``."""
+    for name, spec in no_op.items():
+        old = layer.get_submodule(name)
+        idx = getattr(old, "layer_idx", getattr(layer, "layer_idx", None)) if spec.get("attention") else None
+        setattr(layer, name, NoOpBlock(int(spec.get("outputs", 0)), idx))
+        for norm in spec.get("norms", ()):
+            setattr(layer, norm, nn.Identity())
+
+
+# What a removed block of a DeciLM (Llama) layer is: Llama's attention returns (output, weights) and reads
+# input_layernorm; its MLP returns a tensor and reads post_attention_layernorm.
+DECI_NO_OP = {"attention": ("self_attn", {"outputs": 2, "norms": ["input_layernorm"], "attention": True}),
+              "ffn": ("mlp", {"outputs": 0, "norms": ["post_attention_layernorm"], "attention": False})}
+
+
+def _deci_layer(block: dict, heads: int) -> dict:
+    out: dict = {"num_attention_heads": heads}
+    no_op = {}
+    for part, (name, spec) in DECI_NO_OP.items():
+        if block[part].get("no_op"):
+            no_op[name] = spec
+    if not block["attention"].get("no_op"):
+        out["num_key_value_heads"] = heads // block["attention"]["n_heads_in_group"]
+    if not block["ffn"].get("no_op"):
+        out["intermediate_size"] = block["ffn"]["intermediate_size"]
+    if no_op:
+        out[NO_OP_KEY] = no_op
+    return out
+
+
 def layer_overrides(config) -> list[dict]:
     """Each decoder layer's own config values (an empty dict where the layer is stock)."""
     spec = getattr(config, LAYERS_KEY, None)
@@ -56,10 +112,7 @@ def layer_overrides(config) -> list[dict]:
     blocks = getattr(config, "block_configs", None)
     if not blocks:
         return []
-    heads = config.num_attention_heads
-    return [{"num_attention_heads": heads,
-             "num_key_value_heads": heads // b["attention"]["n_heads_in_group"],
-             "intermediate_size": b["ffn"]["intermediate_size"]} for b in blocks]
+    return [_deci_layer(b, config.num_attention_heads) for b in blocks]
 
 
 def flat_config(config):
@@ -84,14 +137,18 @@ def build_layers(model: nn.Module, config) -> nn.Module:
         path = path[len(prefix) + 1:]
     layers = model.get_submodule(path)
     for i, values in enumerate(overrides):
-        if not values:
-            continue
-        layer_config = copy.deepcopy(config)
-        for key, value in values.items():
-            setattr(layer_config, key, value)
-        cls = type(layers[i])
-        accepts_idx = "layer_idx" in inspect.signature(cls.__init__).parameters
-        layers[i] = cls(layer_config, layer_idx=i) if accepts_idx else cls(layer_config)
+        no_op = values.get(NO_OP_KEY)
+        # None: the config has no such field at the top level (a removed block's layer lists its fields so)
+        values = {k: v for k, v in values.items() if k != NO_OP_KEY and v is not None}
+        if values:
+            layer_config = copy.deepcopy(config)
+            for key, value in values.items():
+                setattr(layer_config, key, value)
+            cls = type(layers[i])
+            accepts_idx = "layer_idx" in inspect.signature(cls.__init__).parameters
+            layers[i] = cls(layer_config, layer_idx=i) if accepts_idx else cls(layer_config)
+        if no_op:
+            remove_blocks(layers[i], no_op)
     return model
 
 

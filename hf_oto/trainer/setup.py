@@ -31,7 +31,7 @@ def check_format_and_layout(export_format: str, layout: str, model_type: str) ->
 def pruning_space(model: torch.nn.Module, args: HFOTOTrainingArguments) -> PruningSpace:
     """The groups the arguments make prunable: discovery, then ``pruning_granularity`` and ``prune_experts``,
     then ``pruning_exclude``."""
-    space = with_granularity(model, discover_groups(model), args.pruning_granularity)
+    space = with_granularity(model, discover_groups(model), args.pruning_granularity, args.pruning_layout)
     if args.prune_experts:
         if args.pruning_granularity == "depth":
             raise ConfigError("prune_experts adds whole experts to the width groups: use pruning_granularity 'width' "
