@@ -500,10 +500,17 @@ def kept_shape(c) -> dict[str, Any]:
     if not per_layer(c):
         return {"heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size}
     layers = full_layers(c)
-    first = layers[0]
-    return {"heads": first.get("num_attention_heads", c.num_attention_heads),
-            "kv_heads": first.get("num_key_value_heads", c.num_key_value_heads),
-            "ffn": [o.get("intermediate_size", c.intermediate_size) for o in layers]}
+    gone = [{("attention" if spec.get("attention") else "mlp") for spec in (o.get("no_op") or {}).values()}
+            for o in layers]
+    first = next((o for o, g in zip(layers, gone, strict=True) if "attention" not in g), layers[0])
+    out = {"heads": first.get("num_attention_heads", c.num_attention_heads),
+           "kv_heads": first.get("num_key_value_heads", c.num_key_value_heads),
+           "ffn": [0 if "mlp" in g else o.get("intermediate_size", c.intermediate_size)
+                   for o, g in zip(layers, gone, strict=True)]}
+    for block in ("attention", "mlp"):
+        if any(block in g for g in gone):
+            out[f"no_{block}"] = sum(block in g for g in gone)
+    return out
 
 
 TP_SCRIPT = textwrap.dedent(
@@ -719,7 +726,9 @@ def shape_cell(k: dict[str, Any]) -> str:
     if not k:
         return "all"
     layers = f" in {k['layers']} layers" if "layers" in k else ""
-    return f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}{layers}"
+    blocks = "".join(f", {k[f'no_{b}']} without {name}" for b, name in (("attention", "attention"), ("mlp", "MLP"))
+                     if f"no_{b}" in k)
+    return f"{k['heads']} / {k['kv_heads']} / {ffn_cell(k['ffn'])}{layers}{blocks}"
 
 
 def seed_shapes(rows: list[dict[str, Any]]) -> list[tuple[str, list[int]]]:
@@ -800,8 +809,10 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              f"- recovery budget, the same for every method: {a.steps} training steps x {a.batch} x {a.block} "
              f"tokens ({a.steps * a.batch * a.block:,} tokens), lr {a.lr}, cosine; {a.layout} layout, "
              f"FFN multiple {a.ffn_multiple}; "
-             + {"width": "", "depth": "whole decoder layers only (granularity depth); ",
-                "both": "heads, channels and whole layers in one budget (granularity both); "}[
+             + {"width": "", "depth": "whole decoder layers only (granularity depth"
+                + ("" if a.layout == "uniform" else ", and whole attention or MLP blocks: a per-layer layout") + "); ",
+                "both": "heads, channels and whole layers" + ("" if a.layout == "uniform" else " and blocks")
+                + " in one budget (granularity both); "}[
                  getattr(a, "granularity", "width")]
              + "kinds priced by "
              + ("the loss each kind's removal measures (pruning_pricing 'measured')"

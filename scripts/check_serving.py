@@ -35,8 +35,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "benchmark_results"
-# The rows; "global" gets per-layer heads (see heads_export), the depth rows a removed layer (see depth_export).
-LAYOUTS = ("uniform", "per_layer_ffn", "global", "depth", "depth_per_layer_ffn")
+# The rows; "global" gets per-layer heads (see heads_export), the depth rows a removed layer (see depth_export),
+# "depth_blocks" a layer without attention and one without MLP (see blocks_export).
+LAYOUTS = ("uniform", "per_layer_ffn", "global", "depth", "depth_per_layer_ffn", "depth_blocks")
 PROMPT = ('import os\nimport sys\n\n\ndef main(argv=None):\n    """Run the command line interface."""\n'
           "    if argv is None:\n        argv = sys.argv[1:]\n    parser = ")
 NEW_TOKENS = 20
@@ -123,7 +124,31 @@ def train_exports(work: Path) -> dict[str, Path]:
     out["global"] = heads_export(out["uniform"], work / "models" / "global-heads")
     out["depth"] = depth_export(out["uniform"], work / "models" / "depth")
     out["depth_per_layer_ffn"] = depth_export(out["uniform"], work / "models" / "depth-per-layer-ffn", per_layer=True)
+    out["depth_blocks"] = blocks_export(out["uniform"], work / "models" / "depth-blocks")
     return out
+
+
+def blocks_export(source: Path, target: Path) -> Path:
+    """The trained uniform export without layer 0's attention block and layer 2's MLP block: DeciLM
+    ``no_op`` blocks (in GGUF, layer 0's attention is a zero one-head stub and layer 2's MLP one zero
+    channel, where llama.cpp's deci graph cannot skip them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
+    from hf_oto.groups.depth import with_granularity
+
+    if (target / "pruning_manifest.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    delattr(model.config, "hf_oto")  # on purpose: the trained export is this case's starting point
+    space = with_granularity(model, discover_groups(model), "depth", "per_layer_ffn")
+    names = [gs.name(0) for gs in space.sets
+             if (gs.layer, gs.kind) in ((0, "attention_block"), (2, "mlp_block")) and gs.prunable]
+    zero_groups(model, space, names)
+    sub = construct_subnet(model, space, layout="per_layer_ffn")
+    save_pruned(sub, target, tokenizer=AutoTokenizer.from_pretrained(source), source=str(source), overwrite=True)
+    return target
 
 
 def depth_export(source: Path, target: Path, per_layer: bool = False) -> Path:

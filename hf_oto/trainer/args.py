@@ -53,7 +53,8 @@ class HFOTOTrainingArguments(TrainingArguments):
     pruning_granularity: Granularity = field(
         default="width",
         metadata={"help": "what may be removed: 'width' (attention heads, kv groups, FFN channels), 'depth' (whole "
-                          "decoder layers: the export has fewer layers) or 'both' (one budget chooses)"},
+                          "decoder layers: the export has fewer layers; with a per-layer pruning_layout also a layer's "
+                          "whole attention or MLP block) or 'both' (one budget chooses)"},
     )
     prune_experts: bool = field(
         default=False,
