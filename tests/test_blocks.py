@@ -228,3 +228,22 @@ def test_gguf_writes_removed_blocks_as_skipped_or_zero_stub_blocks(tmp_path):
     for name in ("blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.1.ffn_down.weight", "blk.1.ffn_gate.weight"):
         assert not np.asarray(tensors[name].data).any(), name
     assert "blk.2.attn_q.weight" not in tensors and "blk.2.attn_norm.weight" not in tensors
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_a_masked_view_without_blocks_equals_the_zeroed_model(arch):
+    import copy
+
+    from hf_oto.groups.mask import MaskedView
+
+    model = _model(arch, seed=2)
+    space = with_granularity(model, discover_groups(model), "both", "global")
+    names = _block_names(space, GONE) + [g.name for g in space if g.kind == "ffn_channel" and g.layer == 3][:4]
+    flags = torch.zeros(len(space), dtype=torch.bool)
+    flags[[space.index_of(n) for n in names]] = True
+    zeroed = copy.deepcopy(model)
+    zero_groups(zeroed, space, names)
+    with MaskedView(model, space).removed(flags):
+        masked = logits(model, IDS)
+    assert (masked - logits(zeroed, IDS)).abs().max().item() <= TOL
+    assert (logits(model, IDS) - logits(zeroed, IDS)).abs().max().item() > 1e-3  # the view is gone after the block

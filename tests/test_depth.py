@@ -223,20 +223,20 @@ def test_the_trainer_prunes_layers_and_exports_a_stock_model_with_fewer_layers(t
             "both": "competed with heads and channels"}[granularity] in card
 
 
-def test_a_depth_run_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("layout", ["uniform", "global"])  # global: whole attention and MLP blocks too
+def test_a_depth_run_resumes_bit_exactly(tmp_path, layout):
     from compat_setup import Tokens
 
     from hf_oto.trainer import HFOTOTrainer
 
+    kw = {"pruning_granularity": "both", "pruning_layout": layout}
     full = _deep("llama", layers=4)
-    HFOTOTrainer(model=full, args=_trainer_args(tmp_path / "a", pruning_granularity="both"),
-                 train_dataset=Tokens()).train()
+    HFOTOTrainer(model=full, args=_trainer_args(tmp_path / "a", **kw), train_dataset=Tokens()).train()
     first = _deep("llama", layers=4)
-    HFOTOTrainer(model=first, args=_trainer_args(tmp_path / "b", pruning_granularity="both", save_strategy="steps",
-                                                 save_steps=7), train_dataset=Tokens()).train()
+    HFOTOTrainer(model=first, args=_trainer_args(tmp_path / "b", save_strategy="steps", save_steps=7, **kw),
+                 train_dataset=Tokens()).train()
     resumed = _deep("llama", layers=4)
-    trainer = HFOTOTrainer(model=resumed, args=_trainer_args(tmp_path / "c", pruning_granularity="both"),
-                           train_dataset=Tokens())
+    trainer = HFOTOTrainer(model=resumed, args=_trainer_args(tmp_path / "c", **kw), train_dataset=Tokens())
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-7"))
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n

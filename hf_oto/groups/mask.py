@@ -3,8 +3,8 @@
 Elastic (once-for-all) training runs several nested sub-networks of one model in every step. A
 sub-network here is the model with forward hooks, not a copy: a removed head or FFN channel is
 masked where its output enters its consumer (the input columns of the attention output projection or
-of the FFN down projection, the adapter's input included), and a removed decoder layer passes its
-hidden states through. By zero-invariance this computes exactly what the model with those groups
+of the FFN down projection, the adapter's input included), a removed decoder layer passes its hidden
+states through, and a removed attention or MLP block returns zeros (what its no-op in the export does). By zero-invariance this computes exactly what the model with those groups
 zeroed computes, which is what the sub-network step then slices out, so an extracted size equals the
 masked view that was trained (tested). Masks are per consumer channel: a few vectors per layer.
 """
@@ -19,9 +19,9 @@ from torch import nn
 
 from hf_oto.errors import ConfigError
 from hf_oto.groups.names import unwrap_peft
-from hf_oto.groups.space import AttentionInfo, FFNInfo, PruningSpace
+from hf_oto.groups.space import AttentionInfo, BlockInfo, FFNInfo, PruningSpace
 
-MASKABLE_KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "layer")
+MASKABLE_KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "layer", "attention_block", "mlp_block")
 
 
 def _input_dim(module: nn.Module) -> int:
@@ -49,7 +49,9 @@ class MaskedView:
         # per set: (consumer module, its input width, index tensor of each group's input channels)
         self._consumers: dict[int, tuple[nn.Module, int, torch.Tensor]] = {}
         self._layers: dict[int, nn.Module] = {}
-        blocks = unwrap_peft(model).get_submodule(space.layers_path) if space.layer_sets() else None
+        self._zeroed: dict[int, nn.Module] = {}  # whole attention or MLP blocks
+        blocks = (unwrap_peft(model).get_submodule(space.layers_path) if space.layer_sets() or space.block_sets()
+                  else None)
         for k, gs in enumerate(space.sets):
             if not gs.prunable:
                 continue
@@ -58,6 +60,9 @@ class MaskedView:
                                   f"has prunable {gs.kind!r} groups (leave prune_experts off)")
             if gs.kind == "layer":
                 self._layers[k] = blocks[gs.layer]
+                continue
+            if isinstance(gs.info, BlockInfo):
+                self._zeroed[k] = blocks[gs.layer].get_submodule(gs.info.module)
                 continue
             if not isinstance(gs.info, AttentionInfo | FFNInfo):
                 raise ConfigError(f"{gs.prefix}: no consumer is known for its {gs.kind} groups")
@@ -88,6 +93,8 @@ class MaskedView:
                 skipped.append(layer)
         handles = [m.register_forward_pre_hook(_mask_input(mask), with_kwargs=True) for m, mask in masks.items()]
         handles += [layer.register_forward_hook(_pass_through, with_kwargs=True) for layer in skipped]
+        handles += [block.register_forward_hook(_zero_output) for k, block in self._zeroed.items()
+                    if bool(flags[self.space.set_offset(k)])]
         try:
             yield
         finally:
@@ -119,3 +126,11 @@ def _pass_through(_module, args, kwargs, output):
     if isinstance(output, list):
         return [x, *output[1:]]
     return x
+
+
+def _zero_output(_module, _args, output):
+    """A removed attention or MLP block: zeros where its output went (its weights zeroed give exactly that,
+    which discovery checked for each block it offers)."""
+    if isinstance(output, (tuple, list)):
+        return type(output)([torch.zeros_like(output[0]), *output[1:]])
+    return torch.zeros_like(output)

@@ -79,8 +79,8 @@ def check_elastic(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
         raise ConfigError("elastic_sizes does not combine with use_cric: CRIC trials removals on the weights, and an "
                           "elastic run removes nothing (its sizes are masked views)")
     if args.prune_experts:
-        raise ConfigError("elastic_sizes masks heads, kv groups, FFN channels and whole layers; whole experts are not "
-                          "supported yet (leave prune_experts off)")
+        raise ConfigError("elastic_sizes masks heads, kv groups, FFN channels, whole layers and blocks; whole experts "
+                          "are not supported yet (leave prune_experts off)")
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
     elastic = args.elastic_config(total or 1000)
     if total is not None:
