@@ -69,6 +69,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise HFOTOError("give MODEL_DIR_OR_CONFIG, or --demo for a small built-in Llama config")
     model = _load_meta_model(target)
     space = discover_groups(model)
+    if args.pruning_granularity != "width":
+        from hf_oto.groups.depth import with_granularity
+
+        space = with_granularity(model, space, args.pruning_granularity, args.pruning_layout)
     if args.prune_experts:
         from hf_oto.groups.experts import with_experts
 
@@ -279,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true", help="inspect a small built-in Llama config")
     p.add_argument("--prune_experts", action="store_true",
                    help="MoE models: add whole routed experts (what prune_experts makes prunable)")
+    p.add_argument("--pruning_granularity", choices=("width", "depth", "both"), default="width",
+                   help="depth/both: add whole layers (and, with a per-layer --pruning_layout, whole attention and "
+                        "MLP blocks); shapes only: the probes that need weights run when a model is pruned")
+    p.add_argument("--pruning_layout", choices=("uniform", "per_layer_ffn", "global"), default="uniform")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("prune", help="fine-tune and prune from a YAML config, export, verify the export",
                        add_help=False, usage="hf-oto prune CONFIG.yaml [--key value ...] (--help lists the keys)")

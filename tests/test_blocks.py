@@ -247,3 +247,13 @@ def test_a_masked_view_without_blocks_equals_the_zeroed_model(arch):
         masked = logits(model, IDS)
     assert (masked - logits(zeroed, IDS)).abs().max().item() <= TOL
     assert (logits(model, IDS) - logits(zeroed, IDS)).abs().max().item() > 1e-3  # the view is gone after the block
+
+
+def test_inspect_lists_blocks_for_a_per_layer_layout_only(capsys):
+    from hf_oto.cli import main
+
+    assert main(["inspect", "--demo", "--pruning_granularity", "depth", "--pruning_layout", "global"]) == 0
+    table = capsys.readouterr().out
+    assert "attention_block" in table and "mlp_block" in table and "no: pruning_granularity 'depth'" in table
+    assert main(["inspect", "--demo", "--pruning_granularity", "depth"]) == 0
+    assert "attention_block" not in capsys.readouterr().out
