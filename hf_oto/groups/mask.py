@@ -4,9 +4,10 @@ Elastic (once-for-all) training runs several nested sub-networks of one model in
 sub-network here is the model with forward hooks, not a copy: a removed head or FFN channel is
 masked where its output enters its consumer (the input columns of the attention output projection or
 of the FFN down projection, the adapter's input included), a removed decoder layer passes its hidden
-states through, and a removed attention or MLP block returns zeros (what its no-op in the export does). By zero-invariance this computes exactly what the model with those groups
-zeroed computes, which is what the sub-network step then slices out, so an extracted size equals the
-masked view that was trained (tested). Masks are per consumer channel: a few vectors per layer.
+states through, and a removed attention or MLP block returns zeros (what its no-op in the export does).
+By zero-invariance this computes exactly what the model with those groups zeroed computes, which is
+what the sub-network step then slices out, so an extracted size equals the masked view that was
+trained (tested). Masks are per consumer channel: a few vectors per layer.
 """
 
 from __future__ import annotations
