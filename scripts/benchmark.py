@@ -59,7 +59,7 @@ QUICK_SPEED = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, 
                    num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True)
 METHODS = ("dense", "dense_bf16", "scratch", "hesso", "hesso_ema", "hesso_cric", "hesso_kd", "hesso_cric_kd",
            "hesso_pp", "hesso_pp_kd", "magnitude", "taylor", "wanda_sp", "magnitude_kd", "taylor_kd", "wanda_sp_kd",
-           "torch_pruning", "block_influence", "block_influence_kd")
+           "torch_pruning", "block_influence", "block_influence_kd", "block_influence_pp_kd")
 # HESSO runs as HFOTOTrainer's defaults with distillation on (and once more with CRIC); the one-shot
 # baselines with and without the same distillation; HESSO without distillation is --methods hesso.
 DEFAULT_METHODS = ("dense", "dense_bf16", "scratch", "hesso_kd", "hesso_cric_kd", "magnitude", "taylor", "wanda_sp",
@@ -82,7 +82,9 @@ LABELS = {"dense": "dense + same training (control)",
           "magnitude": "L2 magnitude, one-shot + train", "taylor": "Taylor (LLM-Pruner style) + train",
           "wanda_sp": "Wanda-sp (activation x weight) + train", "torch_pruning": "Torch-Pruning (magnitude) + train",
           "block_influence": "ShortGPT (block influence), one-shot layer removal + train",
-          "block_influence_kd": "ShortGPT (block influence), one-shot layer removal + train with distillation"}
+          "block_influence_kd": "ShortGPT (block influence), one-shot layer removal + train with distillation",
+          "block_influence_pp_kd": "ShortGPT (block influence) ranked per parameter freed, one-shot + train with "
+                                   "distillation"}
 
 
 def _trainer_defaults() -> dict[str, Any]:
@@ -200,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.layout != "uniform" and {"scratch", "torch_pruning"} & set(a.methods):
         p.error("--layout per_layer_ffn: the scratch and torch_pruning rows build uniform shapes only; "
                 "leave them out of --methods")
-    if a.granularity == "width" and {"block_influence", "block_influence_kd"} & set(a.methods):
+    if a.granularity == "width" and {"block_influence", "block_influence_kd", "block_influence_pp_kd"} & set(a.methods):
         p.error("--methods block_influence*: ShortGPT removes whole layers; add --granularity depth (or both)")
     if a.granularity != "width" and {"scratch", "torch_pruning"} & set(a.methods):
         p.error(f"--granularity {a.granularity}: the scratch and torch_pruning rows remove heads and channels only; "
@@ -467,7 +469,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         final, row["torch_pruning"] = result
         train(final, train_blocks, a.steps, a, a.lr, workdir)
     else:
-        criterion = method.removesuffix("_kd")
+        criterion = method.removesuffix("_kd").removesuffix("_pp")  # _pp: removals ranked per parameter freed
         teacher = AutoModelForCausalLM.from_pretrained(ref) if method.endswith("_kd") else None
         calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
         scores = oneshot_scores(model, space, criterion, calib)
@@ -476,7 +478,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
         tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
         priced = settings(a)["pricing"] == "measured"
         prices: list = []
-        rules = BudgetRules(layout=a.layout, ffn_multiple=a.ffn_multiple, tolerance=tolerance)
+        rules = BudgetRules(layout=a.layout, ffn_multiple=a.ffn_multiple, tolerance=tolerance,
+                            selection="per_param" if method.endswith("_pp_kd") else "saliency")
         plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, rules=rules, prices=prices,
                              probe=batch_loss(model, calib[:PRICING_BATCHES]) if priced else None)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
