@@ -129,9 +129,8 @@ def train_exports(work: Path) -> dict[str, Path]:
 
 
 def blocks_export(source: Path, target: Path) -> Path:
-    """The trained uniform export without layer 0's attention block and layer 2's MLP block: DeciLM
-    ``no_op`` blocks (in GGUF, layer 0's attention is a zero one-head stub and layer 2's MLP one zero
-    channel, where llama.cpp's deci graph cannot skip them)."""
+    """The trained uniform export without layer 1's attention block and layer 2's MLP block: DeciLM
+    ``no_op`` blocks (in GGUF, layer 2's MLP is one zero channel: llama.cpp's deci graph cannot skip it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,7 +143,7 @@ def blocks_export(source: Path, target: Path) -> Path:
     delattr(model.config, "hf_oto")  # on purpose: the trained export is this case's starting point
     space = with_granularity(model, discover_groups(model), "depth", "per_layer_ffn")
     names = [gs.name(0) for gs in space.sets
-             if (gs.layer, gs.kind) in ((0, "attention_block"), (2, "mlp_block")) and gs.prunable]
+             if (gs.layer, gs.kind) in ((1, "attention_block"), (2, "mlp_block")) and gs.prunable]
     zero_groups(model, space, names)
     sub = construct_subnet(model, space, layout="per_layer_ffn")
     save_pruned(sub, target, tokenizer=AutoTokenizer.from_pretrained(source), source=str(source), overwrite=True)
@@ -240,12 +239,12 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
         space = with_granularity(pruned, discover_groups(pruned), granularity)
         oneshot_prune(pruned, space, oneshot_scores(pruned, space, "magnitude"), target_sparsity=0.5)  # uniform
         save_pruned(construct_subnet(pruned, space, layout="uniform"), folder, tokenizer=tok, overwrite=True)
-    # blocks: the same parameters as depth50, as half of the layers without their MLP (1, 3, 5, 7) and the
-    # other half without their attention (0, 2, 4, 6): DeciLM no_op blocks
+    # blocks: the same parameters as depth50, as half of the layers without their MLP (0, 2, 4, 6) and the
+    # other half without their attention (1, 3, 5, 7; the first layer keeps its attention): DeciLM no_op blocks
     pruned = LlamaForCausalLM.from_pretrained(dense_dir).eval()
     space = with_granularity(pruned, discover_groups(pruned), "depth", "per_layer_ffn")
     zero_groups(pruned, space, [gs.name(0) for gs in space.sets if (gs.kind, gs.layer % 2) in
-                                (("mlp_block", 1), ("attention_block", 0))])
+                                (("mlp_block", 0), ("attention_block", 1))])
     save_pruned(construct_subnet(pruned, space, layout="per_layer_ffn"), blocks_dir, tokenizer=tok, overwrite=True)
     from hf_oto.export.save import add_compat_fields
 
@@ -448,12 +447,14 @@ def main() -> None:
         if stack == "llamacpp":
             job = {"threads": a.threads, "new_tokens": NEW_TOKENS,
                    "models": {lay: {"path": str(ggufs[lay]), "ids": refs[lay]["ids"]} for lay in LAYOUTS}}
-            for dt in GGUF_DTYPES:
+            got = run_driver(pys[stack], LLAMACPP, job)
+            for dt in GGUF_DTYPES:  # one process each: a crash in one quantized kernel does not take the rest
                 path = export_gguf(exports["uniform"], work / "gguf" / f"uniform-{dt}.gguf", dtype=dt, overwrite=True)
                 ref = refs["uniform"]
-                job["models"][f"uniform-{dt}"] = {"path": str(path), "ids": ref["ids"],
-                                                   "force": ref["ids"] + ref["greedy"]}
-            got = run_driver(pys[stack], LLAMACPP, job)
+                key = f"uniform-{dt}"
+                one = {"path": str(path), "ids": ref["ids"], "force": ref["ids"] + ref["greedy"]}
+                res = run_driver(pys[stack], LLAMACPP, dict(job, models={key: one}))
+                got[key] = res.get(key, res)
             for lay in LAYOUTS:
                 results[lay][stack] = compare(refs[lay], got.get(lay, got))
             for dt in GGUF_DTYPES:
@@ -610,7 +611,7 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
         params = report["speed"].get("params", {})
         depth = (f"and by depth (4 of the 8 layers; {params['depth50']:,} parameters)" if "depth50" in params
                  else "(by depth: not measured yet)")
-        blocks = (f", and by blocks (layers 0, 2, 4, 6 without attention, 1, 3, 5, 7 without MLP; DeciLM; "
+        blocks = (f", and by blocks (layers 1, 3, 5, 7 without attention, 0, 2, 4, 6 without MLP; DeciLM; "
                   f"{params['blocks50']:,} parameters)" if "blocks50" in params else "")
         lines += ["", "## Decode speed, dense vs 50%-pruned exports (width, depth and blocks)", "",
                   "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "

@@ -20,8 +20,9 @@ from hf_oto.subnet.remote_code import NoOpBlock
 TOL = 1e-5
 DECODERS = [a for a in ARCHS if a not in ENCODERS]
 IDS = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-# layer 0 loses its attention, layer 1 its MLP, layer 2 both (so it leaves whole), layer 3 neither
-GONE = [(0, "attention"), (1, "mlp"), (2, "attention"), (2, "mlp")]
+# layer 0 loses its MLP, layer 1 its attention, layer 2 both (so it leaves whole), layer 3 neither (the first
+# layer's attention is never offered: serving stacks need it)
+GONE = [(0, "mlp"), (1, "attention"), (2, "attention"), (2, "mlp")]
 
 
 def _model(arch: str, seed: int = 0, layers: int = 4):
@@ -69,7 +70,7 @@ def test_removed_blocks_leave_exactly_and_the_export_reloads_without_hf_oto(expo
     case = exports[f"{arch}-{layout}"]
     space_sets = case["subnet"].manifest.sets
     offered = {(s.layer, s.kind.split("_")[0]) for s in space_sets if s.kind.endswith("_block")}
-    assert {(0, "attention"), (1, "mlp")} <= offered or arch == "opt"  # OPT's FFN is not a child module
+    assert {(1, "attention"), (0, "mlp")} <= offered or arch == "opt"  # OPT's FFN is not a child module
     sub = case["sub"]
     assert (logits(sub, IDS) - case["full"]).abs().max().item() <= TOL
     assert (reloaded[f"{arch}-{layout}"] - case["full"]).abs().max().item() <= TOL
@@ -88,27 +89,27 @@ def test_a_decilm_export_marks_removed_blocks_no_op_and_holds_no_weights_for_the
     assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
     blocks = cfg["block_configs"]
     assert len(blocks) == cfg["num_hidden_layers"] == 3  # source layer 2 lost both blocks and left
-    assert blocks[0]["attention"] == {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
-    assert blocks[1]["ffn"]["no_op"] and blocks[1]["ffn"]["intermediate_size"] is None
+    assert blocks[1]["attention"] == {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
+    assert blocks[0]["ffn"]["no_op"] and blocks[0]["ffn"]["intermediate_size"] is None
     assert not blocks[2]["attention"]["no_op"] and not blocks[2]["ffn"]["no_op"]
-    live = case["sub"].model.layers[1].self_attn
+    live = case["sub"].model.layers[0].self_attn
     assert cfg["num_attention_heads"] == live.q_proj.out_features // cfg["head_dim"]
     with safe_open(case["dir"] / "model.safetensors", "pt") as f:
         names = set(f.keys())
     # vLLM's DeciLM builds no norm or projection for a no_op block: the checkpoint must not have them
-    assert not any(n.startswith(("model.layers.0.self_attn.", "model.layers.0.input_layernorm.")) for n in names)
-    assert not any(n.startswith(("model.layers.1.mlp.", "model.layers.1.post_attention_layernorm.")) for n in names)
-    assert "model.layers.1.self_attn.q_proj.weight" in names
+    assert not any(n.startswith(("model.layers.1.self_attn.", "model.layers.1.input_layernorm.")) for n in names)
+    assert not any(n.startswith(("model.layers.0.mlp.", "model.layers.0.post_attention_layernorm.")) for n in names)
+    assert "model.layers.0.self_attn.q_proj.weight" in names
 
 
-def test_cached_decoding_is_exact_when_layer_0_has_no_attention():
-    """transformers reads the sequence length from layer 0's cache: a removed attention block there must
-    still record it, or positions restart at every decoding step."""
+def test_cached_decoding_is_exact_without_attention_blocks():
+    """A removed attention block still records the sequence length in its layer's cache (transformers reads
+    positions from the cache), so cached decoding equals a full recompute."""
     model = _model("llama", layers=3)
     space = with_granularity(model, discover_groups(model), "depth", "global")
-    zero_groups(model, space, _block_names(space, [(0, "attention")]))
+    zero_groups(model, space, _block_names(space, [(1, "attention"), (2, "attention")]))
     sub = construct_subnet(model, space, layout="global").model.eval()
-    assert isinstance(sub.model.layers[0].self_attn, NoOpBlock)
+    assert isinstance(sub.model.layers[1].self_attn, NoOpBlock)
     ids = torch.tensor([[5, 9, 13, 2, 7]])
     with torch.no_grad():
         out = sub(input_ids=ids, use_cache=True)
@@ -208,26 +209,26 @@ def test_the_trainer_removes_blocks_and_the_export_reloads_equal(tmp_path):
 def test_gguf_writes_removed_blocks_as_skipped_or_zero_stub_blocks(tmp_path):
     gguf = pytest.importorskip("gguf")
     from hf_oto.data import train_tokenizer
-    from hf_oto.export.gguf import STUB_FFN, STUB_HEADS, export_gguf
+    from hf_oto.export.gguf import STUB_FFN, export_gguf
 
     tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab=300)
     model = tiny_model("llama", seed=3, vocab_size=320, num_hidden_layers=4, intermediate_size=48)
     space = with_granularity(model, discover_groups(model), "depth", "per_layer_ffn")
-    zero_groups(model, space, _block_names(space, [(0, "attention"), (1, "mlp"), (2, "attention")]))
+    zero_groups(model, space, _block_names(space, [(0, "mlp"), (1, "attention"), (3, "mlp")]))
     sub = construct_subnet(model, space, layout="per_layer_ffn")
     folder = save_pruned(sub, tmp_path / "m", tokenizer=tok, source="tiny-llama")
     reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "m.gguf"))
     fields = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
     heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
-    # llama.cpp sizes heads from layer 0 (a one-head stub there) and skips 0-head layers elsewhere; it drops
-    # an FFN-free layer's attention output, so a removed MLP is one zero channel
-    assert fields["deci.attention.head_count"] == [STUB_HEADS, heads, 0, heads]
-    assert fields["deci.attention.head_count_kv"] == [STUB_HEADS, kv, 0, kv]
-    assert fields["deci.feed_forward_length"] == [48, STUB_FFN, 48, 48]
-    for name in ("blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.1.ffn_down.weight", "blk.1.ffn_gate.weight"):
+    # llama.cpp skips 0-head attention; it drops an FFN-free layer's attention output, so a removed MLP is one
+    # zero channel
+    assert fields["deci.attention.head_count"] == [heads, 0, heads, heads]
+    assert fields["deci.attention.head_count_kv"] == [kv, 0, kv, kv]
+    assert fields["deci.feed_forward_length"] == [STUB_FFN, 48, 48, STUB_FFN]
+    for name in ("blk.0.ffn_down.weight", "blk.0.ffn_gate.weight", "blk.3.ffn_up.weight"):
         assert not np.asarray(tensors[name].data).any(), name
-    assert "blk.2.attn_q.weight" not in tensors and "blk.2.attn_norm.weight" not in tensors
+    assert "blk.1.attn_q.weight" not in tensors and "blk.1.attn_norm.weight" not in tensors
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
@@ -257,3 +258,18 @@ def test_inspect_lists_blocks_for_a_per_layer_layout_only(capsys):
     assert "attention_block" in table and "mlp_block" in table and "no: pruning_granularity 'depth'" in table
     assert main(["inspect", "--demo", "--pruning_granularity", "depth"]) == 0
     assert "attention_block" not in capsys.readouterr().out
+
+
+def test_the_first_layer_that_stays_keeps_its_attention():
+    """vLLM's DeciLM starts the residual stream in the first layer's attention and llama.cpp sizes heads from
+    it: layer 0's attention block is not offered, and where layer 0 leaves whole, a zeroed attention in the
+    next layer stays as zeros (exact) rather than leaving."""
+    model = _model("llama")
+    space = with_granularity(model, discover_groups(model), "both", "per_layer_ffn")
+    first = next(gs for gs in space.sets if gs.kind == "attention_block" and gs.layer == 0)
+    assert not first.prunable and "first layer keeps its attention" in first.reason
+    zero_groups(model, space, [f"{space.layers_path}.0.layer.0"] + _block_names(space, [(1, "attention")]))
+    sub = construct_subnet(model, space, layout="per_layer_ffn")
+    assert sub.model.config.num_hidden_layers == 3
+    assert not isinstance(sub.model.model.layers[0].self_attn, NoOpBlock)
+    assert (logits(sub.model, IDS) - logits(model, IDS)).abs().max().item() <= TOL

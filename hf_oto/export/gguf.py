@@ -47,21 +47,14 @@ class Layer:
     ffn: int
 
 
-# Where llama.cpp cannot skip a removed block, the file holds a stub of zero weights instead, which adds
-# exactly nothing: its deci graph skips a layer whose FFN width is 0 whole, the attention's output with
-# it, so a removed MLP block is one FFN channel; and it sizes heads from layer 0's head count, so a
-# removed attention block in layer 0 is one head (elsewhere 0 heads: the graph skips the attention).
+# llama.cpp's deci graph skips a layer whose FFN width is 0 whole, the attention's output with it, so a
+# removed MLP block is written as this many FFN channels of zero weights, which add exactly nothing.
 STUB_FFN = 1
-STUB_HEADS = 1
 
 
 def written_layers(shape: Shape) -> list[Layer]:
-    """The layer sizes the file declares: :attr:`Shape.layers` with the stubs in place."""
-    out = []
-    for i, x in enumerate(shape.layers):
-        heads, kv = (STUB_HEADS, STUB_HEADS) if i == 0 and not x.heads else (x.heads, x.kv_heads)
-        out.append(Layer(heads, kv, x.ffn or STUB_FFN))
-    return out
+    """The layer sizes the file declares: :attr:`Shape.layers` with the stub FFNs in place."""
+    return [Layer(x.heads, x.kv_heads, x.ffn or STUB_FFN) for x in shape.layers]
 
 
 @dataclass(frozen=True)
@@ -237,16 +230,9 @@ def expected_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
 
 
 def _stubs(shape: Shape) -> dict[str, np.ndarray]:
-    """The zero blocks written for removed blocks llama.cpp cannot skip (see :data:`STUB_FFN`), by
-    Hugging Face name."""
-    h, d, out = shape.hidden, shape.head_dim, {}
+    """The zero FFN written for each removed MLP block (see :data:`STUB_FFN`), by Hugging Face name."""
+    h, out = shape.hidden, {}
     for i, layer in enumerate(shape.layers):
-        if i == 0 and not layer.heads:
-            p = f"model.layers.{i}."
-            out.update({p + "input_layernorm.weight": np.ones(h, np.float32),
-                        **{p + f"self_attn.{n}_proj.weight": np.zeros((STUB_HEADS * d, h), np.float32)
-                           for n in "qkv"},
-                        p + "self_attn.o_proj.weight": np.zeros((h, STUB_HEADS * d), np.float32)})
         if not layer.ffn:
             p = f"model.layers.{i}."
             out.update({p + "post_attention_layernorm.weight": np.ones(h, np.float32),
@@ -259,6 +245,8 @@ def _stubs(shape: Shape) -> dict[str, np.ndarray]:
 def check_shapes(shape: Shape, tensors: dict[str, tuple[int, ...]], manifest: Manifest | None) -> None:
     """Refuse (one line) unless the weights (``{name: shape}``) are exactly what the config and the
     manifest describe."""
+    if shape.layers and not shape.layers[0].heads:
+        raise ExportError("layer 0 has no attention; llama.cpp sizes attention heads from layer 0")
     for i, layer in enumerate(shape.layers):
         if layer.heads and (layer.kv_heads < 1 or layer.heads % layer.kv_heads):
             raise ExportError(f"layer {i}: {layer.heads} query heads do not split over {layer.kv_heads} kv heads")

@@ -155,19 +155,28 @@ def _not_identity(model: nn.Module, layer: nn.Module) -> str:
     return ""
 
 
+# Serving stacks need attention in the first layer: vLLM's DeciLM starts the residual stream in the first
+# layer's attention (an attention-free first layer fails there), and llama.cpp sizes heads from layer 0.
+FIRST_ATTENTION = ("the first layer keeps its attention (vLLM's DeciLM starts the residual stream there, "
+                   "llama.cpp sizes attention heads from it)")
+
+
 def block_sets(model: nn.Module, space: PruningSpace) -> list[GroupSet]:
     """One ``"attention_block"`` and one ``"mlp_block"`` set (a single group each) per decoder layer: the
     child module of the layer that holds the block's heads or channels, with the norms only it reads.
 
     Offered where it is measured to be exact: per distinct layer structure, the layer with the block's
     weights zeroed must compute bit for bit what it computes with the block replaced by the no-op the
-    export ships (:class:`~hf_oto.subnet.remote_code.NoOpBlock`) and its norms by identities."""
+    export ships (:class:`~hf_oto.subnet.remote_code.NoOpBlock`) and its norms by identities. The first
+    layer's attention is not offered (:data:`FIRST_ATTENTION`)."""
     layers = model.get_submodule(space.layers_path)
     signatures = [layer_signature(layer) for layer in layers]
     probed = {sig: _block_facts(model, space, i) for sig, i in representatives(signatures).items()}
     out = []
     for i, layer in enumerate(layers):
         for block, (info, why) in probed[signatures[i]].items():
+            if i == 0 and block == "attention":
+                why = why or FIRST_ATTENTION
             prefix = f"{space.layers_path}.{i}"
             names = (info.module, *info.norms)
             params = [(f"{prefix}.{m}.{n}", p) for m in names for n, p in layer.get_submodule(m).named_parameters()]

@@ -66,6 +66,7 @@ def construct_subnet(model: nn.Module, space: PruningSpace, *,
     zero = group_is_zero(model, space)
     removed = _removed_groups(space, zero)
     gone, blocks = space.gone_blocks(removed)
+    _first_layer_attends(space, removed, gone, blocks)
     _pad_ragged(space, removed, layout, gone, blocks)
     overrides = [o for i, o in enumerate(_layer_overrides(space, removed, blocks)) if i not in gone]
 
@@ -146,6 +147,18 @@ def _removed_groups(space: PruningSpace, zero: torch.Tensor) -> list[set[int]]:
 def removed_layers(space: PruningSpace, removed: list[set[int]]) -> set[int]:
     """The decoder layers that leave the sub-network (see :meth:`PruningSpace.gone_blocks`)."""
     return space.gone_blocks(removed)[0]
+
+
+def _first_layer_attends(space: PruningSpace, removed: list[set[int]], gone: set[int],
+                         blocks: set[tuple[int, str]]) -> None:
+    """The first layer that stays keeps an attention block (:data:`hf_oto.groups.depth.FIRST_ATTENTION`):
+    where whole layers before it left and its attention was zeroed, the zeroed block stays (exact)."""
+    first = min((i for i in range(space.num_layers) if i not in gone), default=None)
+    if (first, "attention") in blocks:
+        blocks.discard((first, "attention"))
+        for gs, rm in zip(space.sets, removed, strict=True):
+            if gs.layer == first and gs.block == "attention" and gs.kind in WHOLE_KINDS:
+                rm.clear()
 
 
 def _without_blocks(state: dict[str, torch.Tensor], space: PruningSpace,
