@@ -536,7 +536,8 @@ def _load_for_speed(folder: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    remote = "auto_map" in json.loads((folder / "config.json").read_text())  # DeciLM: its shipped config class
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
 
 
 def _transformers_speed(model, n_new: int) -> float:
