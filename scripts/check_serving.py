@@ -497,8 +497,9 @@ def main() -> None:
             got = {}
             for rep in range(3):
                 for k, folder in models.items():
-                    got[f"{k}#{rep}"] = run_driver(pys["vllm"], VLLM, {"model": {"path": str(folder),
-                                                   "speed": a.speed_tokens}}, vllm_env)
+                    remote = "auto_map" in json.loads((folder / "config.json").read_text())
+                    got[f"{k}#{rep}"] = run_driver(pys["vllm"], VLLM, {"model": {
+                        "path": str(folder), "speed": a.speed_tokens, "trust_remote_code": remote}}, vllm_env)
             speed["vllm"] = _speed_summary(got, models)
         for stack, s in speed.items():
             print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
