@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny import ARCHS, ENCODERS, export_layouts, logits, make_hesso, reload_logits, tiny_model
+from tiny import ARCHS, ENCODERS, export_layouts, logits, make_hesso, reload_cases, tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned, zero_groups
 from hf_oto.errors import ConfigError
@@ -53,9 +53,7 @@ def exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reloaded(exports, tmp_path_factory):
-    dirs = {key: {"dir": str(c["dir"]), "remote": "auto_map" in json.loads((c["dir"] / "config.json").read_text())}
-            for key, c in exports.items()}
-    return reload_logits(dirs, IDS, tmp_path_factory.mktemp("reload"))
+    return reload_cases(exports, IDS, tmp_path_factory.mktemp("reload"))
 
 
 @pytest.mark.parametrize("arch, layout", CASES)

@@ -86,6 +86,16 @@ def export_layouts(model, space, root, arch: str, ids: torch.Tensor, layouts) ->
     return cases
 
 
+def reload_cases(cases: dict[str, dict], ids: torch.Tensor, workdir) -> dict[str, torch.Tensor]:
+    """Logits of every case of :func:`export_layouts` on ``ids``, reloaded in one interpreter that cannot
+    import hf_oto (with the shipped code where the export has some)."""
+    import json
+
+    dirs = {key: {"dir": str(c["dir"]), "remote": "auto_map" in json.loads((c["dir"] / "config.json").read_text())}
+            for key, c in cases.items()}
+    return reload_logits(dirs, ids, workdir)
+
+
 def make_hesso(model, space, base_optimizer=None, *, cric=None, base_kwargs=None, param_groups=None, **config):
     """HESSO from flat keyword settings (the tests' shorthand); layout defaults to "global" here, and the
     criterion to HESSO's own saliency, ranked by mean score (what these tests were written against)."""
