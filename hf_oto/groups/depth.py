@@ -11,6 +11,8 @@ the sub-network step drops it and the export has fewer ``num_hidden_layers``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 import torch
@@ -119,10 +121,9 @@ def _not_expressible(model: nn.Module, space: PruningSpace) -> list[str]:
 @torch.no_grad()
 def _not_identity(model: nn.Module, layer: nn.Module) -> str:
     """Why this layer, its weights zeroed, does not pass its hidden states through ("" when it does)."""
-    params = [p for p in layer.parameters()]
+    params = list(layer.parameters())
     if any(p.is_meta for p in params):
         return ""  # a meta-device model (a pre-flight) has no values to probe: the real model is probed when it loads
-    saved = [p.detach().clone() for p in params]
     seen: dict[str, torch.Tensor] = {}
 
     def hook(_module, args, kwargs, output):
@@ -132,22 +133,13 @@ def _not_identity(model: nn.Module, layer: nn.Module) -> str:
             seen["in"], seen["out"] = x.detach().clone(), y.detach().clone()
 
     handle = layer.register_forward_hook(hook, with_kwargs=True)
-    was_training = model.training
     try:
-        for p in params:
-            p.zero_()
-        vocab = int(getattr(model.config, "vocab_size", 2) or 2)
-        device = next(model.parameters()).device
-        ids = torch.arange(5, device=device).view(1, -1) % vocab
-        model.eval()
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with _zeroed(params):
+            _run(model)
     except Exception as e:  # noqa: BLE001 - a model that cannot run this probe is not offered depth groups
         return f"the identity probe could not run the model ({type(e).__name__})"
     finally:
         handle.remove()
-        for p, s in zip(params, saved, strict=True):
-            p.copy_(s)
-        model.train(was_training)
     if "in" not in seen:
         return "the layer's hidden states could not be observed"
     if seen["in"].shape != seen["out"].shape or not torch.equal(seen["in"], seen["out"]):
@@ -253,7 +245,6 @@ def _block_facts(model: nn.Module, space: PruningSpace, i: int) -> dict[str, tup
         info = BlockInfo(name, owners.get(block, ()), 0)
         parts = [layer.get_submodule(n) for n in (name, *info.norms)]
         params = [p for part in parts for p in part.parameters()]
-        saved = [p.detach().clone() for p in params]
         shape: dict[str, int] = {}
 
         def arity(_m, _args, output, shape=shape):
@@ -261,13 +252,10 @@ def _block_facts(model: nn.Module, space: PruningSpace, i: int) -> dict[str, tup
 
         handle = layer.get_submodule(name).register_forward_hook(arity)
         try:
-            for p in params:
-                p.zero_()
-            zeroed = _layer_output(model, layer)
+            with _zeroed(params):
+                zeroed = _layer_output(model, layer)
         finally:
             handle.remove()
-            for p, v in zip(params, saved, strict=True):
-                p.copy_(v)
         info = BlockInfo(name, info.norms, shape.get("n", 0))
         originals = {n: layer.get_submodule(n) for n in (name, *info.norms)}
         try:
@@ -299,6 +287,21 @@ def _layer_output(model: nn.Module, layer: nn.Module) -> torch.Tensor | None:
     finally:
         handle.remove()
     return seen.get("out")
+
+
+@contextmanager
+def _zeroed(params: list[torch.Tensor]) -> Iterator[None]:
+    """``params`` zeroed in place for the block, restored to their values after it."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
 
 
 def _run(model: nn.Module) -> None:

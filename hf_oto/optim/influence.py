@@ -59,10 +59,10 @@ class LayerTurn:
             self._handles.append(layer.register_forward_hook(self._leave(i, layer, rows.get(i), mlp), with_kwargs=True))
             if attn is not None:
                 block = layer.get_submodule(self.modules[(i, "attention")])
-                self._handles.append(block.register_forward_hook(self._attention(i, layer, attn)))
+                self._handles.append(block.register_forward_hook(self._attention(i, block, attn)))
             if mlp is not None:
                 block = layer.get_submodule(self.modules[(i, "mlp")])
-                self._handles.append(block.register_forward_hook(self._mlp(i, layer)))
+                self._handles.append(block.register_forward_hook(self._mlp(i, block)))
         return self
 
     def detach(self) -> None:
@@ -81,18 +81,18 @@ class LayerTurn:
                 self._seen[i] = {"in": args[0] if args else kwargs["hidden_states"]}
         return fn
 
-    def _attention(self, i: int, layer: nn.Module, row: int):
-        def fn(_module, _args, output):
-            seen = self._seen.get(i)
-            if seen is not None and self._counts(layer, layer):
+    def _attention(self, i: int, block: nn.Module, row: int):
+        def fn(module, _args, output):
+            seen = self._seen.get(i)  # set by the layer's own counted pass
+            if seen is not None and self._counts(module, block):
                 x = seen["in"]
                 self._add(row, x, x + _first(output))
         return fn
 
-    def _mlp(self, i: int, layer: nn.Module):
-        def fn(_module, _args, output):
-            seen = self._seen.get(i)
-            if seen is not None and self._counts(layer, layer):
+    def _mlp(self, i: int, block: nn.Module):
+        def fn(module, _args, output):
+            seen = self._seen.get(i)  # set by the layer's own counted pass
+            if seen is not None and self._counts(module, block):
                 seen["mlp"] = _first(output)
         return fn
 

@@ -55,8 +55,8 @@ class NoOpBlock(nn.Module):
     """A removed attention or MLP block: it returns zeros shaped as the block's output was (a bare tensor,
     or a tuple of ``outputs`` entries whose first is the hidden states and the rest None), which is what
     the block computed with every weight zeroed. A removed attention block still records the sequence
-    length in the KV cache (one zero head of width 1), so positions stay right: transformers reads the
-    sequence length from layer 0's cache."""
+    length in its layer's KV cache (one zero head of width 1; an empty tensor would count as no tokens), so
+    each layer's cache answers as a stock layer's does when transformers asks it for the length."""
 
     def __init__(self, outputs: int = 0, layer_idx: int | None = None):
         super().__init__()
