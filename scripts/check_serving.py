@@ -12,9 +12,10 @@
 3. Loads each export in transformers (the reference) and in each stack (vLLM and ONNX Runtime read
    the folder; llama.cpp reads the file from ``hf-oto export-gguf``), and compares the log-probability
    of every prompt token and of 20 greedy tokens, and the greedy tokens themselves.
-4. Measures decode speed of a dense model and its 50%-pruned uniform export (same random weights,
-   larger than the quickstart so that the matmuls dominate) in llama.cpp and vLLM, as a ratio
-   measured in one run.
+4. Measures prefill and decode speed of a dense model and its 50%-pruned exports by width, depth
+   and blocks (same random weights, larger than the quickstart so that the matmuls dominate) in
+   llama.cpp, transformers and vLLM, as ratios measured in one run (``--speed-only`` skips step 3
+   and keeps the last run's checks).
 
 Writes scripts/benchmark_results/serving.md and serving.json. Not part of CI: it installs large packages.
 Nothing here downloads model weights or data sets.
@@ -41,8 +42,9 @@ LAYOUTS = ("uniform", "per_layer_ffn", "global", "depth", "depth_per_layer_ffn",
 PROMPT = ('import os\nimport sys\n\n\ndef main(argv=None):\n    """Run the command line interface."""\n'
           "    if argv is None:\n        argv = sys.argv[1:]\n    parser = ")
 NEW_TOKENS = 20
-DECODE_NOTE = ("decode steps after a 4-token prompt; three runs of each, dense and pruned interleaved in one "
-               "process tree; medians, and the range of the per-run ratio.")
+DECODE_NOTE = ("decode: greedy steps after a 4-token prompt; prefill: one forward of a prompt of {prefill} "
+               "tokens (vLLM: the prompt and one generated token), after a warm-up; three runs of each, dense and "
+               "pruned interleaved in one process tree; medians, and the range of the per-run ratio.")
 # Why a stack refuses an export format (read off the errors this check records).
 REASONS = {
     ("decilm", "onnx"): "optimum has no ONNX export config for DeciLM (`nemotron-nas`).",
@@ -305,18 +307,26 @@ def forced(path, seq, n_prompt):
     logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
     top = [int(np.argmax(scores[t - 1])) for t in range(n_prompt, len(seq))]
     return top, [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
-def speed(path, n_new):
-    llm = Llama(path, n_ctx=256, n_threads=job["threads"], verbose=False, seed=0)
+def speed(path, n_new, n_prompt):
+    llm = Llama(path, n_ctx=max(256, n_prompt + 8), n_batch=max(512, n_prompt), n_threads=job["threads"],
+                verbose=False, seed=0)
+    prompt = [5 + (7 * i) % 500 for i in range(n_prompt)]
+    llm.eval(prompt)  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill = n_prompt / (time.perf_counter() - t)
+    llm.reset()
     llm.eval([1, 2, 3, 4])
     t = time.perf_counter()
     for i in range(n_new):
         llm.eval([5 + i % 50])
-    return n_new / (time.perf_counter() - t)
+    return {"tok_s": n_new / (time.perf_counter() - t), "prefill_tok_s": prefill}
 out = {}
 for key, item in job["models"].items():
     try:
         if item.get("speed"):
-            out[key] = {"tok_s": speed(item["path"], item["speed"])}
+            out[key] = speed(item["path"], item["speed"], item["prefill"])
         elif item.get("force"):
             top, lp = forced(item["path"], item["force"], len(item["ids"]))
             out[key] = {"greedy": top, "logprobs": lp}
@@ -333,7 +343,8 @@ def main():
     from vllm import LLM, SamplingParams
     item = job["model"]
     try:
-        llm = LLM(model=item["path"], dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+        llm = LLM(model=item["path"], dtype="float32", max_model_len=max(256, item.get("prefill", 0) + 8),
+                  enforce_eager=True, seed=0,
                   trust_remote_code=item.get("trust_remote_code", False), max_num_seqs=1)
     except Exception as exc:
         print("RESULT " + json.dumps({"error": last_error(exc)}))
@@ -347,7 +358,13 @@ def main():
         one = time.perf_counter() - t
         t = time.perf_counter()
         llm.generate(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True), use_tqdm=False)
-        print("RESULT " + json.dumps({"tok_s": n / (time.perf_counter() - t - one)}))
+        decode = n / (time.perf_counter() - t - one)
+        long = {"prompt_token_ids": [5 + (7 * i) % 500 for i in range(item["prefill"])]}
+        llm.generate(long, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        llm.generate(long, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+        prefill = item["prefill"] / (time.perf_counter() - t)
+        print("RESULT " + json.dumps({"tok_s": decode, "prefill_tok_s": prefill}))
         return
     params = SamplingParams(temperature=0, max_tokens=job["new_tokens"], min_tokens=job["new_tokens"],
                             logprobs=1, prompt_logprobs=1, ignore_eos=True)
@@ -421,10 +438,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "outputs" / "serving"), help="venvs, models and GGUF files")
     p.add_argument("--stacks", default="vllm,llamacpp,onnx", help="comma-separated subset of vllm,llamacpp,onnx")
-    p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only the speed measurement; the export checks keep the last run's results")
     p.add_argument("--speed-tokens", type=int, default=128, help="decode steps timed per model")
+    p.add_argument("--prefill-tokens", type=int, default=256, help="prompt tokens of the timed prefill")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for llama.cpp")
     a = p.parse_args()
+    if a.no_speed and a.speed_only:
+        p.error("--no-speed and --speed-only exclude each other")
     work = Path(a.work).resolve()
     stacks = [s for s in a.stacks.split(",") if s]
     unknown = sorted(set(stacks) - set(VENVS))
@@ -442,7 +464,8 @@ def main() -> None:
              for layout, folder in exports.items()}
     vllm_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results: dict[str, dict[str, Any]] = {layout: {} for layout in LAYOUTS}
-    for stack in stacks:
+    checked = [] if a.speed_only else stacks
+    for stack in checked:
         print(f"[{stack}] checking {', '.join(LAYOUTS)}", flush=True)
         if stack == "llamacpp":
             job = {"threads": a.threads, "new_tokens": NEW_TOKENS,
@@ -485,11 +508,12 @@ def main() -> None:
             job = {"threads": a.threads, "models": {}}
             for rep in range(3):  # interleaved, so that both see the same machine state
                 for k, f in files.items():
-                    job["models"][f"{k}#{rep}"] = {"path": str(f), "speed": a.speed_tokens}
+                    job["models"][f"{k}#{rep}"] = {"path": str(f), "speed": a.speed_tokens,
+                                                   "prefill": a.prefill_tokens}
             got = run_driver(pys["llamacpp"], LLAMACPP, job)
             speed["llamacpp"] = _speed_summary(got, models)
         loaded = {k: _load_for_speed(folder) for k, folder in models.items()}
-        got = {f"{k}#{rep}": {"tok_s": _transformers_speed(loaded[k], a.speed_tokens)}
+        got = {f"{k}#{rep}": _transformers_speed(loaded[k], a.speed_tokens, a.prefill_tokens)
                for rep in range(3) for k in models}  # interleaved, as in the other stacks
         speed["transformers"] = _speed_summary(got, models)
         del loaded
@@ -499,7 +523,8 @@ def main() -> None:
                 for k, folder in models.items():
                     remote = "auto_map" in json.loads((folder / "config.json").read_text())
                     got[f"{k}#{rep}"] = run_driver(pys["vllm"], VLLM, {"model": {
-                        "path": str(folder), "speed": a.speed_tokens, "trust_remote_code": remote}}, vllm_env)
+                        "path": str(folder), "speed": a.speed_tokens, "prefill": a.prefill_tokens,
+                        "trust_remote_code": remote}}, vllm_env)
             speed["vllm"] = _speed_summary(got, models)
         for stack, s in speed.items():
             print(f"[speed] {stack}: {json.dumps(s)}", flush=True)
@@ -509,16 +534,16 @@ def main() -> None:
                            "blocks50": Manifest.read(models["blocks50"]).params_after}
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
-    versions = {s: installed(py, packages) for s, py in pys.items()}
+    versions = {s: installed(py, packages) for s, py in pys.items() if s in checked or s in speed}
     earlier = RESULTS / "serving.json"  # stacks not run this time keep their last results
     if earlier.is_file():
         old = json.loads(earlier.read_text())
         for row, cells in old.get("results", {}).items():
             for stack, cell in cells.items():
-                if stack not in stacks:
+                if stack not in checked:
                     results.setdefault(row, {})[stack] = dict(cell, date=cell.get("date", old.get("date")))
         forms = {**old.get("formats", {}), **forms}
-        versions = {**{k: v for k, v in old.get("versions", {}).items() if k not in stacks}, **versions}
+        versions = {**{k: v for k, v in old.get("versions", {}).items() if k not in versions}, **versions}
         speed = {**{k: dict(v, date=v.get("date", old.get("date"))) for k, v in old.get("speed", {}).items()
                     if k not in speed and k != "params"}, **speed}  # what this run did not measure stays
         if "params" not in speed and "params" in old.get("speed", {}):
@@ -526,7 +551,8 @@ def main() -> None:
         stacks = [st for st in VENVS if st in stacks or st in versions]
     report = {"results": results, "formats": forms, "speed": speed, "versions": versions,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "date": time.strftime("%Y-%m-%d"), "pass_logprob": PASS_LOGPROB, "new_tokens": NEW_TOKENS}
+              "date": time.strftime("%Y-%m-%d"), "pass_logprob": PASS_LOGPROB, "new_tokens": NEW_TOKENS,
+              "prefill_tokens": a.prefill_tokens}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / "serving.md").write_text(render(report, stacks))
@@ -541,16 +567,22 @@ def _load_for_speed(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
 
 
-def _transformers_speed(model, n_new: int) -> float:
-    """Tokens per second of ``model`` generating ``n_new`` greedy tokens with its KV cache (batch 1) after
-    a 4-token prompt (the prompt's forward is included; at 4 tokens it is one decode step's worth)."""
+def _transformers_speed(model, n_new: int, n_prompt: int) -> dict[str, float]:
+    """Decode tokens per second of ``model`` generating ``n_new`` greedy tokens with its KV cache (batch 1)
+    after a 4-token prompt (the prompt's forward is included; at 4 tokens it is one decode step's worth),
+    and prefill tokens per second of one forward over an ``n_prompt``-token prompt (after a warm-up)."""
     import torch
 
     with torch.no_grad():
         t = time.perf_counter()
         model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                        pad_token_id=0)
-        return n_new / (time.perf_counter() - t)
+        decode = n_new / (time.perf_counter() - t)
+        prompt = torch.tensor([[5 + (7 * i) % 500 for i in range(n_prompt)]])
+        model(prompt)  # warm-up
+        t = time.perf_counter()
+        model(prompt)
+        return {"tok_s": decode, "prefill_tok_s": n_prompt / (time.perf_counter() - t)}
 
 
 def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, Any]:
@@ -558,16 +590,23 @@ def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, An
     if errors:
         return {"error": next(iter(errors.values()))}
     reps = sorted({key.split("#")[1] for key in got})
-    runs = {k: [got[f"{k}#{r}"]["tok_s"] for r in reps] for k in models}
-    out: dict[str, Any] = {"dense_tok_s": round(statistics.median(runs["dense"]), 2), "runs": runs}
-    # each against the dense run beside it
-    for k, prefix in (("pruned50", ""), ("depth50", "depth50_"), ("blocks50", "blocks50_")):
-        if k not in runs:
-            continue
-        ratios = sorted(p / d for p, d in zip(runs[k], runs["dense"], strict=True))
-        out.update({f"{k}_tok_s": round(statistics.median(runs[k]), 2),
-                    f"{prefix}ratio": round(statistics.median(ratios), 3),
-                    f"{prefix}ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)]})
+
+    def summary(metric: str) -> dict[str, Any]:
+        runs = {k: [got[f"{k}#{r}"][metric] for r in reps] for k in models}
+        out: dict[str, Any] = {"dense_tok_s": round(statistics.median(runs["dense"]), 2), "runs": runs}
+        # each against the dense run beside it
+        for k, prefix in (("pruned50", ""), ("depth50", "depth50_"), ("blocks50", "blocks50_")):
+            if k not in runs:
+                continue
+            ratios = sorted(p / d for p, d in zip(runs[k], runs["dense"], strict=True))
+            out.update({f"{k}_tok_s": round(statistics.median(runs[k]), 2),
+                        f"{prefix}ratio": round(statistics.median(ratios), 3),
+                        f"{prefix}ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)]})
+        return out
+
+    out = summary("tok_s")  # decode, at the top level as before
+    if all("prefill_tok_s" in v for v in got.values()):
+        out["prefill"] = summary("prefill_tok_s")
     return out
 
 
@@ -615,25 +654,30 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
                  else "(by depth: not measured yet)")
         blocks = (f", and by blocks (layers 1, 3, 5, 7 without attention, 0, 2, 4, 6 without MLP; DeciLM; "
                   f"{params['blocks50']:,} parameters)" if "blocks50" in params else "")
-        lines += ["", "## Decode speed, dense vs 50%-pruned exports (width, depth and blocks)", "",
+        lines += ["", "## Prefill and decode speed, dense vs 50%-pruned exports (width, depth and blocks)", "",
                   "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "
                   f"({params.get('dense', 0):,} parameters; random weights, since speed does not depend on them), "
                   f"its 50%-pruned uniform export by width (heads and FFN channels; {params.get('pruned50', 0):,} "
-                  f"parameters) {depth}{blocks}; fp32, batch 1, {DECODE_NOTE}", "",
-                  "| stack | dense tokens/s | width-pruned tokens/s | speed-up (range) | depth-pruned tokens/s | "
-                  "speed-up (range) | block-pruned tokens/s | speed-up (range) |", "|---|---|---|---|---|---|---|---|"]
-        for s, r in report["speed"].items():
+                  f"parameters) {depth}{blocks}; fp32, batch 1, "
+                  + DECODE_NOTE.format(prefill=report.get("prefill_tokens", "-")), "",
+                  "| stack | phase | dense tokens/s | width-pruned tokens/s | speed-up (range) | depth-pruned "
+                  "tokens/s | speed-up (range) | block-pruned tokens/s | speed-up (range) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s, full in report["speed"].items():
             if s == "params":
                 continue
-            if "error" in r:
-                lines.append(f"| {names[s]} | fails: `{r['error']}` | | |")
-            else:
+            if "error" in full:
+                lines.append(f"| {names[s]} | - | fails: `{full['error']}` | | |")
+                continue
+            when = f" (run of {full['date']})" if full.get("date") and full["date"] != report["date"] else ""
+            for phase, r in (("prefill", full.get("prefill")), ("decode", full)):
+                if r is None:
+                    continue
                 lo, hi = r["ratio_range"]
-                when = f" (run of {r['date']})" if r.get("date") and r["date"] != report["date"] else ""
                 extra = " | ".join((f"{r[f'{k}_tok_s']} | {r[f'{k}_ratio']:.2f}x ({r[f'{k}_ratio_range'][0]:.2f}-"
                                     f"{r[f'{k}_ratio_range'][1]:.2f})") if f"{k}_tok_s" in r else "- | -"
                                    for k in ("depth50", "blocks50"))
-                lines.append(f"| {names[s]}{when} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
+                lines.append(f"| {names[s]}{when} | {phase} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
                              f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {extra} |")
     lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                              for s, vs in report["versions"].items()), ""]
