@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import free_port, join, leave
 from safetensors.torch import load_file, save_file
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _leave() -> None:
-    """End a rank once both have written their results, without Python's teardown: in torch 2.13 a gloo
-    process group can deadlock when it is destroyed while its worker thread still frees a finished
-    collective (the worker waits for the GIL that the destroying thread holds; seen as an intermittent
-    hang after every result was written). The results are on disk; nothing else needs the teardown."""
-    dist.barrier()
-    os._exit(0)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, granularity: str = "width") -> None:
@@ -37,9 +21,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, gran
     from hf_oto.groups.depth import with_granularity
     from hf_oto.optim import CRICConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join(rank, world, port)
     model = tiny_model("llama")  # same seed on both ranks
     if granularity != "width":  # each rank's block influence comes from its own (training) batches: HESSO sums it
         model = tiny_model("llama", num_hidden_layers=4).train()
@@ -61,12 +43,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, gran
     if opt._turn:
         state["__local_turn__"] = opt._turn.state()
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    _leave()
+    leave()
 
 
 @pytest.mark.parametrize("use_cric, granularity", [(False, "width"), (True, "width"), (False, "depth")])
 def test_two_ranks_end_identical(tmp_path, use_cric, granularity):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), use_cric, granularity), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), use_cric, granularity), nprocs=2, join=True)
     a, b = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(2))
     assert a.keys() == b.keys()
     if granularity != "width":  # the ranks measured different turns, yet removed the same layers
@@ -87,9 +69,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool)
     from hf_oto import discover_groups
     from hf_oto.optim.saliency import group_statistics
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join(rank, world, port)
     model = tiny_model("llama")
     space = discover_groups(model)
     mesh = init_device_mesh("cpu", (world,))
@@ -117,7 +97,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool)
         save_file({**{n: t.contiguous() for n, t in full.items()}, "_pruned": opt.pruned.to(torch.uint8),
                    "_small_logits": small(input_ids=probe).logits.detach(),
                    "_sq_sharded": sharded, "_sq_full": whole}, os.path.join(out_dir, "fsdp.safetensors"))
-    _leave()
+    leave()
 
 
 def _fsdp_settings(use_cric: bool) -> dict:
@@ -141,7 +121,7 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, use_cric):
 
     from hf_oto import discover_groups
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path), use_cric), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path), use_cric), nprocs=2, join=True)
     got = load_file(str(tmp_path / "fsdp.safetensors"))
     torch.testing.assert_close(got.pop("_sq_sharded"), got.pop("_sq_full"), rtol=1e-5, atol=1e-6)
 
