@@ -231,35 +231,86 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
     from hf_oto.quant.search import parse_budget
 
     average_bits, max_bytes = parse_budget(args.budget)  # a bad budget is refused before anything loads
+    sizes = _sizes_arg(args.sizes)
     if args.out:
         from hf_oto.export.quantized import QFA_MANIFEST
         from hf_oto.io import check_target
 
         check_target(Path(args.out), overwrite=args.overwrite, marker=QFA_MANIFEST)
+    from hf_oto.quant.run import RUN_FILE, load_qfa_run
+
+    info_path = Path(args.run_dir) / RUN_FILE
+    if info_path.is_file() and sizes:  # sizes are checked before the model loads
+        import json
+
+        from hf_oto.quant.joint import check_size
+
+        info = json.loads(info_path.read_text())
+        if not info.get("elastic"):
+            raise ConfigError(f"--sizes needs an elastic QFA run (qfa with elastic_sizes); {args.run_dir} has none")
+        sizes = [check_size(info, s) for s in sizes]
+    run = load_qfa_run(args.run_dir)
+    if run.eval_blocks is None:
+        raise ConfigError(f"{args.run_dir} holds no evaluation blocks (eval_blocks.safetensors) to search on")
+    if run.info.get("elastic"):
+        return _joint_search(run, args, average_bits, max_bytes, sizes)
     from hf_oto.export.quantized import save_quantized
-    from hf_oto.quant.run import load_qfa_run
     from hf_oto.quant.search import qfa_search
 
-    run = load_qfa_run(args.run_dir)
-    model, info, blocks, tokenizer = run.model, run.info, run.eval_blocks, run.tokenizer
-    if blocks is None:
-        raise ConfigError(f"{args.run_dir} holds no evaluation blocks (eval_blocks.safetensors) to search on")
+    model, info = run.model, run.info
     space = None
     if info.get("pruned"):
         from hf_oto.groups import discover_groups
         from hf_oto.quant.run import base_model_for_space
 
         space = discover_groups(base_model_for_space(info))
-    result = qfa_search(model, blocks, average_bits=average_bits, max_bytes=max_bytes, samples=args.samples,
+    result = qfa_search(model, run.eval_blocks, average_bits=average_bits, max_bytes=max_bytes, samples=args.samples,
                         refine=args.refine, seed=args.seed)
     print(result.table())
     print(f"chosen bits per layer: {list(result.best.bits)} ({result.evaluated} configurations evaluated)")
     if args.out:
-        out = save_quantized(model, result.best.bits, args.out, space=space, tokenizer=tokenizer,
+        out = save_quantized(model, result.best.bits, args.out, space=space, tokenizer=run.tokenizer,
                              overwrite=args.overwrite,
                              extra_manifest={"search": {"budget": args.budget, "eval_loss": result.best.loss,
                                                         "evaluated": result.evaluated},
                                              **{k: info[k] for k in PROVENANCE if info.get(k)}})
+        print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained (compressed-tensors installed)")
+    return 0
+
+
+def _sizes_arg(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes takes comma-separated numbers, got {text!r}") from None
+
+
+def _joint_search(run, args: argparse.Namespace, average_bits: float | None, max_bytes: int | None,
+                  sizes: list[float] | None) -> int:
+    """qfa-search on an elastic QFA run: sizes and per-layer bits together; the winner is exported."""
+    from hf_oto.export.quantized import save_quantized
+    from hf_oto.quant.joint import joint_search, run_spaces, zero_size
+
+    result = joint_search(run, run.eval_blocks, average_bits=average_bits, max_bytes=max_bytes, sizes=sizes,
+                          samples=args.samples, refine=args.refine, seed=args.seed)
+    print(result.table())
+    print(f"chosen: size {result.size:g}, bits per layer {list(result.best.bits)} "
+          f"({result.evaluated} configurations evaluated)")
+    if args.out:
+        space, gates = run_spaces(run)
+        zero_size(run.model, run.info, gates, result.size)
+        record = dict(run.info["elastic"]["record"], size=result.size)
+        sentence = (f"It is the size-{result.size:g} sub-network of an elastic run ({100 * result.size:g}% of the "
+                    "prunable parameters kept), chosen together with its bit-widths; its removed heads and FFN "
+                    "channels are sliced out.") if result.size < 1.0 else None
+        extra = {"search": {"budget": args.budget, "eval_loss": result.best.loss, "evaluated": result.evaluated,
+                            "size": result.size},
+                 "elastic": record, **({"pruning": sentence} if sentence else {}),
+                 **{k: run.info[k] for k in PROVENANCE if run.info.get(k)}}
+        out = save_quantized(run.model, result.best.bits, args.out, space=space, tokenizer=run.tokenizer,
+                             overwrite=args.overwrite, extra_manifest=extra)
         print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained (compressed-tensors installed)")
     return 0
 
@@ -340,12 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_export_size)
     p = sub.add_parser("qfa-search", help="pick per-layer bit-widths of a QFA run for a budget, and export them")
     p.add_argument("run_dir", help="folder saved by a QFA run (<output_dir>/qfa_run)")
-    p.add_argument("--budget", required=True, help="average bits (e.g. 2.5) or a size of the weights (e.g. 300MB)")
+    p.add_argument("--budget", required=True, help="average bits (e.g. 2.5) or a size of the weights (e.g. 300MB); "
+                                                   "on an elastic run, bits mean the full model's bytes at that width")
     p.add_argument("--out", help="export the chosen configuration to this folder (compressed-tensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier hf-oto quantized export at --out")
     p.add_argument("--samples", type=int, default=32, help="random configurations for the sensitivity estimate")
     p.add_argument("--refine", type=int, default=16, help="candidates evaluated in the narrowed space")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's draws")
+    p.add_argument("--sizes", help="elastic QFA runs: only these trained sizes, comma-separated (default: every "
+                                   "size and the full model, searched together with the bits)")
     p.set_defaults(func=cmd_qfa_search)
     p = sub.add_parser("env", help="print the versions that matter (for bug reports) and how they meet the lock")
     p.set_defaults(func=cmd_env)

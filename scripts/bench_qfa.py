@@ -65,9 +65,9 @@ def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workd
 def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
     """Uniform widths and the searched mixed budgets of one QFA model, on the report half."""
     from hf_oto.quant import qfa_search
-    from hf_oto.quant.search import _Costs
+    from hf_oto.quant.search import Costs
 
-    costs = _Costs(model)
+    costs = Costs(model)
     widths = sorted(_widths(model))
     n = len(_layers(model))
     rows = []

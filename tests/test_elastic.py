@@ -187,7 +187,6 @@ def test_bad_elastic_settings_stop_when_the_trainer_is_built(tmp_path, kw, match
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--elastic_sizes", "0.5", "--qfa", "true"], ["qfa", "not supported yet"]),
     (["--elastic_sizes", "0.5", "1.5"], ["(0, 1]"]),
     (["--elastic_sizes", "0.01"], ["elastic size 0.01", "cannot be reached"]),
     (["--elastic_sizes", "0.5", "--use_cric", "true"], ["use_cric"]),

@@ -30,18 +30,13 @@ RUN_FILE = "elastic_run.json"
 RUN_VERSION = 1
 
 
-def save_elastic_run(model: nn.Module, space: PruningSpace, elastic: Elastic, out_dir: str | os.PathLike, *,
-                     tokenizer: Any = None, overwrite: bool = False, steps: int,
-                     args: HFOTOTrainingArguments, extra: dict[str, Any] | None = None,
-                     evals: dict[float, dict[str, float]] | None = None) -> Path:
-    """Write the full model, the tokenizer and ``elastic_run.json`` to ``out_dir`` (atomically; it replaces
-    only an earlier elastic run). ``space`` must be ``model``'s, in the order the run planned on. ``extra``:
-    manifest fields for every size's export (``source`` and ``license`` included); ``evals``: per size, the
-    metrics its export's manifest records."""
+def sizes_record(space: PruningSpace, elastic: Elastic, *, steps: int, args: HFOTOTrainingArguments,
+                 extra: dict[str, Any] | None = None, evals: dict[float, dict[str, float]] | None = None) -> JSONObject:
+    """What an elastic run records (``elastic_run.json``, or the ``elastic`` entry of a QFA run): each size's
+    removed groups by name, the pruning-space settings that name them, the settings that ran, the manifest
+    fields of every size's export (``extra``) and each size's metrics (``evals``)."""
     from hf_oto.optim.budget import Plan
 
-    out = Path(out_dir)
-    check_target(out, overwrite=overwrite, marker=RUN_FILE)
     sizes = {}
     for size, row in zip(elastic.elastic.sizes, elastic.removed_flags, strict=True):
         plan = Plan.from_mask(space, row)
@@ -50,7 +45,7 @@ def save_elastic_run(model: nn.Module, space: PruningSpace, elastic: Elastic, ou
                               "eval": dict((evals or {}).get(size, {}))}
     record = elastic.record()
     e = elastic.elastic
-    data: JSONObject = {
+    return {
         "version": RUN_VERSION,
         "sizes": sizes,
         "space": {"granularity": args.pruning_granularity, "exclude": args.pruning_exclude,
@@ -62,6 +57,19 @@ def save_elastic_run(model: nn.Module, space: PruningSpace, elastic: Elastic, ou
         "export_format": args.export_format,
         "manifest": {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in (extra or {}).items()},
     }
+
+
+def save_elastic_run(model: nn.Module, space: PruningSpace, elastic: Elastic, out_dir: str | os.PathLike, *,
+                     tokenizer: Any = None, overwrite: bool = False, steps: int,
+                     args: HFOTOTrainingArguments, extra: dict[str, Any] | None = None,
+                     evals: dict[float, dict[str, float]] | None = None) -> Path:
+    """Write the full model, the tokenizer and ``elastic_run.json`` to ``out_dir`` (atomically; it replaces
+    only an earlier elastic run). ``space`` must be ``model``'s, in the order the run planned on. ``extra``:
+    manifest fields for every size's export (``source`` and ``license`` included); ``evals``: per size, the
+    metrics its export's manifest records."""
+    out = Path(out_dir)
+    check_target(out, overwrite=overwrite, marker=RUN_FILE)
+    data = sizes_record(space, elastic, steps=steps, args=args, extra=extra, evals=evals)
     tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)

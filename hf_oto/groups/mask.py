@@ -26,9 +26,11 @@ MASKABLE_KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "la
 
 
 def _input_dim(module: nn.Module) -> int:
-    """The weight dimension that indexes a layer's inputs: 1 for ``nn.Linear``, 0 for transformers'
-    ``Conv1D`` (its weight is stored as (in, out))."""
-    return 1 if isinstance(module, nn.Linear) else 0
+    """The weight dimension that indexes a layer's inputs: 0 for transformers' ``Conv1D`` (its weight is
+    stored as (in, out)), 1 for ``nn.Linear`` and layers shaped like it (QFA's quantized linears)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return 0 if isinstance(module, Conv1D) else 1
 
 
 def _consumer(model: nn.Module, param: str) -> tuple[nn.Module, nn.Module]:
@@ -68,12 +70,13 @@ class MaskedView:
             if not isinstance(gs.info, AttentionInfo | FFNInfo):
                 raise ConfigError(f"{gs.prefix}: no consumer is known for its {gs.kind} groups")
             module, base = _consumer(model, gs.info.consumer)
-            dim, weight = _input_dim(base), base.weight
-            name = names.get(id(weight))
+            dim = _input_dim(base)
+            # a layer that stores its weight in another form (QFA's codes) is named as the space names it
+            name = names.get(id(getattr(base, "weight", None)), gs.info.consumer)
             spec = next((s for s in gs.slices if s.param == name and s.dim == dim and s.expert is None), None)
-            if spec is None:
+            if spec is None or name not in space.param_shapes:
                 raise ConfigError(f"{gs.prefix}: its {gs.kind} groups have no input slice on {gs.info.consumer}")
-            self._consumers[k] = (module, weight.shape[dim], spec.index)
+            self._consumers[k] = (module, space.param_shapes[name][dim], spec.index)
 
     @contextlib.contextmanager
     def removed(self, flags: torch.Tensor) -> Iterator[None]:

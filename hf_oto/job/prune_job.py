@@ -107,26 +107,42 @@ def _lm_eval(out: Path, dargs: DataArguments, batch_size: int) -> dict[str, dict
 
 def _finish_qfa(trainer: HFOTOTrainer, target: Path, eval_blocks: torch.Tensor, before: dict[str, float],
                 results: dict[str, float], origin: Provenance) -> QFASummary:
-    """Save the QFA run for qfa-search, and report held-out perplexity at every uniform width."""
+    """Save the QFA run for qfa-search, and report held-out perplexity at every uniform width (of every size,
+    in an elastic QFA run)."""
     from hf_oto.export.save import hub_base_model
     from hf_oto.quant.search import eval_loss
 
+    config, e = trainer.qfa_config, trainer.elastic
+    blocks = eval_blocks[:64]
+
+    def perplexities() -> dict[int, float]:
+        return {b: float(torch.exp(torch.tensor(eval_loss(trainer.model, b, blocks)))) for b in config.bits}
+
+    ppl = perplexities()
+    sizes: dict[float, dict[int, float]] = {}
+    if e is not None:
+        for size in e.elastic.sizes:
+            with e.subnetwork(size):
+                sizes[size] = perplexities()
+    evals = {s: {f"eval_perplexity_{b}bit": v for b, v in by_bits.items()} for s, by_bits in sizes.items()}
     extra = dict(origin.to_dict(), eval=results, base_model=hub_base_model(origin.source))
-    out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir, extra=extra)
+    out = trainer.save_qfa_run(str(target), overwrite=trainer.args.overwrite_pruned_output_dir, extra=extra,
+                               evals=evals or None)
     if not trainer.is_world_process_zero():
         return QFASummary(output=str(out))
-    config = trainer.qfa_config
-    blocks = eval_blocks[:64]
-    ppl = {b: float(torch.exp(torch.tensor(eval_loss(trainer.model, b, blocks)))) for b in config.bits}
     rows = [("QFA base in memory", trainer.qfa_memory.table().removeprefix("QFA base: ")),
             ("eval perplexity, quantized at start (widest)", f"{before['initial_perplexity']:.2f}")]
     rows += [(f"eval perplexity, trained, uniform {b}-bit", f"{v:.2f}") for b, v in ppl.items()]
+    for size, by_bits in sizes.items():
+        rows.append((f"eval perplexity, size {size:g} (masked), uniform " + "/".join(f"{b}" for b in by_bits) + " bit",
+                     " / ".join(f"{v:.2f}" for v in by_bits.values())))
     if trainer.hesso is not None:
         rows.append(("prunable parameters removed", f"{100 * trainer.hesso.metrics()['pruned_param_fraction']:.1f}%"))
     rows.append(("QFA run (for qfa-search)", str(out)))
     print_table(rows)
-    log().info(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export")
-    return QFASummary(output=str(out), ppl_initial=before["initial_perplexity"], ppl_uniform=ppl)
+    what = "a size and bit-widths" if e is not None else "bit-widths"
+    log().info(f"next: hf-oto qfa-search {out} --budget {config.bits[0] + 0.5} --out {out}-export (picks {what})")
+    return QFASummary(output=str(out), ppl_initial=before["initial_perplexity"], ppl_uniform=ppl, ppl_sizes=sizes)
 
 
 def _finish_elastic(trainer: HFOTOTrainer, target: Path, before: dict[str, float], results: dict[str, float],

@@ -49,11 +49,13 @@ class PruneSummary:
 @dataclass(frozen=True)
 class QFASummary:
     """What a QFA run of ``hf-oto prune`` reports: where the run was saved (for ``qfa-search``), the
-    held-out perplexity at the start (widest width) and after training at every uniform width."""
+    held-out perplexity at the start (widest width) and after training at every uniform width (with
+    ``elastic_sizes``, of every size's masked view too)."""
 
     output: str
     ppl_initial: float = NAN
     ppl_uniform: dict[int, float] = field(default_factory=dict)
+    ppl_sizes: dict[float, dict[int, float]] = field(default_factory=dict)  # elastic QFA: size -> width -> perplexity
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,13 @@ class Elastic(torch.optim.Optimizer):
     It takes every step with the base optimizer (sharing its param groups and state, so LR schedulers
     and checkpoints see one truth), feeds the criterion and re-plans the sizes on schedule. The trainer
     asks :meth:`sizes_for_step` which sub-networks to run and :meth:`removed` for their flags.
+    ``view_space``: the same groups named on the model's own layers, for the masked views, when ``space``
+    names other parameters (under QFA, the quantized layers' gates and adapters).
     """
 
     def __init__(self, model: nn.Module, space: PruningSpace, base: torch.optim.Optimizer,
-                 config: HESSOConfig, elastic: ElasticConfig, *, probe: Callable[[], float] | None = None):
+                 config: HESSOConfig, elastic: ElasticConfig, *, probe: Callable[[], float] | None = None,
+                 view_space: PruningSpace | None = None):
         lora = lora_factors(model)
         self.config = config.resolve(lora=bool(lora), probe=probe is not None)
         if self.config.pricing == "measured" and probe is None:
@@ -144,7 +147,10 @@ class Elastic(torch.optim.Optimizer):
         self.model_params = dict(model.named_parameters())
         self._lora = lora
         self.criterion = make_criterion(self.config, sliced=tuple(sliced_params(space, lora)))
-        self.view = MaskedView(model, space)
+        if view_space is not None and len(view_space) != len(space):
+            raise ValueError("view_space must hold the same groups as space, in the same order")
+        # with QFA, ``space`` names the quantized layers' gates and adapters, ``view_space`` the model's linears
+        self.view = MaskedView(model, view_space or space)
         self._loss = probe
         self.prices: list[dict[str, Any]] = []  # measured pricing's trials, one entry per ranking
         # whole layers are ranked by block influence (as HESSO does), counted on the full model's passes only

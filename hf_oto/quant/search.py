@@ -62,7 +62,7 @@ def parse_budget(text: str) -> tuple[float | None, int | None]:
     return None, int(value * scale)
 
 
-class _Costs:
+class Costs:
     """Weight bits and bytes of a configuration (kept rows/columns only, when gates pruned some)."""
 
     def __init__(self, model: nn.Module):
@@ -110,7 +110,7 @@ def eval_loss(model: nn.Module, bits: Sequence[int] | int, blocks: torch.Tensor,
     return total / count
 
 
-def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: _Costs, limit: int) -> tuple[int, ...] | None:
+def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: int) -> tuple[int, ...] | None:
     """Per-layer widths minimising the summed predicted loss with bytes <= limit (DP over a byte grid)."""
     layers = theta.shape[0]
     unit = max(1, (limit - costs.other) // 4000)
@@ -145,12 +145,12 @@ def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | 
         raise ConfigError("qfa_search needs a QFA model (prepare_qfa, or load_qfa_run)")
     widths = sorted(layers_q[0][2].bits)
     n = len(decoder_layers(model)[1])
-    costs = _Costs(model)
+    costs = Costs(model)
     if (average_bits is None) == (max_bytes is None):
         raise ConfigError("give the budget as average_bits or as max_bytes (one of them)")
     if average_bits is not None:
         # the bytes of the average-bits budget: interpolate each layer's bytes between widths
-        limit = costs.other + sum(_bytes_at(costs, i, average_bits, widths) for i in range(n))
+        limit = costs.other + sum(bytes_at_average(costs, i, average_bits, widths) for i in range(n))
     else:
         limit = max_bytes
     smallest = costs.bytes([widths[0]] * n)
@@ -193,7 +193,8 @@ def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | 
     return SearchResult(best, uniform, len(seen), sensitivity)
 
 
-def _bytes_at(costs: _Costs, layer: int, avg: float, widths: Sequence[int]) -> int:
+def bytes_at_average(costs: Costs, layer: int, avg: float, widths: Sequence[int]) -> int:
+    """A layer's bytes at a mean width ``avg``, interpolated between the widths around it."""
     lo = max([b for b in widths if b <= avg], default=widths[0])
     hi = min([b for b in widths if b >= avg], default=widths[-1])
     if hi == lo:
@@ -202,7 +203,7 @@ def _bytes_at(costs: _Costs, layer: int, avg: float, widths: Sequence[int]) -> i
     return int(costs.layer_bytes(layer, lo) * (1 - t) + costs.layer_bytes(layer, hi) * t)
 
 
-def _fit_budget(cand: list[int], ranked: list[int], widths: Sequence[int], costs: _Costs, limit: int):
+def _fit_budget(cand: list[int], ranked: list[int], widths: Sequence[int], costs: Costs, limit: int):
     """Lower the least sensitive layers' widths until ``cand`` fits (None if it cannot)."""
     for i in reversed(ranked):
         while costs.bytes(cand) > limit and cand[i] > widths[0]:

@@ -160,10 +160,15 @@ class HFOTOTrainingArguments(TrainingArguments):
         except (TypeError, ValueError):
             raise ConfigError(f"saliency_weights needs 4 comma-separated numbers, got {self.saliency_weights!r}") \
                 from None
+        target = self.target_sparsity
+        start, steps, periods = (self.steps(self.start_pruning_step, total_steps),
+                                 self.steps(self.pruning_steps, total_steps), self.pruning_periods)
+        if self.elastic:  # each size is its own target, on the elastic schedule: HESSO's target and schedule
+            kept = [float(s) for s in self.elastic_sizes if 0 < float(s) < 1]  # are not used (0 in a QFA config)
+            target, start, steps, periods = (1.0 - min(kept) if kept else 0.5), 0, 1, 1
         return HESSOConfig(
-            target_sparsity=self.target_sparsity, target_params=self.target_params, layout=self.pruning_layout,
-            start_pruning_step=self.steps(self.start_pruning_step, total_steps),
-            pruning_steps=self.steps(self.pruning_steps, total_steps), pruning_periods=self.pruning_periods,
+            target_sparsity=target, target_params=self.target_params, layout=self.pruning_layout,
+            start_pruning_step=start, pruning_steps=steps, pruning_periods=periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
             selection=self.pruning_selection, criterion=self.pruning_criterion, pricing=self.pruning_pricing,
         ).resolve(lora=lora, cric=self.use_cric, probe=True)
@@ -232,8 +237,8 @@ class HFOTOTrainingArguments(TrainingArguments):
 
     @property
     def prunes(self) -> bool:
-        """False only for a quantize-only QFA run (``qfa`` with ``target_sparsity: 0``)."""
-        return not (self.qfa and self.target_params is None and not self.target_sparsity)
+        """False only for a quantize-only QFA run (``qfa`` with ``target_sparsity: 0`` and no ``elastic_sizes``)."""
+        return not (self.qfa and not self.elastic and self.target_params is None and not self.target_sparsity)
 
     def qfa_dir(self) -> str:
         """Where the QFA run is saved: ``qfa_run_dir``, else ``<output_dir>/qfa_run``."""

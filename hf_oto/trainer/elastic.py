@@ -84,6 +84,9 @@ class ElasticMixin:
         e = self.elastic
         if e is None or e.removed_flags is None:
             raise ConfigError("save_elastic_run needs a trained elastic run (elastic_sizes, past elastic_start)")
+        if getattr(self, "qfa_config", None) is not None:
+            raise ConfigError("an elastic QFA run is saved with save_qfa_run(); hf-oto qfa-search then picks a size "
+                              "and per-layer bit-widths for a budget")
         target = Path(out_dir or self.args.pruned_dir())
         if overwrite is None:
             overwrite = self.args.overwrite_pruned_output_dir

@@ -35,14 +35,15 @@ def check_qfa_setup(model: torch.nn.Module, args, space: PruningSpace | None) ->
     targets = check_targets(model, config)
     if space is None:
         return None
+    what = "qfa with elastic_sizes" if args.elastic else "qfa with pruning"
     if args.pruning_granularity != "width":
-        raise ConfigError("qfa with pruning takes pruning_granularity: width (its quantized export keeps every layer)")
+        raise ConfigError(f"{what} takes pruning_granularity: width (its quantized export keeps every layer)")
     if args.prune_experts:
-        raise ConfigError("qfa with pruning keeps every expert (prune_experts: false): its quantized layers are fixed "
-                          "before training")
+        raise ConfigError(f"{what} keeps every expert (prune_experts: false): its quantized layers are fixed before "
+                          "training")
     if args.pruning_layout != "uniform":
-        raise ConfigError("qfa with pruning needs pruning_layout: uniform (the quantized export is the stock "
-                          "architecture config)")
+        raise ConfigError(f"{what} needs pruning_layout: uniform (the quantized export is the stock architecture "
+                          "config)")
     return qfa_space(space, {n: tuple(m.weight.shape) for n, _, m in targets}, config, args.ffn_multiple)
 
 
@@ -99,11 +100,23 @@ class QFAMixin:
         return super().evaluate(*args, **kwargs)
 
     def save_qfa_run(self, out_dir: str | None = None, *, overwrite: bool = False,
-                     extra: dict[str, Any] | None = None) -> Path:
-        """Save the trained QFA model for ``hf-oto qfa-search`` (rank 0 writes). Returns the folder."""
+                     extra: dict[str, Any] | None = None,
+                     evals: dict[float, dict[str, float]] | None = None) -> Path:
+        """Save the trained QFA model for ``hf-oto qfa-search`` (rank 0 writes). Returns the folder.
+
+        With ``elastic_sizes`` the run also records every size's removed groups (and ``evals``, each size's
+        metrics), and ``qfa-search`` searches sizes and bit-widths together."""
         if self.qfa_config is None:
             raise ConfigError("save_qfa_run needs a QFA run (qfa: true)")
         target = out_dir or self.args.qfa_dir()
+        elastic = getattr(self, "elastic", None)
+        if elastic is not None:
+            if elastic.removed_flags is None:
+                raise ConfigError("save_qfa_run on an elastic run needs training past elastic_start (no sizes yet)")
+            from hf_oto.export.sizes import sizes_record
+
+            extra = dict(extra or {}, elastic=sizes_record(self.hesso_space, elastic, steps=int(self.state.global_step),
+                                                           args=self.args, evals=evals))
         if self.is_world_process_zero():
             blocks = None
             if self.eval_dataset is not None and len(self.eval_dataset) > 0:

@@ -72,9 +72,6 @@ def check_elastic(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
     reach, a schedule that never trains the sub-networks, and combinations an elastic run does not support."""
     from hf_oto.optim.elastic import size_targets
 
-    if args.qfa:
-        raise ConfigError("elastic_sizes with qfa (the joint search over sizes and bit-widths) is not supported yet; "
-                          "run them separately")
     if args.use_cric:
         raise ConfigError("elastic_sizes does not combine with use_cric: CRIC trials removals on the weights, and an "
                           "elastic run removes nothing (its sizes are masked views)")
@@ -100,8 +97,8 @@ def check_setup(model: torch.nn.Module, args: HFOTOTrainingArguments) -> tuple[P
     if not args.qfa:
         return space, space
     hesso_space = check_qfa_setup(model, args, space)
-    if hesso_space is not None:
-        check_schedule(args, hesso_space)
+    if hesso_space is not None:  # the quantized space adds whole-quantization-group alignment to the sizes
+        check_elastic(args, hesso_space) if args.elastic else check_schedule(args, hesso_space)
     return space, hesso_space
 
 

@@ -105,7 +105,7 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
                 config = dataclasses.replace(config, pricing="saliency")
             probe = self._probe_loss if config.pricing == "measured" else None
             self.optimizer = Elastic(self.model, self.hesso_space, super().create_optimizer(model), config, elastic,
-                                     probe=probe)
+                                     probe=probe, view_space=self.pruning_space)
             return self.optimizer
         cric = self.args.cric_config()
         config.validate(self.hesso_space, total_steps=total, cric=cric)  # before the base optimizer is built
