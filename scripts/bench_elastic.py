@@ -43,6 +43,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespac
     p.add_argument("--elastic_refresh", type=float, default=0.0, help="steps between re-rankings (0: rank once)")
     p.add_argument("--elastic_freeze", type=float, default=None, help="last re-ranking (fraction of steps)")
     p.add_argument("--elastic_samples", type=int, default=1)
+    p.add_argument("--elastic_target", default="full", choices=("full", "teacher"),
+                   help="what the sizes distil from: the full model (in place) or the dense teacher")
+    p.add_argument("--elastic_label_weight", type=float, default=0.0,
+                   help="share of each size's loss taken by the language-model loss")
     p.add_argument("--elastic_only", action="store_true", help="skip the dedicated rows (with --reuse: take them)")
     p.add_argument("--reuse", help="a results.json (benchmark.py's or this script's) whose hesso_kd rows serve as "
                                    "the dedicated runs")
@@ -75,6 +79,7 @@ def elastic_rows(mine, a, ref: Path, train_blocks, eval_blocks, workdir: Path) -
     trainer = bench.train(model, train_blocks, a.steps, a, a.lr, workdir, elastic_sizes=mine.sizes,
                           elastic_start=mine.elastic_start, elastic_refresh=mine.elastic_refresh,
                           elastic_freeze=mine.elastic_freeze, elastic_samples=mine.elastic_samples,
+                          elastic_target=mine.elastic_target, elastic_label_weight=mine.elastic_label_weight,
                           pruning_layout=a.layout, ffn_multiple=a.ffn_multiple, distill=True,
                           distill_weight=a.distill_weight, pruning_exclude=a.exclude,
                           pruning_criterion=a.hesso_criterion, pruning_selection=a.hesso_selection)
@@ -136,8 +141,10 @@ def report(mine, a, res: dict[str, Any], out: Path, command: str) -> Path:
         f"{a.distill_weight}); elastic: sizes {mine.sizes}, sub-networks from step {mine.elastic_start} "
         f"(fraction), {'re-ranked every ' + str(mine.elastic_refresh) if mine.elastic_refresh else 'ranked once'}, "
         f"{mine.elastic_samples} drawn size(s) per "
-        "step beside the smallest, full model distilled from the dense one, sub-networks in place from the full "
-        "model; every size cut out as export-size does and evaluated without further training",
+        "step beside the smallest, full model distilled from the dense one, sub-networks "
+        + ("in place from the full model" if mine.elastic_target == "full" else "from the dense teacher")
+        + (f" with {mine.elastic_label_weight} of their loss on the labels" if mine.elastic_label_weight else "")
+        + "; every size cut out as export-size does and evaluated without further training",
         f"- reference: {res['reference']}",
         "",
         head,

@@ -175,8 +175,54 @@ def test_elastic_resume_is_bit_exact(tmp_path):
         changed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-4"))
 
 
+@pytest.mark.parametrize("target", ["full", "teacher"])
+def test_sub_networks_distil_from_the_full_model_or_the_teacher_and_mix_in_the_labels(tmp_path, monkeypatch, target):
+    import hf_oto.trainer.distill as distill
+    import hf_oto.trainer.elastic as elastic
+
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    lm_calls: list[torch.Tensor] = []
+
+    def record(where, fn):
+        def wrapped(student, teacher, *a):
+            calls.append((where, student, teacher))
+            return fn(student, teacher, *a)
+        return wrapped
+
+    monkeypatch.setattr(distill, "kl_sum", record("distill", distill.kl_sum))
+    monkeypatch.setattr(elastic, "kl_sum", record("size", elastic.kl_sum))
+    monkeypatch.setattr(elastic, "lm_sum", lambda logits, *a: lm_calls.append(logits) or distill.lm_sum(logits, *a))
+    args = _elastic_args(tmp_path, max_steps=4, elastic_start=0.5, elastic_refresh=0, elastic_freeze=None,
+                         distill=True, elastic_target=target, elastic_label_weight=0.25)
+    HFOTOTrainer(model=tiny_model("llama"), args=args, train_dataset=Tokens()).train()
+    sized = [i for i, c in enumerate(calls) if c[0] == "size"]
+    assert sized and len(lm_calls) == len(sized)  # each sub-network: distillation and the labels
+    for i in sized:
+        first = max(j for j in range(i) if calls[j][0] == "distill")  # the full model's step
+        _, student, teacher = calls[first]
+        if target == "teacher":
+            assert calls[i][2] is teacher
+        else:
+            assert torch.equal(calls[i][2], student.detach()) and not torch.equal(calls[i][2], teacher)
+
+
+def test_lm_sum_is_the_models_own_loss_summed_over_tokens():
+    from hf_oto.trainer.distill import lm_sum, token_mask
+
+    model = tiny_model("llama")
+    ids = IDS.clone()
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(input_ids=ids, labels=labels)
+    mask = token_mask({"input_ids": ids}, labels)
+    assert torch.allclose(lm_sum(out.logits, labels, mask) / mask.sum(), out.loss, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(elastic_sizes=[0.5, 2.0]), r"\(0, 1\]"),
+    (dict(elastic_target="teacher"), "distill: true"),
+    (dict(elastic_target="dense"), "elastic_target must be one of"),
+    (dict(elastic_label_weight=1.5), r"elastic_label_weight must be in \[0, 1\]"),
     (dict(elastic_sizes=[0.001]), "elastic size 0.001"),
     (dict(use_cric=True), "use_cric"),
     (dict(elastic_start=12, elastic_freeze=None), "never train"),

@@ -37,6 +37,8 @@ from hf_oto.optim.pricing import price_kinds
 from hf_oto.optim.saliency import lora_factors, sliced_params
 from hf_oto.optim.shard import all_reduce_sum
 
+ELASTIC_TARGETS = ("full", "teacher")
+
 
 @dataclass(frozen=True)
 class ElasticConfig:
@@ -48,7 +50,10 @@ class ElasticConfig:
     stay fixed (default: ``start``, one ranking). ``refresh_every``: steps between rankings from
     ``start`` to ``freeze`` (0: only at ``start``). ``samples``: sizes drawn each step besides the
     smallest (the sandwich rule's random members; drawn from the other sizes by a seeded rule of the
-    step, so a resumed run draws the same). ``temperature``: of the in-place distillation.
+    step, so a resumed run draws the same). ``temperature``: of the in-place distillation. ``target``: what the
+    sub-networks are distilled from, ``"full"`` (the full model's logits on the same batch, in place) or
+    ``"teacher"`` (the dense teacher's, which needs ``distill``). ``label_weight``: the share of each
+    sub-network's loss taken by the language-model loss on the labels (0: distillation alone).
     """
 
     sizes: tuple[float, ...]
@@ -58,6 +63,8 @@ class ElasticConfig:
     samples: int = 1
     temperature: float = 1.0
     seed: int = 0
+    target: str = "full"
+    label_weight: float = 0.0
 
     def __post_init__(self) -> None:
         sizes = tuple(float(s) for s in self.sizes)
@@ -81,6 +88,10 @@ class ElasticConfig:
             raise ConfigError(f"elastic_samples must be >= 0, got {self.samples}")
         if self.temperature <= 0:
             raise ConfigError(f"elastic_temperature must be positive, got {self.temperature}")
+        if self.target not in ELASTIC_TARGETS:
+            raise ConfigError(f"elastic_target must be one of {ELASTIC_TARGETS}, got {self.target!r}")
+        if not 0.0 <= self.label_weight <= 1.0:
+            raise ConfigError(f"elastic_label_weight must be in [0, 1], got {self.label_weight}")
 
     @property
     def last_ranking(self) -> int:
@@ -286,8 +297,11 @@ class Elastic(torch.optim.Optimizer):
             raise ResumeError("this optimizer state was not saved by an elastic run (no 'elastic' entry)")
         if e["groups"] != len(self.space):
             raise ResumeError("the saved elastic state belongs to a different pruning space (model or groups changed)")
-        mine = self.record()
-        changed = sorted(k for k in set(mine) | set(e["record"]) if mine.get(k) != e["record"].get(k))
+        mine, saved = self.record(), dict(e["record"])
+        # settings added since the checkpoint was written: it trained with their defaults
+        saved["elastic"] = {**{f.name: f.default for f in dataclasses.fields(ElasticConfig)
+                               if f.default is not dataclasses.MISSING}, **saved.get("elastic", {})}
+        changed = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
         if changed:
             raise ResumeError(f"resuming with changed elastic settings is not supported (changed: {changed})")
         self.base.load_state_dict(sd)

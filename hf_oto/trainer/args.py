@@ -124,6 +124,10 @@ class HFOTOTrainingArguments(TrainingArguments):
                                      "steps; 0: rank once)"})
     elastic_samples: int = _same_as(ElasticConfig, "samples", "sizes drawn per step besides the smallest")
     elastic_temperature: float = _same_as(ElasticConfig, "temperature", "temperature of the in-place distillation")
+    elastic_target: str = _same_as(ElasticConfig, "target", "what sub-networks distil from: full (the full model, in "
+                                                            "place) or teacher (the dense teacher; needs distill)")
+    elastic_label_weight: float = _same_as(ElasticConfig, "label_weight", "share of each sub-network's loss taken "
+                                                                          "by the language-model loss")
     qfa: bool = field(default=False, metadata={"help": "quantization-aware once-for-all training (LLM-QFA)"})
     qfa_bits: list[int] = _same_as(QFAConfig, "bits", "bit-widths to serve")
     qfa_group_size: int = _same_as(QFAConfig, "group_size", "input columns per quantization scale")
@@ -223,7 +227,8 @@ class HFOTOTrainingArguments(TrainingArguments):
         freeze = None if self.elastic_freeze is None else self.steps(self.elastic_freeze, total_steps)
         return ElasticConfig(sizes=tuple(self.elastic_sizes), start=start, freeze=freeze,
                              refresh_every=self.steps(self.elastic_refresh, total_steps) if self.elastic_refresh else 0,
-                             samples=self.elastic_samples, temperature=self.elastic_temperature, seed=self.seed)
+                             samples=self.elastic_samples, temperature=self.elastic_temperature, seed=self.seed,
+                             target=self.elastic_target, label_weight=self.elastic_label_weight)
 
     def qfa_config(self) -> QFAConfig | None:
         """The :class:`QFAConfig` these arguments describe (None without ``qfa``)."""

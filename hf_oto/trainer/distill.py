@@ -100,6 +100,14 @@ def kl_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, tem
     return neg_entropy + F.cross_entropy(s, p_t, reduction="sum")
 
 
+def lm_sum(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions of the next-token cross-entropy (position t predicts ``labels[t + 1]``)."""
+    vocab = logits.shape[-1]
+    target = labels[:, 1:].masked_fill(~mask.to(labels.device), -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
 def hidden_sum(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Sum over masked positions of the layer-mean relative squared error of the hidden states."""
     total = student[0].new_zeros(())
@@ -118,6 +126,7 @@ class DistillMixin:
 
     distill_config: DistillConfig | None = None
     teacher: nn.Module | None = None
+    teacher_logits: torch.Tensor | None = None
 
     def setup_distillation(self, config: DistillConfig | None, model: nn.Module) -> None:
         """Freeze a copy of ``model`` as the teacher (on the student's device, or the CPU)."""
@@ -150,6 +159,7 @@ class DistillMixin:
         with self.accelerator.autocast():  # bf16/fp16 runs: the teacher computes in the student's precision
             t_logits, t_states = teacher_outputs(self.teacher, inputs, hidden)
         self._distill_stats["teacher_s"] += time.perf_counter() - start
+        self.teacher_logits = t_logits  # this micro-batch's (elastic sub-networks may distil from them too)
         mask = token_mask(inputs, labels)
         norm = self._distill_normaliser(mask, num_items_in_batch)
         kl = kl_sum(outputs["logits"], t_logits, mask, d.temperature) * norm

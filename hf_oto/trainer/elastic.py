@@ -2,7 +2,8 @@
 
 Each step after ``elastic_start`` computes the usual loss on the full model, then runs the sub-networks
 :meth:`~hf_oto.optim.elastic.Elastic.sizes_for_step` names (masked views of the same weights) on the
-same batch and adds ``T^2 * KL(full || sub)`` for each, the full model's logits detached as the target.
+same batch and adds ``T^2 * KL(full || sub)`` for each, the full model's logits detached as the target
+(``elastic_target: teacher``: the dense teacher's; ``elastic_label_weight`` mixes in the language-model loss).
 One backward takes the sum, so data-parallel training synchronises once per step as usual.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from hf_oto.errors import ConfigError
 from hf_oto.groups import unwrap_peft
 from hf_oto.optim.elastic import Elastic
-from hf_oto.trainer.distill import kl_sum, token_mask
+from hf_oto.trainer.distill import kl_sum, lm_sum, token_mask
 
 
 def wrapped_optimizer(opt, cls: type):
@@ -39,18 +40,25 @@ class ElasticMixin:
         if not sizes:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        self.teacher_logits = None
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        target = outputs["logits"].detach()
-        mask = token_mask(inputs, inputs.get("labels"))
+        config = e.elastic
+        target = outputs["logits"].detach() if config.target == "full" else self.teacher_logits
+        self.teacher_logits = None
+        labels = inputs.get("labels")
+        mask = token_mask(inputs, labels)
         norm = self._distill_normaliser(mask, num_items_in_batch)
-        temperature = e.elastic.temperature
+        temperature, w = config.temperature, config.label_weight
         feed = {k: v for k, v in inputs.items() if k != "labels"}
         stats = self._elastic_stats
         for size in sizes:
             with e.subnetwork(size):
                 logits = model(**feed).logits
             kl = kl_sum(logits, target, mask, temperature) * norm
-            loss = loss + temperature ** 2 * kl
+            sub = (1 - w) * temperature ** 2 * kl
+            if w > 0:
+                sub = sub + w * lm_sum(logits, inputs["input_ids"] if labels is None else labels, mask) * norm
+            loss = loss + sub
             stats[size] = stats.get(size, 0.0) + float(kl.detach())
         stats["steps"] = stats.get("steps", 0) + 1
         return (loss, outputs) if return_outputs else loss
