@@ -40,6 +40,7 @@ _LAZY = {
     "oneshot_scores": "hf_oto.optim.oneshot",
     "QFAConfig": "hf_oto.quant",
     "qfa_search": "hf_oto.quant",
+    "joint_search": "hf_oto.quant",
     "load_qfa_run": "hf_oto.quant",
     "HFOTOTrainer": "hf_oto.trainer",
     "HFOTOTrainingArguments": "hf_oto.trainer",
@@ -57,8 +58,8 @@ __all__ = [
     "ExportError", "HESSO",
     "HESSOConfig", "HFOTOError", "HFOTOTrainer", "HFOTOTrainingArguments", "Manifest", "PruningSpace", "QFAConfig",
     "ResumeError", "SaliencyWeights", "Subnet", "__version__", "construct_subnet", "discover_groups",
-    "exclude_groups", "export_size", "load_qfa_run", "oneshot_prune", "oneshot_scores", "push_pruned", "qfa_search",
-    "save_pruned", "save_quantized", "zero_groups",
+    "exclude_groups", "export_size", "joint_search", "load_qfa_run", "oneshot_prune", "oneshot_scores", "push_pruned",
+    "qfa_search", "save_pruned", "save_quantized", "zero_groups",
 ]
 
 
@@ -85,6 +86,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from hf_oto.optim import HESSO, CRICConfig, HESSOConfig, SaliencyWeights
     from hf_oto.optim.elastic import Elastic, ElasticConfig
     from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
-    from hf_oto.quant import QFAConfig, load_qfa_run, qfa_search
+    from hf_oto.quant import QFAConfig, joint_search, load_qfa_run, qfa_search
     from hf_oto.subnet import Subnet, construct_subnet
     from hf_oto.trainer import HFOTOTrainer, HFOTOTrainingArguments

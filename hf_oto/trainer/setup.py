@@ -79,10 +79,10 @@ def check_elastic(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
         raise ConfigError("elastic_sizes masks heads, kv groups, FFN channels, whole layers and blocks; whole experts "
                           "are not supported yet (leave prune_experts off)")
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
-    elastic = args.elastic_config(total or 1000)
-    if elastic.target == "teacher" and not args.distill:
+    if args.elastic_target == "teacher" and not args.distill:
         raise ConfigError("elastic_target 'teacher' distils the sizes from the dense teacher: set distill: true "
                           "(or elastic_target: full)")
+    elastic = args.elastic_config(total or 1000)
     if total is not None:
         elastic.check_steps(total)
     size_targets(space, elastic.sizes, args.hesso_config(total or 1000))
