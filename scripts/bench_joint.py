@@ -41,8 +41,14 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespac
     p.add_argument("--sizes", nargs="+", type=float, default=[0.5, 0.7])
     p.add_argument("--elastic_start", type=float, default=0.1, help="when sub-networks join (fraction of steps)")
     p.add_argument("--joint_out", help="results folder (default: <benchmark --out>/joint)")
+    p.add_argument("--distill", action="store_true", help="every run distils from the fp32 reference (weight: the "
+                                                          "benchmark's --distill_weight); the joint run's sizes too")
     mine, rest = p.parse_known_args(argv)
     return mine, bench.parse_args(rest)
+
+
+def _distill(mine, a) -> dict[str, Any]:
+    return {"distill": True, "distill_weight": a.distill_weight} if mine.distill else {}
 
 
 def _loss(model, bits, blocks) -> float:
@@ -59,7 +65,7 @@ def joint_rows(mine, a, ref: Path, train_blocks, search_blocks, report_blocks, b
 
     model, trainer, seconds = _train_qfa(ref, train_blocks, a.qfa_steps, a, work / "joint", WIDTHS,
                                          elastic_sizes=mine.sizes, elastic_start=mine.elastic_start,
-                                         pruning_layout="uniform", ffn_multiple=a.qfa_group_size)
+                                         pruning_layout="uniform", ffn_multiple=a.qfa_group_size, **_distill(mine, a))
     run_dir = trainer.save_qfa_run(str(work / "joint_run"))
     del model, trainer
     run = load_qfa_run(run_dir)
@@ -102,7 +108,8 @@ def separate_models(mine, a, ref: Path, train_blocks, work: Path) -> tuple[dict[
         pruning = {} if size == 1.0 else dict(target_sparsity=round(1 - size, 6), pruning_layout="uniform",
                                               start_pruning_step=0.05, pruning_steps=0.5, pruning_periods=5,
                                               ffn_multiple=a.qfa_group_size)
-        model, trainer, secs = _train_qfa(ref, train_blocks, a.qfa_steps, a, work / f"sep{size:g}", WIDTHS, **pruning)
+        model, trainer, secs = _train_qfa(ref, train_blocks, a.qfa_steps, a, work / f"sep{size:g}", WIDTHS, **pruning,
+                                          **_distill(mine, a))
         models[size], seconds[size] = model, secs
         print(f"separate size {size:g}: trained in {secs / 60:.1f} min", flush=True)
         del trainer
@@ -155,7 +162,9 @@ def report(mine, a, res: dict[str, Any], out: Path, command: str) -> Path:
              f"- every run: {a.qfa_steps} steps x {a.batch} x {a.block} tokens from the reference, adapters lr "
              f"{a.qfa_lr}, GPTQ base at {list(WIDTHS)} bits, group size {a.qfa_group_size}; joint: elastic sizes "
              f"{mine.sizes} from {mine.elastic_start} of the steps; separate: QFA alone (size 1) and QFA + HESSO "
-             "to each size (uniform layout)",
+             "to each size (uniform layout)" + ("; every run distils from the fp32 reference (weight "
+                                                f"{a.distill_weight}), the joint run's sizes too" if mine.distill
+                                                else "; no distillation"),
              f"- configurations chosen on {res['search_blocks']} held-out blocks, perplexity on the other "
              f"{res['report_blocks']}; memory: the exported weights (packed codes, scales, unquantized embeddings)",
              f"- fp32 reference: perplexity {res['fp_ppl']:.2f}", "",

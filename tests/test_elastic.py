@@ -206,12 +206,6 @@ def test_sub_networks_distil_from_the_full_model_or_the_teacher_and_mix_in_the_l
             assert torch.equal(calls[i][2], student.detach()) and not torch.equal(calls[i][2], teacher)
 
 
-def test_auto_target_is_the_teacher_when_distilling(tmp_path):
-    assert _elastic_args(tmp_path, distill=True).elastic_config(12).target == "teacher"
-    assert _elastic_args(tmp_path).elastic_config(12).target == "full"
-    assert _elastic_args(tmp_path, distill=True, elastic_target="full").elastic_config(12).target == "full"
-
-
 def test_lm_sum_is_the_models_own_loss_summed_over_tokens():
     from hf_oto.trainer.distill import lm_sum, token_mask
 

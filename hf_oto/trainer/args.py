@@ -124,9 +124,8 @@ class HFOTOTrainingArguments(TrainingArguments):
                                      "steps; 0: rank once)"})
     elastic_samples: int = _same_as(ElasticConfig, "samples", "sizes drawn per step besides the smallest")
     elastic_temperature: float = _same_as(ElasticConfig, "temperature", "temperature of the in-place distillation")
-    elastic_target: str = field(default="auto", metadata={
-        "help": "what sub-networks distil from: full (the full model, in place), teacher (the dense teacher; needs "
-                "distill) or auto (teacher with distill, else full)"})
+    elastic_target: str = _same_as(ElasticConfig, "target", "what sub-networks distil from: full (the full model, in "
+                                                            "place) or teacher (the dense teacher; needs distill)")
     elastic_label_weight: float = _same_as(ElasticConfig, "label_weight", "share of each sub-network's loss taken "
                                                                           "by the language-model loss")
     qfa: bool = field(default=False, metadata={"help": "quantization-aware once-for-all training (LLM-QFA)"})
@@ -229,16 +228,7 @@ class HFOTOTrainingArguments(TrainingArguments):
         return ElasticConfig(sizes=tuple(self.elastic_sizes), start=start, freeze=freeze,
                              refresh_every=self.steps(self.elastic_refresh, total_steps) if self.elastic_refresh else 0,
                              samples=self.elastic_samples, temperature=self.elastic_temperature, seed=self.seed,
-                             target=self.resolved_elastic_target(), label_weight=self.elastic_label_weight)
-
-    def resolved_elastic_target(self) -> str:
-        """``elastic_target`` with "auto" decided: the dense teacher when distilling (measured better on the toy
-        reference: scripts/benchmark_results/elastic/start_sweep.md), else the full model."""
-        if self.elastic_target not in ("auto", "full", "teacher"):
-            raise ConfigError(f"elastic_target must be one of ('auto', 'full', 'teacher'), got {self.elastic_target!r}")
-        if self.elastic_target == "auto":
-            return "teacher" if self.distill else "full"
-        return self.elastic_target
+                             target=self.elastic_target, label_weight=self.elastic_label_weight)
 
     def qfa_config(self) -> QFAConfig | None:
         """The :class:`QFAConfig` these arguments describe (None without ``qfa``)."""

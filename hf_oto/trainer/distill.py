@@ -127,6 +127,7 @@ class DistillMixin:
     distill_config: DistillConfig | None = None
     teacher: nn.Module | None = None
     teacher_logits: torch.Tensor | None = None
+    keep_teacher_logits: bool = False
 
     def setup_distillation(self, config: DistillConfig | None, model: nn.Module) -> None:
         """Freeze a copy of ``model`` as the teacher (on the student's device, or the CPU)."""
@@ -159,7 +160,8 @@ class DistillMixin:
         with self.accelerator.autocast():  # bf16/fp16 runs: the teacher computes in the student's precision
             t_logits, t_states = teacher_outputs(self.teacher, inputs, hidden)
         self._distill_stats["teacher_s"] += time.perf_counter() - start
-        self.teacher_logits = t_logits  # this micro-batch's (elastic sub-networks may distil from them too)
+        if self.keep_teacher_logits:  # for elastic sub-networks that distil from them too (else freed now)
+            self.teacher_logits = t_logits
         mask = token_mask(inputs, labels)
         norm = self._distill_normaliser(mask, num_items_in_batch)
         kl = kl_sum(outputs["logits"], t_logits, mask, d.temperature) * norm

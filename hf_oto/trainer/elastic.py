@@ -40,11 +40,14 @@ class ElasticMixin:
         if not sizes:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        self.teacher_logits = None
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         config = e.elastic
-        target = outputs["logits"].detach() if config.target == "full" else self.teacher_logits
-        self.teacher_logits = None
+        self.teacher_logits, self.keep_teacher_logits = None, config.target == "teacher"
+        try:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            target = outputs["logits"].detach() if config.target == "full" else self.teacher_logits
+        finally:
+            self.teacher_logits, self.keep_teacher_logits = None, False
         labels = inputs.get("labels")
         mask = token_mask(inputs, labels)
         norm = self._distill_normaliser(mask, num_items_in_batch)
