@@ -171,23 +171,35 @@ def report(mine, a, res: dict[str, Any], out: Path, command: str) -> Path:
                 default=None)
     if worst is not None:
         lines.append(f"Worst size against its dedicated run: {worst:.3f}x (the goal: within 1.03x).")
+    return write_results(out, lines, res)
+
+
+def write_results(out: Path, lines: list[str], res: dict[str, Any]) -> Path:
+    """``results.md`` (the lines) and ``results.json`` (everything measured) in ``out``."""
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     return path
 
 
-def main(argv: list[str] | None = None) -> Path:
-    mine, a = parse(argv)
-    command = "python scripts/bench_elastic.py " + " ".join(sys.argv[1:] if argv is None else argv)
+def setup(a: argparse.Namespace, out: Path):
+    """The reference (SmolLM2 with --reference smollm2, else the benchmark's GQA toy one), its data and
+    ``out`` created: (tokenizer, train blocks, eval blocks, reference folder, reference info)."""
     if a.reference == "smollm2":
         from real_model import smollm2_folder
 
         a.model = str(smollm2_folder())
-    out = Path(mine.elastic_out or Path(a.out) / "elastic")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_blocks, eval_blocks = bench.load_data(a)
     ref, info = bench.reference(a, tokenizer, train_blocks, "model" if a.model else "gqa")
+    return tokenizer, train_blocks, eval_blocks, ref, info
+
+
+def main(argv: list[str] | None = None) -> Path:
+    mine, a = parse(argv)
+    command = "python scripts/bench_elastic.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(mine.elastic_out or Path(a.out) / "elastic")
+    _, train_blocks, eval_blocks, ref, info = setup(a, out)
     res: dict[str, Any] = {"machine": bench.machine(), "versions": bench.versions(), "date": time.strftime("%Y-%m-%d"),
                            "reference": json.dumps(info), "settings": bench.settings(a)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402
+from bench_elastic import setup, write_results  # noqa: E402
 from bench_qfa import WIDTHS, _train_qfa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,10 +191,7 @@ def report(mine, a, res: dict[str, Any], out: Path, command: str) -> Path:
     lines += ["", f"Joint run: {res['joint_seconds'] / 60:.1f} min; separate runs: "
               + ", ".join(f"size {k}: {v / 60:.1f}" for k, v in res["separate_seconds"].items())
               + f" min, {total / 60:.1f} min in all; joint / sum = {res['joint_seconds'] / total:.2f}."]
-    path = out / "results.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
-    return path
+    return write_results(out, lines, res)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -201,14 +199,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     mine, a = parse(argv)
     command = "python scripts/bench_joint.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if a.reference == "smollm2":
-        from real_model import smollm2_folder
-
-        a.model = str(smollm2_folder())
     out = Path(mine.joint_out or Path(a.out) / "joint")
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, train_blocks, eval_blocks = bench.load_data(a)
-    ref, info = bench.reference(a, tokenizer, train_blocks, "model" if a.model else "gqa")
+    _, train_blocks, eval_blocks, ref, info = setup(a, out)
     half = min(len(eval_blocks) // 2, a.qfa_search_blocks or len(eval_blocks))
     search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
     from transformers import AutoModelForCausalLM
