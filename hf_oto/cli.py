@@ -205,10 +205,7 @@ def cmd_export_size(args: argparse.Namespace) -> int:
 
     if (args.size is None) == (args.sizes is None):
         raise ConfigError("give --size S (one size into --out) or --sizes S1,S2,... (each into --out/size-S)")
-    try:
-        sizes = [args.size] if args.size is not None else [float(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--sizes takes comma-separated numbers, got {args.sizes!r}") from None
+    sizes = [args.size] if args.size is not None else _sizes_arg(args.sizes)
     data = read_run(args.run_dir)  # bad input is refused before the model loads
     for s in sizes:
         check_size(data, s, args.run_dir)
