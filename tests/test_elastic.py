@@ -225,6 +225,7 @@ def test_lm_sum_is_the_models_own_loss_summed_over_tokens():
     (dict(elastic_label_weight=1.5), r"elastic_label_weight must be in \[0, 1\]"),
     (dict(elastic_sizes=[0.001]), "elastic size 0.001"),
     (dict(use_cric=True), "use_cric"),
+    (dict(pruning_criterion="wanda_sp"), "masked sub-networks' activations"),
     (dict(elastic_start=12, elastic_freeze=None), "never train"),
 ])
 def test_bad_elastic_settings_stop_when_the_trainer_is_built(tmp_path, kw, match):

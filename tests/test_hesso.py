@@ -174,7 +174,69 @@ def test_accumulated_criteria_rank_on_first_order_terms_summed_over_the_steps(cr
             assert torch.allclose(opt.criterion.evidence, fisher, rtol=1e-5)  # kept: the next period adds to it
 
 
-@pytest.mark.parametrize("ema, criterion, stop", [(None, "hesso", 6), (0.9, "hesso", 6), (None, "taylor", 7)])
+def test_wanda_sp_criterion_ranks_like_one_shot_wanda_sp_on_the_training_tokens():
+    """HESSO's ``wanda_sp`` counts the training passes only (not no-grad passes or a copy's) and then
+    ranks exactly as one-shot Wanda-sp does on the same tokens (the same quantity, the same weights)."""
+    from hf_oto.optim.oneshot import oneshot_scores
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    space = discover_groups(model)
+    opt = _hesso(model, space, criterion="wanda_sp")
+    batches = torch.randint(3, 64, (3, 2, 12), generator=torch.Generator().manual_seed(2))
+    model.train()
+    for ids in batches:
+        _loss(model, ids).backward()  # counted
+    other = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=other)  # no gradients: not counted
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=other)  # evaluation: not counted
+    model.train()
+    copy.deepcopy(model)(input_ids=other)  # a teacher made by copying carries the hooks along: not counted
+    alive = torch.ones(len(space), dtype=torch.bool)
+    ranked = opt.criterion.rank(space, alive)
+    expected = oneshot_scores(model, space, "wanda_sp", [{"input_ids": ids} for ids in batches])
+    assert torch.allclose(ranked, expected, rtol=1e-5, atol=0)
+
+
+def test_wanda_sp_criterion_removes_channels_whose_inputs_are_dead():
+    """FFN channels with the largest output weights but no input (gate and up rows zeroed, so they stay
+    dead under training) are what the activation-weighted criterion removes, and nothing else."""
+    model = tiny_model("llama", intermediate_size=64)
+    space = discover_groups(model)
+    params = dict(model.named_parameters())
+    planted = []
+    with torch.no_grad():
+        for k, gs in enumerate(space.sets):
+            if gs.kind != "ffn_channel":
+                continue
+            off = space.set_offset(k)
+            for j in range(0, gs.count, 4):
+                planted.append(off + j)
+                for spec in gs.slices:
+                    p = params[spec.param]
+                    fill = 0.0 if spec.dim == 0 else 5.0  # gate/up rows dead, down_proj column large
+                    p.index_fill_(spec.dim, spec.index[j], fill)
+    opt = _hesso(model, space, target_params=sum(space[i].num_params for i in planted), ffn_multiple=1,
+                 pruning_periods=1, criterion="wanda_sp")
+    _train(model, opt, 10)
+    assert set(torch.nonzero(opt.pruned).flatten().tolist()) == set(planted)
+
+
+def test_wanda_sp_is_refused_for_elastic_sizes():
+    from hf_oto.optim.elastic import Elastic, ElasticConfig
+
+    model = tiny_model("llama")
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ConfigError, match="masked sub-networks' activations"):
+        Elastic(model, discover_groups(model), base, HESSOConfig(criterion="wanda_sp", pricing="saliency"),
+                ElasticConfig(sizes=(0.5,)))
+
+
+@pytest.mark.parametrize("ema, criterion, stop", [(None, "hesso", 6), (0.9, "hesso", 6), (None, "taylor", 7),
+                                                  (None, "wanda_sp", 7)])
 def test_resume_is_bit_exact_mid_period(ema, criterion, stop):
     torch.manual_seed(0)
     model = tiny_model("qwen2")
@@ -188,6 +250,7 @@ def test_resume_is_bit_exact_mid_period(ema, criterion, stop):
     opt = _hesso(first, space, **kw)
     _train(first, opt, stop)  # stops inside the second period (with "taylor": mid-accumulation)
     assert criterion != "taylor" or opt.criterion.evidence is not None
+    assert criterion != "wanda_sp" or opt.criterion.state() is not None
     saved_model = copy.deepcopy(first.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
 

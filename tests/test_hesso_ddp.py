@@ -11,7 +11,8 @@ from ranks import free_port, join, leave
 from safetensors.torch import load_file, save_file
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, granularity: str = "width") -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, granularity: str = "width",
+            criterion: str = "hesso") -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -29,7 +30,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, gran
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     cric = CRICConfig(sampling_steps=3, min_cycles=2, max_cycles=2) if use_cric else None
     opt = make_hesso(model, space, base_kwargs={"lr": 1e-3}, target_sparsity=0.5, start_pruning_step=2,
-                pruning_steps=6, pruning_periods=2, cric=cric)
+                pruning_steps=6, pruning_periods=2, cric=cric, criterion=criterion)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for _ in range(16):
         ids = torch.randint(3, 64, (2, 10), generator=gen)
@@ -42,17 +43,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_cric: bool, gran
     state["__pruned__"] = opt.pruned.to(torch.uint8)
     if opt._turn:
         state["__local_turn__"] = opt._turn.state()
+    if criterion == "wanda_sp":
+        state["__local_activations__"] = opt.criterion.state()
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
     leave()
 
 
-@pytest.mark.parametrize("use_cric, granularity", [(False, "width"), (True, "width"), (False, "depth")])
-def test_two_ranks_end_identical(tmp_path, use_cric, granularity):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), use_cric, granularity), nprocs=2, join=True)
+@pytest.mark.parametrize("use_cric, granularity, criterion", [(False, "width", "hesso"), (True, "width", "hesso"),
+                                                               (False, "depth", "hesso"), (False, "width", "wanda_sp")])
+def test_two_ranks_end_identical(tmp_path, use_cric, granularity, criterion):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), use_cric, granularity, criterion), nprocs=2, join=True)
     a, b = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(2))
     assert a.keys() == b.keys()
     if granularity != "width":  # the ranks measured different turns, yet removed the same layers
         assert not torch.equal(a.pop("__local_turn__"), b.pop("__local_turn__"))
+    if criterion == "wanda_sp":  # the ranks saw different activations, yet removed the same groups
+        assert not torch.equal(a.pop("__local_activations__"), b.pop("__local_activations__"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(a["__pruned__"].sum()) > 0

@@ -72,6 +72,7 @@ def _record(**kw) -> HESSORecord:
     ("fisher", "per_param", "measured", ["empirical Fisher", "per parameter freed", "loss its removal measured"]),
     ("taylor", "saliency", "saliency", ["first-order Taylor", "lowest score first", "criterion's own units"]),
     ("hesso", "saliency", "saliency", ["HESSO's weighted saliency", "measured at each period start"]),
+    ("wanda_sp", "saliency", "measured", ["activation-weighted magnitude", "training passes", "lowest score first"]),
 ])
 def test_the_cards_method_line_states_the_criterion_selection_and_pricing_that_ran(criterion, selection, pricing,
                                                                                   says):
@@ -79,7 +80,7 @@ def test_the_cards_method_line_states_the_criterion_selection_and_pricing_that_r
     text = method_text(m)
     for phrase in says:
         assert phrase in text, (phrase, text)
-    others = {"fisher": "Fisher", "taylor": "Taylor", "hesso": "HESSO's weighted"}
+    others = {"fisher": "Fisher", "taylor": "Taylor", "hesso": "HESSO's weighted", "wanda_sp": "Wanda-sp"}
     assert all(word not in text for c, word in others.items() if c != criterion)
 
 

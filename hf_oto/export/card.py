@@ -33,6 +33,8 @@ CRITERION_TEXT = {
               "each kind)",
     "fisher": "the accumulated empirical Fisher estimate of each group's removal cost (sum of (w . g)^2 over the "
               "training steps)",
+    "wanda_sp": "the activation-weighted magnitude of each group's input columns in the layer that consumes it "
+                "(Wanda-sp, with the activations of the training passes; relative within each kind)",
 }
 SELECTION_TEXT = {"saliency": "lowest score first", "per_param": "lowest score per parameter freed first"}
 GRANULARITY_TEXT = {"depth": " Only whole decoder layers (and, in a per-layer layout, whole attention or MLP "

@@ -39,7 +39,10 @@ class HESSOConfig:
     ``"fisher"``: the sum of ``(w . g)^2`` per group over every training step from the first (not
     reset at period starts), the empirical Fisher estimate of the loss increase when the group is
     removed, which is comparable across kinds, so it pairs with ``selection="per_param"`` (a
-    knapsack over loss increase per parameter freed). ``pricing="measured"`` rescales each kind's
+    knapsack over loss increase per parameter freed); or ``"wanda_sp"``: the activation-weighted
+    magnitude of each group's input columns in the linear that consumes it (Wanda-sp), with the input
+    activations summed over the training passes until the last period starts and the weights as they are
+    at each period start, relative within each kind. ``pricing="measured"`` rescales each kind's
     scores at every period start to the loss increase measured when that kind alone pays a share of
     the remaining budget (:mod:`hf_oto.optim.pricing`; HESSO then needs a ``probe``), so heads and FFN
     channels trade at measured rates; ``"saliency"`` takes the criterion's units as they are.

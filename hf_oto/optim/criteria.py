@@ -7,12 +7,16 @@ period start it asks for :meth:`~TrainingCriterion.rank` and, after a period's r
 calls :meth:`~TrainingCriterion.on_period_start`. Their evidence is part of HESSO's state dict, so a
 resumed run ranks exactly as an uninterrupted one.
 
+``"wanda_sp"`` also watches the training passes' activations, through forward hooks that
+:meth:`~TrainingCriterion.attach` installs on the model.
+
 The one-shot criteria (magnitude, Taylor on calibration batches, Wanda-sp) are
 :class:`~hf_oto.optim.importance.Importance` objects in :mod:`hf_oto.optim.oneshot`: they score a
 model once and have no training-time state. Their names are :data:`~hf_oto.optim.oneshot.ONESHOT_CRITERIA`,
-these are :data:`TRAINING_CRITERIA`. ``"taylor"`` is in both on purpose: it names one quantity, the sum of
-``|w * g|`` over a group, which HESSO accumulates over training steps and ``hf-oto oneshot`` over
-calibration batches; the command says which evidence.
+these are :data:`TRAINING_CRITERIA`. ``"taylor"`` and ``"wanda_sp"`` are in both on purpose: each names
+one quantity (the sum of ``|w * g|`` over a group; the activation-weighted magnitude of its input
+columns), which HESSO measures over training steps and ``hf-oto oneshot`` over calibration batches;
+the command says which evidence.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import nn
 
+from hf_oto.errors import ConfigError
 from hf_oto.groups.space import PruningSpace
+from hf_oto.optim.activations import InputNorms, activation_scores, linear_consumers
 from hf_oto.optim.importance import Evidence, HESSOSaliency, per_kind_relative
 from hf_oto.optim.saliency import LoraFactors, SaliencyWeights, group_statistics
+from hf_oto.optim.shard import all_reduce_sum, is_sharded
 
 if TYPE_CHECKING:
     from hf_oto.optim.config import HESSOConfig
@@ -45,6 +53,9 @@ class TrainingCriterion:
     def end_step(self, params: dict[str, torch.Tensor], space: PruningSpace,
                  lora: dict[str, LoraFactors]) -> None:
         """After the base step."""
+
+    def attach(self, model: nn.Module, space: PruningSpace) -> None:
+        """Called once by the optimizer with the model it trains (a criterion that watches activations hooks it)."""
 
     def rank(self, space: PruningSpace, alive: torch.Tensor) -> torch.Tensor | None:
         """The groups' scores now (higher = keep); ``alive`` flags the groups not pruned or marked."""
@@ -145,8 +156,53 @@ class UpdateSaliency(TrainingCriterion):
         self.ema = None if value is None else value.clone()
 
 
+@dataclass
+class ActivationWeighted(TrainingCriterion):
+    """Wanda-sp on the training passes: per group, ``sum_j ||X_j||_2 * sum_i |W_ij|`` over its input columns
+    of the consuming linear (``o_proj``, ``down_proj``), with ``X_j`` summed over every training token from
+    the first step until the last period starts and ``W`` the weights at ranking time; relative within
+    each kind. The same quantity as the one-shot ``wanda_sp``, on the training data instead of
+    calibration batches. Data-parallel ranks sum their activations before ranking."""
+
+    name: ClassVar[str] = "wanda_sp"
+    state_key: ClassVar[str] = "activations"
+    norms: InputNorms | None = None
+    _model: nn.Module | None = None
+
+    def attach(self, model, space) -> None:
+        consumers = linear_consumers(model, space)
+        if any(is_sharded(m.weight) for m in consumers.values()):
+            raise ConfigError("the wanda_sp criterion reads whole weight columns; FSDP-sharded weights are not "
+                              "supported (use pruning_criterion fisher)")
+        self._model = model
+        self.norms = InputNorms(consumers, training_only=True).attach()
+
+    def begin_step(self, params, space, *, accumulate, measure) -> None:
+        if not accumulate and self.norms is not None and self.norms.attached:
+            self.norms.detach()  # no ranking is left to make: stop watching
+
+    def rank(self, space, alive):
+        if self.norms is None or self._model is None:
+            raise RuntimeError("the wanda_sp criterion was not attached to a model")
+        device = next(self._model.parameters()).device  # NCCL cannot reduce a CPU tensor
+        flat = all_reduce_sum(self.norms.flat(), device)
+        if not bool((flat > 0).any()):
+            raise RuntimeError("the wanda_sp criterion saw no training pass (a forward pass with gradients on) "
+                               "before its first ranking")
+        sums = self.norms.unflatten(flat)
+        score = activation_scores(self._model, space, self.norms.consumers, sums)
+        return per_kind_relative(space, score, alive)
+
+    def state(self):
+        return None if self.norms is None or not self.norms.sums else self.norms.flat()
+
+    def load(self, value):
+        if self.norms is not None:
+            self.norms.load_flat(value)
+
+
 REGISTRY: dict[str, type[TrainingCriterion]] = {c.name: c for c in (UpdateSaliency, AccumulatedTaylor,
-                                                                     AccumulatedFisher)}
+                                                                     AccumulatedFisher, ActivationWeighted)}
 TRAINING_CRITERIA: tuple[str, ...] = tuple(REGISTRY)
 
 

@@ -130,6 +130,11 @@ def nested_removals(space: PruningSpace, score: torch.Tensor, targets: list[int]
     return torch.stack(rows)
 
 
+ELASTIC_REFUSED = "wanda_sp"
+ELASTIC_REFUSAL = ("elastic_sizes rank with fisher, taylor or hesso: the wanda_sp criterion would also count the "
+                   "masked sub-networks' activations (set pruning_criterion to one of those, or auto)")
+
+
 class Elastic(torch.optim.Optimizer):
     """A wrapper around a torch optimizer that ranks groups and holds the nested keep-sets of an elastic run.
 
@@ -145,6 +150,8 @@ class Elastic(torch.optim.Optimizer):
                  view_space: PruningSpace | None = None):
         lora = lora_factors(model)
         self.config = config.resolve(lora=bool(lora), probe=probe is not None)
+        if self.config.criterion == ELASTIC_REFUSED:
+            raise ConfigError(ELASTIC_REFUSAL)
         if self.config.pricing == "measured" and probe is None:
             raise ConfigError("pricing 'measured' needs a probe: Elastic(..., probe=fn), fn() returning the model's "
                               "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")

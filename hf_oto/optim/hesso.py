@@ -95,6 +95,7 @@ class HESSO(torch.optim.Optimizer):
         self._lora = lora
         self.config = config
         self.criterion = make_criterion(config, sliced=tuple(sliced_params(space, lora)))
+        self.criterion.attach(model, space)
         self.period_length = config.pruning_steps // config.pruning_periods
         self.step_count = 0
         self.pruned = torch.zeros(len(space), dtype=torch.bool)
@@ -399,6 +400,7 @@ class HESSO(torch.optim.Optimizer):
             # the criterion's evidence, under the entry the checkpoint format has always used for it
             "ema": self.criterion.state() if self.criterion.state_key == "ema" else None,
             "taylor": self.criterion.state() if self.criterion.state_key == "taylor" else None,
+            "activations": self.criterion.state() if self.criterion.state_key == "activations" else None,
             "record": dataclasses.replace(self.record(), prices=()).to_dict(),
             "space": self._fingerprint(),
             "prune_start": self.prune_start,

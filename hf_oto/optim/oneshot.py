@@ -35,6 +35,7 @@ from torch import nn
 from hf_oto.errors import ConfigError
 from hf_oto.groups.experts import route_around_removed_experts, routes
 from hf_oto.groups.space import ExpertInfo, PruningSpace, zero_groups
+from hf_oto.optim.activations import InputNorms, activation_scores, linear_consumers
 from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
 from hf_oto.optim.influence import LayerTurn
@@ -104,42 +105,15 @@ def _observe(model: nn.Module, batches: list[dict[str, torch.Tensor]], handles: 
 
 @torch.no_grad()
 def _wanda_sp(model: nn.Module, space: PruningSpace, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    modules = dict(model.named_modules())
-    consumers: dict[str, nn.Linear] = {}
-    for gs in space.sets:
-        if any(s.expert is not None for s in gs.slices):
-            raise ConfigError("wanda_sp needs nn.Linear consumers; MoE expert weights are not supported (use taylor)")
-        for s in gs.slices:
-            owner = modules.get(s.param.rpartition(".")[0])
-            if isinstance(owner, nn.Linear) and s.param.endswith(".weight") and s.dim == 1:
-                consumers[s.param] = owner
-    sumsq: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sumsq[name] = sumsq.get(name, 0) + (x * x).sum(0)
-        return fn
-
-    _observe(model, batches, [m.register_forward_pre_hook(hook(n)) for n, m in consumers.items()])
-    fallback: torch.Tensor | None = None
-    scores = []
-    for k, gs in enumerate(space.sets):
-        s = torch.zeros(gs.count)
-        found = False
-        for spec in gs.slices:
-            if spec.param in consumers and spec.param in sumsq:
-                w = consumers[spec.param].weight.detach().float()
-                per_column = w.abs().sum(0) * sumsq[spec.param].sqrt().to(w.device)
-                s += per_column[spec.index.to(w.device)].sum(1).cpu()
-                found = True
-        if not found:  # no linear consumer traced for this set: fall back to magnitude
-            if fallback is None:
-                fallback = group_statistics(dict(model.named_parameters()), space).sq.sqrt()
-            off = space.set_offset(k)
-            s = fallback[off:off + gs.count].clone()
-        scores.append(s)
-    return torch.cat(scores)
+    if any(s.expert is not None for gs in space.sets for s in gs.slices):
+        raise ConfigError("wanda_sp needs nn.Linear consumers; MoE expert weights are not supported (use taylor)")
+    consumers = linear_consumers(model, space)
+    norms = InputNorms(consumers).attach()
+    try:
+        _observe(model, batches, [])
+    finally:
+        norms.detach()
+    return activation_scores(model, space, consumers, norms.sums)
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         HESSOConfig, "criterion",
         "how groups are ranked: 'fisher' (sum over every step up to each period start of (w.g)^2 per group: the "
         "loss increase its removal costs, on one scale for heads and channels), 'taylor' (sum of |w*g|, relative "
-        "within each kind), 'hesso' (HESSO's weighted one-step saliency), or 'auto': fisher; hesso with LoRA "
-        "(frozen base weights have no gradient) or with saliency_ema; taylor with use_cric")
+        "within each kind), 'hesso' (HESSO's weighted one-step saliency), 'wanda_sp' (activation-weighted "
+        "magnitude of the consuming layer's input columns, activations from the training passes), or 'auto': "
+        "fisher; hesso with LoRA (frozen base weights have no gradient) or with saliency_ema; taylor with use_cric")
     pruning_pricing: str = _same_as(
         HESSOConfig, "pricing",
         "'measured' (at each period start, each kind of group pays a share of the budget alone on the step's batch "

@@ -78,6 +78,10 @@ def check_elastic(args: HFOTOTrainingArguments, space: PruningSpace) -> None:
     if args.prune_experts:
         raise ConfigError("elastic_sizes masks heads, kv groups, FFN channels, whole layers and blocks; whole experts "
                           "are not supported yet (leave prune_experts off)")
+    from hf_oto.optim.elastic import ELASTIC_REFUSAL, ELASTIC_REFUSED
+
+    if args.pruning_criterion == ELASTIC_REFUSED:
+        raise ConfigError(ELASTIC_REFUSAL)
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
     if args.elastic_target == "teacher" and not args.distill:
         raise ConfigError("elastic_target 'teacher' distils the sizes from the dense teacher: set distill: true "
