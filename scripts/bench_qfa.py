@@ -1,6 +1,7 @@
 """The QFA section of scripts/benchmark.py (``--section qfa``): one QFA run against per-width runs.
 
-On the benchmark reference, held-out perplexity at 2, 3 and 4 bits (uniform) and at mixed budgets:
+On the benchmark reference, held-out perplexity at each of `--qfa_bits` (2, 3 and 4 by default; uniform) and at
+mixed budgets:
 1. the quantized base with no training (round-to-nearest and GPTQ);
 2. QA-LoRA-style training, one run per bit-width, each with an equal share of the total steps;
 3. one QFA run with all the steps (the same total tokens);
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 WIDTHS = (2, 3, 4)
-MIXED = (2.5, 3.0)
+MIXED = (2.5, 3.0, 3.5)  # the searched budgets, those strictly between a model's narrowest and widest width
 
 
 def _qfa_model(ref: Path, quantizer: str, bits, calib, group_size: int):
@@ -76,7 +77,7 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
         rows.append({"config": f"uniform {b}-bit", "bits": list(cfg), "avg_bits": b,
                      "mib": costs.bytes(cfg) / 2**20, "ppl": _ppl(model, cfg, report_blocks)})
     if len(widths) > 1:
-        for budget in MIXED:
+        for budget in (b for b in MIXED if widths[0] <= b < widths[-1]):
             r = qfa_search(model, search_blocks, average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine,
                            seed=a.seed, progress=False)
             cfg = r.best.bits
@@ -112,12 +113,14 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
     calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
     steps = a.qfa_steps
+    widths = tuple(sorted(set(a.qfa_bits)))
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
-                           "report_blocks": len(report_blocks), "rows": []}
+                           "report_blocks": len(report_blocks), "bits": list(widths), "rows": []}
     settings = {k: v for k, v in res.items() if k != "rows"}
-    if previous and any(previous.get(k) != v for k, v in settings.items()):
-        changed = sorted(k for k, v in settings.items() if previous.get(k) != v)
+    before = {"bits": list(WIDTHS)}  # results from before --qfa_bits existed
+    if previous and any(previous.get(k, before.get(k)) != v for k, v in settings.items()):
+        changed = sorted(k for k, v in settings.items() if previous.get(k, before.get(k)) != v)
         raise SystemExit(f"QFA section: the stored results were measured with other settings ({', '.join(changed)})")
     done = {r["method"] for r in (previous or {}).get("rows", [])}
     if previous:
@@ -146,13 +149,13 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     for quantizer in ("rtn", "gptq"):
         name = f"{quantizer.upper()} base, no training"
         if name not in done:
-            model = _qfa_model(ref, quantizer, WIDTHS, calib, a.qfa_group_size)
+            model = _qfa_model(ref, quantizer, widths, calib, a.qfa_group_size)
             add(name, _configs(model, search_blocks, report_blocks, a))
             del model
-    share = max(1, steps // len(WIDTHS))
+    share = max(1, steps // len(widths))
     name = f"QA-LoRA, one run per width ({share} steps each)"
     trained = {r["config"] for r in res["rows"] if r["method"] == name}
-    for b in WIDTHS:
+    for b in widths:
         if f"uniform {b}-bit" in trained:
             continue
         model, _, secs = _train_qfa(ref, train_blocks, share, a, workdir / f"qalora{b}", (b,))
@@ -160,13 +163,13 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
         del model
     name = f"QFA, one run ({steps} steps)"
     if name not in done:
-        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", WIDTHS)
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", widths)
         res["qfa_memory"] = vars(trainer.qfa_memory)
         add(name, _configs(model, search_blocks, report_blocks, a), secs)
         del model, trainer
     name = f"QFA + HESSO 50% ({steps} steps)"
     if a.qfa_hesso and name not in done:
-        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", WIDTHS,
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", widths,
                                           target_sparsity=0.5, pruning_layout="uniform", start_pruning_step=0.05,
                                           pruning_steps=0.5, pruning_periods=5, ffn_multiple=a.qfa_group_size)
         rows = _configs(model, search_blocks, report_blocks, a)

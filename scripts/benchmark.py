@@ -172,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_lr", type=float, default=1e-3, help="QFA section: adapters' learning rate")
     p.add_argument("--qfa_group_size", type=int, default=32)
     p.add_argument("--qfa_schedule", default="uniform", choices=("uniform", "triangular"))
+    p.add_argument("--qfa_bits", type=int, nargs="+", default=[2, 3, 4], choices=(2, 3, 4, 8),
+                   help="QFA section: the widths of the bases, the per-width runs and the QFA run")
     p.add_argument("--qfa_samples", type=int, default=24, help="QFA search: random configurations")
     p.add_argument("--qfa_refine", type=int, default=12, help="QFA search: candidates in the narrowed space")
     p.add_argument("--qfa_search_blocks", type=int, default=None,
