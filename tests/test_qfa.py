@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -142,6 +143,36 @@ def _qfa_args(tmp_path, **kw):
     base = dict(qfa=True, qfa_group_size=16, qfa_quantizer="rtn", target_sparsity=0, learning_rate=5e-3)
     base.update(kw)
     return _args(tmp_path, **base)
+
+
+def test_the_trainer_measures_each_width_of_the_base_before_training(tmp_path, capsys):
+    """One training batch's loss in full precision (before quantizing) and at each uniform width of the
+    quantized base, printed when the trainer is built."""
+    from hf_oto.quant.health import batch_loss
+
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    batch = {"input_ids": Tokens()[0]["input_ids"].unsqueeze(0)}
+    original = copy.deepcopy(model)
+    trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path, max_steps=2, per_device_train_batch_size=1),
+                           train_dataset=Tokens())
+    check = trainer.qfa_check
+    assert check.full == pytest.approx(batch_loss(original, batch), abs=1e-6)
+    assert set(check.widths) == {2, 3, 4}
+    for b in (2, 3, 4):
+        set_bits(model, b)
+        assert check.widths[b] == pytest.approx(batch_loss(model, batch), abs=1e-6)
+    assert check.line() in capsys.readouterr().out
+
+
+def test_a_width_the_model_does_not_survive_is_named_with_the_widths_to_keep():
+    from hf_oto.quant.health import WidthCheck
+
+    fine = WidthCheck(full=2.7, widths={3: 3.4, 4: 2.9})
+    assert fine.collapsed == [] and fine.warning() is None
+    broken = WidthCheck(full=2.7, widths={2: 17.3, 3: 3.4, 4: 2.9})
+    assert broken.collapsed == [2]
+    assert "2-bit" in broken.warning() and "qfa_bits: [3, 4]" in broken.warning()
+    assert WidthCheck(full=2.7, widths={2: float("nan")}).collapsed == [2]  # a NaN loss is a collapse too
 
 
 def test_a_two_bit_step_moves_no_other_width(tmp_path, monkeypatch):

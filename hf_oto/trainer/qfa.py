@@ -13,6 +13,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups import unwrap_peft
 from hf_oto.groups.space import PruningSpace
 from hf_oto.quant.config import QFAConfig
+from hf_oto.quant.health import WidthCheck, batch_loss
 from hf_oto.quant.prepare import QFAMemory, check_targets, decoder_layers, prepare_qfa, set_bits
 from hf_oto.quant.pruning import enable_gates, qfa_space, zero_removed_columns
 from hf_oto.quant.run import save_qfa_run
@@ -52,6 +53,7 @@ class QFAMixin:
 
     qfa_config: QFAConfig | None = None
     qfa_memory: QFAMemory | None = None
+    qfa_check: WidthCheck | None = None  # the quantized base's loss per width, before training
     _qfa_sampler: BitSampler | None = None
     _qfa_bits: tuple[int, ...] | None = None
 
@@ -63,12 +65,21 @@ class QFAMixin:
         calibration = None
         if config.quantizer == "gptq":
             calibration = list(itertools.islice(self._calibration_batches(), config.calibration_batches))
+        probe = calibration[0] if calibration else next(self._calibration_batches(), None) \
+            if self.train_dataset is not None else None
+        full = batch_loss(self.model, probe) if probe is not None else None
         self.qfa_memory = prepare_qfa(self.model, config, calibration)
+        if probe is not None:  # does the model survive every width? (one batch, before any training)
+            self.qfa_check = WidthCheck.measure(self.model, probe, full)
         if hesso_space is not None:
             enable_gates(self.model, hesso_space)
         self.add_callback(_QFAStepEnd(self))
         if self.is_world_process_zero():
             print(f"hf-oto: {self.qfa_memory.table()}")
+            if self.qfa_check is not None:
+                print(f"hf-oto: {self.qfa_check.line()}")
+                if self.qfa_check.warning():
+                    print(f"hf-oto: {self.qfa_check.warning()}")
 
     def _calibration_batches(self):
         if self.train_dataset is None:
