@@ -364,8 +364,8 @@ def test_a_block_whose_pruned_groups_get_gradients_is_caught_and_guarded():
 
 
 @pytest.mark.parametrize("given, lora, cric, probe, decided", [
-    ({}, False, False, True, ("fisher", "per_param", "measured")),
-    ({}, False, False, False, ("fisher", "per_param", "saliency")),
+    ({}, False, False, True, ("wanda_sp", "saliency", "measured")),
+    ({}, False, False, False, ("wanda_sp", "saliency", "saliency")),
     ({}, True, False, True, ("hesso", "saliency", "measured")),
     ({"saliency_ema": 0.9}, False, False, True, ("hesso", "saliency", "measured")),
     ({}, False, True, True, ("taylor", "saliency", "measured")),
@@ -385,7 +385,22 @@ def test_auto_is_decided_by_one_rule_for_hesso_and_the_trainer(tmp_path, given, 
         assert (made.criterion, made.selection, made.pricing) == decided
 
 
+def test_auto_ranks_by_fisher_where_activations_cannot_rank(tmp_path):
+    """Elastic sizes (masked passes), QFA (quantized layers) and whole experts resolve "auto" to fisher, in the
+    trainer's arguments and in HESSO itself."""
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    assert HESSOConfig().resolve(activations=False).criterion == "fisher"
+    for kw in (dict(elastic_sizes=[0.5]), dict(qfa=True), dict(prune_experts=True)):
+        args = HFOTOTrainingArguments(output_dir=str(tmp_path), **kw)
+        assert args.resolved_criterion(lora=False) == "fisher", kw
+    assert HFOTOTrainingArguments(output_dir=str(tmp_path)).resolved_criterion(lora=False) == "wanda_sp"
+    model = tiny_model("llama")
+    assert _hesso(model, discover_groups(model), criterion="auto", selection="auto").config.criterion == "wanda_sp"
+
+
 def test_an_unresolved_config_has_no_plan_rules_until_resolved():
     with pytest.raises(ConfigError, match="resolve"):
         _ = HESSOConfig().rules
-    assert HESSOConfig().resolve().rules.selection == "per_param"
+    assert HESSOConfig().resolve().rules.selection == "saliency"
+    assert HESSOConfig(criterion="fisher").resolve().rules.selection == "per_param"

@@ -36,7 +36,7 @@ def test_prune_while_training_and_export(tmp_path):
     model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
     trainer = HFOTOTrainer(model=model, args=_args(tmp_path), train_dataset=Tokens())
     trainer.train()
-    assert (trainer.hesso.config.criterion, trainer.hesso.config.selection) == ("fisher", "per_param")  # "auto"
+    assert (trainer.hesso.config.criterion, trainer.hesso.config.selection) == ("wanda_sp", "saliency")  # "auto"
     m = trainer.hesso.metrics()
     goal = trainer.hesso.target_params
     assert abs(m["pruned_params"] - goal) <= 0.05 * goal  # tiny model: coarse groups
@@ -187,7 +187,8 @@ def test_export_generates_with_the_kv_cache(tmp_path):
 
 
 @pytest.mark.parametrize("kw, expected", [
-    ({}, ("fisher", "per_param")),
+    ({}, ("wanda_sp", "saliency")),
+    ({"qfa": True}, ("fisher", "per_param")),  # QFA's quantized layers are not watched
     ({"use_cric": True}, ("taylor", "saliency")),  # CRIC does not combine with the knapsack
     ({"saliency_ema": 0.9}, ("hesso", "saliency")),
     ({"pruning_criterion": "taylor"}, ("taylor", "saliency")),
@@ -202,7 +203,8 @@ def test_auto_criterion_and_selection_resolve(tmp_path, kw, expected):
 
 @pytest.mark.parametrize("kw, message", [
     ({"pruning_selection": "knapsack"}, r"pruning_selection must be one of \('auto', 'saliency', 'per_param'\)"),
-    ({"pruning_criterion": "gradient"}, r"pruning_criterion must be one of \('auto', 'hesso', 'taylor', 'fisher'\)"),
+    ({"pruning_criterion": "gradient"},
+     r"pruning_criterion must be one of \('auto', 'hesso', 'taylor', 'fisher', 'wanda_sp'\)"),
 ])
 def test_unknown_criterion_or_selection_names_the_trainers_choices(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):

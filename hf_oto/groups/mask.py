@@ -25,7 +25,7 @@ from hf_oto.groups.space import AttentionInfo, BlockInfo, FFNInfo, PruningSpace
 MASKABLE_KINDS = ("attention_head", "kv_group", "query_head", "ffn_channel", "layer", "attention_block", "mlp_block")
 
 
-def _input_dim(module: nn.Module) -> int:
+def input_dim(module: nn.Module) -> int:
     """The weight dimension that indexes a layer's inputs: 0 for transformers' ``Conv1D`` (its weight is
     stored as (in, out)), 1 for ``nn.Linear`` and layers shaped like it (QFA's quantized linears)."""
     from transformers.pytorch_utils import Conv1D
@@ -70,7 +70,7 @@ class MaskedView:
             if not isinstance(gs.info, AttentionInfo | FFNInfo):
                 raise ConfigError(f"{gs.prefix}: no consumer is known for its {gs.kind} groups")
             module, base = _consumer(model, gs.info.consumer)
-            dim = _input_dim(base)
+            dim = input_dim(base)
             # a layer that stores its weight in another form (QFA's codes) is named as the space names it
             name = names.get(id(getattr(base, "weight", None)), gs.info.consumer)
             spec = next((s for s in gs.slices if s.param == name and s.dim == dim and s.expert is None), None)

@@ -1,6 +1,6 @@
 """Wanda-sp's evidence: the input activations of the linears that consume each group.
 
-A group whose slices include input columns of an ``nn.Linear`` (``o_proj`` for heads and kv groups,
+A group whose slices include input columns of a linear layer (``o_proj`` for heads and kv groups,
 ``down_proj`` for FFN channels) is scored ``sum_j ||X_j||_2 * sum_i |W_ij|`` over its columns ``j``,
 with ``X_j`` the activations of input feature ``j`` over the tokens seen. One-shot pruning
 (:mod:`hf_oto.optim.oneshot`) collects them on calibration batches; HESSO's ``wanda_sp`` criterion
@@ -12,21 +12,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from hf_oto.groups.mask import input_dim
 from hf_oto.groups.space import PruningSpace
 from hf_oto.optim.saliency import group_statistics
 
 
-def linear_consumers(model: nn.Module, space: PruningSpace) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` owning each sliced weight whose slices are input columns (``dim == 1``), by parameter name."""
+def linear_consumers(model: nn.Module, space: PruningSpace) -> dict[str, nn.Module]:
+    """The linear layer (``nn.Linear`` or transformers' ``Conv1D``) owning each sliced weight whose slices
+    are its input columns, by parameter name."""
     modules = dict(model.named_modules())
-    out: dict[str, nn.Linear] = {}
+    out: dict[str, nn.Module] = {}
     for gs in space.sets:
         for s in gs.slices:
             owner = modules.get(s.param.rpartition(".")[0])
-            if s.expert is None and isinstance(owner, nn.Linear) and s.param.endswith(".weight") and s.dim == 1:
+            if (s.expert is None and isinstance(owner, (nn.Linear, Conv1D)) and s.param.endswith(".weight")
+                    and s.dim == input_dim(owner)):
                 out[s.param] = owner
     return out
+
+
+def _width(module: nn.Module) -> int:
+    return module.weight.shape[input_dim(module)]
 
 
 class InputNorms:
@@ -38,7 +46,7 @@ class InputNorms:
     :meth:`load_flat` carry the sums through a checkpoint.
     """
 
-    def __init__(self, consumers: dict[str, nn.Linear], *, training_only: bool = False):
+    def __init__(self, consumers: dict[str, nn.Module], *, training_only: bool = False):
         self.consumers = consumers
         self.training_only = training_only
         self.sums: dict[str, torch.Tensor] = {}
@@ -74,8 +82,7 @@ class InputNorms:
 
     def flat(self) -> torch.Tensor:
         """The sums of every consumer in order (zeros where nothing was seen yet), on CPU."""
-        parts = [self.sums[n].cpu() if n in self.sums else torch.zeros(m.in_features)
-                 for n, m in self.consumers.items()]
+        parts = [self.sums[n].cpu() if n in self.sums else torch.zeros(_width(m)) for n, m in self.consumers.items()]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def load_flat(self, value: torch.Tensor | None) -> None:
@@ -83,25 +90,25 @@ class InputNorms:
         self.sums = {}
         if value is None:
             return
-        if value.numel() != sum(m.in_features for m in self.consumers.values()):
+        if value.numel() != sum(_width(m) for m in self.consumers.values()):
             raise ValueError("the saved activation sums belong to other layers")
         off = 0
         for n, m in self.consumers.items():
             device = m.weight.device
-            self.sums[n] = value[off:off + m.in_features].to(device, torch.float32).clone()
-            off += m.in_features
+            self.sums[n] = value[off:off + _width(m)].to(device, torch.float32).clone()
+            off += _width(m)
 
     def unflatten(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """``value`` (shaped as :meth:`flat`) split per consumer."""
         out, off = {}, 0
         for n, m in self.consumers.items():
-            out[n] = value[off:off + m.in_features]
-            off += m.in_features
+            out[n] = value[off:off + _width(m)]
+            off += _width(m)
         return out
 
 
 @torch.no_grad()
-def activation_scores(model: nn.Module, space: PruningSpace, consumers: dict[str, nn.Linear],
+def activation_scores(model: nn.Module, space: PruningSpace, consumers: dict[str, nn.Module],
                       sums: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each group's activation-weighted magnitude (flat order of ``space``) from the current weights and
     ``sums`` (squared inputs per consumer); a set with no observed consumer falls back to magnitude."""
@@ -112,8 +119,9 @@ def activation_scores(model: nn.Module, space: PruningSpace, consumers: dict[str
         found = False
         for spec in gs.slices:
             if spec.param in consumers and spec.param in sums:
-                w = consumers[spec.param].weight.detach().float()
-                per_column = w.abs().sum(0) * sums[spec.param].to(w.device, torch.float32).sqrt()
+                layer = consumers[spec.param]
+                w = layer.weight.detach().float()
+                per_column = w.abs().sum(1 - input_dim(layer)) * sums[spec.param].to(w.device, torch.float32).sqrt()
                 s += per_column[spec.index.to(w.device)].sum(1).cpu()
                 found = True
         if not found:

@@ -171,6 +171,9 @@ class ActivationWeighted(TrainingCriterion):
 
     def attach(self, model, space) -> None:
         consumers = linear_consumers(model, space)
+        if not consumers:
+            raise ConfigError("the wanda_sp criterion found no linear layer that consumes the prunable groups "
+                              "(quantized QFA layers and MoE experts are not watched); use pruning_criterion fisher")
         if any(is_sharded(m.weight) for m in consumers.values()):
             raise ConfigError("the wanda_sp criterion reads whole weight columns; FSDP-sharded weights are not "
                               "supported (use pruning_criterion fisher)")

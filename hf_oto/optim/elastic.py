@@ -149,7 +149,7 @@ class Elastic(torch.optim.Optimizer):
                  config: HESSOConfig, elastic: ElasticConfig, *, probe: Callable[[], float] | None = None,
                  view_space: PruningSpace | None = None):
         lora = lora_factors(model)
-        self.config = config.resolve(lora=bool(lora), probe=probe is not None)
+        self.config = config.resolve(lora=bool(lora), probe=probe is not None, activations=False)
         if self.config.criterion == ELASTIC_REFUSED:
             raise ConfigError(ELASTIC_REFUSAL)
         if self.config.pricing == "measured" and probe is None:

@@ -12,9 +12,10 @@ from torch import nn
 
 from hf_oto.errors import ConfigError, ResumeError
 from hf_oto.groups.experts import route_around_removed_experts
-from hf_oto.groups.space import PruningSpace
+from hf_oto.groups.space import ExpertInfo, PruningSpace
 from hf_oto.manifest import HESSORecord
 from hf_oto.optim import slices
+from hf_oto.optim.activations import linear_consumers
 from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
@@ -56,7 +57,8 @@ class HESSO(torch.optim.Optimizer):
         if not isinstance(config, HESSOConfig):
             raise ConfigError(f"config must be a HESSOConfig, got {type(config).__name__}")
         lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
-        config = config.resolve(lora=bool(lora), cric=cric is not None, probe=probe is not None)
+        config = config.resolve(lora=bool(lora), cric=cric is not None, probe=probe is not None,
+                                activations=_watchable(model, space))
         if config.pricing == "measured" and probe is None:
             raise ConfigError("pricing 'measured' needs a probe: HESSO(..., probe=fn), fn() returning the model's "
                               "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")
@@ -438,6 +440,12 @@ class HESSO(torch.optim.Optimizer):
             self._turn.load(h.get("layer_turn"))  # None: saved before layers were ranked by it
         if self.cric is not None:
             self.cric.load(h["cric"], h["cric_rank"])
+
+
+def _watchable(model: nn.Module, space: PruningSpace) -> bool:
+    """Whether the ``wanda_sp`` criterion can rank ``space`` (what "auto" needs to pick it): some linear
+    consumes its groups, and no group is a whole expert (experts have no consumer it watches)."""
+    return bool(linear_consumers(model, space)) and not any(isinstance(gs.info, ExpertInfo) for gs in space.sets)
 
 
 def _saved_record(h: dict[str, Any]) -> HESSORecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import MISSING, astuple, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -23,6 +23,9 @@ from hf_oto.trainer.distill import DistillConfig
 
 # Settings that are about where the pruned model goes or where the teacher runs, not how pruning
 # runs (free to change on resume).
+# Which rule decides "pruning_criterion: auto": 1 picked fisher where 2 (since 2026-12-06) picks wanda_sp.
+# Checkpoints record it; one saved without it was trained under rule 1 and resumes under it.
+AUTO_RULE = 2
 _OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device",
                   "qfa_run_dir")
 
@@ -152,6 +155,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "replace an earlier hf-oto export in pruned_output_dir"}
     )
 
+    # the rule "pruning_criterion: auto" follows (see AUTO_RULE); a resumed older checkpoint sets its own
+    auto_rule: ClassVar[int] = AUTO_RULE
+
     def steps(self, value: float, total: int) -> int:
         """A schedule value as optimizer steps (fractions of ``total`` below 1)."""
         return int(round(value * total)) if value < 1 else int(value)
@@ -176,7 +182,14 @@ class HFOTOTrainingArguments(TrainingArguments):
             start_pruning_step=start, pruning_steps=steps, pruning_periods=periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
             selection=self.pruning_selection, criterion=self.pruning_criterion, pricing=self.pruning_pricing,
-        ).resolve(lora=lora, cric=self.use_cric, probe=True)
+        ).resolve(lora=lora, cric=self.use_cric, probe=True, activations=self.ranks_by_activations)
+
+    @property
+    def ranks_by_activations(self) -> bool:
+        """Whether "auto" may pick the ``wanda_sp`` criterion: not for elastic sizes (their masked passes would
+        count), QFA (its layers are quantized) or whole experts (no linear consumes them), nor when resuming a
+        checkpoint trained under the rule before it (:data:`AUTO_RULE`)."""
+        return self.auto_rule >= 2 and not (self.elastic or self.qfa or self.prune_experts)
 
     def _decided(self, lora: bool) -> HESSOConfig:
         """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run
@@ -187,7 +200,8 @@ class HFOTOTrainingArguments(TrainingArguments):
                 raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
         return HESSOConfig(criterion=self.pruning_criterion, selection=self.pruning_selection,
                            pricing=self.pruning_pricing, saliency_ema=self.saliency_ema,
-                           ).resolve(lora=lora, cric=self.use_cric, probe=True)
+                           ).resolve(lora=lora, cric=self.use_cric, probe=True,
+                                     activations=self.ranks_by_activations)
 
     def resolved_pricing(self) -> str:
         """``pruning_pricing`` with "auto" decided (:meth:`HESSOConfig.resolve`): measured."""
@@ -255,7 +269,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         return self.pruned_output_dir or os.path.join(self.output_dir, "pruned")
 
     def pruning_settings(self) -> JSONObject:
-        """The pruning fields (those added to TrainingArguments), as recorded in checkpoints."""
+        """The pruning fields (those added to TrainingArguments), and the rule "auto" follows, as recorded in
+        checkpoints."""
         base = {f.name for f in fields(TrainingArguments)}
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in base and f.name not in _OUTPUT_FIELDS}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in base and f.name not in _OUTPUT_FIELDS}
+        return dict(out, auto_rule=self.auto_rule)

@@ -94,6 +94,8 @@ def adopt_added_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArgum
     for name, old in ADDED_SETTINGS.items():
         if saved is not None and name not in saved and getattr(args, name) == "auto":
             setattr(args, name, old)
+    if saved is not None:
+        args.auto_rule = saved.get("auto_rule", 1)  # "auto" decides as it did when the checkpoint was trained
 
 
 def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArguments) -> dict[str, tuple]:
@@ -109,4 +111,5 @@ def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingA
             saved[name] = old
             if now.get(name) == "auto":
                 now[name] = old
+    now["auto_rule"] = saved["auto_rule"] = saved.get("auto_rule", 1)  # resumed under the checkpoint's rule
     return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
