@@ -201,12 +201,16 @@ def test_wanda_sp_criterion_ranks_like_one_shot_wanda_sp_on_the_training_tokens(
     assert torch.allclose(ranked, expected, rtol=1e-5, atol=0)
 
 
-def test_wanda_sp_criterion_removes_channels_whose_inputs_are_dead():
-    """FFN channels with the largest output weights but no input (gate and up rows zeroed, so they stay
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and transformers' Conv1D consumers
+def test_wanda_sp_criterion_removes_channels_whose_inputs_are_dead(arch):
+    """FFN channels with the largest output weights but no input (their input weights zeroed, so they stay
     dead under training) are what the activation-weighted criterion removes, and nothing else."""
-    model = tiny_model("llama", intermediate_size=64)
+    from hf_oto.optim.activations import linear_consumers
+
+    model = tiny_model(arch, intermediate_size=64)
     space = discover_groups(model)
     params = dict(model.named_parameters())
+    consumed = set(linear_consumers(model, space))
     planted = []
     with torch.no_grad():
         for k, gs in enumerate(space.sets):
@@ -217,7 +221,8 @@ def test_wanda_sp_criterion_removes_channels_whose_inputs_are_dead():
                 planted.append(off + j)
                 for spec in gs.slices:
                     p = params[spec.param]
-                    fill = 0.0 if spec.dim == 0 else 5.0  # gate/up rows dead, down_proj column large
+                    # inputs dead (a bias far below zero keeps GELU and its gradient at zero), output weights large
+                    fill = 5.0 if spec.param in consumed else -50.0 if spec.param.endswith(".bias") else 0.0
                     p.index_fill_(spec.dim, spec.index[j], fill)
     opt = _hesso(model, space, target_params=sum(space[i].num_params for i in planted), ffn_multiple=1,
                  pruning_periods=1, criterion="wanda_sp")
