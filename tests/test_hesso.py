@@ -101,24 +101,30 @@ def test_ffn_widths_stay_on_the_multiple(layout):
             assert kept % 16 == 0 or kept == gs.count, (gs.prefix, kept)
 
 
+@torch.no_grad()
+def _plant_ffn_channels(model, space, every, plant) -> list[int]:
+    """``plant(param, slice, j)`` on every slice of every ``every``-th FFN channel; their flat indices."""
+    params = dict(model.named_parameters())
+    planted = []
+    for k, gs in enumerate(space.sets):
+        if gs.kind == "ffn_channel":
+            for j in range(0, gs.count, every):
+                planted.append(space.set_offset(k) + j)
+                for spec in gs.slices:
+                    plant(params[spec.param], spec, j)
+    return planted
+
+
 @pytest.mark.parametrize("criterion", ["hesso", "taylor"])
 def test_planted_redundant_channels_are_found(criterion):
     """FFN channels made tiny and useless are exactly the ones HESSO removes at matching sparsity."""
     model = tiny_model("llama", intermediate_size=64)
     space = discover_groups(model)
-    planted = []
-    with torch.no_grad():
-        for k, gs in enumerate(space.sets):
-            if gs.kind != "ffn_channel":
-                continue
-            off = space.set_offset(k)
-            for j in range(0, gs.count, 2):  # every other channel is planted
-                planted.append(off + j)
-                for spec in gs.slices:
-                    p = dict(model.named_parameters())[spec.param]
-                    p.index_fill_(spec.dim, spec.index[j], 0.0)
-                    p.index_add_(spec.dim, spec.index[j],
-                                 torch.full_like(p.index_select(spec.dim, spec.index[j]), 1e-4))
+
+    def tiny(p, spec, j):
+        p.index_fill_(spec.dim, spec.index[j], 1e-4)
+
+    planted = _plant_ffn_channels(model, space, 2, tiny)  # every other channel
     planted_params = sum(space[i].num_params for i in planted)
     opt = _hesso(model, space, target_params=planted_params, ffn_multiple=1, pruning_periods=1,
                  weights=SaliencyWeights(1, 0, 0, 0), criterion=criterion)
@@ -209,21 +215,13 @@ def test_wanda_sp_criterion_removes_channels_whose_inputs_are_dead(arch):
 
     model = tiny_model(arch, intermediate_size=64)
     space = discover_groups(model)
-    params = dict(model.named_parameters())
     consumed = set(linear_consumers(model, space))
-    planted = []
-    with torch.no_grad():
-        for k, gs in enumerate(space.sets):
-            if gs.kind != "ffn_channel":
-                continue
-            off = space.set_offset(k)
-            for j in range(0, gs.count, 4):
-                planted.append(off + j)
-                for spec in gs.slices:
-                    p = params[spec.param]
-                    # inputs dead (a bias far below zero keeps GELU and its gradient at zero), output weights large
-                    fill = 5.0 if spec.param in consumed else -50.0 if spec.param.endswith(".bias") else 0.0
-                    p.index_fill_(spec.dim, spec.index[j], fill)
+
+    def dead(p, spec, j):  # inputs dead (a bias far below zero keeps GELU and its gradient at zero), outputs large
+        fill = 5.0 if spec.param in consumed else -50.0 if spec.param.endswith(".bias") else 0.0
+        p.index_fill_(spec.dim, spec.index[j], fill)
+
+    planted = _plant_ffn_channels(model, space, 4, dead)
     opt = _hesso(model, space, target_params=sum(space[i].num_params for i in planted), ffn_multiple=1,
                  pruning_periods=1, criterion="wanda_sp")
     _train(model, opt, 10)
