@@ -92,11 +92,8 @@ class InputNorms:
             return
         if value.numel() != sum(_width(m) for m in self.consumers.values()):
             raise ValueError("the saved activation sums belong to other layers")
-        off = 0
-        for n, m in self.consumers.items():
-            device = m.weight.device
-            self.sums[n] = value[off:off + _width(m)].to(device, torch.float32).clone()
-            off += _width(m)
+        for n, part in self.unflatten(value).items():
+            self.sums[n] = part.to(self.consumers[n].weight.device, torch.float32).clone()
 
     def unflatten(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """``value`` (shaped as :meth:`flat`) split per consumer."""
