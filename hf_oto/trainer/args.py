@@ -84,7 +84,8 @@ class HFOTOTrainingArguments(TrainingArguments):
         "loss increase its removal costs, on one scale for heads and channels), 'taylor' (sum of |w*g|, relative "
         "within each kind), 'hesso' (HESSO's weighted one-step saliency), 'wanda_sp' (activation-weighted "
         "magnitude of the consuming layer's input columns, activations from the training passes), or 'auto': "
-        "fisher; hesso with LoRA (frozen base weights have no gradient) or with saliency_ema; taylor with use_cric")
+        "wanda_sp; fisher with elastic_sizes, qfa or prune_experts; hesso with LoRA (frozen base weights have no "
+        "gradient) or with saliency_ema; taylor with use_cric")
     pruning_pricing: str = _same_as(
         HESSOConfig, "pricing",
         "'measured' (at each period start, each kind of group pays a share of the budget alone on the step's batch "
