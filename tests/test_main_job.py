@@ -86,14 +86,13 @@ def test_accelerate_two_processes_give_the_same_architecture(tmp_path):
 
     one = tmp_path / "one"
     # one process accumulating two batches per step sees the global batches of the two processes, so the
-    # ranking has the same evidence (gradients, or activations summed over the ranks). Saliency pricing: measured
-    # pricing probes the step's last micro-batch in one process but the mean over both ranks' batches in two.
-    same = ["--pruning_pricing", "saliency"]
-    run("configs/quickstart.yaml", SMALL + same + ["--output_dir", str(tmp_path / "r1"), "--pruned_output_dir",
-                                                   str(one), "--gradient_accumulation_steps", "2"])
+    # ranking has the same evidence (gradients, or activations summed over the ranks), and measured pricing
+    # probes the same batches (the mean over the step's micro-batches, or over the ranks' batches)
+    run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "r1"), "--pruned_output_dir",
+                                            str(one), "--gradient_accumulation_steps", "2"])
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
-           "--main_process_port", "0", "scripts/prune_finetune.py", "configs/quickstart.yaml", *SMALL, *same,
+           "--main_process_port", "0", "scripts/prune_finetune.py", "configs/quickstart.yaml", *SMALL,
            "--output_dir", str(tmp_path / "r2"), "--pruned_output_dir", str(two)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -141,3 +141,29 @@ def test_a_checkpoint_from_before_pricing_resumes_with_saliency_pricing_and_expl
     assert changed_pruning_settings(ckpt, _args(tmp_path)) == {}
     assert changed_pruning_settings(ckpt, _args(tmp_path, pruning_pricing="measured")) == {
         "pruning_pricing": ("saliency", "measured")}
+
+
+def test_under_gradient_accumulation_the_probe_is_the_mean_over_the_steps_micro_batches(tmp_path):
+    trainer = HFOTOTrainer(model=tiny_model("llama"), train_dataset=Tokens(),
+                           args=_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2))
+    seen: dict[int, list[torch.Tensor]] = {}  # global step -> its micro-batches' input_ids
+    step, probe, calls = trainer.training_step, trainer._probe_loss, []
+
+    def training_step(model, inputs, *args, **kwargs):
+        seen.setdefault(trainer.state.global_step, []).append(inputs["input_ids"].clone())
+        return step(model, inputs, *args, **kwargs)
+
+    @torch.no_grad()
+    def recorded() -> float:
+        loss, model = probe(), trainer.model
+        model.eval()
+        calls.append((loss, [float(model(input_ids=i, labels=i).loss) for i in seen[trainer.state.global_step]]))
+        model.train()
+        return loss
+
+    trainer.training_step, trainer._probe_loss = training_step, recorded
+    trainer.train()
+    assert calls and all(len(each) == 2 for _, each in calls)
+    for loss, each in calls:
+        assert loss == pytest.approx(sum(each) / 2, abs=1e-5)
+    assert any(abs(each[0] - each[1]) > 1e-3 for _, each in calls)  # the last micro-batch alone would differ

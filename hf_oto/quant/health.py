@@ -14,21 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hf_oto.optim import oneshot
 from hf_oto.quant.prepare import qfa_layers, set_bits
 
 COLLAPSE_NATS = math.log(10.0)  # a width that multiplies the perplexity by more than 10 has collapsed
 
 
-@torch.no_grad()
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """The language-model loss on ``batch`` (its input_ids as labels; eval mode, no gradients)."""
-    was_training = model.training
-    model.eval()
-    try:
-        ids = batch["input_ids"].to(next(model.parameters()).device)
-        return float(model(input_ids=ids, labels=ids).loss)
-    finally:
-        model.train(was_training)
+    return oneshot.batch_loss(model, [batch])()
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
             raise TypeError("HFOTOTrainer needs HFOTOTrainingArguments (TrainingArguments plus pruning settings)")
         check_launch(fsdp=getattr(self, "is_fsdp_enabled", False), processes=self.args.world_size)
         self._total_steps: int | None = None
-        self._step_inputs: dict[str, Any] | None = None
+        self._step_batches: list[dict[str, Any]] = []  # this optimizer step's micro-batches (measured pricing)
+        self._step_batches_at = -1  # the global step they belong to
         # hesso_space is what HESSO prunes: with QFA, the QFA layers' gates and adapters
         self.pruning_space, self.hesso_space = check_setup(self.model, self.args)
         self.add_callback(RecordPruningSettings())
@@ -116,17 +117,19 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
 
     @torch.no_grad()
     def _probe_loss(self) -> float:
-        """The language-model loss of the model as it is on this step's batch (measured pricing's probe):
-        no distillation term, no dropout, no gradients."""
-        inputs = self._prepare_inputs(self._step_inputs)
+        """The language-model loss of the model as it is on this step's batch, the mean over its
+        micro-batches under gradient accumulation (measured pricing's probe): no distillation term, no
+        dropout, no gradients."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.compute_loss_context_manager():
-                loss = Trainer.compute_loss(self, self.model, inputs)
+            total = 0.0
+            for batch in self._step_batches:
+                with self.compute_loss_context_manager():
+                    total += float(Trainer.compute_loss(self, self.model, self._prepare_inputs(batch)).detach())
         finally:
             self.model.train(was_training)
-        return float(loss.detach().float())
+        return total / len(self._step_batches)
 
     @property
     def hesso(self) -> HESSO | None:
@@ -136,7 +139,9 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
     # Training hooks ----------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):
         self._qfa_sample()  # the step's per-layer widths (the same for every micro-batch of the step)
-        self._step_inputs = inputs  # measured pricing tries removals on it
+        if self._step_batches_at != self.state.global_step:  # the first micro-batch of a new optimizer step
+            self._step_batches, self._step_batches_at = [], self.state.global_step
+        self._step_batches.append(inputs)  # measured pricing tries removals on the step's whole batch
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.hesso is not None:
             self.hesso.observe_loss(loss)
