@@ -7,7 +7,8 @@ mixed budgets:
 3. one QFA run with all the steps (the same total tokens);
 4. QFA + HESSO at 50% pruning (the same steps).
 Mixed budgets are chosen by ``qfa_search`` on one half of the held-out blocks and reported on the
-other half, next to the uniform configurations of similar memory. Memory is the exported weights'
+other half, next to the uniform configurations of similar memory and to random allocations of the
+same memory (the mean of four; x markers in the plot). Memory is the exported weights'
 size (packed codes, scales and the unquantized embeddings and norms).
 """
 
@@ -84,7 +85,30 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
             rows.append({"config": f"searched, <= {budget} bits", "bits": list(cfg),
                          "avg_bits": costs.average_bits(cfg), "mib": costs.bytes(cfg) / 2**20,
                          "ppl": _ppl(model, cfg, report_blocks), "evaluated": r.evaluated})
+            rows.append(_random_row(model, costs, widths, n, budget, report_blocks, a.seed))
     return rows
+
+
+RANDOM_MIXES = 4  # the random allocations each searched budget is compared with
+
+
+def _random_row(model, costs, widths: list[int], n: int, budget: float, blocks, seed: int) -> dict[str, Any]:
+    """The mean perplexity of :data:`RANDOM_MIXES` random allocations at the searched budget: as many layers
+    as fit take the wider of the two widths around the budget, chosen at random, the rest the narrower
+    (the same memory as a searched mix, without the search)."""
+    lo = max(b for b in widths if b <= budget)
+    hi = min(b for b in widths if b > budget)
+    wide = max(m for m in range(n + 1) if costs.average_bits([hi] * m + [lo] * (n - m)) <= budget + 1e-9)
+    g = torch.Generator().manual_seed(seed)
+    ppls, mib = [], 0.0
+    for _ in range(RANDOM_MIXES):
+        chosen = set(torch.randperm(n, generator=g)[:wide].tolist())
+        cfg = tuple(hi if i in chosen else lo for i in range(n))
+        ppls.append(_ppl(model, cfg, blocks))
+        mib = costs.bytes(cfg) / 2**20
+    return {"config": f"random mix, <= {budget} bits (mean of {RANDOM_MIXES})", "bits": None,
+            "avg_bits": costs.average_bits(cfg), "mib": mib, "ppl": sum(ppls) / len(ppls),
+            "ppl_range": [min(ppls), max(ppls)], "random": True}
 
 
 def _widths(model) -> tuple[int, ...]:
@@ -199,8 +223,9 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         minutes = "-" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f}"
-        lines.append(f"| {r['method']} | {r['config']} | {r['avg_bits']:.2f} | {r['mib']:.2f} | {r['ppl']:.2f} | "
-                     f"{minutes} |")
+        spread = f" [{r['ppl_range'][0]:.2f}-{r['ppl_range'][1]:.2f}]" if "ppl_range" in r else ""
+        lines.append(f"| {r['method']} | {r['config']} | {r['avg_bits']:.2f} | {r['mib']:.2f} | "
+                     f"{r['ppl']:.2f}{spread} | {minutes} |")
     if "qfa_hesso_export_mib" in res:
         lines += ["", f"QFA + HESSO export at the searched <= 3.0-bit configuration "
                       f"{res['qfa_hesso_export_bits']}: {res['qfa_hesso_export_mib']:.2f} MiB on disk."]
@@ -224,8 +249,11 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
     for m in methods:
-        rows = sorted((r for r in res["rows"] if r["method"] == m), key=lambda r: r["avg_bits"])
-        ax.plot([r["avg_bits"] for r in rows], [r["ppl"] for r in rows], marker="o", label=m)
+        rows = sorted((r for r in res["rows"] if r["method"] == m and not r.get("random")),
+                      key=lambda r: r["avg_bits"])
+        line, = ax.plot([r["avg_bits"] for r in rows], [r["ppl"] for r in rows], marker="o", label=m)
+        mixes = [r for r in res["rows"] if r["method"] == m and r.get("random")]
+        ax.scatter([r["avg_bits"] for r in mixes], [r["ppl"] for r in mixes], marker="x", color=line.get_color())
     ax.axhline(res["fp_ppl"], color="grey", linestyle="--", label="fp32 reference")
     ax.set_xlabel("average bits per quantized weight")
     ax.set_ylabel("held-out perplexity")
