@@ -31,6 +31,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -164,6 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="HESSO pruning phase (fraction of --steps; default: HFOTOTrainer's)")
     p.add_argument("--distill_weight", type=float, default=0.5,
                    help="weight of the KL term in every distillation row (the trainer's default: 0.5)")
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="share of the training draws that are text the dense reference generated itself "
+                        "(hf_oto.replay; 0: none); one-shot calibration sees the same share")
     p.add_argument("--tp_timeout", type=int, default=900, help="seconds Torch-Pruning may take (all tries)")
     p.add_argument("--skip_speed", action="store_true")
     p.add_argument("--section", choices=("all", "pruning", "qfa"), default="all",
@@ -221,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         old = json.loads(stored.read_text()).get("settings")
         before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None,
                   "distill_weight": 0.5, "pricing": "saliency",
-                  "granularity": "width"}
+                  "granularity": "width", "replay": 0.0}
         old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
@@ -246,7 +250,7 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
     """What every row of one results file must share (an --update run must match them)."""
     keys = ("ref_steps", "steps", "batch", "block", "lr", "calib_batches", "max_text_mb", "vocab", "dataset",
             "train_files", "model", "quick", "layout", "reference", "ffn_multiple", "max_eval_blocks", "exclude",
-            "distill_weight", "granularity")
+            "distill_weight", "granularity", "replay")
     out = {k: getattr(a, k) for k in keys}
     from hf_oto.optim import HESSOConfig
 
@@ -823,7 +827,10 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              + ("the loss each kind's removal measures (pruning_pricing 'measured')"
                 if settings(a)["pricing"] == "measured" else "the criterion's units (pruning_pricing 'saliency')")
              + f"; HESSO {_hesso_line(rows, a)}; distillation "
-             f"rows add a KL term to the dense reference (weight {a.distill_weight}, T 1)",
+             f"rows add a KL term to the dense reference (weight {a.distill_weight}, T 1)"
+             + (f"; replay: {a.replay:.0%} of the training draws (and of one-shot calibration) are text the dense "
+                f"reference sampled itself (top-p 0.95, from the start token), the rest the training text"
+                if getattr(a, "replay", 0.0) else ""),
              "- seeds: the runs column counts them (seeds 0, 1, ...); a cell with several runs is their mean, "
              "with the seeds' range [min-max]",
              f"- held-out perplexity on {res['eval_blocks']} blocks"]
@@ -1066,6 +1073,10 @@ def main(argv: list[str] | None = None) -> Path:
         del ref_model
     if a.section == "qfa":
         return _qfa_only(a, refs[kinds[0]], train_blocks, eval_blocks, command)
+    if a.replay:
+        from hf_oto.replay import mix_replay
+
+        train_blocks = mix_replay(train_blocks, replay_blocks(a, refs[kinds[0]], tokenizer), a.replay)
     jobs = []
     for kind in kinds:
         for s in [0.0] + list(a.sparsities):
@@ -1117,6 +1128,31 @@ def main(argv: list[str] | None = None) -> Path:
     report = checkpoint()
     print(report.read_text())
     return report
+
+
+def replay_blocks(a: argparse.Namespace, ref: Path, tokenizer) -> torch.Tensor:
+    """The reference's own generated blocks for --replay: enough for the run's share of draws, written once
+    (safetensors) under --cache and reused by every row and run with the same settings."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_oto.replay import generate_replay
+
+    n = math.ceil(a.steps * a.batch * a.replay)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    key = json.dumps([settings(a)["model"], n, a.block, a.seed, start, torch.__version__], sort_keys=True)
+    path = Path(a.cache) / f"replay-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    if path.exists():
+        print(f"replay: reusing {path}")
+        return load_file(path)["ids"]
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    ids = generate_replay(model, n, a.block, start_token_id=start, seed=a.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"ids": ids.contiguous()}, str(tmp))
+    tmp.replace(path)
+    print(f"replay: {n} sequences of {a.block} tokens generated by the reference -> {path}")
+    return ids
 
 
 def _key(r: dict[str, Any]) -> tuple:
