@@ -74,6 +74,13 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "processes for tokenization (datasets.map num_proc)"}
     )
+    replay_fraction: float = field(
+        default=0.0, metadata={"help": "share of the training draws that are text the dense model samples itself "
+                                       "before training (keeps general ability the training text does not "
+                                       "exercise; 0: none)"})
+    replay_samples: int | None = field(
+        default=None, metadata={"help": "replay: sequences generated (default: the run's share of draws with "
+                                        "max_steps, else 256; repeated to reach replay_fraction)"})
 
 
 # Checks before any data is read ------------------------------------------------------------------
@@ -90,6 +97,13 @@ def check_data_args(d: DataArguments) -> None:
         raise ConfigError(f"block_size must be at least 2, got {d.block_size}")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    if not 0.0 <= d.replay_fraction < 1.0:
+        raise ConfigError(f"replay_fraction must be in [0, 1), got {d.replay_fraction}")
+    if d.replay_samples is not None and d.replay_samples < 1:
+        raise ConfigError(f"replay_samples must be at least 1, got {d.replay_samples}")
+    if d.replay_fraction and d.streaming:
+        raise ConfigError("replay_fraction mixes generated blocks into a tokenized training set; it does not work "
+                          "with streaming")
     suffixes = set()
     for name in d.train_files or []:
         path = Path(name)

@@ -9,6 +9,8 @@ distilled) on. :func:`generate_replay` writes them, :func:`mix_replay` mixes the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -67,3 +69,14 @@ def mix_replay(blocks: torch.Tensor, generated: torch.Tensor, fraction: float) -
             used += 1
     front = torch.stack(front) if front else blocks[:0]
     return torch.cat([front, blocks[used:], pool[front_gen:]])
+
+
+DEFAULT_SAMPLES = 256  # without max_steps the run's number of draws is not known up front
+
+
+def replay_samples(fraction: float, draws: int | None, cap: int = 4096) -> int:
+    """How many sequences to generate: one per replayed draw of a run of ``draws`` training sequences
+    (each is then seen about once), at most ``cap``; :data:`DEFAULT_SAMPLES` when ``draws`` is unknown."""
+    if draws is None:
+        return DEFAULT_SAMPLES
+    return max(1, min(cap, math.ceil(draws * fraction)))

@@ -42,3 +42,52 @@ def test_bad_mixes_are_refused_in_one_line():
         mix_replay(torch.zeros(4, 3), torch.zeros(2, 3), 1.0)
     with pytest.raises(ConfigError, match="shape"):
         mix_replay(torch.zeros(4, 3), torch.zeros(2, 5), 0.5)
+
+
+def test_the_main_job_trains_on_the_models_own_samples_at_the_replay_fraction(tmp_path, monkeypatch):
+    from jobs import SMALL
+
+    import hf_oto.replay
+    from hf_oto.job import prune_job
+
+    made, seen = [], {}
+    generate = hf_oto.replay.generate_replay
+
+    def recorded(*args, **kwargs):
+        made.append(generate(*args, **kwargs))
+        return made[-1]
+
+    class Recording(prune_job.HFOTOTrainer):
+        def __init__(self, *args, **kwargs):
+            seen["train"] = kwargs["train_dataset"]
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hf_oto.replay, "generate_replay", recorded)
+    monkeypatch.setattr(prune_job, "HFOTOTrainer", Recording)
+    summary = prune_job.run("configs/quickstart.yaml", SMALL + [
+        "--replay_fraction", "0.5", "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "p")])
+    assert summary.params_after < summary.params_before
+    assert len(made) == 1 and made[0].shape == (16, 32)  # 8 steps x 4 sequences x 0.5, of block_size tokens
+    rows = torch.stack([seen["train"][i]["input_ids"] for i in range(len(seen["train"]))])
+    replayed = (rows[:, None, :] == made[0][None]).all(-1).any(-1)
+    assert abs(float(replayed.float().mean()) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--replay_fraction", "1.0"], "replay_fraction must be in"),
+                                                (["--replay_fraction", "0.2", "--replay_samples", "0"],
+                                                 "replay_samples must be at least 1")])
+def test_bad_replay_settings_are_refused_before_any_work(tmp_path, extra, message):
+    from jobs import SMALL
+
+    from hf_oto.job.prune_job import run
+
+    with pytest.raises(ConfigError, match=message):
+        run("configs/quickstart.yaml", SMALL + extra + ["--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_replay_is_refused_with_streaming():
+    from hf_oto.data import DataArguments, check_data_args
+
+    with pytest.raises(ConfigError, match="streaming"):
+        check_data_args(DataArguments(text_source="python-stdlib", streaming=True, replay_fraction=0.2))
