@@ -95,3 +95,25 @@ def test_oneshot_expert_removal_by_routing_exports_fewer_experts(tmp_path, capsy
     wrong = refused(capsys, "oneshot", folder, "--criterion", "routing", "--target_sparsity", "0.3",
                     "--calibration", corpus, "--out", tmp_path / "no")
     assert "add --prune_experts" in wrong
+
+
+def test_oneshot_calibration_draws_the_models_own_samples_at_the_replay_fraction(tmp_path, base, monkeypatch):
+    import hf_oto.optim.oneshot
+    import hf_oto.replay
+    from hf_oto.job.oneshot_job import oneshot_settings, run_oneshot
+
+    made, calib = [], []
+    generate, scores = hf_oto.replay.generate_replay, hf_oto.optim.oneshot.oneshot_scores
+    monkeypatch.setattr(hf_oto.replay, "generate_replay", lambda *a, **k: made.append(generate(*a, **k)) or made[-1])
+    monkeypatch.setattr(hf_oto.optim.oneshot, "oneshot_scores",
+                        lambda model, space, criterion, batches: calib.extend(batches) or scores(model, space,
+                                                                                                  criterion, batches))
+    corpus = word_corpus(tmp_path / "calib.txt", 400)
+    out = tmp_path / "oneshot"
+    run_oneshot(oneshot_settings(str(base), "wanda_sp", 0.3, str(corpus), str(out), {
+        "block_size": 16, "calibration_batches": 4, "ffn_multiple": 1, "replay_fraction": 0.5}))
+    assert len(made) == 1 and made[0].shape == (8, 16)  # 4 batches x 4 sequences x 0.5
+    rows = torch.cat([b["input_ids"] for b in calib])
+    replayed = (rows[:, None, :] == made[0][None]).all(-1).any(-1)
+    assert 0 < int(replayed.sum()) < len(rows)  # calibration mixes both
+    assert "replay_fraction: 0.5" in (out / "hf_oto_recipe.yaml").read_text()  # a rerun replays too

@@ -1,7 +1,9 @@
-"""Building what the job trains: the model config, the tokenizer, the model and its LoRA adapters."""
+"""Building what the job trains: the model config, the tokenizer, the model, its LoRA adapters and the
+replayed samples."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +12,7 @@ import torch
 
 from hf_oto.errors import ConfigError, first_line
 from hf_oto.job.args import ModelArguments
+from hf_oto.job.log import log
 from hf_oto.manifest import GGUFRecord
 
 if TYPE_CHECKING:
@@ -141,3 +144,20 @@ def provenance(margs: ModelArguments, dargs: DataArguments) -> Provenance:
         license = license or meta.get("license")
         gguf = GGUFRecord.from_dict(dict(meta, file=margs.gguf_file))
     return Provenance(source=name, license=license, datasets=datasets, gguf=gguf)
+
+
+def with_replay(train_blocks: torch.Tensor, model, tokenizer, dargs: DataArguments, seed: int, draws: int | None,
+                progress: bool = True) -> torch.Tensor:
+    """``train_blocks`` with the model's own samples mixed in at ``dargs.replay_fraction`` of the draws
+    (``draws``: how many training sequences the run reads, None if unknown; see :mod:`hf_oto.replay`)."""
+    from hf_oto.replay import generate_replay, mix_replay, replay_samples
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ConfigError("replay_fraction needs a tokenizer with a BOS or EOS token to start sampling from")
+    n = dargs.replay_samples or replay_samples(dargs.replay_fraction, draws)
+    t0 = time.perf_counter()
+    generated = generate_replay(model, n, dargs.block_size, start_token_id=start, seed=seed, progress=progress)
+    log().info(f"hf-oto: replay: {n} sequences of {dargs.block_size} tokens sampled from the model in "
+               f"{time.perf_counter() - t0:.0f} s, {dargs.replay_fraction:.0%} of the training draws")
+    return mix_replay(train_blocks, generated.to(train_blocks.dtype), dargs.replay_fraction)

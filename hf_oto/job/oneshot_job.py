@@ -55,7 +55,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> On
     from hf_oto.export.save import save_pruned
     from hf_oto.export.verify import verify_export
     from hf_oto.job.args import build_arguments
-    from hf_oto.job.build import load_model, load_tokenizer, provenance
+    from hf_oto.job.build import load_model, load_tokenizer, provenance, with_replay
     from hf_oto.job.log import job_logger
     from hf_oto.job.preflight import preflight
     from hf_oto.job.recipe import RECIPE_FILE, recipe_text
@@ -80,6 +80,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> On
             raise ConfigError("criterion block_influence ranks whole layers: add --pruning_granularity depth (or both)")
         if criterion == "routing" and not targs.prune_experts:
             raise ConfigError("criterion routing ranks whole experts: add --prune_experts")
+        needs_data = criterion != "magnitude"  # magnitude reads the weights only
         checked = preflight(margs, dargs, targs)  # model, data, export folder, reachable target: before any work
         logger = job_logger(targs)
         torch.manual_seed(targs.seed)
@@ -87,13 +88,15 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> On
         train_blocks, eval_blocks = train_eval_blocks(load_documents(dargs), tokenizer, dargs, targs.seed,
                                                       load_eval_documents(dargs), dargs.preprocessing_num_workers)
         model = load_model(margs, tokenizer).eval()
-        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(targs.seed))
         size = targs.per_device_train_batch_size
+        if dargs.replay_fraction and needs_data:  # calibration draws the model's own samples at that share
+            train_blocks = with_replay(train_blocks, model, tokenizer, dargs, targs.seed, batches * size,
+                                       progress=not targs.disable_tqdm)
+        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(targs.seed))
         calib = [{"input_ids": train_blocks[order[i * size:(i + 1) * size]]}
                  for i in range(min(batches, len(train_blocks) // size or 1))]
         space = pruning_space(model, targs)
         before = perplexity(model, eval_blocks)
-        needs_data = criterion != "magnitude"  # magnitude reads the weights only
         scores = oneshot_scores(model, space, criterion, calib if needs_data else None)
         pricing, prices = targs.resolved_pricing(), []
         probe = batch_loss(model, calib[:PRICING_BATCHES]) if pricing == "measured" else None

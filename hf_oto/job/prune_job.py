@@ -18,7 +18,7 @@ from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documen
 from hf_oto.errors import ExportError
 from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
-from hf_oto.job.build import Provenance, load_model, load_tokenizer, provenance, with_lora
+from hf_oto.job.build import Provenance, load_model, load_tokenizer, provenance, with_lora, with_replay
 from hf_oto.job.log import job_logger, log
 from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
@@ -55,7 +55,10 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
 
     model = load_model(margs, tokenizer)
     if dargs.replay_fraction:
-        train_data = Blocks(_with_replay(train_blocks, model, tokenizer, dargs, targs))
+        draws = (targs.max_steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+                 * targs.world_size) if targs.max_steps > 0 else None
+        train_data = Blocks(with_replay(train_blocks, model, tokenizer, dargs, targs.seed, draws,
+                                        progress=targs.local_process_index == 0 and not targs.disable_tqdm))
     model = with_lora(model, margs)
     trainer = HFOTOTrainer(
         model=model, args=targs, train_dataset=train_data, eval_dataset=Blocks(eval_blocks),
@@ -91,25 +94,6 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
     )
     print_summary(summary)
     return summary
-
-
-def _with_replay(train_blocks: torch.Tensor, model, tokenizer, dargs: DataArguments, targs) -> torch.Tensor:
-    """The training blocks with the model's own samples mixed in at ``replay_fraction`` of the draws."""
-    from hf_oto.errors import ConfigError
-    from hf_oto.replay import generate_replay, mix_replay, replay_samples
-
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ConfigError("replay_fraction needs a tokenizer with a BOS or EOS token to start sampling from")
-    draws = (targs.max_steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps
-             * targs.world_size) if targs.max_steps > 0 else None
-    n = dargs.replay_samples or replay_samples(dargs.replay_fraction, draws)
-    t0 = time.perf_counter()
-    generated = generate_replay(model, n, dargs.block_size, start_token_id=start, seed=targs.seed,
-                                progress=targs.local_process_index == 0 and not targs.disable_tqdm)
-    log().info(f"hf-oto: replay: {n} sequences of {dargs.block_size} tokens sampled from the model in "
-               f"{time.perf_counter() - t0:.0f} s, {dargs.replay_fraction:.0%} of the training draws")
-    return mix_replay(train_blocks, generated.to(train_blocks.dtype), dargs.replay_fraction)
 
 
 def _lm_eval(out: Path, dargs: DataArguments, batch_size: int) -> dict[str, dict[str, float]]:
