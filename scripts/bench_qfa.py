@@ -85,7 +85,8 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
             rows.append({"config": f"searched, <= {budget} bits", "bits": list(cfg),
                          "avg_bits": costs.average_bits(cfg), "mib": costs.bytes(cfg) / 2**20,
                          "ppl": _ppl(model, cfg, report_blocks), "evaluated": r.evaluated})
-            rows.append(_random_row(model, costs, widths, n, budget, report_blocks, a.seed))
+            if budget not in widths:  # at a width's own budget every allocation is that uniform width
+                rows.append(_random_row(model, costs, widths, n, budget, report_blocks, a.seed))
     return rows
 
 
