@@ -121,7 +121,9 @@ def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
     assert {r["config"] for r in searched} == {f"searched, <= {b} bits" for b in (2.5, 3.0, 3.5)}
     assert searched and all(r["avg_bits"] <= float(r["config"].split("<= ")[1].split()[0]) + 1e-9 for r in searched)
     mixes = [r for r in res["rows"] if r.get("random")]  # random allocations at each searched budget
-    assert [r["config"].split(",")[1] for r in mixes] == [" <= 2.5 bits", " <= 3.5 bits"]  # between two widths
+    for method in {r["method"] for r in searched}:  # each budget between two widths, for every searched model
+        assert sorted(r["config"] for r in mixes if r["method"] == method) == [
+            f"random mix, <= {b} bits (mean of 4)" for b in (2.5, 3.5)]
     for r in mixes:
         budget = float(r["config"].split("<= ")[1].split()[0])
         assert budget - 0.5 < r["avg_bits"] <= budget + 1e-9 and r["ppl_range"][0] <= r["ppl"] <= r["ppl_range"][1]
