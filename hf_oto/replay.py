@@ -49,8 +49,9 @@ def generate_replay(model: nn.Module, n: int, length: int, *, start_token_id: in
 
 def mix_replay(blocks: torch.Tensor, generated: torch.Tensor, fraction: float) -> torch.Tensor:
     """``blocks`` with ``generated`` appended, repeated so that a uniform draw from the result is a
-    generated sequence with probability ``fraction`` (to within one repeat); the first ``len(generated)``
-    rows interleave the two in that proportion, so calibration taken from the front sees the same mix."""
+    generated sequence with probability ``fraction`` (to within one repeat). The front interleaves one
+    generated row in every ``round(1 / fraction)`` (each generated sequence once, while the training
+    blocks last), so calibration taken from the front sees about the same share."""
     if not 0 < fraction < 1:
         raise ConfigError(f"the replay fraction must be in (0, 1), got {fraction}")
     if blocks.shape[1:] != generated.shape[1:]:

@@ -147,10 +147,15 @@ def provenance(margs: ModelArguments, dargs: DataArguments) -> Provenance:
 
 
 def with_replay(train_blocks: torch.Tensor, model, tokenizer, dargs: DataArguments, seed: int, draws: int | None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, device: torch.device | None = None) -> torch.Tensor:
     """``train_blocks`` with the model's own samples mixed in at ``dargs.replay_fraction`` of the draws
-    (``draws``: how many training sequences the run reads, None if unknown; see :mod:`hf_oto.replay`)."""
+    (``draws``: how many training sequences the run reads, None if unknown; see :mod:`hf_oto.replay`).
+    With ``device`` the model is moved there first (where the Trainer would put it): sampling an LLM on
+    the CPU while a GPU waits would take hours."""
     from hf_oto.replay import generate_replay, mix_replay, replay_samples
+
+    if device is not None:
+        model.to(device)
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:

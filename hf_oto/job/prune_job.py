@@ -58,7 +58,8 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
         draws = (targs.max_steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps
                  * targs.world_size) if targs.max_steps > 0 else None
         train_data = Blocks(with_replay(train_blocks, model, tokenizer, dargs, targs.seed, draws,
-                                        progress=targs.local_process_index == 0 and not targs.disable_tqdm))
+                                        progress=targs.local_process_index == 0 and not targs.disable_tqdm,
+                                        device=targs.device))
     model = with_lora(model, margs)
     trainer = HFOTOTrainer(
         model=model, args=targs, train_dataset=train_data, eval_dataset=Blocks(eval_blocks),
