@@ -72,6 +72,14 @@ def mix_replay(blocks: torch.Tensor, generated: torch.Tensor, fraction: float) -
     return torch.cat([front, blocks[used:], pool[front_gen:]])
 
 
+def start_token(tokenizer) -> int:
+    """The token replay samples from: the tokenizer's BOS token, else its EOS token."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ConfigError("replay_fraction needs a tokenizer with a BOS or EOS token to start sampling from")
+    return start
+
+
 DEFAULT_SAMPLES = 256  # without max_steps the run's number of draws is not known up front
 
 

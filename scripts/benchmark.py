@@ -1136,10 +1136,10 @@ def replay_blocks(a: argparse.Namespace, ref: Path, tokenizer) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from hf_oto.replay import generate_replay
+    from hf_oto.replay import generate_replay, start_token
 
     n = math.ceil(a.steps * a.batch * a.replay)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token(tokenizer)
     key = json.dumps([settings(a)["model"], n, a.block, a.seed, start, torch.__version__], sort_keys=True)
     path = Path(a.cache) / f"replay-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
     if path.exists():

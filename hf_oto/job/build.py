@@ -152,14 +152,11 @@ def with_replay(train_blocks: torch.Tensor, model, tokenizer, dargs: DataArgumen
     (``draws``: how many training sequences the run reads, None if unknown; see :mod:`hf_oto.replay`).
     With ``device`` the model is moved there first (where the Trainer would put it): sampling an LLM on
     the CPU while a GPU waits would take hours."""
-    from hf_oto.replay import generate_replay, mix_replay, replay_samples
+    from hf_oto.replay import generate_replay, mix_replay, replay_samples, start_token
 
+    start = start_token(tokenizer)
     if device is not None:
         model.to(device)
-
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ConfigError("replay_fraction needs a tokenizer with a BOS or EOS token to start sampling from")
     n = dargs.replay_samples or replay_samples(dargs.replay_fraction, draws)
     t0 = time.perf_counter()
     generated = generate_replay(model, n, dargs.block_size, start_token_id=start, seed=seed, progress=progress)
