@@ -232,7 +232,9 @@ class Manifest:
     ``layout`` is ``"uniform"`` (every layer keeps the same counts) or ``"per-layer"``. ``hesso`` and
     ``oneshot`` are the settings records of the method that ran (:class:`HESSORecord`,
     :class:`OneShotRecord`); ``eval`` maps metric names to values; ``lm_eval`` holds lm-eval's scores;
-    ``gguf`` the GGUF file the model came from; ``elastic`` the elastic run a size was cut from. Keys this
+    ``gguf`` the GGUF file the model came from; ``elastic`` the elastic run a size was cut from;
+    ``replay_fraction`` the share of the training draws (or one-shot calibration blocks) that were text
+    the source model sampled itself (:mod:`hf_oto.replay`; None: none). Keys this
     version does not know are kept in ``other``.
     """
 
@@ -256,6 +258,7 @@ class Manifest:
     elastic: ElasticRecord | None = None
     datasets: tuple[str, ...] | None = None
     gguf: GGUFRecord | None = None
+    replay_fraction: float | None = None
     adapter: str | None = None
     other: JSONObject = field(default_factory=dict)
     version: int = VERSION

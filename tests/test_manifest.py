@@ -114,3 +114,11 @@ def test_records_read_their_earlier_json_forms_and_write_them_back_unchanged():
     assert record.changed(dataclasses.replace(record, criterion="fisher", prices=({"period": 0},))) == ["criterion"]
     with pytest.raises(ExportError, match="the hesso record lacks target_params"):
         HESSORecord.from_dict({k: v for k, v in old.items() if k != "target_params"})
+
+
+def test_the_replay_share_round_trips_and_only_a_replayed_run_says_so():
+    plain = Manifest.read(OLD).with_(hesso=_record())
+    assert plain.replay_fraction is None and "sampled itself" not in method_text(plain)
+    replayed = Manifest.from_dict(plain.with_(replay_fraction=0.25).to_dict())
+    assert replayed.replay_fraction == 0.25 and "replay_fraction" not in replayed.other
+    assert "25% of the training draws were text the source model sampled itself" in method_text(replayed)

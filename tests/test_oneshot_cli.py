@@ -9,6 +9,8 @@ import torch
 from jobs import hfoto, no_pad_tokenizer, refused, user_error, word_corpus
 from tiny import tiny_model
 
+from hf_oto.manifest import Manifest
+
 
 @pytest.fixture()
 def base(tmp_path):
@@ -117,3 +119,5 @@ def test_oneshot_calibration_draws_the_models_own_samples_at_the_replay_fraction
     replayed = (rows[:, None, :] == made[0][None]).all(-1).any(-1)
     assert 0 < int(replayed.sum()) < len(rows)  # calibration mixes both
     assert "replay_fraction: 0.5" in (out / "hf_oto_recipe.yaml").read_text()  # a rerun replays too
+    assert Manifest.read(out).replay_fraction == 0.5
+    assert "50% of the calibration blocks were text the source model sampled itself" in (out / "README.md").read_text()

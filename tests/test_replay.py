@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import tiny_model
@@ -71,6 +73,11 @@ def test_the_main_job_trains_on_the_models_own_samples_at_the_replay_fraction(tm
     rows = torch.stack([seen["train"][i]["input_ids"] for i in range(len(seen["train"]))])
     replayed = (rows[:, None, :] == made[0][None]).all(-1).any(-1)
     assert abs(float(replayed.float().mean()) - 0.5) < 0.05
+    from hf_oto.manifest import Manifest
+
+    assert Manifest.read(summary.output).replay_fraction == 0.5  # the export says what it was trained on
+    assert "50% of the training draws were text the source model sampled itself" in \
+        (Path(summary.output) / "README.md").read_text()
 
 
 @pytest.mark.parametrize(("extra", "message"), [(["--replay_fraction", "1.0"], "replay_fraction must be in"),

@@ -48,7 +48,24 @@ PRICING_TEXT = {"saliency": "kinds compared in the criterion's own units",
 
 
 def method_text(manifest: Manifest) -> str:
-    """One paragraph on how the model was pruned, from the settings that ran (the manifest's records)."""
+    """One paragraph on how the model was pruned, from the settings that ran (the manifest's records),
+    and on the share of its data the source model sampled itself, if any."""
+    return _pruning_text(manifest) + _replay_text(manifest)
+
+
+def _replay_text(manifest: Manifest) -> str:
+    f = manifest.replay_fraction
+    if not f:
+        return ""
+    if manifest.oneshot is not None and manifest.hesso is None:
+        return (f" {100 * f:g}% of the calibration blocks were text the source model sampled itself "
+                "(self-generated replay, `replay_fraction`).")
+    return (f" {100 * f:g}% of the training draws were text the source model sampled itself (self-generated "
+            "replay, `replay_fraction`): the model was ranked and trained on its own general text as well as on "
+            "the fine-tuning data.")
+
+
+def _pruning_text(manifest: Manifest) -> str:
     h, o, e = manifest.hesso, manifest.oneshot, manifest.elastic
     if e is not None:
         others = ", ".join(f"{100 * s:g}%" for s in e.sizes if s != e.size) or "none"

@@ -112,22 +112,25 @@ def gguf_source(margs: ModelArguments) -> GGUFSource:
 @dataclass(frozen=True)
 class Provenance:
     """Where the model and data came from, for the export's card and manifest: the source (Hub id or
-    folder), its license, the Hub datasets trained on, and the GGUF file it was read from."""
+    folder), its license, the Hub datasets trained on, the GGUF file it was read from, and the share of
+    the data that the model sampled itself (``replay_fraction``; None: none)."""
 
     source: str | None
     license: str | None = None
     datasets: tuple[str, ...] | None = None
     gguf: GGUFRecord | None = None
+    replay_fraction: float | None = None
 
     def manifest_fields(self) -> dict[str, object]:
         """The manifest fields it fills beside ``source`` and ``license``, where known."""
-        return {k: v for k, v in (("datasets", self.datasets), ("gguf", self.gguf)) if v is not None}
+        fields = (("datasets", self.datasets), ("gguf", self.gguf), ("replay_fraction", self.replay_fraction))
+        return {k: v for k, v in fields if v is not None}
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form (unknown fields left out), as a QFA run records it."""
         out = {"source": self.source, "license": self.license,
                "datasets": None if self.datasets is None else list(self.datasets),
-               "gguf": None if self.gguf is None else self.gguf.to_dict()}
+               "gguf": None if self.gguf is None else self.gguf.to_dict(), "replay_fraction": self.replay_fraction}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -143,7 +146,8 @@ def provenance(margs: ModelArguments, dargs: DataArguments) -> Provenance:
         meta = gguf_source(margs).metadata()
         license = license or meta.get("license")
         gguf = GGUFRecord.from_dict(dict(meta, file=margs.gguf_file))
-    return Provenance(source=name, license=license, datasets=datasets, gguf=gguf)
+    return Provenance(source=name, license=license, datasets=datasets, gguf=gguf,
+                      replay_fraction=dargs.replay_fraction or None)
 
 
 def with_replay(train_blocks: torch.Tensor, model, tokenizer, dargs: DataArguments, seed: int, draws: int | None,
