@@ -221,7 +221,8 @@ def cmd_export_size(args: argparse.Namespace) -> int:
     return 0
 
 
-PROVENANCE = ("source", "base_model", "license", "datasets", "gguf")  # what a QFA run passes on to its exports
+# what a QFA run passes on to its exports
+PROVENANCE = ("source", "base_model", "license", "datasets", "gguf", "replay_fraction")
 
 
 def cmd_qfa_search(args: argparse.Namespace) -> int:

@@ -239,13 +239,17 @@ def test_mixed_precision_export_reloads_without_hf_oto_with_identical_logits(tmp
     manifest = json.loads((tmp_path / "mixed" / "qfa_manifest.json").read_text())
     assert manifest["bits_per_layer"] == [2, 4, 3] and manifest["average_bits"] == pytest.approx(3.0)
     assert "| 1 | 4 |" in (tmp_path / "mixed" / "README.md").read_text()
+    assert "sampled itself" not in (tmp_path / "mixed" / "README.md").read_text()  # no replay, no line
     assert (tmp_path / "mixed" / "bits_per_layer.png").stat().st_size > 0
     set_bits(model, 4)
-    extra = {"base_model": "org/original-model", "license": "apache-2.0", "search": {"eval_loss": 2.0}}
+    extra = {"base_model": "org/original-model", "license": "apache-2.0", "search": {"eval_loss": 2.0},
+             "replay_fraction": 0.25}
     save_quantized(model, [2, 2, 2], tmp_path / "other", extra_manifest=extra)
     assert all(m.active_bits == 4 for _, _, m in qfa_layers(model))  # the model is left as it was
     from huggingface_hub import ModelCard
 
+    assert "25% of the run's training draws were text the source model sampled itself" in \
+        (tmp_path / "other" / "README.md").read_text()
     card = ModelCard.load(tmp_path / "other" / "README.md").data
     assert card.base_model == "org/original-model" and card.license == "apache-2.0"
     assert card.to_dict()["base_model_relation"] == "quantized" and card.pipeline_tag == "text-generation"
@@ -368,7 +372,8 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
            "--train_files", corpus, "--block_size", "16", "--max_steps", "8", "--per_device_train_batch_size", "4",
            "--logging_steps", "4", "--qfa_group_size", "8", "--qfa_calibration_batches", "2",
            "--target_sparsity", "0.25", "--pruning_layout", "uniform", "--start_pruning_step", "0.25",
-           "--pruning_steps", "0.5", "--pruning_periods", "2", "--ffn_multiple", "8", "--output_dir", tmp_path / "run"]
+           "--pruning_steps", "0.5", "--pruning_periods", "2", "--ffn_multiple", "8", "--replay_fraction", "0.25",
+           "--output_dir", tmp_path / "run"]
     proc = hfoto(*job, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "uniform 2-bit" in proc.stdout and "qfa-search" in proc.stdout
@@ -382,6 +387,9 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     assert int(got["x.intermediate"]) < 64  # pruned
     manifest = json.loads((tmp_path / "export" / "qfa_manifest.json").read_text())
     assert manifest["average_bits"] <= 3.0 + 1e-9
+    assert manifest["replay_fraction"] == 0.25  # what the run trained on reaches the export
+    assert "25% of the run's training draws were text the source model sampled itself" in \
+        (tmp_path / "export" / "README.md").read_text()
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(tmp_path / "export" / "README.md").data  # the source's provenance reaches the export

@@ -232,7 +232,7 @@ def _card(m: JSONObject) -> str:
 This checkpoint was cut from a quantization-aware once-for-all (LLM-QFA) run: one training run
 whose adapters serve every per-layer bit-width configuration. This configuration averages
 **{m['average_bits']:.2f} bits** per quantized weight (symmetric, group size {m['group_size']}).
-The weights take **{m['file_bytes'] / 2**20:.2f} MiB** on disk.{' ' + pruned if pruned else ''}
+The weights take **{m['file_bytes'] / 2**20:.2f} MiB** on disk.{' ' + pruned if pruned else ''}{_replay_line(m)}
 
 Load it with stock transformers (compressed-tensors {m['compressed_tensors_version']} installed):
 
@@ -250,6 +250,12 @@ On CPU, transformers decompresses the weights on the first forward pass; vLLM ru
 ![bits per layer](bits_per_layer.png)
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _replay_line(m: JSONObject) -> str:
+    f = m.get("replay_fraction")
+    return (f" {100 * f:g}% of the run's training draws were text the source model sampled itself "
+            "(self-generated replay, `replay_fraction`).") if f else ""
 
 
 def _plot_bits(bits: list[int], path: Path) -> None:
