@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         old = json.loads(stored.read_text()).get("settings")
         before = {"layout": "uniform", "reference": "toy", "ffn_multiple": 8, "max_eval_blocks": 64, "exclude": None,
                   "distill_weight": 0.5, "pricing": "saliency",
-                  "granularity": "width", "replay": 0.0}
+                  "granularity": "width", "replay": 0.0, "calibration": "first"}
         old = None if old is None else {**before, **old}  # results from before these settings existed
         if a.report:
             for k, v in (old or {}).items():
@@ -259,6 +259,7 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
         from real_model import SMOLLM2_GGUF
 
         out["model"] = SMOLLM2_GGUF
+        out["calibration"] = getattr(a, "calibration", None) or "random"  # see calibration(); a report: as stored
     return out
 
 
@@ -477,7 +478,7 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     else:
         criterion = method.removesuffix("_kd").removesuffix("_pp")  # _pp: removals ranked per parameter freed
         teacher = AutoModelForCausalLM.from_pretrained(ref) if method.endswith("_kd") else None
-        calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
+        calib = calibration(train_blocks, a)
         scores = oneshot_scores(model, space, criterion, calib)
         # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
         target = space.prunable_params * sparsity
@@ -500,6 +501,17 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     if method not in DENSE and a.granularity != "width":
         row["kept"]["layers"] = final.config.num_hidden_layers
     return row
+
+
+def calibration(blocks: torch.Tensor, a: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """The one-shot rows' calibration batches (--calib_batches of --batch blocks). The real model's
+    training blocks are in document order, so they are drawn at random with --seed, as ``hf-oto oneshot``
+    draws them (results measured before: the first blocks, a few files; ``calibration`` in the settings
+    says which). The toy references' blocks are shuffled already: their first blocks are a random draw."""
+    n = a.calib_batches * a.batch
+    if settings(a).get("calibration") == "random":
+        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))[:n]]
+    return [{"input_ids": blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
 
 
 def kept_shape(c) -> dict[str, Any]:
@@ -827,7 +839,10 @@ def write_report(a: argparse.Namespace, res: dict[str, Any], command: str) -> Pa
              + ("the loss each kind's removal measures (pruning_pricing 'measured')"
                 if settings(a)["pricing"] == "measured" else "the criterion's units (pruning_pricing 'saliency')")
              + f"; HESSO {_hesso_line(rows, a)}; distillation "
-             f"rows add a KL term to the dense reference (weight {a.distill_weight}, T 1)"
+             f"rows add a KL term to the dense reference (weight {a.distill_weight}, T 1); one-shot calibration: "
+             f"{a.calib_batches} batches of {a.batch} training blocks"
+             + {"random": ", drawn at random (the row's seed)", "first": ", the first blocks of the training text "
+                "in document order (a few files)"}.get(settings(a).get("calibration"), "")
              + (f"; replay: {a.replay:.0%} of the training draws (and of one-shot calibration) are text the dense "
                 f"reference sampled itself (top-p 0.95, from the start token), the rest the training text"
                 if getattr(a, "replay", 0.0) else ""),

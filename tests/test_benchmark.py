@@ -82,6 +82,25 @@ def test_kept_column_lists_each_seeds_shape_when_they_differ():
     assert benchmark.kept_cell(same) == "8 / 2 / 248"
 
 
+def test_real_model_calibration_is_a_seeded_random_draw_and_the_toy_keeps_its_shuffled_blocks():
+    """SmolLM2's training blocks are in document order: its one-shot rows draw calibration at random with
+    the row's seed, as `hf-oto oneshot` does; the toy references' blocks are shuffled already."""
+    import benchmark
+    import torch
+
+    blocks = torch.arange(1000).reshape(500, 2)  # block i holds 2i, 2i+1
+
+    def drawn(*argv):
+        batches = benchmark.calibration(blocks, benchmark.parse_args(["--calib_batches", "3", "--batch", "4", *argv]))
+        assert [tuple(b["input_ids"].shape) for b in batches] == [(4, 2)] * 3
+        return torch.cat([b["input_ids"][:, 0] // 2 for b in batches]).tolist()
+
+    assert drawn() == list(range(12))  # toy: the first blocks
+    real = drawn("--reference", "smollm2")
+    assert len(set(real)) == 12 and real != list(range(12)) and max(real) > 100  # spread over the text
+    assert drawn("--reference", "smollm2") == real and drawn("--reference", "smollm2", "--seed", "1") != real
+
+
 def test_benchmark_per_layer_ffn_layout_reaches_the_same_size_and_lists_the_widths(tmp_path):
     """--layout per_layer_ffn: every method ends at the budget (HESSO too, where the FFN alone cannot
     reach 70% and half of the heads must go), and the table gives the FFN widths' range."""
