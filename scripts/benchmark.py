@@ -231,6 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             for k, v in (old or {}).items():
                 setattr(a, k, v)  # the report states the budget the stored rows were measured with
         elif old is not None:
+            a.calibration = old["calibration"]  # resumed rows are calibrated as the folder's earlier rows were
             now = settings(a)
             changed = sorted(k for k in now if old.get(k) != now[k])
             if changed:
@@ -507,7 +508,8 @@ def calibration(blocks: torch.Tensor, a: argparse.Namespace) -> list[dict[str, t
     """The one-shot rows' calibration batches (--calib_batches of --batch blocks). The real model's
     training blocks are in document order, so they are drawn at random with --seed, as ``hf-oto oneshot``
     draws them (results measured before: the first blocks, a few files; ``calibration`` in the settings
-    says which). The toy references' blocks are shuffled already: their first blocks are a random draw."""
+    says which, and ``--resume`` or ``--update`` keep what the folder used). The toy references' blocks
+    are shuffled already: their first blocks are a random draw."""
     n = a.calib_batches * a.batch
     if settings(a).get("calibration") == "random":
         blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))[:n]]

@@ -101,6 +101,20 @@ def test_real_model_calibration_is_a_seeded_random_draw_and_the_toy_keeps_its_sh
     assert drawn("--reference", "smollm2") == real and drawn("--reference", "smollm2", "--seed", "1") != real
 
 
+def test_resuming_a_folder_keeps_its_calibration(tmp_path):
+    """A real-model folder measured before calibration was drawn at random resumes with its first blocks
+    (its rows stay comparable), a new folder draws at random."""
+    import benchmark
+    import torch
+
+    stored = benchmark.settings(benchmark.parse_args(["--reference", "smollm2"]))
+    assert stored.pop("calibration") == "random"  # a fresh run
+    (tmp_path / "results.json").write_text(json.dumps({"settings": stored, "rows": []}))
+    a = benchmark.parse_args(["--reference", "smollm2", "--resume", "--out", str(tmp_path)])
+    assert benchmark.settings(a)["calibration"] == "first"
+    assert benchmark.calibration(torch.arange(100).reshape(50, 2), a)[0]["input_ids"][0, 0] == 0
+
+
 def test_benchmark_per_layer_ffn_layout_reaches_the_same_size_and_lists_the_widths(tmp_path):
     """--layout per_layer_ffn: every method ends at the budget (HESSO too, where the FFN alone cannot
     reach 70% and half of the heads must go), and the table gives the FFN widths' range."""
