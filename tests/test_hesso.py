@@ -399,7 +399,21 @@ def test_auto_ranks_by_fisher_where_activations_cannot_rank(tmp_path):
         assert args.resolved_criterion(lora=False) == "fisher", kw
     assert HFOTOTrainingArguments(output_dir=str(tmp_path)).resolved_criterion(lora=False) == "wanda_sp"
     model = tiny_model("llama")
-    assert _hesso(model, discover_groups(model), criterion="auto", selection="auto").config.criterion == "wanda_sp"
+    opt = _hesso(model, discover_groups(model), criterion="auto", selection="auto", layout="uniform")
+    assert opt.config.criterion == "wanda_sp"
+
+
+def test_auto_ranks_per_layer_widths_by_fisher(tmp_path):
+    """Per-layer widths (and the global layout) compare groups across layers, where activation magnitudes do
+    not compare: "auto" is fisher there, in the trainer's arguments and in HESSO itself."""
+    from hf_oto.trainer import HFOTOTrainingArguments
+
+    args = HFOTOTrainingArguments(output_dir=str(tmp_path), pruning_layout="per_layer_ffn")
+    assert args.resolved_criterion(lora=False) == "fisher"
+    model = tiny_model("llama")
+    for layout in ("per_layer_ffn", "global"):
+        opt = _hesso(model, discover_groups(model), criterion="auto", selection="auto", layout=layout)
+        assert opt.config.criterion == "fisher", layout
 
 
 def test_an_unresolved_config_has_no_plan_rules_until_resolved():

@@ -193,12 +193,23 @@ def test_export_generates_with_the_kv_cache(tmp_path):
     ({"saliency_ema": 0.9}, ("hesso", "saliency")),
     ({"pruning_criterion": "taylor"}, ("taylor", "saliency")),
     ({"pruning_criterion": "fisher", "pruning_selection": "saliency"}, ("fisher", "saliency")),
+    ({"pruning_layout": "per_layer_ffn"}, ("fisher", "per_param")),  # activations do not compare across layers
+    ({"pruning_layout": "per_layer_ffn", "pruning_criterion": "wanda_sp"}, ("wanda_sp", "saliency")),
 ])
 def test_auto_criterion_and_selection_resolve(tmp_path, kw, expected):
     cfg = _args(tmp_path, **kw).hesso_config(100)
     assert (cfg.criterion, cfg.selection) == expected
     assert _args(tmp_path, **kw).hesso_config(100, lora=True).criterion == ("hesso" if "pruning_criterion" not in kw
                                                                               else kw["pruning_criterion"])
+
+
+def test_a_checkpoint_trained_under_rule_2_resumes_with_the_criterion_it_had(tmp_path):
+    """Rule 2 picked wanda_sp for per-layer widths too; a checkpoint saved under it keeps that on resume."""
+    args = _args(tmp_path, pruning_layout="per_layer_ffn")
+    args.auto_rule = 2  # what resume sets from the checkpoint
+    assert args.hesso_config(100).criterion == "wanda_sp"
+    args.auto_rule = 1
+    assert args.hesso_config(100).criterion == "fisher"
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -105,9 +105,11 @@ class HESSOConfig:
 
         - criterion: ``"wanda_sp"`` (activation-weighted magnitude on the training passes; on SmolLM2
           at 30% 3.7% lower in-domain perplexity than ``"fisher"``, level on the toy references);
-          ``"fisher"`` (the loss increase of a removal, on one scale for every kind) without
-          ``activations``; ``"hesso"`` under LoRA (frozen base weights have no gradient) or with
-          ``saliency_ema`` (which smooths that saliency); ``"taylor"`` with CRIC (which does not
+          ``"fisher"`` (the loss increase of a removal, on one scale for every kind and layer) without
+          ``activations`` (the caller's decision: HESSO and the trainer allow it only in the uniform
+          layout, since per-layer widths compare activation magnitudes across layers); ``"hesso"``
+          under LoRA (frozen base weights have no gradient) or with ``saliency_ema`` (which smooths
+          that saliency); ``"taylor"`` with CRIC (which does not
           combine with the knapsack Fisher pairs with);
         - selection: ``"per_param"`` with fisher and without CRIC, ``"saliency"`` otherwise;
         - pricing: ``"measured"`` when there is a probe (HFOTOTrainer always has one), else ``"saliency"``.

@@ -23,9 +23,10 @@ from hf_oto.trainer.distill import DistillConfig
 
 # Settings that are about where the pruned model goes or where the teacher runs, not how pruning
 # runs (free to change on resume).
-# Which rule decides "pruning_criterion: auto": 1 picked fisher where 2 (since 2026-12-06) picks wanda_sp.
+# Which rule decides "pruning_criterion: auto": 1 picked fisher where 2 (since 2026-12-06) picks wanda_sp;
+# 3 (session 16) picks wanda_sp in the uniform layout only (per-layer widths: fisher, as under rule 1).
 # Checkpoints record it; one saved without it was trained under rule 1 and resumes under it.
-AUTO_RULE = 2
+AUTO_RULE = 3
 _OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device",
                   "qfa_run_dir")
 
@@ -188,9 +189,13 @@ class HFOTOTrainingArguments(TrainingArguments):
     @property
     def ranks_by_activations(self) -> bool:
         """Whether "auto" may pick the ``wanda_sp`` criterion: not for elastic sizes (their masked passes would
-        count), QFA (its layers are quantized) or whole experts (no linear consumes them), nor when resuming a
-        checkpoint trained under the rule before it (:data:`AUTO_RULE`)."""
-        return self.auto_rule >= 2 and not (self.elastic or self.qfa or self.prune_experts)
+        count), QFA (its layers are quantized) or whole experts (no linear consumes them), not for per-layer
+        widths (activation magnitudes do not compare across layers: on SmolLM2 it cut layer 1 to 64 FFN
+        channels), nor when resuming a checkpoint trained under a rule that decided otherwise
+        (:data:`AUTO_RULE`)."""
+        if self.auto_rule < 2 or self.elastic or self.qfa or self.prune_experts:
+            return False
+        return self.auto_rule < 3 or self.pruning_layout == "uniform"
 
     def _decided(self, lora: bool) -> HESSOConfig:
         """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run
