@@ -53,16 +53,20 @@ def method_text(manifest: Manifest) -> str:
     return _pruning_text(manifest) + _replay_text(manifest)
 
 
-def _replay_text(manifest: Manifest) -> str:
-    f = manifest.replay_fraction
-    if not f:
+def replay_sentence(fraction: float | None, draws: str, consequence: str = "") -> str:
+    """The card's sentence for self-generated replay ("" without it): ``fraction`` of ``draws`` (for example
+    "the training draws") were text the source model sampled itself; ``consequence`` ends the sentence."""
+    if not fraction:
         return ""
+    return (f" {100 * fraction:g}% of {draws} were text the source model sampled itself (self-generated replay, "
+            f"`replay_fraction`){consequence}.")
+
+
+def _replay_text(manifest: Manifest) -> str:
     if manifest.oneshot is not None and manifest.hesso is None:
-        return (f" {100 * f:g}% of the calibration blocks were text the source model sampled itself "
-                "(self-generated replay, `replay_fraction`).")
-    return (f" {100 * f:g}% of the training draws were text the source model sampled itself (self-generated "
-            "replay, `replay_fraction`): the model was ranked and trained on its own general text as well as on "
-            "the fine-tuning data.")
+        return replay_sentence(manifest.replay_fraction, "the calibration blocks")
+    return replay_sentence(manifest.replay_fraction, "the training draws", ": the model was ranked and trained on "
+                           "its own general text as well as on the fine-tuning data")
 
 
 def _pruning_text(manifest: Manifest) -> str:

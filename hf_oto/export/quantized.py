@@ -211,10 +211,11 @@ def _write(small: nn.Module, quantized: dict[str, QuantizedWeight], bits: list[i
 def _card(m: JSONObject) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from hf_oto.export.card import hub_metadata
+    from hf_oto.export.card import hub_metadata, replay_sentence
 
     rows = "\n".join(f"| {i} | {b} |" for i, b in enumerate(m["bits_per_layer"]))
     pruned = m.get("pruning")
+    replay = replay_sentence(m.get("replay_fraction"), "the run's training draws")
     name = f"{m.get('model_type', 'model')}-hf-oto-qfa-{m['average_bits']:.2f}bit"
     search = m.get("search") or {}
     results = None
@@ -232,7 +233,7 @@ def _card(m: JSONObject) -> str:
 This checkpoint was cut from a quantization-aware once-for-all (LLM-QFA) run: one training run
 whose adapters serve every per-layer bit-width configuration. This configuration averages
 **{m['average_bits']:.2f} bits** per quantized weight (symmetric, group size {m['group_size']}).
-The weights take **{m['file_bytes'] / 2**20:.2f} MiB** on disk.{' ' + pruned if pruned else ''}{_replay_line(m)}
+The weights take **{m['file_bytes'] / 2**20:.2f} MiB** on disk.{' ' + pruned if pruned else ''}{replay}
 
 Load it with stock transformers (compressed-tensors {m['compressed_tensors_version']} installed):
 
@@ -250,12 +251,6 @@ On CPU, transformers decompresses the weights on the first forward pass; vLLM ru
 ![bits per layer](bits_per_layer.png)
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
-
-
-def _replay_line(m: JSONObject) -> str:
-    f = m.get("replay_fraction")
-    return (f" {100 * f:g}% of the run's training draws were text the source model sampled itself "
-            "(self-generated replay, `replay_fraction`).") if f else ""
 
 
 def _plot_bits(bits: list[int], path: Path) -> None:
