@@ -347,6 +347,17 @@ def split_blocks(blocks: torch.Tensor, d: DataArguments, seed: int) -> tuple[tor
     return blocks[n_eval:], blocks[:n_eval]
 
 
+def calibration_batches(blocks: torch.Tensor, batches: int, batch_size: int,
+                        seed: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Up to ``batches`` batches of ``batch_size`` blocks for one-shot scoring or GPTQ: drawn at random with
+    ``seed`` (blocks may be in document order), or the first blocks in order when ``seed`` is None. Never
+    empty: fewer blocks than one batch give one smaller batch."""
+    order = (torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)) if seed is not None
+             else torch.arange(len(blocks)))
+    return [{"input_ids": blocks[order[i * batch_size:(i + 1) * batch_size]]}
+            for i in range(min(batches, len(blocks) // batch_size or 1))]
+
+
 class Blocks(torch.utils.data.Dataset):
     """Equal-length token blocks as causal-LM examples (labels = inputs)."""
 

@@ -130,13 +130,14 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     settings), the methods it holds are kept and not rerun; ``checkpoint(res)`` runs after each method."""
     from transformers import AutoModelForCausalLM
 
+    from hf_oto.data import calibration_batches
     from hf_oto.export.quantized import save_quantized
     from hf_oto.metrics import perplexity
 
     started = time.time()
     half = min(len(eval_blocks) // 2, a.qfa_search_blocks or len(eval_blocks))
     search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
-    calib = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
+    calib = calibration_batches(train_blocks, a.calib_batches, a.batch)  # the first blocks (as measured)
     steps = a.qfa_steps
     widths = tuple(sorted(set(a.qfa_bits)))
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,

@@ -510,10 +510,10 @@ def calibration(blocks: torch.Tensor, a: argparse.Namespace) -> list[dict[str, t
     draws them (results measured before: the first blocks, a few files; ``calibration`` in the settings
     says which, and ``--resume`` or ``--update`` keep what the folder used). The toy references' blocks
     are shuffled already: their first blocks are a random draw."""
-    n = a.calib_batches * a.batch
-    if settings(a).get("calibration") == "random":
-        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))[:n]]
-    return [{"input_ids": blocks[i * a.batch:(i + 1) * a.batch]} for i in range(a.calib_batches)]
+    from hf_oto.data import calibration_batches
+
+    seed = a.seed if settings(a).get("calibration") == "random" else None
+    return calibration_batches(blocks, a.calib_batches, a.batch, seed)
 
 
 def kept_shape(c) -> dict[str, Any]:

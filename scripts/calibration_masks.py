@@ -20,11 +20,16 @@ from real_model import smollm2_folder
 from transformers import AutoModelForCausalLM
 
 from hf_oto import discover_groups
+from hf_oto.data import calibration_batches
 from hf_oto.groups.depth import with_granularity
+from hf_oto.io import write_text_atomic
 from hf_oto.job.oneshot_job import PRICING_BATCHES
 from hf_oto.optim.budget import BudgetRules
 from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
+out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("calibration_masks.json")
+if out.exists():  # a diagnostic never replaces a file; checked before the long work
+    sys.exit(f"calibration_masks.py: {out} exists; give another output path")
 a = parse_args(["--reference", "smollm2"])
 a.model = str(smollm2_folder())
 tok, train_blocks, eval_blocks = load_data(a)
@@ -58,7 +63,7 @@ res = {}
 for name, blocks in sets.items():
     model = AutoModelForCausalLM.from_pretrained(a.model)
     space = with_granularity(model, discover_groups(model), "width", "uniform")
-    calib = [{"input_ids": blocks[i * a.batch:(i + 1) * a.batch]} for i in range(len(blocks) // a.batch)]
+    calib = calibration_batches(blocks, len(blocks) // a.batch, a.batch)
     scores = oneshot_scores(model, space, "wanda_sp", calib)
     target = space.prunable_params * 0.3
     tol = min(0.01, 0.01 * (space.total_params - target) / target)
@@ -68,6 +73,5 @@ for name, blocks in sets.items():
     r = evaluate_model(model, eval_blocks, a)
     res[name] = r
     print("RESULT", name, json.dumps(r), flush=True)
-out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("calibration_masks.json")
-out.write_text(json.dumps(res, indent=1))
+write_text_atomic(out, json.dumps(res, indent=1))
 print(f"written: {out}")

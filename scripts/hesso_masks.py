@@ -21,19 +21,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from benchmark import calibration, evaluate_model, load_data, parse_args, replay_blocks
+from benchmark import evaluate_model, load_data, parse_args, replay_blocks
 from real_model import smollm2_folder
 from transformers import AutoModelForCausalLM
 
 from hf_oto import discover_groups
+from hf_oto.data import calibration_batches
 from hf_oto.groups.depth import with_granularity
 from hf_oto.groups.space import zero_groups
+from hf_oto.io import write_text_atomic
 from hf_oto.job.oneshot_job import PRICING_BATCHES
 from hf_oto.optim.budget import BudgetRules
 from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 from hf_oto.replay import mix_replay
 
 RESULTS = Path(__file__).resolve().parent / "benchmark_results" / "smollm2"
+out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("hesso_masks.json")
+if out.exists():  # a diagnostic never replaces a file; checked before the long work
+    sys.exit(f"hesso_masks.py: {out} exists; give another output path")
 a = parse_args(["--reference", "smollm2"])
 a.model = str(smollm2_folder())
 tok, train_blocks, eval_blocks = load_data(a)
@@ -53,8 +58,7 @@ def oneshot_mask(calib: list[dict[str, torch.Tensor]]) -> set[int]:
 
 
 def drawn(blocks: torch.Tensor, batches: int) -> list[dict[str, torch.Tensor]]:
-    a.calib_batches = batches
-    return calibration(blocks, a)  # at random, seed 0
+    return calibration_batches(blocks, batches, a.batch, seed=0)  # at random, as the benchmark's seed-0 rows
 
 
 def hesso_mask(folder: str, seed: int = 0) -> set[int]:
@@ -66,13 +70,13 @@ def hesso_mask(folder: str, seed: int = 0) -> set[int]:
 masks = {"hesso_seed0": hesso_mask("criterion_wanda_sp", 0), "hesso_seed1": hesso_mask("criterion_wanda_sp", 1),
          "hesso_replay": hesso_mask("replay")}
 t = time.time()
-first = [{"input_ids": train_blocks[i * a.batch:(i + 1) * a.batch]} for i in range(8)]
+first = calibration_batches(train_blocks, 8, a.batch)
 masks["oneshot_first32"] = oneshot_mask(first)
 masks["oneshot_random32"] = oneshot_mask(drawn(train_blocks, 8))
 masks["oneshot_random100"] = oneshot_mask(drawn(train_blocks, 25))
 a.replay = 0.25
 mixed = mix_replay(train_blocks, replay_blocks(a, Path(a.model), tok), 0.25)
-masks["oneshot_replay_first32"] = oneshot_mask([{"input_ids": mixed[i * a.batch:(i + 1) * a.batch]} for i in range(8)])
+masks["oneshot_replay_first32"] = oneshot_mask(calibration_batches(mixed, 8, a.batch))
 masks["oneshot_replay_random100"] = oneshot_mask(drawn(mixed, 25))
 print(f"one-shot masks in {time.time() - t:.0f} s", flush=True)
 names = list(masks)
@@ -86,6 +90,6 @@ for n in names:
     zero_groups(m, space, [space[i].name for i in sorted(masks[n])])
     results[n] = evaluate_model(m, eval_blocks, a)
     print("RESULT", n, json.dumps(results[n]), flush=True)
-out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("hesso_masks.json")
-out.write_text(json.dumps({"results": results, "overlap": overlap, "removed_groups": len(masks[names[0]])}, indent=1))
+summary = {"results": results, "overlap": overlap, "removed_groups": len(masks[names[0]])}
+write_text_atomic(out, json.dumps(summary, indent=1))
 print(f"written: {out}")

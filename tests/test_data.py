@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from hf_oto.data import DataArguments, document_affixes, load_documents, split_blocks, tokenize_blocks, train_tokenizer
+from hf_oto.data import (
+    DataArguments,
+    calibration_batches,
+    document_affixes,
+    load_documents,
+    split_blocks,
+    tokenize_blocks,
+    train_tokenizer,
+)
 from hf_oto.errors import DataError
 
 CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
@@ -151,3 +159,20 @@ def test_eval_files_evaluate_and_all_training_text_trains(tmp_path):
     with pytest.raises(DataError, match="at least one of each"):
         train_eval_blocks(_word_docs(2, words=2)[0], tok, DataArguments(text_source="python-stdlib", block_size=64),
                           seed=0)
+
+
+def test_calibration_batches_are_seeded_draws_or_the_first_blocks():
+    blocks = torch.arange(40).reshape(40, 1)  # block i holds the token i
+    first = calibration_batches(blocks, 3, 4)
+    assert [b["input_ids"].flatten().tolist() for b in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    drawn = calibration_batches(blocks, 3, 4, seed=5)
+    ids = torch.cat([b["input_ids"] for b in drawn]).flatten().tolist()
+    assert len(set(ids)) == 12 and ids != list(range(12))  # distinct blocks, not the first ones
+    assert max(ids) >= 20  # spread over the text, not its beginning
+    again = calibration_batches(blocks, 3, 4, seed=5)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(drawn, again, strict=True))
+    other = torch.cat([b["input_ids"] for b in calibration_batches(blocks, 3, 4, seed=6)]).flatten().tolist()
+    assert other != ids
+    assert len(calibration_batches(blocks, 50, 4, seed=0)) == 10  # no more batches than the blocks fill
+    few = calibration_batches(blocks[:3], 8, 4, seed=0)  # fewer blocks than one batch: one smaller batch
+    assert len(few) == 1 and sorted(few[0]["input_ids"].flatten().tolist()) == [0, 1, 2]

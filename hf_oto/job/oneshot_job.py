@@ -51,7 +51,7 @@ def oneshot_settings(model: str | None, criterion: str, target_sparsity: float |
 def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> OneShotSummary:
     """Check, load, score on calibration batches, prune, export with card and recipe, verify; the summary."""
     from hf_oto import construct_subnet
-    from hf_oto.data import load_documents, load_eval_documents, train_eval_blocks
+    from hf_oto.data import calibration_batches, load_documents, load_eval_documents, train_eval_blocks
     from hf_oto.export.save import save_pruned
     from hf_oto.export.verify import verify_export
     from hf_oto.job.args import build_arguments
@@ -92,9 +92,7 @@ def run_oneshot(settings: dict[str, Any], where: str = "the command line") -> On
         if dargs.replay_fraction and needs_data:  # calibration draws the model's own samples at that share
             train_blocks = with_replay(train_blocks, model, tokenizer, dargs, targs.seed, batches * size,
                                        progress=not targs.disable_tqdm)
-        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(targs.seed))
-        calib = [{"input_ids": train_blocks[order[i * size:(i + 1) * size]]}
-                 for i in range(min(batches, len(train_blocks) // size or 1))]
+        calib = calibration_batches(train_blocks, batches, size, targs.seed)
         space = pruning_space(model, targs)
         before = perplexity(model, eval_blocks)
         scores = oneshot_scores(model, space, criterion, calib if needs_data else None)
