@@ -408,6 +408,10 @@ def test_auto_ranks_per_layer_widths_by_fisher(tmp_path):
     not compare: "auto" is fisher there, in the trainer's arguments and in HESSO itself."""
     from hf_oto.trainer import HFOTOTrainingArguments
 
+    for layout in ("per_layer_ffn", "global"):  # the rule lives in the config: every caller gets it
+        assert HESSOConfig(layout=layout).resolve().criterion == "fisher", layout
+        assert HESSOConfig(layout=layout).resolve(any_layout=True).criterion == "wanda_sp", layout  # rule 2
+    assert HESSOConfig(layout="uniform").resolve().criterion == "wanda_sp"
     args = HFOTOTrainingArguments(output_dir=str(tmp_path), pruning_layout="per_layer_ffn")
     assert args.resolved_criterion(lora=False) == "fisher"
     model = tiny_model("llama")

@@ -97,7 +97,7 @@ class HESSOConfig:
         return "auto" not in (self.criterion, self.selection, self.pricing)
 
     def resolve(self, *, lora: bool = False, cric: bool = False, probe: bool = False,
-                activations: bool = True) -> HESSOConfig:
+                activations: bool = True, any_layout: bool = False) -> HESSOConfig:
         """This config with "auto" decided, for a model that trains LoRA adapters (``lora``), with or
         without CRIC, with or without a loss probe for measured pricing (``probe``), and whether its
         linears' activations can rank groups (``activations``: not for elastic sizes, whose masked
@@ -106,8 +106,9 @@ class HESSOConfig:
         - criterion: ``"wanda_sp"`` (activation-weighted magnitude on the training passes; on SmolLM2
           at 30% 3.7% lower in-domain perplexity than ``"fisher"``, level on the toy references);
           ``"fisher"`` (the loss increase of a removal, on one scale for every kind and layer) without
-          ``activations`` (the caller's decision: HESSO and the trainer allow it only in the uniform
-          layout, since per-layer widths compare activation magnitudes across layers); ``"hesso"``
+          ``activations`` and outside the uniform layout: per-layer widths compare groups across layers,
+          where activation magnitudes do not compare (on SmolLM2 ``wanda_sp`` cut layer 1 to 64 FFN
+          channels); ``any_layout`` lifts that (checkpoints trained before the rule); ``"hesso"``
           under LoRA (frozen base weights have no gradient) or with ``saliency_ema`` (which smooths
           that saliency); ``"taylor"`` with CRIC (which does not
           combine with the knapsack Fisher pairs with);
@@ -117,7 +118,7 @@ class HESSOConfig:
         criterion = self.criterion
         if criterion == "auto":
             criterion = ("hesso" if lora or self.saliency_ema is not None else "taylor" if cric
-                         else "wanda_sp" if activations else "fisher")
+                         else "wanda_sp" if activations and (any_layout or self.layout == "uniform") else "fisher")
         selection = self.selection
         if selection == "auto":
             selection = "per_param" if criterion == "fisher" and not cric else "saliency"

@@ -58,7 +58,7 @@ class HESSO(torch.optim.Optimizer):
             raise ConfigError(f"config must be a HESSOConfig, got {type(config).__name__}")
         lora = lora_factors(model)  # LoRA: saliency is judged on the effective weight W + s*B@A
         config = config.resolve(lora=bool(lora), cric=cric is not None, probe=probe is not None,
-                                activations=_watchable(model, space) and config.layout == "uniform")
+                                activations=_watchable(model, space))
         if config.pricing == "measured" and probe is None:
             raise ConfigError("pricing 'measured' needs a probe: HESSO(..., probe=fn), fn() returning the model's "
                               "loss on a fixed batch (HFOTOTrainer passes one); or use pricing 'saliency'")
@@ -443,9 +443,9 @@ class HESSO(torch.optim.Optimizer):
 
 
 def _watchable(model: nn.Module, space: PruningSpace) -> bool:
-    """Whether the ``wanda_sp`` criterion can rank ``space`` (what "auto" needs to pick it, with the uniform
-    layout: per-layer widths compare groups across layers, where activation magnitudes do not compare):
-    some linear consumes its groups, and no group is a whole expert (experts have no consumer it watches)."""
+    """Whether the ``wanda_sp`` criterion can rank ``space`` (what "auto" needs to pick it, in the uniform
+    layout: :meth:`HESSOConfig.resolve`): some linear consumes its groups, and no group is a whole expert
+    (experts have no consumer it watches)."""
     return bool(linear_consumers(model, space)) and not any(isinstance(gs.info, ExpertInfo) for gs in space.sets)
 
 

@@ -184,18 +184,16 @@ class HFOTOTrainingArguments(TrainingArguments):
             start_pruning_step=start, pruning_steps=steps, pruning_periods=periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
             selection=self.pruning_selection, criterion=self.pruning_criterion, pricing=self.pruning_pricing,
-        ).resolve(lora=lora, cric=self.use_cric, probe=True, activations=self.ranks_by_activations)
+        ).resolve(lora=lora, cric=self.use_cric, probe=True, activations=self.ranks_by_activations,
+                  any_layout=self.auto_rule == 2)
 
     @property
     def ranks_by_activations(self) -> bool:
-        """Whether "auto" may pick the ``wanda_sp`` criterion: not for elastic sizes (their masked passes would
-        count), QFA (its layers are quantized) or whole experts (no linear consumes them), not for per-layer
-        widths (activation magnitudes do not compare across layers: on SmolLM2 it cut layer 1 to 64 FFN
-        channels), nor when resuming a checkpoint trained under a rule that decided otherwise
-        (:data:`AUTO_RULE`)."""
-        if self.auto_rule < 2 or self.elastic or self.qfa or self.prune_experts:
-            return False
-        return self.auto_rule < 3 or self.pruning_layout == "uniform"
+        """Whether "auto" may pick the ``wanda_sp`` criterion (in the uniform layout, which
+        :meth:`HESSOConfig.resolve` decides; under rule 2 in any layout): not for elastic sizes (their masked
+        passes would count), QFA (its layers are quantized) or whole experts (no linear consumes them), nor
+        when resuming a checkpoint trained under rule 1 (:data:`AUTO_RULE`)."""
+        return not (self.auto_rule < 2 or self.elastic or self.qfa or self.prune_experts)
 
     def _decided(self, lora: bool) -> HESSOConfig:
         """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run
@@ -205,9 +203,9 @@ class HFOTOTrainingArguments(TrainingArguments):
             if getattr(self, name) not in ("auto", *allowed):
                 raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
         return HESSOConfig(criterion=self.pruning_criterion, selection=self.pruning_selection,
-                           pricing=self.pruning_pricing, saliency_ema=self.saliency_ema,
+                           pricing=self.pruning_pricing, saliency_ema=self.saliency_ema, layout=self.pruning_layout,
                            ).resolve(lora=lora, cric=self.use_cric, probe=True,
-                                     activations=self.ranks_by_activations)
+                                     activations=self.ranks_by_activations, any_layout=self.auto_rule == 2)
 
     def resolved_pricing(self) -> str:
         """``pruning_pricing`` with "auto" decided (:meth:`HESSOConfig.resolve`): measured."""
