@@ -420,9 +420,8 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
 
     from hf_oto import construct_subnet, discover_groups, exclude_groups
     from hf_oto.groups.depth import with_granularity
-    from hf_oto.job.oneshot_job import PRICING_BATCHES
     from hf_oto.optim.budget import BudgetRules
-    from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
+    from hf_oto.optim.oneshot import oneshot_prune, oneshot_scores
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(ref)
@@ -479,17 +478,9 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     else:
         criterion = method.removesuffix("_kd").removesuffix("_pp")  # _pp: removals ranked per parameter freed
         teacher = AutoModelForCausalLM.from_pretrained(ref) if method.endswith("_kd") else None
-        calib = calibration(train_blocks, a)
-        scores = oneshot_scores(model, space, criterion, calib)
-        # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
-        target = space.prunable_params * sparsity
-        tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
-        priced = settings(a)["pricing"] == "measured"
         prices: list = []
-        rules = BudgetRules(layout=a.layout, ffn_multiple=a.ffn_multiple, tolerance=tolerance,
-                            selection="per_param" if method.endswith("_pp_kd") else "saliency")
-        plan = oneshot_prune(model, space, scores, target_sparsity=sparsity, rules=rules, prices=prices,
-                             probe=batch_loss(model, calib[:PRICING_BATCHES]) if priced else None)
+        plan = oneshot_plan(model, space, criterion, calibration(train_blocks, a), sparsity, a,
+                            per_param=method.endswith("_pp_kd"), prices=prices)
         row["pruned_fraction"] = plan.pruned_params() / space.prunable_params
         if prices:
             row["prices"] = [p.to_dict() for p in prices]
@@ -502,6 +493,26 @@ def run_method(method: str, sparsity: float, ref: Path, train_blocks, eval_block
     if method not in DENSE and a.granularity != "width":
         row["kept"]["layers"] = final.config.num_hidden_layers
     return row
+
+
+def oneshot_plan(model, space, criterion: str, calib: list[dict[str, torch.Tensor]], sparsity: float,
+                 a: argparse.Namespace, *, per_param: bool = False, prices: list | None = None):
+    """One-shot pruning as the benchmark's rows do it: ``criterion`` scored on ``calib``, the layout and FFN
+    multiple of ``a``, a tolerance of 1% of the final size, kinds priced on the first calibration batches
+    when the settings say "measured". Zeroes ``model``'s removed groups; returns the plan."""
+    from hf_oto.job.oneshot_job import PRICING_BATCHES
+    from hf_oto.optim.budget import BudgetRules
+    from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
+
+    scores = oneshot_scores(model, space, criterion, calib)
+    # 1% of the final size (not of the pruned count, which at 70% would allow ~1.2% of the final size)
+    target = space.prunable_params * sparsity
+    tolerance = min(0.01, 0.01 * (space.total_params - target) / target)
+    priced = settings(a)["pricing"] == "measured"
+    rules = BudgetRules(layout=a.layout, ffn_multiple=a.ffn_multiple, tolerance=tolerance,
+                        selection="per_param" if per_param else "saliency")
+    return oneshot_prune(model, space, scores, target_sparsity=sparsity, rules=rules, prices=prices,
+                         probe=batch_loss(model, calib[:PRICING_BATCHES]) if priced else None)
 
 
 def calibration(blocks: torch.Tensor, a: argparse.Namespace) -> list[dict[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from benchmark import evaluate_model, load_data, parse_args
+from benchmark import evaluate_model, load_data, oneshot_plan, parse_args
 from real_model import smollm2_folder
 from transformers import AutoModelForCausalLM
 
@@ -23,9 +23,6 @@ from hf_oto import discover_groups
 from hf_oto.data import calibration_batches
 from hf_oto.groups.depth import with_granularity
 from hf_oto.io import write_text_atomic
-from hf_oto.job.oneshot_job import PRICING_BATCHES
-from hf_oto.optim.budget import BudgetRules
-from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("calibration_masks.json")
 if out.exists():  # a diagnostic never replaces a file; checked before the long work
@@ -63,13 +60,7 @@ res = {}
 for name, blocks in sets.items():
     model = AutoModelForCausalLM.from_pretrained(a.model)
     space = with_granularity(model, discover_groups(model), "width", "uniform")
-    calib = calibration_batches(blocks, len(blocks) // a.batch, a.batch)
-    scores = oneshot_scores(model, space, "wanda_sp", calib)
-    target = space.prunable_params * 0.3
-    tol = min(0.01, 0.01 * (space.total_params - target) / target)
-    rules = BudgetRules(layout="uniform", ffn_multiple=32, tolerance=tol, selection="saliency")
-    oneshot_prune(model, space, scores, target_sparsity=0.3, rules=rules,
-                  probe=batch_loss(model, calib[:PRICING_BATCHES]))
+    oneshot_plan(model, space, "wanda_sp", calibration_batches(blocks, len(blocks) // a.batch, a.batch), 0.3, a)
     r = evaluate_model(model, eval_blocks, a)
     res[name] = r
     print("RESULT", name, json.dumps(r), flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from benchmark import evaluate_model, load_data, parse_args, replay_blocks
+from benchmark import evaluate_model, load_data, oneshot_plan, parse_args, replay_blocks
 from real_model import smollm2_folder
 from transformers import AutoModelForCausalLM
 
@@ -30,9 +30,6 @@ from hf_oto.data import calibration_batches
 from hf_oto.groups.depth import with_granularity
 from hf_oto.groups.space import zero_groups
 from hf_oto.io import write_text_atomic
-from hf_oto.job.oneshot_job import PRICING_BATCHES
-from hf_oto.optim.budget import BudgetRules
-from hf_oto.optim.oneshot import batch_loss, oneshot_prune, oneshot_scores
 from hf_oto.replay import mix_replay
 
 RESULTS = Path(__file__).resolve().parent / "benchmark_results" / "smollm2"
@@ -47,13 +44,7 @@ space = with_granularity(base, discover_groups(base), "width", "uniform")  # the
 
 
 def oneshot_mask(calib: list[dict[str, torch.Tensor]]) -> set[int]:
-    model = copy.deepcopy(base)
-    scores = oneshot_scores(model, space, "wanda_sp", calib)
-    target = space.prunable_params * 0.3
-    tol = min(0.01, 0.01 * (space.total_params - target) / target)
-    rules = BudgetRules(layout="uniform", ffn_multiple=32, tolerance=tol, selection="saliency")
-    plan = oneshot_prune(model, space, scores, target_sparsity=0.3, rules=rules,
-                         probe=batch_loss(model, calib[:PRICING_BATCHES]))
+    plan = oneshot_plan(copy.deepcopy(base), space, "wanda_sp", calib, 0.3, a)  # uniform, multiple 32, measured
     return set(torch.nonzero(plan.mask()).flatten().tolist())
 
 
