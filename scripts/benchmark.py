@@ -1056,7 +1056,7 @@ def plot_widths(rows: list[dict[str, Any]], path: Path) -> None:
                     continue
                 ffn = ffn if isinstance(ffn, list) else [ffn] * layers
                 ax.plot(range(len(ffn)), ffn, marker="o", label=LABELS[method])
-                ax.set_xticks(range(len(ffn)))
+                ax.set_xticks(range(0, len(ffn), -(-len(ffn) // 15)))  # at most 15 labels: 30 layers stay legible
             _label(ax, f"{kind}, {sp:.0%} pruned", "layer", "kept FFN channels", 6)
     _save(fig, path)
 
