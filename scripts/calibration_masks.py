@@ -6,7 +6,7 @@ model samples itself from its start token (top-p 0.95); half of each; and, as a 
 out-of-domain evaluation text itself. Each mask is applied to the original model and scored on the
 benchmark's three measures. Needs the SmolLM2 inputs of ``scripts/benchmark.py --reference smollm2``.
 
-    python scripts/calibration_masks.py [OUT.json]
+    python scripts/calibration_masks.py [OUT.json]   (default ./calibration_masks.json, never replaced; a named OUT.json is)
 """
 import json
 import sys
@@ -25,8 +25,8 @@ from hf_oto.groups.depth import with_granularity
 from hf_oto.io import write_text_atomic
 
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("calibration_masks.json")
-if out.exists():  # a diagnostic never replaces a file; checked before the long work
-    sys.exit(f"calibration_masks.py: {out} exists; give another output path")
+if len(sys.argv) < 2 and out.exists():  # a named output is replaced (atomically); the default one never is
+    sys.exit(f"calibration_masks.py: {out} exists; name the output file to replace it, or give another path")
 a = parse_args(["--reference", "smollm2"])
 a.model = str(smollm2_folder())
 tok, train_blocks, eval_blocks = load_data(a)

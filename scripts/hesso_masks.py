@@ -11,7 +11,7 @@ masks overlaps and scores each masked model on the benchmark's three measures. S
 ranking chose from what training did afterwards, and the evidence from the model it is read on.
 Needs the inputs of ``scripts/benchmark.py --reference smollm2`` (and its cached replay samples).
 
-    python scripts/hesso_masks.py [OUT.json]
+    python scripts/hesso_masks.py [OUT.json]   (default ./hesso_masks.json, never replaced; a named OUT.json is)
 """
 import copy
 import json
@@ -34,8 +34,8 @@ from hf_oto.replay import mix_replay
 
 RESULTS = Path(__file__).resolve().parent / "benchmark_results" / "smollm2"
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("hesso_masks.json")
-if out.exists():  # a diagnostic never replaces a file; checked before the long work
-    sys.exit(f"hesso_masks.py: {out} exists; give another output path")
+if len(sys.argv) < 2 and out.exists():  # a named output is replaced (atomically); the default one never is
+    sys.exit(f"hesso_masks.py: {out} exists; name the output file to replace it, or give another path")
 a = parse_args(["--reference", "smollm2"])
 a.model = str(smollm2_folder())
 tok, train_blocks, eval_blocks = load_data(a)
