@@ -6,7 +6,7 @@ model samples itself from its start token (top-p 0.95); half of each; and, as a 
 out-of-domain evaluation text itself. Each mask is applied to the original model and scored on the
 benchmark's three measures. Needs the SmolLM2 inputs of ``scripts/benchmark.py --reference smollm2``.
 
-    python scripts/calibration_masks.py [OUT.json]   (default ./calibration_masks.json, never replaced; a named OUT.json is)
+    python scripts/calibration_masks.py [OUT.json]   (default ./calibration_masks.json: never replaced)
 """
 import json
 import sys

@@ -11,7 +11,7 @@ masks overlaps and scores each masked model on the benchmark's three measures. S
 ranking chose from what training did afterwards, and the evidence from the model it is read on.
 Needs the inputs of ``scripts/benchmark.py --reference smollm2`` (and its cached replay samples).
 
-    python scripts/hesso_masks.py [OUT.json]   (default ./hesso_masks.json, never replaced; a named OUT.json is)
+    python scripts/hesso_masks.py [OUT.json]   (default ./hesso_masks.json: never replaced)
 """
 import copy
 import json
