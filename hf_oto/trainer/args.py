@@ -167,7 +167,7 @@ class HFOTOTrainingArguments(TrainingArguments):
     def hesso_config(self, total_steps: int, *, lora: bool = False) -> HESSOConfig:
         """The :class:`HESSOConfig` these arguments describe, for ``total_steps`` optimizer steps, with "auto"
         decided (``lora``: the model trains LoRA adapters, which decides ``pruning_criterion="auto"``)."""
-        self._decided(lora)  # bad criterion/selection/pricing: named as the user typed them
+        self._check_choices()
         try:
             weights = SaliencyWeights(*(float(x) for x in self.saliency_weights.split(",")))
         except (TypeError, ValueError):
@@ -179,13 +179,13 @@ class HFOTOTrainingArguments(TrainingArguments):
         if self.elastic:  # each size is its own target, on the elastic schedule: HESSO's target and schedule
             kept = [float(s) for s in self.elastic_sizes if 0 < float(s) < 1]  # are not used (0 in a QFA config)
             target, start, steps, periods = (1.0 - min(kept) if kept else 0.5), 0, 1, 1
-        return HESSOConfig(
+        config = HESSOConfig(
             target_sparsity=target, target_params=self.target_params, layout=self.pruning_layout,
             start_pruning_step=start, pruning_steps=steps, pruning_periods=periods,
             ffn_multiple=self.ffn_multiple, min_keep=self.min_keep, weights=weights, saliency_ema=self.saliency_ema,
             selection=self.pruning_selection, criterion=self.pruning_criterion, pricing=self.pruning_pricing,
-        ).resolve(lora=lora, cric=self.use_cric, probe=True, activations=self.ranks_by_activations,
-                  any_layout=self.auto_rule == 2)
+        )
+        return self._resolve(config, lora)
 
     @property
     def ranks_by_activations(self) -> bool:
@@ -195,17 +195,24 @@ class HFOTOTrainingArguments(TrainingArguments):
         when resuming a checkpoint trained under rule 1 (:data:`AUTO_RULE`)."""
         return not (self.auto_rule < 2 or self.elastic or self.qfa or self.prune_experts)
 
-    def _decided(self, lora: bool) -> HESSOConfig:
-        """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run
-        (the trainer always has a loss probe); bad values are named as the user typed them."""
+    def _check_choices(self) -> None:
+        """Bad criterion/selection/pricing values, named as the user typed them."""
         for name, allowed in (("pruning_criterion", TRAINING_CRITERIA), ("pruning_selection", SELECTIONS),
                               ("pruning_pricing", PRICINGS)):
             if getattr(self, name) not in ("auto", *allowed):
                 raise ConfigError(f"{name} must be one of {('auto', *allowed)}, got {getattr(self, name)!r}")
-        return HESSOConfig(criterion=self.pruning_criterion, selection=self.pruning_selection,
-                           pricing=self.pruning_pricing, saliency_ema=self.saliency_ema, layout=self.pruning_layout,
-                           ).resolve(lora=lora, cric=self.use_cric, probe=True,
-                                     activations=self.ranks_by_activations, any_layout=self.auto_rule == 2)
+
+    def _resolve(self, config: HESSOConfig, lora: bool) -> HESSOConfig:
+        """``config`` with "auto" decided for this run (the trainer always has a loss probe)."""
+        return config.resolve(lora=lora, cric=self.use_cric, probe=True, activations=self.ranks_by_activations,
+                              any_layout=self.auto_rule == 2)
+
+    def _decided(self, lora: bool) -> HESSOConfig:
+        """The criterion, selection and pricing as :meth:`HESSOConfig.resolve` decides "auto" for this run."""
+        self._check_choices()
+        return self._resolve(HESSOConfig(criterion=self.pruning_criterion, selection=self.pruning_selection,
+                                         pricing=self.pruning_pricing, saliency_ema=self.saliency_ema,
+                                         layout=self.pruning_layout), lora)
 
     def resolved_pricing(self) -> str:
         """``pruning_pricing`` with "auto" decided (:meth:`HESSOConfig.resolve`): measured."""
