@@ -88,6 +88,33 @@ def test_final_pruned_params_hit_the_target(layout, target):
         assert sub.manifest.layout == "uniform"
 
 
+@pytest.mark.parametrize("multiple, target, short", [(1, 0.3, False), (64, 0.4, True)])
+def test_a_target_the_group_sizes_cannot_meet_is_one_warning_line(caplog, multiple, target, short):
+    """With FFN steps of 64 channels in 3 layers no count lies within 1% of 40%: HESSO and one-shot both
+    say so in one line (and stay under the target); a target the groups can meet gives no warning."""
+    from hf_oto.optim.budget import BudgetRules
+    from hf_oto.optim.oneshot import oneshot_prune
+
+    model = tiny_model("llama", num_hidden_layers=3, intermediate_size=256)
+    space = discover_groups(model)
+    opt = _hesso(model, space, layout="uniform", target_sparsity=target, ffn_multiple=multiple)
+    with caplog.at_level("WARNING", logger="hf_oto"):
+        _train(model, opt, 10)
+    lines = [r.getMessage() for r in caplog.records if "targeted" in r.getMessage()]
+    pruned = opt.metrics()["pruned_params"]
+    assert (pruned < 0.99 * opt.target_params) == short
+    assert len(lines) == int(short)
+    if short:
+        assert lines[0].startswith("hf-oto: warning: the plan removes") and f"not the {target:.2%}" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_oto"):
+        plan = oneshot_prune(tiny_model("llama", num_hidden_layers=3, intermediate_size=256), space,
+                             torch.rand(len(space)), target_sparsity=target,
+                             rules=BudgetRules(layout="uniform", ffn_multiple=multiple))
+    assert (plan.pruned_params() < 0.99 * opt.target_params) == short
+    assert len([r for r in caplog.records if "targeted" in r.getMessage()]) == int(short)
+
+
 @pytest.mark.parametrize("layout", ["global", "uniform"])
 def test_ffn_widths_stay_on_the_multiple(layout):
     model = tiny_model("llama", num_hidden_layers=3, intermediate_size=100)

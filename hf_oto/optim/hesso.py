@@ -16,7 +16,7 @@ from hf_oto.groups.space import ExpertInfo, PruningSpace
 from hf_oto.manifest import HESSORecord
 from hf_oto.optim import slices
 from hf_oto.optim.activations import linear_consumers
-from hf_oto.optim.budget import Plan, build_items, select
+from hf_oto.optim.budget import Plan, build_items, select, warn_if_short
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
 from hf_oto.optim.criteria import make_criterion
@@ -284,6 +284,9 @@ class HESSO(torch.optim.Optimizer):
         items = self._items(score, plan)
         if period == c.pruning_periods - 1:
             select(plan, items, target, c.tolerance)
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                    and torch.distributed.get_rank() > 0):  # every rank plans alike: one line is enough
+                warn_if_short(plan, target, c.tolerance)
         else:
             # This period's share comes out of what the whole budget would remove now, so an early
             # period never takes what leaves the budget unreachable later (every FFN chunk when the
