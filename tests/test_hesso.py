@@ -92,27 +92,38 @@ def test_final_pruned_params_hit_the_target(layout, target):
 def test_a_target_the_group_sizes_cannot_meet_is_one_warning_line(caplog, multiple, target, short):
     """With FFN steps of 64 channels in 3 layers no count lies within 1% of 40%: HESSO and one-shot both
     say so in one line (and stay under the target); a target the groups can meet gives no warning."""
+    import logging
+
     from hf_oto.optim.budget import BudgetRules
     from hf_oto.optim.oneshot import oneshot_prune
+
+    def warned(run) -> list[str]:
+        # the planner's own logger, heard directly: a job earlier in this process may have stopped
+        # the ``hf_oto`` logger from propagating to the root, where caplog listens
+        planner = logging.getLogger("hf_oto.optim.budget")
+        caplog.clear()
+        planner.addHandler(caplog.handler)
+        try:
+            with caplog.at_level("WARNING", logger="hf_oto.optim.budget"):
+                run()
+        finally:
+            planner.removeHandler(caplog.handler)
+        return [r.getMessage() for r in caplog.records if "targeted" in r.getMessage()]
 
     model = tiny_model("llama", num_hidden_layers=3, intermediate_size=256)
     space = discover_groups(model)
     opt = _hesso(model, space, layout="uniform", target_sparsity=target, ffn_multiple=multiple)
-    with caplog.at_level("WARNING", logger="hf_oto"):
-        _train(model, opt, 10)
-    lines = [r.getMessage() for r in caplog.records if "targeted" in r.getMessage()]
-    pruned = opt.metrics()["pruned_params"]
-    assert (pruned < 0.99 * opt.target_params) == short
-    assert len(lines) == int(short)
+    lines = warned(lambda: _train(model, opt, 10))
+    assert (opt.metrics()["pruned_params"] < 0.99 * opt.target_params) == short
+    assert len(set(lines)) == int(short)
     if short:
         assert lines[0].startswith("hf-oto: warning: the plan removes") and f"not the {target:.2%}" in lines[0]
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="hf_oto"):
-        plan = oneshot_prune(tiny_model("llama", num_hidden_layers=3, intermediate_size=256), space,
-                             torch.rand(len(space)), target_sparsity=target,
-                             rules=BudgetRules(layout="uniform", ffn_multiple=multiple))
-    assert (plan.pruned_params() < 0.99 * opt.target_params) == short
-    assert len([r for r in caplog.records if "targeted" in r.getMessage()]) == int(short)
+    plans = []
+    lines = warned(lambda: plans.append(oneshot_prune(
+        tiny_model("llama", num_hidden_layers=3, intermediate_size=256), space, torch.rand(len(space)),
+        target_sparsity=target, rules=BudgetRules(layout="uniform", ffn_multiple=multiple))))
+    assert (plans[0].pruned_params() < 0.99 * opt.target_params) == short
+    assert len(set(lines)) == int(short)
 
 
 @pytest.mark.parametrize("layout", ["global", "uniform"])
