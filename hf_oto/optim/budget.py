@@ -373,20 +373,18 @@ def _keep_one_layer(space: PruningSpace, plan: Plan, per_set: list[list[list[int
         per_set[max(offered, key=lambda k: (values[space.set_offset(k)], k))] = []
 
 
-def warn_if_short(plan: Plan, target: int, tolerance: float) -> bool:
+def warn_if_short(plan: Plan, target: int, tolerance: float) -> None:
     """Log one warning line when ``plan`` removes less than ``target * (1 - tolerance)`` parameters,
     which happens when no count the groups' sizes allow lies within the tolerance without passing it
-    (on SmolLM2 at 20%, uniform: FFN steps of 32 channels in 30 layers land at 18.75% or 20.31%).
-    Returns whether it warned."""
+    (on SmolLM2 at 20%, uniform: FFN steps of 32 channels in 30 layers land at 18.75% or 20.31%)."""
     got = plan.pruned_params()
     if got >= target * (1 - tolerance):
-        return False
+        return
     total = plan.space.prunable_params
     logging.getLogger(__name__).warning(
         f"hf-oto: warning: the plan removes {got / total:.2%} of the prunable parameters, not the {target / total:.2%}"
         f" targeted: no count the groups' sizes allow is within {tolerance:.0%} of the target without passing it;"
         " finer groups (a smaller ffn_multiple) land closer")
-    return True
 
 
 def select(plan: Plan, items: list[Item], target: int, tolerance: float, cap: int | None = None) -> int:
