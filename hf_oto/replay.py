@@ -20,11 +20,13 @@ from hf_oto.errors import ConfigError
 
 @torch.no_grad()
 def generate_replay(model: nn.Module, n: int, length: int, *, start_token_id: int, seed: int = 0,
-                    batch_size: int = 16, top_p: float = 0.95, temperature: float = 1.0,
+                    batch_size: int = 64, top_p: float = 0.95, temperature: float = 1.0,
                     progress: bool = True) -> torch.Tensor:
     """``n`` sequences of exactly ``length`` tokens sampled from ``model`` (nucleus sampling, from
-    ``start_token_id`` alone), as an ``(n, length)`` int64 tensor on the CPU; the same ``seed`` gives
-    the same sequences on the same machine and versions."""
+    ``start_token_id`` alone, ``batch_size`` sequences at a time), as an ``(n, length)`` int64 tensor on
+    the CPU; the same ``seed`` and ``batch_size`` give the same sequences on the same machine and versions.
+    Each sampling step costs nearly the same for 16 rows as for 64 on a CPU, so larger batches pay
+    (SmolLM2-135M, 2 cores: 2.7 s per 256-token sequence at 16, 1.5 s at 64)."""
     if n < 1 or length < 2:
         raise ConfigError(f"replay needs at least one sequence of two tokens or more, got n={n}, length={length}")
     was_training = model.training
