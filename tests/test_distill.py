@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_trainer import Tokens, _args
-from tiny import logits, tiny_model
+from tiny import ARCHS, ENCODERS, logits, tiny_model
 
 from hf_oto.errors import ConfigError
 from hf_oto.trainer import HFOTOTrainer
-from hf_oto.trainer.distill import kl_sum, token_mask
+from hf_oto.trainer.distill import kl_sum, make_teacher, token_mask
 
 
 def test_teacher_gets_no_gradient_and_does_not_change(tmp_path):
@@ -89,7 +89,39 @@ def test_lora_teacher_is_the_plain_base_model(tmp_path):
     ({"distill_weight": 1.5}, "distill_weight must be in [0, 1]"),
     ({"distill_temperature": 0.0}, "distill_temperature must be positive"),
     ({"distill_teacher_device": "gpu"}, "distill_teacher_device must be one of"),
+    ({"distill_teacher_dtype": "int8"}, "distill_teacher_dtype must be one of"),
 ])
 def test_bad_distill_settings_stop_before_training(tmp_path, setting, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, distill=True, **setting), train_dataset=Tokens())
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - ENCODERS))
+def test_a_bfloat16_teacher_holds_half_precision_weights_and_agrees_with_the_model(arch):
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 64, (2, 9))
+    expected = logits(model, ids)
+    teacher = make_teacher(model, "cpu", "bfloat16")
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    buffers = dict(model.named_buffers())
+    for name, b in teacher.named_buffers():  # rotary frequencies and the like stay as they were
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is not touched
+    got = logits(teacher, ids)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # bfloat16 rounding (which can flip an MoE router's choice for a token), not a different model
+    assert (got - expected).norm() <= 0.05 * expected.norm()  # up to 0.027 measured (olmoe)
+
+
+def test_a_bfloat16_teacher_trains_the_student_with_half_the_teacher_memory(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    full = HFOTOTrainer(model=model, args=_args(tmp_path / "a", distill=True), train_dataset=Tokens())
+    half = HFOTOTrainer(model=model, args=_args(tmp_path / "b", distill=True, distill_teacher_dtype="bfloat16"),
+                        train_dataset=Tokens())
+    assert half.teacher_bytes * 2 == pytest.approx(full.teacher_bytes, rel=0.02)
+    half.train()
+    logged = [h for h in half.state.log_history if "distill/kl" in h]
+    assert logged and 0 < logged[-1]["distill/kl"] < float("inf")
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}  # only the teacher is in bfloat16
+    assert half.args.pruning_settings()["distill_teacher_dtype"] == "bfloat16"  # recorded with the run

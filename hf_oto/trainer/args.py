@@ -114,6 +114,9 @@ class HFOTOTrainingArguments(TrainingArguments):
         DistillConfig, "hidden_weight", "weight of a per-layer hidden-state term (relative squared error)")
     distill_teacher_device: str = _same_as(
         DistillConfig, "teacher_device", "'same' (the student's device) or 'cpu' (saves accelerator memory)")
+    distill_teacher_dtype: str = _same_as(
+        DistillConfig, "teacher_dtype", "the teacher's weights: 'same' as the student's, or 'bfloat16' / 'float16' "
+                                        "(half the memory; faster on GPUs and on CPUs with AVX512-BF16)")
     elastic_sizes: list[float] | None = field(
         default=None,
         metadata={"help": "elastic (once-for-all) sizes, kept fractions of the prunable parameters (e.g. 0.3 0.5 "
@@ -238,7 +241,8 @@ class HFOTOTrainingArguments(TrainingArguments):
         if not self.distill:
             return None
         return DistillConfig(weight=self.distill_weight, temperature=self.distill_temperature,
-                             hidden_weight=self.distill_hidden_weight, teacher_device=self.distill_teacher_device)
+                             hidden_weight=self.distill_hidden_weight, teacher_device=self.distill_teacher_device,
+                             teacher_dtype=self.distill_teacher_dtype)
 
     @property
     def elastic(self) -> bool:

