@@ -9,7 +9,7 @@ from tiny import ARCHS, ENCODERS, logits, tiny_model
 
 from hf_oto.errors import ConfigError
 from hf_oto.trainer import HFOTOTrainer
-from hf_oto.trainer.distill import kl_sum, make_teacher, token_mask
+from hf_oto.trainer.distill import kl_sum, make_teacher, teacher_dtype, token_mask
 
 
 def test_teacher_gets_no_gradient_and_does_not_change(tmp_path):
@@ -125,3 +125,17 @@ def test_a_bfloat16_teacher_trains_the_student_with_half_the_teacher_memory(tmp_
     assert logged and 0 < logged[-1]["distill/kl"] < float("inf")
     assert {p.dtype for p in half.model.parameters()} == {torch.float32}  # only the teacher is in bfloat16
     assert half.args.pruning_settings()["distill_teacher_dtype"] == "bfloat16"  # recorded with the run
+
+
+def test_auto_teacher_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_fast(tmp_path, monkeypatch):
+    import hf_oto.env as env
+
+    for ratio, expected in ((0.5, "bfloat16"), (0.9, "same"), (9.0, "same")):
+        monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda ratio=ratio: ratio)
+        assert teacher_dtype("auto", "cpu") == expected
+        assert teacher_dtype("float16", "cpu") == "float16" and teacher_dtype("same", "cpu") == "same"
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 0.5)
+    trainer = HFOTOTrainer(model=tiny_model("llama"), args=_args(tmp_path, distill=True, distill_teacher_dtype="auto"),
+                           train_dataset=Tokens())
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}

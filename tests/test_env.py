@@ -67,3 +67,13 @@ def test_bf16_on_a_cpu_with_slow_bf16_kernels_is_warned_about(tmp_path, monkeypa
     fp32 = HFOTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 9.0)
     assert precision_warnings(fp32) == []
+    teacher = HFOTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], distill=True,
+                                     distill_teacher_dtype="bfloat16")
+    (line,) = precision_warnings(teacher)
+    assert "distill_teacher_dtype: bfloat16" in line and "9x slower than fp32" in line and "'auto'" in line
+    for fine in (dict(distill_teacher_dtype="auto"), dict(distill_teacher_dtype="same"), dict(distill=False)):
+        args = HFOTOTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                      **{"distill": True, "distill_teacher_dtype": "bfloat16", **fine})
+        assert precision_warnings(args) == []
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 0.8)
+    assert precision_warnings(teacher) == []

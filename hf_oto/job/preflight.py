@@ -115,17 +115,27 @@ def check_trackers(targs: HFOTOTrainingArguments) -> None:
 
 
 def precision_warnings(targs: HFOTOTrainingArguments) -> list[str]:
-    """bf16 autocast on a CPU whose torch build multiplies bf16 matrices slower than fp32 ones."""
+    """bf16 autocast, or a bfloat16 teacher, on a CPU whose torch build multiplies bf16 matrices slower than
+    fp32 ones."""
     on_cpu = targs.use_cpu or not torch.cuda.is_available()
-    if not (targs.bf16 and on_cpu):
+    teacher_on_cpu = on_cpu or targs.distill_teacher_device == "cpu"
+    autocast = targs.bf16 and on_cpu
+    teacher = targs.distill and targs.distill_teacher_dtype == "bfloat16" and teacher_on_cpu
+    if not (autocast or teacher):
         return []
     from hf_oto.env import cpu_bf16_slowdown
 
     slowdown = cpu_bf16_slowdown()
     if slowdown <= 1.5:
         return []
-    return [f"bf16 on this CPU multiplies matrices {slowdown:.0f}x slower than fp32 (this torch build has no fast "
-            "bf16 kernel for it); training in fp32 (bf16: false) will be faster"]
+    kernel = f"{slowdown:.0f}x slower than fp32 (this torch build has no fast bf16 kernel for it)"
+    out = []
+    if autocast:
+        out.append(f"bf16 on this CPU multiplies matrices {kernel}; training in fp32 (bf16: false) will be faster")
+    if teacher:
+        out.append(f"distill_teacher_dtype: bfloat16 on this CPU multiplies the teacher's matrices {kernel}; "
+                   "'auto' or 'same' will be faster")
+    return out
 
 
 def local_or_hub(name: str, what: str) -> Path | None:

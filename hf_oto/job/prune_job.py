@@ -20,6 +20,7 @@ from hf_oto.export.verify import verify_export
 from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
 from hf_oto.job.build import Provenance, load_model, load_tokenizer, provenance, with_lora, with_replay
 from hf_oto.job.log import job_logger, log
+from hf_oto.job.memory import ENV, keep_freed_memory
 from hf_oto.job.preflight import preflight
 from hf_oto.job.recipe import RECIPE_FILE, recipe_text
 from hf_oto.job.summary import ElasticSummary, PruneSummary, QFASummary, print_summary, print_table
@@ -40,6 +41,9 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
     logger = job_logger(targs)
     for line in checked.warnings:
         logger.warning(f"hf-oto: warning: {line}")
+    if targs.device.type == "cpu" and keep_freed_memory():
+        logger.info(f"hf-oto: training on the CPU: freed memory is kept for reuse, which saves page faults ({ENV}=0 "
+                    "turns this off)")
     torch.manual_seed(targs.seed)
 
     tokenizer = None if dargs.train_tokenizer_vocab else load_tokenizer(margs)

@@ -115,8 +115,9 @@ class HFOTOTrainingArguments(TrainingArguments):
     distill_teacher_device: str = _same_as(
         DistillConfig, "teacher_device", "'same' (the student's device) or 'cpu' (saves accelerator memory)")
     distill_teacher_dtype: str = _same_as(
-        DistillConfig, "teacher_dtype", "the teacher's weights: 'same' as the student's, or 'bfloat16' / 'float16' "
-                                        "(half the memory; faster on GPUs and on CPUs with AVX512-BF16)")
+        DistillConfig, "teacher_dtype", "the teacher's weights: 'same' as the student's, 'bfloat16' / 'float16' "
+                                        "(half the memory, faster where the device has fast half-precision "
+                                        "products), or 'auto' (bfloat16 where the device multiplies it fast)")
     elastic_sizes: list[float] | None = field(
         default=None,
         metadata={"help": "elastic (once-for-all) sizes, kept fractions of the prunable parameters (e.g. 0.3 0.5 "

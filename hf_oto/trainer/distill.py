@@ -13,6 +13,7 @@ over the tokens that carry a label, normalised the way Trainer normalises the la
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -24,9 +25,11 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups import unwrap_peft
 
 TEACHER_DEVICES = ("same", "cpu")
-# The teacher's weights: the student's own dtype, or half precision (half the memory; on a CPU with
-# AVX512-BF16 a bfloat16 teacher ran SmolLM2-135M's forward of 4 x 256 tokens in 0.97 s against 2.03 s)
-TEACHER_DTYPES = ("same", "bfloat16", "float16")
+# The teacher's weights: the student's own dtype, or half precision (half the memory; on a CPU with a
+# fast bf16 product a bfloat16 teacher ran SmolLM2-135M's forward of 4 x 256 tokens in 0.97 s against
+# 2.03 s), or "auto": bfloat16 where the teacher's device multiplies bf16 matrices fast, else the same
+TEACHER_DTYPES = ("same", "auto", "bfloat16", "float16")
+AUTO_BF16_BELOW = 0.75  # "auto" on a CPU: bf16 when its matrix product takes under this share of fp32's time
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,22 @@ class DistillConfig:
             raise ConfigError(f"distill_teacher_device must be one of {TEACHER_DEVICES}, got {self.teacher_device!r}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ConfigError(f"distill_teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+
+
+def teacher_dtype(choice: str, device: torch.device | str) -> str:
+    """The dtype ``choice`` gives on ``device``: "auto" is "bfloat16" on a GPU that supports it and on a
+    CPU whose bf16 matrix product is clearly faster than fp32 (:func:`hf_oto.env.cpu_bf16_slowdown` below
+    :data:`AUTO_BF16_BELOW`; some torch builds are 7-50x slower in bf16 on some CPUs), else "same"."""
+    if choice != "auto":
+        return choice
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "same"
+    if device.type == "cpu":
+        from hf_oto.env import cpu_bf16_slowdown
+
+        return "bfloat16" if cpu_bf16_slowdown() < AUTO_BF16_BELOW else "same"
+    return "same"
 
 
 def make_teacher(model: nn.Module, device: torch.device | str, dtype: str = "same") -> nn.Module:
@@ -150,7 +169,12 @@ class DistillMixin:
         self._distill_stats = _fresh_stats()
         if config is not None:
             device = self.args.device if config.teacher_device == "same" else torch.device("cpu")
-            self.teacher = make_teacher(model, device, config.teacher_dtype)
+            dtype = teacher_dtype(config.teacher_dtype, device)
+            self.teacher = make_teacher(model, device, dtype)
+            if config.teacher_dtype == "auto":
+                held = next(self.teacher.parameters()).dtype
+                logging.getLogger(__name__).info(f"hf-oto: distill_teacher_dtype auto: the teacher's weights in "
+                                                 f"{str(held).removeprefix('torch.')} on {device}")
 
     @property
     def teacher_bytes(self) -> int:
