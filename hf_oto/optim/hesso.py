@@ -16,7 +16,7 @@ from hf_oto.groups.space import ExpertInfo, PruningSpace
 from hf_oto.manifest import HESSORecord
 from hf_oto.optim import slices
 from hf_oto.optim.activations import linear_consumers
-from hf_oto.optim.budget import Plan, build_items, select, warn_if_short
+from hf_oto.optim.budget import Plan, build_items, select
 from hf_oto.optim.config import HESSOConfig
 from hf_oto.optim.cric import CRIC, CRICConfig, unit
 from hf_oto.optim.criteria import make_criterion
@@ -283,10 +283,10 @@ class HESSO(torch.optim.Optimizer):
         plan = Plan.from_mask(self.space, self.pruned | self.redundant)
         items = self._items(score, plan)
         if period == c.pruning_periods - 1:
-            select(plan, items, target, c.tolerance)
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_rank() > 0):  # every rank plans alike: one line is enough
-                warn_if_short(plan, target, c.tolerance)
+            # every rank plans alike: one warning line (rank 0's) is enough
+            rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                         and torch.distributed.get_rank() > 0)
+            select(plan, items, target, c.tolerance, warn=rank0)
         else:
             # This period's share comes out of what the whole budget would remove now, so an early
             # period never takes what leaves the budget unreachable later (every FFN chunk when the

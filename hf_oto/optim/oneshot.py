@@ -36,7 +36,7 @@ from hf_oto.errors import ConfigError
 from hf_oto.groups.experts import route_around_removed_experts, routes
 from hf_oto.groups.space import ExpertInfo, PruningSpace, zero_groups
 from hf_oto.optim.activations import InputNorms, activation_scores, linear_consumers
-from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select, warn_if_short
+from hf_oto.optim.budget import BudgetRules, Plan, build_items, resolve_target, select
 from hf_oto.optim.importance import Evidence, Importance, Magnitude, per_kind_relative
 from hf_oto.optim.influence import LayerTurn
 from hf_oto.optim.pricing import KindPrice, price_kinds, zeroing_probe
@@ -258,7 +258,6 @@ def oneshot_prune(model: nn.Module, space: PruningSpace, scores: torch.Tensor, *
         if prices is not None:
             prices.extend(trials)
     plan = Plan(space)
-    select(plan, build_items(space, scores, plan, rules), target_params, rules.tolerance)
-    warn_if_short(plan, target_params, rules.tolerance)
+    select(plan, build_items(space, scores, plan, rules), target_params, rules.tolerance, warn=True)
     zero_groups(model, space, [space[i].name for i in torch.nonzero(plan.mask()).flatten().tolist()])
     return plan
