@@ -13,7 +13,6 @@ only for a run on the CPU; ``HF_OTO_KEEP_FREED_MEMORY=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -28,11 +27,9 @@ def keep_freed_memory() -> bool:
     docstring). Returns whether it did: False off Linux, without glibc, or with ``HF_OTO_KEEP_FREED_MEMORY=0``."""
     if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt, version = libc.mallopt, libc.gnu_get_libc_version  # glibc only (musl has no version call)
-    except (OSError, AttributeError):
-        return False
-    del version
+    libc = ctypes.CDLL(None)  # the symbols this process already has loaded, the C library's among them
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False  # not glibc (musl has mallopt as a stub, and no version call)
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP))
