@@ -8,6 +8,9 @@ from importlib import metadata
 from pathlib import Path
 
 LOCK_FILE = Path(__file__).with_name("constraints.txt")
+# "auto" precision on a CPU: bf16 only where its matrix product takes under this share of the fp32 time (the
+# locked torch build: 0.4-0.5x on AMD EPYC machines with AVX512-BF16, 7-50x on Intel Xeon ones)
+AUTO_BF16_BELOW = 0.75
 
 # What a bug report needs, in this order; everything else in the lock is listed only when it differs.
 KEY_PACKAGES = ("hf-oto", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "safetensors",
@@ -84,6 +87,20 @@ def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
         return min(times)
 
     return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def fast_bf16(device) -> bool:
+    """Whether bf16 pays on ``device``: a CUDA device that supports it, or a CPU whose bf16 matrix product
+    takes under :data:`AUTO_BF16_BELOW` of the fp32 time (:func:`cpu_bf16_slowdown`). What ``auto`` picks
+    for ``bf16`` (autocast) and ``distill_teacher_dtype``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_bf16_slowdown() < AUTO_BF16_BELOW
+    return False
 
 
 def report() -> str:

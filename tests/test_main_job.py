@@ -13,12 +13,17 @@ from hf_oto.errors import ConfigError
 from hf_oto.job.prune_job import parse, run
 
 
-def test_quickstart_config_end_to_end(tmp_path, capsys):
+def test_quickstart_config_end_to_end(tmp_path, capsys, monkeypatch):
+    import hf_oto.env as env
+
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 9.0)  # bf16: auto then trains in fp32, and says so
     out = tmp_path / "pruned"
     summary = run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "run"),
-                                                      "--pruned_output_dir", str(out)])
+                                                      "--pruned_output_dir", str(out), "--bf16", "auto"])
     printed = capsys.readouterr().out
     assert "export reloaded without hf_oto" in printed and str(out) in printed
+    assert "bf16 auto: fp32 (no fast bf16 here) on cpu" in printed
+    assert "bf16: auto" in (out / "hf_oto_recipe.yaml").read_text()  # a rerun decides again, on its machine
     if sys.platform.startswith("linux"):  # a CPU run keeps freed memory for reuse (hf_oto.job.memory)
         assert "freed memory is kept for reuse" in printed
     assert summary.params_after < summary.params_before
@@ -49,6 +54,24 @@ def test_command_line_accepts_the_forms_hfargumentparser_users_type():
         parse("configs/quickstart.yaml", ["--max_steps", "5", "6"])
     with pytest.raises(ConfigError, match="--learning_rate needs a value"):
         parse("configs/quickstart.yaml", ["--learning_rate", "--bf16"])
+
+
+def test_bf16_auto_turns_autocast_on_only_where_bf16_is_fast(tmp_path, monkeypatch):
+    import hf_oto.env as env
+    from hf_oto.job.args import resolve_auto_bf16
+
+    for ratio, fast in ((0.5, True), (0.9, False), (9.0, False)):  # bf16 time / fp32 time on this CPU
+        monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda ratio=ratio: ratio)
+        for form in (["--bf16", "auto"], ["--bf16=auto"]):
+            assert parse("configs/quickstart.yaml", ["--use_cpu", *form])[2].bf16 is fast
+        config = tmp_path / "auto.yaml"
+        config.write_text((ROOT / "configs" / "quickstart.yaml").read_text() + "\nbf16: auto\nuse_cpu: true\n")
+        assert parse(str(config), [])[2].bf16 is fast
+        assert parse(str(config), ["--no_bf16"])[2].bf16 is False and parse(str(config), ["--bf16"])[2].bf16 is True
+    monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 0.5)
+    assert resolve_auto_bf16({"use_cpu": True}) is True and resolve_auto_bf16({"use_cpu": True, "fp16": True}) is False
+    with pytest.raises(ConfigError, match="bf16: expected true or false or 'auto', got 'fast'"):
+        parse("configs/quickstart.yaml", ["--bf16", "fast"])
 
 
 @pytest.mark.parametrize("override, match", [

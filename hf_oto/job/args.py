@@ -50,7 +50,10 @@ class ModelArguments:
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, HFOTOTrainingArguments)
 # Fields whose accepted values go beyond their declared type.
-EXTRA_TYPES: dict[str, Any] = {"resume_from_checkpoint": str | bool | None}
+EXTRA_TYPES: dict[str, Any] = {"resume_from_checkpoint": str | bool | None,
+                               "bf16": bool | typing.Literal["auto"]}  # auto: see resolve_auto_bf16
+EXTRA_HELP: dict[str, str] = {"bf16": "hf-oto: 'auto' turns it on where this machine multiplies bf16 fast (a GPU with "
+                                      "bf16, a CPU whose bf16 matrix product `hf-oto env` times under 0.75x fp32)"}
 
 
 def read_yaml(config_path: str) -> JSONObject:
@@ -133,7 +136,8 @@ def _members(tp: Any) -> tuple[Any, ...]:
 
 
 def _is_bool(tp: Any) -> bool:
-    return tp is not None and _members(tp) == (bool,)
+    """A setting a bare ``--flag`` turns on (its type allows true or false, maybe other values too)."""
+    return tp is not None and bool in _members(tp)
 
 
 def _is_list(tp: Any) -> bool:
@@ -268,6 +272,8 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -303,6 +309,9 @@ def build_arguments(values: JSONObject, config_path: str
     for key, value in values.items():
         cls, tp = types_[key]
         per_class[cls][key] = coerce(key, value, tp)
+    training = per_class[HFOTOTrainingArguments]
+    if training.get("bf16") == "auto":
+        training["bf16"] = resolve_auto_bf16(training)
     built = []
     for cls in ARGUMENT_CLASSES:
         try:
@@ -311,6 +320,20 @@ def build_arguments(values: JSONObject, config_path: str
             raise ConfigError(first_line(exc)) from None
     margs, dargs, targs = built
     return margs, dargs, targs
+
+
+def resolve_auto_bf16(training: JSONObject) -> bool:
+    """``bf16: auto``: bf16 autocast where the training device multiplies bf16 fast (a GPU that supports it,
+    a CPU whose bf16 matrix product takes under :data:`hf_oto.env.AUTO_BF16_BELOW` of the fp32 time), never
+    with ``fp16``; else fp32."""
+    import torch
+
+    from hf_oto import env
+
+    if training.get("fp16"):
+        return False
+    on_cpu = training.get("use_cpu") or not torch.cuda.is_available()
+    return env.fast_bf16("cpu" if on_cpu else "cuda")
 
 
 def help_text() -> str:
@@ -324,7 +347,7 @@ def help_text() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else (
                 "(computed)" if f.default_factory is dataclasses.MISSING else f.default_factory())
-            help_ = f.metadata.get("help", "")
+            help_ = " ".join(filter(None, (f.metadata.get("help", ""), EXTRA_HELP.get(f.name))))
             lines.append(f"  --{f.name} ({_describe(EXTRA_TYPES.get(f.name, hints.get(f.name)))}, "
                          f"default {default!r})" + (f"\n      {' '.join(help_.split())}" if help_ else ""))
     return "\n".join(lines)

@@ -41,6 +41,9 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
     logger = job_logger(targs)
     for line in checked.warnings:
         logger.warning(f"hf-oto: warning: {line}")
+    if settings.get("bf16") == "auto":
+        logger.info(f"hf-oto: bf16 auto: {'bf16 autocast' if targs.bf16 else 'fp32 (no fast bf16 here)'} on "
+                    f"{targs.device.type}")
     if targs.device.type == "cpu" and keep_freed_memory():
         logger.info(f"hf-oto: training on the CPU: freed memory is kept for reuse, which saves page faults ({ENV}=0 "
                     "turns this off)")

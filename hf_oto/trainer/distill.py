@@ -29,7 +29,6 @@ TEACHER_DEVICES = ("same", "cpu")
 # fast bf16 product a bfloat16 teacher ran SmolLM2-135M's forward of 4 x 256 tokens in 0.97 s against
 # 2.03 s), or "auto": bfloat16 where the teacher's device multiplies bf16 matrices fast, else the same
 TEACHER_DTYPES = ("same", "auto", "bfloat16", "float16")
-AUTO_BF16_BELOW = 0.75  # "auto" on a CPU: bf16 when its matrix product takes under this share of fp32's time
 
 
 @dataclass(frozen=True)
@@ -56,19 +55,14 @@ class DistillConfig:
 
 
 def teacher_dtype(choice: str, device: torch.device | str) -> str:
-    """The dtype ``choice`` gives on ``device``: "auto" is "bfloat16" on a GPU that supports it and on a
-    CPU whose bf16 matrix product is clearly faster than fp32 (:func:`hf_oto.env.cpu_bf16_slowdown` below
-    :data:`AUTO_BF16_BELOW`; some torch builds are 7-50x slower in bf16 on some CPUs), else "same"."""
+    """The dtype ``choice`` gives on ``device``: "auto" is "bfloat16" where :func:`hf_oto.env.fast_bf16`
+    holds (a GPU that supports it, a CPU whose bf16 matrix product is clearly faster than fp32; some torch
+    builds are 7-50x slower in bf16 on some CPUs), else "same"."""
     if choice != "auto":
         return choice
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "same"
-    if device.type == "cpu":
-        from hf_oto.env import cpu_bf16_slowdown
+    from hf_oto import env
 
-        return "bfloat16" if cpu_bf16_slowdown() < AUTO_BF16_BELOW else "same"
-    return "same"
+    return "bfloat16" if env.fast_bf16(device) else "same"
 
 
 def make_teacher(model: nn.Module, device: torch.device | str, dtype: str = "same") -> nn.Module:
