@@ -7,9 +7,11 @@ a schedule laid out for 100 steps, so the steps measured cover HESSO's warm-up a
 times, per step: the data (fetching the batch), the student's forward and backward (the training step
 minus the teacher), the teacher's forward, the optimizer step (AdamW, or HESSO with its accounting) and
 the rest (gradient clipping, callbacks, logging). The first two steps are left out (warm-up of the
-allocator and caches). Also bf16 autocast, where this CPU multiplies bf16 matrices at least about as
-fast as fp32 ones (``hf_oto.env.cpu_bf16_slowdown``); its quality side is the benchmark's
-``dense_bf16`` row.
+allocator and caches). Also a bf16 teacher and bf16 autocast, where this CPU multiplies bf16 matrices at
+least about as fast as fp32 ones (``hf_oto.env.cpu_bf16_slowdown``); their quality side is the README's
+SmolLM2 job (fp32 against ``bf16: auto``) and the benchmark's ``dense_bf16`` row. Freed memory is kept for
+reuse as ``hf-oto prune`` keeps it on CPU runs (``hf_oto.job.memory``; ``HF_OTO_KEEP_FREED_MEMORY=0``
+turns it off here too).
 """
 
 from __future__ import annotations
@@ -126,17 +128,22 @@ def main(argv: list[str] | None = None) -> None:
     blocks = tokenize_blocks(Dataset.from_dict({"text": texts, "first": [True] * n, "last": [True] * n}),
                              tokenizer, 256)
     hesso = dict(target_sparsity=0.3, pruning_layout="uniform", ffn_multiple=32)
-    configs = [("AdamW, plain Trainer (fp32)", False, None), ("HESSO (fp32)", False, hesso),
-               ("HESSO + distillation (fp32)", False, dict(hesso, distill=True)),
-               ("HESSO + distillation (bf16 autocast)", True, dict(hesso, distill=True)),
-               ("AdamW, plain Trainer (bf16 autocast)", True, None)]
+    half_teacher = dict(hesso, distill=True, distill_teacher_dtype="bfloat16")
+    # (name, bf16 autocast, pruning settings, uses bf16 at all)
+    configs = [("AdamW, plain Trainer (fp32)", False, None, False), ("HESSO (fp32)", False, hesso, False),
+               ("HESSO + distillation (fp32)", False, dict(hesso, distill=True), False),
+               ("HESSO + distillation, bf16 teacher", False, half_teacher, True),
+               ("HESSO + distillation, bf16 autocast and teacher (`bf16: auto` here)", True, half_teacher, True),
+               ("AdamW, plain Trainer (bf16 autocast)", True, None, True)]
     from hf_oto.env import cpu_bf16_slowdown
+    from hf_oto.job.memory import keep_freed_memory
 
     slowdown = cpu_bf16_slowdown()
     if slowdown > 1.5 and not a.bf16_anyway:  # a training step would take many times longer: say so instead
-        configs = [c for c in configs if not c[1]]
+        configs = [c for c in configs if not c[3]]
+    kept_memory = keep_freed_memory()
     started = time.time()
-    rows = [profile(name, folder, blocks, a.steps, bf16, pruning) for name, bf16, pruning in configs]
+    rows = [profile(name, folder, blocks, a.steps, bf16, pruning) for name, bf16, pruning, _ in configs]
     lines = ["# Where a training step's time goes (SmolLM2-135M-Instruct, 4 x 256 tokens)", "",
              f"- command: `python scripts/profile_step.py --steps {a.steps}` ({time.strftime('%Y-%m-%d')}, "
              f"{(time.time() - started) / 60:.1f} min)",
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
              "steps (warm-up 5 steps, pruning phase steps 5-25)",
              "- student = the training step without the teacher's forward; optimizer = `optimizer.step()` "
              "(HESSO's includes its group accounting); other = clipping, scheduler, callbacks",
+             "- freed memory " + ("kept for reuse, as `hf-oto prune` does on CPU runs" if kept_memory else
+                                  "returned to the system (glibc's default)"),
              f"- bf16: a bf16 matrix product takes {slowdown:.1f}x the fp32 time on this machine "
              f"(`hf_oto.env.cpu_bf16_slowdown`, also in `hf-oto env`)"
              + ("; the bf16 configurations are left out (`--bf16_anyway` runs them)" if slowdown > 1.5
