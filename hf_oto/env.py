@@ -9,7 +9,7 @@ from pathlib import Path
 
 LOCK_FILE = Path(__file__).with_name("constraints.txt")
 # "auto" precision on a CPU: bf16 only where its matrix product takes under this share of the fp32 time (the
-# locked torch build: 0.4-0.5x on AMD EPYC machines with AVX512-BF16, 7-50x on Intel Xeon ones)
+# locked torch build: 0.4-0.6x on AMD EPYC machines with AVX512-BF16, 7-50x on Intel Xeon ones)
 AUTO_BF16_BELOW = 0.75
 
 # What a bug report needs, in this order; everything else in the lock is listed only when it differs.
