@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 from importlib import metadata
@@ -65,8 +66,12 @@ def accelerator() -> str:
     return "cpu (no CUDA device)"
 
 
+@functools.cache
 def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
     """How many times longer a bf16 matrix product takes than an fp32 one on this CPU (best of ``repeats``).
+
+    Measured once per process (per arguments), so every "auto" in a run (``bf16``, the distillation
+    teacher's dtype) and the pre-flight warning decide on the same figure.
 
     Above 1, bf16 autocast slows CPU training down: some torch builds have no fast bf16 GEMM for the CPU
     they run on and fall back to a reference loop (measured 10-50x slower than fp32 on SmolLM2's shapes).

@@ -25,22 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"{missing[0]} is not a Hugging Face model folder (no config.json)")
     import torch
-    from benchmark import load_data, parse_args
-    from real_model import cloze_accuracy, smollm2_folder
+    from benchmark import count, evaluate_model, load_data, parse_args
+    from real_model import smollm2_folder
     from transformers import AutoModelForCausalLM
-
-    from hf_oto.metrics import perplexity
 
     settings = parse_args(["--reference", "smollm2"])
     settings.model = str(smollm2_folder())
-    tokenizer, _, eval_blocks = load_data(settings)
+    _, _, eval_blocks = load_data(settings)
     print("| model | params | in-domain ppl | out-of-domain ppl | cloze |\n|---|---|---|---|---|")
     for folder in a.folders:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        params = sum(t.numel() for t in model.parameters())
-        print(f"| {folder} | {params:,} | {perplexity(model, eval_blocks):.3f} | "
-              f"{perplexity(model, settings.extra['ood_blocks']):.2f} | "
-              f"{100 * cloze_accuracy(model, tokenizer, settings.extra['cloze']):.0f}% |", flush=True)
+        scores = evaluate_model(model, eval_blocks, settings)
+        print(f"| {folder} | {count(model):,} | {scores['eval_ppl']:.3f} | {scores['ood_ppl']:.2f} | "
+              f"{100 * scores['cloze']:.0f}% |", flush=True)
     return 0
 
 
