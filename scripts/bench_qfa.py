@@ -43,7 +43,8 @@ def _ppl(model, bits, blocks) -> float:
     return math.exp(eval_loss(model, bits, blocks))
 
 
-def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workdir: Path, bits, **pruning):
+def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workdir: Path, bits, adapters=None,
+               **pruning):
     from transformers import AutoModelForCausalLM
 
     from hf_oto.data import Blocks
@@ -57,7 +58,8 @@ def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workd
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), save_strategy="no", report_to=[],
         seed=a.seed, data_seed=a.seed, logging_steps=10**6, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, qfa=True, qfa_bits=list(bits), qfa_group_size=a.qfa_group_size,
-        qfa_quantizer="gptq", qfa_calibration_batches=a.calib_batches, qfa_schedule=a.qfa_schedule, **pruning)
+        qfa_quantizer="gptq", qfa_calibration_batches=a.calib_batches, qfa_schedule=a.qfa_schedule,
+        **(adapters or {}), **pruning)
     trainer = HFOTOTrainer(model=model, args=args, train_dataset=Blocks(train_blocks))
     t0 = time.perf_counter()
     trainer.train()
@@ -124,6 +126,16 @@ def _layers(model):
     return decoder_layers(model)[1]
 
 
+def _adapter_names(a: argparse.Namespace) -> tuple[dict[str, int], str, str]:
+    """The adapters' settings, and what the per-width rows' and the QFA row's names add for them (nothing
+    for the settings these tables were first measured with: rank 8, no shared adapter)."""
+    rank, shared = getattr(a, "qfa_rank", 8), getattr(a, "qfa_shared_rank", None)
+    shared = rank if shared is None else shared
+    per_width = f", rank {rank}" if rank != 8 else ""
+    qfa = f", rank {rank} per width + {shared} shared" if shared else per_width
+    return {"qfa_rank": rank, "qfa_shared_rank": shared}, per_width, qfa
+
+
 def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, workdir: Path,
                     previous: dict[str, Any] | None = None, checkpoint=None) -> dict[str, Any]:
     """The QFA rows (see the module docstring). With ``previous`` (an earlier run's results with the same
@@ -179,23 +191,25 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
             add(name, _configs(model, search_blocks, report_blocks, a))
             del model
     share = max(1, steps // len(widths))
-    name = f"QA-LoRA, one run per width ({share} steps each)"
+    adapters, per_width_name, qfa_name = _adapter_names(a)
+    name = f"QA-LoRA, one run per width ({share} steps each){per_width_name}"
     trained = {r["config"] for r in res["rows"] if r["method"] == name}
     for b in widths:
         if f"uniform {b}-bit" in trained:
             continue
-        model, _, secs = _train_qfa(ref, train_blocks, share, a, workdir / f"qalora{b}", (b,))
+        model, _, secs = _train_qfa(ref, train_blocks, share, a, workdir / f"qalora{b}", (b,),
+                                    dict(adapters, qfa_shared_rank=0))
         add(name, _configs(model, search_blocks, report_blocks, a), secs)
         del model
-    name = f"QFA, one run ({steps} steps)"
+    name = f"QFA, one run ({steps} steps){qfa_name}"
     if name not in done:
-        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", widths)
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", widths, adapters)
         res["qfa_memory"] = vars(trainer.qfa_memory)
         add(name, _configs(model, search_blocks, report_blocks, a), secs)
         del model, trainer
-    name = f"QFA + HESSO 50% ({steps} steps)"
+    name = f"QFA + HESSO 50% ({steps} steps){qfa_name}"
     if a.qfa_hesso and name not in done:
-        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", widths,
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", widths, adapters,
                                           target_sparsity=0.5, pruning_layout="uniform", start_pruning_step=0.05,
                                           pruning_steps=0.5, pruning_periods=5, ffn_multiple=a.qfa_group_size)
         rows = _configs(model, search_blocks, report_blocks, a)

@@ -182,6 +182,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_refine", type=int, default=12, help="QFA search: candidates in the narrowed space")
     p.add_argument("--qfa_search_blocks", type=int, default=None,
                    help="QFA search: held-out blocks it searches on (default: half; the rest report)")
+    p.add_argument("--qfa_rank", type=int, default=8,
+                   help="QFA section: the rank of each width's adapter, in the per-width runs and the QFA run "
+                        "(their rows' names say it when it is not 8)")
+    p.add_argument("--qfa_shared_rank", type=int, default=None,
+                   help="QFA section: the rank of the QFA run's shared adapter, which every width adds (default: "
+                        "--qfa_rank, as in the trainer; 0: none, as before 2026-12-07; the row's name says it)")
     p.add_argument("--qfa_hesso", action=argparse.BooleanOptionalAction, default=True,
                    help="QFA section: also the QFA + HESSO 50%% row")
     p.add_argument("--update", action="store_true",

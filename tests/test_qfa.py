@@ -109,8 +109,9 @@ def test_triangular_sampler_sweeps_the_mean_width_low_high_low():
 
 
 # Exact folding -------------------------------------------------------------------------------------
-def test_adapters_fold_exactly_into_the_codes():
-    model = _qfa_model(bits=(2, 3, 4, 8))
+@pytest.mark.parametrize("shared_rank", [0, 4])
+def test_adapters_fold_exactly_into_the_codes(shared_rank):
+    model = _qfa_model(bits=(2, 3, 4, 8), shared_rank=shared_rank)
     _randomise_adapters(model)
     shifted = 0
     for _, _, m in qfa_layers(model):
@@ -121,6 +122,30 @@ def test_adapters_fold_exactly_into_the_codes():
             lo, hi = code_range(b)
             assert lo <= int(folded.codes.min()) and int(folded.codes.max()) <= hi
     assert shifted > 0  # the adapters did move codes, so the equality above is not trivial
+
+
+def test_the_shared_adapter_moves_every_width_and_reloads_from_a_saved_run(tmp_path):
+    from hf_oto.quant.run import load_qfa_run, save_qfa_run
+
+    model = _qfa_model(shared_rank=4)
+    m = qfa_layers(model)[0][2]
+    assert set(m.lora_A) == {"2", "3", "4", "shared"} and m.lora_A["shared"].shape[0] == 4
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # only the shared adapter is non-zero: it alone shifts the codes
+        for _, _, layer in qfa_layers(model):
+            layer.lora_B["shared"].copy_(torch.randn(layer.lora_B["shared"].shape, generator=g) * 0.3)
+    for b in m.bits:
+        assert not torch.equal(m.folded(b).codes, m.codes(b)), b
+    set_bits(model, [2, 4, 3])
+    expected = logits(model, IDS)
+    save_qfa_run(model, QFAConfig(quantizer="rtn", group_size=16, shared_rank=4), tmp_path / "run", pruned=False)
+    run = load_qfa_run(tmp_path / "run")
+    assert run.config.shared_rank == 4
+    set_bits(run.model, [2, 4, 3])
+    assert torch.equal(logits(run.model, IDS), expected)
+    old = json.loads((tmp_path / "run" / "qfa_run.json").read_text())["qfa"]
+    old.pop("shared_rank")  # a run saved before the shared adapter existed
+    assert QFAConfig.from_dict(old).shared_rank == 0
 
 
 def test_adapter_shift_is_a_per_group_zero_point_move():
@@ -175,15 +200,19 @@ def test_a_width_the_model_does_not_survive_is_named_with_the_widths_to_keep():
     assert WidthCheck(full=2.7, widths={2: float("nan")}).collapsed == [2]  # a NaN loss is a collapse too
 
 
-def test_a_two_bit_step_moves_no_other_width(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared_rank", [0, 4])
+def test_a_two_bit_step_moves_no_other_width(tmp_path, monkeypatch, shared_rank):
     monkeypatch.setattr(BitSampler, "sample", lambda self, step: (2,) * self.num_layers)
     model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
-    trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path, max_steps=3), train_dataset=Tokens())
+    trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path, max_steps=3, qfa_shared_rank=shared_rank),
+                           train_dataset=Tokens())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved and all(".lora_A.2" in n or ".lora_B.2" in n for n in moved)
+    trained = (".lora_A.2", ".lora_B.2", ".lora_A.shared", ".lora_B.shared")
+    assert moved and all(any(key in n for key in trained) for n in moved)
     assert any(".lora_B.2" in n for n in moved)
+    assert any(".lora_B.shared" in n for n in moved) == bool(shared_rank)  # the shared one trains every step
     opt = trainer.optimizer
     params = dict(model.named_parameters())
     for n, p in params.items():
@@ -217,6 +246,38 @@ def test_resume_is_bit_exact(tmp_path):
     t.train()
     resumed, t = run("c")
     t.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-5"))
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_a_checkpoint_from_before_the_shared_adapter_resumes_without_one(tmp_path):
+    """Its settings lack qfa_shared_rank: the main job's pre-flight adopts 0 before the trainer builds the
+    adapters, and the resumed run is bit for bit the uninterrupted one; a trainer built with the shared
+    adapter refuses it in one line before loading anything."""
+    from hf_oto.job.preflight import resolve_resume
+    from hf_oto.trainer.resume import CHECKPOINT_SETTINGS
+
+    def run(folder, **kw):
+        model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+        trainer = HFOTOTrainer(model=model, args=_qfa_args(tmp_path / folder, **kw), train_dataset=Tokens())
+        return model, trainer
+
+    full, t = run("a", qfa_shared_rank=0)
+    t.train()
+    _, t = run("b", qfa_shared_rank=0, save_strategy="steps", save_steps=5)
+    t.train()
+    ckpt = tmp_path / "b" / "run" / "checkpoint-5"
+    saved = json.loads((ckpt / CHECKPOINT_SETTINGS).read_text())
+    saved.pop("qfa_shared_rank")  # as hf-oto wrote it before the setting existed
+    (ckpt / CHECKPOINT_SETTINGS).write_text(json.dumps(saved))
+    _, t = run("c")
+    assert t.qfa_config.shared_rank == 8  # the default: a shared adapter of qfa_rank
+    with pytest.raises(ConfigError, match="trained with qfa_shared_rank 0"):
+        t.train(resume_from_checkpoint=str(ckpt))
+    args = _qfa_args(tmp_path / "d", resume_from_checkpoint=str(ckpt))
+    assert resolve_resume(args) == str(ckpt) and args.qfa_shared_rank == 0
+    resumed = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
+    HFOTOTrainer(model=resumed, args=args, train_dataset=Tokens()).train(resume_from_checkpoint=str(ckpt))
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
 
@@ -259,7 +320,7 @@ def test_mixed_precision_export_reloads_without_hf_oto_with_identical_logits(tmp
 
 def test_qfa_with_hesso_prunes_quantizes_and_exports_the_smaller_model(tmp_path):
     model = tiny_model("llama", num_hidden_layers=2, intermediate_size=64)
-    args = _qfa_args(tmp_path, qfa_group_size=8, target_sparsity=0.4, ffn_multiple=8)
+    args = _qfa_args(tmp_path, qfa_group_size=8, target_sparsity=0.4, ffn_multiple=8, qfa_shared_rank=4)
     trainer = HFOTOTrainer(model=model, args=args, train_dataset=Tokens())
     trainer.train()
     zero = group_is_zero(trainer.model, trainer.hesso_space)
@@ -269,14 +330,17 @@ def test_qfa_with_hesso_prunes_quantizes_and_exports_the_smaller_model(tmp_path)
         if m.gate_out is not None:
             dead = m.gate_out == 0
             removed_rows += int(dead.sum())
+            assert set(m.lora_B) == {"2", "3", "4", "shared"}
             for b in m.bits:  # dequantized rows and adapter rows of removed groups: exactly zero
-                assert (m.weight_for(b)[dead] == 0).all() and (m.lora_B[str(b)][dead] == 0).all()
+                assert (m.weight_for(b)[dead] == 0).all()
+            assert all((lora_b[dead] == 0).all() for lora_b in m.lora_B.values())
             dead_in = m.gate_in == 0
             removed_cols += int(dead_in.sum())
             blocks = dead_in.reshape(-1, m.group_size).all(dim=1)
             assert torch.equal(dead_in.reshape(-1, m.group_size).any(dim=1), blocks)  # whole groups only
             for b in m.bits:
-                assert (m.weight_for(b)[:, dead_in] == 0).all() and (m.lora_A[str(b)][:, blocks] == 0).all()
+                assert (m.weight_for(b)[:, dead_in] == 0).all()
+            assert all((lora_a[:, blocks] == 0).all() for lora_a in m.lora_A.values())
     assert removed_rows > 0 and removed_cols > 0
     bits = [2, 4]
     set_bits(model, bits)
@@ -316,6 +380,7 @@ def test_search_keeps_the_sensitive_layer_wide(monkeypatch):
     (dict(qfa_target_modules=["nonexistent_proj"]), "match no linear"),
     (dict(qfa_symmetric=False), "asymmetric QFA is not offered"),
     (dict(qfa_schedule="cosine"), "schedule must be one of"),
+    (dict(qfa_shared_rank=-1), "shared_rank must be 0"),
     (dict(target_sparsity=0.5, pruning_layout="global"), "needs pruning_layout: uniform"),
     (dict(target_sparsity=0.5, qfa_group_size=16), "not whole quantization groups"),
 ])

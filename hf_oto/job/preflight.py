@@ -23,7 +23,7 @@ from hf_oto.job.build import gguf_source, model_config, with_lora
 from hf_oto.quant.run import RUN_FILE
 from hf_oto.stream import check_streaming
 from hf_oto.trainer import HFOTOTrainingArguments
-from hf_oto.trainer.resume import changed_pruning_settings
+from hf_oto.trainer.resume import adopt_added_settings, changed_pruning_settings
 
 
 @dataclass(frozen=True)
@@ -244,4 +244,5 @@ def resolve_resume(targs: HFOTOTrainingArguments) -> str | None:
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ResumeError(f"{checkpoint} was trained with other pruning settings ({diff}); resume with the same "
                           "settings, or start a new run in a new output_dir")
+    adopt_added_settings(checkpoint, targs)  # before the trainer builds what they shape (QFA's adapters)
     return str(checkpoint)

@@ -13,6 +13,7 @@ QUANTIZERS = ("gptq", "rtn")
 SCHEDULES = ("uniform", "triangular")
 Quantizer = Literal["gptq", "rtn"]
 Schedule = Literal["uniform", "triangular"]
+SHARED = "shared"  # the key of the adapter every width adds (shared_rank > 0)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class QFAConfig:
     ``schedule="uniform"`` draws each layer's width uniformly; ``"triangular"`` moves the mean width
     from the lowest to the highest and back over ``period`` steps (None: one period per run), so the
     extreme configurations get trained as often as the middle ones. ``seed`` fixes the draws (the
-    draw of step ``t`` depends only on ``seed`` and ``t``, which makes resume exact).
+    draw of step ``t`` depends only on ``seed`` and ``t``, which makes resume exact). ``shared_rank``
+    adds one more adapter that every width adds to its own (None: of rank ``rank``; 0: none): it trains
+    on every step where a width's own adapter trains on the steps that draw it, and it folds into each
+    width's codes like the width's own.
     """
 
     bits: tuple[int, ...] = (2, 3, 4)
@@ -42,6 +46,7 @@ class QFAConfig:
     seed: int = 0
     rank: int = 8
     alpha: float = 16.0
+    shared_rank: int | None = None
 
     def __post_init__(self) -> None:
         bits = tuple(sorted({int(b) for b in self.bits}))
@@ -62,9 +67,20 @@ class QFAConfig:
             raise ConfigError(f"QFA schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.period is not None and self.period < 2:
             raise ConfigError(f"QFA period must be at least 2 steps, got {self.period}")
+        if self.shared_rank is None:
+            object.__setattr__(self, "shared_rank", self.rank)
+        if self.shared_rank < 0:
+            raise ConfigError(f"QFA shared_rank must be 0 (no shared adapter) or positive, got {self.shared_rank}")
         if self.rank < 1 or self.alpha <= 0 or self.calibration_batches < 1:
             raise ConfigError(f"QFA rank, alpha and calibration_batches must be positive, got "
                               f"{self.rank}, {self.alpha}, {self.calibration_batches}")
+
+    def adapter_ranks(self) -> dict[str, int]:
+        """Each adapter of a QFA layer by its key (the width, or ``"shared"``) and its rank."""
+        ranks = {str(b): self.rank for b in self.bits}
+        if self.shared_rank:
+            ranks[SHARED] = self.shared_rank
+        return ranks
 
     def to_dict(self) -> JSONObject:
         """``asdict(self)``: what checkpoints, the run folder and the card record."""
@@ -73,6 +89,7 @@ class QFAConfig:
     @classmethod
     def from_dict(cls, data: JSONObject) -> QFAConfig:
         data = dict(data)
+        data.setdefault("shared_rank", 0)  # runs saved before the shared adapter existed have none
         data["bits"] = tuple(data["bits"])
         if data.get("target_modules") is not None:
             data["target_modules"] = tuple(data["target_modules"])

@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_oto.quant.config import SHARED
 from hf_oto.quant.quantize import QuantizedWeight, code_range
 
 
 class QFALinear(nn.Module):
     """``y = x @ W_b^T + bias`` with ``W_b`` the width-``b`` codes, shifted by its adapter, times scales."""
 
-    def __init__(self, quantized: dict[int, QuantizedWeight], bias: torch.Tensor | None, *, rank: int, alpha: float):
+    def __init__(self, quantized: dict[int, QuantizedWeight], bias: torch.Tensor | None, *, rank: int, alpha: float,
+                 shared_rank: int = 0):
         super().__init__()
         first = next(iter(quantized.values()))
         self.out_features, self.in_features = first.codes.shape
@@ -39,12 +41,16 @@ class QFALinear(nn.Module):
             self.register_buffer(f"scales_{b}", q.scales.float().contiguous())
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        for b in self.bits:
-            a = torch.empty(rank, groups)
+        ranks = {str(b): rank for b in self.bits}
+        if shared_rank:
+            ranks[SHARED] = shared_rank
+        for key, r in ranks.items():
+            a = torch.empty(r, groups)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.lora_A[str(b)] = nn.Parameter(a)
-            self.lora_B[str(b)] = nn.Parameter(torch.zeros(self.out_features, rank))
+            self.lora_A[key] = nn.Parameter(a)
+            self.lora_B[key] = nn.Parameter(torch.zeros(self.out_features, r))
         self.scaling = alpha / rank
+        self.shared_scaling = alpha / shared_rank if shared_rank else 0.0
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.gate_out: nn.Parameter | None = None
         self.gate_in: nn.Parameter | None = None
@@ -70,7 +76,10 @@ class QFALinear(nn.Module):
         """Codes plus the adapter's group shift, rounded (straight-through) and clamped, as floats."""
         key = str(bits)
         scales = self.scales(bits)
-        shift = self.scaling * (self.lora_B[key] @ self.lora_A[key]) / scales
+        delta = self.scaling * (self.lora_B[key] @ self.lora_A[key])
+        if SHARED in self.lora_A:
+            delta = delta + self.shared_scaling * (self.lora_B[SHARED] @ self.lora_A[SHARED])
+        shift = delta / scales
         shift = shift + (torch.round(shift) - shift).detach()
         lo, hi = code_range(bits)
         codes = self.codes(bits).to(scales.dtype) + shift.repeat_interleave(self.group_size, dim=1)

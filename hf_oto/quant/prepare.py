@@ -204,7 +204,7 @@ def prepare_qfa(model: nn.Module, config: QFAConfig,
     def replace(name: str, lin: nn.Linear, hessian: torch.Tensor | None) -> None:
         quantized = {b: gptq(lin.weight, hessian, b, config.group_size) if hessian is not None
                      else rtn(lin.weight, b, config.group_size) for b in config.bits}
-        layer = QFALinear(quantized, lin.bias, rank=config.rank, alpha=config.alpha)
+        layer = QFALinear(quantized, lin.bias, rank=config.rank, alpha=config.alpha, shared_rank=config.shared_rank)
         layer.to(lin.weight.device)
         parent, _, attr = name.rpartition(".")
         setattr(by_name[parent], attr, layer)

@@ -46,9 +46,10 @@ def qfa_space(space: PruningSpace, targets: dict[str, tuple[int, int]], config: 
             out, inp = targets[prefix]
             if sl.dim == 0:
                 slices.append(SliceSpec(f"{prefix}.gate_out", 0, sl.index))
-                slices += [SliceSpec(f"{prefix}.lora_B.{b}", 0, sl.index) for b in config.bits]
+                ranks = config.adapter_ranks()
+                slices += [SliceSpec(f"{prefix}.lora_B.{key}", 0, sl.index) for key in ranks]
                 shapes[f"{prefix}.gate_out"] = (out,)
-                shapes.update({f"{prefix}.lora_B.{b}": (out, config.rank) for b in config.bits})
+                shapes.update({f"{prefix}.lora_B.{key}": (out, r) for key, r in ranks.items()})
                 continue
             slices.append(SliceSpec(f"{prefix}.gate_in", 0, sl.index))
             shapes[f"{prefix}.gate_in"] = (inp,)

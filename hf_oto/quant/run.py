@@ -80,7 +80,8 @@ def load_qfa_run(run_dir: str | os.PathLike) -> QFARun:
                                          torch.zeros(out, inp // config.group_size), b, config.group_size)
                       for b in config.bits}
             bias = None if lin.bias is None else torch.zeros(out)
-            layer = QFALinear(shells, bias, rank=config.rank, alpha=config.alpha)
+            layer = QFALinear(shells, bias, rank=config.rank, alpha=config.alpha,
+                              shared_rank=config.shared_rank)
             if info.get("gates"):
                 layer.enable_gates()
             parent, _, attr = name.rpartition(".")

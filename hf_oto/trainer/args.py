@@ -152,6 +152,8 @@ class HFOTOTrainingArguments(TrainingArguments):
     qfa_seed: int = _same_as(QFAConfig, "seed", "seed of the width sampling")
     qfa_rank: int = _same_as(QFAConfig, "rank", "rank of each width's adapter")
     qfa_alpha: float = _same_as(QFAConfig, "alpha", "adapter scaling numerator (alpha / rank)")
+    qfa_shared_rank: int | None = _same_as(
+        QFAConfig, "shared_rank", "rank of the adapter every width adds (None: qfa_rank; 0: none)")
     qfa_run_dir: str | None = field(
         default=None, metadata={"help": "where the QFA run is saved for qfa-search (default: <output_dir>/qfa_run)"})
     pruned_output_dir: str | None = field(
@@ -269,7 +271,7 @@ class HFOTOTrainingArguments(TrainingArguments):
                          target_modules=None if self.qfa_target_modules is None else tuple(self.qfa_target_modules),
                          quantizer=self.qfa_quantizer, calibration_batches=self.qfa_calibration_batches,
                          schedule=self.qfa_schedule, period=self.qfa_period, seed=self.qfa_seed,
-                         rank=self.qfa_rank, alpha=self.qfa_alpha)
+                         rank=self.qfa_rank, alpha=self.qfa_alpha, shared_rank=self.qfa_shared_rank)
 
     @property
     def prunes(self) -> bool:

@@ -81,6 +81,17 @@ class QFAMixin:
                 if self.qfa_check.warning():
                     print(f"hf-oto: {self.qfa_check.warning()}")
 
+    def _check_qfa_resume(self, checkpoint) -> None:
+        """Refuse a checkpoint whose QFA adapters are not the ones this trainer built (one line, before
+        loading): a run saved before the shared adapter existed needs ``qfa_shared_rank=0`` when the trainer
+        is built (the main job adopts it by itself)."""
+        if self.qfa_config is None:
+            return
+        now, saved = self.qfa_config.shared_rank, self.args.qfa_config().shared_rank
+        if now != saved:
+            raise ConfigError(f"{checkpoint} was trained with qfa_shared_rank {saved}, but this trainer built its "
+                              f"QFA adapters with {now}: build HFOTOTrainer with qfa_shared_rank={saved} to resume")
+
     def _calibration_batches(self):
         if self.train_dataset is None:
             raise ConfigError("qfa with quantizer 'gptq' needs a training set to calibrate on (or qfa_quantizer: rtn)")

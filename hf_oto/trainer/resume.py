@@ -30,9 +30,10 @@ from hf_oto.trainer.args import HFOTOTrainingArguments
 
 CHECKPOINT_SETTINGS = "hf_oto_pruning.json"  # the pruning settings a checkpoint was trained with
 # Settings added after hf-oto 0.1.0, with the value that reproduces a checkpoint saved before them:
-# such a checkpoint resumes with that value where the setting is left at "auto".
+# such a checkpoint resumes with that value where the setting is left at "auto" (or None).
 ADDED_SETTINGS: JSONObject = {"pruning_pricing": "saliency", "pruning_granularity": "width",
-                                  "prune_experts": False, "distill_teacher_dtype": "same"}
+                                  "prune_experts": False, "distill_teacher_dtype": "same", "qfa_shared_rank": 0}
+_UNSET = ("auto", None)  # the values that mean "left to hf-oto", which a checkpoint's own value replaces
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -92,7 +93,7 @@ def adopt_added_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingArgum
     """Settings left at "auto" that ``checkpoint`` predates take the value it was trained with."""
     saved = saved_settings(checkpoint)
     for name, old in ADDED_SETTINGS.items():
-        if saved is not None and name not in saved and getattr(args, name) == "auto":
+        if saved is not None and name not in saved and getattr(args, name) in _UNSET:
             setattr(args, name, old)
     if saved is not None:
         args.auto_rule = saved.get("auto_rule", 1)  # "auto" decides as it did when the checkpoint was trained
@@ -109,7 +110,7 @@ def changed_pruning_settings(checkpoint: str | os.PathLike, args: HFOTOTrainingA
     for name, old in ADDED_SETTINGS.items():
         if name not in saved:
             saved[name] = old
-            if now.get(name) == "auto":
+            if now.get(name) in _UNSET:
                 now[name] = old
     now["auto_rule"] = saved["auto_rule"] = saved.get("auto_rule", 1)  # resumed under the checkpoint's rule
     return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}

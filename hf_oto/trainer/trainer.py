@@ -72,6 +72,7 @@ class HFOTOTrainer(ElasticMixin, QFAMixin, DistillMixin, Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         if isinstance(checkpoint, (str, os.PathLike)):
             adopt_added_settings(checkpoint, self.args)
+            self._check_qfa_resume(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
