@@ -6,7 +6,9 @@ of that group's zero point. Every format that transformers and vLLM load stores 
 (or none, for symmetric checkpoints), so the shift is applied in whole quantization steps, with a
 straight-through gradient: the forward pass uses ``clamp(codes + round(shift / scale))``, and the
 export writes exactly those integers as the codes. Training and the exported checkpoint therefore
-compute the same weights.
+compute the same weights. With a shared adapter (``shared_rank``), width ``b`` shifts by
+``scaling * B_b @ A_b + shared_scaling * B_s @ A_s``: one more low-rank product, in weight units like the
+widths' own, which every width adds and every step trains.
 
 For pruning, ``enable_gates`` adds a per-output-channel scale (trained, shared by all widths, folded
 into the scales at export) and a frozen per-input-channel gate; HESSO drives the gates of removed
