@@ -123,6 +123,11 @@ def test_two_ranks_plan_and_train_what_one_process_does(tmp_path, pricing, granu
         assert opt._turn and bool((opt._turn.sums[:, 1] > 0).all())
     # Where a gradient is near zero (QFA adapters start at zero; on an AMD EPYC also a few plain weights) Adam's
     # normalised step turns the rounding of the all-reduce (the sum of two halves against the whole batch) into
-    # up to ~2e-5 of weight; a wrong reduction would move weights by about the learning rate (1e-2) per step
+    # up to ~2e-5 of weight; a wrong reduction would move weights by about the learning rate (1e-2) per step.
+    # QFA's forward rounds each adapter's shift to whole code steps, and that rounding can put one shift on the
+    # other side of a .5 boundary in one run than in the other, which the adapter's own updates then follow
+    # (measured with the shared adapter: 3.7e-4 in one adapter's A and 7.8e-5 in its B, every other tensor
+    # within 1e-5): the adapters get 1e-3, still a tenth of one wrong step
     for name, p in model.state_dict().items():
-        torch.testing.assert_close(a[name], p, rtol=1e-4, atol=1e-4, msg=name)
+        tol = 1e-3 if ".lora_" in name else 1e-4
+        torch.testing.assert_close(a[name], p, rtol=1e-4, atol=tol, msg=name)
