@@ -491,6 +491,8 @@ def test_qfa_under_accelerate_ddp_moves_only_sampled_adapters(tmp_path):
     two = [v for k, v in state.items() if k.endswith("lora_B.2")]
     assert four and all((v == 0).all() for v in four)  # never sampled: untouched (B starts at zero)
     assert any((v != 0).any() for v in two)  # sampled: trained
+    shared = [v for k, v in state.items() if k.endswith("lora_B.shared")]  # the default shared adapter
+    assert shared and any((v != 0).any() for v in shared)  # trained on every step
 
 
 def test_gptq_holds_one_decoder_layers_hessians_at_a_time(monkeypatch):
