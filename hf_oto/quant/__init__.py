@@ -1,7 +1,8 @@
 """LLM-QFA: quantization-aware once-for-all fine-tuning (one run serves every per-layer bit-width).
 
 Data flow: :func:`prepare_qfa` quantizes the targeted linears once per width and adds one adapter
-per width; the trainer samples a per-layer configuration each step (:class:`BitSampler`);
+per width (and one that every width shares); the trainer samples a per-layer configuration each step
+(:class:`BitSampler`);
 :func:`qfa_search` picks widths for a memory budget (:func:`joint_search`: a size and widths, on a run
 trained with elastic sizes); :func:`hf_oto.export.quantized.save_quantized` writes one configuration as a
 compressed-tensors checkpoint.

@@ -1,4 +1,5 @@
-"""QFALinear: a frozen linear stored as integer codes per bit-width, with one adapter per bit-width.
+"""QFALinear: a frozen linear stored as integer codes per bit-width, with one adapter per bit-width
+(and optionally one that every width adds).
 
 The adapter of width ``b`` follows QA-LoRA: it reads the input pooled over each quantization group,
 so its product ``scaling * B_b @ A_b`` (out x groups) is one number per (row, group), that is, a shift
