@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 WIDTHS = (2, 3, 4)
+FIRST_RANK = 8  # the adapters' rank when these tables were first measured (rows at other ranks say theirs)
 MIXED = (2.5, 3.0, 3.5)  # the searched budgets, those strictly between a model's narrowest and widest width
 
 
@@ -45,6 +46,7 @@ def _ppl(model, bits, blocks) -> float:
 
 def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workdir: Path, bits, adapters=None,
                **pruning):
+    """One QFA run on ``bits``; its adapters are ``--qfa_rank`` / ``--qfa_shared_rank`` unless ``adapters`` says."""
     from transformers import AutoModelForCausalLM
 
     from hf_oto.data import Blocks
@@ -59,7 +61,7 @@ def _train_qfa(ref: Path, train_blocks, steps: int, a: argparse.Namespace, workd
         seed=a.seed, data_seed=a.seed, logging_steps=10**6, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, qfa=True, qfa_bits=list(bits), qfa_group_size=a.qfa_group_size,
         qfa_quantizer="gptq", qfa_calibration_batches=a.calib_batches, qfa_schedule=a.qfa_schedule,
-        **(adapters or {}), **pruning)
+        **(_adapter_names(a)[0] if adapters is None else adapters), **pruning)
     trainer = HFOTOTrainer(model=model, args=args, train_dataset=Blocks(train_blocks))
     t0 = time.perf_counter()
     trainer.train()
@@ -129,9 +131,9 @@ def _layers(model):
 def _adapter_names(a: argparse.Namespace) -> tuple[dict[str, int], str, str]:
     """The adapters' settings, and what the per-width rows' and the QFA row's names add for them (nothing
     for the settings these tables were first measured with: rank 8, no shared adapter)."""
-    rank, shared = getattr(a, "qfa_rank", 8), getattr(a, "qfa_shared_rank", None)
-    shared = rank if shared is None else shared
-    per_width = f", rank {rank}" if rank != 8 else ""
+    rank = a.qfa_rank
+    shared = rank if a.qfa_shared_rank is None else a.qfa_shared_rank
+    per_width = f", rank {rank}" if rank != FIRST_RANK else ""
     qfa = f", rank {rank} per width + {shared} shared" if shared else per_width
     return {"qfa_rank": rank, "qfa_shared_rank": shared}, per_width, qfa
 
@@ -203,13 +205,13 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
         del model
     name = f"QFA, one run ({steps} steps){qfa_name}"
     if name not in done:
-        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", widths, adapters)
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", widths)
         res["qfa_memory"] = vars(trainer.qfa_memory)
         add(name, _configs(model, search_blocks, report_blocks, a), secs)
         del model, trainer
     name = f"QFA + HESSO 50% ({steps} steps){qfa_name}"
     if a.qfa_hesso and name not in done:
-        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", widths, adapters,
+        model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa_hesso", widths,
                                           target_sparsity=0.5, pruning_layout="uniform", start_pruning_step=0.05,
                                           pruning_steps=0.5, pruning_periods=5, ffn_multiple=a.qfa_group_size)
         rows = _configs(model, search_blocks, report_blocks, a)

@@ -16,6 +16,14 @@ Schedule = Literal["uniform", "triangular"]
 SHARED = "shared"  # the key of the adapter every width adds (shared_rank > 0)
 
 
+def adapter_ranks(bits: tuple[int, ...], rank: int, shared_rank: int) -> dict[str, int]:
+    """The adapters of a QFA layer by key: one of ``rank`` per width, and ``"shared"`` when ``shared_rank``."""
+    ranks = {str(b): rank for b in bits}
+    if shared_rank:
+        ranks[SHARED] = shared_rank
+    return ranks
+
+
 @dataclass(frozen=True)
 class QFAConfig:
     """One training run that serves every per-layer bit-width configuration (LLM-QFA).
@@ -77,10 +85,7 @@ class QFAConfig:
 
     def adapter_ranks(self) -> dict[str, int]:
         """Each adapter of a QFA layer by its key (the width, or ``"shared"``) and its rank."""
-        ranks = {str(b): self.rank for b in self.bits}
-        if self.shared_rank:
-            ranks[SHARED] = self.shared_rank
-        return ranks
+        return adapter_ranks(self.bits, self.rank, self.shared_rank)
 
     def to_dict(self) -> JSONObject:
         """``asdict(self)``: what checkpoints, the run folder and the card record."""

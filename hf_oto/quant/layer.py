@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_oto.quant.config import SHARED
+from hf_oto.quant.config import SHARED, adapter_ranks
 from hf_oto.quant.quantize import QuantizedWeight, code_range
 
 
@@ -44,10 +44,7 @@ class QFALinear(nn.Module):
             self.register_buffer(f"scales_{b}", q.scales.float().contiguous())
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        ranks = {str(b): rank for b in self.bits}
-        if shared_rank:
-            ranks[SHARED] = shared_rank
-        for key, r in ranks.items():
+        for key, r in adapter_ranks(self.bits, rank, shared_rank).items():
             a = torch.empty(r, groups)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A[key] = nn.Parameter(a)

@@ -32,6 +32,7 @@ def qfa_space(space: PruningSpace, targets: dict[str, tuple[int, int]], config: 
     """
     size = config.group_size
     shapes = dict(space.param_shapes)
+    ranks = config.adapter_ranks()  # every quantized linear's adapters: their rows follow its output channels
     sets = []
     for gs in space.sets:
         slices: list[SliceSpec] = []
@@ -46,7 +47,6 @@ def qfa_space(space: PruningSpace, targets: dict[str, tuple[int, int]], config: 
             out, inp = targets[prefix]
             if sl.dim == 0:
                 slices.append(SliceSpec(f"{prefix}.gate_out", 0, sl.index))
-                ranks = config.adapter_ranks()
                 slices += [SliceSpec(f"{prefix}.lora_B.{key}", 0, sl.index) for key in ranks]
                 shapes[f"{prefix}.gate_out"] = (out,)
                 shapes.update({f"{prefix}.lora_B.{key}": (out, r) for key, r in ranks.items()})
