@@ -393,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "on an elastic run, bits mean the full model's bytes at that width")
     p.add_argument("--out", help="export the chosen configuration to this folder (compressed-tensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier hf-oto quantized export at --out")
-    p.add_argument("--samples", type=int, default=32, help="random configurations for the sensitivity estimate")
-    p.add_argument("--refine", type=int, default=16, help="candidates evaluated in the narrowed space")
+    p.add_argument("--samples", type=int, default=8,
+                   help="random allocations of the budget's memory, measured beside the guided candidates")
+    p.add_argument("--refine", type=int, default=16, help="steps of the measured local search")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's draws")
     p.add_argument("--sizes", help="elastic QFA runs: only these trained sizes, comma-separated (default: every "
                                    "size and the full model, searched together with the bits)")

@@ -102,7 +102,7 @@ def _trainer_defaults() -> dict[str, Any]:
 SMOLLM2 = dict(out=str(ROOT / "scripts" / "benchmark_results" / "smollm2"), sparsities=[0.3, 0.5], seeds=2,
                seeded_sparsity=0.3, seeded_methods=["hesso_kd"], steps=100, batch=4, block=256, lr=1e-4,
                max_text_mb=2.0, ffn_multiple=32, calib_batches=8, tp_timeout=600, qfa_steps=150,
-               qfa_hesso=False, qfa_samples=12, qfa_refine=6, qfa_search_blocks=16,
+               qfa_hesso=False, qfa_samples=4, qfa_refine=16, qfa_search_blocks=16,
                methods=["dense", "hesso_kd", "magnitude_kd", "taylor_kd", "wanda_sp_kd", "torch_pruning"])
 
 
@@ -178,8 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_schedule", default="uniform", choices=("uniform", "triangular"))
     p.add_argument("--qfa_bits", type=int, nargs="+", default=[2, 3, 4], choices=(2, 3, 4, 8),
                    help="QFA section: the widths of the bases, the per-width runs and the QFA run")
-    p.add_argument("--qfa_samples", type=int, default=24, help="QFA search: random configurations")
-    p.add_argument("--qfa_refine", type=int, default=12, help="QFA search: candidates in the narrowed space")
+    p.add_argument("--qfa_samples", type=int, default=8, help="QFA search: random allocations of each budget")
+    p.add_argument("--qfa_refine", type=int, default=16, help="QFA search: steps of its measured local search")
     p.add_argument("--qfa_search_blocks", type=int, default=None,
                    help="QFA search: held-out blocks it searches on (default: half; the rest report)")
     p.add_argument("--qfa_rank", type=int, default=8,

@@ -21,7 +21,7 @@ from hf_oto.export.quantized import pack_int32, save_quantized
 from hf_oto.groups import group_is_zero
 from hf_oto.quant import BitSampler, QFAConfig, prepare_qfa, qfa_layers, qfa_search, set_bits
 from hf_oto.quant.quantize import code_range, gptq, rtn
-from hf_oto.quant.search import parse_budget
+from hf_oto.quant.search import BitSearch, parse_budget
 from hf_oto.trainer import HFOTOTrainer
 
 IDS = torch.randint(3, 64, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -373,6 +373,30 @@ def test_search_keeps_the_sensitive_layer_wide(monkeypatch):
     assert "uniform 2-bit" in result.table()
 
 
+def test_search_spends_the_budget_when_the_narrowest_width_collapses(monkeypatch):
+    model = _qfa_model(bits=(2, 3, 4))
+    # Not additive: one 2-bit layer costs 0.5, two or more collapse the model (as 2 bits do on SmolLM2);
+    # at 3 bits layer 2 loses most. Random configurations are dominated by the collapse, which once made
+    # the search keep uniform 3-bit under a 3.5-bit budget.
+    def planted(_model, bits, _blocks, batch_size=8):
+        narrow = sum(b == 2 for b in bits)
+        at3 = {0: 0.02, 1: 0.05, 2: 0.30}
+        return 3.0 + (0.5 * narrow if narrow < 2 else 10.0) + sum(at3[i] for i, b in enumerate(bits) if b == 3)
+
+    monkeypatch.setattr("hf_oto.quant.search.eval_loss", planted)
+    search = BitSearch(model, torch.randint(3, 64, (4, 12)), progress=False)
+    layers = search.costs.per_layer
+    assert len({search.costs.layer_bytes(i, 4) for i in layers}) == 1  # equal layers: 3.5 bits fit one 4-bit
+    at = search.search(average_bits=3.5, samples=0, refine=8)  # the guided search alone
+    assert at.best.bits == (3, 3, 4) and at.best.loss == planted(None, (3, 3, 4), None)
+    assert at.best.loss < next(c for c in at.uniform if c.bits == (3, 3, 3)).loss
+    drawn = search.search(average_bits=3.5, samples=3, refine=8)
+    assert drawn.random and drawn.best.loss <= min(c.loss for c in drawn.random)
+    before = len(search._losses)
+    search.search(average_bits=3.5, samples=3, refine=8)
+    assert len(search._losses) == before  # a second search of the same model measures nothing again
+
+
 # Bad input -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, message", [
     (dict(qfa_bits=[2, 5]), "bit-widths must be chosen from"),
@@ -447,7 +471,7 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     proc = hfoto("qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--out",
                  tmp_path / "export", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "chosen" in proc.stdout and "uniform 4-bit" in proc.stdout
+    assert "chosen" in proc.stdout and "uniform 4-bit" in proc.stdout and "random allocations" in proc.stdout
     got = _reload_without_hf_oto({"x": str(tmp_path / "export")}, tmp_path)
     assert int(got["x.intermediate"]) < 64  # pruned
     manifest = json.loads((tmp_path / "export" / "qfa_manifest.json").read_text())

@@ -1,10 +1,13 @@
 """Pick per-layer bit-widths for a memory budget after a QFA run (sensitivity-guided search).
 
-Following LLM-QFA: evaluate random configurations, estimate each layer's sensitivity from them
-(an additive loss model fitted by least squares: one term per layer and width), take the
-configuration the model predicts best under the budget (a knapsack over layers), then evaluate
-candidates in the space narrowed around it (re-drawing only the most sensitive layers) and keep
-the best measured one that fits.
+Every layer's sensitivity is measured, not guessed: around a centre configuration (the cheapest uniform
+width whose memory reaches the budget), each layer alone is set to each other width and the loss change
+is recorded. An additive model of those changes picks the configuration predicted best under the budget
+(a knapsack over layers); a measured local search then walks from the best configuration found so far,
+trying the single moves the model ranks first (raise a layer where the budget allows, or raise one and
+lower another), and keeps a move only when the measured loss drops. Uniform configurations that fit and
+``samples`` random allocations of the same memory are measured too, so the result is never worse on the
+search blocks than either.
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ class SearchResult:
     uniform: list[Candidate]
     evaluated: int
     sensitivity: list[float] = field(default_factory=list)  # loss rise per layer, lowest -> highest width
+    random: list[Candidate] = field(default_factory=list)  # the random allocations of the budget's memory
 
     def table(self) -> str:
         rows = [("chosen", self.best)] + [(f"uniform {c.bits[0]}-bit", c) for c in self.uniform]
+        if self.random:
+            rows.append((f"best of {len(self.random)} random allocations", min(self.random, key=lambda c: c.loss)))
         lines = ["| configuration | avg bits | MiB | eval loss | perplexity |", "|---|---|---|---|---|"]
         for name, c in rows:
             lines.append(f"| {name} | {c.average_bits:.2f} | {c.bytes / 2**20:.2f} | {c.loss:.4f} | "
@@ -132,65 +138,158 @@ def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: i
 
 
 def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | None = None,
-               max_bytes: int | None = None, samples: int = 32, refine: int = 16, seed: int = 0,
+               max_bytes: int | None = None, samples: int = 8, refine: int = 16, seed: int = 0,
                progress: bool = True) -> SearchResult:
     """The per-layer widths with the lowest eval loss on ``blocks`` within the budget.
 
     Give the budget as ``average_bits`` (mean width of the quantized weights) or ``max_bytes``
-    (the export's weight bytes, estimated from the kept shapes). ``samples`` random configurations
-    fit the sensitivity model; ``refine`` candidates are drawn in the narrowed space.
+    (the export's weight bytes, estimated from the kept shapes). Each layer's sensitivity costs
+    ``layers x (widths - 1)`` evaluations; ``samples`` random allocations of the budget's memory and up to
+    ``refine`` steps of the measured local search come on top. To search several budgets of one model,
+    use :class:`BitSearch`, which measures each configuration once.
     """
-    layers_q = qfa_layers(model)
-    if not layers_q:
-        raise ConfigError("qfa_search needs a QFA model (prepare_qfa, or load_qfa_run)")
-    widths = sorted(layers_q[0][2].bits)
-    n = len(decoder_layers(model)[1])
-    costs = Costs(model)
-    if (average_bits is None) == (max_bytes is None):
-        raise ConfigError("give the budget as average_bits or as max_bytes (one of them)")
-    if average_bits is not None:
-        # the bytes of the average-bits budget: interpolate each layer's bytes between widths
-        limit = costs.other + sum(bytes_at_average(costs, i, average_bits, widths) for i in range(n))
-    else:
-        limit = max_bytes
-    smallest = costs.bytes([widths[0]] * n)
-    if limit < smallest or (average_bits is not None and average_bits < widths[0]):
-        raise ConfigError(f"the budget ({_describe(average_bits, max_bytes)}) is below the smallest configuration "
-                          f"({costs.average_bits([widths[0]] * n):.2f} bits, {smallest / 2**20:.2f} MiB)")
-    g = torch.Generator().manual_seed(seed)
-    seen: dict[tuple[int, ...], Candidate] = {}
-    bar = tqdm(total=len(widths) + samples + refine + 1, desc="qfa-search", disable=not progress)
+    return BitSearch(model, blocks, progress=progress).search(average_bits=average_bits, max_bytes=max_bytes,
+                                                              samples=samples, refine=refine, seed=seed)
 
-    def measure(cfg: tuple[int, ...]) -> Candidate:
-        if cfg not in seen:
-            seen[cfg] = Candidate(cfg, costs.average_bits(cfg), costs.bytes(cfg), eval_loss(model, cfg, blocks))
-            bar.update(1)
-        return seen[cfg]
 
-    uniform = [measure(tuple([b] * n)) for b in widths]
-    for _ in range(samples):
-        measure(tuple(widths[j] for j in torch.randint(len(widths), (n,), generator=g).tolist()))
-    theta = _fit(list(seen.values()), widths, n)
-    sensitivity = (theta[:, 0] - theta[:, -1]).tolist()
-    pick = _knapsack(theta, widths, costs, limit) or tuple([widths[0]] * n)
-    measure(pick)
-    ranked = sorted(range(n), key=lambda i: -sensitivity[i])
-    hot = ranked[:max(1, n // 2)]
-    for _ in range(refine * 4):
-        if len(seen) >= len(widths) + samples + refine + 1:
-            break
-        cand = list(pick)
-        for i in hot:
-            if torch.rand((), generator=g) < 0.5:
-                cand[i] = widths[int(torch.randint(len(widths), (), generator=g))]
-        cand = _fit_budget(cand, ranked, widths, costs, limit)
-        if cand is not None:
-            measure(tuple(cand))
-    bar.close()
-    set_bits(model, widths[-1])
-    fitting = [c for c in seen.values() if c.bytes <= limit]
-    best = min(fitting, key=lambda c: c.loss)
-    return SearchResult(best, uniform, len(seen), sensitivity)
+class BitSearch:
+    """The bit-width search on one QFA model and evaluation set; every configuration is measured once,
+    however many budgets are searched (see the module docstring for the method)."""
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, progress: bool = True):
+        layers_q = qfa_layers(model)
+        if not layers_q:
+            raise ConfigError("qfa_search needs a QFA model (prepare_qfa, or load_qfa_run)")
+        self.model, self.blocks, self.progress = model, blocks, progress
+        self.widths = sorted(layers_q[0][2].bits)
+        self.n = len(decoder_layers(model)[1])
+        self.costs = Costs(model)
+        self._losses: dict[tuple[int, ...], float] = {}
+
+    def limit(self, average_bits: float | None = None, max_bytes: int | None = None) -> int:
+        """The budget in bytes; one clear error when it is malformed or below the narrowest configuration."""
+        costs, widths, n = self.costs, self.widths, self.n
+        if (average_bits is None) == (max_bytes is None):
+            raise ConfigError("give the budget as average_bits or as max_bytes (one of them)")
+        if average_bits is not None:
+            # the bytes of the average-bits budget: interpolate each layer's bytes between widths
+            limit = costs.other + sum(bytes_at_average(costs, i, average_bits, widths) for i in range(n))
+        else:
+            limit = int(max_bytes)
+        smallest = costs.bytes([widths[0]] * n)
+        if limit < smallest or (average_bits is not None and average_bits < widths[0]):
+            raise ConfigError(f"the budget ({_describe(average_bits, max_bytes)}) is below the smallest "
+                              f"configuration ({costs.average_bits([widths[0]] * n):.2f} bits, "
+                              f"{smallest / 2**20:.2f} MiB)")
+        return limit
+
+    def search(self, *, average_bits: float | None = None, max_bytes: int | None = None, samples: int = 8,
+               refine: int = 16, seed: int = 0) -> SearchResult:
+        """The best measured configuration within the budget (see :func:`qfa_search`)."""
+        limit = self.limit(average_bits, max_bytes)
+        costs, widths, n = self.costs, self.widths, self.n
+        seen: dict[tuple[int, ...], Candidate] = {}
+        bar = tqdm(total=len(widths) * (1 + n) - n + 1 + samples + refine, desc="qfa-search",
+                   disable=not self.progress)
+
+        def measure(cfg: tuple[int, ...]) -> Candidate:
+            if cfg not in seen:
+                if cfg not in self._losses:
+                    self._losses[cfg] = eval_loss(self.model, cfg, self.blocks)
+                seen[cfg] = Candidate(cfg, costs.average_bits(cfg), costs.bytes(cfg), self._losses[cfg])
+                bar.update(1)
+            return seen[cfg]
+
+        try:
+            uniform = [measure((b,) * n) for b in widths]
+            # the probes' centre: the cheapest uniform width that reaches the budget (the widest if all fit)
+            centre = next((b for b in widths if costs.bytes((b,) * n) >= limit), widths[-1])
+            theta = self._probe(centre, measure)
+            measure(_knapsack(theta, widths, costs, limit) or (widths[0],) * n)
+            g = torch.Generator().manual_seed(seed)
+            drawn = {self._random_allocation(limit, g) for _ in range(samples)}
+            random = [measure(cfg) for cfg in sorted(drawn)]
+            best = min((c for c in seen.values() if c.bytes <= limit), key=lambda c: c.loss)
+            for _ in range(refine):  # measured local search: the model's best untried move from the best
+                step = next((cfg for cfg in self._moves(best.bits, theta, limit) if cfg not in seen), None)
+                if step is None:
+                    break
+                tried = measure(step)
+                if tried.loss < best.loss:
+                    best = tried
+        finally:
+            bar.close()
+            set_bits(self.model, widths[-1])
+        return SearchResult(best, uniform, len(seen), (theta[:, 0] - theta[:, -1]).tolist(), random)
+
+    def _probe(self, centre: int, measure) -> torch.Tensor:
+        """theta[i, j]: the loss change when layer i alone moves from ``centre`` to ``widths[j]``."""
+        base = (centre,) * self.n
+        ref = measure(base).loss
+        theta = torch.zeros(self.n, len(self.widths), dtype=torch.float64)
+        for i in range(self.n):
+            for j, b in enumerate(self.widths):
+                if b != centre:
+                    theta[i, j] = measure(base[:i] + (b,) + base[i + 1:]).loss - ref
+        return theta
+
+    def _random_allocation(self, limit: int, g: torch.Generator) -> tuple[int, ...]:
+        """The two widths around the budget: in a random order, each layer takes the wider one if it fits."""
+        costs, widths = self.costs, self.widths
+        lo = max(b for b in widths if costs.bytes((b,) * self.n) <= limit)
+        hi = next((b for b in widths if b > lo), lo)
+        cfg = [lo] * self.n
+        for i in torch.randperm(self.n, generator=g).tolist():
+            cfg[i] = hi
+            if costs.bytes(cfg) > limit:
+                cfg[i] = lo
+        return tuple(cfg)
+
+    def _moves(self, cfg: tuple[int, ...], theta: torch.Tensor, limit: int):
+        """Neighbours of ``cfg`` within the budget that the model predicts better, best first: one layer a
+        width up, or one up and another one down; each then spends what is left (:meth:`_fill`)."""
+        costs, widths = self.costs, self.widths
+        index = [widths.index(b) for b in cfg]
+        used = costs.bytes(cfg)
+
+        def change(i: int, d: int) -> tuple[float, int]:
+            j = index[i] + d
+            bytes_change = costs.layer_bytes(i, widths[j]) - costs.layer_bytes(i, cfg[i])
+            return float(theta[i, j] - theta[i, index[i]]), bytes_change
+
+        scored: list[tuple[float, dict[int, int]]] = []
+        for i in (i for i in range(self.n) if index[i] + 1 < len(widths)):
+            gain, extra = change(i, +1)
+            if used + extra <= limit:
+                scored.append((gain, {i: index[i] + 1}))
+                continue
+            for k in (k for k in range(self.n) if k != i and index[k] > 0):
+                loss, saved = change(k, -1)
+                if used + extra + saved <= limit:
+                    scored.append((gain + loss, {i: index[i] + 1, k: index[k] - 1}))
+        scored.sort(key=lambda s: s[0])
+        for predicted, moved in scored:
+            if predicted >= 0:
+                return
+            yield self._fill(tuple(widths[moved.get(i, j)] for i, j in enumerate(index)), theta, limit)
+
+    def _fill(self, cfg: tuple[int, ...], theta: torch.Tensor, limit: int) -> tuple[int, ...]:
+        """Raise layers one width at a time while the budget allows, the largest predicted gain per byte first."""
+        costs, widths = self.costs, self.widths
+        out = list(cfg)
+        while True:
+            options = []
+            for i, b in enumerate(out):
+                j = widths.index(b)
+                if j + 1 == len(widths):
+                    continue
+                gain = float(theta[i, j + 1] - theta[i, j])
+                extra = costs.layer_bytes(i, widths[j + 1]) - costs.layer_bytes(i, b)
+                if gain < 0 and costs.bytes(out) + extra <= limit:
+                    options.append((gain / max(extra, 1), i))
+            if not options:
+                return tuple(out)
+            out[min(options)[1]] = widths[widths.index(out[min(options)[1]]) + 1]
 
 
 def bytes_at_average(costs: Costs, layer: int, avg: float, widths: Sequence[int]) -> int:
@@ -201,28 +300,6 @@ def bytes_at_average(costs: Costs, layer: int, avg: float, widths: Sequence[int]
         return costs.layer_bytes(layer, lo)
     t = (avg - lo) / (hi - lo)
     return int(costs.layer_bytes(layer, lo) * (1 - t) + costs.layer_bytes(layer, hi) * t)
-
-
-def _fit_budget(cand: list[int], ranked: list[int], widths: Sequence[int], costs: Costs, limit: int):
-    """Lower the least sensitive layers' widths until ``cand`` fits (None if it cannot)."""
-    for i in reversed(ranked):
-        while costs.bytes(cand) > limit and cand[i] > widths[0]:
-            cand[i] = widths[widths.index(cand[i]) - 1]
-    return cand if costs.bytes(cand) <= limit else None
-
-
-def _fit(cands: list[Candidate], widths: Sequence[int], n: int) -> torch.Tensor:
-    """Least-squares additive model: loss ~ sum_i theta[i, width_i] (ridge-regularised)."""
-    k = len(widths)
-    x = torch.zeros(len(cands), n * k, dtype=torch.float64)
-    y = torch.tensor([c.loss for c in cands], dtype=torch.float64)
-    for r, c in enumerate(cands):
-        for i, b in enumerate(c.bits):
-            x[r, i * k + widths.index(b)] = 1.0
-    mean = y.mean()
-    a = x.T @ x + 1e-3 * torch.eye(n * k, dtype=torch.float64)
-    theta = torch.linalg.solve(a, x.T @ (y - mean))
-    return theta.reshape(n, k).float()
 
 
 def _describe(bits: float | None, nbytes: int | None) -> str:
