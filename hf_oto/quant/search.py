@@ -289,7 +289,8 @@ class BitSearch:
                     options.append((gain / max(extra, 1), i))
             if not options:
                 return tuple(out)
-            out[min(options)[1]] = widths[widths.index(out[min(options)[1]]) + 1]
+            i = min(options)[1]
+            out[i] = widths[widths.index(out[i]) + 1]
 
 
 def bytes_at_average(costs: Costs, layer: int, avg: float, widths: Sequence[int]) -> int:
