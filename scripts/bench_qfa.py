@@ -89,30 +89,25 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
                          "avg_bits": costs.average_bits(cfg), "mib": costs.bytes(cfg) / 2**20,
                          "ppl": _ppl(model, cfg, report_blocks), "evaluated": r.evaluated, "search": "measured"})
             if budget not in widths:  # at a width's own budget every allocation is that uniform width
-                rows.append(_random_row(model, costs, widths, n, budget, report_blocks, a.seed))
+                rows.append(_random_row(search, budget, report_blocks, a.seed))
     return rows
 
 
 RANDOM_MIXES = 4  # the random allocations each searched budget is compared with
 
 
-def _random_row(model, costs, widths: list[int], n: int, budget: float, blocks, seed: int) -> dict[str, Any]:
-    """The mean perplexity of :data:`RANDOM_MIXES` random allocations at the searched budget: as many layers
-    as fit take the wider of the two widths around the budget, chosen at random, the rest the narrower
-    (the same memory as a searched mix, without the search)."""
-    lo = max(b for b in widths if b <= budget)
-    hi = min(b for b in widths if b > budget)
-    wide = max(m for m in range(n + 1) if costs.average_bits([hi] * m + [lo] * (n - m)) <= budget + 1e-9)
+def _random_row(search, budget: float, blocks, seed: int) -> dict[str, Any]:
+    """The mean perplexity of :data:`RANDOM_MIXES` random allocations at the searched budget
+    (:meth:`~hf_oto.quant.search.BitSearch.random_allocation`: as many layers as fit take the wider of the two
+    widths around the budget, chosen at random, the rest the narrower; the same memory as a searched mix,
+    without the search)."""
     g = torch.Generator().manual_seed(seed)
-    ppls, mib = [], 0.0
-    for _ in range(RANDOM_MIXES):
-        chosen = set(torch.randperm(n, generator=g)[:wide].tolist())
-        cfg = tuple(hi if i in chosen else lo for i in range(n))
-        ppls.append(_ppl(model, cfg, blocks))
-        mib = costs.bytes(cfg) / 2**20
+    limit = search.limit(budget)
+    cfgs = [search.random_allocation(limit, g) for _ in range(RANDOM_MIXES)]
+    ppls = [_ppl(search.model, cfg, blocks) for cfg in cfgs]
     return {"config": f"random mix, <= {budget} bits (mean of {RANDOM_MIXES})", "bits": None,
-            "avg_bits": costs.average_bits(cfg), "mib": mib, "ppl": sum(ppls) / len(ppls),
-            "ppl_range": [min(ppls), max(ppls)], "random": True}
+            "avg_bits": search.costs.average_bits(cfgs[-1]), "mib": search.costs.bytes(cfgs[-1]) / 2**20,
+            "ppl": sum(ppls) / len(ppls), "ppl_range": [min(ppls), max(ppls)], "random": True}
 
 
 def _widths(model) -> tuple[int, ...]:

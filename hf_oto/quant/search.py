@@ -207,7 +207,7 @@ class BitSearch:
             theta = self._probe(centre, measure)
             measure(_knapsack(theta, widths, costs, limit) or (widths[0],) * n)
             g = torch.Generator().manual_seed(seed)
-            drawn = {self._random_allocation(limit, g) for _ in range(samples)}
+            drawn = {self.random_allocation(limit, g) for _ in range(samples)}
             random = [measure(cfg) for cfg in sorted(drawn)]
             best = min((c for c in seen.values() if c.bytes <= limit), key=lambda c: c.loss)
             for _ in range(refine):  # measured local search: the model's best untried move from the best
@@ -233,8 +233,9 @@ class BitSearch:
                     theta[i, j] = measure(base[:i] + (b,) + base[i + 1:]).loss - ref
         return theta
 
-    def _random_allocation(self, limit: int, g: torch.Generator) -> tuple[int, ...]:
-        """The two widths around the budget: in a random order, each layer takes the wider one if it fits."""
+    def random_allocation(self, limit: int, g: torch.Generator) -> tuple[int, ...]:
+        """A random allocation of ``limit`` bytes to the two widths around it: in a random order, each layer
+        takes the wider one if it still fits (the baseline a search has to beat)."""
         costs, widths = self.costs, self.widths
         lo = max(b for b in widths if costs.bytes((b,) * self.n) <= limit)
         hi = next((b for b in widths if b > lo), lo)
@@ -248,23 +249,17 @@ class BitSearch:
     def _moves(self, cfg: tuple[int, ...], theta: torch.Tensor, limit: int):
         """Neighbours of ``cfg`` within the budget that the model predicts better, best first: one layer a
         width up, or one up and another one down; each then spends what is left (:meth:`_fill`)."""
-        costs, widths = self.costs, self.widths
+        widths = self.widths
         index = [widths.index(b) for b in cfg]
-        used = costs.bytes(cfg)
-
-        def change(i: int, d: int) -> tuple[float, int]:
-            j = index[i] + d
-            bytes_change = costs.layer_bytes(i, widths[j]) - costs.layer_bytes(i, cfg[i])
-            return float(theta[i, j] - theta[i, index[i]]), bytes_change
-
+        used = self.costs.bytes(cfg)
         scored: list[tuple[float, dict[int, int]]] = []
         for i in (i for i in range(self.n) if index[i] + 1 < len(widths)):
-            gain, extra = change(i, +1)
+            gain, extra = self._step(theta, i, index[i], +1)
             if used + extra <= limit:
                 scored.append((gain, {i: index[i] + 1}))
                 continue
             for k in (k for k in range(self.n) if k != i and index[k] > 0):
-                loss, saved = change(k, -1)
+                loss, saved = self._step(theta, k, index[k], -1)
                 if used + extra + saved <= limit:
                     scored.append((gain + loss, {i: index[i] + 1, k: index[k] - 1}))
         scored.sort(key=lambda s: s[0])
@@ -275,22 +270,27 @@ class BitSearch:
 
     def _fill(self, cfg: tuple[int, ...], theta: torch.Tensor, limit: int) -> tuple[int, ...]:
         """Raise layers one width at a time while the budget allows, the largest predicted gain per byte first."""
-        costs, widths = self.costs, self.widths
+        widths = self.widths
         out = list(cfg)
         while True:
-            options = []
+            used, options = self.costs.bytes(out), []
             for i, b in enumerate(out):
                 j = widths.index(b)
                 if j + 1 == len(widths):
                     continue
-                gain = float(theta[i, j + 1] - theta[i, j])
-                extra = costs.layer_bytes(i, widths[j + 1]) - costs.layer_bytes(i, b)
-                if gain < 0 and costs.bytes(out) + extra <= limit:
+                gain, extra = self._step(theta, i, j, +1)
+                if gain < 0 and used + extra <= limit:
                     options.append((gain / max(extra, 1), i))
             if not options:
                 return tuple(out)
             i = min(options)[1]
             out[i] = widths[widths.index(out[i]) + 1]
+
+    def _step(self, theta: torch.Tensor, layer: int, j: int, d: int) -> tuple[float, int]:
+        """(predicted loss change, bytes change) of moving ``layer`` from ``widths[j]`` to ``widths[j + d]``."""
+        before, after = self.widths[j], self.widths[j + d]
+        return (float(theta[layer, j + d] - theta[layer, j]),
+                self.costs.layer_bytes(layer, after) - self.costs.layer_bytes(layer, before))
 
 
 def bytes_at_average(costs: Costs, layer: int, avg: float, widths: Sequence[int]) -> int:
