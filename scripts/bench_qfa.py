@@ -25,7 +25,9 @@ import torch
 
 WIDTHS = (2, 3, 4)
 FIRST_RANK = 8  # the adapters' rank when these tables were first measured (rows at other ranks say theirs)
-MIXED = (2.5, 3.0, 3.5)  # the searched budgets, those strictly between a model's narrowest and widest width
+# The scales' sign: "signed" since 2026-12-07 (hf_oto.quant.quantize mirrors the grid where that fits better);
+# stored results without the key were measured with positive scales only.
+GRID = "signed"
 
 
 def _qfa_model(ref: Path, quantizer: str, bits, calib, group_size: int):
@@ -80,9 +82,9 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
         cfg = (b,) * n
         rows.append({"config": f"uniform {b}-bit", "bits": list(cfg), "avg_bits": b,
                      "mib": costs.bytes(cfg) / 2**20, "ppl": _ppl(model, cfg, report_blocks)})
-    if len(widths) > 1:
+    if len(widths) > 1 and a.qfa_budgets:  # each budget from the narrowest width to below the widest is searched
         search = BitSearch(model, search_blocks, progress=False)  # each configuration measured once for all budgets
-        for budget in (b for b in MIXED if widths[0] <= b < widths[-1]):
+        for budget in (b for b in a.qfa_budgets if widths[0] <= b < widths[-1]):
             r = search.search(average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine, seed=a.seed)
             cfg = r.best.bits
             rows.append({"config": f"searched, <= {budget} bits", "bits": list(cfg),
@@ -142,6 +144,9 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     from hf_oto.export.quantized import save_quantized
     from hf_oto.metrics import perplexity
 
+    if a.qfa_hesso and 3.0 not in a.qfa_budgets:
+        raise SystemExit("QFA section: the QFA + HESSO row exports its searched 3.0-bit configuration; add 3.0 to "
+                         "--qfa_budgets or pass --no-qfa_hesso")
     started = time.time()
     half = min(len(eval_blocks) // 2, a.qfa_search_blocks or len(eval_blocks))
     search_blocks, report_blocks = eval_blocks[:half], eval_blocks[half:]
@@ -150,9 +155,9 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     widths = tuple(sorted(set(a.qfa_bits)))
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
-                           "report_blocks": len(report_blocks), "bits": list(widths), "rows": []}
+                           "report_blocks": len(report_blocks), "bits": list(widths), "grid": GRID, "rows": []}
     settings = {k: v for k, v in res.items() if k != "rows"}
-    before = {"bits": list(WIDTHS)}  # results from before --qfa_bits existed
+    before = {"bits": list(WIDTHS), "grid": "positive"}  # results from before --qfa_bits and signed scales
     if previous and any(previous.get(k, before.get(k)) != v for k, v in settings.items()):
         changed = sorted(k for k, v in settings.items() if previous.get(k, before.get(k)) != v)
         raise SystemExit(f"QFA section: the stored results were measured with other settings ({', '.join(changed)})")
@@ -226,7 +231,7 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
              *(f"- command: `{c}`" for c in res.get("commands") or [command]),
              f"- every trained row: {res['steps']} steps in total x {res['batch']} x {res['block']} tokens "
              f"(the per-width runs split them equally), adapters lr {res['lr']}, GPTQ base, group size "
-             f"{res['group_size']}, symmetric; sampling: {res['schedule']}",
+             f"{res['group_size']}, symmetric ({res.get('grid', 'positive')} scales); sampling: {res['schedule']}",
              f"- searched rows: chosen by `qfa_search` on {res['search_blocks']} held-out blocks, reported on "
              f"the other {res['report_blocks']}; every perplexity here is on those {res['report_blocks']} blocks",
              f"- fp32 reference: perplexity {res['fp_ppl']:.2f}, {res['fp_mib']:.2f} MiB",

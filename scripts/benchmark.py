@@ -178,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_schedule", default="uniform", choices=("uniform", "triangular"))
     p.add_argument("--qfa_bits", type=int, nargs="+", default=[2, 3, 4], choices=(2, 3, 4, 8),
                    help="QFA section: the widths of the bases, the per-width runs and the QFA run")
+    p.add_argument("--qfa_budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5],
+                   help="QFA section: the average-bit budgets searched on every model (none: uniform widths only)")
     p.add_argument("--qfa_samples", type=int, default=8, help="QFA search: random allocations of each budget")
     p.add_argument("--qfa_refine", type=int, default=16, help="QFA search: steps of its measured local search")
     p.add_argument("--qfa_search_blocks", type=int, default=None,

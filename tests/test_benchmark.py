@@ -150,7 +150,7 @@ def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
         assert f"| {method}" in text, method
     res = json.loads((tmp_path / "res" / "qfa.json").read_text())
     searched = [r for r in res["rows"] if r["config"].startswith("searched")]
-    assert res["bits"] == [2, 3, 4]
+    assert res["bits"] == [2, 3, 4] and res["grid"] == "signed" and "symmetric (signed scales)" in text
     assert {r["config"] for r in searched} == {f"searched, <= {b} bits" for b in (2.5, 3.0, 3.5)}
     assert searched and all(r["avg_bits"] <= float(r["config"].split("<= ")[1].split()[0]) + 1e-9 for r in searched)
     mixes = [r for r in res["rows"] if r.get("random")]  # random allocations at each searched budget

@@ -20,7 +20,7 @@ from hf_oto.errors import ConfigError, ExportError
 from hf_oto.export.quantized import pack_int32, save_quantized
 from hf_oto.groups import group_is_zero
 from hf_oto.quant import BitSampler, QFAConfig, prepare_qfa, qfa_layers, qfa_search, set_bits
-from hf_oto.quant.quantize import code_range, gptq, rtn
+from hf_oto.quant.quantize import _SHRINK, code_range, gptq, rtn
 from hf_oto.quant.search import BitSearch, parse_budget
 from hf_oto.trainer import HFOTOTrainer
 
@@ -32,6 +32,7 @@ def _reload_without_hf_oto(dirs: dict[str, str], tmp_path) -> dict[str, torch.Te
     for key, folder in dirs.items():
         cfg = json.loads((Path(folder) / "config.json").read_text())
         out[key + ".intermediate"] = torch.tensor(cfg["intermediate_size"])
+        out[key + ".heads"] = torch.tensor([cfg["num_attention_heads"], cfg["num_key_value_heads"]])
     return out
 
 
@@ -62,6 +63,24 @@ def test_codes_stay_in_range_and_rtn_error_falls_with_bits():
         assert q.scales.shape == (24, 4)
         errors.append(float((q.dequantize() - w).norm() / w.norm()))
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.01
+
+
+def test_a_negative_scale_mirrors_the_grid_where_the_group_needs_its_long_side_up():
+    # 2 bits store codes -2..1: only a mirrored grid (-1..2 steps, a negative scale) holds the first row exactly
+    w = torch.tensor([[1.0, 0.5, 0.0, -0.5], [-1.0, -0.5, 0.0, 0.5]])
+    for q in (rtn(w, 2, 4), gptq(w, torch.eye(4), 2, 4)):
+        assert torch.allclose(q.dequantize(), w, atol=1e-6)
+        assert q.scales[0, 0] < 0 < q.scales[1, 0]
+    # never worse than the grid without mirroring: its candidate scales (positive, largest |w| at code 1 or
+    # between codes 1 and 2, shrunk) are among the candidates
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    lo, hi = code_range(2)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    errors = torch.stack([((torch.clamp(torch.round(x / (amax * f / d)), lo, hi) * amax * f / d - x) ** 2).sum(dim=1)
+                          for d in (hi, hi + 0.5) for f in _SHRINK])
+    plain = errors.min(dim=0).values
+    mirrored = ((rtn(x, 2, 32).dequantize() - x) ** 2).sum(dim=1)
+    assert (mirrored <= plain + 1e-6).all() and mirrored.sum() < 0.9 * plain.sum()
 
 
 def test_gptq_beats_round_to_nearest_on_the_layer_output():
@@ -295,6 +314,10 @@ def test_mixed_precision_export_reloads_without_hf_oto_with_identical_logits(tmp
     got = _reload_without_hf_oto(dirs, tmp_path)
     for key in configs:
         assert (got[key] - expected[key]).abs().max().item() <= 1e-5, key
+    from safetensors.torch import load_file
+
+    scales = [t for n, t in load_file(tmp_path / "mixed" / "model.safetensors").items() if n.endswith("weight_scale")]
+    assert any((t < 0).any() for t in scales) and any((t > 0).any() for t in scales)  # mirrored grids reload too
     cfg = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
     assert sorted(g["weights"]["num_bits"] for g in cfg["config_groups"].values()) == [2, 3, 4]
     manifest = json.loads((tmp_path / "mixed" / "qfa_manifest.json").read_text())
@@ -473,7 +496,10 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "chosen" in proc.stdout and "uniform 4-bit" in proc.stdout and "random allocations" in proc.stdout
     got = _reload_without_hf_oto({"x": str(tmp_path / "export")}, tmp_path)
-    assert int(got["x.intermediate"]) < 64  # pruned
+    before = json.loads((base / "config.json").read_text())
+    heads = [before["num_attention_heads"], before["num_key_value_heads"]]
+    fewer_heads = any(a < b for a, b in zip(got["x.heads"].tolist(), heads, strict=True))
+    assert int(got["x.intermediate"]) < 64 or fewer_heads  # pruned: FFN channels, or heads and kv groups
     manifest = json.loads((tmp_path / "export" / "qfa_manifest.json").read_text())
     assert manifest["average_bits"] <= 3.0 + 1e-9
     assert manifest["replay_fraction"] == 0.25  # what the run trained on reaches the export

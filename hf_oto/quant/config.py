@@ -67,8 +67,9 @@ class QFAConfig:
         if self.group_size < 1 or self.group_size % 8:
             raise ConfigError(f"QFA group_size must be a positive multiple of 8, got {self.group_size}")
         if not self.symmetric:
-            raise ConfigError("asymmetric QFA is not offered: compressed-tensors 0.20.0 writes asymmetric "
-                              "checkpoints that transformers cannot load (see README, QFA); use symmetric=True")
+            raise ConfigError("asymmetric QFA is not offered: transformers cannot load compressed-tensors' "
+                              "asymmetric checkpoints (0.20.0 and 0.20.1); symmetric QFA mirrors each group's grid "
+                              "where that fits better (see README, QFA); use symmetric=True")
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"QFA quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.schedule not in SCHEDULES:

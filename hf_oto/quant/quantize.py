@@ -4,6 +4,12 @@ A weight ``W`` (out x in) is split along its input columns into groups of ``grou
 (row, group) has one scale ``s`` and every weight is stored as an integer code ``q`` in
 ``[-2^(b-1), 2^(b-1) - 1]``, so ``W ~ q * s``. This is the layout compressed-tensors' symmetric
 "group" strategy stores, so codes and scales go into an export unchanged.
+
+The code range has one more negative code than positive ones (at 2 bits: -2, -1, 0, 1). A scale may be
+negative, which mirrors the grid (at 2 bits: -1, 0, 1, 2 steps), so each (row, group) points the long
+side at whichever tail its weights need it for. That is what an asymmetric quantizer's zero point buys
+on zero-centred groups, in a format that stores no zero points (transformers cannot load
+compressed-tensors' asymmetric checkpoints).
 """
 
 from __future__ import annotations
@@ -50,17 +56,24 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> to
 
 
 def _best_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row scale for one group of columns ``w`` (out x g) that minimises the squared error."""
+    """Per-row signed scale for one group of columns ``w`` (out x g) with the least squared error.
+
+    The candidates put the group's largest |w| on the long side of the grid, between the two sides, or on the
+    short side, each shrunk by the factors of ``_SHRINK`` (a clipping search), with both signs: the positive
+    scales alone are the grid without mirroring, so the error is never above theirs.
+    """
     lo, hi = code_range(bits)
     amax = w.abs().amax(dim=1).clamp_min(1e-12)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax / hi
-    for f in [*_SHRINK, None]:
-        s = amax / hi if f is None else amax * f / (hi + 0.5)
-        q = torch.clamp(torch.round(w / s[:, None]), lo, hi)
-        err = ((q * s[:, None] - w) ** 2).sum(dim=1)
-        better = err < best_err
-        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    fractions = torch.tensor([f / d for d in (-lo, hi + 0.5, hi) for f in _SHRINK], dtype=w.dtype, device=w.device)
+    best, best_err = amax / hi, torch.full_like(amax, float("inf"))
+    for chunk in (fractions, -fractions):  # ten candidates at a time bound the memory (candidates x out x g)
+        for part in chunk.split(len(_SHRINK)):
+            s = part[:, None] * amax[None, :]
+            q = torch.clamp(torch.round(w[None] / s[..., None]), lo, hi)
+            err, k = ((q * s[..., None] - w[None]) ** 2).sum(dim=2).min(dim=0)
+            better = err < best_err
+            best = torch.where(better, s.gather(0, k[None]).squeeze(0), best)
+            best_err = torch.where(better, err, best_err)
     return best
 
 
