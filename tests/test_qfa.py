@@ -20,7 +20,7 @@ from hf_oto.errors import ConfigError, ExportError
 from hf_oto.export.quantized import pack_int32, save_quantized
 from hf_oto.groups import group_is_zero
 from hf_oto.quant import BitSampler, QFAConfig, prepare_qfa, qfa_layers, qfa_search, set_bits
-from hf_oto.quant.quantize import _SHRINK, code_range, gptq, rtn
+from hf_oto.quant.quantize import code_range, gptq, rtn
 from hf_oto.quant.search import BitSearch, parse_budget
 from hf_oto.trainer import HFOTOTrainer
 
@@ -71,16 +71,14 @@ def test_a_negative_scale_mirrors_the_grid_where_the_group_needs_its_long_side_u
     for q in (rtn(w, 2, 4), gptq(w, torch.eye(4), 2, 4)):
         assert torch.allclose(q.dequantize(), w, atol=1e-6)
         assert q.scales[0, 0] < 0 < q.scales[1, 0]
-    # never worse than the grid without mirroring: its candidate scales (positive, largest |w| at code 1 or
-    # between codes 1 and 2, shrunk) are among the candidates
+    # never worse than the grid without mirroring (signed=False), whose candidates are among the signed ones
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
-    lo, hi = code_range(2)
-    amax = x.abs().amax(dim=1, keepdim=True)
-    errors = torch.stack([((torch.clamp(torch.round(x / (amax * f / d)), lo, hi) * amax * f / d - x) ** 2).sum(dim=1)
-                          for d in (hi, hi + 0.5) for f in _SHRINK])
-    plain = errors.min(dim=0).values
-    mirrored = ((rtn(x, 2, 32).dequantize() - x) ** 2).sum(dim=1)
-    assert (mirrored <= plain + 1e-6).all() and mirrored.sum() < 0.9 * plain.sum()
+    for b in (2, 3, 4):
+        mirrored = ((rtn(x, b, 32).dequantize() - x) ** 2).sum(dim=1)
+        plain = ((rtn(x, b, 32, signed=False).dequantize() - x) ** 2).sum(dim=1)
+        assert (mirrored <= plain + 1e-6).all() and mirrored.sum() < 0.95 * plain.sum(), b
+    h = torch.eye(32) + 0.5  # correlated inputs
+    assert (gptq(x, h, 2, 32).scales < 0).any() and (gptq(x, h, 2, 32, signed=False).scales > 0).all()
 
 
 def test_gptq_beats_round_to_nearest_on_the_layer_output():

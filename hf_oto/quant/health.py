@@ -1,9 +1,9 @@
 """Does the model survive each QFA width? The quantized base's loss per width against full precision.
 
 QFA samples a width per layer every step, so every width's errors flow into every adapter. A width the
-model does not survive (SmolLM2-135M at 2 bits, group 32: perplexity 3e7) turns the sampled networks
-into noise, and the adapters then learn corrections that make the other widths worse. One batch
-before training says so: :class:`WidthCheck` holds the losses and the warning.
+model does not survive (SmolLM2-135M at 2 bits, group 32, with positive scales only: perplexity 3e7)
+turns the sampled networks into noise, and the adapters then learn corrections that make the other
+widths worse. One batch before training says so: :class:`WidthCheck` holds the losses and the warning.
 """
 
 from __future__ import annotations

@@ -55,19 +55,20 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> to
     return codes.to(scales.dtype) * scales.repeat_interleave(group_size, dim=1)
 
 
-def _best_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row signed scale for one group of columns ``w`` (out x g) with the least squared error.
+def _best_scale(w: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """Per-row scale for one group of columns ``w`` (out x g) with the least squared error.
 
     The candidates put the group's largest |w| on the long side of the grid, between the two sides, or on the
-    short side, each shrunk by the factors of ``_SHRINK`` (a clipping search), with both signs: the positive
-    scales alone are the grid without mirroring, so the error is never above theirs.
+    short side, each shrunk by the factors of ``_SHRINK`` (a clipping search), with both signs (``signed``)
+    or positive only: the positive scales alone are the grid without mirroring, so the error with both signs
+    is never above theirs.
     """
     lo, hi = code_range(bits)
     amax = w.abs().amax(dim=1).clamp_min(1e-12)
     fractions = torch.tensor([f / d for d in (-lo, hi + 0.5, hi) for f in _SHRINK], dtype=w.dtype, device=w.device)
     best, best_err = amax / hi, torch.full_like(amax, float("inf"))
-    for chunk in (fractions, -fractions):  # ten candidates at a time bound the memory (candidates x out x g)
-        for part in chunk.split(len(_SHRINK)):
+    for chunk in (fractions, -fractions) if signed else (fractions,):
+        for part in chunk.split(len(_SHRINK)):  # ten candidates at a time bound the memory (candidates x out x g)
             s = part[:, None] * amax[None, :]
             q = torch.clamp(torch.round(w[None] / s[..., None]), lo, hi)
             err, k = ((q * s[..., None] - w[None]) ** 2).sum(dim=2).min(dim=0)
@@ -77,20 +78,22 @@ def _best_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     return best
 
 
-def rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
-    """Round-to-nearest with a per-(row, group) clipping search."""
+def rtn(weight: torch.Tensor, bits: int, group_size: int, *, signed: bool = True) -> QuantizedWeight:
+    """Round-to-nearest with a per-(row, group) clipping search (``signed``: scales of either sign)."""
     w = weight.detach().float()
     lo, hi = code_range(bits)
-    scales = torch.stack([_best_scale(w[:, g:g + group_size], bits) for g in range(0, w.shape[1], group_size)], dim=1)
+    scales = torch.stack([_best_scale(w[:, g:g + group_size], bits, signed)
+                          for g in range(0, w.shape[1], group_size)], dim=1)
     codes = torch.clamp(torch.round(w / scales.repeat_interleave(group_size, dim=1)), lo, hi)
     return QuantizedWeight(codes.to(torch.int8), scales, bits, group_size)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *,
-         damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+         damp: float = 0.01, block: int = 128, signed: bool = True) -> QuantizedWeight:
     """GPTQ (Frantar et al., 2022): quantize columns in order and spread each column's error over the
     columns not yet quantized, weighted by the inverse of ``hessian`` (``X^T X`` of the layer's inputs).
-    Each group's scale is chosen when the group is reached, from its error-corrected weights.
+    Each group's scale is chosen when the group is reached, from its error-corrected weights (``signed``:
+    scales of either sign; False gives the grid without mirroring).
 
     Works on the weight's device, in float32 whatever the weight's dtype; codes and scales come back on
     that device (int8 and float32), wherever ``hessian`` was accumulated.
@@ -115,7 +118,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:
-                scales[:, col // group_size] = _best_scale(w1[:, i:i + group_size], bits)
+                scales[:, col // group_size] = _best_scale(w1[:, i:i + group_size], bits, signed)
             s = scales[:, col // group_size]
             q = torch.clamp(torch.round(w1[:, i] / s), lo, hi)
             codes[:, col] = q.to(torch.int8)
