@@ -263,7 +263,7 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
 
         space = discover_groups(base_model_for_space(info))
     result = qfa_search(model, run.eval_blocks, average_bits=average_bits, max_bytes=max_bytes, samples=args.samples,
-                        refine=args.refine, seed=args.seed)
+                        refine=args.refine, seed=args.seed, min_gain_se=args.min_gain_se)
     print(result.table())
     print(f"chosen bits per layer: {list(result.best.bits)} ({result.evaluated} configurations evaluated)")
     if args.out:
@@ -292,7 +292,7 @@ def _joint_search(run, args: argparse.Namespace, average_bits: float | None, max
     from hf_oto.quant.joint import joint_search, run_spaces, zero_size
 
     result = joint_search(run, run.eval_blocks, average_bits=average_bits, max_bytes=max_bytes, sizes=sizes,
-                          samples=args.samples, refine=args.refine, seed=args.seed)
+                          samples=args.samples, refine=args.refine, seed=args.seed, min_gain_se=args.min_gain_se)
     print(result.table())
     print(f"chosen: size {result.size:g}, bits per layer {list(result.best.bits)} "
           f"({result.evaluated} configurations evaluated)")
@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="random allocations of the budget's memory, measured beside the guided candidates")
     p.add_argument("--refine", type=int, default=16, help="steps of the measured local search")
     p.add_argument("--seed", type=int, default=0, help="seed of the search's draws")
+    p.add_argument("--min_gain_se", type=float, default=2.0,
+                   help="a mix replaces the best uniform configuration within the budget only when it beats it by "
+                        "more than this many paired standard errors on the run's evaluation blocks (0: any gain)")
     p.add_argument("--sizes", help="elastic QFA runs: only these trained sizes, comma-separated (default: every "
                                    "size and the full model, searched together with the bits)")
     p.set_defaults(func=cmd_qfa_search)

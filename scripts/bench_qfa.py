@@ -85,11 +85,17 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
     if len(widths) > 1 and a.qfa_budgets:  # each budget from the narrowest width to below the widest is searched
         search = BitSearch(model, search_blocks, progress=False)  # each configuration measured once for all budgets
         for budget in (b for b in a.qfa_budgets if widths[0] <= b < widths[-1]):
-            r = search.search(average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine, seed=a.seed)
+            r = search.search(average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine, seed=a.seed,
+                              min_gain_se=a.qfa_min_gain_se)
             cfg = r.best.bits
             rows.append({"config": f"searched, <= {budget} bits", "bits": list(cfg),
                          "avg_bits": costs.average_bits(cfg), "mib": costs.bytes(cfg) / 2**20,
-                         "ppl": _ppl(model, cfg, report_blocks), "evaluated": r.evaluated, "search": "measured"})
+                         "ppl": _ppl(model, cfg, report_blocks), "evaluated": r.evaluated, "search": "measured",
+                         "gain_se": r.gain_se})
+            if r.mix is not None:  # the mix the paired test turned down, reported to show what it would have been
+                rows.append({"config": f"best mix, not chosen, <= {budget} bits", "bits": list(r.mix.bits),
+                             "avg_bits": r.mix.average_bits, "mib": r.mix.bytes / 2**20,
+                             "ppl": _ppl(model, r.mix.bits, report_blocks), "gain_se": r.gain_se})
             if budget not in widths:  # at a width's own budget every allocation is that uniform width
                 rows.append(_random_row(search, budget, report_blocks, a.seed))
     return rows
@@ -155,9 +161,11 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     widths = tuple(sorted(set(a.qfa_bits)))
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
-                           "report_blocks": len(report_blocks), "bits": list(widths), "grid": GRID, "rows": []}
+                           "report_blocks": len(report_blocks), "bits": list(widths), "grid": GRID,
+                           "min_gain_se": a.qfa_min_gain_se, "rows": []}
     settings = {k: v for k, v in res.items() if k != "rows"}
-    before = {"bits": list(WIDTHS), "grid": "positive"}  # results from before --qfa_bits and signed scales
+    # results from before --qfa_bits, signed scales and the search's paired test (any lower mean loss won)
+    before = {"bits": list(WIDTHS), "grid": "positive", "min_gain_se": 0.0}
     if previous and any(previous.get(k, before.get(k)) != v for k, v in settings.items()):
         changed = sorted(k for k, v in settings.items() if previous.get(k, before.get(k)) != v)
         raise SystemExit(f"QFA section: the stored results were measured with other settings ({', '.join(changed)})")
@@ -229,11 +237,13 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
     (out / "qfa.json").write_text(json.dumps(res, indent=1))
     lines = ["# QFA benchmark (quantization-aware once-for-all)", "",
              *(f"- command: `{c}`" for c in res.get("commands") or [command]),
+             *(f"- note: {n}" for n in res.get("notes", [])),
              f"- every trained row: {res['steps']} steps in total x {res['batch']} x {res['block']} tokens "
              f"(the per-width runs split them equally), adapters lr {res['lr']}, GPTQ base, group size "
              f"{res['group_size']}, symmetric ({res.get('grid', 'positive')} scales); sampling: {res['schedule']}",
              f"- searched rows: chosen by `qfa_search` on {res['search_blocks']} held-out blocks, reported on "
              f"the other {res['report_blocks']}; every perplexity here is on those {res['report_blocks']} blocks",
+             f"- {_acceptance(res.get('min_gain_se', 0.0))}",
              f"- fp32 reference: perplexity {res['fp_ppl']:.2f}, {res['fp_mib']:.2f} MiB",
              f"- wall time of this section: {res.get('wall_minutes', float('nan')):.1f} min", "",
              "| method | configuration | avg bits | MiB | held-out perplexity | train minutes |",
@@ -247,6 +257,8 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
         if r in fitted:
             r = dict(r, config=r["config"].replace("searched,", "searched (fitted),"))
         spread = f" [{r['ppl_range'][0]:.2f}-{r['ppl_range'][1]:.2f}]" if "ppl_range" in r else ""
+        if r.get("gain_se") is not None:
+            r = dict(r, config=f"{r['config']} (mix's gain {r['gain_se']:.1f} SE)")
         lines.append(f"| {r['method']} | {r['config']} | {r['avg_bits']:.2f} | {r['mib']:.2f} | "
                      f"{r['ppl']:.2f}{spread} | {minutes} |")
     if "qfa_hesso_export_mib" in res:
@@ -263,6 +275,14 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
     return path
 
 
+def _acceptance(min_gain_se: float) -> str:
+    if not min_gain_se:
+        return "the search kept the configuration with the lowest mean loss on its blocks (no paired test)"
+    return (f"a mix was chosen over the best uniform configuration within the budget only when its per-block "
+            f"loss gain on the search blocks exceeded {min_gain_se:g} paired standard errors (SE); rows say the "
+            "best mix's gain, and a mix turned down is reported as 'best mix, not chosen'")
+
+
 def _plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -272,7 +292,8 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
     for m in methods:
-        rows = sorted((r for r in res["rows"] if r["method"] == m and not r.get("random")),
+        rows = sorted((r for r in res["rows"] if r["method"] == m and not r.get("random")
+                       and not r["config"].startswith("best mix")),
                       key=lambda r: r["avg_bits"])
         line, = ax.plot([r["avg_bits"] for r in rows], [r["ppl"] for r in rows], marker="o", label=m)
         mixes = [r for r in res["rows"] if r["method"] == m and r.get("random")]

@@ -182,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="QFA section: the average-bit budgets searched on every model (none: uniform widths only)")
     p.add_argument("--qfa_samples", type=int, default=8, help="QFA search: random allocations of each budget")
     p.add_argument("--qfa_refine", type=int, default=16, help="QFA search: steps of its measured local search")
+    p.add_argument("--qfa_min_gain_se", type=float, default=2.0,
+                   help="QFA search: paired standard errors a mix must beat the best uniform fit by (0: any gain)")
     p.add_argument("--qfa_search_blocks", type=int, default=None,
                    help="QFA search: held-out blocks it searches on (default: half; the rest report)")
     p.add_argument("--qfa_rank", type=int, default=8,

@@ -8,6 +8,11 @@ trying the single moves the model ranks first (raise a layer where the budget al
 lower another), and keeps a move only when the measured loss drops. Uniform configurations that fit and
 ``samples`` random allocations of the same memory are measured too, so the result is never worse on the
 search blocks than either.
+
+A search that measures dozens of configurations on the same blocks favours the one whose noise happened
+to be lowest, so a mixed configuration replaces the best uniform one within the budget only when it beats
+it on the blocks by more than ``min_gain_se`` paired standard errors (per-block loss differences); otherwise
+the uniform configuration is returned, which is simpler to serve and as good as the blocks can tell.
 """
 
 from __future__ import annotations
@@ -44,15 +49,23 @@ class SearchResult:
     evaluated: int
     sensitivity: list[float] = field(default_factory=list)  # loss rise per layer, lowest -> highest width
     random: list[Candidate] = field(default_factory=list)  # the random allocations of the budget's memory
+    mix: Candidate | None = None  # the best mixed configuration measured, when the uniform one was kept over it
+    gain_se: float | None = None  # the best mix's paired loss gain over the best uniform fit, in standard errors
 
     def table(self) -> str:
         rows = [("chosen", self.best)] + [(f"uniform {c.bits[0]}-bit", c) for c in self.uniform]
+        if self.mix is not None:
+            rows.append(("best mix (not chosen)", self.mix))
         if self.random:
             rows.append((f"best of {len(self.random)} random allocations", min(self.random, key=lambda c: c.loss)))
         lines = ["| configuration | avg bits | MiB | eval loss | perplexity |", "|---|---|---|---|---|"]
         for name, c in rows:
             lines.append(f"| {name} | {c.average_bits:.2f} | {c.bytes / 2**20:.2f} | {c.loss:.4f} | "
                          f"{c.perplexity:.2f} |")
+        if self.gain_se is not None:
+            verdict = "kept" if self.mix is None else "not enough: the uniform configuration is kept"
+            lines.append(f"\nthe best mix's gain over the best uniform configuration within the budget: "
+                         f"{self.gain_se:.1f} paired standard errors ({verdict})")
         return "\n".join(lines)
 
 
@@ -97,23 +110,40 @@ class Costs:
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, bits: Sequence[int] | int, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token loss of ``model`` at per-layer ``bits`` on ``blocks`` (N x T input ids)."""
+def block_losses(model: nn.Module, bits: Sequence[int] | int, blocks: torch.Tensor,
+                 batch_size: int = 8) -> torch.Tensor:
+    """Each block's mean next-token loss (float64, one per row of ``blocks``, N x T input ids) of ``model``
+    at per-layer ``bits``."""
     set_bits(model, bits)
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    out = []
     device = next(model.parameters()).device
     try:
         for i in range(0, blocks.shape[0], batch_size):
             ids = blocks[i:i + batch_size].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                               reduction="sum")
-            total, count = total + float(loss), count + ids[:, 1:].numel()
+            loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out.append(loss.double().mean(dim=1).cpu())
     finally:
         model.train(was)
-    return total / count
+    return torch.cat(out)
+
+
+def eval_loss(model: nn.Module, bits: Sequence[int] | int, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss of ``model`` at per-layer ``bits`` on ``blocks`` (N x T input ids)."""
+    return float(block_losses(model, bits, blocks, batch_size).mean())
+
+
+def paired_gain_se(worse: torch.Tensor, better: torch.Tensor) -> float:
+    """The mean per-block loss gain of ``better`` over ``worse`` in paired standard errors (inf when every
+    block gains the same positive amount, 0 when there is no gain)."""
+    d = worse - better
+    gain = float(d.mean())
+    if gain <= 0:
+        return 0.0
+    se = float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
+    return gain / se if se > 0 else math.inf
 
 
 def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: int) -> tuple[int, ...] | None:
@@ -139,17 +169,20 @@ def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: i
 
 def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | None = None,
                max_bytes: int | None = None, samples: int = 8, refine: int = 16, seed: int = 0,
-               progress: bool = True) -> SearchResult:
+               min_gain_se: float = 2.0, progress: bool = True) -> SearchResult:
     """The per-layer widths with the lowest eval loss on ``blocks`` within the budget.
 
     Give the budget as ``average_bits`` (mean width of the quantized weights) or ``max_bytes``
     (the export's weight bytes, estimated from the kept shapes). Each layer's sensitivity costs
     ``layers x (widths - 1)`` evaluations; ``samples`` random allocations of the budget's memory and up to
-    ``refine`` steps of the measured local search come on top. To search several budgets of one model,
-    use :class:`BitSearch`, which measures each configuration once.
+    ``refine`` steps of the measured local search come on top. A mixed configuration is chosen over the best
+    uniform one that fits only when it beats it by more than ``min_gain_se`` paired standard errors on the
+    blocks (0: whenever its mean loss is lower). To search several budgets of one model, use
+    :class:`BitSearch`, which measures each configuration once.
     """
     return BitSearch(model, blocks, progress=progress).search(average_bits=average_bits, max_bytes=max_bytes,
-                                                              samples=samples, refine=refine, seed=seed)
+                                                              samples=samples, refine=refine, seed=seed,
+                                                              min_gain_se=min_gain_se)
 
 
 class BitSearch:
@@ -164,7 +197,7 @@ class BitSearch:
         self.widths = sorted(layers_q[0][2].bits)
         self.n = len(decoder_layers(model)[1])
         self.costs = Costs(model)
-        self._losses: dict[tuple[int, ...], float] = {}
+        self._losses: dict[tuple[int, ...], torch.Tensor] = {}  # per-block losses of each measured configuration
 
     def limit(self, average_bits: float | None = None, max_bytes: int | None = None) -> int:
         """The budget in bytes; one clear error when it is malformed or below the narrowest configuration."""
@@ -184,7 +217,7 @@ class BitSearch:
         return limit
 
     def search(self, *, average_bits: float | None = None, max_bytes: int | None = None, samples: int = 8,
-               refine: int = 16, seed: int = 0) -> SearchResult:
+               refine: int = 16, seed: int = 0, min_gain_se: float = 2.0) -> SearchResult:
         """The best measured configuration within the budget (see :func:`qfa_search`)."""
         limit = self.limit(average_bits, max_bytes)
         costs, widths, n = self.costs, self.widths, self.n
@@ -195,8 +228,8 @@ class BitSearch:
         def measure(cfg: tuple[int, ...]) -> Candidate:
             if cfg not in seen:
                 if cfg not in self._losses:
-                    self._losses[cfg] = eval_loss(self.model, cfg, self.blocks)
-                seen[cfg] = Candidate(cfg, costs.average_bits(cfg), costs.bytes(cfg), self._losses[cfg])
+                    self._losses[cfg] = block_losses(self.model, cfg, self.blocks).double()
+                seen[cfg] = Candidate(cfg, costs.average_bits(cfg), costs.bytes(cfg), float(self._losses[cfg].mean()))
                 bar.update(1)
             return seen[cfg]
 
@@ -220,7 +253,14 @@ class BitSearch:
         finally:
             bar.close()
             set_bits(self.model, widths[-1])
-        return SearchResult(best, uniform, len(seen), (theta[:, 0] - theta[:, -1]).tolist(), random)
+        mix, gain_se = None, None
+        fits = [c for c in uniform if c.bytes <= limit]
+        if fits and len(set(best.bits)) > 1:  # a mix must beat the best uniform fit beyond the blocks' noise
+            anchor = min(fits, key=lambda c: c.loss)
+            gain_se = paired_gain_se(self._losses[anchor.bits], self._losses[best.bits])
+            if gain_se <= min_gain_se:
+                best, mix = anchor, best
+        return SearchResult(best, uniform, len(seen), (theta[:, 0] - theta[:, -1]).tolist(), random, mix, gain_se)
 
     def _probe(self, centre: int, measure) -> torch.Tensor:
         """theta[i, j]: the loss change when layer i alone moves from ``centre`` to ``widths[j]``."""
