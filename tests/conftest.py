@@ -1,6 +1,11 @@
+import os
 import sys
 import warnings
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # parallel workers share the cores instead of each taking all
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message=".*must be `None` or an integer within the vocabulary.*")
