@@ -6,8 +6,8 @@ is recorded. An additive model of those changes picks the configuration predicte
 (a knapsack over layers); a measured local search then walks from the best configuration found so far,
 trying the single moves the model ranks first (raise a layer where the budget allows, or raise one and
 lower another), and keeps a move only when the measured loss drops. Uniform configurations that fit and
-``samples`` random allocations of the same memory are measured too, so the result is never worse on the
-search blocks than either.
+``samples`` random allocations of the same memory are measured too, so the best configuration measured is
+never worse on the search blocks than either.
 
 A search that measures dozens of configurations on the same blocks favours the one whose noise happened
 to be lowest, so a mixed configuration replaces the best uniform one within the budget only when it beats
