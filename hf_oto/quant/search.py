@@ -228,7 +228,7 @@ class BitSearch:
         def measure(cfg: tuple[int, ...]) -> Candidate:
             if cfg not in seen:
                 if cfg not in self._losses:
-                    self._losses[cfg] = block_losses(self.model, cfg, self.blocks).double()
+                    self._losses[cfg] = block_losses(self.model, cfg, self.blocks)
                 seen[cfg] = Candidate(cfg, costs.average_bits(cfg), costs.bytes(cfg), float(self._losses[cfg].mean()))
                 bar.update(1)
             return seen[cfg]
