@@ -62,12 +62,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.demo:
         import tempfile
 
-        target = str(demo_config_dir(Path(tempfile.mkdtemp(prefix="hf-oto-demo-"))))
+        with tempfile.TemporaryDirectory(prefix="hf-oto-demo-") as tmp:  # the config is read, then removed
+            model = _load_meta_model(str(demo_config_dir(Path(tmp))))
     elif args.model:
-        target = args.model
+        model = _load_meta_model(args.model)
     else:
         raise HFOTOError("give MODEL_DIR_OR_CONFIG, or --demo for a small built-in Llama config")
-    model = _load_meta_model(target)
     space = discover_groups(model)
     if args.pruning_granularity != "width":
         from hf_oto.groups.depth import with_granularity

@@ -12,6 +12,7 @@ from tiny import tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned
 from hf_oto.data import train_tokenizer
+from hf_oto.errors import ConfigError
 
 TEXT = "the quick brown fox jumps over the lazy dog and then runs far away into the woods . " * 30
 
@@ -71,6 +72,31 @@ def test_eval_cli_runs_a_local_lm_eval_task_and_perplexity_and_writes_json(expor
     report = json.loads(out.read_text())
     assert 0.0 <= report["lm_eval"]["results"]["hfoto_local"]["acc,none"] <= 1.0
     assert report["perplexity"]["perplexity"] > 1 and report["perplexity"]["stride"] == 16
+
+
+def test_local_tasks_are_found_without_indexing_lm_evals_built_in_tasks(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+
+    from hf_oto.job.evaluate_job import task_manager
+
+    tasks = local_task(tmp_path)
+    built: list[bool] = []
+    real = lm_eval.tasks.TaskManager
+
+    def spy(*a, include_defaults=True, **k):
+        built.append(include_defaults)
+        if include_defaults:  # the built-in index (16 s): its contents do not matter here
+            return type("Index", (), {"all_tasks": ["hfoto_local", "arc_easy"], "all_subtasks": []})()
+        return real(*a, include_defaults=False, **k)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", spy)
+    local = task_manager(["hfoto_local"], str(tasks))
+    assert built == [False] and local.all_tasks == ["hfoto_local"]
+    assert "arc_easy" in task_manager(["hfoto_local", "arc_easy"], str(tasks)).all_tasks  # a built-in name too
+    assert built == [False, False, True]
+    with pytest.raises(ConfigError, match="unknown lm-eval task 'nope'"):
+        task_manager(["nope"], str(tasks))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -145,6 +145,14 @@ def test_zero_invariance_property(kv, rep, head_dim, inter, layers, seed, frac):
         assert (logits(sub, ids) - full).abs().max().item() <= 1e-5
 
 
+def test_cli_inspect_demo_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its config is written and read
+    assert main(["inspect", "--demo"]) == 0
+    assert "llama: 4 layers" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
 def test_cli_inspect_local_dir(tmp_path, capsys):
     cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)

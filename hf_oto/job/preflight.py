@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,12 +30,14 @@ from hf_oto.trainer.resume import adopt_added_settings, changed_pruning_settings
 @dataclass(frozen=True)
 class Checked:
     """What :func:`preflight` found: the local source folder (None for Hub ids and ``init_config``),
-    the export folder, the checkpoint to resume (None: a fresh run) and warnings to print."""
+    the export folder, the checkpoint to resume (None: a fresh run), warnings to print and the lm-eval
+    TaskManager that checked ``eval_tasks`` (None without them; the job evaluates with it)."""
 
     source: Path | None
     pruned: Path
     resume: str | None
     warnings: tuple[str, ...] = ()
+    tasks: Any = None
 
 
 def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingArguments) -> Checked:
@@ -66,7 +69,7 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
     check_data_args(dargs)
     check_streaming(dargs, targs.max_steps)
     check_trackers(targs)
-    check_eval_tasks(dargs, margs, targs)
+    tasks = check_eval_tasks(dargs, margs, targs)
     adapter_dir = f"{targs.pruned_dir()}-adapter" if margs.lora_r and not margs.merge_adapters else None
     pruned = check_output_folders(targs, source=source, adapter_dir=adapter_dir)
     resume = resolve_resume(targs)
@@ -80,15 +83,17 @@ def preflight(margs: ModelArguments, dargs: DataArguments, targs: HFOTOTrainingA
                               f"{first_line(exc)}") from None
         model = with_lora(model, margs)
     check_setup(model, targs)
-    return Checked(source=source, pruned=pruned, resume=resume, warnings=tuple(precision_warnings(targs)))
+    return Checked(source=source, pruned=pruned, resume=resume, warnings=tuple(precision_warnings(targs)),
+                   tasks=tasks)
 
 
-def check_eval_tasks(dargs: DataArguments, margs: ModelArguments, targs: HFOTOTrainingArguments) -> None:
-    """``eval_tasks``: lm-eval installed and every task known, before any training."""
+def check_eval_tasks(dargs: DataArguments, margs: ModelArguments, targs: HFOTOTrainingArguments) -> Any:
+    """``eval_tasks``: lm-eval installed and every task known, before any training; returns the TaskManager
+    that found them (None without ``eval_tasks``)."""
     if not dargs.eval_tasks:
         if dargs.eval_tasks_limit is not None or dargs.eval_tasks_include_path:
             raise ConfigError("eval_tasks_limit and eval_tasks_include_path apply to eval_tasks; set eval_tasks too")
-        return
+        return None
     from hf_oto.job.evaluate_job import task_manager
 
     if dargs.eval_tasks_limit is not None and dargs.eval_tasks_limit <= 0:
@@ -102,7 +107,8 @@ def check_eval_tasks(dargs: DataArguments, margs: ModelArguments, targs: HFOTOTr
     if margs.lora_r and not margs.merge_adapters:
         raise ConfigError("eval_tasks evaluates the exported model; with merge_adapters: false the export is a base "
                           "plus an adapter, so run hf-oto eval on a merged copy instead")
-    task_manager(list(dargs.eval_tasks), dargs.eval_tasks_include_path, ("eval_tasks", "eval_tasks_include_path"))
+    return task_manager(list(dargs.eval_tasks), dargs.eval_tasks_include_path,
+                        ("eval_tasks", "eval_tasks_include_path"))
 
 
 def check_trackers(targs: HFOTOTrainingArguments) -> None:

@@ -98,19 +98,18 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
         kept=Manifest.read(out).kept_by_kind(),
         train_tokens=int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
                          * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
-        lm_eval=_lm_eval(out, dargs, targs.per_device_eval_batch_size) if dargs.eval_tasks else None,
+        lm_eval=_lm_eval(out, dargs, targs.per_device_eval_batch_size, checked.tasks) if dargs.eval_tasks else None,
     )
     print_summary(summary)
     return summary
 
 
-def _lm_eval(out: Path, dargs: DataArguments, batch_size: int) -> dict[str, dict[str, float]]:
-    """``eval_tasks`` on the export as users load it (without hf_oto); the scores go into its card."""
+def _lm_eval(out: Path, dargs: DataArguments, batch_size: int, manager) -> dict[str, dict[str, float]]:
+    """``eval_tasks`` on the export as users load it (without hf_oto), with the TaskManager that checked the
+    tasks before training; the scores go into its card."""
     from hf_oto.export.save import record_lm_eval
-    from hf_oto.job.evaluate_job import load_for_eval, run_lm_eval, task_manager, task_scores
+    from hf_oto.job.evaluate_job import load_for_eval, run_lm_eval, task_scores
 
-    manager = task_manager(list(dargs.eval_tasks), dargs.eval_tasks_include_path,
-                           ("eval_tasks", "eval_tasks_include_path"))
     model, tokenizer = load_for_eval(str(out))
     results = run_lm_eval(model, tokenizer, list(dargs.eval_tasks), manager, limit=dargs.eval_tasks_limit,
                           batch_size=batch_size, num_fewshot=None)
