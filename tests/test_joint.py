@@ -133,8 +133,8 @@ def test_bad_joint_settings_are_one_line_before_any_work(capsys, tmp_path, args,
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_joint_run_then_search_writes_the_chosen_pair(tmp_path):
-    from jobs import ROOT, hfoto, user_error, word_corpus
+def test_cli_joint_run_then_search_writes_the_chosen_pair(tmp_path, capsys):
+    from jobs import ROOT, hfoto, word_corpus
 
     base = tmp_path / "base"
     tiny_model("llama", num_hidden_layers=2, intermediate_size=64).save_pretrained(base)
@@ -150,7 +150,7 @@ def test_cli_joint_run_then_search_writes_the_chosen_pair(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "size 0.5 (masked)" in proc.stdout and "a size and bit-widths" in proc.stdout
     run = tmp_path / "run" / "qfa_run"
-    line = user_error(hfoto("qfa-search", run, "--budget", "3.0", "--sizes", "0.3", cwd=tmp_path))
+    line = refused(capsys, "qfa-search", run, "--budget", "3.0", "--sizes", "0.3")
     assert "size 0.3 was not trained" in line and "0.5, 1" in line
     proc = hfoto("qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--sizes", "0.5",
                  "--out", tmp_path / "export", cwd=tmp_path)

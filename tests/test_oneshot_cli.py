@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from jobs import hfoto, no_pad_tokenizer, refused, user_error, word_corpus
+from jobs import hfoto, no_pad_tokenizer, refused, word_corpus
 from tiny import tiny_model
 
 from hf_oto.manifest import Manifest
@@ -20,7 +20,7 @@ def base(tmp_path):
     return folder
 
 
-def test_oneshot_cli_exports_a_checked_model_with_card_and_recipe_and_reruns_it(tmp_path, base):
+def test_oneshot_cli_exports_a_checked_model_with_card_and_recipe_and_reruns_it(tmp_path, base, capsys):
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
@@ -40,8 +40,7 @@ def test_oneshot_cli_exports_a_checked_model_with_card_and_recipe_and_reruns_it(
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    wrong = hfoto("prune", "--recipe", out / "hf_oto_recipe.yaml", cwd=tmp_path)
-    assert "rerun it with hf-oto oneshot --recipe" in user_error(wrong)
+    assert "rerun it with hf-oto oneshot --recipe" in refused(capsys, "prune", "--recipe", out / "hf_oto_recipe.yaml")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -503,8 +503,8 @@ def test_export_refuses_a_width_the_model_was_not_quantized_at(tmp_path):
 
 
 # The user's path: one YAML through `hf-oto prune`, then `hf-oto qfa-search` -------------------------
-def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(tmp_path):
-    from jobs import ROOT, hfoto, no_pad_tokenizer, user_error, word_corpus
+def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(tmp_path, capsys):
+    from jobs import ROOT, hfoto, no_pad_tokenizer, refused, word_corpus
 
     base = tmp_path / "base"
     tiny_model("llama", num_hidden_layers=2, intermediate_size=64).save_pretrained(base)
@@ -521,7 +521,7 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "uniform 2-bit" in proc.stdout and "qfa-search" in proc.stdout
     run = tmp_path / "run" / "qfa_run"
-    assert "budget must be" in user_error(hfoto("qfa-search", run, "--budget", "lots", cwd=tmp_path))
+    assert "budget must be" in refused(capsys, "qfa-search", run, "--budget", "lots")
     proc = hfoto("qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--out",
                  tmp_path / "export", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -540,8 +540,8 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
 
     card = ModelCard.load(tmp_path / "export" / "README.md").data  # the source's provenance reaches the export
     assert (card.base_model, card.license) == ("org/original-model", "mit") and card.eval_results
-    again = hfoto("qfa-search", run, "--budget", "3.0", "--out", tmp_path / "export", cwd=tmp_path)
-    assert "is not empty" in user_error(again)  # an existing export is not replaced without --overwrite
+    again = refused(capsys, "qfa-search", run, "--budget", "3.0", "--out", tmp_path / "export")
+    assert "is not empty" in again  # an existing export is not replaced without --overwrite
 
 
 def test_qfa_under_accelerate_ddp_moves_only_sampled_adapters(tmp_path):
