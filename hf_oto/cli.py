@@ -16,16 +16,16 @@ from hf_oto.errors import ConfigError, HFOTOError, first_line
 
 def _load_meta_model(target: str):
     """Build the model described by a local repo folder or config.json on the meta device."""
+    path = Path(target)  # a mistyped path is refused before torch and transformers load (seconds)
+    if not path.exists():
+        raise ConfigError(f"{target} does not exist (give a local model folder or a config.json)")
+    if path.is_file() and path.name != "config.json":
+        raise ConfigError(f"{target} is not a model folder or a config.json")
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from hf_oto.job.preflight import check_model_folder
 
-    path = Path(target)
-    if not path.exists():
-        raise ConfigError(f"{target} does not exist (give a local model folder or a config.json)")
-    if path.is_file() and path.name != "config.json":
-        raise ConfigError(f"{target} is not a model folder or a config.json")
     folder = path if path.is_dir() else path.parent
     check_model_folder(folder, weights=False)
     try:
@@ -57,8 +57,6 @@ def _version() -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from hf_oto.groups import discover_groups
-
     if args.demo:
         import tempfile
 
@@ -68,6 +66,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model = _load_meta_model(args.model)
     else:
         raise HFOTOError("give MODEL_DIR_OR_CONFIG, or --demo for a small built-in Llama config")
+    from hf_oto.groups import discover_groups
+
     space = discover_groups(model)
     if args.pruning_granularity != "width":
         from hf_oto.groups.depth import with_granularity
@@ -313,6 +313,20 @@ def _joint_search(run, args: argparse.Namespace, average_bits: float | None, max
     return 0
 
 
+# the commands' arguments that name a local file or folder (oneshot's MODEL may be a Hub id)
+LOCAL_PATHS = {"eval": ("model", "model folder"), "export-gguf": ("folder", "export folder"),
+               "export-size": ("run_dir", "elastic run folder"), "qfa-search": ("run_dir", "QFA run folder"),
+               "prune": ("config", "config file")}
+
+
+def _check_local_paths(args: argparse.Namespace) -> None:
+    """A mistyped path is refused at once, before a command imports torch and transformers (8-18 s)."""
+    attr, what = LOCAL_PATHS.get(args.command, (None, ""))
+    value = getattr(args, attr, None) if attr else None
+    if value and not value.startswith("-") and not Path(value).exists():
+        raise ConfigError(f"{what} {value} not found")
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from hf_oto.env import report
 
@@ -413,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = args.debug or os.environ.get("HF_OTO_DEBUG", "") not in ("", "0")
     try:
+        _check_local_paths(args)
         return args.func(args)
     except HFOTOError as exc:
         if debug:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jobs import user_error
 from tiny import logits, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -165,10 +166,18 @@ def test_cli_inspect_local_dir(tmp_path, capsys):
     assert "kv_group" in capsys.readouterr().out
 
 
-def test_cli_reports_errors_cleanly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hf_oto.cli", "inspect", str(tmp_path / "missing")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("args", [["inspect"], ["eval", "--perplexity", "python-stdlib"], ["export-gguf"],
+                                  ["export-size", "--size", "0.5", "--out", "o"], ["qfa-search", "--budget", "3"],
+                                  ["prune"], ["prune", "--recipe"]],
+                         ids=["inspect", "eval", "export-gguf", "export-size", "qfa-search", "prune", "prune-recipe"])
+def test_a_mistyped_path_is_one_line_before_torch_loads(tmp_path, args):
+    """The exit code says whether torch was imported (+10) by the time the command was refused."""
+    code = ("import sys; from hf_oto.cli import main; c = main(sys.argv[1:]); "
+            "sys.exit(c + 10 * ('torch' in sys.modules))")
+    missing = str(tmp_path / "missing")
+    args = [*args, missing] if args[-1] in ("prune", "--recipe") else [args[0], missing, *args[1:]]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert missing in user_error(proc)  # exit code 2 (not 12), one line, no traceback
 
 
 def _tiny_tokenizer():
