@@ -26,14 +26,18 @@ def load_metric(name: str):
     return evaluate.load(str(resources.files("hf_oto.metrics").joinpath(name)))
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token NLL (B x T-1, fp32) of ``logits`` (B x T x V) against ``labels`` (B x T);
+    ignored labels (-100) score as token 0, for the caller to mask."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp_min(0),
+                                             reduction="none")
+
+
 def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL and argmax of the next-token predictions (Trainer's hook; keeps memory flat)."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp_min(0),
-                                            reduction="none")
-    return nll, shift_logits.argmax(-1)
+    return token_nll(logits, labels), logits[:, :-1].argmax(-1)
 
 
 def compute_metrics(eval_pred: Any) -> dict[str, float]:

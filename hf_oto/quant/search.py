@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_oto.errors import ConfigError
+from hf_oto.metrics import token_nll
 from hf_oto.quant.prepare import decoder_layers, qfa_layers, set_bits
 
 
@@ -122,9 +123,7 @@ def block_losses(model: nn.Module, bits: Sequence[int] | int, blocks: torch.Tens
     try:
         for i in range(0, blocks.shape[0], batch_size):
             ids = blocks[i:i + batch_size].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            out.append(loss.double().mean(dim=1).cpu())
+            out.append(token_nll(model(input_ids=ids).logits, ids).double().mean(dim=1).cpu())
     finally:
         model.train(was)
     return torch.cat(out)
