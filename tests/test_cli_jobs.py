@@ -1,14 +1,19 @@
-"""`hf-oto prune` as users run it, in a subprocess: no data loss, real resume, every Trainer mode."""
+"""`hf-oto prune` as users run it: no data loss, real resume, every Trainer mode. In a subprocess where the
+process matters (a SIGKILL and the resume after it, a refusal as the user's shell sees it); in this one where
+it does not."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 from jobs import QUICKSTART, SMALL, hfoto, no_pad_tokenizer, refused, user_error, word_corpus
 from safetensors.torch import load_file
+
+from hf_oto.job.prune_job import run
 
 
 def test_existing_pruned_output_dir_is_refused_with_its_files_intact(tmp_path):
@@ -87,21 +92,19 @@ def test_tokenizer_without_pad_token_trains_with_yaml_scientific_notation(tmp_pa
     # `1e-3` is a string to YAML 1.1 (no dot): the job must read it as the number it is.
     config.write_text(f"learning_rate: 1e-3\nweight_decay: 1e-2\n{open(QUICKSTART).read()}".replace(
         "learning_rate: 0.002\n", "").replace("weight_decay: 0.01\n", ""))
-    proc = hfoto("prune", config, *SMALL, "--train_tokenizer_vocab", "0", "--tokenizer_name", tok,
-                 "--text_source", "null", "--train_files", corpus, "--output_dir", tmp_path / "run", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "export reloaded without hf_oto" in proc.stdout
+    summary = run(str(config), [str(a) for a in (*SMALL, "--train_tokenizer_vocab", "0", "--tokenizer_name", tok,
+                                                 "--text_source", "null", "--train_files", corpus,
+                                                 "--output_dir", tmp_path / "run")])
+    assert math.isfinite(summary.ppl_export_reloaded)  # the export reloaded without hf_oto
     args = json.loads((tmp_path / "run" / "pruned" / "pruning_manifest.json").read_text())
     assert args["params_after"] < args["params_before"]
 
 
 def test_training_by_epochs(tmp_path):
     corpus = word_corpus(tmp_path / "words.txt", 120)
-    proc = hfoto("prune", QUICKSTART, *SMALL, "--max_steps", "-1", "--num_train_epochs", "2",
-                 "--train_tokenizer_vocab", "0", "--tokenizer_name", no_pad_tokenizer(tmp_path / "tok"),
-                 "--text_source", "null", "--train_files", f"[{corpus}]", "--output_dir", tmp_path / "run",
-                 cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(QUICKSTART, [str(a) for a in (*SMALL, "--max_steps", "-1", "--num_train_epochs", "2", "--train_tokenizer_vocab",
+                                      "0", "--tokenizer_name", no_pad_tokenizer(tmp_path / "tok"), "--text_source",
+                                      "null", "--train_files", f"[{corpus}]", "--output_dir", tmp_path / "run")])
     manifest = json.loads((tmp_path / "run" / "pruned" / "pruning_manifest.json").read_text())
     steps = manifest["hesso"]["start_pruning_step"] + manifest["hesso"]["pruning_steps"]
     assert 0 < steps and manifest["params_after"] < manifest["params_before"]

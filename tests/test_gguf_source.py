@@ -31,11 +31,12 @@ def test_a_gguf_file_is_found_by_path_in_the_model_folder_or_in_an_installed_pac
 def test_prune_from_a_gguf_file_exports_a_plain_checkpoint_that_names_its_source(tmp_path):
     """A real GGUF file (written by hf-oto's own exporter from a small trained Llama) goes through
     `hf-oto prune --gguf_file`: the export has no quantization_config, reloads, and its card names the file."""
-    first = hfoto("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "r0", "--pruned_output_dir", tmp_path / "m",
-                  "--target_sparsity", "0.25", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    gguf = hfoto("export-gguf", tmp_path / "m", "--out", tmp_path / "src" / "small.gguf", cwd=tmp_path)
-    assert gguf.returncode == 0, gguf.stderr[-3000:]
+    from hf_oto.cli import main
+
+    # the source (in this process): a small Llama pruned by the quickstart, written as GGUF
+    assert main([str(a) for a in ("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "r0", "--pruned_output_dir",
+                                  tmp_path / "m", "--target_sparsity", "0.25")]) == 0
+    assert main(["export-gguf", str(tmp_path / "m"), "--out", str(tmp_path / "src" / "small.gguf")]) == 0
     run = hfoto("prune", QUICKSTART, *SMALL, "--init_config", "null", "--train_tokenizer_vocab", "0",
                 "--gguf_file", tmp_path / "src" / "small.gguf", "--output_dir", tmp_path / "r1",
                 "--pruned_output_dir", tmp_path / "out", cwd=tmp_path)
