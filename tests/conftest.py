@@ -3,6 +3,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # parallel workers share the cores instead of each taking all
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
@@ -18,8 +20,20 @@ def pytest_report_header(config):
     return ["hf-oto environment:", *report().splitlines()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _children_write_temporary_files_under_pytests_tree(tmp_path_factory):
+    """Subprocesses (accelerate launch's torchelastic folders, the export checks) put their temporary files in
+    pytest's own temporary tree, which pytest prunes, instead of leaving them in /tmp."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("children"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 def _devices():
-    import pytest
     import torch
 
     yield "cpu"

@@ -149,18 +149,18 @@ def test_unexpressible_decilm_request_is_refused_before_writing(exports, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-def test_source_model_is_not_modified():
+def test_source_model_is_not_modified(tmp_path):
     model = tiny_model("llama")
     space = discover_groups(model)
     _zero_random(model, space, seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg_before = model.config.to_dict()
     sub = construct_subnet(model, space, layout="uniform")
-    save_pruned(sub, model_dir := __import__("tempfile").mkdtemp() + "/out")
+    save_pruned(sub, tmp_path / "out")
     assert model.config.to_dict() == cfg_before
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert "auto_map" not in sub.model.config.to_dict() and model_dir
+    assert "auto_map" not in sub.model.config.to_dict()
 
 
 def test_zero_groups_marks_exactly_those_groups():
