@@ -229,6 +229,9 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
     from hf_oto.quant.search import parse_budget
 
     average_bits, max_bytes = parse_budget(args.budget)  # a bad budget is refused before anything loads
+    if not 0.0 <= args.holdout < 1.0:
+        raise ConfigError(f"--holdout is the share of the evaluation blocks kept out of the search: in [0, 1), "
+                          f"got {args.holdout}")
     sizes = _sizes_arg(args.sizes)
     if args.out:
         from hf_oto.export.quantized import QFA_MANIFEST
@@ -263,7 +266,7 @@ def cmd_qfa_search(args: argparse.Namespace) -> int:
 
         space = discover_groups(base_model_for_space(info))
     result = qfa_search(model, run.eval_blocks, average_bits=average_bits, max_bytes=max_bytes, samples=args.samples,
-                        refine=args.refine, seed=args.seed, min_gain_se=args.min_gain_se)
+                        refine=args.refine, seed=args.seed, min_gain_se=args.min_gain_se, holdout=args.holdout)
     print(result.table())
     print(f"chosen bits per layer: {list(result.best.bits)} ({result.evaluated} configurations evaluated)")
     if args.out:
@@ -292,7 +295,8 @@ def _joint_search(run, args: argparse.Namespace, average_bits: float | None, max
     from hf_oto.quant.joint import joint_search, run_spaces, zero_size
 
     result = joint_search(run, run.eval_blocks, average_bits=average_bits, max_bytes=max_bytes, sizes=sizes,
-                          samples=args.samples, refine=args.refine, seed=args.seed, min_gain_se=args.min_gain_se)
+                          samples=args.samples, refine=args.refine, seed=args.seed, min_gain_se=args.min_gain_se,
+                          holdout=args.holdout)
     print(result.table())
     print(f"chosen: size {result.size:g}, bits per layer {list(result.best.bits)} "
           f"({result.evaluated} configurations evaluated)")
@@ -414,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min_gain_se", type=float, default=2.0,
                    help="a mix replaces the best uniform configuration within the budget only when it beats it by "
                         "more than this many paired standard errors on the run's evaluation blocks (0: any gain)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="share of the evaluation blocks kept out of the search, on which --min_gain_se is then "
+                        "tested (0: the test runs on the blocks the mix was chosen on, which favours the mix)")
     p.add_argument("--sizes", help="elastic QFA runs: only these trained sizes, comma-separated (default: every "
                                    "size and the full model, searched together with the bits)")
     p.set_defaults(func=cmd_qfa_search)

@@ -83,7 +83,8 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
         rows.append({"config": f"uniform {b}-bit", "bits": list(cfg), "avg_bits": b,
                      "mib": costs.bytes(cfg) / 2**20, "ppl": _ppl(model, cfg, report_blocks)})
     if len(widths) > 1 and a.qfa_budgets:  # each budget from the narrowest width to below the widest is searched
-        search = BitSearch(model, search_blocks, progress=False)  # each configuration measured once for all budgets
+        # each configuration measured once for all budgets
+        search = BitSearch(model, search_blocks, holdout=a.qfa_holdout, progress=False)
         for budget in (b for b in a.qfa_budgets if widths[0] <= b < widths[-1]):
             r = search.search(average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine, seed=a.seed,
                               min_gain_se=a.qfa_min_gain_se)
@@ -162,10 +163,10 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
                            "report_blocks": len(report_blocks), "bits": list(widths), "grid": GRID,
-                           "min_gain_se": a.qfa_min_gain_se, "rows": []}
+                           "min_gain_se": a.qfa_min_gain_se, "holdout": a.qfa_holdout, "rows": []}
     settings = {k: v for k, v in res.items() if k != "rows"}
     # results from before --qfa_bits, signed scales and the search's paired test (any lower mean loss won)
-    before = {"bits": list(WIDTHS), "grid": "positive", "min_gain_se": 0.0}
+    before = {"bits": list(WIDTHS), "grid": "positive", "min_gain_se": 0.0, "holdout": 0.0}
     if previous and any(previous.get(k, before.get(k)) != v for k, v in settings.items()):
         changed = sorted(k for k, v in settings.items() if previous.get(k, before.get(k)) != v)
         raise SystemExit(f"QFA section: the stored results were measured with other settings ({', '.join(changed)})")
@@ -243,7 +244,7 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
              f"{res['group_size']}, symmetric ({res.get('grid', 'positive')} scales); sampling: {res['schedule']}",
              f"- searched rows: chosen by `qfa_search` on {res['search_blocks']} held-out blocks, reported on "
              f"the other {res['report_blocks']}; every perplexity here is on those {res['report_blocks']} blocks",
-             f"- {_acceptance(res.get('min_gain_se', 0.0))}",
+             f"- {_acceptance(res.get('min_gain_se', 0.0), res.get('holdout', 0.0))}",
              f"- fp32 reference: perplexity {res['fp_ppl']:.2f}, {res['fp_mib']:.2f} MiB",
              f"- wall time of this section: {res.get('wall_minutes', float('nan')):.1f} min", "",
              "| method | configuration | avg bits | MiB | held-out perplexity | train minutes |",
@@ -275,11 +276,13 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
     return path
 
 
-def _acceptance(min_gain_se: float) -> str:
+def _acceptance(min_gain_se: float, holdout: float = 0.0) -> str:
     if not min_gain_se:
         return "the search kept the configuration with the lowest mean loss on its blocks (no paired test)"
+    where = (f"on the last {holdout:g} of the search blocks, which the search itself did not use" if holdout
+             else "on the search blocks")
     return (f"a mix was chosen over the best uniform configuration within the budget only when its per-block "
-            f"loss gain on the search blocks exceeded {min_gain_se:g} paired standard errors (SE); rows say the "
+            f"loss gain {where} exceeded {min_gain_se:g} paired standard errors (SE); rows say the "
             "best mix's gain, and a mix turned down is reported as 'best mix, not chosen'")
 
 

@@ -424,6 +424,31 @@ def test_search_keeps_uniform_unless_a_mix_wins_beyond_the_blocks_noise(monkeypa
         assert raw.best.bits == found.mix.bits and raw.mix is None
 
 
+def test_holdout_tests_the_chosen_mix_on_blocks_the_search_never_saw(monkeypatch):
+    model = _qfa_model(bits=(2, 3, 4))
+    blocks = torch.randint(3, 64, (8, 12))
+    blocks[:, 0] = torch.arange(8)  # each block's id: the first token
+    # A mix (layer 0 at 4 bits, another at 2) gains 0.05 +- 0.005 on the first six blocks, as measured, and
+    # loses 0.05 on the last two: the luck of the blocks it was chosen on, which held-out blocks do not share.
+    luck = torch.tensor([-0.05, -0.055, -0.045, -0.05, -0.055, -0.045, 0.05, 0.05], dtype=torch.float64)
+
+    def planted(_model, bits, chunk, batch_size=8):
+        effect = sum(-0.15 if (i, b) == (0, 4) else {2: 0.1, 3: 0.0, 4: -0.1}[b] for i, b in enumerate(bits))
+        mixed = 2 in bits and 4 in bits
+        return 3.0 + effect + (luck[chunk[:, 0]] if mixed else torch.zeros(len(chunk), dtype=torch.float64))
+
+    monkeypatch.setattr("hf_oto.quant.search.block_losses", planted)
+    seen = BitSearch(model, blocks[:6], progress=False).search(average_bits=3.0, samples=2, refine=4)
+    assert seen.best.bits[0] == 4 and 2 in seen.best.bits and seen.gain_se > 10 and seen.held_out == 0
+    held = BitSearch(model, blocks, holdout=0.25, progress=False).search(average_bits=3.0, samples=2, refine=4)
+    assert held.best.bits == (3, 3, 3) and held.mix is not None and held.mix.bits == seen.best.bits
+    assert held.gain_se == 0.0 and held.held_out == 2 and "on 2 held-out blocks" in held.table()
+    with pytest.raises(ConfigError, match="leaves 1 to test on"):
+        BitSearch(model, blocks, holdout=0.1)
+    with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
+        BitSearch(model, blocks, holdout=1.0)
+
+
 def test_search_spends_the_budget_when_the_narrowest_width_collapses(monkeypatch):
     model = _qfa_model(bits=(2, 3, 4))
     # Not additive: one 2-bit layer costs 0.5, two or more collapse the model (as 2 bits do on SmolLM2);
@@ -522,6 +547,7 @@ def test_cli_qfa_with_pruning_then_search_gives_a_repo_stock_transformers_loads(
     assert "uniform 2-bit" in proc.stdout and "qfa-search" in proc.stdout
     run = tmp_path / "run" / "qfa_run"
     assert "budget must be" in refused(capsys, "qfa-search", run, "--budget", "lots")
+    assert "--holdout is the share" in refused(capsys, "qfa-search", run, "--budget", "3.0", "--holdout", "1.5")
     proc = hfoto("qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--out",
                  tmp_path / "export", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

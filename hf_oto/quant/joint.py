@@ -100,12 +100,14 @@ def zero_size(model: nn.Module, info: JSONObject, gates: PruningSpace, size: flo
 
 def joint_search(run: QFARun, blocks: torch.Tensor, *, average_bits: float | None = None,
                  max_bytes: int | None = None, sizes: list[float] | None = None, samples: int = 8,
-                 refine: int = 16, seed: int = 0, min_gain_se: float = 2.0, progress: bool = True) -> JointResult:
+                 refine: int = 16, seed: int = 0, min_gain_se: float = 2.0, holdout: float = 0.0,
+                 progress: bool = True) -> JointResult:
     """The (size, per-layer bits) of an elastic QFA run with the lowest loss on ``blocks`` within the budget.
 
     ``max_bytes``: the export's weight bytes; ``average_bits``: the bytes of the full model at that mean width
     (so smaller sizes may spend more bits per weight). ``sizes``: the ones to consider (default: every trained
-    size and the full model). ``min_gain_se``: each size's search, as in :func:`~hf_oto.quant.qfa_search`. The
+    size and the full model). ``min_gain_se``, ``holdout``: each size's search, as in
+    :func:`~hf_oto.quant.qfa_search`. The
     run's model is left as it was loaded.
     """
     if (average_bits is None) == (max_bytes is None):
@@ -130,7 +132,7 @@ def joint_search(run: QFARun, blocks: torch.Tensor, *, average_bits: float | Non
             found = None
             if smallest <= limit:
                 found = qfa_search(model, blocks, max_bytes=limit, samples=samples, refine=refine, seed=seed,
-                                   min_gain_se=min_gain_se, progress=progress)
+                                   min_gain_se=min_gain_se, holdout=holdout, progress=progress)
             results.append(SizeResult(size, found, smallest))
     finally:
         with torch.no_grad():

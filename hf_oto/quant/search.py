@@ -15,6 +15,8 @@ it on the blocks by more than ``min_gain_se`` paired standard errors (per-block 
 the uniform configuration is returned, which is simpler to serve and as good as the blocks can tell. The
 test runs on the blocks the mix was chosen on, so it is optimistic: on SmolLM2 a mix that passed it at 2.4
 standard errors was worse than uniform 3-bit on held-out blocks (README, QFA without the shared adapter).
+With ``holdout`` the last share of the blocks is kept out of the search and the test runs there instead,
+on blocks the choice never saw (fewer blocks to search on and to test on: give it more blocks).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class SearchResult:
     random: list[Candidate] = field(default_factory=list)  # the random allocations of the budget's memory
     mix: Candidate | None = None  # the best mixed configuration measured, when the uniform one was kept over it
     gain_se: float | None = None  # the best mix's paired loss gain over the best uniform fit, in standard errors
+    held_out: int = 0  # blocks kept out of the search that gain_se was measured on (0: the search's own blocks)
 
     def table(self) -> str:
         rows = [("chosen", self.best)] + [(f"uniform {c.bits[0]}-bit", c) for c in self.uniform]
@@ -67,7 +70,9 @@ class SearchResult:
                          f"{c.perplexity:.2f} |")
         if self.gain_se is not None:
             verdict = "kept" if self.mix is None else "not enough: the uniform configuration is kept"
-            lines.append(f"\nthe best mix's gain over the best uniform configuration within the budget: "
+            where = (f"on {self.held_out} held-out blocks" if self.held_out
+                     else "on the blocks it was chosen on")
+            lines.append(f"\nthe best mix's gain over the best uniform configuration within the budget, {where}: "
                          f"{self.gain_se:.1f} paired standard errors ({verdict})")
         return "\n".join(lines)
 
@@ -170,7 +175,7 @@ def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: i
 
 def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | None = None,
                max_bytes: int | None = None, samples: int = 8, refine: int = 16, seed: int = 0,
-               min_gain_se: float = 2.0, progress: bool = True) -> SearchResult:
+               min_gain_se: float = 2.0, holdout: float = 0.0, progress: bool = True) -> SearchResult:
     """The per-layer widths with the lowest eval loss on ``blocks`` within the budget.
 
     Give the budget as ``average_bits`` (mean width of the quantized weights) or ``max_bytes``
@@ -178,23 +183,33 @@ def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | 
     ``layers x (widths - 1)`` evaluations; ``samples`` random allocations of the budget's memory and up to
     ``refine`` steps of the measured local search come on top. A mixed configuration is chosen over the best
     uniform one that fits only when it beats it by more than ``min_gain_se`` paired standard errors on the
-    blocks (0: whenever its mean loss is lower). To search several budgets of one model, use
-    :class:`BitSearch`, which measures each configuration once.
+    blocks (0: whenever its mean loss is lower); with ``holdout`` (a share of the blocks, e.g. 0.5) on the last
+    blocks, which the search does not see. To search several budgets of one model, use :class:`BitSearch`,
+    which measures each configuration once.
     """
-    return BitSearch(model, blocks, progress=progress).search(average_bits=average_bits, max_bytes=max_bytes,
-                                                              samples=samples, refine=refine, seed=seed,
-                                                              min_gain_se=min_gain_se)
+    search = BitSearch(model, blocks, holdout=holdout, progress=progress)
+    return search.search(average_bits=average_bits, max_bytes=max_bytes, samples=samples, refine=refine, seed=seed,
+                         min_gain_se=min_gain_se)
 
 
 class BitSearch:
     """The bit-width search on one QFA model and evaluation set; every configuration is measured once,
     however many budgets are searched (see the module docstring for the method)."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, progress: bool = True):
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, holdout: float = 0.0, progress: bool = True):
         layers_q = qfa_layers(model)
         if not layers_q:
             raise ConfigError("qfa_search needs a QFA model (prepare_qfa, or load_qfa_run)")
-        self.model, self.blocks, self.progress = model, blocks, progress
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(f"holdout is the share of the blocks kept out of the search: in [0, 1), got {holdout}")
+        held = round(len(blocks) * holdout)
+        if holdout and (held < 2 or held == len(blocks)):
+            raise ConfigError(f"holdout {holdout:g} of {len(blocks)} blocks leaves {held} to test on and "
+                              f"{len(blocks) - held} to search on; both need blocks (at least 2 to test on): "
+                              "give more blocks or holdout 0")
+        self.model, self.progress = model, progress
+        self.blocks, self.held = blocks[:len(blocks) - held], (blocks[len(blocks) - held:] if held else None)
+        self._held_losses: dict[tuple[int, ...], torch.Tensor] = {}
         self.widths = sorted(layers_q[0][2].bits)
         self.n = len(decoder_layers(model)[1])
         self.costs = Costs(model)
@@ -258,10 +273,22 @@ class BitSearch:
         fits = [c for c in uniform if c.bytes <= limit]
         if fits and len(set(best.bits)) > 1:  # a mix must beat the best uniform fit beyond the blocks' noise
             anchor = min(fits, key=lambda c: c.loss)
-            gain_se = paired_gain_se(self._losses[anchor.bits], self._losses[best.bits])
+            if self.held is not None:  # the test on blocks the search never saw
+                gain_se = paired_gain_se(self._held_loss(anchor.bits), self._held_loss(best.bits))
+            else:
+                gain_se = paired_gain_se(self._losses[anchor.bits], self._losses[best.bits])
             if gain_se <= min_gain_se:
                 best, mix = anchor, best
-        return SearchResult(best, uniform, len(seen), (theta[:, 0] - theta[:, -1]).tolist(), random, mix, gain_se)
+        return SearchResult(best, uniform, len(seen), (theta[:, 0] - theta[:, -1]).tolist(), random, mix, gain_se,
+                            0 if self.held is None else len(self.held))
+
+    def _held_loss(self, cfg: tuple[int, ...]) -> torch.Tensor:
+        if cfg not in self._held_losses:
+            try:
+                self._held_losses[cfg] = block_losses(self.model, cfg, self.held)
+            finally:
+                set_bits(self.model, self.widths[-1])
+        return self._held_losses[cfg]
 
     def _probe(self, centre: int, measure) -> torch.Tensor:
         """theta[i, j]: the loss change when layer i alone moves from ``centre`` to ``widths[j]``."""
