@@ -226,12 +226,10 @@ PROVENANCE = ("source", "base_model", "license", "datasets", "gguf", "replay_fra
 
 
 def cmd_qfa_search(args: argparse.Namespace) -> int:
-    from hf_oto.quant.search import parse_budget
+    from hf_oto.quant.search import check_holdout, parse_budget
 
-    average_bits, max_bytes = parse_budget(args.budget)  # a bad budget is refused before anything loads
-    if not 0.0 <= args.holdout < 1.0:
-        raise ConfigError(f"--holdout is the share of the evaluation blocks kept out of the search: in [0, 1), "
-                          f"got {args.holdout}")
+    average_bits, max_bytes = parse_budget(args.budget)  # a bad budget or holdout is refused before anything loads
+    check_holdout(args.holdout, "--holdout")
     sizes = _sizes_arg(args.sizes)
     if args.out:
         from hf_oto.export.quantized import QFA_MANIFEST

@@ -107,8 +107,7 @@ def joint_search(run: QFARun, blocks: torch.Tensor, *, average_bits: float | Non
     ``max_bytes``: the export's weight bytes; ``average_bits``: the bytes of the full model at that mean width
     (so smaller sizes may spend more bits per weight). ``sizes``: the ones to consider (default: every trained
     size and the full model). ``min_gain_se``, ``holdout``: each size's search, as in
-    :func:`~hf_oto.quant.qfa_search`. The
-    run's model is left as it was loaded.
+    :func:`~hf_oto.quant.qfa_search`. The run's model is left as it was loaded.
     """
     if (average_bits is None) == (max_bytes is None):
         raise ConfigError("give the budget as average_bits or as max_bytes (one of them)")

@@ -173,6 +173,12 @@ def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: i
     return min(best.values())[1]
 
 
+def check_holdout(holdout: float, name: str = "holdout") -> None:
+    """One clear error for a ``holdout`` outside [0, 1) (``name``: the setting as the user typed it)."""
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"{name} is the share of the blocks kept out of the search: in [0, 1), got {holdout}")
+
+
 def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | None = None,
                max_bytes: int | None = None, samples: int = 8, refine: int = 16, seed: int = 0,
                min_gain_se: float = 2.0, holdout: float = 0.0, progress: bool = True) -> SearchResult:
@@ -200,8 +206,7 @@ class BitSearch:
         layers_q = qfa_layers(model)
         if not layers_q:
             raise ConfigError("qfa_search needs a QFA model (prepare_qfa, or load_qfa_run)")
-        if not 0.0 <= holdout < 1.0:
-            raise ConfigError(f"holdout is the share of the blocks kept out of the search: in [0, 1), got {holdout}")
+        check_holdout(holdout)
         held = round(len(blocks) * holdout)
         if holdout and (held < 2 or held == len(blocks)):
             raise ConfigError(f"holdout {holdout:g} of {len(blocks)} blocks leaves {held} to test on and "
