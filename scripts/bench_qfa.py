@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 WIDTHS = (2, 3, 4)
+QFA_ROWS = ("rtn", "gptq", "per_width", "qfa")  # the rows --qfa_rows may pick (QFA + HESSO: --qfa_hesso)
 FIRST_RANK = 8  # the adapters' rank when these tables were first measured (rows at other ranks say theirs)
 # The scales' sign: "signed" since 2026-12-07 (hf_oto.quant.quantize mirrors the grid where that fits better);
 # stored results without the key were measured with positive scales only.
@@ -194,9 +195,10 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
         print(f"qfa benchmark: {method}: " + ", ".join(f"{r['config']} {r['ppl']:.2f}" for r in rows), flush=True)
         save()
 
+    rows = set(getattr(a, "qfa_rows", QFA_ROWS))
     for quantizer in ("rtn", "gptq"):
         name = f"{quantizer.upper()} base, no training"
-        if name not in done:
+        if name not in done and quantizer in rows:
             model = _qfa_model(ref, quantizer, widths, calib, a.qfa_group_size)
             add(name, _configs(model, search_blocks, report_blocks, a))
             del model
@@ -205,14 +207,14 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     name = f"QA-LoRA, one run per width ({share} steps each){per_width_name}"
     trained = {r["config"] for r in res["rows"] if r["method"] == name}
     for b in widths:
-        if f"uniform {b}-bit" in trained:
+        if f"uniform {b}-bit" in trained or "per_width" not in rows:
             continue
         model, _, secs = _train_qfa(ref, train_blocks, share, a, workdir / f"qalora{b}", (b,),
                                     dict(adapters, qfa_shared_rank=0))
         add(name, _configs(model, search_blocks, report_blocks, a), secs)
         del model
     name = f"QFA, one run ({steps} steps){qfa_name}"
-    if name not in done:
+    if name not in done and "qfa" in rows:
         model, trainer, secs = _train_qfa(ref, train_blocks, steps, a, workdir / "qfa", widths)
         res["qfa_memory"] = vars(trainer.qfa_memory)
         add(name, _configs(model, search_blocks, report_blocks, a), secs)

@@ -49,6 +49,8 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qfa import QFA_ROWS  # noqa: E402  (a sibling script, found through the line above)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 REFERENCE = dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=6,
@@ -194,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_shared_rank", type=int, default=None,
                    help="QFA section: the rank of the QFA run's shared adapter, which every width adds (default: "
                         "--qfa_rank, as in the trainer; 0: none, as before 2026-12-07; the row's name says it)")
+    p.add_argument("--qfa_rows", nargs="+", choices=QFA_ROWS, default=list(QFA_ROWS),
+                   help="QFA section: which rows to run (default all: the RTN and GPTQ bases, the per-width runs, "
+                        "the QFA run; the QFA + HESSO row has its own switch)")
     p.add_argument("--qfa_hesso", action=argparse.BooleanOptionalAction, default=True,
                    help="QFA section: also the QFA + HESSO 50%% row")
     p.add_argument("--update", action="store_true",
