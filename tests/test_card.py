@@ -99,3 +99,26 @@ def test_card_metadata_reads_back_with_the_hub_fields_users_filter_on(tmp_path):
     bare = ModelCard.load(save_pruned(construct_subnet(tiny_model("llama"), discover_groups(tiny_model("llama"))),
                                       tmp_path / "bare") / "README.md").data.to_dict()
     assert "base_model_relation" not in bare and "datasets" not in bare  # no base, no Hub dataset: none named
+
+
+def test_the_plots_leave_the_users_matplotlib_backend_and_figures_alone(tmp_path):
+    """A notebook user's backend (and open pyplot figures) survive an export: the plots draw on their own
+    Figure objects and never call ``matplotlib.use``."""
+    import matplotlib
+
+    from hf_oto.export.plot import plot_kept
+    from hf_oto.export.quantized import _plot_bits
+    from hf_oto.manifest import Manifest
+
+    small = _small(tmp_path / "source")
+    manifest = Manifest.read(save_pruned(small, tmp_path / "out"))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's backend
+    try:
+        plot_kept(manifest, tmp_path / "kept.png")
+        _plot_bits([2, 4, 3], tmp_path / "bits.png")
+        assert matplotlib.get_backend() == "svg"
+        for name in ("kept.png", "bits.png"):
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)

@@ -24,16 +24,14 @@ def kept_by_layer(manifest: Manifest) -> dict[str, dict[int, tuple[int, int]]]:
 
 def plot_kept(manifest: Manifest, path: str | Path) -> Path:
     """Grouped bars: the fraction of each kind of structure kept in every layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the user's backend and open figures are left alone
 
     data = kept_by_layer(manifest)
     kinds = [k for k in LABELS if k in data]
     layers = sorted({layer for d in data.values() for layer in d})
     width = 0.8 / max(len(kinds), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) * max(len(kinds), 1)), 3.6))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(layers) * max(len(kinds), 1)), 3.6))
+    ax = fig.subplots()
     for i, kind in enumerate(kinds):
         xs = [layer + (i - (len(kinds) - 1) / 2) * width for layer in layers]
         ys = [data[kind][layer][0] / data[kind][layer][1] if layer in data[kind] else 0.0 for layer in layers]
@@ -49,5 +47,4 @@ def plot_kept(manifest: Manifest, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -254,12 +254,10 @@ On CPU, transformers decompresses the weights on the first forward pass; vLLM ru
 
 
 def _plot_bits(bits: list[int], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the user's backend and open figures are left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, len(bits) * 0.35), 2.6))
+    fig = Figure(figsize=(max(4, len(bits) * 0.35), 2.6))
+    ax = fig.subplots()
     ax.bar(range(len(bits)), bits, color="#4a7bb7")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("bits")
@@ -267,4 +265,3 @@ def _plot_bits(bits: list[int], path: Path) -> None:
     ax.set_title("bits per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
