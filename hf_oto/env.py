@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import sys
 from importlib import metadata
@@ -54,6 +55,13 @@ def lock_differences(lock: dict[str, str] | None = None) -> dict[str, tuple[str,
         if _public(have) != want:
             out[name] = (want, have)
     return out
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one; else all of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def accelerator() -> str:

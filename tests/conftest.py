@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # parallel workers share the cores instead of each taking all
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    from hf_oto.env import usable_cores
+
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // _workers)))
 
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message=".*must be `None` or an integer within the vocabulary.*")
