@@ -70,6 +70,18 @@ def refused(capsys, *args) -> str:
     return err[0]
 
 
+def ran(capsys, *args) -> str:
+    """``hf-oto ARGS`` in this process, run to the end (exit code 0); what it printed, stdout then stderr.
+
+    For runs whose results are what a test checks: a subprocess adds seconds of imports and checks nothing
+    more (the tests that use :func:`hfoto` cover the real process: exit codes, one-line errors, a kill)."""
+    capsys.readouterr()  # what the test's own set-up printed
+    code = main([str(a) for a in args])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    return printed.out + printed.err
+
+
 def word_corpus(path: Path, lines: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path.write_text("\n".join(" ".join(f"w{rng.randrange(60)}" for _ in range(12)) for _ in range(lines)) + "\n")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from jobs import QUICKSTART, SMALL, hfoto, refused
+from jobs import QUICKSTART, SMALL, hfoto, ran, refused
 from tiny import tiny_model
 
 from hf_oto import construct_subnet, discover_groups, save_pruned
@@ -115,16 +115,15 @@ def test_eval_of_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
     assert "not a model folder" in refused(capsys, "eval", tmp_path, "--perplexity", "python-stdlib")
 
 
-def test_main_job_eval_tasks_land_in_the_summary_manifest_and_card_model_index(tmp_path):
+def test_main_job_eval_tasks_land_in_the_summary_manifest_and_card_model_index(tmp_path, capsys, monkeypatch):
     pytest.importorskip("lm_eval")
     from huggingface_hub import ModelCard
 
     tasks, out = local_task(tmp_path), tmp_path / "pruned"
-    proc = hfoto("prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", "--pruned_output_dir", out,
-                 "--eval_tasks", "hfoto_local", "--eval_tasks_include_path", tasks, "--eval_tasks_limit", "4",
-                 cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lm-eval hfoto_local acc" in proc.stdout + proc.stderr  # the summary table
+    monkeypatch.chdir(tmp_path)
+    printed = ran(capsys, "prune", QUICKSTART, *SMALL, "--output_dir", tmp_path / "run", "--pruned_output_dir", out,
+                  "--eval_tasks", "hfoto_local", "--eval_tasks_include_path", tasks, "--eval_tasks_limit", "4")
+    assert "lm-eval hfoto_local acc" in printed  # the summary table
     scores = json.loads((out / "pruning_manifest.json").read_text())["lm_eval"]
     acc = scores["tasks"]["hfoto_local"]["acc"]
     assert 0.0 <= acc <= 1.0 and scores["limit"] == 4

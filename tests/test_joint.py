@@ -133,8 +133,8 @@ def test_bad_joint_settings_are_one_line_before_any_work(capsys, tmp_path, args,
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_joint_run_then_search_writes_the_chosen_pair(tmp_path, capsys):
-    from jobs import ROOT, hfoto, word_corpus
+def test_cli_joint_run_then_search_writes_the_chosen_pair(tmp_path, capsys, monkeypatch):
+    from jobs import ROOT, ran, word_corpus
 
     base = tmp_path / "base"
     tiny_model("llama", num_hidden_layers=2, intermediate_size=64).save_pretrained(base)
@@ -146,16 +146,15 @@ def test_cli_joint_run_then_search_writes_the_chosen_pair(tmp_path, capsys):
            "--train_files", corpus, "--block_size", "16", "--max_steps", "8", "--per_device_train_batch_size", "4",
            "--logging_steps", "4", "--qfa_group_size", "8", "--qfa_quantizer", "rtn", "--elastic_sizes", "0.5",
            "--elastic_start", "0.25", "--ffn_multiple", "8", "--output_dir", tmp_path / "run"]
-    proc = hfoto(*job, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "size 0.5 (masked)" in proc.stdout and "a size and bit-widths" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    printed = ran(capsys, *job)
+    assert "size 0.5 (masked)" in printed and "a size and bit-widths" in printed
     run = tmp_path / "run" / "qfa_run"
     line = refused(capsys, "qfa-search", run, "--budget", "3.0", "--sizes", "0.3")
     assert "size 0.3 was not trained" in line and "0.5, 1" in line
-    proc = hfoto("qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--sizes", "0.5",
-                 "--out", tmp_path / "export", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "chosen: size 0.5" in proc.stdout
+    printed = ran(capsys, "qfa-search", run, "--budget", "3.0", "--samples", "4", "--refine", "2", "--sizes", "0.5",
+                  "--out", tmp_path / "export")
+    assert "chosen: size 0.5" in printed
     manifest = json.loads((tmp_path / "export" / "qfa_manifest.json").read_text())
     assert manifest["search"]["size"] == 0.5 and manifest["elastic"]["size"] == 0.5
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from jobs import hfoto, no_pad_tokenizer, refused, word_corpus
+from jobs import hfoto, no_pad_tokenizer, ran, refused, word_corpus
 from tiny import tiny_model
 
 from hf_oto.manifest import Manifest
@@ -36,8 +36,7 @@ def test_oneshot_cli_exports_a_checked_model_with_card_and_recipe_and_reruns_it(
     card = ModelCard.load(out / "README.md")
     assert "One-shot `wanda_sp` pruning on 4 calibration batches" in card.text
     again = tmp_path / "again"
-    proc = hfoto("oneshot", "--recipe", out / "hf_oto_recipe.yaml", "--out", again, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran(capsys, "oneshot", "--recipe", out / "hf_oto_recipe.yaml", "--out", again)
     a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "rerun it with hf-oto oneshot --recipe" in refused(capsys, "prune", "--recipe", out / "hf_oto_recipe.yaml")
@@ -58,17 +57,17 @@ def test_oneshot_bad_input_is_one_line_before_any_work(tmp_path, base, capsys, m
     assert not (tmp_path / "o").exists()
 
 
-def test_oneshot_layer_removal_by_block_influence_exports_fewer_layers(tmp_path):
+def test_oneshot_layer_removal_by_block_influence_exports_fewer_layers(tmp_path, capsys, monkeypatch):
     """ShortGPT from the command line: whole layers ranked by block influence, a stock export with fewer layers."""
     folder = tmp_path / "deep"
     tiny_model("llama", num_hidden_layers=4, intermediate_size=64, vocab_size=64).save_pretrained(folder)
     no_pad_tokenizer(folder)
     corpus = word_corpus(tmp_path / "calib.txt", 200)
     out = tmp_path / "short"
-    proc = hfoto("oneshot", folder, "--criterion", "block_influence", "--pruning_granularity", "depth",
-                 "--target_sparsity", "0.5", "--calibration", corpus, "--out", out, "--block_size", "16",
-                 "--calibration_batches", "2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    ran(capsys, "oneshot", folder, "--criterion", "block_influence", "--pruning_granularity", "depth",
+        "--target_sparsity", "0.5", "--calibration", corpus, "--out", out, "--block_size", "16",
+        "--calibration_batches", "2")
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and "auto_map" not in config
     manifest = json.loads((out / "pruning_manifest.json").read_text())
@@ -76,7 +75,7 @@ def test_oneshot_layer_removal_by_block_influence_exports_fewer_layers(tmp_path)
     assert manifest["oneshot"]["pruned_fraction"] == 0.5
 
 
-def test_oneshot_expert_removal_by_routing_exports_fewer_experts(tmp_path, capsys):
+def test_oneshot_expert_removal_by_routing_exports_fewer_experts(tmp_path, capsys, monkeypatch):
     """Whole experts from the command line: ranked by the gate weight they receive, a stock export with
     fewer experts that the checker reloads without hf_oto."""
     folder = tmp_path / "moe"
@@ -84,11 +83,10 @@ def test_oneshot_expert_removal_by_routing_exports_fewer_experts(tmp_path, capsy
     no_pad_tokenizer(folder)
     corpus = word_corpus(tmp_path / "calib.txt", 200)
     out = tmp_path / "fewer"
-    proc = hfoto("oneshot", folder, "--criterion", "routing", "--prune_experts", "--target_sparsity", "0.3",
-                 "--calibration", corpus, "--out", out, "--block_size", "16", "--calibration_batches", "2",
-                 cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "export reloaded without hf_oto" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    printed = ran(capsys, "oneshot", folder, "--criterion", "routing", "--prune_experts", "--target_sparsity", "0.3",
+                  "--calibration", corpus, "--out", out, "--block_size", "16", "--calibration_batches", "2")
+    assert "export reloaded without hf_oto" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["num_local_experts"] < 8 and "auto_map" not in config
     manifest = json.loads((out / "pruning_manifest.json").read_text())
