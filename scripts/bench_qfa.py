@@ -281,7 +281,7 @@ def write_qfa_report(out: Path, res: dict[str, Any], command: str) -> Path:
 def _acceptance(min_gain_se: float, holdout: float = 0.0) -> str:
     if not min_gain_se:
         return "the search kept the configuration with the lowest mean loss on its blocks (no paired test)"
-    where = (f"on the last {holdout:g} of the search blocks, which the search itself did not use" if holdout
+    where = (f"on the last {holdout:g} of the search blocks (which the search itself did not use)" if holdout
              else "on the search blocks")
     return (f"a mix was chosen over the best uniform configuration within the budget only when its per-block "
             f"loss gain {where} exceeded {min_gain_se:g} paired standard errors (SE); rows say the "

@@ -139,6 +139,16 @@ def test_benchmark_per_layer_ffn_layout_reaches_the_same_size_and_lists_the_widt
     assert (tmp_path / "res" / "ffn_widths.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_benchmark_qfa_rows_runs_only_the_rows_asked_for(tmp_path):
+    import benchmark
+
+    benchmark.main(["--quick", "--section", "qfa", "--qfa_rows", "rtn", "--no-qfa_hesso", "--qfa_budgets",
+                    "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    res = json.loads((tmp_path / "res" / "qfa.json").read_text())
+    assert {r["method"] for r in res["rows"]} == {"RTN base, no training"}
+    assert sorted(r["config"] for r in res["rows"]) == [f"uniform {b}-bit" for b in (2, 3, 4)]
+
+
 def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):
     import benchmark
 
