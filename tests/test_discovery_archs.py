@@ -122,3 +122,30 @@ def test_copied_layers_name_their_own_modules_in_their_reasons():
     attn = [s for s in space.sets if s.block == "attention"]
     assert len(attn) == 3
     assert all(s.reason.startswith(f"model.layers.{s.layer}.self_attn") for s in attn)
+
+
+def test_a_model_of_the_same_class_and_config_is_traced_once(monkeypatch):
+    """The trace of a meta twin is reused for the same class and config (the job's pre-flight, then its
+    trainer), and taken again when the config differs; the spaces are those of a fresh trace."""
+    import hf_oto.groups.discover as discover
+
+    calls = []
+    real = tr.trace_model
+    monkeypatch.setattr(tr, "trace_model", lambda twin, causal: calls.append(twin.config.intermediate_size)
+                        or real(twin, causal))
+    monkeypatch.setattr(discover, "_TRACES", type(discover._TRACES)())  # an empty cache for this test
+    first = discover_groups(tiny_model("llama", intermediate_size=48))
+    again = discover_groups(tiny_model("llama", intermediate_size=48, seed=1))  # other weights, same structure
+    other = discover_groups(tiny_model("llama", intermediate_size=40))
+    assert calls == [48, 40]
+    assert _described(again) == _described(first) and again.param_shapes == first.param_shapes
+    monkeypatch.setattr(discover, "_TRACES", type(discover._TRACES)())
+    fresh = discover_groups(tiny_model("llama", intermediate_size=48))
+    assert calls == [48, 40, 48]
+    assert _described(fresh) == _described(again)
+    assert {s.count for s in other.sets if s.kind == "ffn_channel"} == {40}
+
+
+def _described(space) -> list:
+    return [(s.prefix, s.kind, s.count, s.prunable, s.reason,
+             [(sl.param, sl.dim, sl.index.tolist()) for sl in s.slices]) for s in space.sets]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 from torch import nn
@@ -22,6 +23,23 @@ from hf_oto.groups.space import (
 )
 
 _RULES: dict[str, Callable[[nn.Module], list[GroupSet]]] = {}
+# Traces of meta twins, by (class, causal, the twin's full config): a twin is built from nothing else, and the
+# trace is only read after it is made, so a model of the same class and config (the job's pre-flight, then its
+# trainer; a model reloaded) is not traced again. Bounded: a trace holds a graph of a few thousand nodes.
+_TRACES: OrderedDict[tuple, tr.Trace] = OrderedDict()
+TRACE_CACHE_SIZE = 8
+
+
+def _trace(twin: nn.Module, causal: bool) -> tr.Trace:
+    key = (type(twin), causal, twin.config.to_json_string(use_diff=False))
+    found = _TRACES.get(key)
+    if found is None:
+        found = _TRACES[key] = tr.trace_model(twin, causal=causal)
+        while len(_TRACES) > TRACE_CACHE_SIZE:
+            _TRACES.popitem(last=False)
+    else:
+        _TRACES.move_to_end(key)
+    return found
 
 
 def register_rule(model_type: str, fn: Callable[[nn.Module], list[GroupSet]]) -> None:
@@ -59,7 +77,7 @@ def discover_groups(model: nn.Module) -> PruningSpace:
     traced_layers = max(representative.values()) + 1
     twin = meta_twin(base, config, **truncated(config, num_layers, traced_layers))
     check_shapes(base, twin)
-    trace = tr.trace_model(twin, causal=_is_causal(base))
+    trace = _trace(twin, _is_causal(base))
 
     if model_type in _RULES:
         sets = _RULES[model_type](base)
