@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from hf_oto.errors import ConfigError, HFOTOError, first_line
+from hf_oto.errors import ConfigError, HFOTOError, first_line, only_a_path
 
 
 def _load_meta_model(target: str):
@@ -315,23 +315,21 @@ def _joint_search(run, args: argparse.Namespace, average_bits: float | None, max
     return 0
 
 
-# the commands' arguments that name a local file or folder
-LOCAL_PATHS = {"eval": (("model", "model folder"),), "export-gguf": (("folder", "export folder"),),
-               "export-size": (("run_dir", "elastic run folder"),), "qfa-search": (("run_dir", "QFA run folder"),),
-               "prune": (("config", "config file"),), "oneshot": (("recipe", "recipe file"),)}
-# oneshot's MODEL may also be a Hub id or PACKAGE/FILE.gguf: only a name that can only be a path is checked early
-EXPLICIT_PATHS = {"oneshot": (("model", "model folder"),)}
+# the commands' arguments that name a local file or folder: (argument, what it is, whether it may also be a Hub
+# id or PACKAGE/FILE.gguf, as oneshot's MODEL may: then only a name that can only be a path is checked early)
+LOCAL_PATHS = {"eval": (("model", "model folder", False),), "export-gguf": (("folder", "export folder", False),),
+               "export-size": (("run_dir", "elastic run folder", False),),
+               "qfa-search": (("run_dir", "QFA run folder", False),), "prune": (("config", "config file", False),),
+               "oneshot": (("recipe", "recipe file", False), ("model", "model folder", True))}
 
 
 def _check_local_paths(args: argparse.Namespace) -> None:
     """A mistyped path is refused at once, before a command imports torch and transformers (8-18 s)."""
-    for attr, what in LOCAL_PATHS.get(args.command, ()):
+    for attr, what, may_be_hub in LOCAL_PATHS.get(args.command, ()):
         value = getattr(args, attr, None)
-        if value and not value.startswith("-") and not Path(value).expanduser().exists():
-            raise ConfigError(f"{what} {value} not found")
-    for attr, what in EXPLICIT_PATHS.get(args.command, ()):
-        value = getattr(args, attr, None)
-        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+        if not value or value.startswith("-") or (may_be_hub and not only_a_path(value)):
+            continue
+        if not Path(value).expanduser().exists():
             raise ConfigError(f"{what} {value} not found")
 
 

@@ -37,3 +37,9 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def only_a_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, never a Hub id (absolute, ``.``-relative or ``~``): a
+    missing one is then a mistyped path, refused at once."""
+    return name.startswith((".", "/", "~"))

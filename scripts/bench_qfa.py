@@ -195,7 +195,7 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
         print(f"qfa benchmark: {method}: " + ", ".join(f"{r['config']} {r['ppl']:.2f}" for r in rows), flush=True)
         save()
 
-    rows = set(getattr(a, "qfa_rows", QFA_ROWS))
+    rows = set(a.qfa_rows)
     for quantizer in ("rtn", "gptq"):
         name = f"{quantizer.upper()} base, no training"
         if name not in done and quantizer in rows:

@@ -114,11 +114,16 @@ def test_the_plots_leave_the_users_matplotlib_backend_and_figures_alone(tmp_path
     manifest = Manifest.read(save_pruned(small, tmp_path / "out"))
     before = matplotlib.get_backend()
     matplotlib.use("svg")  # stands in for a notebook's backend
+    import matplotlib.pyplot as plt
+
+    mine = plt.figure()  # the user's open figure
     try:
         plot_kept(manifest, tmp_path / "kept.png")
         _plot_bits([2, 4, 3], tmp_path / "bits.png")
         assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
         for name in ("kept.png", "bits.png"):
             assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
+        plt.close(mine)
         matplotlib.use(before)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from hf_oto.data import DataArguments, check_data_args
-from hf_oto.errors import ConfigError, ExportError, ResumeError, first_line
+from hf_oto.errors import ConfigError, ExportError, ResumeError, first_line, only_a_path
 from hf_oto.export.adapter import ADAPTER_MARKER
 from hf_oto.export.save import MANIFEST
 from hf_oto.export.sizes import RUN_FILE as ELASTIC_RUN_FILE
@@ -155,7 +155,7 @@ def local_or_hub(name: str, what: str) -> Path | None:
         validate_repo_id(name)
     except HFValidationError:
         raise ConfigError(f"{what} {name} does not exist (and it is not a Hub id either)") from None
-    if name.startswith((".", "/", "~")):
+    if only_a_path(name):
         raise ConfigError(f"{what} {name} does not exist")
     return None
 
