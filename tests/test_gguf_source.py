@@ -39,7 +39,7 @@ def test_prune_from_a_gguf_file_exports_a_plain_checkpoint_that_names_its_source
     assert main(["export-gguf", str(tmp_path / "m"), "--out", str(tmp_path / "src" / "small.gguf")]) == 0
     run = hfoto("prune", QUICKSTART, *SMALL, "--init_config", "null", "--train_tokenizer_vocab", "0",
                 "--gguf_file", tmp_path / "src" / "small.gguf", "--output_dir", tmp_path / "r1",
-                "--pruned_output_dir", tmp_path / "out", cwd=tmp_path)
+                "--pruned_output_dir", tmp_path / "out", "--verify_export", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "export reloaded without hf_oto" in run.stdout
     config = json.loads((tmp_path / "out" / "config.json").read_text())

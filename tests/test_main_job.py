@@ -19,7 +19,8 @@ def test_quickstart_config_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(env, "cpu_bf16_slowdown", lambda: 9.0)  # bf16: auto then trains in fp32, and says so
     out = tmp_path / "pruned"
     summary = run("configs/quickstart.yaml", SMALL + ["--output_dir", str(tmp_path / "run"),
-                                                      "--pruned_output_dir", str(out), "--bf16", "auto"])
+                                                      "--pruned_output_dir", str(out), "--bf16", "auto",
+                                                      "--verify_export"])
     printed = capsys.readouterr().out
     assert "export reloaded without hf_oto" in printed and str(out) in printed
     assert "bf16 auto: fp32 (no fast bf16 here) on cpu" in printed
@@ -136,6 +137,24 @@ def test_local_text_files(tmp_path):
         "--output_dir", str(tmp_path / "run"), "--pruned_output_dir", str(tmp_path / "pruned")])
     assert summary.params_after < summary.params_before
     assert (tmp_path / "pruned" / "config.json").exists()
+
+
+def test_verify_export_false_skips_the_reload_and_still_reports_the_exports_size(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import hf_oto.job.prune_job as prune_job
+
+    def no_reload(*a, **k):
+        raise AssertionError("verify_export: false must not reload the export")
+
+    monkeypatch.setattr(prune_job, "verify_export", no_reload)
+    out = tmp_path / "pruned"
+    summary = run("configs/quickstart.yaml", SMALL + ["--max_steps", "4", "--output_dir", str(tmp_path / "run"),
+                                                      "--pruned_output_dir", str(out), "--verify_export", "false"])
+    assert "export reloaded without hf_oto  not run (verify_export: false)" in capsys.readouterr().out
+    assert summary.params_after == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters())
+    assert summary.params_after < summary.params_before
+    assert "verify_export: false" in (out / "hf_oto_recipe.yaml").read_text()  # a rerun skips it too
 
 
 @pytest.mark.parametrize("config", ["configs/llama3_8b_lora.yaml", "configs/qwen2_5_0_5b_full.yaml",

@@ -16,7 +16,7 @@ import torch
 
 from hf_oto.data import Blocks, DataArguments, load_documents, load_eval_documents, train_eval_blocks, train_tokenizer
 from hf_oto.errors import ExportError
-from hf_oto.export.verify import verify_export
+from hf_oto.export.verify import check_weights, verify_export
 from hf_oto.job.args import ModelArguments, build_arguments, parse, read_settings
 from hf_oto.job.build import Provenance, load_model, load_tokenizer, provenance, with_lora, with_replay
 from hf_oto.job.log import job_logger, log
@@ -85,16 +85,22 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return PruneSummary(output=str(out))
 
+    reload = None
     if not margs.merge_adapters and margs.lora_r:
         log().info(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
-        ppl_export, params_after = float("nan"), Manifest.read(out).params_after  # the base alone is not the model
-    else:
+        reload = "not run (a pruned base and an adapter: the base alone is not the model)"
+    elif not targs.verify_export:
+        reload = "not run (verify_export: false)"
+    if reload is None:
         ppl_export, params_after = verify_export(out, eval_blocks)
+    else:
+        check_weights(out)
+        ppl_export, params_after = float("nan"), Manifest.read(out).params_after
     summary = PruneSummary(
         output=str(out), params_before=trainer.pruning_space.total_params, params_after=params_after,
         prunable_removed=trainer.hesso.metrics()["pruned_param_fraction"],
         ppl_initial=before["initial_perplexity"], ppl_trained_pruned=results["eval_perplexity"],
-        ppl_export_reloaded=ppl_export, token_accuracy=results["eval_token_accuracy"],
+        ppl_export_reloaded=ppl_export, reload_note=reload, token_accuracy=results["eval_token_accuracy"],
         kept=Manifest.read(out).kept_by_kind(),
         train_tokens=int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
                          * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),

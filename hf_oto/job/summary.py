@@ -13,7 +13,7 @@ NAN = float("nan")
 class PruneSummary:
     """What ``hf-oto prune`` reports. Processes other than the main one write nothing to report: they get
     ``output`` only. ``kept`` maps each kind of group to (kept, total); ``lm_eval`` task -> metric -> value;
-    ``ppl_export_reloaded`` is NaN for a base-plus-adapter export (the base alone is not the model)."""
+    ``ppl_export_reloaded`` is NaN where the reload did not run, and ``reload_note`` says why."""
 
     output: str
     params_before: int = 0
@@ -22,6 +22,7 @@ class PruneSummary:
     ppl_initial: float = NAN
     ppl_trained_pruned: float = NAN
     ppl_export_reloaded: float = NAN
+    reload_note: str | None = None
     token_accuracy: float = NAN
     kept: dict[str, tuple[int, int]] = field(default_factory=dict)
     train_tokens: int = 0
@@ -35,7 +36,7 @@ class PruneSummary:
             ("prunable parameters removed", f"{100 * self.prunable_removed:.1f}%"),
             ("eval perplexity, initial model", f"{self.ppl_initial:.2f}"),
             ("eval perplexity, trained + pruned", f"{self.ppl_trained_pruned:.2f}"),
-            ("eval perplexity, export reloaded without hf_oto", f"{self.ppl_export_reloaded:.2f}"),
+            ("eval perplexity, export reloaded without hf_oto", self.reload_note or f"{self.ppl_export_reloaded:.2f}"),
             ("eval next-token accuracy, trained + pruned", f"{100 * self.token_accuracy:.1f}%"),
             ("training tokens", f"{self.train_tokens:,}"),
         ]
@@ -80,7 +81,7 @@ class ElasticSummary:
 @dataclass(frozen=True)
 class OneShotSummary:
     """What ``hf-oto oneshot`` reports: parameters, the share of prunable ones removed, and held-out
-    perplexity before, after, and of the export reloaded without hf_oto."""
+    perplexity before, after, and of the export reloaded without hf_oto (NaN where ``verify_export`` was off)."""
 
     output: str
     params_before: int

@@ -28,7 +28,7 @@ from hf_oto.trainer.distill import DistillConfig
 # Checkpoints record it; one saved without it was trained under rule 1 and resumes under it.
 AUTO_RULE = 3
 _OUTPUT_FIELDS = ("pruned_output_dir", "overwrite_pruned_output_dir", "export_format", "distill_teacher_device",
-                  "qfa_run_dir")
+                  "qfa_run_dir", "verify_export")
 
 
 def _same_as(config_cls: type, name: str, help: str) -> Any:
@@ -161,6 +161,11 @@ class HFOTOTrainingArguments(TrainingArguments):
     )
     overwrite_pruned_output_dir: bool = field(
         default=False, metadata={"help": "replace an earlier hf-oto export in pruned_output_dir"}
+    )
+    verify_export: bool = field(
+        default=True, metadata={"help": "hf-oto prune and oneshot: reload the export in a fresh Python process that "
+                                        "cannot import hf_oto and score it on the eval blocks; false skips that "
+                                        "second load of the model (its weight files are still checked whole)"}
     )
 
     # the rule "pruning_criterion: auto" follows (see AUTO_RULE); a resumed older checkpoint sets its own
