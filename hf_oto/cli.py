@@ -420,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min_gain_se", type=float, default=2.0,
                    help="a mix replaces the best uniform configuration within the budget only when it beats it by "
                         "more than this many paired standard errors on the run's evaluation blocks (0: any gain)")
-    p.add_argument("--holdout", type=float, default=0.0,
+    p.add_argument("--holdout", type=float, default=None,
                    help="share of the evaluation blocks kept out of the search, on which --min_gain_se is then "
-                        "tested (0: the test runs on the blocks the mix was chosen on, which favours the mix)")
+                        "tested (default: 0.5 on runs with 64 or more blocks, as QFA runs save, else 0; 0: the test "
+                        "runs on the blocks the mix was chosen on, which favours the mix)")
     p.add_argument("--sizes", help="elastic QFA runs: only these trained sizes, comma-separated (default: every "
                                    "size and the full model, searched together with the bits)")
     p.set_defaults(func=cmd_qfa_search)

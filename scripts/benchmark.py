@@ -1236,9 +1236,10 @@ def _qfa_only(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks, comma
     stored = Path(a.out) / "qfa.json"
     previous = json.loads(stored.read_text()) if a.resume and stored.is_file() else None
     commands = (previous or {}).get("commands", []) + [command]
+    notes = {"notes": previous["notes"]} if previous and previous.get("notes") else {}  # written by hand: kept
 
     def write(res: dict[str, Any]) -> Path:
-        return write_qfa_report(Path(a.out), dict(res, commands=commands), command)
+        return write_qfa_report(Path(a.out), dict(res, commands=commands, **notes), command)
 
     with tempfile.TemporaryDirectory() as tmp:
         res = run_qfa_section(a, ref, train_blocks, eval_blocks, Path(tmp), previous=previous,

@@ -147,6 +147,12 @@ def test_benchmark_qfa_rows_runs_only_the_rows_asked_for(tmp_path):
     res = json.loads((tmp_path / "res" / "qfa.json").read_text())
     assert {r["method"] for r in res["rows"]} == {"RTN base, no training"}
     assert sorted(r["config"] for r in res["rows"]) == [f"uniform {b}-bit" for b in (2, 3, 4)]
+    # a resumed run keeps the notes written into qfa.json by hand
+    (tmp_path / "res" / "qfa.json").write_text(json.dumps(dict(res, notes=["hand-written note"])))
+    benchmark.main(["--quick", "--resume", "--section", "qfa", "--qfa_rows", "rtn", "--no-qfa_hesso", "--qfa_budgets",
+                    "--out", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    assert json.loads((tmp_path / "res" / "qfa.json").read_text())["notes"] == ["hand-written note"]
+    assert "- note: hand-written note" in (tmp_path / "res" / "qfa.md").read_text()
 
 
 def test_benchmark_qfa_section_quick_writes_table_and_plot(tmp_path):

@@ -449,6 +449,15 @@ def test_holdout_tests_the_chosen_mix_on_blocks_the_search_never_saw(monkeypatch
         BitSearch(model, blocks, holdout=1.0)
 
 
+def test_by_default_half_the_blocks_are_held_out_from_64_blocks_on():
+    model = _qfa_model(bits=(2, 3, 4))
+    many, few = torch.randint(3, 64, (64, 4)), torch.randint(3, 64, (63, 4))
+    assert BitSearch(model, many, progress=False).held.shape[0] == 32  # what a QFA run saves: 64 blocks
+    assert BitSearch(model, few, progress=False).held is None
+    assert BitSearch(model, many, holdout=0.0, progress=False).held is None  # as asked
+    assert BitSearch(model, few, holdout=0.25, progress=False).held.shape[0] == 16
+
+
 def test_search_spends_the_budget_when_the_narrowest_width_collapses(monkeypatch):
     model = _qfa_model(bits=(2, 3, 4))
     # Not additive: one 2-bit layer costs 0.5, two or more collapse the model (as 2 bits do on SmolLM2);

@@ -100,7 +100,7 @@ def zero_size(model: nn.Module, info: JSONObject, gates: PruningSpace, size: flo
 
 def joint_search(run: QFARun, blocks: torch.Tensor, *, average_bits: float | None = None,
                  max_bytes: int | None = None, sizes: list[float] | None = None, samples: int = 8,
-                 refine: int = 16, seed: int = 0, min_gain_se: float = 2.0, holdout: float = 0.0,
+                 refine: int = 16, seed: int = 0, min_gain_se: float = 2.0, holdout: float | None = None,
                  progress: bool = True) -> JointResult:
     """The (size, per-layer bits) of an elastic QFA run with the lowest loss on ``blocks`` within the budget.
 

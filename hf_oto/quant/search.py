@@ -16,7 +16,8 @@ the uniform configuration is returned, which is simpler to serve and as good as 
 test runs on the blocks the mix was chosen on, so it is optimistic: on SmolLM2 a mix that passed it at 2.4
 standard errors was worse than uniform 3-bit on held-out blocks (README, QFA without the shared adapter).
 With ``holdout`` the last share of the blocks is kept out of the search and the test runs there instead,
-on blocks the choice never saw (fewer blocks to search on and to test on: give it more blocks).
+on blocks the choice never saw (fewer blocks to search on and to test on: give it more blocks). By default
+it is half of the blocks where there are at least 64 (what a QFA run saves), and none below that.
 """
 
 from __future__ import annotations
@@ -173,15 +174,25 @@ def _knapsack(theta: torch.Tensor, widths: Sequence[int], costs: Costs, limit: i
     return min(best.values())[1]
 
 
-def check_holdout(holdout: float, name: str = "holdout") -> None:
+AUTO_HOLDOUT, AUTO_HOLDOUT_BLOCKS = 0.5, 64  # the default holdout, from this many blocks on (README: QFA search)
+
+
+def check_holdout(holdout: float | None, name: str = "holdout") -> None:
     """One clear error for a ``holdout`` outside [0, 1) (``name``: the setting as the user typed it)."""
-    if not 0.0 <= holdout < 1.0:
+    if holdout is not None and not 0.0 <= holdout < 1.0:
         raise ConfigError(f"{name} is the share of the blocks kept out of the search: in [0, 1), got {holdout}")
+
+
+def resolve_holdout(holdout: float | None, n_blocks: int) -> float:
+    """``holdout`` as given, or (None) the default: half of the blocks from 64 blocks on, none below."""
+    if holdout is not None:
+        return holdout
+    return AUTO_HOLDOUT if n_blocks >= AUTO_HOLDOUT_BLOCKS else 0.0
 
 
 def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | None = None,
                max_bytes: int | None = None, samples: int = 8, refine: int = 16, seed: int = 0,
-               min_gain_se: float = 2.0, holdout: float = 0.0, progress: bool = True) -> SearchResult:
+               min_gain_se: float = 2.0, holdout: float | None = None, progress: bool = True) -> SearchResult:
     """The per-layer widths with the lowest eval loss on ``blocks`` within the budget.
 
     Give the budget as ``average_bits`` (mean width of the quantized weights) or ``max_bytes``
@@ -190,8 +201,8 @@ def qfa_search(model: nn.Module, blocks: torch.Tensor, *, average_bits: float | 
     ``refine`` steps of the measured local search come on top. A mixed configuration is chosen over the best
     uniform one that fits only when it beats it by more than ``min_gain_se`` paired standard errors on the
     blocks (0: whenever its mean loss is lower); with ``holdout`` (a share of the blocks, e.g. 0.5) on the last
-    blocks, which the search does not see. To search several budgets of one model, use :class:`BitSearch`,
-    which measures each configuration once.
+    blocks, which the search does not see (None: 0.5 from 64 blocks on, else 0). To search several budgets of
+    one model, use :class:`BitSearch`, which measures each configuration once.
     """
     search = BitSearch(model, blocks, holdout=holdout, progress=progress)
     return search.search(average_bits=average_bits, max_bytes=max_bytes, samples=samples, refine=refine, seed=seed,
@@ -202,11 +213,13 @@ class BitSearch:
     """The bit-width search on one QFA model and evaluation set; every configuration is measured once,
     however many budgets are searched (see the module docstring for the method)."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, holdout: float = 0.0, progress: bool = True):
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, holdout: float | None = None,
+                 progress: bool = True):
         layers_q = qfa_layers(model)
         if not layers_q:
             raise ConfigError("qfa_search needs a QFA model (prepare_qfa, or load_qfa_run)")
         check_holdout(holdout)
+        holdout = resolve_holdout(holdout, len(blocks))
         held = round(len(blocks) * holdout)
         if holdout and (held < 2 or held == len(blocks)):
             raise ConfigError(f"holdout {holdout:g} of {len(blocks)} blocks leaves {held} to test on and "
