@@ -86,7 +86,7 @@ def joint_rows(mine, a, ref: Path, train_blocks, search_blocks, report_blocks, b
     for limit in budgets:
         try:
             r = joint_search(run, search_blocks, max_bytes=limit, samples=a.qfa_samples, refine=a.qfa_refine,
-                             seed=a.seed, progress=False)
+                             seed=a.seed, holdout=a.qfa_holdout, progress=False)
         except Exception as exc:  # noqa: BLE001 - a budget no size fits is a row, not a crash
             rows.append({"budget": limit, "error": str(exc)})
             continue
@@ -145,7 +145,7 @@ def separate_rows(a, models: dict[float, Any], search_blocks, report_blocks,
         for limit in budgets:
             try:
                 r = qfa_search(model, search_blocks, max_bytes=limit, samples=a.qfa_samples, refine=a.qfa_refine,
-                               seed=a.seed, progress=False)
+                               seed=a.seed, holdout=a.qfa_holdout, progress=False)
             except ConfigError:
                 rows.append({"size": size, "budget": limit, "fits": False})
                 continue

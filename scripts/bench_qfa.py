@@ -85,7 +85,7 @@ def _configs(model, search_blocks, report_blocks, a) -> list[dict[str, Any]]:
                      "mib": costs.bytes(cfg) / 2**20, "ppl": _ppl(model, cfg, report_blocks)})
     if len(widths) > 1 and a.qfa_budgets:  # each budget from the narrowest width to below the widest is searched
         # each configuration measured once for all budgets
-        search = BitSearch(model, search_blocks, holdout=a.qfa_holdout, progress=False)
+        search = BitSearch(model, search_blocks, holdout=a.qfa_holdout, progress=False)  # None: qfa-search's default
         for budget in (b for b in a.qfa_budgets if widths[0] <= b < widths[-1]):
             r = search.search(average_bits=budget, samples=a.qfa_samples, refine=a.qfa_refine, seed=a.seed,
                               min_gain_se=a.qfa_min_gain_se)
@@ -151,6 +151,7 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     from hf_oto.data import calibration_batches
     from hf_oto.export.quantized import save_quantized
     from hf_oto.metrics import perplexity
+    from hf_oto.quant.search import resolve_holdout
 
     if a.qfa_hesso and 3.0 not in a.qfa_budgets:
         raise SystemExit("QFA section: the QFA + HESSO row exports its searched 3.0-bit configuration; add 3.0 to "
@@ -164,7 +165,8 @@ def run_qfa_section(a: argparse.Namespace, ref: Path, train_blocks, eval_blocks,
     res: dict[str, Any] = {"steps": steps, "batch": a.batch, "block": a.block, "group_size": a.qfa_group_size,
                            "lr": a.qfa_lr, "schedule": a.qfa_schedule, "search_blocks": half,
                            "report_blocks": len(report_blocks), "bits": list(widths), "grid": GRID,
-                           "min_gain_se": a.qfa_min_gain_se, "holdout": a.qfa_holdout, "rows": []}
+                           "min_gain_se": a.qfa_min_gain_se,
+                           "holdout": resolve_holdout(a.qfa_holdout, half), "rows": []}
     settings = {k: v for k, v in res.items() if k != "rows"}
     # results from before --qfa_bits, signed scales and the search's paired test (any lower mean loss won)
     before = {"bits": list(WIDTHS), "grid": "positive", "min_gain_se": 0.0, "holdout": 0.0}

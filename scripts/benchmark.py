@@ -186,8 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qfa_refine", type=int, default=16, help="QFA search: steps of its measured local search")
     p.add_argument("--qfa_min_gain_se", type=float, default=2.0,
                    help="QFA search: paired standard errors a mix must beat the best uniform fit by (0: any gain)")
-    p.add_argument("--qfa_holdout", type=float, default=0.0,
-                   help="QFA search: share of the search blocks kept out of the search for its paired test (0: none)")
+    p.add_argument("--qfa_holdout", type=float, default=None,
+                   help="QFA search: share of the search blocks kept out of the search for its paired test (0: none; "
+                        "default: qfa-search's, 0.5 from 64 search blocks on, else 0)")
     p.add_argument("--qfa_search_blocks", type=int, default=None,
                    help="QFA search: held-out blocks it searches on (default: half; the rest report)")
     p.add_argument("--qfa_rank", type=int, default=8,
