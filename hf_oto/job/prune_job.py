@@ -85,7 +85,7 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
     if not trainer.is_world_process_zero():  # rank 0 verifies and reports
         return PruneSummary(output=str(out))
 
-    reload = None
+    manifest, reload = Manifest.read(out), None
     if not margs.merge_adapters and margs.lora_r:
         log().info(f"pruned base: {out}; pruned adapter: {out}-adapter (load with PeftModel.from_pretrained)")
         reload = "not run (a pruned base and an adapter: the base alone is not the model)"
@@ -95,13 +95,13 @@ def run(config_path: str, overrides: list[str]) -> PruneSummary | QFASummary | E
         ppl_export, params_after = verify_export(out, eval_blocks)
     else:
         check_weights(out)
-        ppl_export, params_after = float("nan"), Manifest.read(out).params_after
+        ppl_export, params_after = float("nan"), manifest.params_after
     summary = PruneSummary(
         output=str(out), params_before=trainer.pruning_space.total_params, params_after=params_after,
         prunable_removed=trainer.hesso.metrics()["pruned_param_fraction"],
         ppl_initial=before["initial_perplexity"], ppl_trained_pruned=results["eval_perplexity"],
         ppl_export_reloaded=ppl_export, reload_note=reload, token_accuracy=results["eval_token_accuracy"],
-        kept=Manifest.read(out).kept_by_kind(),
+        kept=manifest.kept_by_kind(),
         train_tokens=int(trainer.state.global_step * targs.per_device_train_batch_size * dargs.block_size
                          * trainer.accelerator.num_processes * targs.gradient_accumulation_steps),
         lm_eval=_lm_eval(out, dargs, targs.per_device_eval_batch_size, checked.tasks) if dargs.eval_tasks else None,
